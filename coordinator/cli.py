@@ -1,0 +1,83 @@
+"""`pdserve coordinator`: run the gRPC coordinator (and optionally the HTTP gateway).
+
+    pdserve coordinator --port 50051 --routing least_loaded --http-port 8000
+
+Prints `coordinator listening on HOST:PORT` (and `http gateway on http://HOST:PORT`) once
+serving, so scripts can wait for that line. SIGINT/SIGTERM stop it gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+
+from pdserve.config import ServerConfig
+
+ROUTING = ("least_loaded", "round_robin", "prefix_aware")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    parser.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
+    parser.add_argument("--port", type=int, default=d.port,
+                        help=f"gRPC port, 0 = any free port (default {d.port})")
+    parser.add_argument("--routing", choices=ROUTING, default=d.routing,
+                        help=f"routing policy (default {d.routing})")
+    parser.add_argument("--max-queue", type=int, default=d.max_queue,
+                        help="requests that may wait for decode KV blocks before new ones get "
+                             f"RESOURCE_EXHAUSTED (default {d.max_queue})")
+    parser.add_argument("--worker-timeout", type=float, default=d.worker_timeout_s,
+                        help=f"drop a worker silent this many seconds (default {d.worker_timeout_s:g})")
+    parser.add_argument("--heartbeat", type=float, default=d.heartbeat_s,
+                        help=f"heartbeat period asked of workers, seconds (default {d.heartbeat_s:g})")
+    parser.add_argument("--auth-token", default=os.environ.get("PDSERVE_AUTH_TOKEN"),
+                        help="require metadata 'authorization: Bearer TOKEN' on every call "
+                             "(default: $PDSERVE_AUTH_TOKEN, unset = no auth)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the OpenAI-compatible HTTP API on this port")
+    parser.add_argument("--http-host", default=None, help="HTTP bind address (default: --host)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    if args.worker_timeout <= 0 or args.heartbeat <= 0:
+        raise SystemExit("error: --worker-timeout and --heartbeat must be positive")
+    if args.max_queue < 0:
+        raise SystemExit("error: --max-queue must be >= 0")
+    return ServerConfig(host=args.host, port=args.port, heartbeat_s=args.heartbeat,
+                        worker_timeout_s=args.worker_timeout, max_queue=args.max_queue,
+                        routing=args.routing, auth_token=args.auth_token or None)
+
+
+async def serve(config: ServerConfig, http_port: int | None = None,
+                http_host: str | None = None) -> None:
+    from pdserve.coordinator.server import CoordinatorServer
+
+    server = CoordinatorServer(config, http_port=http_port, http_host=http_host)
+    await server.start()
+    print(f"coordinator listening on {server.address}", flush=True)
+    if server.http_address:
+        print(f"http gateway on http://{server.http_address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
+    await server.stop(grace_s=2.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdserve.coordinator.grpc_util import install_uvloop
+
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    install_uvloop()
+    asyncio.run(serve(config, args.http_port, args.http_host))
+    return 0

@@ -1,0 +1,298 @@
+"""Python clients of the coordinator: `Client` (blocking) and `AsyncClient` (asyncio).
+
+    with Client("127.0.0.1:50051") as c:
+        c.wait_ready(n_prefill=1, n_decode=1)
+        r = c.generate("Hello", max_tokens=32, temperature=0)
+        print(r.text, r.token_ids, r.finish_reason, r.metrics["ttft_ms"])
+        for chunk in c.stream(prompt_token_ids=[1, 2, 3], sampling={"max_tokens": 8}):
+            print(chunk.token_ids, chunk.text)
+
+Sampling comes from `sampling` (SamplingParams or dict) plus keyword overrides (max_tokens,
+temperature, top_p, top_k, seed, stop_token_ids, ignore_eos). Failures raise `ClientError`
+with the gRPC status `code` and the coordinator's `details`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from pdserve.coordinator.convert import ROLE_NAME, sampling_to_proto
+from pdserve.coordinator.grpc_util import CHANNEL_OPTIONS, auth_metadata
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncClient", "Chunk", "Client", "ClientError", "Result"]
+
+
+class ClientError(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError) -> ClientError:
+        return cls(e.code(), e.details() or "")
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One streamed message: new token ids and their text delta."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str
+    metrics: dict[str, Any] | None  # on the final chunk
+
+
+@dataclass(slots=True)
+class Result:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+
+
+def to_dict(msg) -> dict[str, Any]:
+    """A message as a plain dict (ints stay ints; enums as names; roles as 'prefill'...)."""
+    out: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        v = getattr(msg, f.name)
+        if f.message_type is not None:
+            v = [to_dict(x) for x in v] if f.is_repeated else to_dict(v)
+        elif f.is_repeated:
+            v = list(v)
+        elif f.enum_type is not None:
+            v = ROLE_NAME.get(v, "unspecified") if f.enum_type.name == "Role" else \
+                f.enum_type.values_by_number[v].name
+        out[f.name] = v
+    return out
+
+
+def _request(prompt: str | Sequence[int] | None, prompt_token_ids: Sequence[int] | None,
+             sampling: Any, request_id: str | None, skip_text: bool,
+             overrides: Mapping[str, Any]) -> pb.GenerateRequest:
+    if prompt is not None and not isinstance(prompt, str):
+        prompt, prompt_token_ids = None, prompt
+    if (prompt is None) == (prompt_token_ids is None):
+        raise ValueError("give exactly one of prompt (text) or prompt_token_ids")
+    req = pb.GenerateRequest(sampling=sampling_to_proto(sampling, **overrides),
+                             request_id=request_id or "", skip_text=skip_text)
+    if prompt is not None:
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(int(t) for t in prompt_token_ids)
+    return req
+
+
+def _chunk(r: pb.GenerateResponse) -> Chunk:
+    return Chunk(r.request_id, list(r.token_ids), r.text, r.finished, r.finish_reason,
+                 to_dict(r.metrics) if r.finished else None)
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.texts: list[str] = []
+        self.result = Result([], "", "")
+
+    def add(self, c: Chunk) -> None:
+        self.ids += c.token_ids
+        self.texts.append(c.text)
+        self.result.request_id = c.request_id
+        if c.finished:
+            self.result = Result(self.ids, "".join(self.texts), c.finish_reason, c.metrics or {},
+                                 c.request_id)
+
+
+def _roles_ready(workers: list[pb.WorkerStatus], n_prefill: int, n_decode: int,
+                 n_both: int) -> tuple[bool, str]:
+    have = {r: sum(w.info.role == r for w in workers)
+            for r in (pb.ROLE_PREFILL, pb.ROLE_DECODE, pb.ROLE_BOTH)}
+    ok = (have[pb.ROLE_PREFILL] >= n_prefill and have[pb.ROLE_DECODE] >= n_decode
+          and have[pb.ROLE_BOTH] >= n_both)
+    return ok, (f"{have[pb.ROLE_PREFILL]} prefill, {have[pb.ROLE_DECODE]} decode, "
+                f"{have[pb.ROLE_BOTH]} both registered; wanted {n_prefill}, {n_decode}, {n_both}")
+
+
+class Client:
+    """Blocking client. `timeout_s` is the default deadline of each call (None: none)."""
+
+    def __init__(self, address: str, timeout_s: float | None = None,
+                 auth_token: str | None = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._md = auth_metadata(auth_token)
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+    def stream(self, prompt: str | Sequence[int] | None = None,
+               prompt_token_ids: Sequence[int] | None = None, sampling: Any = None, *,
+               request_id: str | None = None, skip_text: bool = False,
+               timeout_s: float | None = None, **sampling_kw: Any) -> Iterator[Chunk]:
+        req = _request(prompt, prompt_token_ids, sampling, request_id, skip_text, sampling_kw)
+        call = self._stub.Generate(req, timeout=self._timeout(timeout_s), metadata=self._md)
+        try:
+            for r in call:
+                yield _chunk(r)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from None
+        finally:
+            call.cancel()  # no-op when finished; cancels when the caller stops early
+
+    def generate(self, prompt: str | Sequence[int] | None = None,
+                 prompt_token_ids: Sequence[int] | None = None, sampling: Any = None,
+                 **kw: Any) -> Result:
+        acc = _Accumulator()
+        for c in self.stream(prompt, prompt_token_ids, sampling, **kw):
+            acc.add(c)
+        return acc.result
+
+    def _unary(self, method, request, timeout_s: float | None = None):
+        try:
+            return method(request, timeout=self._timeout(timeout_s), metadata=self._md)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from None
+
+    def abort(self, request_id: str) -> bool:
+        return self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id)).found
+
+    def stats(self, live: bool = False) -> dict[str, Any]:
+        return to_dict(self._unary(self._stub.Stats, pb.StatsRequest(live=live)))
+
+    def list_workers(self) -> list[dict[str, Any]]:
+        return [to_dict(w) for w in self._unary(self._stub.ListWorkers, pb.ListWorkersRequest()).workers]
+
+    def wait_ready(self, n_prefill: int = 0, n_decode: int = 0, n_both: int = 0,
+                   timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Block until that many workers of each role are registered; TimeoutError if not."""
+        end = time.monotonic() + timeout_s
+        msg = "coordinator not reachable"
+        while True:
+            try:
+                reply = self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=2.0, metadata=self._md)
+                ok, msg = _roles_ready(list(reply.workers), n_prefill, n_decode, n_both)
+                if ok:
+                    return [to_dict(w) for w in reply.workers]
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise ClientError.from_rpc(e) from None
+                msg = f"coordinator at {self.address}: {e.code().name}: {e.details()}"
+            if time.monotonic() >= end:
+                raise TimeoutError(f"workers not ready after {timeout_s:g} s: {msg}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client with the same methods as `Client`, as coroutines / async iterators.
+
+    The channel is created on first use, inside the running event loop.
+    """
+
+    def __init__(self, address: str, timeout_s: float | None = None,
+                 auth_token: str | None = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._md = auth_metadata(auth_token)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_: pb_grpc.CoordinatorStub | None = None
+
+    @property
+    def _stub(self) -> pb_grpc.CoordinatorStub:
+        if self._stub_ is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._stub_ = pb_grpc.CoordinatorStub(self._channel)
+        return self._stub_
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+    async def stream(self, prompt: str | Sequence[int] | None = None,
+                     prompt_token_ids: Sequence[int] | None = None, sampling: Any = None, *,
+                     request_id: str | None = None, skip_text: bool = False,
+                     timeout_s: float | None = None, **sampling_kw: Any) -> AsyncIterator[Chunk]:
+        req = _request(prompt, prompt_token_ids, sampling, request_id, skip_text, sampling_kw)
+        call = self._stub.Generate(req, timeout=self._timeout(timeout_s), metadata=self._md)
+        try:
+            async for r in call:
+                yield _chunk(r)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from None
+        finally:
+            call.cancel()
+
+    async def generate(self, prompt: str | Sequence[int] | None = None,
+                       prompt_token_ids: Sequence[int] | None = None, sampling: Any = None,
+                       **kw: Any) -> Result:
+        acc = _Accumulator()
+        async for c in self.stream(prompt, prompt_token_ids, sampling, **kw):
+            acc.add(c)
+        return acc.result
+
+    async def _unary(self, method_name: str, request, timeout_s: float | None = None):
+        try:
+            return await getattr(self._stub, method_name)(
+                request, timeout=self._timeout(timeout_s), metadata=self._md)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from None
+
+    async def abort(self, request_id: str) -> bool:
+        return (await self._unary("Abort", pb.AbortRequest(request_id=request_id))).found
+
+    async def stats(self, live: bool = False) -> dict[str, Any]:
+        return to_dict(await self._unary("Stats", pb.StatsRequest(live=live)))
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        reply = await self._unary("ListWorkers", pb.ListWorkersRequest())
+        return [to_dict(w) for w in reply.workers]
+
+    async def wait_ready(self, n_prefill: int = 0, n_decode: int = 0, n_both: int = 0,
+                         timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        end = time.monotonic() + timeout_s
+        msg = "coordinator not reachable"
+        while True:
+            try:
+                reply = await self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=2.0,
+                                                     metadata=self._md)
+                ok, msg = _roles_ready(list(reply.workers), n_prefill, n_decode, n_both)
+                if ok:
+                    return [to_dict(w) for w in reply.workers]
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise ClientError.from_rpc(e) from None
+                msg = f"coordinator at {self.address}: {e.code().name}: {e.details()}"
+            if time.monotonic() >= end:
+                raise TimeoutError(f"workers not ready after {timeout_s:g} s: {msg}")
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel, self._stub_ = None, None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,115 @@
+"""gRPC helpers shared by the coordinator and the workers.
+
+- `add_standard_services(server, names)`: grpc.health.v1 + server reflection on a grpc.aio
+  server; returns the health servicer (call `set_serving` / `enter_graceful_shutdown`).
+- `new_server()` / `new_channel()`: grpc.aio objects with the project's options.
+- `check_auth(context, token)`: `authorization: Bearer TOKEN` metadata check.
+- `install_uvloop()`: use uvloop when it is installed.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdserve.proto import pdserve_pb2
+
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
+
+COORDINATOR_SERVICE = pdserve_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+WORKER_SERVICE = pdserve_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+
+
+class AioHealth:
+    """Thin wrapper over the aio health servicer: one status for the server and its services."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, names: Sequence[str]) -> None:
+        self.servicer = servicer
+        self.names = ("", *names)
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in self.names:
+            await self.servicer.set(name, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        await self.servicer.enter_graceful_shutdown()
+
+
+async def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> AioHealth:
+    """Add grpc.health.v1 (SERVING for "" and each name) and reflection to an aio server.
+
+    `service_names` are the full names of the application services on the server, e.g.
+    `[WORKER_SERVICE]`. Call before `server.start()`.
+    """
+    names = list(service_names)
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    refl_names = [*names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(refl_names, server)
+    h = AioHealth(servicer, names)
+    await h.set_serving(True)
+    return h
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS)
+
+
+def new_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+async def check_auth(context: grpc.aio.ServicerContext, token: str | None) -> None:
+    """Abort with UNAUTHENTICATED unless the call carries `authorization: Bearer <token>`."""
+    if not token:
+        return
+    got = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            got = value if isinstance(value, str) else value.decode()
+            break
+    if not got:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "missing credentials: send metadata 'authorization: Bearer <token>'")
+    scheme, _, given = got.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid auth token")
+
+
+def install_uvloop() -> bool:
+    """Make uvloop the asyncio event loop policy when it is installed; True if it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    import asyncio
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True

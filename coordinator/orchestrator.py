@@ -1,0 +1,199 @@
+"""Request orchestration: validation, the client stream, Abort, and counters.
+
+Each Generate call is split in two tasks. The producer (flows.Dispatcher) talks to workers
+and puts token batches into the request's queue; the consumer (the gRPC handler) takes
+everything queued, merges it into one GenerateResponse and sends it. So when the client or
+the network is slower than the workers, tokens coalesce into fewer, larger messages, and
+Abort / cancellation only ever interrupt the producer, never a send in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pdserve.coordinator.convert import sampling_from_proto
+from pdserve.coordinator.flows import Dispatcher
+from pdserve.coordinator.registry import Registry
+from pdserve.coordinator.request import RequestError, RequestState
+from pdserve.coordinator.router import RoutingPolicy
+from pdserve.coordinator.tokens import IncrementalDetokenizer, TokenizerProvider
+from pdserve.proto import pdserve_pb2 as pb
+
+log = logging.getLogger("pdserve.coordinator")
+Code = grpc.StatusCode
+RATE_WINDOW_S = 10.0
+
+
+class Orchestrator:
+    def __init__(self, registry: Registry, policy: RoutingPolicy, max_queue: int,
+                 tokenizers: TokenizerProvider) -> None:
+        self.registry = registry
+        self.tokenizers = tokenizers
+        self.dispatch = Dispatcher(registry, policy, max_queue)
+        self.active: dict[str, RequestState] = {}
+        self.requests_total = self.requests_finished = self.requests_failed = 0
+        self.tokens_total = 0
+        self.started = time.monotonic()
+        self._rate: deque[tuple[float, int]] = deque([(self.started, 0)])
+
+    # -- validation --------------------------------------------------------------------
+    async def _prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
+        kind = req.WhichOneof("prompt")
+        if kind is None:
+            raise RequestError(Code.INVALID_ARGUMENT, "no prompt: set `text` or `token_ids`")
+        if kind == "token_ids":
+            ids = list(req.token_ids.ids)
+            if not ids:
+                raise RequestError(Code.INVALID_ARGUMENT, "prompt is empty: give at least one token id")
+            return ids
+        if not req.text:
+            raise RequestError(Code.INVALID_ARGUMENT, "prompt is empty: give non-empty text")
+        tok = await self.tokenizers.get()
+        if tok is None:
+            raise RequestError(Code.FAILED_PRECONDITION, self.tokenizers.error or (
+                "no tokenizer: no worker has registered yet, so the model is unknown; "
+                "send token ids or wait for a worker"))
+        ids = list(tok.encode(req.text))
+        if not ids:
+            raise RequestError(Code.INVALID_ARGUMENT, "prompt is empty after tokenization")
+        return ids
+
+    async def _prepare(self, req: pb.GenerateRequest, time_remaining: float | None) -> RequestState:
+        workers = self.registry.workers()
+        if not workers:
+            raise RequestError(Code.UNAVAILABLE, "no workers registered with the coordinator")
+        try:
+            sp = sampling_from_proto(req.sampling)
+        except ValueError as e:
+            raise RequestError(Code.INVALID_ARGUMENT, f"invalid sampling parameters: {e}") from None
+        prompt = await self._prompt_ids(req)
+        vocab = min((w.info.vocab_size for w in workers if w.info.vocab_size), default=0)
+        if vocab and (min(prompt) < 0 or max(prompt) >= vocab):
+            bad = next(t for t in prompt if t < 0 or t >= vocab)
+            raise RequestError(Code.INVALID_ARGUMENT,
+                               f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        max_len = min((w.info.max_model_len for w in workers if w.info.max_model_len), default=0)
+        if max_len and len(prompt) >= max_len:
+            raise RequestError(Code.INVALID_ARGUMENT, (
+                f"prompt has {len(prompt)} tokens but the model's maximum length is {max_len} "
+                f"(prompt + output); use at most {max_len - 1} prompt tokens"))
+        sampling = pb.SamplingParams()
+        sampling.CopyFrom(req.sampling)
+        sampling.max_tokens = min(sp.max_tokens, max_len - len(prompt)) if max_len else sp.max_tokens
+        rid = req.request_id or uuid.uuid4().hex
+        if rid in self.active:
+            raise RequestError(Code.ALREADY_EXISTS, f"request id {rid!r} is already in flight")
+        detok = None
+        if not req.skip_text:
+            tok = await self.tokenizers.get()
+            detok = IncrementalDetokenizer(tok, prompt) if tok is not None else None
+        deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        return RequestState(rid=rid, prompt=prompt, sampling=sampling, deadline=deadline, detok=detok)
+
+    # -- the client stream -------------------------------------------------------------
+    async def generate(self, req: pb.GenerateRequest,
+                       time_remaining: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        """Stream responses; raises RequestError for a status the client should see."""
+        st = await self._prepare(req, time_remaining)
+        self.active[st.rid] = st
+        self.requests_total += 1
+        st.producer = asyncio.get_running_loop().create_task(self._produce(st))
+        ok = False
+        try:
+            while True:
+                item = await st.out.get()
+                ids: list[int] = []
+                finished, reason, error = False, "", None
+                while True:  # merge everything already queued into one message
+                    if isinstance(item, RequestError):
+                        error = item
+                        break
+                    ids += item[0]
+                    if item[1]:
+                        finished, reason = True, item[2]
+                        break
+                    if st.out.empty():
+                        break
+                    item = st.out.get_nowait()
+                if ids or finished:
+                    yield self._response(st, ids, finished, reason)
+                if error is not None:
+                    raise error
+                if finished:
+                    ok = True
+                    return
+        finally:
+            self.active.pop(st.rid, None)
+            if not st.producer.done():
+                st.producer.cancel()
+            if ok:
+                self.requests_finished += 1
+            else:
+                self.requests_failed += 1
+            self.registry.notify()  # blocks were freed: wake queued requests
+
+    async def _produce(self, st: RequestState) -> None:
+        try:
+            await self.dispatch.run(st)
+            if not st.produced_final:
+                raise RequestError(Code.INTERNAL, "request ended without a final token batch")
+        except asyncio.CancelledError:
+            if st.aborted:
+                st.out.put_nowait(RequestError(Code.CANCELLED, f"request {st.rid} was aborted"))
+            raise
+        except RequestError as e:
+            st.out.put_nowait(e)
+        except Exception as e:  # noqa: BLE001 - a bug must still end the client's stream
+            log.exception("request %s failed", st.rid)
+            st.out.put_nowait(RequestError(Code.INTERNAL, f"internal error: {type(e).__name__}: {e}"))
+
+    def _response(self, st: RequestState, ids: list[int], finished: bool,
+                  reason: str) -> pb.GenerateResponse:
+        r = pb.GenerateResponse(request_id=st.rid, token_ids=ids, finished=finished,
+                                finish_reason=reason)
+        if ids:
+            now = time.monotonic()
+            if st.sent == 0:
+                st.t_first = now
+                r.metrics.ttft_ms = (now - st.t0) * 1e3
+            st.sent += len(ids)
+            st.t_last = now
+            self.tokens_total += len(ids)
+        if st.detok is not None:
+            r.text = st.detok.add(ids, final=finished)
+        if finished:
+            r.metrics.CopyFrom(st.metrics())
+        return r
+
+    def abort(self, request_id: str) -> bool:
+        st = self.active.get(request_id)
+        if st is None or st.producer is None:
+            return False
+        st.aborted = True
+        st.producer.cancel()
+        return True
+
+    # -- counters ----------------------------------------------------------------------
+    def tick(self) -> None:
+        """Sample the token counter (called about once a second) for tokens_per_s."""
+        now = time.monotonic()
+        self._rate.append((now, self.tokens_total))
+        while len(self._rate) > 2 and now - self._rate[1][0] >= RATE_WINDOW_S:
+            self._rate.popleft()
+
+    def stats(self) -> pb.StatsReply:
+        now = time.monotonic()
+        t_old, n_old = self._rate[0]
+        rate = (self.tokens_total - n_old) / (now - t_old) if now > t_old else 0.0
+        return pb.StatsReply(
+            requests_total=self.requests_total, requests_active=len(self.active),
+            requests_finished=self.requests_finished, requests_failed=self.requests_failed,
+            requests_queued=self.dispatch.queued, tokens_total=self.tokens_total,
+            tokens_per_s=rate, uptime_s=now - self.started, workers=self.registry.statuses())

@@ -1,0 +1,181 @@
+"""Worker registry: registration, heartbeats, liveness, and the coordinator's own load view.
+
+A worker is alive while it heartbeats; one silent for `worker_timeout_s` is dropped by the
+reaper, and one whose RPC fails with UNAVAILABLE is dropped at once. Dropping closes the
+worker's channel, which ends every in-flight RPC to it (the orchestrator then retries or
+fails those requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.coordinator.grpc_util import new_channel
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("pdserve.coordinator")
+
+ROLE_NAMES = {pb.ROLE_PREFILL: "prefill", pb.ROLE_DECODE: "decode", pb.ROLE_BOTH: "both"}
+
+
+@dataclass(eq=False, slots=True)
+class WorkerHandle:
+    """One registered worker. Load = last heartbeat + what the coordinator routed since."""
+
+    info: pb.WorkerInfo
+    channel: grpc.aio.Channel
+    stub: pb_grpc.WorkerStub
+    load: pb.WorkerLoad = field(default_factory=pb.WorkerLoad)
+    last_seen: float = field(default_factory=time.monotonic)
+    inflight: int = 0  # requests routed here and not done
+    inflight_prefill_tokens: int = 0  # prompt tokens sent to Prefill, not yet answered
+    reserved_since_hb: int = 0  # blocks reserved here since the last heartbeat
+    routed: int = 0  # requests ever routed here (last tie-breaker: spreads equal workers)
+    alive: bool = True
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def role(self) -> int:
+        return self.info.role
+
+    # Estimates used by the routing policies (heartbeats lag behind routing decisions).
+    def est_free_blocks(self) -> int:
+        return self.load.free_blocks - self.reserved_since_hb
+
+    def est_running(self) -> int:
+        return max(self.load.running + self.load.waiting, self.inflight)
+
+    def est_queued_prefill_tokens(self) -> int:
+        return max(self.load.queued_prefill_tokens, self.inflight_prefill_tokens)
+
+    def status(self, now: float) -> pb.WorkerStatus:
+        return pb.WorkerStatus(info=self.info, load=self.load, last_seen_s=now - self.last_seen,
+                               inflight=self.inflight)
+
+
+class Registry:
+    def __init__(self, worker_timeout_s: float = 5.0,
+                 channel_factory: Callable[[str], grpc.aio.Channel] = new_channel) -> None:
+        self.worker_timeout_s = worker_timeout_s
+        self._workers: dict[str, WorkerHandle] = {}
+        self._ids = itertools.count(1)
+        self._channel_factory = channel_factory
+        self._changed = asyncio.Event()  # set whenever capacity may have appeared
+        self._reaper: asyncio.Task | None = None
+        self.on_register: list[Callable[[WorkerHandle], None]] = []
+
+    # -- membership -----------------------------------------------------------------
+    def register(self, info: pb.WorkerInfo) -> WorkerHandle:
+        if info.role not in ROLE_NAMES:
+            raise ValueError(f"worker role must be PREFILL, DECODE or BOTH, got {info.role}")
+        if not info.address:
+            raise ValueError("worker address (host:port) is required")
+        copy = pb.WorkerInfo()
+        copy.CopyFrom(info)
+        info = copy
+        if not info.worker_id:
+            info.worker_id = f"{ROLE_NAMES[info.role]}-{next(self._ids)}"
+        old = self._workers.get(info.worker_id)
+        if old is not None:
+            self._close(old, "re-registered")
+        channel = self._channel_factory(info.address)
+        handle = WorkerHandle(info=info, channel=channel, stub=pb_grpc.WorkerStub(channel),
+                              load=pb.WorkerLoad(free_blocks=info.total_blocks,
+                                                 total_blocks=info.total_blocks))
+        self._workers[info.worker_id] = handle
+        log.info("worker %s registered: role=%s address=%s model=%s", info.worker_id,
+                 ROLE_NAMES[info.role], info.address, info.model)
+        for cb in self.on_register:
+            cb(handle)
+        self.notify()
+        return handle
+
+    def heartbeat(self, worker_id: str, load: pb.WorkerLoad) -> bool:
+        handle = self._workers.get(worker_id)
+        if handle is None:
+            return False
+        handle.load.CopyFrom(load)
+        handle.last_seen = time.monotonic()
+        handle.reserved_since_hb = 0
+        self.notify()
+        return True
+
+    def drop(self, worker_id: str, reason: str) -> None:
+        handle = self._workers.pop(worker_id, None)
+        if handle is not None:
+            log.warning("worker %s dropped: %s", worker_id, reason)
+            self._close(handle, reason)
+
+    def drop_handle(self, handle: WorkerHandle, reason: str) -> None:
+        if self._workers.get(handle.worker_id) is handle:
+            self.drop(handle.worker_id, reason)
+
+    def _close(self, handle: WorkerHandle, reason: str) -> None:
+        handle.alive = False
+        asyncio.get_running_loop().create_task(handle.channel.close())
+
+    # -- queries --------------------------------------------------------------------
+    def get(self, worker_id: str) -> WorkerHandle | None:
+        return self._workers.get(worker_id)
+
+    def workers(self, role: int | None = None) -> list[WorkerHandle]:
+        return [w for w in self._workers.values() if role is None or w.role == role]
+
+    def first_model(self) -> pb.WorkerInfo | None:
+        return next(iter(self._workers.values())).info if self._workers else None
+
+    def statuses(self) -> list[pb.WorkerStatus]:
+        now = time.monotonic()
+        return [w.status(now) for w in self._workers.values()]
+
+    # -- waiting for capacity ------------------------------------------------------
+    def notify(self) -> None:
+        """Wake requests waiting for capacity (a worker joined, a heartbeat, blocks freed)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_changed(self, timeout_s: float) -> None:
+        event = self._changed
+        try:
+            await asyncio.wait_for(event.wait(), timeout=max(timeout_s, 0.0))
+        except asyncio.TimeoutError:
+            pass
+
+    # -- liveness ------------------------------------------------------------------
+    def reap(self) -> list[str]:
+        now = time.monotonic()
+        dead = [w.worker_id for w in self._workers.values()
+                if now - w.last_seen > self.worker_timeout_s]
+        for wid in dead:
+            self.drop(wid, f"no heartbeat for {self.worker_timeout_s:g} s")
+        return dead
+
+    def start(self, tick: Callable[[], None] | None = None) -> None:
+        async def loop() -> None:
+            period = min(1.0, self.worker_timeout_s / 4)
+            while True:
+                await asyncio.sleep(period)
+                self.reap()
+                if tick is not None:
+                    tick()
+
+        self._reaper = asyncio.get_running_loop().create_task(loop())
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for wid in list(self._workers):
+            handle = self._workers.pop(wid)
+            handle.alive = False
+            await handle.channel.close()

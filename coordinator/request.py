@@ -1,0 +1,80 @@
+"""Per-request state at the coordinator and the two error kinds of the orchestration."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.coordinator.registry import WorkerHandle
+from pdserve.coordinator.tokens import IncrementalDetokenizer
+from pdserve.proto import pdserve_pb2 as pb
+
+
+class RequestError(Exception):
+    """Ends the request with this gRPC status and message (what the client sees)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class WorkerFailure(Exception):
+    """A worker failed this request; retried once on another pair if nothing was streamed."""
+
+    def __init__(self, workers: list[WorkerHandle], message: str) -> None:
+        super().__init__(message)
+        self.worker_ids = [w.worker_id for w in workers]
+        self.message = message
+
+
+# What the producer (flows) hands the consumer (the client stream): token ids, finished,
+# finish_reason; or a RequestError that ends the stream.
+Item = tuple[list[int], bool, str] | RequestError
+
+
+@dataclass(eq=False, slots=True)
+class RequestState:
+    rid: str
+    prompt: list[int]
+    sampling: pb.SamplingParams  # validated, max_tokens set and clamped to the model length
+    deadline: float | None  # time.monotonic() seconds; None: no deadline
+    detok: IncrementalDetokenizer | None = None
+    t0: float = field(default_factory=time.monotonic)
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # of Item
+    producer: asyncio.Task | None = None
+    aborted: bool = False  # by Coordinator.Abort
+    produced: int = 0  # tokens handed to the consumer (they will reach the client)
+    produced_final: bool = False
+    sent: int = 0  # tokens sent to the client
+    t_first: float = 0.0
+    t_last: float = 0.0
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    transfer_ms: float = 0.0
+    kv_bytes: int = 0
+    prefill_worker: str = ""
+    decode_worker: str = ""
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def emit(self, ids: list[int], finished: bool = False, reason: str = "") -> None:
+        self.produced += len(ids)
+        self.produced_final = finished
+        self.out.put_nowait((ids, finished, reason))
+
+    def metrics(self) -> pb.RequestMetrics:
+        tpot = (self.t_last - self.t_first) * 1e3 / (self.sent - 1) if self.sent > 1 else 0.0
+        return pb.RequestMetrics(
+            ttft_ms=(self.t_first - self.t0) * 1e3 if self.sent else 0.0, tpot_ms=tpot,
+            queue_ms=self.queue_ms, prefill_ms=self.prefill_ms, transfer_ms=self.transfer_ms,
+            kv_bytes=self.kv_bytes, prefill_worker=self.prefill_worker,
+            decode_worker=self.decode_worker, prompt_tokens=len(self.prompt),
+            completion_tokens=self.sent)

@@ -1,0 +1,100 @@
+"""Tokenizer access for the coordinator, and incremental detokenization of streamed tokens.
+
+The coordinator learns the model from the first worker that registers and loads its tokenizer
+once, in a thread, with `pdserve.engine.tokenizer.get_tokenizer(model)` (or an injected
+factory / tokenizer, as tests do). A tokenizer has `encode(text) -> list[int]` and
+`decode(ids) -> str`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+log = logging.getLogger("pdserve.coordinator")
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def default_tokenizer_factory(model: str) -> Tokenizer:
+    from pdserve.engine.tokenizer import get_tokenizer
+    return get_tokenizer(model)
+
+
+class TokenizerProvider:
+    """Loads the tokenizer of `model` at most once; `get()` waits for it (None if it failed)."""
+
+    def __init__(self, factory: Callable[[str], Tokenizer] | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
+        self._factory = factory or default_tokenizer_factory
+        self._tokenizer = tokenizer
+        self._task: asyncio.Task | None = None
+        self.model: str | None = None
+        self.error: str | None = None
+
+    def model_known(self, model: str) -> None:
+        """Start loading the tokenizer of `model` (first call wins)."""
+        if self._tokenizer is not None or self._task is not None or not model:
+            return
+        self.model = model
+        self._task = asyncio.get_running_loop().create_task(self._load(model))
+
+    async def _load(self, model: str) -> None:
+        try:
+            self._tokenizer = await asyncio.to_thread(self._factory, model)
+            log.info("loaded tokenizer of %s", model)
+        except Exception as e:  # noqa: BLE001 - reported to clients that send text
+            self.error = f"cannot load the tokenizer of model {model!r}: {type(e).__name__}: {e}"
+            log.warning(self.error)
+
+    @property
+    def pending(self) -> bool:
+        return self._tokenizer is None and self._task is not None and not self._task.done()
+
+    async def get(self) -> Tokenizer | None:
+        if self._tokenizer is None and self._task is not None:
+            await asyncio.shield(self._task)
+        return self._tokenizer
+
+
+class IncrementalDetokenizer:
+    """Turns streamed token ids into text deltas whose concatenation is the decoded output.
+
+    Decodes a small window (the last emitted tokens plus the new ones) per message, so the
+    cost per message is independent of the output length. A trailing U+FFFD (an incomplete
+    UTF-8 sequence) is held back until more tokens arrive or `flush()`.
+    """
+
+    CONTEXT_TOKENS = 4
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
+        self.tok = tokenizer
+        self.ids: list[int] = list(prompt_ids[-self.CONTEXT_TOKENS:])
+        self.prefix = 0  # ids[prefix:read] were already emitted (kept as decoding context)
+        self.read = len(self.ids)
+
+    def add(self, new_ids: Sequence[int], final: bool = False) -> str:
+        self.ids.extend(new_ids)
+        if len(self.ids) == self.read:
+            return ""
+        prefix_text = self.tok.decode(self.ids[self.prefix:self.read])
+        full = self.tok.decode(self.ids[self.prefix:])
+        if full.endswith("\ufffd") and not final:
+            return ""
+        if not full.startswith(prefix_text):  # the tokenizer merged across the boundary
+            prefix_text = os.path.commonprefix([prefix_text, full])
+        self.prefix, self.read = self.read, len(self.ids)
+        if len(self.ids) > 4096:  # keep memory bounded for long outputs
+            drop = self.prefix
+            del self.ids[:drop]
+            self.prefix, self.read = 0, self.read - drop
+        return full[len(prefix_text):]
+
+    def flush(self) -> str:
+        return self.add((), final=True)

@@ -1,0 +1,100 @@
+"""The engine step: schedule -> run -> update. Shared by LLM, the prefill and decode workers."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.config import Config
+from pdserve.engine.attention.base import get_backend
+from pdserve.engine.loader import load_model
+from pdserve.engine.model_runner import (
+    TORCH_DTYPES,
+    ModelRunner,
+    allocate_kv_caches,
+    decide_num_blocks,
+)
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.sequence import Sequence
+from pdserve.engine.tokenizer import get_tokenizer
+
+
+@dataclass(slots=True)
+class StepResult:
+    new_tokens: dict[str, int] = field(default_factory=dict)  # seq id -> token sampled this step
+    finished: list[Sequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.dtype = TORCH_DTYPES[cfg.dtype]
+        if cfg.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(cfg.device))
+        self.model, self.model_cfg = load_model(cfg.model, self.dtype, cfg.device, cfg.seed)
+        self.tokenizer = get_tokenizer(cfg.model)
+        self.max_model_len = cfg.scheduler.max_model_len or self.model_cfg.max_position_embeddings
+        self.num_blocks = decide_num_blocks(self.model_cfg, cfg.cache, self.dtype, cfg.device)
+        self.block_size = cfg.cache.block_size
+        self.kv_caches = allocate_kv_caches(self.model_cfg, self.num_blocks, self.block_size,
+                                            self.dtype, cfg.device)
+        self.attn = get_backend(cfg.attention_backend, cfg.device)
+        self.runner = ModelRunner(self.model, self.model_cfg, self.attn, self.kv_caches,
+                                  self.block_size, cfg.device)
+        eos = tuple(sorted(set(self.model_cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
+        self.eos_token_ids = eos
+        self.scheduler = Scheduler(cfg.scheduler, cfg.cache, self.num_blocks, self.max_model_len, eos)
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------------
+    def validate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.model_cfg.vocab_size}): {bad[:5]}")
+        return ids
+
+    def make_sequence(self, prompt_token_ids: list[int], params: SamplingParams,
+                      seq_id: str | None = None, prefill_only: bool = False) -> Sequence:
+        seq_id = seq_id if seq_id is not None else f"req-{next(self._ids)}"
+        return Sequence(seq_id=seq_id, prompt_token_ids=self.validate_prompt(prompt_token_ids),
+                        params=params, arrival_s=time.monotonic(), prefill_only=prefill_only)
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    seq_id: str | None = None, prefill_only: bool = False) -> Sequence:
+        seq = self.make_sequence(prompt_token_ids, params, seq_id, prefill_only)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq_id: str) -> bool:
+        return self.scheduler.abort(seq_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        return self.scheduler.schedule()
+
+    def run(self, out: SchedulerOutput, layer_hook: Callable[[int], None] | None = None) -> StepResult:
+        sampled = self.runner.execute(out, layer_hook=layer_hook)
+        finished = self.scheduler.update(out, sampled)
+        return StepResult(new_tokens=sampled, finished=finished,
+                          num_batched_tokens=out.num_batched_tokens)
+
+    def step(self, layer_hook: Callable[[int], None] | None = None) -> StepResult:
+        return self.run(self.schedule(), layer_hook)
+
+    # -- pool accounting ------------------------------------------------------------------
+    def kv_stats(self) -> dict[str, int]:
+        bm = self.scheduler.block_manager
+        return {"free_blocks": bm.num_free_blocks, "total_blocks": bm.num_total_blocks,
+                "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting}

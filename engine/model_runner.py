@@ -1,0 +1,126 @@
+"""Turns a SchedulerOutput into tensors, runs the model, samples. Never sees Sequence objects."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pdserve.config import CacheConfig, ModelConfig
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.sampler import Sampler
+from pdserve.engine.scheduler import SchedulerOutput
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_block_bytes(mcfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block over all layers (K and V)."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return mcfg.kv_bytes_per_token(elem) * block_size
+
+
+def decide_num_blocks(mcfg: ModelConfig, ccfg: CacheConfig, dtype: torch.dtype, device: str) -> int:
+    """Explicit count, else a fraction of free device memory (CUDA) or the CPU default."""
+    if ccfg.num_blocks is not None:
+        return ccfg.num_blocks
+    if not device.startswith("cuda"):
+        return ccfg.cpu_num_blocks
+    free_bytes, total_bytes = torch.cuda.mem_get_info(torch.device(device))
+    # Keep (1 - fraction) of the whole card for activations and everything else.
+    budget = free_bytes - (1.0 - ccfg.memory_fraction) * total_bytes
+    n = int(budget // kv_block_bytes(mcfg, ccfg.block_size, dtype))
+    if n < 1:
+        raise RuntimeError(f"no device memory left for the KV cache on {device} "
+                           f"(free {free_bytes / 2**30:.1f} GiB); lower the model size or memory use")
+    return n
+
+
+def allocate_kv_caches(mcfg: ModelConfig, num_blocks: int, block_size: int,
+                       dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+    shape = (num_blocks, 2, block_size, mcfg.num_kv_heads, mcfg.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(mcfg.num_layers)]
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_rows: list[int]  # row of the last token of each chunk that samples
+    sample_seq_ids: list[str]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, mcfg: ModelConfig, attn: AttentionBackend,
+                 kv_caches: list[torch.Tensor], block_size: int, device: str,
+                 sampler: Sampler | None = None) -> None:
+        self.model = model
+        self.mcfg = mcfg
+        self.attn = attn
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.sampler = sampler or Sampler()
+
+    def prepare(self, out: SchedulerOutput) -> PreparedBatch:
+        bs = self.block_size
+        ids: list[int] = []
+        pos_parts: list[np.ndarray] = []
+        slot_parts: list[np.ndarray] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_ids: list[str] = []
+        max_blocks = max((len(c.block_ids) for c in out.chunks), default=1)
+        tables = np.zeros((len(out.chunks), max_blocks), dtype=np.int32)
+        for i, c in enumerate(out.chunks):
+            n = len(c.token_ids)
+            ids.extend(c.token_ids)
+            pos = np.arange(c.start_pos, c.start_pos + n, dtype=np.int64)
+            blocks = np.asarray(c.block_ids, dtype=np.int64)
+            pos_parts.append(pos)
+            slot_parts.append(blocks[pos // bs] * bs + pos % bs)
+            tables[i, : len(c.block_ids)] = c.block_ids
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(c.start_pos + n)
+            if c.sample:
+                sample_rows.append(qsl[-1] - 1)
+                sample_ids.append(c.seq_id)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(tables).to(dev),
+            max_query_len=max(len(c.token_ids) for c in out.chunks),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+            block_size=bs,
+        )
+        return PreparedBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.from_numpy(np.concatenate(pos_parts)).to(dev),
+            meta=meta, sample_rows=sample_rows, sample_seq_ids=sample_ids)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput,
+                layer_hook: Callable[[int], None] | None = None) -> dict[str, int]:
+        """Run one step; return the sampled token of every chunk that samples."""
+        if not out.chunks:
+            return {}
+        b = self.prepare(out)
+        hidden = self.model(b.input_ids, b.positions, self.kv_caches, b.meta, self.attn,
+                            layer_hook=layer_hook)
+        if not b.sample_rows:
+            return {}
+        rows = torch.tensor(b.sample_rows, dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # (N, V) fp32
+        by_id = {c.seq_id: c for c in out.chunks}
+        params = [by_id[s].params for s in b.sample_seq_ids]
+        indices = [by_id[s].output_index for s in b.sample_seq_ids]
+        tokens = self.sampler.sample(logits, params, indices)
+        return dict(zip(b.sample_seq_ids, tokens))

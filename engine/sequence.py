@@ -1,0 +1,99 @@
+"""Request state inside one worker: a sequence of token ids and how far its KV is computed.
+
+There is no prefill/decode phase. `num_computed_tokens` counts the tokens whose K/V sit in
+the sequence's blocks; a step closes the gap to `num_tokens`. Only the scheduler and the
+block manager touch a `Sequence`; the model runner sees `SchedulerOutput` only.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from pdserve.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()  # queued, no blocks (except an admitted remote seq, see scheduler)
+    RUNNING = enum.auto()  # scheduled each step until it finishes or is preempted
+    WAITING_FOR_REMOTE_KVS = enum.auto()  # decode side: blocks reserved, KV in flight
+    PREEMPTED = enum.auto()  # blocks taken back; queued to recompute prompt + outputs
+    FINISHED_STOPPED = enum.auto()  # eos or a stop token
+    FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len
+    FINISHED_ABORTED = enum.auto()  # aborted, or can never fit
+    FINISHED_PREFILL = enum.auto()  # prefill side: first token sampled, blocks held
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                       SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_PREFILL})
+
+# finish_reason string of each finished status
+FINISH_REASONS = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+    SequenceStatus.FINISHED_PREFILL: "prefill_done",
+}
+
+
+@dataclass(slots=True)
+class Sequence:
+    """One request's tokens and cache state.
+
+    token_ids = prompt + generated tokens. Invariants kept by the scheduler:
+    num_cached_tokens <= num_computed_tokens <= num_tokens, and while RUNNING
+    num_computed_tokens < num_tokens (the last token still has to be fed).
+    """
+
+    seq_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    prefill_only: bool = False  # prefill worker: stop after the first token, keep blocks
+    arrival_s: float = field(default_factory=time.monotonic)
+    token_ids: list[int] = field(init=False)
+    num_prompt_tokens: int = field(init=False)
+    num_computed_tokens: int = 0  # tokens whose K/V are in block_ids
+    num_cached_tokens: int = 0  # prefix-cache hit length at the last admission
+    block_ids: list[int] = field(default_factory=list)  # block table
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefill_done"
+    num_preemptions: int = 0
+    # Block-manager bookkeeping: chained hashes of the first len(block_hashes) full blocks
+    # of token_ids (valid forever: token_ids only grow), and how many leading entries of
+    # block_ids have been offered to the prefix cache.
+    block_hashes: list[int] = field(default_factory=list)
+    num_committed_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
+        if not self.prompt_token_ids:
+            raise ValueError(f"sequence {self.seq_id!r}: the prompt is empty")
+        if any(t < 0 for t in self.prompt_token_ids):
+            raise ValueError(f"sequence {self.seq_id!r}: token ids must be non-negative")
+        self.token_ids = list(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def finish(self, status: SequenceStatus) -> None:
+        self.status = status
+        self.finish_reason = FINISH_REASONS[status]

@@ -1,0 +1,129 @@
+"""Plain types shared by the transfer layer: KV geometry, options, results, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Union
+
+import torch
+
+ReqId = Union[int, str]  # msgpack-able request id chosen by the serving layer
+
+SCHEMA_VERSION = 1  # of every control header; both sides must agree
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn, "uint8": torch.uint8,
+}
+
+
+class TransferError(RuntimeError):
+    """A transfer (or the connection under it) failed."""
+
+
+class GeometryMismatchError(TransferError):
+    """Sender and receiver KV pools differ in a way that makes block copies meaningless."""
+
+
+@dataclass(frozen=True, slots=True)
+class KVGeometry:
+    """Shape of the paged KV pool: per layer [num_blocks, 2, block_size, num_kv_heads, head_dim].
+
+    num_blocks is local (each side sizes its own pool) and is not part of the handshake.
+    """
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # "bfloat16", "float32", ...
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"KVGeometry.{name} must be positive, got {getattr(self, name)}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"KVGeometry.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block of one layer (its K and V)."""
+        elem = torch.empty((), dtype=self.torch_dtype).element_size()
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    @property
+    def token_nbytes(self) -> int:
+        """K and V of one token over all layers."""
+        return self.block_nbytes * self.num_layers // self.block_size
+
+    @classmethod
+    def from_kv_caches(cls, kv_caches: Sequence[torch.Tensor]) -> KVGeometry:
+        if not kv_caches:
+            raise ValueError("kv_caches is empty")
+        t = kv_caches[0]
+        if t.dim() != 5 or t.shape[1] != 2:
+            raise ValueError(
+                f"a KV layer must be [num_blocks, 2, block_size, num_kv_heads, head_dim], got {tuple(t.shape)}")
+        name = next((k for k, v in _DTYPES.items() if v == t.dtype), None)
+        if name is None:
+            raise ValueError(f"unsupported KV dtype {t.dtype}")
+        return cls(len(kv_caches), int(t.shape[2]), int(t.shape[3]), int(t.shape[4]), name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check_compatible(self, other: dict[str, Any], mine: str = "receiver",
+                         theirs: str = "sender") -> None:
+        """Raise GeometryMismatchError naming every differing field with both values."""
+        diffs = [f"{k}: {theirs}={other.get(k)!r} {mine}={v!r}"
+                 for k, v in self.to_dict().items() if other.get(k) != v]
+        if diffs:
+            raise GeometryMismatchError("KV geometry mismatch between sender and receiver: "
+                                        + "; ".join(diffs))
+
+
+@dataclass(frozen=True, slots=True)
+class TransferOptions:
+    """Knobs of one KVSender/KVReceiver. Sizes in bytes, times in seconds."""
+
+    staging_bytes: int = 64 << 20  # one staging buffer = the largest message
+    num_staging_buffers: int = 4  # >= 2 for double buffering
+    min_message_bytes: int = 8 << 20  # first/last message of a coalesced run (pipeline fill)
+    layerwise: bool = True  # send each layer as soon as it is ready (else wait for all)
+    deadline_s: float = 30.0  # default per-request deadline
+    connect_timeout_s: float = 10.0
+    drain_timeout_s: float = 5.0  # in-flight ops of a failed request; then the peer is aborted
+    poll_interval_s: float = 1e-4  # loop sleep while ops are in flight (0: busy-poll)
+    idle_interval_s: float = 0.05  # loop sleep when idle (sockets still wake it at once)
+    host: str = "127.0.0.1"  # control listen address (receiver); "0.0.0.0" for all
+    advertise_host: str | None = None  # host put in the address; None: `host`
+    port: int = 0  # control listen port (receiver); 0: any free port
+
+    def __post_init__(self) -> None:
+        if self.staging_bytes <= 0 or self.num_staging_buffers < 1:
+            raise ValueError("staging_bytes and num_staging_buffers must be positive")
+        if self.min_message_bytes <= 0:
+            raise ValueError("min_message_bytes must be positive")
+        for name in ("deadline_s", "connect_timeout_s", "drain_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.poll_interval_s < 0 or self.idle_interval_s <= 0:
+            raise ValueError("poll_interval_s must be >= 0 and idle_interval_s > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """Outcome of one request on one side. ok=False carries a human-readable error."""
+
+    req_id: ReqId
+    ok: bool
+    aux: dict | None = None  # sender's aux (receiver side, on success); the serving layer's data
+    error: str | None = None
+    nbytes: int = 0  # payload bytes moved for this request
+    elapsed_s: float = 0.0  # from start/expect to the result, on this side's clock
+    done_at: float = 0.0  # time.perf_counter() when the result was produced

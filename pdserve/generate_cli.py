@@ -1,0 +1,121 @@
+"""`pdserve generate`: generate text locally (--local) or through a coordinator.
+
+    pdserve generate --coordinator 127.0.0.1:50051 --prompt "Hello" --max-tokens 32 --stream
+    pdserve generate --local --model tiny --prompt-ids 1,2,3 --temperature 0 --json
+
+--json prints one JSON object {"token_ids": [generated ids], "text": "..."} (the same from
+both paths); --stream prints text as it arrives; otherwise the text is printed at the end.
+Errors print `error: <STATUS>: <message>` to stderr and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _prompt_ids(value: str) -> list[int]:
+    try:
+        ids = [int(t) for t in value.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids needs at least one id")
+    return ids
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true",
+                       help="run the model in this process (no coordinator)")
+    where.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address")
+    parser.add_argument("--model", default="tiny", help="--local: preset name or HF directory")
+    parser.add_argument("--device", default="cpu", help="--local: cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="--local: weights and activations dtype")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", type=_prompt_ids, metavar="1,2,3",
+                        help="prompt as comma-separated token ids")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (default 0 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    parser.add_argument("--stream", action="store_true", help="print text as it arrives")
+    parser.add_argument("--json", action="store_true",
+                        help='print {"token_ids": [...], "text": "..."} as one JSON object')
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="--coordinator: deadline of the request, seconds")
+    parser.add_argument("--auth-token", default=None,
+                        help="--coordinator: bearer token (default: $PDSERVE_AUTH_TOKEN)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags that were given, as SamplingParams keyword arguments."""
+    kw: dict[str, Any] = {"max_tokens": args.max_tokens, "ignore_eos": bool(args.ignore_eos)}
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    return kw
+
+
+def sampling_from_args(args: argparse.Namespace):
+    """Engine SamplingParams from the flags (raises ValueError on bad values)."""
+    from pdserve.engine.sampling_params import SamplingParams
+    return SamplingParams(**sampling_kwargs(args))
+
+
+def _print_result(args: argparse.Namespace, result: dict[str, Any], streamed: bool) -> None:
+    if args.json:
+        print(json.dumps({"token_ids": list(result["token_ids"]), "text": result["text"]}))
+    elif streamed:
+        print(flush=True)
+    else:
+        print(result["text"])
+
+
+def _run_coordinator(args: argparse.Namespace) -> int:
+    import os
+
+    from pdserve.coordinator.client import Client, ClientError
+
+    token = args.auth_token or os.environ.get("PDSERVE_AUTH_TOKEN")
+    stream_text = args.stream and not args.json
+    try:
+        with Client(args.coordinator, timeout_s=args.timeout, auth_token=token) as client:
+            ids: list[int] = []
+            texts: list[str] = []
+            for chunk in client.stream(args.prompt, args.prompt_ids, sampling_kwargs(args)):
+                ids += chunk.token_ids
+                texts.append(chunk.text)
+                if stream_text and chunk.text:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+    except ClientError as e:
+        if stream_text:
+            print(flush=True)
+        print(f"error: {e.code.name}: {e.details}", file=sys.stderr)
+        return 1
+    _print_result(args, {"token_ids": ids, "text": "".join(texts)}, stream_text)
+    return 0
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    from pdserve.local_generate import run_local
+
+    try:
+        result = run_local(args)
+    except ValueError as e:
+        print(f"error: INVALID_ARGUMENT: {e}", file=sys.stderr)
+        return 1
+    _print_result(args, result, streamed=False)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _run_local(args) if args.local else _run_coordinator(args)

@@ -1,0 +1,78 @@
+"""Offline Python API: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from tqdm import tqdm
+
+from pdserve.config import CacheConfig, Config, SchedulerConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens only
+    text: str
+    finish_reason: str | None
+    num_cached_tokens: int = 0
+
+
+class LLM:
+    """Runs the whole engine (prefill and decode) in this process.
+
+    `model` is a preset name (`tiny`, `llama-3.1-8b`, ...) or a local HF directory.
+    """
+
+    def __init__(self, model: str = "tiny", device: str = "cpu", dtype: str = "float32", *,
+                 seed: int = 0, attention_backend: str = "auto", enforce_eager: bool = False,
+                 block_size: int = 16, num_blocks: int | None = None,
+                 max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 config: Config | None = None) -> None:
+        if config is None:
+            config = Config(
+                model=model, device=device, dtype=dtype, seed=seed,
+                attention_backend=attention_backend, enforce_eager=enforce_eager,
+                cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                                  enable_prefix_caching=enable_prefix_caching),
+                scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
+                                          max_num_seqs=max_num_seqs, max_model_len=max_model_len))
+        self.config = config
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+
+    def _to_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (sampling_params if isinstance(sampling_params, list)
+                  else [sampling_params] * len(batch))
+        if len(params) != len(batch):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(batch)} prompts")
+        seqs = []
+        for prompt, p in zip(batch, params):
+            seqs.append(self.engine.add_request(self._to_ids(prompt), replace(p)))
+        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
+        while self.engine.has_unfinished():
+            res = self.engine.step()
+            bar.update(len(res.finished))
+        bar.close()
+        return [RequestOutput(request_id=s.seq_id, prompt_token_ids=list(s.prompt_token_ids),
+                              token_ids=list(s.output_token_ids),
+                              text=self.tokenizer.decode(s.output_token_ids),
+                              finish_reason=s.finish_reason, num_cached_tokens=s.num_cached_tokens)
+                for s in seqs]

@@ -1,0 +1,96 @@
+"""`pdserve worker --role prefill|decode|both ...`: one engine-backed worker process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from pdserve.config import CacheConfig, Config, SchedulerConfig, ServerConfig, TransferConfig
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds an engine."""
+    p.add_argument("--model", default="tiny", help="preset name (tiny, llama-3.1-8b, ...) or HF directory")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="KV blocks in the pool (default: from --memory-fraction on cuda, 512 on cpu)")
+    p.add_argument("--memory-fraction", type=float, default=0.9,
+                   help="fraction of GPU memory for weights + KV cache")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="running requests at once")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit in tokens")
+    p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"],
+                   help="attention backend (auto: triton on cuda, torch on cpu)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    p.add_argument("--seed", type=int, default=0, help="seed of random preset weights")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    return Config(
+        model=args.model, device=args.device, dtype=dtype, seed=args.seed,
+        attention_backend=args.attention, enforce_eager=args.enforce_eager,
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
+                          memory_fraction=args.memory_fraction,
+                          enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len),
+        transfer=TransferConfig(backend=getattr(args, "transfer", "ucx"),
+                                timeout_s=getattr(args, "transfer_timeout", 30.0),
+                                layerwise=not getattr(args, "no_layerwise", False)),
+        server=ServerConfig(heartbeat_s=getattr(args, "heartbeat", 1.0),
+                            auth_token=getattr(args, "auth_token", None)),
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", required=True, choices=["prefill", "decode", "both"],
+                   help="prefill: run prompts and push KV; decode: receive KV and generate; "
+                        "both: colocated engine")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="register with this coordinator (omit to serve standalone)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on and to advertise")
+    p.add_argument("--port", type=int, default=0, help="Worker service port (0: pick a free one)")
+    p.add_argument("--worker-id", default="", help="name in the registry (default: assigned)")
+    p.add_argument("--transfer", default="ucx", choices=["ucx", "nccl"],
+                   help="KV transfer backend between prefill and decode workers")
+    p.add_argument("--transfer-timeout", type=float, default=30.0,
+                   help="seconds a request's KV transfer may take before both ends abort it")
+    p.add_argument("--no-layerwise", action="store_true",
+                   help="push KV after the whole prompt instead of layer by layer")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+    p.add_argument("--auth-token", default=None, help="token for the coordinator, if it has one")
+    p.add_argument("--log-level", default="INFO")
+    add_engine_arguments(p)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from pdserve.worker_server import WorkerServer
+
+    server = WorkerServer(config_from_args(args), args.role, args.coordinator, args.host,
+                          args.port, args.worker_id)
+    port = await server.start()
+    print(f"pdserve worker: {args.role} {server.worker_id or ''} serving on {args.host}:{port}",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(server.wait())
+    await asyncio.wait([waiter, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    await server.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s {args.role} %(levelname)s %(name)s: %(message)s")
+    from pdserve.coordinator.grpc_util import install_uvloop
+    install_uvloop()
+    return asyncio.run(serve(args))

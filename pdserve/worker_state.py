@@ -1,0 +1,94 @@
+"""Per-request state shared by a worker's gRPC handlers (asyncio thread) and its engine thread.
+
+The engine thread never touches asyncio objects directly: it batches what happened in one
+step and hands it to the server loop with one `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestAborted(Exception):
+    """A request ended early; carries the gRPC status code its RPC should end with."""
+
+    def __init__(self, code: Any, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class StreamEnd:
+    reason: str  # "length" | "stop" | "abort"
+    error: tuple[Any, str] | None = None  # (grpc.StatusCode, message) when it failed
+
+
+@dataclass
+class ReqState:
+    """One request on this worker. kind: 'prefill' | 'decode' | 'local'."""
+
+    req_id: str
+    kind: str
+    prompt_len: int
+    arrival_s: float = field(default_factory=time.monotonic)
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # ints and a final StreamEnd
+    done: asyncio.Future | None = None  # prefill: resolved with the PrefillReply fields
+    # prefill side
+    dst_address: bytes = b""
+    dst_block_ids: list[int] = field(default_factory=list)
+    first_token: int | None = None
+    first_finishes: bool = False
+    finish_reason: str = ""
+    kv_bytes: int = 0
+    # timings (monotonic seconds)
+    scheduled_s: float | None = None
+    computed_s: float | None = None
+    kv_done_s: float | None = None
+    ended: bool = False
+
+
+class StateTable:
+    """req_id -> ReqState, plus the hand-over from the engine thread to the server loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.states: dict[str, ReqState] = {}
+
+    def get(self, req_id: str) -> ReqState | None:
+        return self.states.get(req_id)
+
+    def add(self, st: ReqState) -> ReqState:
+        if st.req_id in self.states:
+            raise ValueError(f"request id {st.req_id!r} is already in use on this worker")
+        self.states[st.req_id] = st
+        return st
+
+    def pop(self, req_id: str) -> ReqState | None:
+        return self.states.pop(req_id, None)
+
+    def deliver(self, items: list[tuple[ReqState, Any]]) -> None:
+        """From any thread: put (state, token-or-StreamEnd) items into their queues."""
+        if items:
+            self.loop.call_soon_threadsafe(self._put_all, items)
+
+    @staticmethod
+    def _put_all(items: list[tuple[ReqState, Any]]) -> None:
+        for st, item in items:
+            if not st.ended:
+                st.queue.put_nowait(item)
+                if isinstance(item, StreamEnd):
+                    st.ended = True
+
+    def resolve(self, st: ReqState, result: Any = None, error: BaseException | None = None) -> None:
+        """From any thread: settle a prefill request's future."""
+        def _settle() -> None:
+            if st.done is None or st.done.done():
+                return
+            if error is not None:
+                st.done.set_exception(error)
+            else:
+                st.done.set_result(result)
+        self.loop.call_soon_threadsafe(_settle)

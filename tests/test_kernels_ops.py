@@ -1,0 +1,147 @@
+"""KV store, block pack/unpack, RMSNorm and rotary kernels vs their torch references."""
+
+from __future__ import annotations
+
+import kernels_env  # noqa: I001  (first: sets TRITON_INTERPRET before pdserve.kernels loads)
+from kernels_env import DEVICE, HAS_CUDA, TOL, ULP, assert_close, gpu_only
+
+import pytest
+import torch
+
+from pdserve.kernels.kv_cache_ops import pack_blocks, store_kv, unpack_blocks
+from pdserve.kernels.norm_rope import apply_rope, rms_norm
+from pdserve.kernels.reference import (
+    apply_rope_ref,
+    pack_blocks_ref,
+    rms_norm_ref,
+    rope_cos_sin_cache,
+    store_kv_ref,
+    unpack_blocks_ref,
+)
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+assert HAS_CUDA or kernels_env.os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_store(num_blocks: int, bs: int, hkv: int, d: int, t: int, dtype: torch.dtype) -> None:
+    cache = torch.randn(num_blocks, 2, bs, hkv, d, device=DEVICE).to(dtype)
+    expect = cache.clone()
+    # k, v as views of a fused [T, 3, Hkv, D] projection (non-contiguous rows); fp32 input
+    # exercises the cast, except bf16 in the interpreter (which truncates instead of rounding)
+    src = dtype if (dtype == torch.bfloat16 and DEVICE == "cpu") else torch.float32
+    kv = torch.randn(t, 3, hkv, d, device=DEVICE).to(src)
+    k, v = kv[:, 0], kv[:, 2]
+    slots = torch.randperm(num_blocks * bs, device=DEVICE)[:t]
+    slots[t // 2] = -1  # a padding token writes nothing
+    store_kv(cache, k, v, slots)
+    store_kv_ref(expect, k, v, slots)
+    assert torch.equal(cache, expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_tiny(dtype: torch.dtype) -> None:
+    check_store(num_blocks=9, bs=4, hkv=2, d=16, t=11, dtype=dtype)
+    check_store(num_blocks=5, bs=16, hkv=3, d=32, t=7, dtype=dtype)  # non-power-of-2 heads
+
+
+def check_pack(layers: int, num_blocks: int, block_shape: tuple[int, ...], nb: int,
+               dtype: torch.dtype, one_pool: bool) -> None:
+    if one_pool:  # per-layer views of a single allocation
+        caches = list(torch.randn(layers, num_blocks, *block_shape, device=DEVICE).to(dtype))
+    else:
+        caches = [torch.randn(num_blocks, *block_shape, device=DEVICE).to(dtype) for _ in range(layers)]
+    ids = torch.randperm(num_blocks, device=DEVICE)[:nb].to(torch.int32)
+    staging = torch.full((layers, nb, *block_shape), float("nan"), device=DEVICE).to(dtype)
+    pack_blocks(caches, ids, out=staging)
+    assert torch.equal(staging, pack_blocks_ref(caches, ids))
+    single = pack_blocks(caches[-1], ids)
+    assert torch.equal(single, staging[-1])
+    # scatter new contents back; blocks not in ids stay unchanged
+    new = torch.randn_like(staging, dtype=torch.float32).to(dtype)
+    expect = [c.clone() for c in caches]
+    unpack_blocks(new, caches, ids)
+    unpack_blocks_ref(new, expect, ids)
+    for c, e in zip(caches, expect):
+        assert torch.equal(c, e)
+    unpack_blocks(new[0], caches[0], ids.long())
+    assert torch.equal(caches[0].index_select(0, ids.long()), new[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("one_pool", [True, False])
+def test_pack_unpack_tiny(dtype: torch.dtype, one_pool: bool) -> None:
+    check_pack(3, 12, (2, 4, 2, 16), 5, dtype, one_pool)
+    check_pack(1, 6, (2, 2, 3, 8), 6, dtype, one_pool)  # E = 96: not a multiple of the tile
+
+
+def check_rms_norm(rows: int, hidden: int, dtype: torch.dtype, eps: float = 1e-6) -> None:
+    x = torch.randn(rows, hidden, device=DEVICE).to(dtype)
+    res = torch.randn(rows, hidden, device=DEVICE).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    tol = TOL[dtype] + 2 * ULP[dtype]
+    assert_close(rms_norm(x, w, eps), rms_norm_ref(x, w, eps), tol)
+    out, new_res = rms_norm(x, w, eps, residual=res)
+    out_ref, res_ref = rms_norm_ref(x, w, eps, residual=res)
+    assert_close(out, out_ref, tol)
+    if x.is_cuda:
+        assert torch.equal(new_res, res_ref)
+    else:  # the interpreter truncates fp32 -> bf16 instead of rounding
+        torch.testing.assert_close(new_res.float(), res_ref.float(), atol=0, rtol=ULP[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_tiny(dtype: torch.dtype) -> None:
+    check_rms_norm(5, 48, dtype)
+    check_rms_norm(3, 64, dtype)
+
+
+def check_rope(t: int, hq: int, hkv: int, d: int, rot: int, dtype: torch.dtype,
+               inplace: bool) -> None:
+    cache = rope_cos_sin_cache(rot, 4096, base=500000.0, device=DEVICE)
+    qkv = torch.randn(t, hq + 2 * hkv, d, device=DEVICE).to(dtype)  # fused projection
+    q, k = qkv[:, :hq], qkv[:, hq:hq + hkv]  # non-contiguous views
+    pos = torch.randint(0, 4096, (t,), device=DEVICE)
+    q_ref, k_ref = apply_rope_ref(q, k, pos, cache)
+    v_before = qkv[:, hq + hkv:].clone()
+    qo, ko = apply_rope(q, k, pos, cache, inplace=inplace)
+    tol = 2 * ULP[dtype] + 1e-5
+    assert_close(qo, q_ref, tol)
+    assert_close(ko, k_ref, tol)
+    if inplace:
+        assert qo.data_ptr() == q.data_ptr() and torch.equal(qkv[:, :hq], qo)
+    assert torch.equal(qkv[:, hq + hkv:], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rope_tiny(dtype: torch.dtype, inplace: bool) -> None:
+    check_rope(6, 4, 2, 16, 16, dtype, inplace)
+    check_rope(3, 2, 1, 32, 16, dtype, inplace)  # partial rotary
+
+
+# ---- realistic shapes (GPU) ----
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_store_kv_gpu(dtype: torch.dtype) -> None:
+    check_store(num_blocks=2048, bs=16, hkv=8, d=128, t=8192, dtype=dtype)
+
+
+@gpu_only
+@pytest.mark.parametrize("one_pool", [True, False])
+def test_pack_unpack_gpu(one_pool: bool) -> None:
+    check_pack(32, 1024, (2, 16, 8, 128), 300, torch.bfloat16, one_pool)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [4096, 5120, 8192])
+def test_rms_norm_gpu(dtype: torch.dtype, hidden: int) -> None:
+    check_rms_norm(2048, hidden, dtype, eps=1e-5)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rope_gpu(dtype: torch.dtype, inplace: bool) -> None:
+    check_rope(8192, 32, 8, 128, 128, dtype, inplace)
