@@ -78,7 +78,8 @@ class Dispatcher:
     def _failure(self, st: RequestState, w: WorkerHandle, role: str,
                  e: RpcError) -> RequestError | WorkerFailure:
         code, detail = e.code(), e.details()
-        if code == Code.DEADLINE_EXCEEDED and st.deadline is not None:
+        rem = st.remaining()
+        if code == Code.DEADLINE_EXCEEDED and rem is not None and rem < 0.1:
             return RequestError(Code.DEADLINE_EXCEEDED,
                                 f"deadline exceeded waiting for {role} worker {w.worker_id}")
         if code in _CLIENT_CODES:
@@ -132,7 +133,10 @@ class Dispatcher:
                         continue
                     try:
                         r = await d.stub.Reserve(req, timeout=_cap(st.remaining(), UNARY_TIMEOUT_S))
-                    except RpcError as e:
+                    except BaseException as e:
+                        self.abort_later([(d, wid)])  # it may have reserved before we gave up
+                        if not isinstance(e, RpcError):
+                            raise
                         f = self._failure(st, d, "decode", e)
                         if isinstance(f, RequestError):
                             raise f from None

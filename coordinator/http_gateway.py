@@ -227,6 +227,7 @@ class HttpGateway:
                     ids += c.token_ids
                     texts.append(c.text)
                     if c.finished:
+                        started = True
                         await self._send_json(writer, 200, envelope(
                             c.request_id, choice("".join(texts), ids, c.finish_reason),
                             usage(c.metrics)))
@@ -238,12 +239,14 @@ class HttpGateway:
                     c.request_id, choice(c.text, c.token_ids, c.finish_reason or None),
                     usage(c.metrics) if c.finished else None)))
                 await writer.drain()
+            if not started:
+                raise HttpError(500, "the coordinator ended the stream without a result")
             if stream:
                 writer.write(b"data: [DONE]\n\n")
                 await writer.drain()
         except grpc.RpcError as e:
             err = HttpError.from_client(ClientError.from_rpc(e))
-            if not started:
+            if not started or not stream:
                 raise err from None
             writer.write(_sse(err.body()) + b"data: [DONE]\n\n")
             await writer.drain()

@@ -101,9 +101,13 @@ class Orchestrator:
     async def generate(self, req: pb.GenerateRequest,
                        time_remaining: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
         """Stream responses; raises RequestError for a status the client should see."""
-        st = await self._prepare(req, time_remaining)
-        self.active[st.rid] = st
         self.requests_total += 1
+        try:
+            st = await self._prepare(req, time_remaining)
+        except BaseException:
+            self.requests_failed += 1
+            raise
+        self.active[st.rid] = st
         st.producer = asyncio.get_running_loop().create_task(self._produce(st))
         ok = False
         try:

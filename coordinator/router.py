@@ -105,18 +105,18 @@ class RoundRobin(RoutingPolicy):
 
 @register_policy("prefix_aware")
 class PrefixAware(LeastLoaded):
-    """Prefill affinity: prompts sharing their first `prefix_tokens` tokens go to the same
-    prefill worker (rendezvous hashing, stable when workers join or leave), so its prefix
-    cache hits. Falls back to least loaded when the prompt is shorter than `min_tokens` or the
-    chosen worker has `max_imbalance_tokens` more queued than the least loaded one."""
+    """Prefill affinity: prompts sharing their first `prefix_tokens` tokens (e.g. a system
+    prompt) go to the same prefill worker (rendezvous hashing, stable when workers join or
+    leave), so its prefix cache hits. Falls back to least loaded when the prompt is shorter
+    than `prefix_tokens` or the chosen worker has `max_imbalance_tokens` more queued than the
+    least loaded one."""
 
-    prefix_tokens = 256
-    min_tokens = 16
+    prefix_tokens = 64
     max_imbalance_tokens = 16384
 
     def order_prefill(self, workers, prompt):
         by_load = sorted(workers, key=_prefill_key)
-        if len(prompt) < self.min_tokens or len(by_load) < 2:
+        if len(prompt) < self.prefix_tokens or len(by_load) < 2:
             return by_load
         key = ",".join(map(str, prompt[: self.prefix_tokens])).encode()
 

@@ -69,9 +69,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         async def one(w):
             reply = await w.stub.Stats(pb.WorkerStatsRequest(), timeout=LIVE_STATS_TIMEOUT_S)
             w.load.CopyFrom(reply.load)
+            w.reserved_since_hb = 0
 
         results = await asyncio.gather(*(one(w) for w in workers), return_exceptions=True)
-        for w, r in zip(workers, results):
+        for w, r in zip(workers, results, strict=True):
             if isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE:
                 self.registry.drop_handle(w, f"Stats failed: {r.details()}")
 

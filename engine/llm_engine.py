@@ -47,6 +47,9 @@ class LLMEngine:
         self.attn = get_backend(cfg.attention_backend, cfg.device)
         self.runner = ModelRunner(self.model, self.model_cfg, self.attn, self.kv_caches,
                                   self.block_size, cfg.device)
+        if not cfg.enforce_eager:  # decode CUDA graphs (no-op off CUDA or with torch attention)
+            self.runner.capture_cuda_graphs(cfg.scheduler.max_num_seqs, self.max_model_len,
+                                            pad_block=self.num_blocks)
         eos = tuple(sorted(set(self.model_cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
         self.eos_token_ids = eos
         self.scheduler = Scheduler(cfg.scheduler, cfg.cache, self.num_blocks, self.max_model_len, eos)

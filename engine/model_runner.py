@@ -1,7 +1,12 @@
-"""Turns a SchedulerOutput into tensors, runs the model, samples. Never sees Sequence objects."""
+"""Turns a SchedulerOutput into tensors, runs the model, samples. Never sees Sequence objects.
+
+Decode-only steps replay a CUDA graph (engine/cuda_graphs.py) when `capture_cuda_graphs`
+ran at start-up; every other step, and any step with a layer_hook, runs eagerly.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,8 +15,13 @@ import torch
 
 from pdserve.config import CacheConfig, ModelConfig
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.cuda_graphs import DecodeGraphs, capture_sizes, graphs_unsupported
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+NUM_PAD_BLOCKS = 1  # scratch block(s) past the scheduler's pool: padded graph rows write there
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,7 +41,7 @@ def decide_num_blocks(mcfg: ModelConfig, ccfg: CacheConfig, dtype: torch.dtype, 
     free_bytes, total_bytes = torch.cuda.mem_get_info(torch.device(device))
     # Keep (1 - fraction) of the whole card for activations and everything else.
     budget = free_bytes - (1.0 - ccfg.memory_fraction) * total_bytes
-    n = int(budget // kv_block_bytes(mcfg, ccfg.block_size, dtype))
+    n = int(budget // kv_block_bytes(mcfg, ccfg.block_size, dtype)) - NUM_PAD_BLOCKS
     if n < 1:
         raise RuntimeError(f"no device memory left for the KV cache on {device} "
                            f"(free {free_bytes / 2**30:.1f} GiB); lower the model size or memory use")
@@ -40,7 +50,9 @@ def decide_num_blocks(mcfg: ModelConfig, ccfg: CacheConfig, dtype: torch.dtype, 
 
 def allocate_kv_caches(mcfg: ModelConfig, num_blocks: int, block_size: int,
                        dtype: torch.dtype, device: str) -> list[torch.Tensor]:
-    shape = (num_blocks, 2, block_size, mcfg.num_kv_heads, mcfg.head_dim)
+    """One [num_blocks + 1, 2, block_size, Hkv, D] tensor per layer. Blocks 0..num_blocks-1
+    are the scheduler's; block `num_blocks` is scratch that CUDA-graph padding rows write."""
+    shape = (num_blocks + NUM_PAD_BLOCKS, 2, block_size, mcfg.num_kv_heads, mcfg.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(mcfg.num_layers)]
 
 
@@ -54,6 +66,8 @@ class PreparedBatch:
 
 
 class ModelRunner:
+    """kv_caches come from allocate_kv_caches: their last block is graph padding scratch."""
+
     def __init__(self, model: torch.nn.Module, mcfg: ModelConfig, attn: AttentionBackend,
                  kv_caches: list[torch.Tensor], block_size: int, device: str,
                  sampler: Sampler | None = None) -> None:
@@ -64,6 +78,22 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         self.sampler = sampler or Sampler()
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int, pad_block: int,
+                            sizes: list[int] | None = None, progress: bool = True) -> bool:
+        """Capture decode graphs for batches up to max_num_seqs (default ladder) or `sizes`.
+        pad_block: the scratch block (the scheduler's num_blocks). False, and eager decode,
+        where graphs are unsupported (CPU, or an attention backend that is not graph-safe)."""
+        reason = graphs_unsupported(self.device, self.attn)
+        if reason is not None:
+            log.info("decode CUDA graphs off: %s", reason)
+            return False
+        self.graphs = DecodeGraphs(self.model, self.attn, self.kv_caches, self.block_size,
+                                   pad_block, sorted(sizes or capture_sizes(max_num_seqs)),
+                                   max_model_len, self.device)
+        self.graphs.capture(progress)
+        return True
 
     def prepare(self, out: SchedulerOutput) -> PreparedBatch:
         bs = self.block_size
@@ -106,21 +136,39 @@ class ModelRunner:
             positions=torch.from_numpy(np.concatenate(pos_parts)).to(dev),
             meta=meta, sample_rows=sample_rows, sample_seq_ids=sample_ids)
 
+    def uses_graph(self, out: SchedulerOutput,
+                   layer_hook: Callable[[int], None] | None = None) -> bool:
+        """Whether this step replays a decode graph."""
+        return layer_hook is None and self.graphs is not None and self.graphs.can_run(out.chunks)
+
+    @torch.inference_mode()
+    def forward(self, out: SchedulerOutput, layer_hook: Callable[[int], None] | None = None
+                ) -> tuple[torch.Tensor, list[str]]:
+        """Hidden states [N, H] of the N chunks that sample, and their seq ids in order."""
+        if self.uses_graph(out, layer_hook):
+            hidden = self.graphs.run(out.chunks)  # (B, H), one row per chunk
+            rows = [i for i, c in enumerate(out.chunks) if c.sample]
+            if len(rows) < len(out.chunks):
+                hidden = hidden[rows]
+            return hidden, [out.chunks[i].seq_id for i in rows]
+        b = self.prepare(out)
+        hidden = self.model(b.input_ids, b.positions, self.kv_caches, b.meta, self.attn,
+                            layer_hook=layer_hook)  # (T, H)
+        rows = torch.tensor(b.sample_rows, dtype=torch.int64, device=self.device)
+        return hidden.index_select(0, rows), b.sample_seq_ids
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
                 layer_hook: Callable[[int], None] | None = None) -> dict[str, int]:
         """Run one step; return the sampled token of every chunk that samples."""
         if not out.chunks:
             return {}
-        b = self.prepare(out)
-        hidden = self.model(b.input_ids, b.positions, self.kv_caches, b.meta, self.attn,
-                            layer_hook=layer_hook)
-        if not b.sample_rows:
+        hidden, seq_ids = self.forward(out, layer_hook)
+        if not seq_ids:
             return {}
-        rows = torch.tensor(b.sample_rows, dtype=torch.int64, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # (N, V) fp32
+        logits = self.model.compute_logits(hidden)  # (N, V) fp32
         by_id = {c.seq_id: c for c in out.chunks}
-        params = [by_id[s].params for s in b.sample_seq_ids]
-        indices = [by_id[s].output_index for s in b.sample_seq_ids]
+        params = [by_id[s].params for s in seq_ids]
+        indices = [by_id[s].output_index for s in seq_ids]
         tokens = self.sampler.sample(logits, params, indices)
-        return dict(zip(b.sample_seq_ids, tokens))
+        return dict(zip(seq_ids, tokens, strict=True))

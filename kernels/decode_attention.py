@@ -35,6 +35,7 @@ def _decode_kernel(
     qk_scale, num_splits, window,  # window: keys at positions >= seq_len - window
     G: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -63,8 +64,10 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + offs_n
         n_mask = tok < end
-        page = tl.load(bt_row + tok // PAGE, mask=n_mask, other=0).to(tl.int64)
-        row = page * s_cb + (tok % PAGE) * s_ct + kvh * s_ch  # [BLOCK_N] int64
+        page = tl.load(bt_row + tok // PAGE, mask=n_mask, other=0)
+        if IDX64:
+            page = page.to(tl.int64)
+        row = page * s_cb + (tok % PAGE) * s_ct + kvh * s_ch  # [BLOCK_N] cache offsets
         kv_off = row[:, None] + offs_d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(cache_ptr + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -157,7 +160,7 @@ def decode_attention(
     common = dict(
         G=G, BLOCK_H=max(16, next_pow2(G)), HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=16 if interp else 64, PAGE=page,
-        UPCAST=dot_upcast(kv_cache.dtype, _decode_kernel),
+        UPCAST=dot_upcast(kv_cache.dtype, _decode_kernel), IDX64=kv_cache.numel() >= 2**31,
     )
     launch = {} if interp else dict(num_warps=4, num_stages=3)
     grid = (B, Hkv, num_splits)

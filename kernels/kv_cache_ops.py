@@ -111,6 +111,7 @@ def _layer_offsets(caches: Sequence[torch.Tensor]) -> torch.Tensor:
 def _copy_blocks(caches: Sequence[torch.Tensor], block_ids: torch.Tensor,
                  staging: torch.Tensor, pack: bool) -> None:
     c0 = caches[0]
+    block_ids = block_ids.to(c0.device, non_blocking=True)
     L, nb = len(caches), block_ids.numel()
     E = c0[0].numel() if c0.shape[0] else 0
     for c in caches:

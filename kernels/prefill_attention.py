@@ -27,13 +27,16 @@ Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 def _tile(acc, m_i, l_i, q, qpos, n0, hi, window, cache_ptr, bt_row, s_cb, s_ckv, s_ct, kv_head_off,
           qk_scale, offs_n, offs_d,
           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-          MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+          MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+          IDX64: tl.constexpr):
     tok = n0 + offs_n  # [BLOCK_N] key positions
     if MASKED:
         n_ok = tok < hi
-        page = tl.load(bt_row + tok // PAGE, mask=n_ok, other=0).to(tl.int64)
+        page = tl.load(bt_row + tok // PAGE, mask=n_ok, other=0)
     else:
-        page = tl.load(bt_row + tok // PAGE).to(tl.int64)
+        page = tl.load(bt_row + tok // PAGE)
+    if IDX64:
+        page = page.to(tl.int64)
     kv_off = (page * s_cb + (tok % PAGE) * s_ct + kv_head_off)[:, None] + offs_d[None, :]
     if MASKED:
         kv_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
@@ -73,6 +76,7 @@ def _prefill_kernel(
     qk_scale, window,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     mb = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query blocks first
     h = tl.program_id(1)
@@ -108,11 +112,11 @@ def _prefill_kernel(
     for n0 in range(lo, full_hi, BLOCK_N):
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, qpos, n0, hi, window, cache_ptr, bt_row,
                               s_cb, s_ckv, s_ct, kv_head_off, qk_scale, offs_n, offs_d,
-                              HEAD_DIM, BLOCK_D, PAGE, False, HAS_WINDOW, UPCAST)
+                              HEAD_DIM, BLOCK_D, PAGE, False, HAS_WINDOW, UPCAST, IDX64)
     for n0 in range(full_hi, hi, BLOCK_N):
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, qpos, n0, hi, window, cache_ptr, bt_row,
                               s_cb, s_ckv, s_ct, kv_head_off, qk_scale, offs_n, offs_d,
-                              HEAD_DIM, BLOCK_D, PAGE, True, HAS_WINDOW, UPCAST)
+                              HEAD_DIM, BLOCK_D, PAGE, True, HAS_WINDOW, UPCAST, IDX64)
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * s_ot + h * s_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -162,6 +166,6 @@ def prefill_attention(
         out.stride(0), out.stride(1), scale * LOG2E, sliding_window or 0,
         G=Hq // Hkv, HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE=page, HAS_WINDOW=sliding_window is not None,
-        UPCAST=dot_upcast(kv_cache.dtype, _prefill_kernel),
+        UPCAST=dot_upcast(kv_cache.dtype, _prefill_kernel), IDX64=kv_cache.numel() >= 2**31,
         **({} if interp else dict(num_warps=warps, num_stages=stages)))
     return out

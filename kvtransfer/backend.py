@@ -80,6 +80,7 @@ class Backend(ABC):
     def abort(self, peer: Any) -> None:
         """Tear a peer's connection down; its pending ops then fail (poll raises)."""
 
+    @abstractmethod
     def close(self) -> None:
         """Release everything; the backend is unusable afterwards."""
 

@@ -16,14 +16,23 @@ import sys
 from typing import Any
 
 
-def _prompt_ids(value: str) -> list[int]:
+def parse_prompt_ids(value: str) -> list[int]:
     try:
         ids = [int(t) for t in value.replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+        raise ValueError(f"--prompt-ids must be comma-separated integers, got {value!r}") from None
     if not ids:
-        raise argparse.ArgumentTypeError("--prompt-ids needs at least one id")
+        raise ValueError("--prompt-ids needs at least one id")
     return ids
+
+
+def _checked_prompt_ids(value: str) -> str:
+    """argparse type: validate the list but keep the string (args.prompt_ids is "1,2,3")."""
+    try:
+        parse_prompt_ids(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--local: weights and activations dtype")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
-    prompt.add_argument("--prompt-ids", type=_prompt_ids, metavar="1,2,3",
+    prompt.add_argument("--prompt-ids", type=_checked_prompt_ids, metavar="1,2,3",
                         help="prompt as comma-separated token ids")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default 16)")
     parser.add_argument("--temperature", type=float, default=None,
@@ -64,12 +73,6 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def sampling_from_args(args: argparse.Namespace):
-    """Engine SamplingParams from the flags (raises ValueError on bad values)."""
-    from pdserve.engine.sampling_params import SamplingParams
-    return SamplingParams(**sampling_kwargs(args))
-
-
 def _print_result(args: argparse.Namespace, result: dict[str, Any], streamed: bool) -> None:
     if args.json:
         print(json.dumps({"token_ids": list(result["token_ids"]), "text": result["text"]}))
@@ -90,7 +93,8 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         with Client(args.coordinator, timeout_s=args.timeout, auth_token=token) as client:
             ids: list[int] = []
             texts: list[str] = []
-            for chunk in client.stream(args.prompt, args.prompt_ids, sampling_kwargs(args)):
+            ids_in = parse_prompt_ids(args.prompt_ids) if args.prompt_ids else None
+            for chunk in client.stream(args.prompt, ids_in, sampling_kwargs(args)):
                 ids += chunk.token_ids
                 texts.append(chunk.text)
                 if stream_text and chunk.text:

@@ -44,6 +44,12 @@ class PrefillRole:
             st = w.table.add(ReqState(request.request_id, "prefill", len(seq.prompt_token_ids)))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        try:
+            await asyncio.to_thread(self.sender.connect, bytes(request.kv_address))
+        except Exception as exc:
+            w.table.pop(st.req_id)
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"cannot reach the decode worker's KV endpoint: {exc}")
         st.dst_address = bytes(request.kv_address)
         st.dst_block_ids = list(request.dst_block_ids)
         st.done = asyncio.get_running_loop().create_future()

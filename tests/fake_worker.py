@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +21,9 @@ import grpc
 
 from pdserve.config import ServerConfig
 from pdserve.coordinator.convert import ROLE_BY_NAME, sampling_from_proto
-from pdserve.coordinator.grpc_util import WORKER_SERVICE, add_standard_services, auth_metadata
+from pdserve.coordinator.grpc_util import WORKER_SERVICE, add_standard_services
 from pdserve.coordinator.server import CoordinatorServer
+from pdserve.coordinator.worker_link import CoordinatorLink
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
@@ -59,7 +61,6 @@ class Knobs:
     chunk_tokens: int = 4
     die_on_prefill: bool = False  # stop the server when a Prefill arrives
     extra_queued_tokens: int = 0  # reported in heartbeats (steers least_loaded)
-    heartbeats: bool = True
 
 
 class _Req:
@@ -76,16 +77,15 @@ class FakeWorker(pb_grpc.WorkerServicer):
     def __init__(self, role: str, coordinator: str | None = None, *, num_blocks: int = 64,
                  block_size: int = 16, max_model_len: int = 512, worker_id: str = "",
                  model: str = "fake-model", auth_token: str | None = None,
-                 heartbeat_s: float = 0.05, knobs: Knobs | None = None) -> None:
+                 knobs: Knobs | None = None) -> None:
         self.role, self.coordinator, self.auth_token = role, coordinator, auth_token
         self.total, self.free, self.block_size = num_blocks, num_blocks, block_size
-        self.max_model_len, self.model, self.heartbeat_s = max_model_len, model, heartbeat_s
+        self.max_model_len, self.model = max_model_len, model
         self.worker_id, self.knobs = worker_id, knobs or Knobs()
         self.reqs: dict[str, _Req] = {}
         self.aborts: list[str] = []
         self.calls: list[tuple[str, str]] = []  # (rpc, request_id)
         self.dead = False
-        self._hb: asyncio.Task | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> FakeWorker:
@@ -95,11 +95,10 @@ class FakeWorker(pb_grpc.WorkerServicer):
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
         self.address = f"127.0.0.1:{self.port}"
+        self.link = None
         if self.coordinator:
-            self.channel = grpc.aio.insecure_channel(self.coordinator)
-            self.cstub = pb_grpc.CoordinatorStub(self.channel)
-            await self.register()
-            self._hb = asyncio.get_running_loop().create_task(self._heartbeats())
+            self.link = CoordinatorLink(self.coordinator, self.info(), self.load, self.auth_token)
+            self.worker_id = await self.link.start(timeout_s=5)
         self.kv_address = f"fake://{self.worker_id or self.address}".encode()
         _ENDPOINTS[self.kv_address] = self
         return self
@@ -112,35 +111,13 @@ class FakeWorker(pb_grpc.WorkerServicer):
                              dtype="float32"), total_blocks=self.total, device="cpu",
             transfer_backend="fake")
 
-    async def register(self) -> None:
-        r = await self.cstub.Register(pb.RegisterRequest(info=self.info()),
-                                      metadata=auth_metadata(self.auth_token), timeout=5)
-        assert r.accepted, r.reason
-        self.worker_id = r.worker_id
-
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            if not self.knobs.heartbeats:
-                continue
-            try:
-                r = await self.cstub.Heartbeat(
-                    pb.HeartbeatRequest(worker_id=self.worker_id, load=self.load()),
-                    metadata=auth_metadata(self.auth_token), timeout=2)
-                if not r.known:
-                    await self.register()
-            except grpc.aio.AioRpcError:
-                pass
-
     async def kill(self) -> None:
         """Die: heartbeats stop, the server goes away, in-flight RPCs break."""
         self.dead = True
-        if self._hb is not None:
-            self._hb.cancel()
         _ENDPOINTS.pop(self.kv_address, None)
+        if self.link is not None:
+            await self.link.stop()
         await self.server.stop(0)
-        if self.coordinator:
-            await self.channel.close()
 
     # -- blocks ------------------------------------------------------------------------
     def load(self) -> pb.WorkerLoad:
@@ -231,9 +208,11 @@ class FakeWorker(pb_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for {rid}")
         try:
             waits = [asyncio.ensure_future(e.wait()) for e in (r.kv_ready, r.aborted)]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
             if r.aborted.is_set():
                 await context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
             async for chunk in self._stream(rid, r, r.outputs[1:], context):
@@ -313,3 +292,16 @@ class Cluster:
             await self.coord.stop(0)
 
         self.lt.run(_stop())
+
+
+def wait_until(cond, timeout_s: float = 5.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def assert_no_leaks(cluster: Cluster) -> None:
+    """Every live fake worker has all its blocks free (after in-flight Aborts land)."""
+    wait_until(lambda: all(f == t for f, t in cluster.loads()), what="all blocks freed")

@@ -1,20 +1,21 @@
-"""Test-harness setup for the Triton kernels; import it before anything imports
-pdserve.kernels (tests/conftest.py does: `import kernels_env  # noqa: F401`).
+"""Test-harness setup for the Triton kernels; import it before anything imports triton
+(tests/conftest.py does: `import kernels_env  # noqa: F401`).
 
 Without CUDA, Triton kernels run on CPU through the interpreter. Triton reads
-TRITON_INTERPRET when a kernel is decorated (when its module is imported), so:
-- set TRITON_INTERPRET=1 here (only when CUDA is unavailable);
-- if some pdserve.kernels module was imported earlier in compiled mode, reload it so its
-  kernels are rebuilt by the interpreter (functions imported elsewhere look kernels up in
-  the reloaded module's globals, so they follow);
+TRITON_INTERPRET when a function is decorated with @triton.jit, and triton.language's own
+helpers (tl.zeros, ...) are decorated when triton is first imported. So:
+- set TRITON_INTERPRET=1 here, only when CUDA is unavailable;
+- if triton was already imported in compiled mode (e.g. through torch._dynamo) before this
+  module, the kernel tests cannot run in this process: run_in_subprocess_if_needed()
+  replaces a test module's tests by one test that runs the module in a fresh interpreter;
 - work around triton#9171: with numpy >= 2.4 the interpreter cannot use a scalar tensor
-  as a `range` bound (int() of a size-1 array); patch its `__index__` to squeeze first.
+  as a `range` bound (int() of a size-1 array); patch its `__index__` to take element 0.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -23,8 +24,11 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+_TRITON_PREIMPORTED = "triton" in sys.modules
+NEEDS_SUBPROCESS = (not HAS_CUDA and _TRITON_PREIMPORTED
+                    and os.environ.get("TRITON_INTERPRET") != "1")
 
-if not HAS_CUDA:
+if not HAS_CUDA and not _TRITON_PREIMPORTED:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -43,25 +47,35 @@ def _patch_interpreter_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-def _rebuild_compiled_kernel_modules() -> None:
-    import triton
-
-    for name in sorted(n for n in sys.modules if n.startswith("pdserve.kernels.")):
-        mod = sys.modules[name]
-        if any(isinstance(v, triton.runtime.JITFunction) for v in vars(mod).values()):
-            importlib.reload(mod)
-
-
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1":
     _patch_interpreter_index()
-    _rebuild_compiled_kernel_modules()
+
+
+def run_in_subprocess_if_needed(module_globals: dict) -> None:
+    """Call at the end of a kernel test module. When this process cannot interpret Triton
+    (see above), swap the module's tests for one that runs the module in a subprocess."""
+    if not NEEDS_SUBPROCESS:
+        return
+    path = module_globals["__file__"]
+    for name in [n for n in module_globals if n.startswith("test_")]:
+        del module_globals[name]
+
+    def test_module_in_subprocess() -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
+                             env=env, cwd=os.path.dirname(path), capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+
+    module_globals["test_module_in_subprocess"] = test_module_in_subprocess
 
 
 # ---- shared helpers of the kernel tests ----
 
+
 def gpu_only(fn):
     """Marks a test `gpu` and skips it cleanly without CUDA."""
     return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")(fn))
+
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 # One bf16/fp16 rounding step: the interpreter truncates fp32 -> bf16 (GPUs round to nearest).
@@ -94,7 +108,7 @@ def paged_batch(seq_lens: list[int], q_lens: list[int], hq: int, hkv: int, d: in
     perm = torch.randperm(n).tolist()
     owned = torch.zeros(n, bs, dtype=torch.bool)  # slots inside some sequence's context
     tables = torch.zeros(len(seq_lens), max(nblk + [1]) + 1, dtype=torch.int32)
-    for b, (s, nb) in enumerate(zip(seq_lens, nblk)):
+    for b, (s, nb) in enumerate(zip(seq_lens, nblk, strict=True)):
         ids, perm = perm[:nb], perm[nb:]
         tables[b, :nb] = torch.tensor(ids, dtype=torch.int32)
         owned[ids] = (torch.arange(nb * bs) < s).view(nb, bs)

@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from fake_worker import Cluster, Knobs, LoopThread, fake_outputs
+from fake_worker import Cluster, Knobs, LoopThread, assert_no_leaks, fake_outputs, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -36,18 +36,6 @@ def make_cluster(lt):
     yield make
     for c in made:
         c.stop()
-
-
-def wait_until(cond, timeout_s: float = 5.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def assert_no_leaks(cluster: Cluster) -> None:
-    wait_until(lambda: all(f == t for f, t in cluster.loads()), what="all blocks freed")
 
 
 def test_health_and_reflection(make_cluster):
@@ -206,9 +194,9 @@ def test_silent_but_alive_worker_is_dropped_and_reregisters(make_cluster):
     c = make_cluster(worker_timeout_s=0.3)
     w = c.add("both")
     with Client(c.address, timeout_s=10) as cl:
-        w.knobs.heartbeats = False
+        w.link.paused = True
         wait_until(lambda: not cl.list_workers(), what="silent worker dropped")
-        w.knobs.heartbeats = True  # HeartbeatReply.known = false -> registers again
+        w.link.paused = False  # HeartbeatReply.known = false -> registers again
         wait_until(lambda: len(cl.list_workers()) == 1, what="re-registered")
         assert cl.generate(prompt_token_ids=[1], max_tokens=2).token_ids == [2, 3]
 

@@ -3,16 +3,13 @@ new K/V, then attend (mixed batches, decode batches with padding rows, CUDA grap
 
 from __future__ import annotations
 
-import kernels_env  # noqa: I001  (first: sets TRITON_INTERPRET before pdserve.kernels loads)
-from kernels_env import DEVICE, TOL, assert_close, gpu_only, paged_batch
-
+import kernels_env  # first: sets TRITON_INTERPRET before pdserve.kernels loads
 import pytest
 import torch
+from kernels_env import DEVICE, TOL, assert_close, gpu_only, paged_batch
 
 from pdserve.engine.attention.base import AttentionMetadata, get_backend
 from pdserve.kernels.attention_backend import TritonAttention
-
-assert kernels_env.HAS_CUDA or kernels_env.os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def make_step(seq_lens: list[int], q_lens: list[int], hq: int, hkv: int, d: int, bs: int,
@@ -23,7 +20,7 @@ def make_step(seq_lens: list[int], q_lens: list[int], hq: int, hkv: int, d: int,
     pb = paged_batch(seq_lens, q_lens, hq, hkv, d, bs, dtype)
     tables = pb.block_tables.cpu()
     slots = []
-    for b, (s, ql) in enumerate(zip(seq_lens, q_lens)):
+    for b, (s, ql) in enumerate(zip(seq_lens, q_lens, strict=True)):
         slots += [int(tables[b, t // bs]) * bs + t % bs for t in range(s - ql, s)]
     slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
     cache = pb.kv_cache
@@ -113,3 +110,6 @@ def test_decode_cuda_graph_gpu() -> None:
         assert_close(out[real], ref, TOL[dtype])
         if len(real) < B:
             assert (out[[b for b in range(B) if b not in real]] == 0).all()
+
+
+kernels_env.run_in_subprocess_if_needed(globals())

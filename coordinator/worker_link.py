@@ -1,0 +1,103 @@
+"""A worker's link to the coordinator: Register, then Heartbeat with its load, forever.
+
+    link = CoordinatorLink("127.0.0.1:50051", info, load_fn=lambda: pb.WorkerLoad(...))
+    worker_id = await link.start()      # retries until the coordinator answers
+    ...
+    await link.stop()
+
+Re-registers when a heartbeat reply says `known = false` (the coordinator restarted or
+dropped this worker), and keeps trying through coordinator outages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from pdserve.coordinator.grpc_util import auth_metadata, new_channel
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("pdserve.worker")
+
+
+class RegistrationRefused(RuntimeError):
+    pass
+
+
+class CoordinatorLink:
+    def __init__(self, coordinator: str, info: pb.WorkerInfo,
+                 load_fn: Callable[[], pb.WorkerLoad], auth_token: str | None = None,
+                 rpc_timeout_s: float = 5.0) -> None:
+        self.coordinator = coordinator
+        self.info = info
+        self.load_fn = load_fn
+        self.rpc_timeout_s = rpc_timeout_s
+        self.paused = False  # tests: stop heartbeating without dying
+        self.heartbeat_s = 1.0
+        self._md = auth_metadata(auth_token)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.CoordinatorStub | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    async def register(self) -> str:
+        """One Register call; raises RegistrationRefused or grpc.aio.AioRpcError."""
+        if self._stub is None:
+            self._channel = new_channel(self.coordinator)
+            self._stub = pb_grpc.CoordinatorStub(self._channel)
+        reply = await self._stub.Register(pb.RegisterRequest(info=self.info), metadata=self._md,
+                                          timeout=self.rpc_timeout_s)
+        if not reply.accepted:
+            raise RegistrationRefused(f"coordinator refused registration: {reply.reason}")
+        self.info.worker_id = reply.worker_id
+        if reply.heartbeat_s > 0:
+            self.heartbeat_s = reply.heartbeat_s
+        return reply.worker_id
+
+    async def start(self, timeout_s: float = 60.0) -> str:
+        """Register (retrying while the coordinator is unreachable), then heartbeat."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while True:
+            try:
+                await self.register()
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT) \
+                        or loop.time() >= end:
+                    raise
+                await asyncio.sleep(0.2)
+        self._task = loop.create_task(self._beat())
+        log.info("registered with %s as %s", self.coordinator, self.worker_id)
+        return self.worker_id
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            if self.paused:
+                continue
+            try:
+                req = pb.HeartbeatRequest(worker_id=self.worker_id, load=self.load_fn())
+                reply = await self._stub.Heartbeat(req, metadata=self._md, timeout=self.rpc_timeout_s)
+                if not reply.known:
+                    log.warning("coordinator forgot worker %s; registering again", self.worker_id)
+                    await self.register()
+            except grpc.aio.AioRpcError as e:
+                log.debug("heartbeat failed: %s", e.code().name)
+            except RegistrationRefused as e:
+                log.error("%s", e)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel, self._stub = None, None

@@ -1,0 +1,198 @@
+"""CUDA graphs for decode-only steps, captured at start-up for a ladder of padded batch sizes.
+
+A step whose chunks all carry exactly one token (decode, or a 1-token prefill tail) and
+whose batch fits the largest captured size is padded up to the next captured size and
+replayed over static input buffers. Padding rows write their K/V into a scratch block
+(`pad_block`, one block past the scheduler's pool; see model_runner.allocate_kv_caches)
+and attend over that one slot (seq_len 1), so they never touch a real block.
+
+Everything a graph reads lives in the static buffers below; host-side metadata fields are
+fixed at capture (max_seq_len = max_model_len, so the decode kernel's split count and grid
+are static). Only graph-safe attention backends qualify: the torch reference loops over
+host lists, so it always runs eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.scheduler import ScheduledChunk
+
+DEFAULT_CAPTURE_SIZES: tuple[int, ...] = (1, 2, 4, 8, *range(16, 257, 8))  # 1..256
+GRAPH_SAFE_BACKENDS = frozenset({"triton"})  # decode path without host syncs
+
+
+def capture_sizes(max_num_seqs: int, ladder: tuple[int, ...] = DEFAULT_CAPTURE_SIZES) -> list[int]:
+    """Ladder sizes below max_num_seqs plus the first one reaching it (capped at the ladder)."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
+    i = bisect.bisect_left(ladder, max_num_seqs)
+    return list(ladder[: min(i + 1, len(ladder))])
+
+
+def bucket_for(n: int, sizes: list[int]) -> int | None:
+    """Smallest captured size >= n, or None when n exceeds them all."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
+
+
+def graphs_unsupported(device: torch.device, attn: AttentionBackend) -> str | None:
+    """Why decode graphs cannot be used here, or None when they can."""
+    if device.type != "cuda":
+        return f"device {device} is not CUDA"
+    if attn.name not in GRAPH_SAFE_BACKENDS:
+        return f"attention backend {attn.name!r} is not graph-safe (use one of {sorted(GRAPH_SAFE_BACKENDS)})"
+    return None
+
+
+@dataclass(slots=True)
+class PaddedDecodeInputs:
+    """Host arrays of one decode batch padded to `size` rows (rows >= num_real are padding)."""
+
+    input_ids: np.ndarray  # [size] int64
+    positions: np.ndarray  # [size] int64
+    slot_mapping: np.ndarray  # [size] int64
+    seq_lens: np.ndarray  # [size] int32
+    block_tables: np.ndarray  # [size, width] int32; padding rows start with pad_block
+    num_real: int
+
+
+def pad_decode_batch(chunks: list[ScheduledChunk], size: int, block_size: int,
+                     pad_block: int) -> PaddedDecodeInputs:
+    """Flatten 1-token chunks into `size` rows; padding rows: token 0 at position 0, stored
+    at slot pad_block * block_size, attending over that single slot (seq_len 1)."""
+    n = len(chunks)
+    assert n <= size, f"{n} chunks do not fit a padded batch of {size}"
+    assert all(c.num_tokens == 1 for c in chunks), "decode graphs take 1-token chunks only"
+    lens = np.fromiter((len(c.block_ids) for c in chunks), np.int64, n)
+    width = max(1, int(lens.max()) if n else 1)
+    pos = np.zeros(size, np.int64)
+    pos[:n] = np.fromiter((c.start_pos for c in chunks), np.int64, n)
+    ids = np.zeros(size, np.int64)
+    ids[:n] = np.fromiter((c.token_ids[0] for c in chunks), np.int64, n)
+    tables = np.zeros((size, width), np.int32)
+    flat = np.fromiter(itertools.chain.from_iterable(c.block_ids for c in chunks), np.int32,
+                       int(lens.sum()))
+    tables[:n][np.arange(width)[None, :] < lens[:, None]] = flat  # row-major fill
+    tables[n:, 0] = pad_block
+    slots = np.full(size, pad_block * block_size, np.int64)
+    real_blocks = tables[np.arange(n), pos[:n] // block_size].astype(np.int64)
+    slots[:n] = real_blocks * block_size + pos[:n] % block_size
+    seq_lens = np.ones(size, np.int32)
+    seq_lens[:n] = pos[:n] + 1
+    return PaddedDecodeInputs(ids, pos, slots, seq_lens, tables, n)
+
+
+class DecodeGraphs:
+    """Static buffers, per-size metadata views and (on CUDA) one captured graph per size.
+
+    With use_cuda_graph=False, `run` executes the same forward over the same static
+    buffers eagerly: the CPU tests exercise padding and buffer handling that way.
+    """
+
+    def __init__(self, model: torch.nn.Module, attn: AttentionBackend,
+                 kv_caches: list[torch.Tensor], block_size: int, pad_block: int,
+                 sizes: list[int], max_model_len: int, device: torch.device,
+                 use_cuda_graph: bool = True) -> None:
+        assert sizes == sorted(sizes) and sizes, "capture sizes must be sorted, non-empty"
+        assert kv_caches[0].shape[0] > pad_block, "the pool has no scratch block at pad_block"
+        self.model, self.attn, self.kv_caches = model, attn, kv_caches
+        self.block_size, self.pad_block = block_size, pad_block
+        self.sizes, self.max_model_len, self.device = list(sizes), max_model_len, device
+        self.use_cuda_graph = use_cuda_graph
+        self.max_bs = sizes[-1]
+        self.max_blocks = -(-max_model_len // block_size) + 1  # +1: a reserved extra block
+        dev, mb = device, self.max_bs
+        self.input_ids = torch.zeros(mb, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(mb, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((mb,), pad_block * block_size, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(mb, dtype=torch.int32, device=dev)
+        self.block_tables = torch.full((mb, self.max_blocks), pad_block, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(mb + 1, dtype=torch.int32, device=dev)
+        pin = dev.type == "cuda"
+        self._host_i64 = torch.empty(3 * mb, dtype=torch.int64, pin_memory=pin)  # ids|pos|slots
+        self._host_i32 = torch.empty(mb * (1 + self.max_blocks), dtype=torch.int32, pin_memory=pin)
+        self._copied: torch.cuda.Event | None = None  # host buffers are free once this fires
+        self.metas = {bs: self._meta(bs) for bs in sizes}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # size -> static hidden [size, H]
+        self.num_runs = 0  # steps served (stats and tests)
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        # Host fields are capture-time bounds, not this batch's values: graph-safe backends
+        # read lengths from the device tensors only.
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
+            max_seq_len=self.max_model_len, query_start_loc_cpu=list(range(bs + 1)),
+            seq_lens_cpu=[self.max_model_len] * bs, block_size=self.block_size)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        return self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches,
+                          self.metas[bs], self.attn)
+
+    # ---- start-up -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self, progress: bool = True) -> None:
+        """Capture one graph per size, largest first, all sharing one memory pool."""
+        if not self.use_cuda_graph:
+            return
+        pool = None
+        for bs in tqdm(list(reversed(self.sizes)), desc="capturing decode CUDA graphs",
+                       disable=not progress, leave=False):
+            self._forward(bs)  # warm-up: compiles kernels, creates cuBLAS workspaces
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(bs)
+            pool = graph.pool()
+            self.graphs[bs], self.outputs[bs] = graph, out
+        torch.cuda.synchronize(self.device)
+
+    # ---- steps ----------------------------------------------------------------------------
+    def can_run(self, chunks: list[ScheduledChunk]) -> bool:
+        return (0 < len(chunks) <= self.max_bs
+                and all(c.num_tokens == 1 and len(c.block_ids) <= self.max_blocks
+                        and c.start_pos < self.max_model_len for c in chunks))
+
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Final hidden states [len(chunks), H] of a decode batch (can_run must hold). The
+        result is a view of a static output: use it before the next run."""
+        bs = bucket_for(len(chunks), self.sizes)
+        assert bs is not None
+        self._load(pad_decode_batch(chunks, bs, self.block_size, self.pad_block))
+        self.num_runs += 1
+        if self.use_cuda_graph:
+            self.graphs[bs].replay()
+            out = self.outputs[bs]
+        else:
+            out = self._forward(bs)
+        return out[: len(chunks)]
+
+    def _load(self, b: PaddedDecodeInputs) -> None:
+        """Copy a padded batch into the static buffers (pinned host staging, async H2D)."""
+        bs, width = len(b.seq_lens), b.block_tables.shape[1]
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copies have read the staging
+        h64, h32 = self._host_i64.numpy(), self._host_i32.numpy()
+        h64[:bs], h64[bs:2 * bs], h64[2 * bs:3 * bs] = b.input_ids, b.positions, b.slot_mapping
+        h32[:bs] = b.seq_lens
+        h32[bs:bs + bs * width] = b.block_tables.reshape(-1)
+        nb = self.device.type == "cuda"
+        i64, i32 = self._host_i64, self._host_i32
+        self.input_ids[:bs].copy_(i64[:bs], non_blocking=nb)
+        self.positions[:bs].copy_(i64[bs:2 * bs], non_blocking=nb)
+        self.slot_mapping[:bs].copy_(i64[2 * bs:3 * bs], non_blocking=nb)
+        self.seq_lens[:bs].copy_(i32[:bs], non_blocking=nb)
+        self.block_tables[:bs, :width].copy_(i32[bs:bs + bs * width].view(bs, width),
+                                             non_blocking=nb)
+        if nb:
+            self._copied = torch.cuda.Event()
+            self._copied.record()

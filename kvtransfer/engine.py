@@ -1,0 +1,338 @@
+"""What KVSender and KVReceiver share: the progress thread, peers, results, staging.
+
+Threading: public methods only validate their arguments and queue a command; one
+progress thread owns every socket, backend call, CUDA copy and request state. It sleeps in
+select() (woken by a socket pair on each command), for poll_interval_s while ops are in
+flight and up to idle_interval_s otherwise. Results go to a queue read by poll()/wait(), and
+to the optional callback, which runs on the progress thread and must be quick.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from .backend import Backend, create_backend
+from .common import ReqId, TransferError, TransferOptions, TransferResult
+from .control import ControlConn
+from .pack import KVLayout, StagingPool
+
+log = logging.getLogger("pdserve.kvtransfer")
+
+ResultCallback = Callable[[TransferResult], None]
+
+
+class Peer:
+    """One control connection to another engine, and the backend connection beside it."""
+
+    def __init__(self, pid: int, conn: ControlConn) -> None:
+        self.id = pid
+        self.conn = conn
+        self.handle: Any = None  # backend peer
+        self.alive = True
+        self.ready = False  # handshake done
+        self.conn_id = 0  # tag prefix of this pair (assigned by the receiver)
+        self.seq = 0  # messages sent on this pair (tag suffix)
+        self.max_rows = 0  # largest message both sides can stage
+        self.reqs: set[ReqId] = set()
+        self.fifo: deque[Any] = deque()  # receiver: data headers waiting for staging, in order
+        self.key: bytes | None = None  # sender: the address it was opened with
+        self.close_when_flushed = False
+        self.mask = selectors.EVENT_READ
+
+
+class Engine:
+    """Base of KVSender/KVReceiver. Subclasses implement the _on_*/_progress hooks."""
+
+    _role = "engine"
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor], backend: str | Backend = "ucx",
+                 options: TransferOptions | None = None,
+                 on_result: ResultCallback | None = None) -> None:
+        self.options = options or TransferOptions()
+        self.layout = KVLayout(kv_caches)
+        self.geometry = self.layout.geometry
+        self.device = self.layout.device
+        self._cuda = self.device.type == "cuda"
+        if self._cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.backend = (backend if isinstance(backend, Backend)
+                        else create_backend(backend, device=self.device))
+        self.staging = StagingPool(self.layout, self.options.staging_bytes,
+                                   self.options.num_staging_buffers)
+        # gather (sender) or scatter (receiver) stream, separate from compute and backend
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._on_result = on_result
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._results: deque[TransferResult] = deque()
+        self._ids: set[ReqId] = set()  # requests not yet reported (guarded by _cond)
+        self._peers: dict[int, Peer] = {}
+        self._next_peer = 1
+        self._stop = False
+        self._fatal: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"kv-{self._role}", daemon=True)
+
+    # ---- public --------------------------------------------------------------------------
+    @property
+    def num_inflight(self) -> int:
+        """Requests started/expected and not yet reported."""
+        with self._cond:
+            return len(self._ids)
+
+    @property
+    def staging_free(self) -> int:
+        return self.staging.free
+
+    @property
+    def staging_total(self) -> int:
+        return self.staging.total
+
+    def poll(self) -> list[TransferResult]:
+        """Finished or failed requests since the last call (never blocks)."""
+        with self._cond:
+            out = list(self._results)
+            self._results.clear()
+        return out
+
+    completed = poll
+
+    def wait(self, timeout_s: float, req_ids: Collection[ReqId] | None = None) -> list[TransferResult]:
+        """Block until a result arrives (or every one of req_ids has one), or timeout_s."""
+        end = time.monotonic() + timeout_s
+        want = set(req_ids) if req_ids is not None else None
+        with self._cond:
+            while True:
+                have = {r.req_id for r in self._results}
+                if (want is None and self._results) or (want is not None and want <= have):
+                    break
+                left = end - time.monotonic()
+                if left <= 0 or self._fatal is not None:
+                    break
+                self._cond.wait(left)
+            if want is None:
+                out = list(self._results)
+                self._results.clear()
+            else:
+                out = [r for r in self._results if r.req_id in want]
+                self._results = deque(r for r in self._results if r.req_id not in want)
+        return out
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Fail what is in flight ("engine closed"), drop every peer, stop the thread."""
+        if self._stop:
+            return
+        self._stop = True
+        self._wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- for subclasses, any thread ---------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._fatal is not None:
+            raise TransferError(f"kv {self._role} stopped: {self._fatal}")
+        if self._stop:
+            raise TransferError(f"kv {self._role} is closed")
+
+    def _claim(self, req_id: ReqId) -> None:
+        self._check_open()
+        with self._cond:
+            if req_id in self._ids:
+                raise ValueError(f"request {req_id!r} is already in flight")
+            self._ids.add(req_id)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._check_open()
+        self._cmds.put((fn, args, None))
+        self._wake()
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._check_open()
+        fut: Future = Future()
+        self._cmds.put((fn, args, fut))
+        self._wake()
+        return fut.result(self.options.connect_timeout_s)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    # ---- progress thread ------------------------------------------------------------------
+    def _report(self, result: TransferResult) -> None:
+        with self._cond:
+            self._results.append(result)
+            self._ids.discard(result.req_id)
+            self._cond.notify_all()
+        if self._on_result is not None:
+            try:
+                self._on_result(result)
+            except Exception:
+                log.exception("kv %s result callback raised", self._role)
+
+    def _add_peer(self, conn: ControlConn) -> Peer:
+        peer = Peer(self._next_peer, conn)
+        self._next_peer += 1
+        self._peers[peer.id] = peer
+        self._sel.register(conn.sock, selectors.EVENT_READ, peer)
+        return peer
+
+    def _peer_lost(self, peer: Peer, why: str) -> None:
+        if not peer.alive:
+            return
+        peer.alive = False
+        log.info("kv %s: peer %d lost: %s", self._role, peer.id, why)
+        try:
+            self._sel.unregister(peer.conn.sock)
+        except (KeyError, ValueError):
+            pass
+        peer.conn.close()
+        if peer.handle is not None:
+            self.backend.abort(peer.handle)
+        self._peers.pop(peer.id, None)
+        self._on_peer_lost(peer, why)
+
+    def _run(self) -> None:
+        if self._cuda:
+            torch.cuda.set_device(self.device)
+        try:
+            while not self._stop:
+                self._iterate()
+        except BaseException as e:  # a bug must fail requests, not hang them
+            log.exception("kv %s progress thread died", self._role)
+            self._fatal = f"{type(e).__name__}: {e}"
+        finally:
+            self._shutdown(self._fatal or "engine closed")
+
+    def _iterate(self) -> None:
+        for key, mask in self._sel.select(self._timeout()):
+            obj = key.data
+            if obj is None:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+            elif isinstance(obj, Peer):
+                if not obj.alive:
+                    continue
+                try:
+                    if mask & selectors.EVENT_READ:
+                        for msg in obj.conn.read():
+                            self._on_message(obj, msg)
+                            if not obj.alive:
+                                break
+                except (ConnectionError, TransferError) as e:
+                    self._peer_lost(obj, str(e))
+            else:
+                obj()  # listener accept
+        self._run_commands()
+        self._progress()
+        self._flush_all()
+
+    def _run_commands(self) -> None:
+        """Run queued API calls. Also called before acting on a peer's message that may
+        depend on one (a call that returned before the peer sent is in the queue by now)."""
+        while True:
+            try:
+                fn, args, fut = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                res = fn(*args)
+                if fut is not None:
+                    fut.set_result(res)
+            except Exception as e:
+                if fut is None:
+                    raise
+                fut.set_exception(e)
+
+    def _flush_all(self) -> None:
+        for peer in list(self._peers.values()):
+            try:
+                peer.conn.flush()
+            except ConnectionError as e:
+                self._peer_lost(peer, str(e))
+                continue
+            if peer.close_when_flushed and not peer.conn.wants_write:
+                self._peer_lost(peer, "handshake refused")
+                continue
+            mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.conn.wants_write else 0)
+            if mask != peer.mask:
+                peer.mask = mask
+                self._sel.modify(peer.conn.sock, mask, peer)
+
+    def _timeout(self) -> float:
+        if not self._cmds.empty():
+            return 0.0
+        if self._busy():
+            return self.options.poll_interval_s
+        nxt = self._next_deadline()
+        idle = self.options.idle_interval_s
+        return idle if nxt is None else max(0.0, min(idle, nxt - time.monotonic()))
+
+    def _shutdown(self, why: str) -> None:
+        try:
+            self._fail_all(why)
+        except Exception:
+            log.exception("kv %s: failing requests at shutdown", self._role)
+        for peer in list(self._peers.values()):
+            peer.alive = False
+            peer.conn.close()
+            if peer.handle is not None:
+                self.backend.abort(peer.handle)
+        self._peers.clear()
+        if self._cuda:
+            torch.cuda.synchronize(self.device)  # no copy still touching the pool
+        try:
+            self.backend.close()
+        finally:
+            self._close_sockets()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _close_sockets(self) -> None:
+        for s in (self._wake_r, self._wake_w):
+            s.close()
+        self._sel.close()
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _on_message(self, peer: Peer, msg: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _on_peer_lost(self, peer: Peer, why: str) -> None:
+        raise NotImplementedError
+
+    def _progress(self) -> None:
+        raise NotImplementedError
+
+    def _busy(self) -> bool:
+        raise NotImplementedError
+
+    def _next_deadline(self) -> float | None:
+        raise NotImplementedError
+
+    def _fail_all(self, why: str) -> None:
+        raise NotImplementedError

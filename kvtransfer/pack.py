@@ -1,0 +1,176 @@
+"""Block pack/unpack between the paged KV pool and contiguous staging buffers.
+
+A message covers a rectangle of one request's blocks: layers [l0, l1) x the request's block
+positions [b0, b1); staging holds it layer-major, one row per (layer, block), a row being
+one block's K and V of one layer (contiguous in the pool). Rows are moved as machine words
+(int64 where the row size allows), so any KV dtype packs the same way.
+
+When all layers live in one allocation at a constant stride (e.g. the per-layer tensors are
+`torch.empty(L, N, ...).unbind(0)`), the pool is seen as one [L * N, W] matrix and a message
+of any number of layers is ONE index_select (gather) or index_copy_ (scatter). Otherwise it
+is one call per layer of the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .common import KVGeometry
+
+
+def _word_dtype(row_nbytes: int) -> torch.dtype:
+    for dt, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if row_nbytes % size == 0:
+            return dt
+    return torch.uint8
+
+
+@dataclass(frozen=True, slots=True)
+class Rect:
+    """Layers [l0, l1) x request block positions [b0, b1)."""
+
+    l0: int
+    l1: int
+    b0: int
+    b1: int
+
+    @property
+    def rows(self) -> int:
+        return (self.l1 - self.l0) * (self.b1 - self.b0)
+
+
+class KVLayout:
+    """Word views of a KV pool and the gather/scatter of message rectangles."""
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        self.geometry = KVGeometry.from_kv_caches(kv_caches)
+        t0 = kv_caches[0]
+        for i, t in enumerate(kv_caches):
+            if t.shape != t0.shape or t.dtype != t0.dtype or t.device != t0.device:
+                raise ValueError(f"KV layer {i} differs from layer 0 in shape, dtype or device")
+            if not t.is_contiguous():
+                raise ValueError(f"KV layer {i} is not contiguous")
+        self.device = t0.device
+        self.num_blocks = int(t0.shape[0])
+        self.row_nbytes = self.geometry.block_nbytes
+        self.word = _word_dtype(self.row_nbytes)
+        self.row_words = self.row_nbytes // torch.empty((), dtype=self.word).element_size()
+        # [N, W] per layer, same memory as the pool
+        self.layers = [t.view(self.num_blocks, -1).view(self.word) for t in kv_caches]
+        self.flat = self._flat_view(kv_caches)  # [L * N, W] or None
+
+    def _flat_view(self, kv: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        layer_nbytes = self.num_blocks * self.row_nbytes
+        base = kv[0].data_ptr()
+        storage = kv[0].untyped_storage().data_ptr()
+        for i, t in enumerate(kv):
+            if t.untyped_storage().data_ptr() != storage or t.data_ptr() != base + i * layer_nbytes:
+                return None
+        n = len(kv) * self.num_blocks
+        if n * self.row_nbytes > kv[0].untyped_storage().nbytes() - (base - storage):
+            return None
+        return torch.as_strided(self.layers[0], (n, self.row_words), (self.row_words, 1))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def check_block_ids(self, block_ids: Sequence[int], what: str) -> None:
+        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise ValueError(f"{what} block ids out of range [0, {self.num_blocks}): {bad[:8]}")
+
+    def index(self, block_ids: Sequence[int], stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+        """Device index for a request: [L, nb] flat rows, or [nb] block ids (per-layer path)."""
+        ids = torch.tensor(list(block_ids), dtype=torch.int64)
+        if self.flat is not None:
+            ids = (torch.arange(self.num_layers, dtype=torch.int64) * self.num_blocks)[:, None] + ids
+        if self.device.type != "cuda":
+            return ids
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            return ids.pin_memory().to(self.device, non_blocking=True)
+
+    def gather(self, index: torch.Tensor, rect: Rect, out: torch.Tensor) -> None:
+        """out[rows of rect] = pool rows (out: [rect.rows, W] staging view)."""
+        if self.flat is not None:
+            torch.index_select(self.flat, 0, index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1),
+                               out=out)
+            return
+        nb = rect.b1 - rect.b0
+        ids = index[rect.b0:rect.b1]
+        for k, layer in enumerate(range(rect.l0, rect.l1)):
+            torch.index_select(self.layers[layer], 0, ids, out=out[k * nb:(k + 1) * nb])
+
+    def scatter(self, index: torch.Tensor, rect: Rect, src: torch.Tensor) -> None:
+        """Pool rows of rect = src ([rect.rows, W] staging view)."""
+        if self.flat is not None:
+            self.flat.index_copy_(0, index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1), src)
+            return
+        nb = rect.b1 - rect.b0
+        ids = index[rect.b0:rect.b1]
+        for k, layer in enumerate(range(rect.l0, rect.l1)):
+            self.layers[layer].index_copy_(0, ids, src[k * nb:(k + 1) * nb])
+
+
+class StagingPool:
+    """Fixed set of [rows, W] buffers, each holding up to `rows` pool rows (one message)."""
+
+    def __init__(self, layout: KVLayout, nbytes: int, num_buffers: int) -> None:
+        self.rows = nbytes // layout.row_nbytes
+        if self.rows < 1:
+            raise ValueError(f"staging buffer of {nbytes} bytes is smaller than one block "
+                             f"({layout.row_nbytes} bytes)")
+        pin = layout.device.type == "cpu" and torch.cuda.is_available()
+        self._bufs = [torch.empty((self.rows, layout.row_words), dtype=layout.word,
+                                  device=layout.device, pin_memory=pin)
+                      for _ in range(num_buffers)]
+        self._free = list(range(num_buffers))
+
+    @property
+    def total(self) -> int:
+        return len(self._bufs)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def release(self, i: int) -> None:
+        assert i not in self._free, f"staging buffer {i} released twice"
+        self._free.append(i)
+
+    def view(self, i: int, rows: int) -> torch.Tensor:
+        return self._bufs[i][:rows]
+
+
+def next_rect(num_layers: int, num_blocks: int, layer_pos: int, block_pos: int,
+              ready_layers: int, max_rows: int, min_rows: int, k: int) -> Rect | None:
+    """The next message of a request, or None when nothing is ready.
+
+    layer_pos/block_pos: first row not yet sent; ready_layers: layers [0, ready) are ready.
+    Whole layers are grouped while they fit in max_rows; a layer larger than that is split
+    by blocks into equal pieces. Group sizes grow x2 from min_rows (short pipeline fill) and
+    shrink again towards the end (short drain: the last scatter is what nobody overlaps).
+    """
+    if layer_pos >= num_layers or layer_pos >= ready_layers or num_blocks == 0:
+        return None
+    if num_blocks > max_rows:  # split a layer into equal pieces of <= max_rows blocks
+        pieces = -(-num_blocks // max_rows)
+        size = -(-num_blocks // pieces)
+        return Rect(layer_pos, layer_pos + 1, block_pos, min(num_blocks, block_pos + size))
+    cap = max(1, max_rows // num_blocks)
+    lo = max(1, min(cap, -(-min_rows // num_blocks)))
+    size = min(cap, lo << min(k, 30))
+    remaining = num_layers - layer_pos
+    if remaining < 2 * size:
+        size = max(lo, -(-remaining // 2))
+    if remaining - size < lo:
+        size = remaining
+    size = min(size, cap, ready_layers - layer_pos)
+    return Rect(layer_pos, layer_pos + size, 0, num_blocks)

@@ -1,0 +1,294 @@
+"""KVReceiver (decode side): expects requests into reserved blocks, receives and scatters.
+
+For every data header, in the order the sender sent them, it posts a receive into a free
+staging buffer, then scatters the rows into the request's blocks (on its own CUDA stream,
+chained to the receive on the GPU for stream-ordered backends). A request is reported once
+its `end` arrived and every row is in place; a failed one once nothing of it is in flight.
+Data of unknown or failed requests is still received (and dropped): both sides stay in step.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .backend import Backend, Op
+from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions, TransferResult
+from .control import ControlConn, address_to_str, encode_address
+from .engine import Engine, Peer, ResultCallback
+from .pack import Rect
+
+
+@dataclass(eq=False)
+class _RxReq:
+    req_id: ReqId
+    dst: list[int]
+    deadline: float
+    t0: float
+    index: torch.Tensor | None = None
+    peer: Peer | None = None
+    state: str = "expected"  # expected -> active -> (reported) | failed
+    rows_done: int = 0
+    inflight: int = 0
+    ended: bool = False
+    aux: dict | None = None
+    error: str | None = None
+    failed_at: float = 0.0
+
+
+@dataclass(eq=False)
+class _RxMsg:
+    peer: Peer
+    req: _RxReq | None  # None: drained (unknown/failed request)
+    tag: int
+    rect: Rect
+    buf: int = -1
+    op: Op | None = None
+    scatter_ev: torch.cuda.Event | None = None
+    scattered: bool = False
+    error: str | None = None
+
+
+class KVReceiver(Engine):
+    """Decode side. Give `address` to senders; call expect() before a sender starts."""
+
+    _role = "receiver"
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor], backend: str | Backend = "ucx",
+                 options: TransferOptions | None = None,
+                 on_result: ResultCallback | None = None) -> None:
+        super().__init__(kv_caches, backend, options, on_result)
+        o = self.options
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((o.host, o.port))
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        host = o.advertise_host or (socket.gethostname() if o.host == "0.0.0.0" else o.host)
+        self.address: bytes = encode_address(host, self.port, self.backend.name,
+                                             self.backend.address())
+        self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
+        self._reqs: dict[ReqId, _RxReq] = {}
+        self._tombs: OrderedDict[ReqId, str] = OrderedDict()  # recently failed: why
+        self._msgs: list[_RxMsg] = []
+        self._next_conn = 1
+        self._thread.start()
+
+    @property
+    def address_str(self) -> str:
+        return address_to_str(self.address)
+
+    # ---- public API ------------------------------------------------------------------------
+    def expect(self, req_id: ReqId, block_ids: Sequence[int], deadline_s: float | None = None) -> None:
+        """Reserve-side call: blocks block_ids (in request order) will receive req_id's KV."""
+        dst = [int(b) for b in block_ids]
+        self.layout.check_block_ids(dst, "destination")
+        if len(set(dst)) != len(dst):
+            raise ValueError("destination block ids must be distinct")
+        self._claim(req_id)
+        self._submit(self._do_expect, req_id, dst, deadline_s or self.options.deadline_s)
+
+    def abort(self, req_id: ReqId, reason: str = "aborted by the receiver") -> None:
+        """Give a request up; its sender is told; the result (ok=False) follows."""
+        self._submit(self._do_abort, req_id, reason)
+
+    # ---- commands ---------------------------------------------------------------------------
+    def _do_expect(self, req_id: ReqId, dst: list[int], deadline_s: float) -> None:
+        now = time.monotonic()
+        req = _RxReq(req_id, dst, now + deadline_s, time.perf_counter())
+        req.index = self.layout.index(dst, self._copy_stream)
+        self._tombs.pop(req_id, None)
+        self._reqs[req_id] = req
+
+    def _do_abort(self, req_id: ReqId, reason: str) -> None:
+        req = self._reqs.get(req_id)
+        if req is not None:
+            self._fail(req, reason, notify=True)
+
+    # ---- control messages ---------------------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, OSError):
+            return
+        self._add_peer(ControlConn(sock))
+
+    def _on_message(self, peer: Peer, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if not peer.ready:
+            self._on_hello(peer, msg)
+            return
+        req = self._reqs.get(msg.get("req"))
+        if req is None and t == "begin":
+            self._run_commands()  # an expect() that returned before the sender started
+            req = self._reqs.get(msg.get("req"))
+        if req is not None and req.peer is not None and req.peer is not peer:
+            req = None  # another pair's request: never touch it
+        if t == "data":
+            live = req if req is not None and req.state == "active" else None
+            rect = Rect(msg["l0"], msg["l1"], msg["b0"], msg["b1"])
+            peer.fifo.append(_RxMsg(peer, live, msg["tag"], rect))
+            if live is not None:
+                live.inflight += 1
+        elif t == "begin":
+            self._on_begin(peer, msg, req)
+        elif t == "end" and req is not None and req.state == "active":
+            req.ended, req.aux = True, msg.get("aux")
+        elif t == "abort" and req is not None:
+            self._fail(req, f"aborted by the sender: {msg.get('why')}", notify=False)
+
+    def _on_hello(self, peer: Peer, msg: dict[str, Any]) -> None:
+        try:
+            if msg["t"] != "hello":
+                raise TransferError(f"expected hello, got {msg['t']!r}")
+            if msg.get("backend") != self.backend.name:
+                raise TransferError(f"transfer backend mismatch: sender uses {msg.get('backend')!r}, "
+                                    f"receiver uses {self.backend.name!r}")
+            self.geometry.check_compatible(msg.get("geometry") or {})
+            peer.handle = self.backend.connect(msg.get("addr", b""), msg.get("token", b""), False)
+        except (TransferError, ValueError, RuntimeError) as e:
+            kind = "geometry" if isinstance(e, GeometryMismatchError) else "refused"
+            peer.conn.send({"t": "error", "kind": kind, "why": str(e)})
+            peer.close_when_flushed = True
+            return
+        peer.conn_id = self._next_conn
+        self._next_conn += 1
+        peer.max_rows = min(self.staging.rows, int(msg.get("max_rows", self.staging.rows)))
+        peer.ready = True
+        peer.conn.send({"t": "welcome", "conn": peer.conn_id, "max_rows": self.staging.rows})
+
+    def _on_begin(self, peer: Peer, msg: dict[str, Any], req: _RxReq | None) -> None:
+        rid = msg["req"]
+        if req is None or req.state != "expected":
+            why = self._tombs.get(rid) or (f"request {rid!r} is not expected by this receiver"
+                                           if req is None else f"request {rid!r} already begun")
+            peer.conn.send({"t": "fail", "req": rid, "why": why})
+            return
+        req.peer, req.state = peer, "active"
+        peer.reqs.add(rid)
+        if msg["nblocks"] != len(req.dst):
+            self._fail(req, f"sender has {msg['nblocks']} blocks, receiver reserved {len(req.dst)}")
+        elif msg.get("dst") is not None and list(msg["dst"]) != req.dst:
+            self._fail(req, "sender's destination block ids differ from the reserved ones")
+
+    # ---- progress -------------------------------------------------------------------------------
+    def _progress(self) -> None:
+        if self._msgs:
+            self._msgs = [m for m in self._msgs if not self._advance(m)]
+        for peer in list(self._peers.values()):
+            while peer.fifo and self.staging.free:
+                self._post(peer.fifo.popleft())
+        now = time.monotonic()
+        for req in list(self._reqs.values()):
+            if req.state in ("expected", "active") and now > req.deadline:
+                self._fail(req, "deadline exceeded: the KV did not arrive in time")
+            if req.state == "active" and req.ended and req.inflight == 0 and \
+                    req.rows_done == len(req.dst) * self.layout.num_layers:
+                self._finish(req, None)
+            elif req.state == "failed":
+                if req.inflight == 0:
+                    self._finish(req, req.error)
+                elif req.peer is not None and now > req.failed_at + self.options.drain_timeout_s:
+                    self._peer_lost(req.peer, f"in-flight data of failed request {req.req_id!r} "
+                                              f"did not drain in {self.options.drain_timeout_s} s")
+
+    def _post(self, m: _RxMsg) -> None:
+        m.buf = self.staging.acquire()
+        view = self.staging.view(m.buf, m.rect.rows)
+        m.op = self.backend.post_recv(m.peer.handle, view, m.tag)
+        self._msgs.append(m)
+
+    def _scatter(self, m: _RxMsg) -> None:
+        view = self.staging.view(m.buf, m.rect.rows)
+        if self._copy_stream is None:
+            self.layout.scatter(m.req.index, m.rect, view)
+        else:
+            with torch.cuda.stream(self._copy_stream):
+                if m.op.event is not None:
+                    self._copy_stream.wait_event(m.op.event)
+                self.layout.scatter(m.req.index, m.rect, view)
+                m.scatter_ev = torch.cuda.Event()
+                m.scatter_ev.record(self._copy_stream)
+        m.scattered = True
+
+    def _advance(self, m: _RxMsg) -> bool:
+        """Move one message on; True once it is finished (buffer released)."""
+        live = m.req is not None and m.req.state == "active"
+        if live and not m.scattered and self.backend.stream_ordered and m.op.event is not None:
+            self._scatter(m)  # chained after the recv on the GPU: no host round trip
+        if m.error is None and not m.op.done:
+            try:
+                if not self.backend.poll(m.op):
+                    return False
+            except TransferError as e:
+                m.error = str(e)
+        if m.error is None and live and not m.scattered:
+            self._scatter(m)
+        if m.scatter_ev is not None and not m.scatter_ev.query():
+            return False
+        self.staging.release(m.buf)
+        if m.req is not None:
+            m.req.inflight -= 1
+            if m.error is not None:
+                self._fail(m.req, f"receive failed: {m.error}")
+            elif m.scattered:
+                m.req.rows_done += m.rect.rows
+        return True
+
+    def _fail(self, req: _RxReq, why: str, notify: bool = True) -> None:
+        if req.state == "failed":
+            return
+        req.state, req.error, req.failed_at = "failed", why, time.monotonic()
+        if notify and req.peer is not None and req.peer.alive:
+            req.peer.conn.send({"t": "fail", "req": req.req_id, "why": why})
+        for m in list(req.peer.fifo) if req.peer is not None else ():
+            if m.req is req:  # not posted yet: will be drained, no longer counted
+                m.req = None
+                req.inflight -= 1
+
+    def _finish(self, req: _RxReq, error: str | None) -> None:
+        del self._reqs[req.req_id]
+        if req.peer is not None:
+            req.peer.reqs.discard(req.req_id)
+            if error is None and req.peer.alive:
+                req.peer.conn.send({"t": "done", "req": req.req_id})
+        if error is not None:
+            self._tombs[req.req_id] = error
+            while len(self._tombs) > 4096:
+                self._tombs.popitem(last=False)
+        nbytes = req.rows_done * self.layout.row_nbytes
+        now = time.perf_counter()
+        self._report(TransferResult(req.req_id, error is None, req.aux if error is None else None,
+                                    error, nbytes, now - req.t0, now))
+
+    def _on_peer_lost(self, peer: Peer, why: str) -> None:
+        peer.fifo.clear()  # never posted: nothing to release
+        for rid in list(peer.reqs):
+            req = self._reqs.get(rid)
+            if req is not None:
+                req.inflight = sum(1 for m in self._msgs if m.req is req)
+                self._fail(req, f"sender lost: {why}", notify=False)
+
+    def _busy(self) -> bool:
+        return bool(self._msgs) or any(p.fifo for p in self._peers.values())
+
+    def _next_deadline(self) -> float | None:
+        live = [r.deadline for r in self._reqs.values() if r.state in ("expected", "active")]
+        return min(live) if live else None
+
+    def _fail_all(self, why: str) -> None:
+        for req in list(self._reqs.values()):
+            req.state, req.error = "failed", req.error or why
+            self._finish(req, req.error)
+
+    def _close_sockets(self) -> None:
+        self._listener.close()
+        super()._close_sockets()

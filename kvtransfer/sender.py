@@ -1,0 +1,313 @@
+"""KVSender (prefill side): pushes a request's blocks into the receiver's reserved blocks.
+
+start() opens the request (and the pair on first use); layer_ready() marks layers whose KV
+is written (a CUDA event on GPU: the gather waits for it on the GPU, never on the host);
+finish() marks the rest ready and attaches aux (e.g. the first token). Ready layers are
+packed into messages of up to one staging buffer (several layers per message when they are
+ready together, see pack.next_rect), each gathered on the copy stream and sent by the
+backend after the gather's event. A request completes when the receiver reports every
+block in place ("done") and our sends have completed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .backend import Backend, Op
+from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions, TransferResult
+from .control import ControlConn, address_bytes, decode_address, encode, handshake
+from .engine import Engine, Peer, ResultCallback
+from .pack import Rect, next_rect
+
+
+@dataclass(eq=False)
+class _TxReq:
+    req_id: ReqId
+    peer: Peer
+    src: list[int]
+    dst: list[int] | None
+    deadline: float
+    t0: float
+    layerwise: bool
+    ready: list[bool]
+    events: dict[int, Any] = field(default_factory=dict)
+    index: torch.Tensor | None = None
+    ready_prefix: int = 0
+    layer_pos: int = 0
+    block_pos: int = 0
+    k: int = 0  # messages cut so far
+    inflight: int = 0
+    finished: bool = False
+    aux: dict | None = None
+    state: str = "active"  # active -> ended (end sent) -> acked/reported | failed
+    acked: bool = False
+    error: str | None = None
+    failed_at: float = 0.0
+    nbytes: int = 0
+
+
+@dataclass(eq=False)
+class _TxMsg:
+    req: _TxReq
+    buf: int
+    op: Op
+
+
+class KVSender(Engine):
+    """Prefill side. Addresses come from KVReceiver.address (bytes, or its str form)."""
+
+    _role = "sender"
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor], backend: str | Backend = "ucx",
+                 options: TransferOptions | None = None,
+                 on_result: ResultCallback | None = None) -> None:
+        super().__init__(kv_caches, backend, options, on_result)
+        self._reqs: dict[ReqId, _TxReq] = {}
+        self._msgs: list[_TxMsg] = []
+        self._by_addr: dict[bytes, Peer] = {}
+        self._connect_lock = threading.Lock()
+        self._min_rows = max(1, self.options.min_message_bytes // self.layout.row_nbytes)
+        self._thread.start()
+
+    # ---- public API ----------------------------------------------------------------------------
+    def connect(self, address: bytes | str) -> bytes:
+        """Open the pair to a receiver (idempotent; start() calls it). Returns its key.
+
+        Raises GeometryMismatchError when the two KV pools differ, TransferError otherwise.
+        """
+        self._check_open()
+        key = address_bytes(address)
+        info = decode_address(key)
+        with self._connect_lock:
+            peer = self._by_addr.get(key)
+            if peer is not None and peer.alive:
+                return key
+            if info["backend"] != self.backend.name:
+                raise TransferError(f"transfer backend mismatch: sender uses {self.backend.name!r}, "
+                                    f"receiver uses {info['backend']!r}")
+            token = self.backend.new_token()
+            hello = {"t": "hello", "geometry": self.geometry.to_dict(), "backend": self.backend.name,
+                     "addr": self.backend.address(), "token": token, "max_rows": self.staging.rows}
+            sock, unpacker, reply = handshake(info["host"], info["port"], hello,
+                                              self.options.connect_timeout_s)
+            if reply["t"] != "welcome":
+                sock.close()
+                why = reply.get("why", f"unexpected reply {reply['t']!r}")
+                if reply.get("kind") == "geometry":
+                    raise GeometryMismatchError(why)
+                raise TransferError(f"KV receiver refused the connection: {why}")
+            self._by_addr[key] = self._call(self._do_connect, sock, unpacker, key, info, token, reply)
+        return key
+
+    def start(self, req_id: ReqId, address: bytes | str, src_block_ids: Sequence[int],
+              dst_block_ids: Sequence[int] | None = None, deadline_s: float | None = None,
+              layerwise: bool | None = None) -> None:
+        """Begin pushing req_id's blocks src_block_ids (request order) to the receiver."""
+        src = [int(b) for b in src_block_ids]
+        self.layout.check_block_ids(src, "source")
+        dst = None if dst_block_ids is None else [int(b) for b in dst_block_ids]
+        if dst is not None and len(dst) != len(src):
+            raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
+        key = self.connect(address)
+        self._claim(req_id)
+        lw = self.options.layerwise if layerwise is None else layerwise
+        self._submit(self._do_start, req_id, self._by_addr[key], src, dst,
+                     deadline_s or self.options.deadline_s, lw)
+
+    def layer_ready(self, req_id: ReqId, layer: int, event: torch.cuda.Event | None = None) -> None:
+        """Layer `layer` of req_id is written. On GPU, `event` (default: recorded now on the
+        caller's current stream) marks when; the gather waits for it on the GPU."""
+        if not 0 <= layer < self.layout.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.layout.num_layers})")
+        self._submit(self._do_ready, req_id, range(layer, layer + 1), self._event(event), None, False)
+
+    def finish(self, req_id: ReqId, aux: dict | None = None,
+               event: torch.cuda.Event | None = None) -> None:
+        """Every layer is written; aux (small, msgpack-able) reaches the receiver's result."""
+        encode({"aux": aux})  # fail here, in the caller, if aux cannot be sent
+        self._submit(self._do_ready, req_id, range(self.layout.num_layers), self._event(event),
+                     aux, True)
+
+    def abort(self, req_id: ReqId, reason: str = "aborted by the sender") -> None:
+        """Give a request up; the receiver is told; the result (ok=False) follows."""
+        self._submit(self._do_abort, req_id, reason)
+
+    def _event(self, event: torch.cuda.Event | None) -> torch.cuda.Event | None:
+        if not self._cuda or event is not None:
+            return event
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    # ---- commands (progress thread) ------------------------------------------------------------
+    def _do_connect(self, sock: Any, unpacker: Any, key: bytes, info: dict, token: bytes,
+                    reply: dict) -> Peer:
+        peer = self._add_peer(ControlConn(sock, unpacker))
+        peer.key = key
+        peer.handle = self.backend.connect(info.get("addr", b""), token, True)
+        peer.conn_id = int(reply["conn"])
+        peer.max_rows = min(self.staging.rows, int(reply["max_rows"]))
+        peer.ready = True
+        return peer
+
+    def _do_start(self, req_id: ReqId, peer: Peer, src: list[int], dst: list[int] | None,
+                  deadline_s: float, layerwise: bool) -> None:
+        req = _TxReq(req_id, peer, src, dst, time.monotonic() + deadline_s, time.perf_counter(),
+                     layerwise, [False] * self.layout.num_layers)
+        self._reqs[req_id] = req
+        if not peer.alive:
+            self._fail(req, "the receiver connection is closed", notify=False)
+            return
+        peer.reqs.add(req_id)
+        peer.conn.send({"t": "begin", "req": req_id, "nblocks": len(src), "dst": dst})
+
+    def _do_ready(self, req_id: ReqId, layers: range, event: Any, aux: dict | None,
+                  finished: bool) -> None:
+        req = self._reqs.get(req_id)
+        if req is None or req.state != "active":
+            return
+        for layer in layers:
+            if not req.ready[layer]:
+                req.ready[layer] = True
+                if event is not None:
+                    req.events[layer] = event
+        while req.ready_prefix < len(req.ready) and req.ready[req.ready_prefix]:
+            req.ready_prefix += 1
+        if finished:
+            req.finished, req.aux = True, aux
+
+    def _do_abort(self, req_id: ReqId, reason: str) -> None:
+        req = self._reqs.get(req_id)
+        if req is not None:
+            self._fail(req, reason, notify=True)
+
+    # ---- control messages --------------------------------------------------------------------------
+    def _on_message(self, peer: Peer, msg: dict[str, Any]) -> None:
+        req = self._reqs.get(msg.get("req"))
+        if req is None or req.peer is not peer:
+            return
+        if msg["t"] == "done" and req.state == "ended":
+            req.acked = True
+        elif msg["t"] == "fail":
+            self._fail(req, f"receiver: {msg.get('why')}", notify=False)
+
+    # ---- progress ------------------------------------------------------------------------------------
+    def _progress(self) -> None:
+        if self._msgs:
+            self._msgs = [m for m in self._msgs if not self._advance(m)]
+        for req in list(self._reqs.values()):
+            if req.state == "active" and not self._pump(req):
+                break  # out of staging
+        now = time.monotonic()
+        for req in list(self._reqs.values()):
+            if req.state in ("active", "ended") and now > req.deadline:
+                self._fail(req, "deadline exceeded: the transfer did not complete in time")
+            if req.state == "ended" and req.acked and req.inflight == 0:
+                self._finish(req, None)
+            elif req.state == "failed":
+                if req.inflight == 0:
+                    self._finish(req, req.error)
+                elif req.peer.alive and now > req.failed_at + self.options.drain_timeout_s:
+                    self._peer_lost(req.peer, f"in-flight data of failed request {req.req_id!r} "
+                                              f"did not drain in {self.options.drain_timeout_s} s")
+
+    def _pump(self, req: _TxReq) -> bool:
+        """Cut, gather and post every message that is ready; False if staging ran out."""
+        peer, nl, nb = req.peer, self.layout.num_layers, len(req.src)
+        ready = req.ready_prefix if (req.layerwise or req.ready_prefix == nl) else 0
+        while True:
+            rect = next_rect(nl, nb, req.layer_pos, req.block_pos, ready, peer.max_rows,
+                             self._min_rows, req.k)
+            if rect is None:
+                break
+            buf = self.staging.acquire()
+            if buf is None:
+                return False
+            view = self.staging.view(buf, rect.rows)
+            after = self._gather(req, rect, view)
+            tag = (peer.conn_id << 32) | (peer.seq & 0xFFFFFFFF)
+            peer.seq += 1
+            peer.conn.send({"t": "data", "req": req.req_id, "tag": tag, "l0": rect.l0,
+                            "l1": rect.l1, "b0": rect.b0, "b1": rect.b1})
+            self._msgs.append(_TxMsg(req, buf, self.backend.post_send(peer.handle, view, tag, after)))
+            req.inflight += 1
+            req.k += 1
+            req.nbytes += rect.rows * self.layout.row_nbytes
+            if rect.b1 >= nb:
+                req.layer_pos, req.block_pos = rect.l1, 0
+            else:
+                req.block_pos = rect.b1
+        if req.finished and (nb == 0 or req.layer_pos >= nl):
+            peer.conn.send({"t": "end", "req": req.req_id, "aux": req.aux})
+            req.state = "ended"
+        return True
+
+    def _gather(self, req: _TxReq, rect: Rect, view: torch.Tensor) -> torch.cuda.Event | None:
+        if req.index is None:
+            req.index = self.layout.index(req.src, self._copy_stream)
+        if self._copy_stream is None:
+            self.layout.gather(req.index, rect, view)
+            return None
+        with torch.cuda.stream(self._copy_stream):
+            seen: set[int] = set()
+            for layer in range(rect.l0, rect.l1):
+                ev = req.events.get(layer)
+                if ev is not None and id(ev) not in seen:
+                    seen.add(id(ev))
+                    self._copy_stream.wait_event(ev)
+            self.layout.gather(req.index, rect, view)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        return done
+
+    def _advance(self, m: _TxMsg) -> bool:
+        try:
+            if not self.backend.poll(m.op):
+                return False
+            err = None
+        except TransferError as e:
+            err = str(e)
+        self.staging.release(m.buf)
+        m.req.inflight -= 1
+        if err is not None:
+            self._fail(m.req, f"send failed: {err}")
+        return True
+
+    def _fail(self, req: _TxReq, why: str, notify: bool = True) -> None:
+        if req.state == "failed":
+            return
+        req.state, req.error, req.failed_at = "failed", why, time.monotonic()
+        if notify and req.peer.alive:
+            req.peer.conn.send({"t": "abort", "req": req.req_id, "why": why})
+
+    def _finish(self, req: _TxReq, error: str | None) -> None:
+        del self._reqs[req.req_id]
+        req.peer.reqs.discard(req.req_id)
+        now = time.perf_counter()
+        self._report(TransferResult(req.req_id, error is None, None, error, req.nbytes,
+                                    now - req.t0, now))
+
+    def _on_peer_lost(self, peer: Peer, why: str) -> None:
+        if peer.key is not None and self._by_addr.get(peer.key) is peer:
+            del self._by_addr[peer.key]
+        for rid in list(peer.reqs):
+            req = self._reqs.get(rid)
+            if req is not None:
+                self._fail(req, f"receiver lost: {why}", notify=False)
+
+    def _busy(self) -> bool:
+        return bool(self._msgs)
+
+    def _next_deadline(self) -> float | None:
+        live = [r.deadline for r in self._reqs.values() if r.state in ("active", "ended")]
+        return min(live) if live else None
+
+    def _fail_all(self, why: str) -> None:
+        for req in list(self._reqs.values()):
+            self._finish(req, req.error or why)

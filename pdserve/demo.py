@@ -1,0 +1,235 @@
+"""`pdserve demo`: a local 1 prefill + 1 decode cluster, a prompt mix, and a parity check.
+
+    pdserve demo                       # tiny preset on CPU (two GPUs: cuda:0 / cuda:1, nccl)
+    pdserve demo --devices cpu --num-prompts 16
+
+Starts the cluster (pdserve.cluster.LocalCluster), sends prompts of mixed lengths (a few to a
+few hundred tokens; greedy, ignore_eos, 16-32 new tokens) concurrently through the gRPC
+AsyncClient, prints one row per request (tokens, TTFT, TPOT, KV bytes, transfer time),
+checks that every output equals the colocated output of the same prompts run in-process with
+`pdserve.LLM` (same model, dtype and device type), prints PASS or FAIL with a summary, shuts
+the cluster down, and exits 0 on PASS, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pdserve.cluster import ClusterError, LocalCluster, role_counts
+
+MIN_PROMPT, MAX_PROMPT = 4, 384  # tokens
+MIN_NEW, MAX_NEW = 16, 32
+
+
+@dataclass(slots=True)
+class Case:
+    prompt: list[int]
+    max_tokens: int
+    expected: list[int] = field(default_factory=list)
+    got: list[int] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.got == self.expected
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="preset name or HF directory (default tiny)")
+    parser.add_argument("--devices", default="auto",
+                        help="auto | cpu | two GPU indices like 0,1 (prefill, decode). auto: "
+                             "cuda:0 and cuda:1 when two GPUs are visible, else cpu (default auto)")
+    parser.add_argument("--transfer", choices=("ucx", "nccl"), default=None,
+                        help="KV transfer backend (default: nccl on GPUs, ucx on cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="model dtype for the workers and the reference (default float32, "
+                             "where greedy parity is exact)")
+    parser.add_argument("--num-prompts", type=int, default=8, help="requests to send (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt mix")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds for the cluster to become ready, and per request (default 120)")
+    parser.add_argument("--log-dir", default=None, help="children's logs (default: a temp dir)")
+
+
+def make_cases(n: int, vocab_size: int, max_model_len: int, seed: int = 0) -> list[Case]:
+    """Prompt lengths spread geometrically from MIN_PROMPT to MAX_PROMPT, 16-32 new tokens."""
+    rng = random.Random(seed)
+    hi_len = max(MIN_PROMPT, min(MAX_PROMPT, max_model_len - MAX_NEW))
+    hi_id = min(vocab_size, 256)  # byte-range ids: valid for every preset and HF vocab
+    cases = []
+    for i in range(n):
+        frac = i / (n - 1) if n > 1 else 0.0
+        length = round(MIN_PROMPT * (hi_len / MIN_PROMPT) ** frac)
+        new = MIN_NEW + (i * 7) % (MAX_NEW - MIN_NEW + 1)
+        cases.append(Case([rng.randrange(3, hi_id) for _ in range(length)], new))
+    rng.shuffle(cases)  # mixed lengths arrive interleaved
+    return cases
+
+
+def pick_devices(devices: str) -> str:
+    if devices.strip().lower() != "auto":
+        return devices
+    import torch
+
+    return "0,1" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "cpu"
+
+
+def colocated_outputs(cases: list[Case], model: str, device: str, dtype: str) -> None:
+    """Fill `expected` by running every prompt through pdserve.LLM in this process."""
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.llm import LLM
+
+    blocks = sum(math.ceil((len(c.prompt) + c.max_tokens) / 16) for c in cases) + 16
+    llm = LLM(model=model, device=device, dtype=dtype, num_blocks=blocks)
+    params = [SamplingParams(max_tokens=c.max_tokens, temperature=0.0, ignore_eos=True)
+              for c in cases]
+    for c, out in zip(cases, llm.generate([c.prompt for c in cases], params), strict=True):
+        c.expected = list(out.token_ids)
+    del llm
+
+
+async def send_all(address: str, cases: list[Case], timeout_s: float, on_done) -> float:
+    """Send every case at once; returns the wall time in seconds."""
+    from pdserve.coordinator.client import AsyncClient
+
+    async with AsyncClient(address, timeout_s=timeout_s) as client:
+        async def one(c: Case) -> None:
+            try:
+                r = await client.generate(prompt_token_ids=c.prompt, max_tokens=c.max_tokens,
+                                          temperature=0.0, ignore_eos=True, skip_text=True)
+                c.got, c.metrics = list(r.token_ids), dict(r.metrics)
+            except Exception as e:  # noqa: BLE001 - reported per request
+                c.error = f"{type(e).__name__}: {e}"
+            on_done()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(c) for c in cases))
+        return time.perf_counter() - t0
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def report(console: Console, cases: list[Case], wall_s: float,
+           title: str = "1 prefill, 1 decode") -> bool:
+    table = Table(title=f"pdserve demo: {title}", title_justify="left")
+    for col in ("#", "prompt tok", "output tok", "TTFT ms", "TPOT ms", "KV bytes",
+                "transfer ms", "match"):
+        table.add_column(col, justify="right")
+    for i, c in enumerate(cases):
+        m = c.metrics
+        verdict = ("[green]yes[/]" if c.ok else
+                   f"[red]error: {c.error}[/]" if c.error else _first_diff(c))
+        table.add_row(str(i), str(len(c.prompt)), str(len(c.got)), _fmt(m.get("ttft_ms"), ".1f"),
+                      _fmt(m.get("tpot_ms"), ".2f"), _fmt(m.get("kv_bytes"), ","),
+                      _fmt(m.get("transfer_ms"), ".2f"), verdict)
+    console.print(table)
+    out_tokens = sum(len(c.got) for c in cases)
+    done = [c for c in cases if not c.error]
+    mean = (lambda k: sum(c.metrics.get(k, 0.0) for c in done) / len(done)) if done else (lambda k: 0.0)
+    passed = all(c.ok for c in cases)
+    console.print(f"{len(cases)} requests in {wall_s:.2f} s: {len(cases) / wall_s:.2f} requests/s, "
+                  f"{out_tokens / wall_s:.1f} output tokens/s; mean TTFT {mean('ttft_ms'):.1f} ms, "
+                  f"mean TPOT {mean('tpot_ms'):.2f} ms")
+    n_bad = sum(not c.ok for c in cases)
+    console.print("[bold green]PASS[/]: disaggregated outputs equal the colocated outputs"
+                  if passed else f"[bold red]FAIL[/]: {n_bad} of {len(cases)} requests differ "
+                  "from the colocated outputs or failed")
+    return passed
+
+
+def _first_diff(c: Case) -> str:
+    i = next((k for k, (a, b) in enumerate(zip(c.got, c.expected, strict=False)) if a != b),
+             min(len(c.got), len(c.expected)))
+    return f"[red]no (token {i})[/]"
+
+
+def run_demo(console: Console, *, model: str = "tiny", devices: str = "auto",
+             transfer: str | None = None, dtype: str = "float32", num_prompts: int = 8,
+             seed: int = 0, timeout_s: float = 120.0, log_dir: str | None = None,
+             prefill: int = 1, decode: int = 1, both: int = 0) -> int:
+    from pdserve.engine.loader import load_model_config
+
+    mc = load_model_config(model)
+    cases = make_cases(num_prompts, mc.vocab_size, mc.max_position_embeddings, seed)
+    devices = pick_devices(devices)
+    cluster = LocalCluster(model=model, prefill=prefill, decode=decode, both=both,
+                           devices=devices, port=0, transfer=transfer, dtype=dtype,
+                           log_dir=log_dir)
+    placement = ", ".join(f"{s.role} on {s.device}" for s in cluster.specs)
+    console.print(f"pdserve demo: model {model} ({dtype}), {placement}, transfer {cluster.transfer}")
+    ref_device = cluster.specs[0].device  # same device type as the workers: same weights
+    t0 = time.perf_counter()
+    try:
+        with console.status("starting the coordinator...") as status:
+            if ref_device != "cpu":  # GPU: the reference first, so it never competes with
+                status.update("running the colocated reference with pdserve.LLM...")
+                colocated_outputs(cases, model, ref_device, dtype)  # the workers' KV pools
+                status.update("starting the coordinator...")
+            cluster.start()  # from this (main) thread: the children's PDEATHSIG follows it
+            # On CPU the colocated reference runs on a thread while the workers start, so a
+            # worker that fails is reported at once.
+            ref_errors: list[BaseException] = []
+
+            def reference() -> None:
+                try:
+                    colocated_outputs(cases, model, ref_device, dtype)
+                except BaseException as e:  # noqa: BLE001 - re-raised below
+                    ref_errors.append(e)
+
+            ref = threading.Thread(target=reference, name="colocated-reference", daemon=True)
+            if ref_device == "cpu":
+                ref.start()
+            status.update(f"waiting for the workers to register (logs in {cluster.log_dir})"
+                          + ("; running the colocated reference with pdserve.LLM meanwhile..."
+                             if ref_device == "cpu" else "..."))
+            cluster.wait_ready(timeout_s)
+            if ref.is_alive():
+                status.update("finishing the colocated reference...")
+                ref.join()
+            if ref_errors:
+                raise ref_errors[0]
+        console.print(f"cluster ready at {cluster.address} in {time.perf_counter() - t0:.1f} s; "
+                      f"sending {len(cases)} requests concurrently")
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("requests", total=len(cases))
+            wall_s = asyncio.run(send_all(cluster.address, cases, timeout_s,
+                                          lambda: progress.advance(task)))
+        passed = report(console, cases, wall_s, role_counts(prefill, decode, both))
+        if not passed:
+            console.print(f"worker logs: {cluster.log_dir}")
+    except ClusterError as e:
+        console.print(f"[bold red]FAIL[/]: the cluster did not start: {e}")
+        return 1
+    finally:
+        with console.status("shutting down..."):
+            cluster.stop()
+    return 0 if passed else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(highlight=False)
+    if args.num_prompts < 1:
+        console.print("pdserve demo: error: --num-prompts must be >= 1")
+        return 2
+    try:
+        return run_demo(console, model=args.model, devices=args.devices, transfer=args.transfer,
+                        dtype=args.dtype, num_prompts=args.num_prompts, seed=args.seed,
+                        timeout_s=args.timeout, log_dir=args.log_dir)
+    except ClusterError as e:  # bad --devices / --transfer
+        console.print(f"pdserve demo: error: {e}")
+        return 2

@@ -1,0 +1,116 @@
+"""Binds a worker's KV pool to the transfer layer, with one completion callback per request.
+
+Callbacks run on the transfer engine's progress thread and must only hand work on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pdserve.config import Config
+from pdserve.kvtransfer import KVReceiver, KVSender, TransferOptions, TransferResult
+
+
+def _options(cfg: Config, kv_caches: Sequence[torch.Tensor]) -> TransferOptions:
+    # A staging buffer never needs to exceed the whole pool; small pools get small buffers.
+    pool_bytes = sum(t.numel() * t.element_size() for t in kv_caches)
+    layer_block_bytes = kv_caches[0][0].numel() * kv_caches[0].element_size()
+    staging = max(layer_block_bytes, min(cfg.transfer.staging_bytes, pool_bytes // 4))
+    return TransferOptions(staging_bytes=staging, layerwise=cfg.transfer.layerwise,
+                           deadline_s=cfg.transfer.timeout_s, host=cfg.server.host)
+
+
+class _Callbacks:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cbs: dict[str, Callable[[TransferResult], None]] = {}
+
+    def put(self, req_id: str, cb: Callable[[TransferResult], None]) -> None:
+        with self._lock:
+            self._cbs[req_id] = cb
+
+    def fire(self, r: TransferResult) -> None:
+        with self._lock:
+            cb = self._cbs.pop(str(r.req_id), None)
+        if cb is not None:
+            cb(r)
+
+
+class SenderLink:
+    """Prefill side."""
+
+    def __init__(self, cfg: Config, kv_caches: Sequence[torch.Tensor]) -> None:
+        self._cbs = _Callbacks()
+        self._bytes: dict[str, int] = {}
+        self.sender = KVSender(kv_caches, cfg.transfer.backend, _options(cfg, kv_caches),
+                               on_result=self._on_result)
+
+    def _on_result(self, r: TransferResult) -> None:
+        self._bytes[str(r.req_id)] = r.nbytes
+        self._cbs.fire(r)
+
+    def connect(self, address: bytes) -> None:
+        """Open the pair ahead of time (blocks for the handshake; raises on mismatch)."""
+        self.sender.connect(address)
+
+    def start(self, req_id: str, address: bytes, src: list[int], dst: list[int],
+              deadline_s: float, on_done: Callable[[str, str | None], None]) -> None:
+        self._cbs.put(req_id, lambda r: on_done(req_id, None if r.ok else (r.error or "failed")))
+        try:
+            self.sender.start(req_id, address, src, dst, deadline_s)
+        except Exception as exc:  # report like any other failure
+            self._cbs.fire(TransferResult(req_id=req_id, ok=False, error=str(exc)))
+
+    def layer_ready(self, req_id: str, layer: int) -> None:
+        self.sender.layer_ready(req_id, layer)
+
+    def finish(self, req_id: str, aux: dict) -> None:
+        self.sender.finish(req_id, aux)
+
+    def request_bytes(self, req_id: str) -> int:
+        return self._bytes.pop(req_id, 0)
+
+    def abort(self, req_id: str) -> None:
+        try:
+            self.sender.abort(req_id)
+        except Exception:  # closed: nothing left to abort
+            pass
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+class ReceiverLink:
+    """Decode side."""
+
+    def __init__(self, cfg: Config, kv_caches: Sequence[torch.Tensor]) -> None:
+        self._cbs = _Callbacks()
+        self.receiver = KVReceiver(kv_caches, cfg.transfer.backend, _options(cfg, kv_caches),
+                                   on_result=self._cbs.fire)
+        self.address: bytes = self.receiver.address
+
+    def expect(self, req_id: str, block_ids: list[int], deadline_s: float,
+               on_done: Callable[[str, dict | None, str | None], None]) -> None:
+        self._cbs.put(req_id, lambda r: on_done(req_id, r.aux if r.ok else None,
+                                                None if r.ok else (r.error or "failed")))
+        self.receiver.expect(req_id, block_ids, deadline_s)
+
+    def abort(self, req_id: str) -> None:
+        try:
+            self.receiver.abort(req_id)
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        self.receiver.close()
+
+
+def open_sender(cfg: Config, kv_caches: Sequence[torch.Tensor], block_size: int) -> SenderLink:
+    return SenderLink(cfg, kv_caches)
+
+
+def open_receiver(cfg: Config, kv_caches: Sequence[torch.Tensor], block_size: int) -> ReceiverLink:
+    return ReceiverLink(cfg, kv_caches)

@@ -1,0 +1,74 @@
+"""`pdserve demo`: the prompt mix and the report (fast), and the whole demo end to end with
+engine-backed workers (slow: a coordinator and two worker processes on CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from pdserve.demo import MAX_NEW, MAX_PROMPT, MIN_NEW, MIN_PROMPT, Case, make_cases, report
+
+needs_workers = pytest.mark.skipif(
+    importlib.util.find_spec("pdserve.worker_cli") is None,
+    reason="needs the engine-backed workers (pdserve.worker_cli), not landed yet")
+
+
+def test_make_cases_mix():
+    cases = make_cases(8, vocab_size=384, max_model_len=2048, seed=0)
+    lengths = sorted(len(c.prompt) for c in cases)
+    assert lengths[0] == MIN_PROMPT and lengths[-1] == MAX_PROMPT
+    assert len(set(lengths)) == 8
+    assert all(MIN_NEW <= c.max_tokens <= MAX_NEW for c in cases)
+    assert all(0 <= t < 256 for c in cases for t in c.prompt)
+    assert make_cases(8, 384, 2048, seed=0)[3].prompt == cases[3].prompt  # deterministic
+    short = make_cases(3, vocab_size=100, max_model_len=64)
+    assert max(len(c.prompt) + c.max_tokens for c in short) <= 64
+    assert all(t < 100 for c in short for t in c.prompt)
+
+
+def test_report_pass_and_fail():
+    metrics = {"ttft_ms": 12.5, "tpot_ms": 1.25, "kv_bytes": 4096, "transfer_ms": 0.5}
+    good = Case([1, 2, 3], 4, expected=[5, 6, 7, 8], got=[5, 6, 7, 8], metrics=metrics)
+    console = Console(record=True, width=120)
+    assert report(console, [good], wall_s=0.5)
+    text = console.export_text()
+    assert "PASS" in text and "4,096" in text and "2.00 requests/s" in text
+
+    bad = Case([1, 2, 3], 4, expected=[5, 6, 7, 8], got=[5, 6, 9, 8], metrics=metrics)
+    failed = Case([4], 4, expected=[1, 2, 3, 4], error="ClientError: UNAVAILABLE: gone")
+    console = Console(record=True, width=160)
+    assert not report(console, [good, bad, failed], wall_s=1.0)
+    text = console.export_text()
+    assert "FAIL" in text and "2 of 3" in text and "no (token 2)" in text and "UNAVAILABLE" in text
+
+
+@pytest.mark.slow
+@needs_workers
+@pytest.mark.timeout(90)
+def test_demo_colocated_worker_in_process(tmp_path):
+    """The demo's own machinery against one `both` worker (no KV transfer involved)."""
+    from pdserve.demo import run_demo
+
+    console = Console(record=True, width=120)
+    rc = run_demo(console, devices="cpu", num_prompts=4, prefill=0, decode=0, both=1,
+                  timeout_s=60, log_dir=str(tmp_path))
+    text = console.export_text()
+    assert rc == 0, text
+    assert "PASS" in text
+
+
+@pytest.mark.slow
+@needs_workers
+@pytest.mark.timeout(120)
+def test_demo_cli_passes(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pdserve.cli", "demo", "--devices", "cpu",
+                        "--log-dir", str(tmp_path), "--timeout", "60"],
+                       capture_output=True, text=True, timeout=110)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}\n{logs}"
+    assert "PASS" in r.stdout
+    assert "1 prefill, 1 decode" in r.stdout
