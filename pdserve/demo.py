@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import glob
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from pdserve.cluster import ClusterError, LocalCluster, role_counts
@@ -78,8 +81,12 @@ def make_cases(n: int, vocab_size: int, max_model_len: int, seed: int = 0) -> li
 
 
 def pick_devices(devices: str) -> str:
+    """auto: "0,1" when two CUDA devices are visible, else "cpu" (without importing torch
+    when the machine has no NVIDIA device files, so the CPU demo starts its children sooner)."""
     if devices.strip().lower() != "auto":
         return devices
+    if not glob.glob("/dev/nvidia[0-9]*") and sys.platform.startswith("linux"):
+        return "cpu"
     import torch
 
     return "0,1" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "cpu"
@@ -97,6 +104,13 @@ def colocated_outputs(cases: list[Case], model: str, device: str, dtype: str) ->
     for c, out in zip(cases, llm.generate([c.prompt for c in cases], params), strict=True):
         c.expected = list(out.token_ids)
     del llm
+    if device.startswith("cuda"):  # hand the memory back before the workers size their pools
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 async def send_all(address: str, cases: list[Case], timeout_s: float, on_done) -> float:
@@ -156,55 +170,64 @@ def _first_diff(c: Case) -> str:
     return f"[red]no (token {i})[/]"
 
 
+def start_with_reference(console: Console, cluster: LocalCluster, model: str, dtype: str,
+                         num_prompts: int, seed: int, timeout_s: float) -> list[Case]:
+    """Start the cluster and wait until it is ready; meanwhile build the prompt mix and its
+    colocated reference outputs (pdserve.LLM on the workers' device type, so the same random
+    preset weights). On CPU that runs on a thread while the children start (a failing worker
+    is reported at once); on a GPU it runs first and frees its memory, so it never competes
+    with the workers' KV pools."""
+    ref_device = cluster.specs[0].device
+    cases: list[Case] = []
+    ref_errors: list[BaseException] = []
+
+    def reference() -> None:
+        try:
+            from pdserve.engine.loader import load_model_config
+
+            mc = load_model_config(model)
+            cases.extend(make_cases(num_prompts, mc.vocab_size, mc.max_position_embeddings, seed))
+            colocated_outputs(cases, model, ref_device, dtype)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            ref_errors.append(e)
+
+    ref = threading.Thread(target=reference, name="colocated-reference", daemon=True)
+    with console.status("running the colocated reference with pdserve.LLM...") as status:
+        if ref_device != "cpu":
+            reference()
+            if ref_errors:
+                raise ref_errors[0]
+        status.update("starting the coordinator...")
+        cluster.start()  # from this (main) thread: the children's PDEATHSIG follows it
+        if ref_device == "cpu":
+            ref.start()
+        status.update(f"starting the workers (logs in {cluster.log_dir})"
+                      + ("; running the colocated reference with pdserve.LLM meanwhile..."
+                         if ref.is_alive() else "..."))
+        cluster.wait_ready(timeout_s)
+        if ref.is_alive():
+            status.update("finishing the colocated reference...")
+            ref.join()
+    if ref_errors:
+        raise ref_errors[0]
+    return cases
+
+
 def run_demo(console: Console, *, model: str = "tiny", devices: str = "auto",
              transfer: str | None = None, dtype: str = "float32", num_prompts: int = 8,
              seed: int = 0, timeout_s: float = 120.0, log_dir: str | None = None,
              prefill: int = 1, decode: int = 1, both: int = 0) -> int:
-    from pdserve.engine.loader import load_model_config
-
-    mc = load_model_config(model)
-    cases = make_cases(num_prompts, mc.vocab_size, mc.max_position_embeddings, seed)
-    devices = pick_devices(devices)
     cluster = LocalCluster(model=model, prefill=prefill, decode=decode, both=both,
-                           devices=devices, port=0, transfer=transfer, dtype=dtype,
-                           log_dir=log_dir)
+                           devices=pick_devices(devices), port=0, transfer=transfer,
+                           dtype=dtype, log_dir=log_dir, stop_grace_s=5.0)
     placement = ", ".join(f"{s.role} on {s.device}" for s in cluster.specs)
     console.print(f"pdserve demo: model {model} ({dtype}), {placement}, transfer {cluster.transfer}")
-    ref_device = cluster.specs[0].device  # same device type as the workers: same weights
     t0 = time.perf_counter()
+    passed = False
     try:
-        with console.status("starting the coordinator...") as status:
-            if ref_device != "cpu":  # GPU: the reference first, so it never competes with
-                status.update("running the colocated reference with pdserve.LLM...")
-                colocated_outputs(cases, model, ref_device, dtype)  # the workers' KV pools
-                status.update("starting the coordinator...")
-            cluster.start()  # from this (main) thread: the children's PDEATHSIG follows it
-            # On CPU the colocated reference runs on a thread while the workers start, so a
-            # worker that fails is reported at once.
-            ref_errors: list[BaseException] = []
-
-            def reference() -> None:
-                try:
-                    colocated_outputs(cases, model, ref_device, dtype)
-                except BaseException as e:  # noqa: BLE001 - re-raised below
-                    ref_errors.append(e)
-
-            ref = threading.Thread(target=reference, name="colocated-reference", daemon=True)
-            if ref_device == "cpu":
-                ref.start()
-            status.update(f"waiting for the workers to register (logs in {cluster.log_dir})"
-                          + ("; running the colocated reference with pdserve.LLM meanwhile..."
-                             if ref_device == "cpu" else "..."))
-            cluster.wait_ready(timeout_s)
-            if ref.is_alive():
-                status.update("finishing the colocated reference...")
-                ref.join()
-            if ref_errors:
-                raise ref_errors[0]
+        cases = start_with_reference(console, cluster, model, dtype, num_prompts, seed, timeout_s)
         console.print(f"cluster ready at {cluster.address} in {time.perf_counter() - t0:.1f} s; "
                       f"sending {len(cases)} requests concurrently")
-        from rich.progress import Progress
-
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("requests", total=len(cases))
             wall_s = asyncio.run(send_all(cluster.address, cases, timeout_s,
@@ -214,10 +237,10 @@ def run_demo(console: Console, *, model: str = "tiny", devices: str = "auto",
             console.print(f"worker logs: {cluster.log_dir}")
     except ClusterError as e:
         console.print(f"[bold red]FAIL[/]: the cluster did not start: {e}")
-        return 1
     finally:
         with console.status("shutting down..."):
             cluster.stop()
+    console.print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0 if passed else 1
 
 

@@ -108,3 +108,34 @@ def make_metadata(seqs: list[tuple[list[int], int, int]], block_size: int) -> At
 def positions_for(seqs: list[tuple[list[int], int, int]]) -> torch.Tensor:
     """[T] int64 positions matching make_metadata's token order."""
     return torch.tensor([p for _, t, ctx in seqs for p in range(ctx - t, ctx)], dtype=torch.int64)
+
+
+def save_preset_checkpoint(tmp_path: Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """A preset's random weights written as an HF-style directory (config.json +
+    model.safetensors) without importing transformers: fast to build in subprocess tests."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from pdserve.engine.loader import load_model
+    from pdserve.engine.presets import get_preset
+
+    cfg = get_preset(preset)
+    model, _ = load_model(preset, torch.float32, "cpu", seed)
+    out = tmp_path / f"ckpt-{preset}"
+    out.mkdir()
+    hf = {
+        "architectures": [cfg.architecture], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling_dict,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids),
+    }
+    (out / "config.json").write_text(json.dumps(hf))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()
+               if not k.endswith(("cos_cache", "sin_cache"))}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

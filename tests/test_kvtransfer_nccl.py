@@ -1,0 +1,140 @@
+"""pynccl binding and the GPU paths of the transfer layer.
+
+On a CPU box only the library lookup runs (found, or a clear error); `-m gpu` tests need
+CUDA, and the two-GPU ones (gpu2) move KV between cuda:0 and cuda:1 in two processes.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from kvtransfer_peer import PeerProc, block_bytes, make_pool
+
+from pdserve.kvtransfer import KVSender, TransferOptions
+from pdserve.kvtransfer.pynccl import (
+    NCCL_IN_PROGRESS,
+    NCCL_SUCCESS,
+    NcclLibrary,
+    NcclNotFoundError,
+    find_nccl_library,
+)
+
+
+def test_find_nccl_library_or_clear_error():
+    try:
+        path = find_nccl_library()
+    except NcclNotFoundError as e:
+        msg = str(e)
+        assert "libnccl.so.2 not found" in msg and "nvidia-nccl-cu12" in msg
+        return
+    lib = NcclLibrary(path)
+    assert lib.version >= 21400, lib.version  # non-blocking communicators need 2.14+
+    assert "success" in lib.error_string(NCCL_SUCCESS).lower()
+
+
+def _wait_ready(lib: NcclLibrary, comm: int, timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while (state := lib.comm_get_async_error(comm)) == NCCL_IN_PROGRESS:
+        assert time.monotonic() < end, "NCCL communicator did not become ready"
+        time.sleep(0.001)
+    assert state == NCCL_SUCCESS, lib.error_string(state)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_pynccl_self_send_recv_nonblocking():
+    lib = NcclLibrary()
+    torch.cuda.set_device(0)
+    comm, _ = lib.comm_init_rank(1, lib.get_unique_id(), 0, blocking=False)
+    _wait_ready(lib, comm)
+    stream = torch.cuda.Stream()
+    x = torch.arange(1 << 20, dtype=torch.int32, device="cuda")
+    y = torch.zeros_like(x)
+    nbytes = x.numel() * x.element_size()
+    lib.check(lib.group_start(), "ncclGroupStart")
+    lib.check(lib.send(x.data_ptr(), nbytes, 0, comm, stream.cuda_stream), "ncclSend",
+              allow_in_progress=True)
+    lib.check(lib.recv(y.data_ptr(), nbytes, 0, comm, stream.cuda_stream), "ncclRecv",
+              allow_in_progress=True)
+    lib.check(lib.group_end(), "ncclGroupEnd", allow_in_progress=True)
+    _wait_ready(lib, comm)
+    stream.synchronize()
+    assert torch.equal(x, y)
+    assert lib.comm_abort(comm) in (NCCL_SUCCESS, NCCL_IN_PROGRESS)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_pynccl_abort_of_a_never_joined_comm_returns():
+    """Rank 1 never joins: non-blocking init stays pending, and abort still returns."""
+    code = textwrap.dedent("""
+        import time, torch
+        from pdserve.kvtransfer.pynccl import NcclLibrary, NCCL_IN_PROGRESS
+        lib = NcclLibrary(); torch.cuda.set_device(0)
+        comm, res = lib.comm_init_rank(2, lib.get_unique_id(), 0, blocking=False)
+        time.sleep(1.0)
+        assert lib.comm_get_async_error(comm) == NCCL_IN_PROGRESS
+        t = time.monotonic(); lib.comm_abort(comm); print("abort_s", time.monotonic() - t)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "abort_s" in out.stdout
+
+
+def _two_gpu_transfer(backend: str, stacked: bool) -> None:
+    opts = {"staging_bytes": 1 << 20, "min_message_bytes": 256 << 10, "deadline_s": 30.0}
+    geo = {"num_layers": 4, "block_size": 16, "num_kv_heads": 8, "head_dim": 128}
+    rx_proc = PeerProc()
+    torch.cuda.set_device(0)
+    pool = make_pool(64, seed=1, device="cuda:0", dtype=torch.bfloat16, stacked=stacked, **geo)
+    tx = KVSender(pool, backend, TransferOptions(**opts))
+    try:
+        addr = rx_proc.call("receiver", "rx", {"num_blocks": 80, "seed": 2, "device": "cuda:1",
+                                               "dtype": torch.bfloat16, "stacked": stacked, **geo},
+                            backend, opts, timeout_s=120)
+        rng = random.Random(3)
+        reqs = {f"g{i}": (rng.sample(range(64), n), rng.sample(range(80), n))
+                for i, n in enumerate([1, 7, 20, 40])}
+        for rid, (src, dst) in reqs.items():
+            rx_proc.engine("rx", "expect", rid, dst)
+            tx.start(rid, addr, src)
+        for layer in range(geo["num_layers"]):
+            ev = torch.cuda.Event()
+            ev.record()
+            for rid in reqs:
+                tx.layer_ready(rid, layer, ev)
+        for rid in reqs:
+            tx.finish(rid, {"rid": rid})
+        res = tx.wait(60, list(reqs))
+        assert len(res) == len(reqs) and all(r.ok for r in res), res
+        got = rx_proc.engine("rx", "wait", 60, list(reqs), timeout_s=90)
+        assert all(r["ok"] and r["aux"] == {"rid": r["req_id"]} for r in got), got
+        for rid, (src, dst) in reqs.items():
+            assert rx_proc.call("blocks", "rx", dst) == block_bytes(pool, src), rid
+        c = rx_proc.call("counters", "rx")
+        assert c["num_inflight"] == 0 and c["staging_free"] == c["staging_total"]
+        assert tx.num_inflight == 0 and tx.staging_free == tx.staging_total
+    finally:
+        tx.close()
+        rx_proc.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu2
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stacked", [True, False])
+def test_nccl_kv_transfer_two_gpus(stacked):
+    _two_gpu_transfer("nccl", stacked)
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu2
+@pytest.mark.timeout(300)
+def test_ucx_kv_transfer_two_gpus():
+    _two_gpu_transfer("ucx", stacked=True)
