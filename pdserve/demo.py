@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import glob
+import math
 import random
 import sys
 import threading

@@ -22,7 +22,7 @@ from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.worker_registration import Registration
-from pdserve.worker_state import RequestAborted, ReqState, StateTable, StreamEnd
+from pdserve.worker_state import ReqState, RequestAborted, StateTable, StreamEnd
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,57 @@
+"""`pdserve bench NAME ...`: runs benchmark module pdserve.benchmarks.NAME.
+
+A benchmark module exposes `add_arguments(parser)` and `run(args) -> int`; any such module
+in this package plugs in by its name, nothing to register.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+
+# one-line help of the known benchmarks (others still run if their module exists)
+KNOWN: dict[str, str] = {
+    "transfer": "KV transfer time vs input length, against a raw send of the same bytes",
+    "decode": "decode step time vs the HBM roofline",
+    "prefill": "prefill throughput (MFU) vs the measured matmul peak",
+    "hf": "parity and speed against HF transformers",
+    "serve": "end-to-end serving: TTFT, TPOT, goodput; P/D vs colocated",
+}
+
+
+_NOT_BENCHMARKS = {"cli", "plotting"}  # helpers that live beside the benchmarks
+
+
+def _exists(name: str) -> bool:
+    return (name.isidentifier() and not name.startswith("_") and name not in _NOT_BENCHMARKS
+            and importlib.util.find_spec(f"pdserve.benchmarks.{name}") is not None)
+
+
+def available() -> dict[str, str]:
+    """Benchmarks whose module is importable here -> help text."""
+    return {n: h for n, h in KNOWN.items() if _exists(n)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = available()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "benchmarks:\n" + "\n".join(f"  {n:<10} {h}" for n, h in names.items()) + \
+        "\n\nRun `pdserve bench NAME --help` for a benchmark's options."
+    parser.add_argument("name", metavar="NAME", help="benchmark to run: " + ", ".join(names))
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    name = args.name
+    if not _exists(name):
+        print(f"pdserve bench: unknown benchmark {name!r}; available: {', '.join(available())}")
+        return 2
+    module = importlib.import_module(f"pdserve.benchmarks.{name}")
+    if not hasattr(module, "add_arguments") or not hasattr(module, "run"):
+        print(f"pdserve bench: pdserve.benchmarks.{name} is not a benchmark (no add_arguments/run)")
+        return 2
+    parser = argparse.ArgumentParser(prog=f"pdserve bench {name}",
+                                     description=KNOWN.get(name, module.__doc__))
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(args.rest)) or 0)

@@ -1,0 +1,131 @@
+"""Small, generic output helpers for benchmarks: CSV, markdown tables, line plots, run info.
+
+Every benchmark writes the same three artefacts under its --out directory:
+`NAME.csv` (all columns), `NAME.md` (a table plus notes) and `NAME.png` (a plot).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+Row = Mapping[str, Any]
+
+
+def ensure_dir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _fmt(value: Any, floatfmt: str) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return format(value, floatfmt)
+    return str(value)
+
+
+def columns_of(rows: Sequence[Row]) -> list[str]:
+    """Union of the rows' keys, in first-seen order."""
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(r))
+    return list(cols)
+
+
+def write_csv(path: str, rows: Sequence[Row], columns: Sequence[str] | None = None) -> str:
+    cols = list(columns or columns_of(rows))
+    ensure_dir(os.path.dirname(path) or ".")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+    return path
+
+
+def markdown_table(rows: Sequence[Row], columns: Sequence[str] | None = None,
+                   floatfmt: str = ".3g") -> str:
+    cols = list(columns or columns_of(rows))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, ""), floatfmt) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, rows: Sequence[Row], columns: Sequence[str] | None = None,
+                   title: str | None = None, notes: Iterable[str] = (),
+                   meta: Mapping[str, Any] | None = None, floatfmt: str = ".3g") -> str:
+    parts = [f"# {title}\n"] if title else []
+    if meta:
+        parts.append("\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n")
+    parts.append(markdown_table(rows, columns, floatfmt) + "\n")
+    notes = list(notes)
+    if notes:
+        parts.append("\n".join(notes) + "\n")
+    ensure_dir(os.path.dirname(path) or ".")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
+
+
+def plot_lines(path: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+               xlabel: str, ylabel: str, title: str = "", logx: bool = False,
+               logy: bool = False, styles: Mapping[str, str] | None = None) -> str | None:
+    """One line per series name -> (xs, ys). Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), (styles or {}).get(name, "o-"), label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    ensure_dir(os.path.dirname(path) or ".")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def json_line(row: Row) -> str:
+    return json.dumps(dict(row), separators=(", ", ": "))
+
+
+def run_metadata(device: str = "cpu") -> dict[str, str]:
+    """Where and when a result was taken: date, commit, host, torch, device name."""
+    meta = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "host": platform.node()}
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                                        capture_output=True, text=True, timeout=5).stdout.strip() or "none"
+    except (OSError, subprocess.SubprocessError):
+        meta["commit"] = "unknown"
+    try:
+        import torch
+        meta["torch"] = torch.__version__
+        if device.startswith("cuda") and torch.cuda.is_available():
+            meta["device"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+        else:
+            meta["device"] = f"cpu ({os.cpu_count()} cores)"
+    except ImportError:
+        meta["device"] = device
+    return meta

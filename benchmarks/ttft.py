@@ -1,0 +1,151 @@
+"""`pdserve bench ttft`: TTFT breakdown of disaggregated serving against a prefill-only run.
+
+Starts a 1 prefill + 1 decode cluster (cuda:0 / cuda:1 over NCCL, or CPU over UCX) and,
+as the baseline, one colocated worker on the prefill device. For each input length it sends
+sequential requests and reports, as medians:
+  queue_ms     coordinator + prefill-worker queueing
+  prefill_ms   the prefill forward (first token sampled), reported by the prefill worker
+  tail_ms      KV transfer still running after the last layer's compute (transfer tail)
+  decode1_ms   first decode step: client-side gap between token 0 and token 1
+  ttft_ms      client-side time to the first token; baseline_ttft_ms for the colocated run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from tqdm import tqdm
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--devices", default="0,1", help="'0,1' (prefill, decode GPUs) or 'cpu'")
+    p.add_argument("--transfer", default=None, choices=["nccl", "ucx"],
+                   help="default: nccl on GPUs, ucx on cpu")
+    p.add_argument("--input-lens", default="512,2048,8192")
+    p.add_argument("--iters", type=int, default=5, help="requests per input length")
+    p.add_argument("--max-tokens", type=int, default=4)
+    p.add_argument("--no-baseline", action="store_true", help="skip the colocated prefill-only run")
+    p.add_argument("--worker-arg", action="append", default=[],
+                   help="extra worker flag (repeatable), e.g. --worker-arg=--enforce-eager")
+    p.add_argument("--out", default="benchmarks/results/ttft")
+    p.add_argument("--json", action="store_true")
+
+
+def _prompt(n: int, salt: int) -> list[int]:
+    return [(salt * 7919 + 31 * i) % 251 + 1 for i in range(n)]  # distinct: no prefix hits
+
+
+def _measure(address: str, lens: list[int], iters: int, max_tokens: int, label: str) -> dict:
+    from pdserve.coordinator.client import Client
+
+    out: dict[int, dict[str, list[float]]] = {}
+    with Client(address, timeout_s=600) as cl:
+        cl.generate(_prompt(64, 0), max_tokens=2, temperature=0.0, ignore_eos=True)  # warm-up
+        bar = tqdm(total=len(lens) * (iters + 1), desc=label)
+        for n in lens:
+            rec: dict[str, list[float]] = {k: [] for k in
+                                           ("ttft_ms", "decode1_ms", "queue_ms", "prefill_ms",
+                                            "tail_ms", "kv_bytes")}
+            for it in range(iters + 1):  # the first one of each length warms it up
+                t0 = time.perf_counter()
+                stamps: list[float] = []
+                metrics: dict = {}
+                for ch in cl.stream(_prompt(n, it + 1), max_tokens=max_tokens, temperature=0.0,
+                                    ignore_eos=True, skip_text=True):
+                    stamps += [time.perf_counter()] * len(ch.token_ids)
+                    if ch.finished:
+                        metrics = ch.metrics or {}
+                bar.update()
+                if it == 0:
+                    continue
+                rec["ttft_ms"].append((stamps[0] - t0) * 1e3)
+                if len(stamps) > 1:
+                    rec["decode1_ms"].append((stamps[1] - stamps[0]) * 1e3)
+                rec["queue_ms"].append(metrics.get("queue_ms", 0.0))
+                rec["prefill_ms"].append(metrics.get("prefill_ms", 0.0))
+                rec["tail_ms"].append(metrics.get("transfer_ms", 0.0))
+                rec["kv_bytes"].append(float(metrics.get("kv_bytes", 0)))
+            out[n] = rec
+        bar.close()
+    return {n: {k: (statistics.median(v) if v else float("nan")) for k, v in r.items()}
+            for n, r in out.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdserve.cluster import LocalCluster
+
+    lens = [int(x) for x in args.input_lens.split(",") if x]
+    devs = args.devices
+    with LocalCluster(args.model, prefill=1, decode=1, devices=devs, transfer=args.transfer,
+                      worker_args=args.worker_arg, start_timeout_s=600) as c:
+        c.wait_ready(600)
+        disagg = _measure(c.address, lens, args.iters, args.max_tokens, "disaggregated")
+    base = {}
+    if not args.no_baseline:
+        first = devs.split(",")[0] if devs != "cpu" else "cpu"
+        with LocalCluster(args.model, prefill=0, decode=0, both=1, devices=first,
+                          worker_args=args.worker_arg, start_timeout_s=600) as c:
+            c.wait_ready(600)
+            base = _measure(c.address, lens, args.iters, args.max_tokens, "prefill-only")
+    rows = []
+    for n in lens:
+        d = disagg[n]
+        b = base.get(n, {}).get("ttft_ms", float("nan"))
+        rows.append({"input_len": n, "ttft_ms": d["ttft_ms"], "queue_ms": d["queue_ms"],
+                     "prefill_ms": d["prefill_ms"], "tail_ms": d["tail_ms"],
+                     "decode1_ms": d["decode1_ms"], "kv_mib": d["kv_bytes"] / 2**20,
+                     "baseline_ttft_ms": b, "ttft_ratio": d["ttft_ms"] / b if b == b else float("nan"),
+                     "target_ms": 1.02 * b + 0.5})
+        if args.json:
+            print(json.dumps(rows[-1]))
+    _write(args.out, rows, f"TTFT breakdown, 1P1D {args.model}, devices {devs}")
+    return 0
+
+
+def _write(out_dir: str, rows: list[dict], title: str) -> None:
+    import csv
+    import subprocess
+    from datetime import date
+    from pathlib import Path
+
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(rows[0])
+    with open(out / "ttft.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    lines = [f"# {title}", "", f"device: {dev} x{max(1, torch.cuda.device_count())}; "
+             f"date: {date.today()}; commit: {commit}", "",
+             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])
+                                for k in keys) + " |" for r in rows]
+    lines += ["", "```", (__doc__ or "").strip(), "```", ""]
+    (out / "ttft.md").write_text("\n".join(lines))
+    print("\n".join(lines[:len(rows) + 6]))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    x = [r["input_len"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in ("ttft_ms", "baseline_ttft_ms", "prefill_ms", "tail_ms"):
+        ax.plot(x, [r[k] for r in rows], marker="o", label=k)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("input tokens")
+    ax.set_ylabel("ms")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ttft.png", dpi=120)
