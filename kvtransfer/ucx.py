@@ -47,7 +47,8 @@ class UcxBackend(Backend):
         self._array = Array
         self.device = torch.device(device)
         self._close_timeout_ns = int(close_timeout_s * 1e9)
-        self._ctx = ucx_api.UCXContext({})
+        # ucxx itself exports UCX_MEMTYPE_CACHE, which this UCX no longer knows: no warning
+        self._ctx = ucx_api.UCXContext({"WARN_UNUSED_ENV_VARS": "n"})
         self._worker = ucx_api.UCXWorker(self._ctx)
         if self.device.type == "cuda":
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()

@@ -18,6 +18,7 @@ waits `stop_grace_s`, then SIGKILLs what is left. Each child's stdout and stderr
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import re
 import signal
@@ -93,9 +94,7 @@ def parse_devices(devices: str | Sequence[str], n_workers: int) -> list[str]:
     if spec == "cpu":
         return ["cpu"] * n_workers
     if spec == "auto":
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = cuda_device_count()
         if count == 0:
             return ["cpu"] * n_workers
         if count < n_workers:
@@ -115,6 +114,15 @@ def parse_devices(devices: str | Sequence[str], n_workers: int) -> list[str]:
         raise ClusterError(f"--devices gives {len(out)} GPU(s) ({devices}) for {n_workers} workers; "
                            "each worker needs its own GPU")
     return out[:n_workers]
+
+
+def cuda_device_count() -> int:
+    """Visible CUDA devices; skips importing torch on a Linux machine with no NVIDIA device."""
+    if sys.platform.startswith("linux") and not glob.glob("/dev/nvidia[0-9]*"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def role_counts(prefill: int, decode: int, both: int) -> str:

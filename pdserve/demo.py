@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import math
 import random
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from pdserve.cluster import ClusterError, LocalCluster, role_counts
+from pdserve.cluster import ClusterError, LocalCluster, cuda_device_count, role_counts
 
 MIN_PROMPT, MAX_PROMPT = 4, 384  # tokens
 MIN_NEW, MAX_NEW = 16, 32
@@ -81,15 +79,11 @@ def make_cases(n: int, vocab_size: int, max_model_len: int, seed: int = 0) -> li
 
 
 def pick_devices(devices: str) -> str:
-    """auto: "0,1" when two CUDA devices are visible, else "cpu" (without importing torch
-    when the machine has no NVIDIA device files, so the CPU demo starts its children sooner)."""
+    """auto: "0,1" (prefill on cuda:0, decode on cuda:1) when two CUDA devices are visible,
+    else "cpu"."""
     if devices.strip().lower() != "auto":
         return devices
-    if not glob.glob("/dev/nvidia[0-9]*") and sys.platform.startswith("linux"):
-        return "cpu"
-    import torch
-
-    return "0,1" if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else "cpu"
+    return "0,1" if cuda_device_count() >= 2 else "cpu"
 
 
 def colocated_outputs(cases: list[Case], model: str, device: str, dtype: str) -> None:

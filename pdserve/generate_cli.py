@@ -117,6 +117,12 @@ def _run_local(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: INVALID_ARGUMENT: {e}", file=sys.stderr)
         return 1
+    except FileNotFoundError as e:  # before OSError: a missing model directory or file
+        print(f"error: NOT_FOUND: {e}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as e:  # unreadable checkpoint, bad device, ...
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     _print_result(args, result, streamed=False)
     return 0
 

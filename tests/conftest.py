@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import kernels_env  # noqa: F401  (TRITON_INTERPRET=1 without CUDA, before anything imports triton)
 import pytest
 import torch
 

@@ -53,9 +53,7 @@ def test_prompt_text_with_tiny_preset() -> None:
     (["--max-tokens", "0"], "max_tokens"),
     (["--dtype", "float64"], "--dtype"),
     (["--prompt-ids", "1,x"], "--prompt-ids"),
-    pytest.param(["--model", "no-such-model-dir"], "no-such-model-dir", marks=pytest.mark.xfail(
-        strict=True, reason="generate_cli catches ValueError only: a missing model directory "
-        "(FileNotFoundError) ends in a traceback")),
+    (["--model", "no-such-model-dir"], "no-such-model-dir"),
 ])
 def test_bad_flag_values_exit_nonzero(flags, message) -> None:
     args = ["generate", "--local", "--model", "tiny", "--max-tokens", "3"]

@@ -48,21 +48,6 @@ def test_report_pass_and_fail():
 
 @pytest.mark.slow
 @needs_workers
-@pytest.mark.timeout(90)
-def test_demo_colocated_worker_in_process(tmp_path):
-    """The demo's own machinery against one `both` worker (no KV transfer involved)."""
-    from pdserve.demo import run_demo
-
-    console = Console(record=True, width=120)
-    rc = run_demo(console, devices="cpu", num_prompts=4, prefill=0, decode=0, both=1,
-                  timeout_s=60, log_dir=str(tmp_path))
-    text = console.export_text()
-    assert rc == 0, text
-    assert "PASS" in text
-
-
-@pytest.mark.slow
-@needs_workers
 @pytest.mark.timeout(120)
 def test_demo_cli_passes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pdserve.cli", "demo", "--devices", "cpu",

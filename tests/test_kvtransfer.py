@@ -203,7 +203,7 @@ def test_fan_in_two_senders_one_receiver(peers):
                 dst_all = dst_all[6:]
                 rx.expect(rid, dst)
                 jobs[rid] = (proc, name, src, dst)
-        for rid, (proc, name, src, dst) in jobs.items():  # both senders interleaved
+        for rid, (proc, name, src, _) in jobs.items():  # both senders interleaved
             proc.engine(name, "start", rid, rx.address, src)
             proc.engine(name, "finish", rid, {"from": name})
         _wait_ok(rx.wait(20, list(jobs)), len(jobs))

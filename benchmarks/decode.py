@@ -1,0 +1,114 @@
+"""`pdserve bench decode`: decode step time over a batch x context grid vs the HBM roofline.
+
+roofline_ms = (weight bytes read per step + KV bytes read) / copy bandwidth, the copy
+bandwidth measured in the same run (device-to-device copy, read + write bytes counted).
+Sequences are built directly over a KV pool of random data (no real prefill); grid points
+whose KV does not fit the pool are skipped and listed. Triton attention + CUDA graphs
+unless --attention torch / --enforce-eager. Targets (design §6): batch 1 <= 1.15 x roofline,
+batch 64 at 2k context <= 1.3 x.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from tqdm import tqdm
+
+from pdserve.benchmarks import engine_bench as eb
+from pdserve.benchmarks import plotting
+
+COLUMNS = ["batch", "ctx", "step_ms", "fwd_ms", "roofline_ms", "ratio", "fwd_ratio",
+           "weights_gb", "kv_gb", "tok_s", "graphs"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    eb.add_common_arguments(p, out="benchmarks/results/decode")
+    p.add_argument("--batch-sizes", type=eb.int_list, default=[1, 8, 32, 64, 128, 256])
+    p.add_argument("--contexts", type=eb.int_list, default=[512, 2048, 8192],
+                   help="context lengths (tokens already cached + the new one)")
+    p.add_argument("--iters", type=int, default=20, help="timed steps per point (median)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--mem-fraction", type=float, default=0.85,
+                   help="fraction of free memory (after weights) for the KV pool")
+    p.add_argument("--block-size", type=int, default=16)
+
+
+def run(args: argparse.Namespace) -> int:
+    device, dtype = eb.resolve(args)
+    meta = plotting.run_metadata(device)
+    bw = eb.copy_bandwidth_gbs(device)
+    model, mcfg = eb.load(args.model, device, dtype, args.seed)
+    bs = args.block_size
+    grid = [(b, c) for c in sorted(args.contexts) for b in sorted(args.batch_sizes)]
+    need = {(b, c): b * -(-c // bs) for b, c in grid}
+    fit = eb.free_kv_blocks(mcfg, bs, dtype, device, args.mem_fraction)
+    pool = min(fit, max(need.values()))
+    bench = eb.build(model, mcfg, device, dtype, args.attention, pool, bs, args.seed)
+    fits = [(b, c) for b, c in grid if need[b, c] <= pool]
+    graphs = False
+    if not args.enforce_eager and fits:
+        max_len = max(c for _, c in fits)
+        graphs = bench.runner.capture_cuda_graphs(
+            max(b for b, _ in fits), max_len, pad_block=pool,
+            sizes=sorted({b for b, _ in fits}), progress=True)
+    weight_bytes = eb.weight_bytes_per_step(model, mcfg)
+    kv_tok = mcfg.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size())
+    rows, skipped = [], []
+    for b, c in tqdm(grid, desc="decode grid"):
+        if need[b, c] > pool:
+            skipped.append(f"{b}x{c}")
+            continue
+        out = eb.decode_step(b, c, pool, bs, args.seed)
+        t = eb.measure_step(bench, out, args.iters, args.warmup)
+        kv_bytes = b * c * kv_tok
+        roof = (weight_bytes + kv_bytes) / (bw * 1e9) * 1e3
+        rows.append({"batch": b, "ctx": c, "step_ms": t["step_ms"], "fwd_ms": t["fwd_ms"],
+                     "roofline_ms": roof, "ratio": t["step_ms"] / roof,
+                     "fwd_ratio": t["fwd_ms"] / roof, "weights_gb": weight_bytes / 1e9,
+                     "kv_gb": kv_bytes / 1e9, "tok_s": b / (t["step_ms"] * 1e-3),
+                     "graphs": bench.runner.uses_graph(out)})
+    meta.update({"model": f"{args.model} ({args.dtype or dtype})", "attention": args.attention,
+                 "cuda_graphs": graphs, "copy_bw": f"{bw:.0f} GB/s (read + write)",
+                 "kv_pool": f"{pool} blocks of {bs}"})
+    notes = ["step_ms: whole engine step (prepare + forward + logits + sampling); fwd_ms: "
+             "forward alone (graph replay), back to back; ratio = step_ms / roofline_ms."]
+    notes += _targets(rows)
+    if skipped:
+        notes.append(f"skipped (KV does not fit the pool): {', '.join(skipped)}")
+
+    def plot(path: str):
+        series, styles = {}, {}
+        for c in sorted({r["ctx"] for r in rows}):
+            pts = [r for r in rows if r["ctx"] == c]
+            series[f"ctx {c}"] = ([r["batch"] for r in pts], [r["step_ms"] for r in pts])
+            series[f"ctx {c} roofline"] = ([r["batch"] for r in pts], [r["roofline_ms"] for r in pts])
+            styles[f"ctx {c} roofline"] = "--"
+        return plotting.plot_lines(path, series, "batch", "ms per decode step",
+                                   title=f"decode step vs HBM roofline, {meta.get('device')}",
+                                   logx=True, logy=True, styles=styles)
+
+    eb.emit(args, "decode", rows, COLUMNS, f"Decode step vs HBM roofline ({args.model})", meta,
+            notes, plot if rows else None)
+    return 0
+
+
+def _targets(rows: list[dict]) -> list[str]:
+    out = []
+    b1 = [r for r in rows if r["batch"] == 1]
+    if b1:
+        r = min(b1, key=lambda r: r["ctx"])
+        out.append(f"target batch 1 (ctx {r['ctx']}) <= 1.15x roofline: {r['ratio']:.3f}x "
+                   f"-> {'PASS' if r['ratio'] <= 1.15 else 'MISS'}")
+    b64 = [r for r in rows if r["batch"] == 64 and r["ctx"] == 2048]
+    if b64:
+        r = b64[0]
+        out.append(f"target batch 64 @ 2k <= 1.3x roofline: {r['ratio']:.3f}x "
+                   f"-> {'PASS' if r['ratio'] <= 1.3 else 'MISS'}")
+    return out
+
+
+if __name__ == "__main__":
+    _p = argparse.ArgumentParser(prog="pdserve bench decode", description=__doc__)
+    add_arguments(_p)
+    raise SystemExit(run(_p.parse_args()))
