@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
+import pkgutil
 
 # one-line help of the known benchmarks (others still run if their module exists)
 KNOWN: dict[str, str] = {
@@ -29,8 +31,22 @@ def _exists(name: str) -> bool:
 
 
 def available() -> dict[str, str]:
-    """Benchmarks whose module is importable here -> help text."""
-    return {n: h for n, h in KNOWN.items() if _exists(n)}
+    """Benchmarks present here -> help text (known ones first, then any other module of
+    this package that defines add_arguments and run, found without importing it)."""
+    found = {n: h for n, h in KNOWN.items() if _exists(n)}
+    here = os.path.dirname(os.path.abspath(__file__))
+    for mod in pkgutil.iter_modules([here]):
+        if mod.name in found or not _exists(mod.name):
+            continue
+        try:
+            with open(os.path.join(here, f"{mod.name}.py")) as f:
+                text = f.read()
+        except OSError:
+            continue
+        if "\ndef add_arguments(" in text and "\ndef run(" in text:
+            found[mod.name] = (text.split('"""')[1].strip().splitlines() or [""])[0] \
+                if text.lstrip().startswith('"""') else ""
+    return found
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                      "fwd_ratio": t["fwd_ms"] / roof, "weights_gb": weight_bytes / 1e9,
                      "kv_gb": kv_bytes / 1e9, "tok_s": b / (t["step_ms"] * 1e-3),
                      "graphs": bench.runner.uses_graph(out)})
-    meta.update({"model": f"{args.model} ({args.dtype or dtype})", "attention": args.attention,
+    meta.update({"model": f"{args.model} ({str(dtype).removeprefix('torch.')})",
+                 "attention": args.attention,
                  "cuda_graphs": graphs, "copy_bw": f"{bw:.0f} GB/s (read + write)",
                  "kv_pool": f"{pool} blocks of {bs}"})
     notes = ["step_ms: whole engine step (prepare + forward + logits + sampling); fwd_ms: "

@@ -185,10 +185,12 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 2 << 30, iters: int = 10) -> f
     """Device-to-device copy bandwidth, counting read + write bytes (GB/s, 1e9)."""
     if not device.startswith("cuda"):
         nbytes = min(nbytes, 256 << 20)
-    src = torch.empty(nbytes // 2, dtype=torch.int16, device=device).random_()
-    dst = torch.empty_like(src)
-    ms = median(time_ms(lambda: dst.copy_(src), iters, 2, device))
-    del src, dst
+    def measure() -> float:
+        src = torch.empty(nbytes // 2, dtype=torch.int16, device=device).random_()
+        dst = torch.empty_like(src)
+        return median(time_ms(lambda: dst.copy_(src), iters, 2, device))
+
+    ms = measure()  # the buffers are gone once it returns
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return 2 * nbytes / (ms * 1e-3) / 1e9

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU suite for a lent 2-GPU machine (torch/triton from the image; ucxx carried as wheels).
-#   bash benchmarks/gpu_suite.sh OUTDIR [setup] [tests] [kernels] [transfer] [ttft] [engine]
+#   bash benchmarks/gpu_suite.sh OUTDIR [setup] [tests] [nccltests] [kernels] [transfer] [ttft] [engine]
 # Each part writes a log and its results under OUTDIR; a part's failure does not stop the rest.
 set -u
 OUT=${1:?usage: gpu_suite.sh OUTDIR [parts...]}; shift
-PARTS=${*:-setup tests kernels transfer ttft engine}
+PARTS=${*:-setup tests nccltests kernels transfer ttft engine}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n
@@ -28,14 +28,10 @@ if part setup; then
   python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.device_count())"
   python3 -c "import ucxx; print('ucxx', ucxx.__version__)" 2>&1 | tail -1
 fi
-part tests && step gpu_tests 240 python3 -m pytest -q -m "gpu or gpu2" -rs -x --timeout 200 tests
-part kernels && step kernels 200 python3 -m pdserve.kernels.bench_kernels --quick --json "$OUT/kernels.json"
-if part transfer; then
-  step transfer_nccl 150 $PD bench transfer --backend nccl --device cuda --geometry llama-3.1-8b \
-    --input-lens 512,2048,8192,32768 --layerwise --out "$OUT/transfer"
-  step transfer_ucx 150 $PD bench transfer --backend ucx --device cuda --geometry llama-3.1-8b \
-    --input-lens 512,2048,8192,32768 --layerwise --out "$OUT/transfer"
-fi
+part tests && step gpu_tests 200 python3 -m pytest -q -m "gpu or gpu2" -rs --timeout 60 -k "not nccl" tests
+part nccltests && step nccl_tests 120 python3 -m pytest -q -rs --timeout 40 tests/test_kvtransfer_nccl.py
+part kernels && step kernels 170 python3 -m pdserve.kernels.bench_kernels --quick --json "$OUT/kernels.json"
+part transfer && step transfer 330 bash benchmarks/gpu_transfer_check.sh "$OUT/transfer" nccl ucx
 part ttft && step ttft 300 $PD bench ttft --model llama-3.1-8b --devices 0,1 --transfer nccl \
   --input-lens 512,2048,8192 --iters 5 --out "$OUT/ttft"
 if part engine && [ -f benchmarks/gpu_engine_suite.sh ]; then

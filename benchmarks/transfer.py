@@ -30,7 +30,14 @@ import numpy as np
 import torch
 
 from pdserve.benchmarks import plotting
-from pdserve.kvtransfer import KVGeometry, KVReceiver, KVSender, TransferOptions, create_backend
+from pdserve.kvtransfer import (
+    Backend,
+    KVGeometry,
+    KVReceiver,
+    KVSender,
+    TransferOptions,
+    create_backend,
+)
 
 GEOMETRIES: dict[str, dict[str, Any]] = {  # llama-3.1-8b: 128 KiB of KV per token
     "tiny": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float32"},
@@ -54,11 +61,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--staging-mib", type=float, default=64.0, help="staging buffer = largest message")
     p.add_argument("--num-staging", type=int, default=4, help="staging buffers per side")
-    p.add_argument("--min-message-mib", type=float, default=8.0,
+    p.add_argument("--min-message-mib", type=float, default=16.0,
                    help="first/last message size of a coalesced run")
     p.add_argument("--poll-us", type=float, default=None,
                    help="progress-loop poll interval while busy (default 0 = spin on cuda, 100 on cpu)")
+    p.add_argument("--ucx-progress", choices=["blocking", "polling"], default=None,
+                   help="ucx progress thread mode (default: polling on cuda, blocking on cpu)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def new_backend(name: str, device: torch.device, ucx_polling: bool) -> Backend:
+    if name == "ucx":
+        return create_backend(name, device=device, polling=ucx_polling)
+    return create_backend(name, device=device)
 
 
 def make_pool(geo: dict[str, Any], block_size: int, num_blocks: int, device: torch.device,
@@ -93,9 +108,12 @@ def _receiver_main(conn: Any, cfg: dict[str, Any]) -> None:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     pool = make_pool(cfg["geo"], cfg["block_size"], cfg["rx_blocks"], dev, seed=cfg["seed"] + 1)
-    rx = KVReceiver(pool, cfg["backend"], TransferOptions(**cfg["options"]))
-    base = create_backend(cfg["backend"], device=dev)
+    rx = KVReceiver(pool, new_backend(cfg["backend"], dev, cfg["ucx_polling"]),
+                    TransferOptions(**cfg["options"]))
+    base = new_backend(cfg["backend"], dev, cfg["ucx_polling"])
     rbuf = torch.empty(max(cfg["max_bytes"], 1), dtype=torch.uint8, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     conn.send((rx.address, base.address()))
     bpeer = None
     while True:
@@ -156,7 +174,8 @@ class _Bench:
                         "layerwise": args.layerwise}
         self.cfg = {"rx_device": rx_dev, "geo": self.geo, "block_size": self.bs, "seed": args.seed,
                     "rx_blocks": self.num_blocks, "backend": args.backend,
-                    "options": self.options, "max_bytes": self.max_bytes}
+                    "options": self.options, "max_bytes": self.max_bytes,
+                    "ucx_polling": (args.ucx_progress or ("polling" if cuda else "blocking")) == "polling"}
         self.rng = random.Random(args.seed)
         self.seq = 0
 
@@ -191,6 +210,7 @@ class _Bench:
         if not res.ok:
             raise RuntimeError(f"transfer {rid} failed: {res.error}")
         self.rids.append(rid)
+        self.num_messages = res.num_messages
         return res.done_at - t0
 
     def baseline(self, nbytes: int) -> float:
@@ -214,9 +234,13 @@ class _Bench:
         if self.dev.type == "cuda":
             torch.cuda.set_device(self.dev)
         pool = make_pool(self.geo, self.bs, self.num_blocks, self.dev, seed=a.seed)
-        self.tx = KVSender(pool, a.backend, TransferOptions(**self.options))
-        self.base = create_backend(a.backend, device=self.dev)
+        polling = self.cfg["ucx_polling"]
+        self.tx = KVSender(pool, new_backend(a.backend, self.dev, polling),
+                           TransferOptions(**self.options))
+        self.base = new_backend(a.backend, self.dev, polling)
         self.sbuf = torch.ones(max(self.max_bytes, 1), dtype=torch.uint8, device=self.dev)
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
         self.rx_addr, rx_base_addr = self._recv()
         token = self.base.new_token()
         self.conn.send(("bconnect", token, self.base.address()))
@@ -268,7 +292,7 @@ class _Bench:
                 "gbps": nbytes / p50 / 1e9, "baseline_gbps": nbytes / b50 / 1e9, "ratio": b50 / p50,
                 "verified": verified, "baseline_p50_ms": b50 * 1e3,
                 "raw_p50_ms": float(np.median(raw)) * 1e3, "empty_rtt_ms": self.empty_rtt * 1e3,
-                "pipe_rtt_ms": self.pipe_rtt * 1e3}
+                "pipe_rtt_ms": self.pipe_rtt * 1e3, "messages": self.num_messages}
 
 
 def fit_latency_bandwidth(nbytes: list[int], times_ms: list[float]) -> tuple[float, float]:
@@ -310,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             print(plotting.json_line({k: r[k] for k in KEYS} | {k: v for k, v in r.items() if k not in KEYS}))
     else:
-        print(plotting.markdown_table(rows, KEYS + ["baseline_p50_ms", "raw_p50_ms"]), file=out)
+        print(plotting.markdown_table(rows, KEYS + ["baseline_p50_ms", "raw_p50_ms", "messages"]),
+              file=out)
     for line in fit_lines:
         print(line, file=out)
     _write_outputs(args, bench, rows, fit_lines)
@@ -328,7 +353,7 @@ def _write_outputs(args: argparse.Namespace, bench: _Bench, rows: list[dict[str,
         "- transfer: sender start() -> receiver's done ack, minus an empty request's round trip",
         "- baseline: one contiguous send of the same bytes, same backend, receive pre-posted"]
     plotting.write_csv(f"{out}/{stem}.csv", rows)
-    plotting.write_markdown(f"{out}/{stem}.md", rows, KEYS + ["baseline_p50_ms"],
+    plotting.write_markdown(f"{out}/{stem}.md", rows, KEYS + ["baseline_p50_ms", "messages"],
                             title=f"KV transfer: {args.backend} on {args.device}, {args.geometry}",
                             notes=notes, meta=meta)
     xs = [r["input_len"] for r in rows]

@@ -10,7 +10,9 @@
   contiguous tensors; a config sweep at 8k;
 - kv: store / pack / unpack GB/s vs copy of the same bytes and the torch references;
 - norm/rope: fused RMSNorm(+residual) and rotary vs torch eager.
-Timings: triton.testing.do_bench, median.
+Timings: triton.testing.do_bench, median (includes host launch cost when the GPU idles);
+decode also reports graph_us, per call inside a CUDA graph (do_bench_cudagraph: GPU time,
+as the engine's captured decode step sees it, L2 warm). The last line is a SUMMARY.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from ._common import device_sms
 from .decode_attention import choose_num_splits, decode_attention
@@ -45,6 +47,11 @@ ROWS: list[dict] = []
 def ms(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
     """Median milliseconds of fn(*args, **kwargs)."""
     return do_bench(lambda: fn(*args, **kwargs), warmup=25, rep=100, return_mode="median")
+
+
+def graph_ms(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
+    """Median milliseconds per call of fn replayed inside a CUDA graph (no host overhead)."""
+    return do_bench_cudagraph(lambda: fn(*args, **kwargs), rep=50, return_mode="median")
 
 
 def report(section: str, **row: object) -> None:
@@ -83,10 +90,15 @@ def bench_decode(copy_gbs: float, quick: bool) -> None:
             tables = random_tables(b, ctx // BS, pool_blocks)
             lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
             t = ms(decode_attention, q, cache, tables, lens, D**-0.5, ctx)
+            try:
+                tg_us = graph_ms(decode_attention, q, cache, tables, lens, D**-0.5, ctx) * 1e3
+            except Exception as exc:  # graph capture problems must not hide the eager rows
+                print(f"  graph timing failed: {type(exc).__name__}: {exc}")
+                tg_us = float("nan")
             kv_bytes = b * ctx * HKV * D * 2 * cache.element_size()
             roof_us = kv_bytes / (copy_gbs * 1e3)
             report("decode", batch=b, ctx=ctx, splits=choose_num_splits(b, HKV, ctx, device_sms(q)),
-                   us=t * 1e3, roofline_us=roof_us, gbs=kv_bytes / t / 1e6,
+                   us=t * 1e3, graph_us=tg_us, roofline_us=roof_us, gbs=kv_bytes / t / 1e6,
                    x_roofline=t * 1e3 / roof_us)
     del cache
 
@@ -113,9 +125,11 @@ def bench_prefill(peak_tflops: float, quick: bool) -> None:
         t_sdpa = ms(F.scaled_dot_product_attention, qc, kc, kc, is_causal=True)
         report("prefill", seqs=n, seq_len=s, ms=t, tflops=flops / t / 1e9,
                pct_peak=100 * flops / t / 1e9 / peak_tflops, sdpa_tflops=flops / t_sdpa / 1e9)
-        if s == 8192:
-            for cfg in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                        (128, 32, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3)]:
+        sweep = {512: [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+                 8192: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                        (128, 32, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3)]}
+        if s in sweep:
+            for cfg in sweep[s]:
                 try:
                     tc = ms(prefill_attention, q, cache, tables, lens, qsl, s, D**-0.5,
                             config=cfg)
@@ -169,6 +183,21 @@ def bench_norm_rope() -> None:
                eager_us=ms(apply_rope_ref, q, k, pos, cs) * 1e3)
 
 
+def summary_line() -> str:
+    """One line with the headline numbers, for the tail of a log."""
+    def pick(section: str, key: str, **match: object) -> str:
+        for r in ROWS:
+            if r["section"] == section and all(r.get(k) == v for k, v in match.items()):
+                return f"{r[key]:.1f}"
+        return "n/a"
+    return ("SUMMARY decode b1 ctx512 us=" + pick("decode", "us", batch=1, ctx=512)
+            + " graph_us=" + pick("decode", "graph_us", batch=1, ctx=512)
+            + " | decode b64 ctx2048 us=" + pick("decode", "us", batch=64, ctx=2048)
+            + " graph_us=" + pick("decode", "graph_us", batch=64, ctx=2048)
+            + " | prefill 8k tflops=" + pick("prefill", "tflops", seq_len=8192)
+            + " (sdpa " + pick("prefill", "sdpa_tflops", seq_len=8192) + ")")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
@@ -196,6 +225,7 @@ def main() -> None:
             except Exception as exc:  # report and go on with the other sections
                 print(f"!! section {name} failed: {type(exc).__name__}: {exc}")
             torch.cuda.empty_cache()
+    print(summary_line())
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev, "copy_gbs": copy_gbs, "matmul_tflops": peak,

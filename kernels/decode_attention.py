@@ -19,9 +19,10 @@ import triton.language as tl
 from ._common import LOG2E, device_sms, dot_upcast, mma, next_pow2, use_triton
 from .reference import decode_attention_ref
 
-MAX_SPLITS = 32
-MIN_SPLIT_TOKENS = 256  # a split covers at least this many context tokens
-PROGRAMS_PER_SM = 4  # split until B * Hkv * splits reaches this many programs per SM
+MAX_SPLITS = 16
+MIN_SPLIT_TOKENS = 512  # a split covers at least this many context tokens
+PROGRAMS_PER_SM = 2  # split until B * Hkv * splits reaches this many programs per SM
+SHORT_CONTEXT = 1024  # contexts up to this long never split (no partials, no reduce launch)
 
 
 @triton.jit
@@ -120,7 +121,10 @@ def _reduce_kernel(
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Few splits when batch * kv heads already fills the GPU; more for long contexts."""
+    """One split (a single launch, no reduce) for short contexts or when batch * kv heads
+    already gives a program per SM; otherwise enough splits for ~PROGRAMS_PER_SM per SM."""
+    if max_seq_len <= SHORT_CONTEXT or batch * num_kv_heads >= num_sms:
+        return 1
     want = triton.cdiv(PROGRAMS_PER_SM * num_sms, max(1, batch * num_kv_heads))
     by_len = triton.cdiv(max(1, max_seq_len), MIN_SPLIT_TOKENS)
     return max(1, min(want, by_len, MAX_SPLITS))
@@ -153,16 +157,22 @@ def decode_attention(
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
+    sms = device_sms(q)
     if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv, max_seq_len, device_sms(q))
+        num_splits = choose_num_splits(B, Hkv, max_seq_len, sms)
     interp = not q.is_cuda
+    # Under one wave of programs the kernel is latency bound: take 128-token tiles (8 pages
+    # per iteration, half the serial loop trips); full grids keep 64-token tiles with 3
+    # stages (2 programs per SM in shared memory) for bandwidth.
     block_d = max(16, next_pow2(D))
+    small_grid = B * Hkv * num_splits < sms and block_d <= 128  # 2 x 64 KiB K/V stages
+    block_n = 16 if interp else (128 if small_grid else 64)
     common = dict(
         G=G, BLOCK_H=max(16, next_pow2(G)), HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_N=16 if interp else 64, PAGE=page,
+        BLOCK_N=block_n, PAGE=page,
         UPCAST=dot_upcast(kv_cache.dtype, _decode_kernel), IDX64=kv_cache.numel() >= 2**31,
     )
-    launch = {} if interp else dict(num_warps=4, num_stages=3)
+    launch = {} if interp else dict(num_warps=4, num_stages=2 if small_grid else 3)
     grid = (B, Hkv, num_splits)
     window = sliding_window or (1 << 30)
     cs = kv_cache.stride()

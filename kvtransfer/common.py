@@ -93,7 +93,7 @@ class TransferOptions:
 
     staging_bytes: int = 64 << 20  # one staging buffer = the largest message
     num_staging_buffers: int = 4  # >= 2 for double buffering
-    min_message_bytes: int = 8 << 20  # first/last message of a coalesced run (pipeline fill)
+    min_message_bytes: int = 16 << 20  # first/last message of a coalesced run (pipeline fill)
     layerwise: bool = True  # send each layer as soon as it is ready (else wait for all)
     deadline_s: float = 30.0  # default per-request deadline
     connect_timeout_s: float = 10.0
@@ -127,3 +127,4 @@ class TransferResult:
     nbytes: int = 0  # payload bytes moved for this request
     elapsed_s: float = 0.0  # from start/expect to the result, on this side's clock
     done_at: float = 0.0  # time.perf_counter() when the result was produced
+    num_messages: int = 0  # payload messages moved for this request

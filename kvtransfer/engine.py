@@ -66,10 +66,10 @@ class Engine:
         self._cuda = self.device.type == "cuda"
         if self._cuda and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.backend = (backend if isinstance(backend, Backend)
-                        else create_backend(backend, device=self.device))
         self.staging = StagingPool(self.layout, self.options.staging_bytes,
                                    self.options.num_staging_buffers)
+        self.backend = (backend if isinstance(backend, Backend)
+                        else create_backend(backend, device=self.device))
         # gather (sender) or scatter (receiver) stream, separate from compute and backend
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._on_result = on_result
@@ -215,8 +215,9 @@ class Engine:
         self._on_peer_lost(peer, why)
 
     def _run(self) -> None:
-        if self._cuda:
+        if self._cuda:  # this thread's copies (gather/scatter) all go on the copy stream
             torch.cuda.set_device(self.device)
+            torch.cuda.set_stream(self._copy_stream)
         try:
             while not self._stop:
                 self._iterate()
@@ -246,6 +247,8 @@ class Engine:
                                 break
                 except (ConnectionError, TransferError) as e:
                     self._peer_lost(obj, str(e))
+                except (KeyError, TypeError, ValueError) as e:  # malformed header
+                    self._peer_lost(obj, f"control protocol error: {type(e).__name__}: {e}")
             else:
                 obj()  # listener accept
         self._run_commands()

@@ -10,6 +10,7 @@ CUDA event recorded after the op (Op.event), so dependent GPU work never waits o
 from __future__ import annotations
 
 from collections import deque
+from contextlib import nullcontext
 
 import torch
 
@@ -120,9 +121,10 @@ class NcclBackend(Backend):
         return True
 
     def _pump(self, peer: _NcclPeer) -> None:
-        if not peer.queue or not self._ready(peer):
+        if not self._ready(peer) or not peer.queue:  # _ready also finishes a pending enqueue
             return
-        with torch.cuda.device(self.device):
+        idx = self.device.index
+        with torch.cuda.device(idx) if torch.cuda.current_device() != idx else nullcontext():
             while peer.queue and self._ready(peer):
                 op = peer.queue.popleft()
                 if op.after is not None:

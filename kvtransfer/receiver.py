@@ -36,6 +36,7 @@ class _RxReq:
     peer: Peer | None = None
     state: str = "expected"  # expected -> active -> (reported) | failed
     rows_done: int = 0
+    msgs_done: int = 0
     inflight: int = 0
     ended: bool = False
     aux: dict | None = None
@@ -68,7 +69,12 @@ class KVReceiver(Engine):
         o = self.options
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((o.host, o.port))
+        try:
+            self._listener.bind((o.host, o.port))
+        except OSError as e:
+            self._listener.close()
+            self.backend.close()
+            raise TransferError(f"KV receiver cannot listen on {o.host}:{o.port}: {e}") from e
         self._listener.listen(64)
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
@@ -135,6 +141,10 @@ class KVReceiver(Engine):
         if t == "data":
             live = req if req is not None and req.state == "active" else None
             rect = Rect(msg["l0"], msg["l1"], msg["b0"], msg["b1"])
+            if not (0 <= rect.l0 < rect.l1 <= self.layout.num_layers and 0 <= rect.b0 < rect.b1
+                    and rect.rows <= self.staging.rows
+                    and (live is None or rect.b1 <= len(live.dst))):
+                raise ValueError(f"data header out of bounds: {msg}")
             peer.fifo.append(_RxMsg(peer, live, msg["tag"], rect))
             if live is not None:
                 live.inflight += 1
@@ -210,13 +220,12 @@ class KVReceiver(Engine):
         view = self.staging.view(m.buf, m.rect.rows)
         if self._copy_stream is None:
             self.layout.scatter(m.req.index, m.rect, view)
-        else:
-            with torch.cuda.stream(self._copy_stream):
-                if m.op.event is not None:
-                    self._copy_stream.wait_event(m.op.event)
-                self.layout.scatter(m.req.index, m.rect, view)
-                m.scatter_ev = torch.cuda.Event()
-                m.scatter_ev.record(self._copy_stream)
+        else:  # the progress thread's current stream is the copy stream (see Engine._run)
+            if m.op.event is not None:
+                self._copy_stream.wait_event(m.op.event)
+            self.layout.scatter(m.req.index, m.rect, view)
+            m.scatter_ev = torch.cuda.Event()
+            m.scatter_ev.record(self._copy_stream)
         m.scattered = True
 
     def _advance(self, m: _RxMsg) -> bool:
@@ -235,12 +244,15 @@ class KVReceiver(Engine):
         if m.scatter_ev is not None and not m.scatter_ev.query():
             return False
         self.staging.release(m.buf)
+        if m.error is not None and m.peer.alive:  # the pair is broken: drop it (and its requests)
+            self._peer_lost(m.peer, f"transfer backend failed: {m.error}")
         if m.req is not None:
             m.req.inflight -= 1
             if m.error is not None:
                 self._fail(m.req, f"receive failed: {m.error}")
             elif m.scattered:
                 m.req.rows_done += m.rect.rows
+                m.req.msgs_done += 1
         return True
 
     def _fail(self, req: _RxReq, why: str, notify: bool = True) -> None:
@@ -267,14 +279,16 @@ class KVReceiver(Engine):
         nbytes = req.rows_done * self.layout.row_nbytes
         now = time.perf_counter()
         self._report(TransferResult(req.req_id, error is None, req.aux if error is None else None,
-                                    error, nbytes, now - req.t0, now))
+                                    error, nbytes, now - req.t0, now, req.msgs_done))
 
     def _on_peer_lost(self, peer: Peer, why: str) -> None:
-        peer.fifo.clear()  # never posted: nothing to release
+        for m in peer.fifo:  # never posted: nothing to release, no longer in flight
+            if m.req is not None:
+                m.req.inflight -= 1
+        peer.fifo.clear()
         for rid in list(peer.reqs):
             req = self._reqs.get(rid)
             if req is not None:
-                req.inflight = sum(1 for m in self._msgs if m.req is req)
                 self._fail(req, f"sender lost: {why}", notify=False)
 
     def _busy(self) -> bool:

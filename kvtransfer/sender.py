@@ -76,18 +76,21 @@ class KVSender(Engine):
         self._thread.start()
 
     # ---- public API ----------------------------------------------------------------------------
-    def connect(self, address: bytes | str) -> bytes:
-        """Open the pair to a receiver (idempotent; start() calls it). Returns its key.
+    def connect(self, address: bytes | str) -> None:
+        """Open the pair to a receiver ahead of time (start() does it on first use).
 
         Raises GeometryMismatchError when the two KV pools differ, TransferError otherwise.
         """
+        self._peer_for(address)
+
+    def _peer_for(self, address: bytes | str) -> Peer:
         self._check_open()
         key = address_bytes(address)
         info = decode_address(key)
         with self._connect_lock:
             peer = self._by_addr.get(key)
             if peer is not None and peer.alive:
-                return key
+                return peer
             if info["backend"] != self.backend.name:
                 raise TransferError(f"transfer backend mismatch: sender uses {self.backend.name!r}, "
                                     f"receiver uses {info['backend']!r}")
@@ -102,8 +105,9 @@ class KVSender(Engine):
                 if reply.get("kind") == "geometry":
                     raise GeometryMismatchError(why)
                 raise TransferError(f"KV receiver refused the connection: {why}")
-            self._by_addr[key] = self._call(self._do_connect, sock, unpacker, key, info, token, reply)
-        return key
+            peer = self._call(self._do_connect, sock, unpacker, key, info, token, reply)
+            self._by_addr[key] = peer
+        return peer
 
     def start(self, req_id: ReqId, address: bytes | str, src_block_ids: Sequence[int],
               dst_block_ids: Sequence[int] | None = None, deadline_s: float | None = None,
@@ -114,11 +118,10 @@ class KVSender(Engine):
         dst = None if dst_block_ids is None else [int(b) for b in dst_block_ids]
         if dst is not None and len(dst) != len(src):
             raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
-        key = self.connect(address)
+        peer = self._peer_for(address)
         self._claim(req_id)
         lw = self.options.layerwise if layerwise is None else layerwise
-        self._submit(self._do_start, req_id, self._by_addr[key], src, dst,
-                     deadline_s or self.options.deadline_s, lw)
+        self._submit(self._do_start, req_id, peer, src, dst, deadline_s or self.options.deadline_s, lw)
 
     def layer_ready(self, req_id: ReqId, layer: int, event: torch.cuda.Event | None = None) -> None:
         """Layer `layer` of req_id is written. On GPU, `event` (default: recorded now on the
@@ -166,6 +169,7 @@ class KVSender(Engine):
             return
         peer.reqs.add(req_id)
         peer.conn.send({"t": "begin", "req": req_id, "nblocks": len(src), "dst": dst})
+        req.index = self.layout.index(src, self._copy_stream)  # H2D now, off the critical path
 
     def _do_ready(self, req_id: ReqId, layers: range, event: Any, aux: dict | None,
                   finished: bool) -> None:
@@ -235,6 +239,10 @@ class KVSender(Engine):
             peer.seq += 1
             peer.conn.send({"t": "data", "req": req.req_id, "tag": tag, "l0": rect.l0,
                             "l1": rect.l1, "b0": rect.b0, "b1": rect.b1})
+            try:  # the receiver can post its receive while we gather the next message
+                peer.conn.flush()
+            except ConnectionError:
+                pass  # _flush_all reports the lost peer
             self._msgs.append(_TxMsg(req, buf, self.backend.post_send(peer.handle, view, tag, after)))
             req.inflight += 1
             req.k += 1
@@ -249,21 +257,19 @@ class KVSender(Engine):
         return True
 
     def _gather(self, req: _TxReq, rect: Rect, view: torch.Tensor) -> torch.cuda.Event | None:
-        if req.index is None:
-            req.index = self.layout.index(req.src, self._copy_stream)
         if self._copy_stream is None:
             self.layout.gather(req.index, rect, view)
             return None
-        with torch.cuda.stream(self._copy_stream):
-            seen: set[int] = set()
-            for layer in range(rect.l0, rect.l1):
-                ev = req.events.get(layer)
-                if ev is not None and id(ev) not in seen:
-                    seen.add(id(ev))
-                    self._copy_stream.wait_event(ev)
-            self.layout.gather(req.index, rect, view)
-            done = torch.cuda.Event()
-            done.record(self._copy_stream)
+        # the progress thread's current stream is the copy stream (see Engine._run)
+        seen: set[int] = set()
+        for layer in range(rect.l0, rect.l1):
+            ev = req.events.get(layer)
+            if ev is not None and id(ev) not in seen:
+                seen.add(id(ev))
+                self._copy_stream.wait_event(ev)
+        self.layout.gather(req.index, rect, view)
+        done = torch.cuda.Event()
+        done.record(self._copy_stream)
         return done
 
     def _advance(self, m: _TxMsg) -> bool:
@@ -277,6 +283,8 @@ class KVSender(Engine):
         m.req.inflight -= 1
         if err is not None:
             self._fail(m.req, f"send failed: {err}")
+            if m.req.peer.alive:  # the pair is broken: drop it; the next start() reconnects
+                self._peer_lost(m.req.peer, f"transfer backend failed: {err}")
         return True
 
     def _fail(self, req: _TxReq, why: str, notify: bool = True) -> None:
@@ -291,7 +299,7 @@ class KVSender(Engine):
         req.peer.reqs.discard(req.req_id)
         now = time.perf_counter()
         self._report(TransferResult(req.req_id, error is None, None, error, req.nbytes,
-                                    now - req.t0, now))
+                                    now - req.t0, now, req.k))
 
     def _on_peer_lost(self, peer: Peer, why: str) -> None:
         if peer.key is not None and self._by_addr.get(peer.key) is peer:

@@ -63,9 +63,13 @@ class LLM:
                   else [sampling_params] * len(batch))
         if len(params) != len(batch):
             raise ValueError(f"got {len(params)} SamplingParams for {len(batch)} prompts")
-        seqs = []
-        for prompt, p in zip(batch, params):
-            seqs.append(self.engine.add_request(self._to_ids(prompt), replace(p)))
+        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
+        seqs = [self.engine.make_sequence(self._to_ids(prompt), replace(p))
+                for prompt, p in zip(batch, params)]
+        for seq in seqs:
+            self.engine.scheduler.validate(seq)
+        for seq in seqs:
+            self.engine.scheduler.add(seq)
         bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
         while self.engine.has_unfinished():
             res = self.engine.step()

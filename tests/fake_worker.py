@@ -1,249 +1,27 @@
-"""An in-process fake Worker (prefill / decode / both) and a test cluster around it.
+"""The coordinator tests' fake cluster: a coordinator plus fake workers on one event loop.
 
-The fake "model": output token 0 = (last prompt token + 1) % vocab, then each next token is
-(previous + 1) % vocab; `fake_outputs()` gives the expected ids. KV "transfer" between a fake
-prefill and a fake decode worker is a direct call looked up by kv_address. Block counts are
-real enough for leak checks (Stats: free == total when idle). Knobs inject refusal, slowness
-and death. Everything runs on one background event loop (`LoopThread`).
+The fake workers themselves (fake "model", direct KV "transfer", Knobs) live in
+pdserve.coordinator.fake_workers; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from pdserve.config import ServerConfig
-from pdserve.coordinator.convert import ROLE_BY_NAME, sampling_from_proto
-from pdserve.coordinator.grpc_util import WORKER_SERVICE, add_standard_services
+from pdserve.coordinator.fake_workers import (  # noqa: F401 - re-exported for the tests
+    EOS,
+    VOCAB,
+    FakeTokenizer,
+    FakeWorker,
+    Knobs,
+    fake_outputs,
+)
 from pdserve.coordinator.server import CoordinatorServer
-from pdserve.coordinator.worker_link import CoordinatorLink
-from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-
-VOCAB = 1000
-EOS = 999
-_ENDPOINTS: dict[bytes, FakeWorker] = {}  # fake transfer addresses -> decode workers
-
-
-def fake_outputs(prompt: list[int], max_tokens: int, stop_ids=(), ignore_eos=False,
-                 eos: int | None = EOS) -> tuple[list[int], str]:
-    out, t = [], prompt[-1]
-    while len(out) < max_tokens:
-        t = (t + 1) % VOCAB
-        out.append(t)
-        if t in stop_ids or (t == eos and not ignore_eos):
-            return out, "stop"
-    return out, "length"
-
-
-class FakeTokenizer:
-    """id i <-> character chr(32 + i % 90); text encodes char by char."""
-
-    def encode(self, text: str) -> list[int]:
-        return [(ord(c) - 32) % 90 for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(chr(32 + i % 90) for i in ids)
-
-
-@dataclass
-class Knobs:
-    refuse_reserve: bool = False
-    prefill_delay_s: float = 0.0
-    chunk_delay_s: float = 0.0  # between streamed chunks
-    chunk_tokens: int = 4
-    die_on_prefill: bool = False  # stop the server when a Prefill arrives
-    extra_queued_tokens: int = 0  # reported in heartbeats (steers least_loaded)
-
-
-class _Req:
-    def __init__(self, prompt: list[int], sampling: pb.SamplingParams, blocks: int) -> None:
-        self.prompt, self.blocks = prompt, blocks
-        sp = sampling_from_proto(sampling)
-        self.outputs, self.reason = fake_outputs(prompt, sp.max_tokens, sp.stop_token_ids,
-                                                 sp.ignore_eos)
-        self.kv_ready = asyncio.Event()
-        self.aborted = asyncio.Event()
-
-
-class FakeWorker(pb_grpc.WorkerServicer):
-    def __init__(self, role: str, coordinator: str | None = None, *, num_blocks: int = 64,
-                 block_size: int = 16, max_model_len: int = 512, worker_id: str = "",
-                 model: str = "fake-model", auth_token: str | None = None,
-                 knobs: Knobs | None = None) -> None:
-        self.role, self.coordinator, self.auth_token = role, coordinator, auth_token
-        self.total, self.free, self.block_size = num_blocks, num_blocks, block_size
-        self.max_model_len, self.model = max_model_len, model
-        self.worker_id, self.knobs = worker_id, knobs or Knobs()
-        self.reqs: dict[str, _Req] = {}
-        self.aborts: list[str] = []
-        self.calls: list[tuple[str, str]] = []  # (rpc, request_id)
-        self.dead = False
-
-    # -- lifecycle ----------------------------------------------------------------------
-    async def start(self) -> FakeWorker:
-        self.server = grpc.aio.server()
-        pb_grpc.add_WorkerServicer_to_server(self, self.server)
-        await add_standard_services(self.server, [WORKER_SERVICE])
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
-        self.address = f"127.0.0.1:{self.port}"
-        self.link = None
-        if self.coordinator:
-            self.link = CoordinatorLink(self.coordinator, self.info(), self.load, self.auth_token)
-            self.worker_id = await self.link.start(timeout_s=5)
-        self.kv_address = f"fake://{self.worker_id or self.address}".encode()
-        _ENDPOINTS[self.kv_address] = self
-        return self
-
-    def info(self) -> pb.WorkerInfo:
-        return pb.WorkerInfo(
-            worker_id=self.worker_id, role=ROLE_BY_NAME[self.role], address=self.address,
-            model=self.model, max_model_len=self.max_model_len, vocab_size=VOCAB,
-            kv=pb.KVGeometry(num_layers=2, num_kv_heads=1, head_dim=8, block_size=self.block_size,
-                             dtype="float32"), total_blocks=self.total, device="cpu",
-            transfer_backend="fake")
-
-    async def kill(self) -> None:
-        """Die: heartbeats stop, the server goes away, in-flight RPCs break."""
-        self.dead = True
-        _ENDPOINTS.pop(self.kv_address, None)
-        if self.link is not None:
-            await self.link.stop()
-        await self.server.stop(0)
-
-    # -- blocks ------------------------------------------------------------------------
-    def load(self) -> pb.WorkerLoad:
-        waiting = sum(not r.kv_ready.is_set() for r in self.reqs.values())
-        return pb.WorkerLoad(free_blocks=self.free, total_blocks=self.total,
-                             running=len(self.reqs) - waiting, waiting=waiting,
-                             queued_prefill_tokens=self.knobs.extra_queued_tokens)
-
-    def _alloc(self, rid: str, prompt: list[int], sampling: pb.SamplingParams,
-               n_tokens: int) -> _Req | None:
-        need = math.ceil(n_tokens / self.block_size)
-        if need > self.free or rid in self.reqs:
-            return None
-        self.free -= need
-        self.reqs[rid] = r = _Req(prompt, sampling, need)
-        return r
-
-    def _release(self, rid: str) -> None:
-        r = self.reqs.pop(rid, None)
-        if r is not None:
-            self.free += r.blocks
-            r.aborted.set()
-
-    # -- Worker service ---------------------------------------------------------------
-    async def Reserve(self, request, context):
-        self.calls.append(("Reserve", request.request_id))
-        if self.knobs.refuse_reserve:
-            return pb.ReserveReply(accepted=False, reason="fake: refusing reservations")
-        n = len(request.prompt_token_ids) + request.sampling.max_tokens
-        r = self._alloc(request.request_id, list(request.prompt_token_ids), request.sampling, n)
-        if r is None:
-            return pb.ReserveReply(accepted=False, reason=f"no free blocks (free {self.free})")
-        return pb.ReserveReply(accepted=True, kv_address=self.kv_address,
-                               block_ids=list(range(r.blocks)))
-
-    def deliver_kv(self, rid: str, first_token: int) -> bool:
-        r = self.reqs.get(rid)
-        if r is None or r.aborted.is_set():
-            return False
-        assert r.outputs[0] == first_token
-        r.kv_ready.set()
-        return True
-
-    async def Prefill(self, request, context):
-        rid = request.request_id
-        self.calls.append(("Prefill", rid))
-        if self.knobs.die_on_prefill:
-            asyncio.get_running_loop().create_task(self.kill())
-            await asyncio.sleep(30)
-        prompt = list(request.prompt_token_ids)
-        r = self._alloc(rid, prompt, request.sampling, len(prompt))
-        if r is None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "fake: no prefill blocks")
-        try:
-            if self.knobs.prefill_delay_s:
-                await asyncio.wait_for(r.aborted.wait(), self.knobs.prefill_delay_s)
-        except asyncio.TimeoutError:
-            pass
-        try:
-            if r.aborted.is_set():
-                await context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
-            dst = _ENDPOINTS.get(request.kv_address)
-            if dst is None or not dst.deliver_kv(rid, r.outputs[0]):
-                await context.abort(grpc.StatusCode.ABORTED, "fake transfer: destination gone")
-            return pb.PrefillReply(first_token=r.outputs[0], kv_bytes=len(prompt) * 64,
-                                   timings=pb.Timings(prefill_ms=1.0, transfer_ms=0.5),
-                                   finished=len(r.outputs) == 1, finish_reason=r.reason
-                                   if len(r.outputs) == 1 else "")
-        finally:
-            self._release(rid)
-
-    async def _stream(self, rid: str, r: _Req, tokens: list[int], context):
-        k = max(1, self.knobs.chunk_tokens)
-        for i in range(0, len(tokens), k):
-            if self.knobs.chunk_delay_s:
-                await asyncio.sleep(self.knobs.chunk_delay_s)
-            if r.aborted.is_set():
-                await context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
-            yield pb.TokenChunk(token_ids=tokens[i:i + k])
-        yield pb.TokenChunk(finished=True, finish_reason=r.reason,
-                            timings=pb.Timings(decode_ms=1.0, transfer_ms=0.5))
-
-    async def DecodeStream(self, request, context):
-        rid = request.request_id
-        self.calls.append(("DecodeStream", rid))
-        r = self.reqs.get(rid)
-        if r is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for {rid}")
-        try:
-            waits = [asyncio.ensure_future(e.wait()) for e in (r.kv_ready, r.aborted)]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
-            if r.aborted.is_set():
-                await context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
-            async for chunk in self._stream(rid, r, r.outputs[1:], context):
-                yield chunk
-        finally:
-            self._release(rid)
-
-    async def Generate(self, request, context):
-        rid = request.request_id
-        self.calls.append(("Generate", rid))
-        prompt = list(request.prompt_token_ids)
-        r = self._alloc(rid, prompt, request.sampling, len(prompt) + request.sampling.max_tokens)
-        if r is None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "fake: no free blocks")
-        try:
-            r.kv_ready.set()
-            if self.knobs.prefill_delay_s:
-                await asyncio.sleep(self.knobs.prefill_delay_s)
-            async for chunk in self._stream(rid, r, r.outputs, context):
-                yield chunk
-        finally:
-            self._release(rid)
-
-    async def Abort(self, request, context):
-        self.aborts.append(request.request_id)
-        found = request.request_id in self.reqs
-        self._release(request.request_id)
-        return pb.AbortReply(found=found)
-
-    async def Stats(self, request, context):
-        return pb.WorkerStatsReply(load=self.load(), worker_id=self.worker_id)
 
 
 class LoopThread:

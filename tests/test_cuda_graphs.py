@@ -200,7 +200,8 @@ def test_graph_hidden_close_to_eager_bf16_padded() -> None:
 
 
 @pytest.mark.gpu
-def test_graphs_off_with_enforce_eager_or_torch_attention() -> None:
-    llm = LLM("tiny", device="cuda", dtype="bfloat16", attention_backend="torch", max_num_seqs=4,
-              num_blocks=16)
-    assert llm.engine.runner.graphs is None
+def test_no_graphs_with_torch_attention_or_enforce_eager() -> None:
+    for kw in ({"attention_backend": "torch"}, {"enforce_eager": True}):
+        llm = LLM("tiny", device="cuda", dtype="bfloat16", max_num_seqs=4, num_blocks=16, **kw)
+        assert llm.engine.runner.graphs is None
+        assert len(llm.generate([1, 2, 3], GREEDY)[0].token_ids) == GREEDY.max_tokens

@@ -147,8 +147,6 @@ def test_bad_requests_give_clear_errors(prompts) -> None:
     assert len(llm.generate(prompts[0], ok)[0].token_ids) == 4  # still usable
 
 
-@pytest.mark.xfail(strict=True, reason="LLM.generate adds prompts one by one: a bad prompt "
-                   "leaves the good ones before it queued (validate all before adding any)")
 def test_bad_prompt_in_a_batch_leaves_nothing_queued(prompts) -> None:
     llm = LLM("tiny", block_size=4, num_blocks=64)
     with pytest.raises(ValueError, match="prompt is empty"):

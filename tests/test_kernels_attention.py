@@ -84,6 +84,9 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(256, 8, 8192, 132) == 1  # batch fills the GPU
     assert choose_num_splits(1, 8, 100, 132) == 1  # short context
     assert 8 <= choose_num_splits(1, 8, 8192, 132) <= 32
+    assert choose_num_splits(1, 8, 1024, 132) == 1  # short: one launch, no reduce
+    assert choose_num_splits(64, 8, 2048, 132) == 1  # 512 programs already fill 132 SMs
+    assert choose_num_splits(16, 8, 8192, 132) > 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -251,24 +251,35 @@ def test_fan_out_one_sender_two_receivers(peers):
 
 
 @pytest.mark.timeout(40)
-def test_sender_death_fails_the_receivers_requests():
+@pytest.mark.parametrize("dead", ["sender", "receiver"])
+def test_peer_death_fails_its_requests(dead):
+    """The other side reports every request of the dead peer as failed, promptly."""
     pool = make_pool(NB, seed=32, num_layers=4)
-    rx = KVReceiver(pool, "ucx", TransferOptions(**OPTS))
     doomed = PeerProc()
+    local = (KVReceiver if dead == "sender" else KVSender)(pool, "ucx", TransferOptions(**OPTS))
     try:
-        doomed.call("sender", "tx-doomed", _pool_kw(60, num_layers=4), "ucx", OPTS)
-        rx.expect("d1", list(range(8)))
-        rx.expect("d2", list(range(8, 10)))
-        doomed.engine("tx-doomed", "start", "d1", rx.address, list(range(8)))
-        doomed.engine("tx-doomed", "start", "d2", rx.address, list(range(8, 10)))
-        doomed.engine("tx-doomed", "layer_ready", "d1", 0)
+        kw = _pool_kw(60, num_layers=4)
+        if dead == "sender":
+            doomed.call("sender", "peer", kw, "ucx", OPTS)
+            local.expect("d1", list(range(8)))
+            local.expect("d2", list(range(8, 10)))
+            doomed.engine("peer", "start", "d1", local.address, list(range(8)))
+            doomed.engine("peer", "start", "d2", local.address, list(range(8, 10)))
+            doomed.engine("peer", "layer_ready", "d1", 0)
+        else:
+            addr = doomed.call("receiver", "peer", kw, "ucx", OPTS)
+            doomed.engine("peer", "expect", "d1", list(range(8)))
+            doomed.engine("peer", "expect", "d2", list(range(8, 10)))
+            local.start("d1", addr, list(range(8)))
+            local.start("d2", addr, list(range(8, 10)))
+            local.layer_ready("d1", 0)
         time.sleep(0.2)
         t0 = time.monotonic()
         doomed.kill()
-        res = rx.wait(10, ["d1", "d2"])
+        res = local.wait(10, ["d1", "d2"])
         assert time.monotonic() - t0 < 5
-        assert len(res) == 2 and all(not r.ok and "sender lost" in r.error for r in res), res
-        assert rx.num_inflight == 0 and rx.staging_free == rx.staging_total
+        assert len(res) == 2 and all(not r.ok and f"{dead} lost" in r.error for r in res), res
+        assert local.num_inflight == 0 and local.staging_free == local.staging_total
     finally:
-        rx.close()
+        local.close()
         doomed.stop()

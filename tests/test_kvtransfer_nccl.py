@@ -138,3 +138,137 @@ def test_nccl_kv_transfer_two_gpus(stacked):
 @pytest.mark.timeout(300)
 def test_ucx_kv_transfer_two_gpus():
     _two_gpu_transfer("ucx", stacked=True)
+
+
+class _FakeLib:
+    """Stands in for libnccl: scripted communicator states and op results."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, list[int]] = {}
+        self.results: list[int] = []  # results of the next send/recv calls (default success)
+        self.calls: list[tuple] = []
+        self.aborted: list[int] = []
+
+    def get_unique_id(self) -> bytes:
+        return b"u" * 128
+
+    def comm_init_rank(self, nranks, uid, rank, blocking=True):
+        comm = len(self.states) + 1
+        self.states[comm] = [NCCL_IN_PROGRESS] * 3 + [NCCL_SUCCESS]
+        return comm, NCCL_IN_PROGRESS
+
+    def comm_get_async_error(self, comm):
+        st = self.states[comm]
+        return st.pop(0) if len(st) > 1 else st[0]
+
+    def _op(self, kind, nbytes, peer, comm):
+        self.calls.append((kind, nbytes, peer, comm))
+        res = self.results.pop(0) if self.results else NCCL_SUCCESS
+        if res == NCCL_IN_PROGRESS:
+            self.states[comm] = [NCCL_IN_PROGRESS, NCCL_SUCCESS]
+        return res
+
+    def send(self, ptr, nbytes, peer, comm, stream):
+        return self._op("send", nbytes, peer, comm)
+
+    def recv(self, ptr, nbytes, peer, comm, stream):
+        return self._op("recv", nbytes, peer, comm)
+
+    def comm_abort(self, comm):
+        self.aborted.append(comm)
+        return NCCL_SUCCESS
+
+    def error_string(self, result):
+        return f"error {result}"
+
+
+class _FakeEvent:
+    def __init__(self, *a, **k) -> None:
+        self.done = True
+        self.recorded = False
+
+    def record(self, stream=None) -> None:
+        self.recorded = True
+
+    def query(self) -> bool:
+        return self.done
+
+
+class _FakeStream:
+    cuda_stream = 1234
+
+    def __init__(self, *a, **k) -> None:
+        self.waited: list = []
+
+    def wait_event(self, ev) -> None:
+        self.waited.append(ev)
+
+
+class _FakeTensor:
+    is_cuda = True
+
+    def __init__(self, nbytes: int) -> None:
+        self.n = nbytes
+
+    def is_contiguous(self) -> bool:
+        return True
+
+    def numel(self) -> int:
+        return self.n
+
+    def element_size(self) -> int:
+        return 1
+
+    def data_ptr(self) -> int:
+        return 4096
+
+
+def test_nccl_backend_state_machine_with_a_fake_library(monkeypatch):
+    """Non-blocking init and ops (ncclInProgress), ordering, errors and abort, on CPU."""
+    from contextlib import nullcontext
+
+    from pdserve.kvtransfer import TransferError
+    from pdserve.kvtransfer.nccl import NcclBackend
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "device", lambda *a: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    lib = _FakeLib()
+    be = NcclBackend(torch.device("cuda", 0), library=lib)
+    assert be.address() == b"" and len(be.new_token()) == 128
+    peer = be.connect(b"", be.new_token(), initiator=True)
+    assert peer.rank == 0 and peer.other == 1 and peer.busy
+    after = _FakeEvent()
+    s1 = be.post_send(peer, _FakeTensor(100), 1, after=after)
+    r1 = be.post_recv(peer, _FakeTensor(50), 2)
+    assert not lib.calls and not be.poll(s1)  # init still in progress: nothing issued
+    assert be.poll(s1) and be.poll(r1)  # ready: both issued in order, events fired
+    assert lib.calls == [("send", 100, 1, 1), ("recv", 50, 1, 1)]
+    assert peer.stream.waited == [after]  # the send waited for its producer on the GPU
+
+    lib.results = [NCCL_IN_PROGRESS]  # enqueue completes asynchronously
+    s2 = be.post_send(peer, _FakeTensor(10), 3)
+    assert s2.event is None and not be.poll(s2)
+    assert be.poll(s2) and s2.event is not None and s2.event.recorded
+
+    ev_stuck = be.post_recv(peer, _FakeTensor(10), 4)
+    ev_stuck.event.done = False  # kernel still running when the comm reports an error
+    lib.states[peer.comm] = [6]
+    assert not be.poll(ev_stuck) and lib.aborted == [peer.comm]
+    ev_stuck.event.done = True
+    with pytest.raises(TransferError, match="error 6"):
+        be.poll(ev_stuck)
+    late = be.post_send(peer, _FakeTensor(10), 5)  # after the failure: fails, never issued
+    with pytest.raises(TransferError):
+        be.poll(late)
+    assert len(lib.calls) == 4
+
+    peer2 = be.connect(b"", b"x" * 128, initiator=False)
+    lib.states[peer2.comm] = [NCCL_SUCCESS]
+    lib.results = [4]  # ncclInvalidArgument from the call itself
+    bad = be.post_recv(peer2, _FakeTensor(8), 6)
+    with pytest.raises(TransferError, match="ncclRecv failed"):
+        be.poll(bad)
+    be.close()
+    assert sorted(lib.aborted) == [peer.comm, peer2.comm]  # each aborted exactly once

@@ -11,10 +11,12 @@ from kvtransfer_peer import make_pool
 
 from pdserve.kvtransfer import (
     SCHEMA_VERSION,
+    Backend,
     GeometryMismatchError,
     KVGeometry,
     KVReceiver,
     KVSender,
+    Op,
     TransferError,
     TransferOptions,
     address_to_str,
@@ -149,6 +151,97 @@ def test_in_process_pair_edge_cases():
         assert r.req_id == "dup" and not r.ok and "closed" in r.error
         with pytest.raises(TransferError):
             rx.expect("late", [1])
+    finally:
+        tx.close()
+        rx.close()
+
+
+class _FakeEvent:
+    def __init__(self, *a, **k) -> None:
+        self.recorded = 0
+
+    def record(self, stream=None) -> None:
+        self.recorded += 1
+
+    def query(self) -> bool:
+        return True
+
+
+class _FakeStream:
+    def __init__(self) -> None:
+        self.waited = 0
+
+    def wait_event(self, ev) -> None:
+        self.waited += 1
+
+
+class _LocalBackend(Backend):
+    """In-process, stream-ordered stand-in (like nccl): op.event is set once the data is
+    in place, so the engines take their GPU code paths (chained scatter) on CPU."""
+
+    name = "local"
+    stream_ordered = True
+
+    def __init__(self, wire: dict) -> None:
+        self.wire = wire
+        self.sends_after = 0
+
+    def address(self) -> bytes:
+        return b"local"
+
+    def connect(self, peer_address, token, initiator):
+        return "peer"
+
+    def post_send(self, peer, tensor, tag, after=None):
+        assert after is None or after.query()
+        self.sends_after += after is not None
+        op = Op(peer, tensor, tag)
+        self.wire[tag] = tensor.clone()
+        op.event = _FakeEvent()
+        return op
+
+    def post_recv(self, peer, tensor, tag):
+        op = Op(peer, tensor, tag)
+        self.poll(op)
+        return op
+
+    def poll(self, op):
+        if op.event is None and op.tag in self.wire:
+            op.tensor.copy_(self.wire.pop(op.tag))
+            op.event = _FakeEvent()
+        op.done = op.event is not None
+        return op.done
+
+    def abort(self, peer) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_stream_ordered_path_with_a_fake_backend(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    wire: dict = {}
+    opts = TransferOptions(staging_bytes=3 * 8192, min_message_bytes=8192, num_staging_buffers=2)
+    src_pool, dst_pool = make_pool(32, seed=5, stacked=True), make_pool(32, seed=6)
+    txb, rxb = _LocalBackend(wire), _LocalBackend(wire)
+    rx, tx = KVReceiver(dst_pool, rxb, opts), KVSender(src_pool, txb, opts)
+    rx._copy_stream, tx._copy_stream = _FakeStream(), _FakeStream()  # take the GPU branches
+    try:
+        src, dst = list(range(3, 13)), list(range(31, 21, -1))
+        rx.expect("s1", dst)
+        tx.start("s1", rx.address, src)
+        ev = _FakeEvent()
+        for layer in range(2):
+            tx.layer_ready("s1", layer, ev)
+        tx.finish("s1", {"k": 1}, ev)
+        assert [r.ok for r in tx.wait(10, ["s1"])] == [True]
+        assert rx.wait(10, ["s1"])[0].aux == {"k": 1}
+        for s, d in zip(src_pool, dst_pool):
+            assert torch.equal(s[src], d[dst])
+        assert txb.sends_after > 0 and tx._copy_stream.waited > 0 and rx._copy_stream.waited > 0
+        assert tx.staging_free == tx.staging_total and rx.staging_free == rx.staging_total
     finally:
         tx.close()
         rx.close()

@@ -1,0 +1,453 @@
+"""`pdserve bench coordinator`: the coordinator's streaming throughput with fast fake workers.
+
+Runs three kinds of processes on this machine: the coordinator (`pdserve coordinator`), one
+process of fake workers (pdserve.coordinator.fake_workers: no model, every token is ready at
+once, so workers never pace the stream), and client processes holding N concurrent Generate
+streams in a closed loop (a finished request is replaced at once). For each tokens-per-decode-
+message value K (the fake decode worker's TokenChunk size) and each N, it counts the tokens
+the clients receive during a fixed window after a warm-up, and the CPU time each process used
+in that window (from /proc). Columns:
+  tokens_per_s         output tokens delivered to clients per second (the DESIGN §6 metric)
+  client_msgs_per_s    GenerateResponse messages per second; tok_per_client_msg is their mean
+                       size (> K when the coordinator merged queued batches)
+  coord_cpu            CPU cores the coordinator process used (1.0 = one core busy)
+  tok_per_coord_cpu_s  tokens per coordinator CPU-second: the cost, independent of what else
+                       runs on the machine
+  workers_cpu, clients_cpu, other_cpu   the rest of the machine (other_cpu: processes that
+                       are not part of this benchmark, i.e. the background load)
+Target (DESIGN §6): at least 100k tokens/s on 2 CPU cores. All processes of the benchmark
+share this machine's cores, so on a 2-core machine the load generators compete with the
+coordinator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import selectors
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+TARGET_TOKENS_PER_S = 100_000
+NAME = "coordinator"
+
+
+def int_list(value: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return out
+
+
+def mode_list(value: str) -> list[str]:
+    out = [x for x in value.replace(" ", "").split(",") if x]
+    bad = [m for m in out if m not in ("pd", "both")]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"modes are 'pd' and 'both', got {value!r}")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--streams", type=int_list, default=[16, 64, 256],
+                   help="concurrent client streams, comma-separated (default 16,64,256)")
+    p.add_argument("--tokens-per-msg", type=int_list, default=[1, 4, 16, 64],
+                   help="tokens per decode-worker message (default 1,4,16,64)")
+    p.add_argument("--mode", type=mode_list, default=["pd"],
+                   help="'pd' (1 prefill + 1 decode fake worker), 'both' (1 colocated), or "
+                        "'pd,both' (default pd)")
+    p.add_argument("--output-len", type=int, default=1024, help="tokens per request (default 1024)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
+    p.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
+    p.add_argument("--client-procs", type=int, default=1, help="client processes (default 1)")
+    p.add_argument("--text", action="store_true",
+                   help="have the coordinator detokenize (byte tokenizer); default: token ids only")
+    p.add_argument("--out", default=f"benchmarks/results/{NAME}", help="output directory")
+    p.add_argument("--json", action="store_true", help="also print each row as JSON")
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """A message for an invalid combination, else None."""
+    if args.output_len < 2:
+        return "--output-len must be at least 2 (the decode worker streams tokens 1..)"
+    if args.prompt_len < 1:
+        return "--prompt-len must be at least 1"
+    if args.warmup < 0 or args.duration <= 0:
+        return "--warmup must be >= 0 and --duration > 0"
+    if args.client_procs < 1 or args.client_procs > min(args.streams):
+        return "--client-procs must be between 1 and the smallest --streams value"
+    return None
+
+
+# -- CPU accounting from /proc ---------------------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads); 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def system_busy_s() -> float:
+    """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user/nice]
+    return (sum(vals[:8]) - vals[3] - vals[4]) / CLK_TCK
+
+
+@dataclass
+class CpuSample:
+    t: float
+    system: float
+    procs: dict[str, float]  # group name -> CPU seconds
+
+    @staticmethod
+    def take(groups: dict[str, Sequence[int]]) -> CpuSample:
+        return CpuSample(time.monotonic(), system_busy_s(),
+                         {g: sum(proc_cpu_s(p) for p in pids) for g, pids in groups.items()})
+
+
+def cpu_usage(a: CpuSample, b: CpuSample) -> dict[str, float]:
+    """Cores used per group between two samples, plus 'other' (the rest of the machine)."""
+    dt = max(b.t - a.t, 1e-9)
+    out = {g: (b.procs[g] - a.procs[g]) / dt for g in a.procs}
+    out["other"] = max(0.0, (b.system - a.system) / dt - sum(out.values()))
+    return out
+
+
+# -- the summary of one cell -----------------------------------------------------------------
+def summarize(mode: str, streams: int, k: int, client_results: Sequence[dict], window_s: float,
+              cpu: dict[str, float], target: float = TARGET_TOKENS_PER_S) -> dict:
+    tokens = sum(r["tokens"] for r in client_results)
+    msgs = sum(r["msgs"] for r in client_results)
+    done = sum(r["done"] for r in client_results)
+    errors = sum(r["errors"] for r in client_results)
+    tps = tokens / window_s if window_s > 0 else 0.0
+    coord = cpu.get("coordinator", 0.0)
+    return {"mode": mode, "streams": streams, "tokens_per_msg": k, "tokens_per_s": tps,
+            "client_msgs_per_s": msgs / window_s if window_s > 0 else 0.0,
+            "tok_per_client_msg": tokens / msgs if msgs else 0.0,
+            "requests_per_s": done / window_s if window_s > 0 else 0.0, "errors": errors,
+            "coord_cpu": coord,
+            "tok_per_coord_cpu_s": tps / coord if coord > 0 else float("nan"),
+            "workers_cpu": cpu.get("workers", 0.0), "clients_cpu": cpu.get("clients", 0.0),
+            "other_cpu": cpu.get("other", 0.0), "meets_target": tps >= target}
+
+
+def best_row(rows: Sequence[dict]) -> dict | None:
+    return max(rows, key=lambda r: r["tokens_per_s"], default=None)
+
+
+# -- child processes -------------------------------------------------------------------------
+def _read_line(proc: subprocess.Popen, prefix: str, timeout_s: float, what: str) -> str:
+    """The first stdout line of `proc` starting with `prefix` (other lines are skipped)."""
+    end = time.monotonic() + timeout_s
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{what}: no {prefix!r} line after {timeout_s:g} s")
+            if sel.select(left):
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{what} exited (status {proc.wait()}) before {prefix!r}")
+                if line.startswith(prefix):
+                    return line.strip()
+    finally:
+        sel.close()
+
+
+def _spawn(cmd: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                            text=True, bufsize=1)
+
+
+def _stop(procs: Sequence[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _client_cmd(address: str, streams: int, args: argparse.Namespace, seed: int) -> list[str]:
+    spec = {"address": address, "streams": streams, "prompt_len": args.prompt_len,
+            "output_len": args.output_len, "skip_text": not args.text, "seed": seed}
+    return [sys.executable, "-m", "pdserve.benchmarks.coordinator", "--client", json.dumps(spec)]
+
+
+def _split(n: int, parts: int) -> list[int]:
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def _run_cell(address: str, pids: dict[str, list[int]], mode: str, n: int, k: int,
+              args: argparse.Namespace, log) -> dict:
+    clients = [_spawn(_client_cmd(address, s, args, seed=i), log)
+               for i, s in enumerate(_split(n, args.client_procs))]
+    try:
+        for c in clients:
+            _read_line(c, "ready", 60, "client")
+        t_start = time.time() + args.warmup
+        t_end = t_start + args.duration
+        for c in clients:
+            c.stdin.write(f"{t_start} {t_end}\n")
+            c.stdin.flush()
+        groups = {**pids, "clients": [c.pid for c in clients]}
+        time.sleep(max(0.0, t_start - time.time()))
+        a = CpuSample.take(groups)
+        time.sleep(max(0.0, t_end - time.time()))
+        b = CpuSample.take(groups)
+        results = [json.loads(_read_line(c, "{", 60, "client")) for c in clients]
+    finally:
+        _stop(clients)
+    row = summarize(mode, n, k, results, args.duration, cpu_usage(a, b))
+    first_error = next((r["first_error"] for r in results if r.get("first_error")), "")
+    if first_error:
+        print(f"  {row['errors']} errors, first: {first_error}", file=sys.stderr)
+    return row
+
+
+def _run_mode(mode: str, args: argparse.Namespace, log, bar) -> list[dict]:
+    coord = _spawn([sys.executable, "-m", "pdserve.cli", "coordinator", "--port", "0",
+                    "--log-level", "WARNING"], log)
+    procs = [coord]
+    try:
+        address = _read_line(coord, "coordinator listening on", 60, "coordinator").split()[-1]
+        roles = ["--prefill", "1", "--decode", "1"] if mode == "pd" else \
+            ["--prefill", "0", "--decode", "0", "--both", "1"]
+        workers = _spawn([sys.executable, "-m", "pdserve.coordinator.fake_workers",
+                          "--coordinator", address, *roles, "--model", "tiny",
+                          "--chunk-tokens", str(args.tokens_per_msg[0])], log)
+        procs.append(workers)
+        _read_line(workers, "fake workers ready", 60, "fake workers")
+        pids = {"coordinator": [coord.pid], "workers": [workers.pid]}
+        rows = []
+        for k in args.tokens_per_msg:
+            workers.stdin.write(f"chunk_tokens {k}\n")
+            workers.stdin.flush()
+            reply = _read_line(workers, "", 10, "fake workers")
+            if reply != "ok":
+                raise RuntimeError(f"fake workers: {reply}")
+            for n in args.streams:
+                rows.append(_run_cell(address, pids, mode, n, k, args, log))
+                bar.update()
+                r = rows[-1]
+                bar.write(f"{mode:>4} streams={n:<4} tok/msg={k:<3} {r['tokens_per_s']:>10,.0f} "
+                          f"tok/s  coordinator {r['coord_cpu']:.2f} cores  "
+                          f"other load {r['other_cpu']:.2f} cores")
+        return rows
+    finally:
+        for p in procs:
+            if p.stdin:
+                p.stdin.close()
+        _stop(list(reversed(procs)))
+
+
+# -- run metadata ---------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if dirty else "")
+
+
+def run_meta() -> dict[str, str]:
+    import datetime as dt
+
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {"device": f"{cpu_model()}, nproc {ncpu}",
+            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "commit": git_commit(), "load average (1/5/15 min) at start": load}
+
+
+# -- main -----------------------------------------------------------------------------------
+COLUMNS = ["mode", "streams", "tokens_per_msg", "tokens_per_s", "client_msgs_per_s",
+           "tok_per_client_msg", "requests_per_s", "errors", "coord_cpu", "tok_per_coord_cpu_s",
+           "workers_cpu", "clients_cpu", "other_cpu", "meets_target"]
+
+
+def write_results(out_dir: str, rows: list[dict], meta: dict[str, str],
+                  args: argparse.Namespace) -> list[str]:
+    from pdserve.benchmarks import plotting
+
+    best = best_row(rows)
+    notes = [f"Target (DESIGN §6): >= {TARGET_TOKENS_PER_S:,} tokens/s on 2 CPU cores.",
+             f"Best: {best['tokens_per_s']:,.0f} tokens/s ({best['mode']}, {best['streams']} "
+             f"streams, {best['tokens_per_msg']} tokens per decode message), coordinator at "
+             f"{best['coord_cpu']:.2f} cores; target "
+             f"{'met' if best['meets_target'] else 'NOT met'}." if best else "No rows.",
+             "Tokens per coordinator CPU-second (median over --streams; independent of the "
+             "other load): " + ", ".join(
+                 f"{k} tok/msg: {statistics.median(r['tok_per_coord_cpu_s'] for r in rows if r['tokens_per_msg'] == k):,.0f}"
+                 for k in dict.fromkeys(r["tokens_per_msg"] for r in rows)) + ".",
+             "", f"Requests: {args.prompt_len} prompt tokens, {args.output_len} output tokens, "
+             f"ignore_eos, {'text' if args.text else 'token ids only (skip_text)'}; "
+             f"{args.client_procs} client process(es); warm-up {args.warmup:g} s, window "
+             f"{args.duration:g} s per cell.", "", "```", (__doc__ or "").strip(), "```"]
+    title = "Coordinator streaming throughput (fake workers)"
+    paths = [plotting.write_csv(os.path.join(out_dir, f"{NAME}.csv"), rows, COLUMNS),
+             plotting.write_markdown(os.path.join(out_dir, f"{NAME}.md"), rows, COLUMNS,
+                                     title=title, notes=notes, meta=meta, floatfmt=".4g")]
+    series = {}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        for n in dict.fromkeys(r["streams"] for r in rows):
+            sel = [r for r in rows if r["mode"] == mode and r["streams"] == n]
+            if sel:
+                series[f"{mode}, {n} streams"] = ([r["tokens_per_msg"] for r in sel],
+                                                  [r["tokens_per_s"] for r in sel])
+    ks = sorted({r["tokens_per_msg"] for r in rows})
+    series["target (100k tok/s)"] = ([ks[0], ks[-1]], [TARGET_TOKENS_PER_S] * 2)
+    png = plotting.plot_lines(
+        os.path.join(out_dir, f"{NAME}.png"), series, xlabel="tokens per decode message",
+        ylabel="tokens/s delivered to clients", logx=True, logy=True,
+        title=f"{title}\n{meta['device']}; {meta['date'][:10]}; {meta['commit']}",
+        styles={"target (100k tok/s)": "k--"})
+    return paths + ([png] if png else [])
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pdserve.benchmarks.plotting import json_line, markdown_table
+
+    err = check_args(args)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = run_meta()
+    print(f"# {meta['device']}; load average {meta['load average (1/5/15 min) at start']}")
+    rows: list[dict] = []
+    with tempfile.NamedTemporaryFile("w+", prefix="pdserve-bench-coord-", suffix=".log") as log:
+        cells = len(args.mode) * len(args.streams) * len(args.tokens_per_msg)
+        bar = tqdm(total=cells, desc="coordinator", unit="cell")
+        try:
+            for mode in args.mode:
+                rows += _run_mode(mode, args, log, bar)
+        except (RuntimeError, OSError, ValueError) as e:
+            bar.close()
+            log.seek(0)
+            tail = log.read()[-3000:]
+            print(f"error: {e}\n{tail}", file=sys.stderr)
+            return 1
+        bar.close()
+    meta["load average (1/5/15 min) at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(markdown_table(rows, COLUMNS, floatfmt=".4g"))
+    if args.json:
+        for r in rows:
+            print(json_line(r))
+    best = best_row(rows)
+    print(f"best: {best['tokens_per_s']:,.0f} tokens/s ({best['mode']}, {best['streams']} streams, "
+          f"{best['tokens_per_msg']} tok/msg); target {TARGET_TOKENS_PER_S:,}: "
+          f"{'met' if best['meets_target'] else 'NOT met'}")
+    for p in write_results(args.out, rows, meta, args):
+        print("wrote", p)
+    return 0
+
+
+# -- the client process ----------------------------------------------------------------------
+async def _client_main(spec: dict) -> dict:
+    import grpc
+
+    from pdserve.coordinator.grpc_util import CHANNEL_OPTIONS
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+    loop = asyncio.get_running_loop()
+    channel = grpc.aio.insecure_channel(spec["address"], options=CHANNEL_OPTIONS)
+    await asyncio.wait_for(channel.channel_ready(), 30)
+    stub = pb_grpc.CoordinatorStub(channel)
+    print("ready", flush=True)
+    t_start, t_end = map(float, (await loop.run_in_executor(None, sys.stdin.readline)).split())
+    stats = {"tokens": 0, "msgs": 0, "done": 0, "errors": 0, "first_error": ""}
+    sampling = pb.SamplingParams(max_tokens=spec["output_len"], ignore_eos=True, temperature=0.0)
+    plen = spec["prompt_len"]
+
+    async def one(i: int) -> None:
+        k = 0
+        while time.time() < t_end:
+            base = (spec["seed"] * 7919 + i * 131 + k * 17) % 900
+            req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[base + j % 90 for j in range(plen)]),
+                                     sampling=sampling, skip_text=spec["skip_text"])
+            k += 1
+            call = stub.Generate(req)
+            try:
+                async for r in call:
+                    now = time.time()
+                    if now >= t_end:
+                        break
+                    if now >= t_start:
+                        stats["tokens"] += len(r.token_ids)
+                        stats["msgs"] += 1
+                        stats["done"] += r.finished
+            except grpc.aio.AioRpcError as e:
+                if time.time() < t_end:
+                    stats["errors"] += 1
+                    stats["first_error"] = stats["first_error"] or f"{e.code().name}: {e.details()}"
+                    await asyncio.sleep(0.01)
+            finally:
+                call.cancel()
+
+    await asyncio.gather(*(one(i) for i in range(spec["streams"])))
+    await channel.close(grace=None)
+    return stats
+
+
+def _client_entry(argv: list[str]) -> int:
+    from pdserve.coordinator.grpc_util import install_uvloop
+
+    spec = json.loads(argv[argv.index("--client") + 1])
+    install_uvloop()
+    print(json.dumps(asyncio.run(_client_main(spec))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if "--client" in sys.argv:
+        raise SystemExit(_client_entry(sys.argv))
+    parser = argparse.ArgumentParser(prog="pdserve bench coordinator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
