@@ -29,12 +29,17 @@ if part setup; then
   python3 -c "import ucxx; print('ucxx', ucxx.__version__)" 2>&1 | tail -1
 fi
 part tests && step gpu_tests 200 python3 -m pytest -q -m "gpu or gpu2" -rs --timeout 60 -k "not nccl" tests
-part nccltests && step nccl_tests 120 python3 -m pytest -q -rs --timeout 40 tests/test_kvtransfer_nccl.py
+part graphtests && step graph_tests 120 python3 -m pytest -q -m gpu -rs --timeout 60 tests/test_cuda_graphs.py
+part nccltests && step nccl_tests 90 python3 -m pytest -q -rs --timeout 40 tests/test_kvtransfer_nccl.py
 part kernels && step kernels 170 python3 -m pdserve.kernels.bench_kernels --quick --json "$OUT/kernels.json"
-part transfer && step transfer 330 bash benchmarks/gpu_transfer_check.sh "$OUT/transfer" nccl ucx
-part ttft && step ttft 300 $PD bench ttft --model llama-3.1-8b --devices 0,1 --transfer nccl \
+if part transfer; then  # whole request (all layers ready) vs one raw send of the same bytes
+  B="$PD bench transfer --device cuda --geometry llama-3.1-8b --input-lens 128,512,2048,8192,32768"
+  step transfer_nccl 130 $B --backend nccl --out "$OUT/transfer"
+  step transfer_ucx 130 $B --backend ucx --out "$OUT/transfer"
+fi
+part ttft && step ttft 250 $PD bench ttft --model llama-3.1-8b --devices 0,1 --transfer nccl \
   --input-lens 512,2048,8192 --iters 5 --out "$OUT/ttft"
 if part engine && [ -f benchmarks/gpu_engine_suite.sh ]; then
-  step engine 400 bash benchmarks/gpu_engine_suite.sh "$OUT/engine"
+  step engine 420 bash benchmarks/gpu_engine_suite.sh "$OUT/engine"
 fi
 exit 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,6 +33,8 @@ class StepResult:
 
 class LLMEngine:
     def __init__(self, cfg: Config) -> None:
+        if cfg.device == "cuda":  # pin the bare name to a device index once, here
+            cfg = replace(cfg, device=f"cuda:{torch.cuda.current_device()}")
         self.cfg = cfg
         self.dtype = TORCH_DTYPES[cfg.dtype]
         if cfg.device.startswith("cuda"):

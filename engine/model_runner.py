@@ -53,7 +53,9 @@ def allocate_kv_caches(mcfg: ModelConfig, num_blocks: int, block_size: int,
     """One [num_blocks + 1, 2, block_size, Hkv, D] tensor per layer. Blocks 0..num_blocks-1
     are the scheduler's; block `num_blocks` is scratch that CUDA-graph padding rows write."""
     shape = (num_blocks + NUM_PAD_BLOCKS, 2, block_size, mcfg.num_kv_heads, mcfg.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(mcfg.num_layers)]
+    # One allocation for all layers: a multi-layer gather for transfer is one index_select.
+    pool = torch.zeros((mcfg.num_layers, *shape), dtype=dtype, device=device)
+    return list(pool.unbind(0))
 
 
 @dataclass(slots=True)

@@ -79,6 +79,7 @@ class Engine:
             s.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_pending = False
         self._cond = threading.Condition()
         self._results: deque[TransferResult] = deque()
         self._ids: set[ReqId] = set()  # requests not yet reported (guarded by _cond)
@@ -175,6 +176,9 @@ class Engine:
         return fut.result(self.options.connect_timeout_s)
 
     def _wake(self) -> None:
+        if self._wake_pending:  # a wake-up byte is already on its way: save the syscall
+            return
+        self._wake_pending = True
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -236,6 +240,7 @@ class Engine:
                         pass
                 except (BlockingIOError, OSError):
                     pass
+                self._wake_pending = False  # after draining: a later _wake() writes again
             elif isinstance(obj, Peer):
                 if not obj.alive:
                     continue

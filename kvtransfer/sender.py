@@ -123,12 +123,16 @@ class KVSender(Engine):
         lw = self.options.layerwise if layerwise is None else layerwise
         self._submit(self._do_start, req_id, peer, src, dst, deadline_s or self.options.deadline_s, lw)
 
-    def layer_ready(self, req_id: ReqId, layer: int, event: torch.cuda.Event | None = None) -> None:
-        """Layer `layer` of req_id is written. On GPU, `event` (default: recorded now on the
-        caller's current stream) marks when; the gather waits for it on the GPU."""
+    def layer_ready(self, req_id: ReqId | list[ReqId] | tuple[ReqId, ...], layer: int,
+                    event: torch.cuda.Event | None = None) -> None:
+        """Layer `layer` of req_id (or of every id in a list: one call per model layer for a
+        whole batch) is written. On GPU, `event` (default: recorded now on the caller's
+        current stream) marks when; the gather waits for it on the GPU, not on the host."""
         if not 0 <= layer < self.layout.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.layout.num_layers})")
-        self._submit(self._do_ready, req_id, range(layer, layer + 1), self._event(event), None, False)
+        ids = list(req_id) if isinstance(req_id, (list, tuple)) else [req_id]
+        ev = self._event(event)
+        self._submit(self._do_ready_many, ids, range(layer, layer + 1), ev)
 
     def finish(self, req_id: ReqId, aux: dict | None = None,
                event: torch.cuda.Event | None = None) -> None:
@@ -185,6 +189,10 @@ class KVSender(Engine):
             req.ready_prefix += 1
         if finished:
             req.finished, req.aux = True, aux
+
+    def _do_ready_many(self, req_ids: list[ReqId], layers: range, event: Any) -> None:
+        for rid in req_ids:
+            self._do_ready(rid, layers, event, None, False)
 
     def _do_abort(self, req_id: ReqId, reason: str) -> None:
         req = self._reqs.get(req_id)

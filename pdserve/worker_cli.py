@@ -35,7 +35,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     return Config(
         model=args.model, device=args.device, dtype=dtype, seed=args.seed,
-        attention_backend=args.attention, enforce_eager=args.enforce_eager,
+        attention_backend=args.attention,
+        # a prefill worker never runs decode steps: no CUDA graphs to capture
+        enforce_eager=args.enforce_eager or getattr(args, "role", None) == "prefill",
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           memory_fraction=args.memory_fraction,
                           enable_prefix_caching=not args.no_prefix_caching),

@@ -94,8 +94,10 @@ def test_interleaved_concurrent_requests(peers):
             tx.start(rid, addr, src, dst_block_ids=dst, layerwise=rng.random() < 0.7)
         marks = [(rid, layer) for rid in reqs for layer in range(len(pool))]
         rng.shuffle(marks)  # layers of different requests, and out of order within one
-        for rid, layer in marks:
+        for rid, layer in marks[:len(marks) // 2]:
             tx.layer_ready(rid, layer)
+        for layer in range(len(pool)):  # the batch form: one call per layer for many requests
+            tx.layer_ready([rid for rid, lay in marks[len(marks) // 2:] if lay == layer], layer)
         order = list(reqs)
         rng.shuffle(order)
         for rid in order:
