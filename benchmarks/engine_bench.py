@@ -57,7 +57,9 @@ def add_common_arguments(p: argparse.ArgumentParser, out: str, attention: str = 
 
 
 def resolve(args: argparse.Namespace) -> tuple[str, torch.dtype]:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        device = "cuda:0"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {device}: CUDA is not available here")
