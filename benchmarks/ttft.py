@@ -107,45 +107,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(out_dir: str, rows: list[dict], title: str) -> None:
-    import csv
-    import subprocess
-    from datetime import date
-    from pathlib import Path
+    from pdserve.benchmarks import plotting
 
-    import torch
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    keys = list(rows[0])
-    with open(out / "ttft.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    lines = [f"# {title}", "", f"device: {dev} x{max(1, torch.cuda.device_count())}; "
-             f"date: {date.today()}; commit: {commit}", "",
-             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])
-                                for k in keys) + " |" for r in rows]
-    lines += ["", "```", (__doc__ or "").strip(), "```", ""]
-    (out / "ttft.md").write_text("\n".join(lines))
-    print("\n".join(lines[:len(rows) + 6]))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    device = "cpu" if title.endswith("cpu") else "cuda"
+    meta = plotting.run_metadata(device)
+    stem = f"{out_dir}/ttft"
+    plotting.write_csv(stem + ".csv", rows)
+    plotting.write_markdown(stem + ".md", rows, title=title, meta=meta, floatfmt=".2f",
+                            notes=["```", (__doc__ or "").strip(), "```"])
+    print(plotting.markdown_table(rows, floatfmt=".2f"))
     x = [r["input_len"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in ("ttft_ms", "baseline_ttft_ms", "prefill_ms", "tail_ms"):
-        ax.plot(x, [r[k] for r in rows], marker="o", label=k)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("input tokens")
-    ax.set_ylabel("ms")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "ttft.png", dpi=120)
+    plotting.plot_lines(stem + ".png", {k: (x, [r[k] for r in rows]) for k in
+                                        ("ttft_ms", "baseline_ttft_ms", "prefill_ms", "tail_ms")},
+                        xlabel="input tokens", ylabel="ms", logx=True,
+                        title=f"{title}\n{meta['device']}; {meta['date'][:10]}; {meta['commit']}")

@@ -17,3 +17,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "gpu2" in item.keywords and not have_two:
             item.add_marker(skip_gpu2)
+
+
+# -- coordinator tests: fake workers on one background event loop ---------------------------
+@pytest.fixture(scope="module")
+def lt():
+    from fake_worker import LoopThread
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def cluster_defaults() -> dict:
+    """Keyword arguments every `make_cluster()` Cluster gets; a module may override it."""
+    return {}
+
+
+@pytest.fixture
+def make_cluster(lt, cluster_defaults):
+    from fake_worker import Cluster
+    made: list[Cluster] = []
+
+    def make(**kw) -> Cluster:
+        made.append(Cluster(lt, **{**cluster_defaults, **kw}))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.stop()

@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from fake_worker import Cluster, Knobs, LoopThread, assert_no_leaks, fake_outputs, wait_until
+from fake_worker import Knobs, assert_no_leaks, fake_outputs, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -16,26 +16,6 @@ from pdserve.coordinator.client import AsyncClient, Client, ClientError
 
 pytestmark = pytest.mark.timeout(30)
 
-
-@pytest.fixture(scope="module")
-def lt():
-    loop = LoopThread()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
-def make_cluster(lt):
-    made: list[Cluster] = []
-
-    def make(**kw) -> Cluster:
-        c = Cluster(lt, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def test_health_and_reflection(make_cluster):

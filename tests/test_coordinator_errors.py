@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from fake_worker import Cluster, Knobs, LoopThread, assert_no_leaks, wait_until
+from fake_worker import Knobs, assert_no_leaks, wait_until
 
 from pdserve.coordinator.client import Client, ClientError
 from pdserve.coordinator.registry import WorkerHandle
@@ -16,25 +16,6 @@ from pdserve.proto import pdserve_pb2 as pb
 pytestmark = pytest.mark.timeout(30)
 C = grpc.StatusCode
 
-
-@pytest.fixture(scope="module")
-def lt():
-    loop = LoopThread()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
-def make_cluster(lt):
-    made: list[Cluster] = []
-
-    def make(**kw) -> Cluster:
-        made.append(Cluster(lt, **kw))
-        return made[-1]
-
-    yield make
-    for c in made:
-        c.stop()
 
 
 def expect(code: grpc.StatusCode, fragment: str, fn, *args, **kw) -> ClientError:

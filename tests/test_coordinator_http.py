@@ -8,29 +8,14 @@ import socket
 import time
 
 import pytest
-from fake_worker import Cluster, Knobs, LoopThread, assert_no_leaks, fake_outputs, wait_until
+from fake_worker import Cluster, Knobs, assert_no_leaks, fake_outputs, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(scope="module")
-def lt():
-    loop = LoopThread()
-    yield loop
-    loop.close()
-
-
 @pytest.fixture
-def make_cluster(lt):
-    made: list[Cluster] = []
-
-    def make(**kw) -> Cluster:
-        made.append(Cluster(lt, http_port=0, **kw))
-        return made[-1]
-
-    yield make
-    for c in made:
-        c.stop()
+def cluster_defaults() -> dict:
+    return {"http_port": 0}
 
 
 def request(c: Cluster, method: str, path: str, body=None, headers=None):
