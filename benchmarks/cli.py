@@ -19,6 +19,7 @@ KNOWN: dict[str, str] = {
     "prefill": "prefill throughput (MFU) vs the measured matmul peak",
     "hf": "parity and speed against HF transformers",
     "serve": "end-to-end serving: TTFT, TPOT, goodput; P/D vs colocated",
+    "profile": "where a step's GPU time goes, by kernel category",
 }
 
 

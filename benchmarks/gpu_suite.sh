@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU suite for a lent 2-GPU machine (torch/triton from the image; ucxx carried as wheels).
-#   bash benchmarks/gpu_suite.sh OUTDIR [setup] [tests] [nccltests] [kernels] [transfer] [ttft] [engine]
+#   bash benchmarks/gpu_suite.sh OUTDIR [setup] [tests] [nccltests] [kernels] [skinny] [transfer] [ttft] [engine]
 # Each part writes a log and its results under OUTDIR; a part's failure does not stop the rest.
 set -u
 OUT=${1:?usage: gpu_suite.sh OUTDIR [parts...]}; shift
@@ -32,6 +32,7 @@ part tests && step gpu_tests 200 python3 -m pytest -q -m "gpu or gpu2" -rs --tim
 part graphtests && step graph_tests 120 python3 -m pytest -q -m gpu -rs --timeout 60 tests/test_cuda_graphs.py
 part nccltests && step nccl_tests 90 python3 -m pytest -q -rs --timeout 40 tests/test_kvtransfer_nccl.py
 part kernels && step kernels 170 python3 -m pdserve.kernels.bench_kernels --quick --json "$OUT/kernels.json"
+part skinny && step skinny 200 python3 -m pdserve.kernels.bench_skinny --ms 1,2,4,8,16
 if part transfer; then  # whole request (all layers ready) vs one raw send of the same bytes
   B="$PD bench transfer --device cuda --geometry llama-3.1-8b --input-lens 128,512,2048,8192,32768"
   step transfer_nccl 130 $B --backend nccl --out "$OUT/transfer"
@@ -40,6 +41,7 @@ fi
 part ttft && step ttft 250 $PD bench ttft --model llama-3.1-8b --devices 0,1 --transfer nccl \
   --input-lens 512,2048,8192 --iters 5 --out "$OUT/ttft"
 if part engine && [ -f benchmarks/gpu_engine_suite.sh ]; then
-  step engine 420 bash benchmarks/gpu_engine_suite.sh "$OUT/engine"
+  step engine 560 bash benchmarks/gpu_engine_suite.sh "$OUT/engine"
+  tar czf "$OUT/engine_results.tgz" -C "$OUT/engine" results  # results/ is too deep to return
 fi
 exit 0

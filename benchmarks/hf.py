@@ -20,6 +20,7 @@ from tqdm import tqdm
 from pdserve.benchmarks import engine_bench as eb
 from pdserve.benchmarks import plotting
 from pdserve.config import ModelConfig
+from pdserve.engine.layers import checkpoint_tensors
 from pdserve.engine.sampling_params import SamplingParams
 
 COLUMNS = ["engine", "batch", "prompt", "new", "ms_per_token", "tok_s", "seconds", "match"]
@@ -60,7 +61,7 @@ def hf_model_like(model: torch.nn.Module, mcfg: ModelConfig, dtype: torch.dtype,
     cfg._attn_implementation = attn
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = hf.load_state_dict(checkpoint_tensors(model), strict=False)
     allowed = {"lm_head.weight"} if mcfg.tie_word_embeddings else set()
     if unexpected or set(missing) - allowed:
         raise RuntimeError(f"weight names differ from HF's: missing {missing[:4]}, "

@@ -110,16 +110,18 @@ class DecodeGraphs:
         self.max_bs = sizes[-1]
         self.max_blocks = -(-max_model_len // block_size) + 1  # +1: a reserved extra block
         dev, mb = device, self.max_bs
-        self.input_ids = torch.zeros(mb, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(mb, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((mb,), pad_block * block_size, dtype=torch.int64, device=dev)
+        # ids | positions | slots share one buffer (one host-to-device copy per step)
+        self._i64 = torch.zeros(3 * mb, dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.slot_mapping = self._i64.view(3, mb).unbind(0)
+        self.slot_mapping.fill_(pad_block * block_size)
         self.seq_lens = torch.ones(mb, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((mb, self.max_blocks), pad_block, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(mb + 1, dtype=torch.int32, device=dev)
         pin = dev.type == "cuda"
         self._host_i64 = torch.empty(3 * mb, dtype=torch.int64, pin_memory=pin)  # ids|pos|slots
+        self._host_i64.copy_(self._i64)  # rows past a batch are copied too: keep them valid
         self._host_i32 = torch.empty(mb * (1 + self.max_blocks), dtype=torch.int32, pin_memory=pin)
-        self._copied: torch.cuda.Event | None = None  # host buffers are free once this fires
+        self._copied = torch.cuda.Event() if pin else None  # host staging free once it fires
         self.metas = {bs: self._meta(bs) for bs in sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # size -> static hidden [size, H]
@@ -178,21 +180,18 @@ class DecodeGraphs:
 
     def _load(self, b: PaddedDecodeInputs) -> None:
         """Copy a padded batch into the static buffers (pinned host staging, async H2D)."""
-        bs, width = len(b.seq_lens), b.block_tables.shape[1]
+        bs, width, mb = len(b.seq_lens), b.block_tables.shape[1], self.max_bs
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copies have read the staging
         h64, h32 = self._host_i64.numpy(), self._host_i32.numpy()
-        h64[:bs], h64[bs:2 * bs], h64[2 * bs:3 * bs] = b.input_ids, b.positions, b.slot_mapping
+        h64[:bs], h64[mb:mb + bs], h64[2 * mb:2 * mb + bs] = b.input_ids, b.positions, b.slot_mapping
         h32[:bs] = b.seq_lens
         h32[bs:bs + bs * width] = b.block_tables.reshape(-1)
         nb = self.device.type == "cuda"
-        i64, i32 = self._host_i64, self._host_i32
-        self.input_ids[:bs].copy_(i64[:bs], non_blocking=nb)
-        self.positions[:bs].copy_(i64[bs:2 * bs], non_blocking=nb)
-        self.slot_mapping[:bs].copy_(i64[2 * bs:3 * bs], non_blocking=nb)
+        i32 = self._host_i32
+        self._i64.copy_(self._host_i64, non_blocking=nb)  # 3 x max_bs int64: a few KiB
         self.seq_lens[:bs].copy_(i32[:bs], non_blocking=nb)
         self.block_tables[:bs, :width].copy_(i32[bs:bs + bs * width].view(bs, width),
                                              non_blocking=nb)
-        if nb:
-            self._copied = torch.cuda.Event()
+        if self._copied is not None:
             self._copied.record()

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pdserve.config import ModelConfig
-from pdserve.engine.layers import ROPE_TYPES, RotaryEmbedding
+from pdserve.engine.layers import ROPE_TYPES, RotaryEmbedding, checkpoint_tensors
 from pdserve.engine.models import model_class
 from pdserve.engine.presets import PRESETS, init_random_weights
 from pdserve.engine.tokenizer import eos_ids_from_dir
@@ -120,7 +120,7 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 @torch.no_grad()
 def _load_weights(model: nn.Module, config: ModelConfig, path: Path, device: str) -> None:
-    params = dict(model.named_parameters())
+    params = checkpoint_tensors(model)  # HF names; merged projections as views
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())

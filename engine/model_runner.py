@@ -16,6 +16,7 @@ import torch
 from pdserve.config import CacheConfig, ModelConfig
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from pdserve.engine.cuda_graphs import DecodeGraphs, capture_sizes, graphs_unsupported
+from pdserve.engine.layers import set_fused_kernels
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import SchedulerOutput
 
@@ -68,7 +69,11 @@ class PreparedBatch:
 
 
 class ModelRunner:
-    """kv_caches come from allocate_kv_caches: their last block is graph padding scratch."""
+    """kv_caches come from allocate_kv_caches: their last block is graph padding scratch.
+
+    The model's fused Triton kernels (RMSNorm, rope, SiLU-gate) follow the attention
+    backend: on with "triton", eager torch with the "torch" reference.
+    """
 
     def __init__(self, model: torch.nn.Module, mcfg: ModelConfig, attn: AttentionBackend,
                  kv_caches: list[torch.Tensor], block_size: int, device: str,
@@ -81,6 +86,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.sampler = sampler or Sampler()
         self.graphs: DecodeGraphs | None = None
+        set_fused_kernels(model, attn.name == "triton")
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int, pad_block: int,
                             sizes: list[int] | None = None, progress: bool = True) -> bool:

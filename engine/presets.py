@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pdserve.config import ModelConfig
+from pdserve.engine.layers import checkpoint_tensors
 from pdserve.engine.tokenizer import BYTE_BOS_ID, BYTE_EOS_ID
 
 _BYTE_SPECIALS = {"eos_token_ids": (BYTE_EOS_ID,), "bos_token_id": BYTE_BOS_ID}
@@ -63,8 +64,9 @@ def init_random_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
     (seed, name): the same seed gives the same weights on the same device type, whatever
     the parameter order. CPU and CUDA generators give different streams.
     """
-    num_layers = sum(1 for n, _ in model.named_parameters() if n.endswith("input_layernorm.weight"))
-    for name, p in model.named_parameters():
+    tensors = checkpoint_tensors(model)  # HF names: merged projections draw per shard
+    num_layers = sum(1 for n in tensors if n.endswith("input_layernorm.weight"))
+    for name, p in tensors.items():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         elif name.endswith(".bias"):

@@ -18,11 +18,14 @@ from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata, r
 
 from .decode_attention import decode_attention
 from .kv_cache_ops import store_kv
+from .norm_rope import rope_and_store
 from .prefill_attention import prefill_attention
 
 
 @register_backend("triton")
 class TritonAttention(AttentionBackend):
+    fuses_rope = True  # forward(rope=...) rotates q and k in the store kernel
+
     def __init__(self, decode_num_splits: int | None = None) -> None:
         self.decode_num_splits = decode_num_splits  # None: chosen from batch and max_seq_len
 
@@ -35,8 +38,12 @@ class TritonAttention(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
-        store_kv(kv_cache, k, v, meta.slot_mapping)
+        if rope is not None:  # one launch: rotate q in place, store rotated k and v
+            q = rope_and_store(q, k, v, rope[0], rope[1], kv_cache, meta.slot_mapping)
+        else:
+            store_kv(kv_cache, k, v, meta.slot_mapping)
         if meta.decode_only and q.shape[0] == meta.seq_lens.shape[0]:
             return decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                     meta.max_seq_len, sliding_window, self.decode_num_splits)

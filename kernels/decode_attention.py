@@ -3,8 +3,11 @@
 One program handles one (sequence, kv head, split): it loads the query rows of all
 G = Hq / Hkv heads of that KV group as one [BLOCK_H, D] tile, so every K/V block is read
 once per KV head group. Long contexts are split into `num_splits` chunks; each program
-writes a normalized partial output and its log2-sum-exp, and a reduce kernel combines
-them. With one split the main kernel writes the final output directly.
+writes a normalized partial output and its log2-sum-exp, then takes a ticket from a
+per-(sequence, kv head) counter: the program that arrives last combines the partials into
+the final output and resets the counter. So split-K is one launch (no reduce kernel), which
+matters at batch 1 where the whole attention is a few microseconds per layer. With one
+split the program writes the final output directly.
 
 Launch shapes depend only on host ints (batch, heads, num_splits), never on device data,
 so the call is CUDA-graph capturable; padding rows with seq_len 0 produce zeros.
@@ -33,17 +36,20 @@ def _decode_kernel(
     s_bt,  # block_tables row stride
     s_ob, s_oh, s_os,  # out [B, Hq, D] or partial out [B, Hq, S, D] strides
     s_lb, s_lh,  # lse [B, Hq, S] strides (split stride 1)
+    final_ptr, s_fb, s_fh,  # final out [B, Hq, D] (SPLIT: written by the last split)
+    counter_ptr,  # [B * Hkv] int32 tickets, zero between launches (SPLIT only)
     qk_scale, num_splits, window,  # window: keys at positions >= seq_len - window
     G: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    IDX64: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     kv_lo = tl.maximum(seq_len - window, 0)
-    chunk = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N), 1) * BLOCK_N
+    n_active = tl.cdiv(seq_len - kv_lo, chunk)  # splits with keys; the others only check in
     start = kv_lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
@@ -87,37 +93,48 @@ def _decode_kernel(
     o_off = b * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :]
     o_mask = h_mask[:, None] & d_mask[None, :]
     if SPLIT:
-        tl.store(out_ptr + o_off, o, mask=o_mask)
-        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + b * s_lb + heads * s_lh + split, lse, mask=h_mask)
+        if split < n_active:
+            tl.store(out_ptr + o_off, o, mask=o_mask)
+            lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+            tl.store(lse_ptr + b * s_lb + heads * s_lh + split, lse, mask=h_mask)
+        # Every thread's stores land before the ticket (barrier, then a release); the program
+        # holding the last ticket acquires, so it sees every other split's partials.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr + b * tl.num_programs(1) + kvh, 1, sem="acq_rel")
+        if ticket == num_splits - 1:
+            tl.debug_barrier()
+            _combine(out_ptr, lse_ptr, final_ptr, b, heads, h_mask, offs_d, d_mask, n_active,
+                     s_ob, s_oh, s_os, s_lb, s_lh, s_fb, s_fh, BLOCK_H, BLOCK_S)
+            tl.atomic_xchg(counter_ptr + b * tl.num_programs(1) + kvh, 0)  # ready for reuse
     else:
         tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
-def _reduce_kernel(
-    part_ptr, lse_ptr, out_ptr, num_splits,
-    s_pb, s_ph,  # partial out [B, Hq, S, D] strides (split stride is HEAD_DIM)
-    s_lb, s_lh,  # lse [B, Hq, S] strides (split stride 1)
-    s_ob, s_oh,  # out [B, Hq, D]
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+def _combine(part_ptr, lse_ptr, final_ptr, b, heads, h_mask, offs_d, d_mask, n_active,
+             s_pb, s_ph, s_ps, s_lb, s_lh, s_fb, s_fh,
+             BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Weighted sum of the partial outputs of the n_active splits that had keys, for one KV
+    group's heads (log2 domain); n_active 0 (seq_len 0) gives zeros."""
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    base = b * s_pb + h * s_ph
-    lse = tl.load(lse_ptr + b * s_lb + h * s_lh + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m > float("-inf"), m, 0.0)  # all splits empty (seq_len 0): output zeros
-    w = tl.exp2(lse - m)  # [BLOCK_S], 0 for empty splits
-    part = tl.load(part_ptr + base + offs_s[:, None] * HEAD_DIM + offs_d[None, :],
-                   mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    den = tl.sum(w, 0)
-    o = tl.sum(part * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + b * s_ob + h * s_oh + offs_d, o.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    s_mask = offs_s < n_active
+    lse = tl.load(lse_ptr + b * s_lb + heads[:, None] * s_lh + offs_s[None, :],
+                  mask=h_mask[:, None] & s_mask[None, :], other=float("-inf"),
+                  cache_modifier=".cg")  # [BLOCK_H, BLOCK_S]; .cg: from L2, not this SM's L1
+    m = tl.max(lse, 1)
+    m = tl.where(m > float("-inf"), m, 0.0)
+    w = tl.exp2(lse - m[:, None])  # 0 for empty splits
+    den = tl.sum(w, 1)
+    acc = tl.zeros([BLOCK_H, offs_d.shape[0]], tl.float32)
+    base = part_ptr + b * s_pb + heads[:, None] * s_ph + offs_d[None, :]
+    hd_mask = h_mask[:, None] & d_mask[None, :]
+    for s in range(0, n_active):
+        ws = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)  # [BLOCK_H] weight of split s
+        part = tl.load(base + s * s_ps, mask=hd_mask, other=0.0, cache_modifier=".cg")
+        acc += part * ws[:, None]
+    o = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+    tl.store(final_ptr + b * s_fb + heads[:, None] * s_fh + offs_d[None, :],
+             o.to(final_ptr.dtype.element_ty), mask=hd_mask)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -180,8 +197,8 @@ def decode_attention(
         _decode_kernel[grid](
             q, kv_cache, block_tables, seq_lens, out, out,
             q.stride(0), q.stride(1), cs[0], cs[1], cs[2], cs[3], block_tables.stride(0),
-            out.stride(0), out.stride(1), 0, 0, 0, scale * LOG2E, 1, window,
-            SPLIT=False, **common, **launch)
+            out.stride(0), out.stride(1), 0, 0, 0, out, 0, 0, seq_lens, scale * LOG2E, 1, window,
+            SPLIT=False, BLOCK_S=1, **common, **launch)
         return out
     part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
@@ -189,10 +206,23 @@ def decode_attention(
         q, kv_cache, block_tables, seq_lens, part, lse,
         q.stride(0), q.stride(1), cs[0], cs[1], cs[2], cs[3], block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        out, out.stride(0), out.stride(1), split_counters(q.device, B * Hkv),
         scale * LOG2E, num_splits, window,
-        SPLIT=True, **common, **launch)
-    _reduce_kernel[(B, Hq)](
-        part, lse, out, num_splits, part.stride(0), part.stride(1), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=next_pow2(num_splits), **({} if interp else dict(num_warps=4)))
+        SPLIT=True, BLOCK_S=next_pow2(num_splits), **common, **launch)
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets for n (sequence, kv head) groups, one buffer per device, reused:
+    every split-K launch leaves them at zero again. Grown outside CUDA-graph capture only
+    (the first eager call at a batch size allocates; graph capture runs after a warm-up)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
+            "split-K counters must be allocated before CUDA-graph capture (warm up first)"
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf

@@ -2,7 +2,8 @@
 
 rms_norm follows HF Llama rounding: h = x + residual is rounded to the model dtype, the
 normalized h is rounded to the model dtype before the weight multiply. apply_rope rotates
-the first rotary_dim dims of each head in fp32 and rounds once.
+the first rotary_dim dims of each head with HF's rounding: cos/sin rounded to the model
+dtype, each product rounded, then the sum rounded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2, use_triton
-from .reference import apply_rope_ref, rms_norm_ref
+from .reference import apply_rope_ref, rms_norm_ref, store_kv_ref
 
 
 @triton.jit
@@ -82,8 +83,11 @@ def _rotate_heads(src_ptr, dst_ptr, t, s_st, s_sh, s_dt, s_dh, cos, sin,
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_HALF]
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     dtype = dst_ptr.dtype.element_ty
-    tl.store(dst, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    # Each product rounds to the model dtype, as eager torch (and HF) do.
+    c1, s1 = (x1 * cos).to(dtype).to(tl.float32), (x1 * sin).to(dtype).to(tl.float32)
+    c2, s2 = (x2 * cos).to(dtype).to(tl.float32), (x2 * sin).to(dtype).to(tl.float32)
+    tl.store(dst, (c1 - s2).to(dtype), mask=mask)
+    tl.store(dst + HALF, (c2 + s1).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -97,8 +101,10 @@ def _rope_kernel(
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_HALF)
     r_mask = offs_r < HALF
-    cos = tl.load(cs_ptr + pos * s_cs + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cs_ptr + pos * s_cs + HALF + offs_r, mask=r_mask, other=0.0).to(tl.float32)[None, :]
+    dtype = qo_ptr.dtype.element_ty  # cos/sin round to the model dtype first, as in HF
+    cos = tl.load(cs_ptr + pos * s_cs + offs_r, mask=r_mask, other=0.0).to(dtype)
+    sin = tl.load(cs_ptr + pos * s_cs + HALF + offs_r, mask=r_mask, other=0.0).to(dtype)
+    cos, sin = cos.to(tl.float32)[None, :], sin.to(tl.float32)[None, :]
     _rotate_heads(q_ptr, qo_ptr, t, s_qt, s_qh, s_qot, s_qoh, cos, sin, HQ, BLOCK_HQ, HALF, BLOCK_HALF)
     _rotate_heads(k_ptr, ko_ptr, t, s_kt, s_kh, s_kot, s_koh, cos, sin, HK, BLOCK_HK, HALF, BLOCK_HALF)
 
@@ -138,3 +144,61 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
             HALF=rot // 2, BLOCK_HALF=next_pow2(rot // 2),
             **({"num_warps": 4} if q.is_cuda else {}))
     return qo, ko
+
+
+@triton.jit
+def _rope_store_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, cache_ptr, slot_ptr,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_cs,
+    s_cb, s_ckv, s_ct, s_ch,  # cache [N, 2, bs, Hkv, D] strides
+    HQ: tl.constexpr, HK: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_HALF)
+    r_mask = offs_r < HALF
+    dtype = q_ptr.dtype.element_ty
+    cos = tl.load(cs_ptr + pos * s_cs + offs_r, mask=r_mask, other=0.0).to(dtype)
+    sin = tl.load(cs_ptr + pos * s_cs + HALF + offs_r, mask=r_mask, other=0.0).to(dtype)
+    cos, sin = cos.to(tl.float32)[None, :], sin.to(tl.float32)[None, :]
+    _rotate_heads(q_ptr, q_ptr, t, s_qt, s_qh, s_qt, s_qh, cos, sin, HQ, BLOCK_HQ, HALF, BLOCK_HALF)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:  # padding tokens store nothing
+        row = cache_ptr + (slot // PAGE) * s_cb + (slot % PAGE) * s_ct  # this token's K row
+        _rotate_heads(k_ptr, row, t, s_kt, s_kh, 0, s_ch, cos, sin, HK, BLOCK_HK, HALF, BLOCK_HALF)
+        offs_h = tl.arange(0, BLOCK_HK)
+        offs_d = tl.arange(0, 2 * BLOCK_HALF)
+        mask = (offs_h[:, None] < HK) & (offs_d[None, :] < 2 * HALF)
+        v = tl.load(v_ptr + t * s_vt + offs_h[:, None] * s_vh + offs_d[None, :], mask=mask)
+        tl.store(row + s_ckv + offs_h[:, None] * s_ch + offs_d[None, :],
+                 v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> torch.Tensor:
+    """One launch for the start of attention: rotate q in place and store rotated k plus v
+    into the paged cache at slot_mapping (slot < 0: nothing stored). q [T, Hq, D], k and v
+    [T, Hkv, D] (views of a fused qkv allowed), cos_sin_cache [max_pos, D] (full rotary),
+    kv_cache [N, 2, bs, Hkv, D]. Returns q. k itself is left unrotated."""
+    if not use_triton(q, _rope_store_kernel):
+        qr, kr = apply_rope_ref(q, k, positions, cos_sin_cache)
+        q.copy_(qr)
+        store_kv_ref(kv_cache, kr, v, slot_mapping)
+        return q
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    assert cos_sin_cache.shape[-1] == D and kv_cache.shape[-1] == D, "rope_and_store: full rotary only"
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert cos_sin_cache.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    if T:
+        cs = kv_cache.stride()
+        _rope_store_kernel[(T,)](
+            q, k, v, positions, cos_sin_cache, kv_cache, slot_mapping,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            cos_sin_cache.stride(0), cs[0], cs[1], cs[2], cs[3],
+            HQ=Hq, HK=Hk, BLOCK_HQ=next_pow2(Hq), BLOCK_HK=next_pow2(Hk),
+            HALF=D // 2, BLOCK_HALF=next_pow2(D // 2), PAGE=kv_cache.shape[2],
+            **({"num_warps": 4} if q.is_cuda else {}))
+    return q

@@ -111,17 +111,18 @@ def rope_cos_sin_cache(rotary_dim: int, max_positions: int, base: float = 10000.
 
 
 def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos, sin [T, 1, rot/2]: neox rotation of the first rot dims, fp32."""
+    """x [T, H, D]; cos, sin [T, 1, rot/2] in x.dtype: neox rotation of the first rot dims,
+    computed in x.dtype (every product rounded, as HF does)."""
     half = cos.shape[-1]
-    xf = x.float()
-    x1, x2, rest = xf[..., :half], xf[..., half:2 * half], xf[..., 2 * half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1).to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                    cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary embedding: q [T, Hq, D], k [T, Hkv, D], positions [T]. Out of place."""
-    cs = cos_sin_cache.index_select(0, positions.long()).float()  # (T, rot)
+    """Neox-style rotary embedding: q [T, Hq, D], k [T, Hkv, D], positions [T]. Out of place.
+    The cache rounds to q's dtype first (HF casts cos/sin to the activations' dtype)."""
+    cs = cos_sin_cache.index_select(0, positions.long()).to(q.dtype)  # (T, rot)
     half = cs.shape[-1] // 2
     cos, sin = cs[:, None, :half], cs[:, None, half:]  # (T, 1, rot/2)
     return _rope_one(q, cos, sin), _rope_one(k, cos, sin)

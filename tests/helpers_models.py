@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pdserve.engine.attention.base import AttentionMetadata
+from pdserve.engine.layers import checkpoint_tensors
 
 ARCHS = {
     "llama": "LlamaForCausalLM",
@@ -135,7 +136,6 @@ def save_preset_checkpoint(tmp_path: Path, preset: str = "tiny", seed: int = 0) 
         "eos_token_id": list(cfg.eos_token_ids),
     }
     (out / "config.json").write_text(json.dumps(hf))
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()
-               if not k.endswith(("cos_cache", "sin_cache"))}
+    tensors = {k: v.contiguous() for k, v in checkpoint_tensors(model).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

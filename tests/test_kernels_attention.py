@@ -10,7 +10,7 @@ from __future__ import annotations
 import kernels_env  # first: sets TRITON_INTERPRET before pdserve.kernels loads
 import pytest
 import torch
-from kernels_env import TOL, assert_close, gpu_only, paged_batch
+from kernels_env import DEVICE, TOL, assert_close, gpu_only, paged_batch
 
 from pdserve.kernels.decode_attention import choose_num_splits, decode_attention
 from pdserve.kernels.prefill_attention import prefill_attention
@@ -64,6 +64,16 @@ def test_decode_tiny_splits_window_headdim(window: int | None) -> None:
                  window=window, seed=2)
     check_decode([5, 19], hq=2, hkv=1, d=24, bs=4, dtype=torch.float32, num_splits=2,
                  window=window, seed=3)  # head_dim padded to 32 with masks
+
+
+def test_decode_split_tickets_reset_between_launches() -> None:
+    """Split-K combines in the last program of each group; its tickets return to zero, so
+    back-to-back launches (and graph replays) with other lengths stay correct."""
+    from pdserve.kernels.decode_attention import split_counters
+
+    for step, lens in enumerate([[9, 37, 3], [40, 2, 17], [1, 1, 1]]):
+        check_decode(lens, hq=4, hkv=2, d=16, bs=4, dtype=torch.float32, num_splits=5, seed=step)
+        assert (split_counters(torch.device(DEVICE), 6)[:6] == 0).all()
 
 
 def test_decode_padding_rows() -> None:

@@ -1,4 +1,4 @@
-"""KV store, block pack/unpack, RMSNorm and rotary kernels vs their torch references."""
+"""KV store, block pack/unpack, RMSNorm, rotary and SiLU-gate kernels vs their torch references."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from kernels_env import DEVICE, TOL, ULP, assert_close, gpu_only
 
+from pdserve.kernels.activation import silu_mul, silu_mul_ref
 from pdserve.kernels.kv_cache_ops import pack_blocks, store_kv, unpack_blocks
-from pdserve.kernels.norm_rope import apply_rope, rms_norm
+from pdserve.kernels.norm_rope import apply_rope, rms_norm, rope_and_store
 from pdserve.kernels.reference import (
     apply_rope_ref,
     pack_blocks_ref,
@@ -117,6 +118,47 @@ def test_rope_tiny(dtype: torch.dtype, inplace: bool) -> None:
     check_rope(3, 2, 1, 32, 16, dtype, inplace)  # partial rotary
 
 
+def check_rope_store(t: int, hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype) -> None:
+    num_blocks = t // bs + 2
+    cache = torch.randn(num_blocks, 2, bs, hkv, d, device=DEVICE).to(dtype)
+    expect = cache.clone()
+    cs = rope_cos_sin_cache(d, 4096, base=500000.0, device=DEVICE).to(dtype)
+    qkv = torch.randn(t, hq + 2 * hkv, d, device=DEVICE).to(dtype)  # views of a fused qkv
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    pos = torch.randint(0, 4096, (t,), device=DEVICE)
+    slots = torch.randperm(num_blocks * bs, device=DEVICE)[:t]
+    slots[t // 2] = -1  # padding: rotates q, stores nothing
+    q_ref, k_ref = apply_rope_ref(q, k, pos, cs)
+    store_kv_ref(expect, k_ref, v, slots)
+    k_before = k.clone()
+    out = rope_and_store(q, k, v, pos, cs, cache, slots)
+    tol = 2 * ULP[dtype] + 1e-5
+    assert out.data_ptr() == q.data_ptr()
+    assert_close(q, q_ref, tol)
+    assert torch.equal(k, k_before)  # k stays as it was: only the cache gets it rotated
+    assert_close(cache, expect, tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_store_tiny(dtype: torch.dtype) -> None:
+    check_rope_store(7, 4, 2, 16, 4, dtype)
+
+
+def check_silu_mul(rows: int, inter: int, dtype: torch.dtype) -> None:
+    x = (2 * torch.randn(rows, 2 * inter, device=DEVICE)).to(dtype)
+    x[0, 0], x[0, 1] = -90.0, 90.0  # exp overflow on either side stays finite
+    out = silu_mul(x)
+    assert out.shape == (rows, inter) and out.dtype == dtype
+    assert_close(out, silu_mul_ref(x), 2 * ULP[dtype] + 1e-5)
+    view = x[:, : inter]  # a non-contiguous gate|up pair: the first half of each row
+    assert_close(silu_mul(view), silu_mul_ref(view), 2 * ULP[dtype] + 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_tiny(dtype: torch.dtype) -> None:
+    check_silu_mul(5, 40, dtype)  # 40 is not a multiple of the block: masked tail
+
+
 # ---- realistic shapes (GPU) ----
 
 @gpu_only
@@ -143,6 +185,18 @@ def test_rms_norm_gpu(dtype: torch.dtype, hidden: int) -> None:
 @pytest.mark.parametrize("inplace", [False, True])
 def test_rope_gpu(dtype: torch.dtype, inplace: bool) -> None:
     check_rope(8192, 32, 8, 128, 128, dtype, inplace)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_and_store_gpu(dtype: torch.dtype) -> None:
+    check_rope_store(4096, 32, 8, 128, 16, dtype)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_mul_gpu(dtype: torch.dtype) -> None:
+    check_silu_mul(4096, 14336, dtype)
 
 
 kernels_env.run_in_subprocess_if_needed(globals())

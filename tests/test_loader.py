@@ -16,6 +16,7 @@ from helpers_models import (
 from safetensors.torch import load_file, save_file
 
 from pdserve.engine.attention.base import get_backend
+from pdserve.engine.layers import checkpoint_tensors
 from pdserve.engine.loader import load_model, load_model_config
 from pdserve.engine.presets import PRESETS, get_preset
 from pdserve.engine.tokenizer import BYTE_EOS_ID, ByteTokenizer, get_tokenizer
@@ -53,6 +54,24 @@ def test_sharded_checkpoint_loads_and_matches_hf(tmp_path):
     with torch.no_grad():
         ref = load_hf_model(path)(input_ids=ids[None]).logits[0]
     torch.testing.assert_close(_prefill_logits(model, config, ids), ref, atol=1e-4, rtol=0)
+
+
+def test_merged_projections_hold_the_checkpoint_tensors_exactly(tmp_path):
+    path = make_hf_checkpoint(tmp_path, "qwen2")  # q/k/v biases too
+    model, _ = load_model(str(path), torch.float32, "cpu")
+    names = checkpoint_tensors(model)
+    saved = load_file(path / "model.safetensors")
+    assert set(names) == set(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(names[name], tensor), name
+    attn = model.model.layers[1].self_attn
+    q = saved["model.layers.1.self_attn.q_proj.weight"]
+    v_bias = saved["model.layers.1.self_attn.v_proj.bias"]
+    assert torch.equal(attn.qkv_proj.weight[: q.shape[0]], q)
+    assert torch.equal(attn.qkv_proj.bias[-v_bias.shape[0]:], v_bias)
+    names["model.layers.1.mlp.up_proj.weight"].zero_()  # a view: writes the merged GEMM
+    gate_up = model.model.layers[1].mlp.gate_up_proj.weight
+    assert gate_up[gate_up.shape[0] // 2:].abs().sum() == 0 and gate_up[0].abs().sum() > 0
 
 
 def test_loads_in_target_dtype_and_ignores_inv_freq(tmp_path):
@@ -169,7 +188,7 @@ def test_tiny_preset_is_deterministic_per_seed():
     a, cfg = load_model("tiny", torch.float32, "cpu", seed=0)
     b, _ = load_model("tiny", torch.float32, "cpu", seed=0)
     c, _ = load_model("tiny", torch.float32, "cpu", seed=1)
-    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    sa, sb, sc = (checkpoint_tensors(m) for m in (a, b, c))  # HF names
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["model.layers.0.mlp.up_proj.weight"],
                            sc["model.layers.0.mlp.up_proj.weight"])

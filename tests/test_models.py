@@ -151,9 +151,11 @@ def test_rope_reset_cache_after_to_empty():
     rope = rope.to(torch.bfloat16).to_empty(device="cpu")
     rope.reset_cache()
     ref = RotaryEmbedding(16, 32, 10000.0)
-    assert rope.cos_cache.dtype == torch.bfloat16
-    torch.testing.assert_close(rope.cos_cache, ref.cos_cache.bfloat16())
-    torch.testing.assert_close(rope.sin_cache, ref.sin_cache.bfloat16())
+    assert rope.cos_sin_cache.dtype == torch.bfloat16
+    torch.testing.assert_close(rope.cos_sin_cache, ref.cos_sin_cache.bfloat16())
+    pos = torch.tensor([0, 5, 31])
+    angle = pos[:, None].float() * ref.inv_freq_cpu[None, :]  # cos | sin halves per row
+    torch.testing.assert_close(ref.cos_sin_cache[pos], torch.cat((angle.cos(), angle.sin()), -1))
 
 
 def test_bf16_forward_is_finite_and_close_to_fp32(checkpoints):

@@ -43,6 +43,7 @@ class AttentionBackend(ABC):
     """
 
     name: str = "abstract"
+    fuses_rope: bool = False  # accepts forward(rope=(positions, cos_sin_cache))
 
     @abstractmethod
     def forward(
@@ -54,7 +55,10 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """rope=(positions [T], cos_sin_cache [P, head_dim]), only for backends with
+        fuses_rope: q and k are not yet rotated, and the backend rotates them itself."""
         ...
 
 

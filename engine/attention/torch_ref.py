@@ -56,6 +56,8 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 
 @register_backend("torch")
 class TorchAttention(AttentionBackend):
-    def forward(self, q, k, v, kv_cache, meta, scale, sliding_window=None):
+    def forward(self, q, k, v, kv_cache, meta, scale, sliding_window=None, rope=None):
+        if rope is not None:
+            raise ValueError("the torch attention backend does not fuse rope (fuses_rope=False)")
         write_kv(kv_cache, k, v, meta.slot_mapping)
         return paged_attention_ref(q, kv_cache, meta, scale, sliding_window)

@@ -1,6 +1,7 @@
 """Llama-family decoder: Llama 2/3, Mistral, Qwen2 (q/k/v bias), Qwen3 (per-head q/k norm).
 
-Parameter names equal the HF safetensors names, so weights load by name. Attention goes
+q|k|v and gate|up run as merged GEMMs; `layers.checkpoint_tensors` maps the HF safetensors
+names onto them (views), so weights load by name. Attention goes
 through an `AttentionBackend` over the paged KV pool; the model itself holds no cache.
 """
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from pdserve.config import ModelConfig
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
-from pdserve.engine.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from pdserve.engine.layers import GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, linear
 
 
 class Attention(nn.Module):
@@ -26,10 +27,10 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window
         h, q_size, kv_size = config.hidden_size, config.num_heads * config.head_dim, \
             config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(h, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(h, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(h, kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, h, bias=False)
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = MergedLinear(h, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+                                     bias=config.attention_bias)
+        self.o_proj = Linear(q_size, h, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -40,13 +41,18 @@ class Attention(nn.Module):
                 kv_cache: torch.Tensor, meta: AttentionMetadata,
                 attn: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, nh, hd)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)  # views of one GEMM
+        q = q.view(t, self.num_heads, self.head_dim)  # (T, nh, hd)
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
+        v = v.view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        o = attn.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)  # (T, nh, hd)
+        if rotary.fused and attn.fuses_rope:  # rope fused into the backend's KV store
+            o = attn.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window,
+                             rope=(positions, rotary.cos_sin_cache))  # (T, nh, hd)
+        else:
+            q, k = rotary(positions, q, k)
+            o = attn.forward(q, k, v, kv_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))  # (T, H)
 
 
@@ -83,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = None if config.tie_word_embeddings else \
-            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -114,4 +120,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, V]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return linear(hidden, weight, fused=self.model.norm.fused).float()
