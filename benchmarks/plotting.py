@@ -110,15 +110,19 @@ def json_line(row: Row) -> str:
 
 
 def run_metadata(device: str = "cpu") -> dict[str, str]:
-    """Where and when a result was taken: date, commit, host, torch, device name."""
+    """Where and when a result was taken: date, commit, host, torch, device name. The commit
+    is $PDSERVE_COMMIT when set (a copy of the tree without .git), else git's HEAD."""
     meta = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "host": platform.node()}
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        meta["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                                        capture_output=True, text=True, timeout=5).stdout.strip() or "none"
-    except (OSError, subprocess.SubprocessError):
-        meta["commit"] = "unknown"
+    commit = os.environ.get("PDSERVE_COMMIT")
+    if not commit:
+        try:
+            here = os.path.dirname(os.path.abspath(__file__))
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                                    capture_output=True, text=True, timeout=5).stdout.strip() or "none"
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
+    meta["commit"] = commit
     try:
         import torch
         meta["torch"] = torch.__version__
