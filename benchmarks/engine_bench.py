@@ -32,6 +32,7 @@ from pdserve.engine.model_runner import (
 )
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
+from pdserve.engine.sequence import new_block_table_id
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 
@@ -110,13 +111,14 @@ def build(model: torch.nn.Module, mcfg: ModelConfig, device: str, dtype: torch.d
 def decode_step(batch: int, ctx: int, num_blocks: int, block_size: int,
                 seed: int = 0) -> SchedulerOutput:
     """batch sequences with ctx - 1 cached tokens each feeding token ctx - 1, over disjoint
-    blocks in random order (as a long-running pool scatters them)."""
+    blocks in random order (as a long-running pool scatters them). Each sequence's table
+    carries a block_table_id, as the scheduler's chunks do, so repeated steps reuse it."""
     per_seq = -(-ctx // block_size)
     assert batch * per_seq <= num_blocks, "pool too small for this decode batch"
     perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
     return SchedulerOutput(chunks=[
         ScheduledChunk(f"s{i}", [1 + i % 200], ctx - 1, perm[i * per_seq:(i + 1) * per_seq], True,
-                       GREEDY, 0) for i in range(batch)], num_batched_tokens=batch)
+                       GREEDY, 0, block_table_id=new_block_table_id()) for i in range(batch)], num_batched_tokens=batch)
 
 
 def prefill_step(tokens: int, block_size: int, seed: int = 0) -> SchedulerOutput:

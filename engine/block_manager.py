@@ -114,7 +114,7 @@ class BlockManager:
             if self._ref[b] == 0:
                 del self._free_cached[b]
             self._ref[b] += 1
-        seq.block_ids = hits
+        seq.set_block_table(hits)
         seq.num_committed_blocks = len(hits)
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
 
@@ -158,7 +158,7 @@ class BlockManager:
                     self._free_plain.append(b)
                 else:
                     self._free_cached[b] = None
-        seq.block_ids = []
+        seq.set_block_table([])
         seq.num_committed_blocks = 0
 
     def reset_prefix_cache(self) -> None:

@@ -15,7 +15,6 @@ host lists, so it always runs eagerly.
 from __future__ import annotations
 
 import bisect
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,28 +59,60 @@ class PaddedDecodeInputs:
     positions: np.ndarray  # [size] int64
     slot_mapping: np.ndarray  # [size] int64
     seq_lens: np.ndarray  # [size] int32
-    block_tables: np.ndarray  # [size, width] int32; padding rows start with pad_block
+    block_tables: np.ndarray  # [size, width] int32 (a view); padding rows start with pad_block
     num_real: int
 
 
+class BlockTableStaging:
+    """Host block tables of padded decode batches, in one persistent array [rows, width].
+
+    Row i remembers (seq_id, block_table_id, length) of the table it holds. A sequence's
+    table with the same id only ever grows (Sequence.block_table_id), so a step that keeps
+    a sequence on its row converts only the new tail instead of the whole table: in steady
+    decoding that is nothing, or one block every block_size steps. Entries past a row's
+    length may be stale; attention reads only the pages below each seq_len.
+    """
+
+    def __init__(self, rows: int, width: int, pin: bool = False) -> None:
+        self.host = torch.zeros((rows, width), dtype=torch.int32, pin_memory=pin)
+        self.array = self.host.numpy()
+        self._keys: list[tuple[str, int, int] | None] = [None] * rows
+
+    def fill(self, chunks: list[ScheduledChunk], size: int, pad_block: int) -> int:
+        """Rows 0..len(chunks)-1 hold the chunks' tables, rows up to `size` start with
+        pad_block; returns the width in use (the longest table, at least 1)."""
+        a, keys, width = self.array, self._keys, 1
+        for i, c in enumerate(chunks):
+            n, tid, key = len(c.block_ids), c.block_table_id, keys[i]
+            width = max(width, n)
+            if tid >= 0 and key is not None and key[0] == c.seq_id and key[1] == tid and key[2] <= n:
+                if key[2] < n:
+                    a[i, key[2]:n] = c.block_ids[key[2]:]
+            else:
+                a[i, :n] = c.block_ids
+            keys[i] = (c.seq_id, tid, n)
+        for i in range(len(chunks), size):
+            a[i, 0] = pad_block
+            keys[i] = None
+        return width
+
+
 def pad_decode_batch(chunks: list[ScheduledChunk], size: int, block_size: int,
-                     pad_block: int) -> PaddedDecodeInputs:
+                     pad_block: int, tables: BlockTableStaging | None = None) -> PaddedDecodeInputs:
     """Flatten 1-token chunks into `size` rows; padding rows: token 0 at position 0, stored
-    at slot pad_block * block_size, attending over that single slot (seq_len 1)."""
+    at slot pad_block * block_size, attending over that single slot (seq_len 1). Block
+    tables go to `tables` (persistent across steps) or to a fresh array."""
     n = len(chunks)
     assert n <= size, f"{n} chunks do not fit a padded batch of {size}"
     assert all(c.num_tokens == 1 for c in chunks), "decode graphs take 1-token chunks only"
-    lens = np.fromiter((len(c.block_ids) for c in chunks), np.int64, n)
-    width = max(1, int(lens.max()) if n else 1)
+    if tables is None:
+        tables = BlockTableStaging(size, max([1] + [len(c.block_ids) for c in chunks]))
+    width = tables.fill(chunks, size, pad_block)
     pos = np.zeros(size, np.int64)
     pos[:n] = np.fromiter((c.start_pos for c in chunks), np.int64, n)
     ids = np.zeros(size, np.int64)
     ids[:n] = np.fromiter((c.token_ids[0] for c in chunks), np.int64, n)
-    tables = np.zeros((size, width), np.int32)
-    flat = np.fromiter(itertools.chain.from_iterable(c.block_ids for c in chunks), np.int32,
-                       int(lens.sum()))
-    tables[:n][np.arange(width)[None, :] < lens[:, None]] = flat  # row-major fill
-    tables[n:, 0] = pad_block
+    tables = tables.array[:size, :width]
     slots = np.full(size, pad_block * block_size, np.int64)
     real_blocks = tables[np.arange(n), pos[:n] // block_size].astype(np.int64)
     slots[:n] = real_blocks * block_size + pos[:n] % block_size
@@ -120,7 +151,8 @@ class DecodeGraphs:
         pin = dev.type == "cuda"
         self._host_i64 = torch.empty(3 * mb, dtype=torch.int64, pin_memory=pin)  # ids|pos|slots
         self._host_i64.copy_(self._i64)  # rows past a batch are copied too: keep them valid
-        self._host_i32 = torch.empty(mb * (1 + self.max_blocks), dtype=torch.int32, pin_memory=pin)
+        self._host_lens = torch.ones(mb, dtype=torch.int32, pin_memory=pin)
+        self._tables = BlockTableStaging(mb, self.max_blocks, pin)
         self._copied = torch.cuda.Event() if pin else None  # host staging free once it fires
         self.metas = {bs: self._meta(bs) for bs in sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -169,7 +201,9 @@ class DecodeGraphs:
         result is a view of a static output: use it before the next run."""
         bs = bucket_for(len(chunks), self.sizes)
         assert bs is not None
-        self._load(pad_decode_batch(chunks, bs, self.block_size, self.pad_block))
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copies have read the staging
+        self._load(pad_decode_batch(chunks, bs, self.block_size, self.pad_block, self._tables))
         self.num_runs += 1
         if self.use_cuda_graph:
             self.graphs[bs].replay()
@@ -181,17 +215,13 @@ class DecodeGraphs:
     def _load(self, b: PaddedDecodeInputs) -> None:
         """Copy a padded batch into the static buffers (pinned host staging, async H2D)."""
         bs, width, mb = len(b.seq_lens), b.block_tables.shape[1], self.max_bs
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copies have read the staging
-        h64, h32 = self._host_i64.numpy(), self._host_i32.numpy()
+        h64 = self._host_i64.numpy()
         h64[:bs], h64[mb:mb + bs], h64[2 * mb:2 * mb + bs] = b.input_ids, b.positions, b.slot_mapping
-        h32[:bs] = b.seq_lens
-        h32[bs:bs + bs * width] = b.block_tables.reshape(-1)
+        self._host_lens.numpy()[:bs] = b.seq_lens
         nb = self.device.type == "cuda"
-        i32 = self._host_i32
         self._i64.copy_(self._host_i64, non_blocking=nb)  # 3 x max_bs int64: a few KiB
-        self.seq_lens[:bs].copy_(i32[:bs], non_blocking=nb)
-        self.block_tables[:bs, :width].copy_(i32[bs:bs + bs * width].view(bs, width),
-                                             non_blocking=nb)
+        self.seq_lens[:bs].copy_(self._host_lens[:bs], non_blocking=nb)
+        # b.block_tables is a view of the pinned staging: one 2-D copy of [bs, width]
+        self.block_tables[:bs, :width].copy_(self._tables.host[:bs, :width], non_blocking=nb)
         if self._copied is not None:
             self._copied.record()

@@ -35,6 +35,7 @@ class ScheduledChunk:
     sample: bool  # this chunk reaches the last known token: sample a new one
     params: SamplingParams
     output_index: int  # index among output tokens of the token sampled (seeded sampling)
+    block_table_id: int = -1  # the sequence's Sequence.block_table_id (-1: unknown)
 
     @property
     def num_tokens(self) -> int:
@@ -172,7 +173,8 @@ class Scheduler:
     def _make_chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         c = seq.num_computed_tokens
         return ScheduledChunk(seq.seq_id, seq.token_ids[c:c + n], c, list(seq.block_ids),
-                              c + n == seq.num_tokens, seq.params, seq.num_output_tokens)
+                              c + n == seq.num_tokens, seq.params, seq.num_output_tokens,
+                              seq.block_table_id)
 
     def _preempt(self, seq: Sequence) -> None:
         del self.running[seq.seq_id]

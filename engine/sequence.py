@@ -8,6 +8,7 @@ block manager touch a `Sequence`; the model runner sees `SchedulerOutput` only.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +42,13 @@ FINISH_REASONS = {
 }
 
 
+
+_TABLE_IDS = itertools.count()  # block_table_id source, unique per process
+
+
+def new_block_table_id() -> int:
+    return next(_TABLE_IDS)
+
 @dataclass(slots=True)
 class Sequence:
     """One request's tokens and cache state.
@@ -60,6 +68,9 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in block_ids
     num_cached_tokens: int = 0  # prefix-cache hit length at the last admission
     block_ids: list[int] = field(default_factory=list)  # block table
+    # Names this block_ids list: a new id whenever the list is replaced (never on extend),
+    # so (seq_id, block_table_id) and a length identify a table prefix exactly.
+    block_table_id: int = -1
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefill_done"
     num_preemptions: int = 0
@@ -69,7 +80,13 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     num_committed_blocks: int = 0
 
+    def set_block_table(self, block_ids: list[int]) -> None:
+        """Replace the block table (it only grows in place otherwise: see block_table_id)."""
+        self.block_ids = block_ids
+        self.block_table_id = new_block_table_id()
+
     def __post_init__(self) -> None:
+        self.block_table_id = new_block_table_id()
         self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
         if not self.prompt_token_ids:
             raise ValueError(f"sequence {self.seq_id!r}: the prompt is empty")

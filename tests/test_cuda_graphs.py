@@ -10,6 +10,7 @@ from helpers_models import load_hf_model, make_hf_checkpoint
 from pdserve.engine.attention.base import get_backend
 from pdserve.engine.cuda_graphs import (
     DEFAULT_CAPTURE_SIZES,
+    BlockTableStaging,
     DecodeGraphs,
     bucket_for,
     capture_sizes,
@@ -26,9 +27,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 
 def decode_chunk(seq_id: str, ctx: int, block_ids: list[int], token: int = 7,
-                 sample: bool = True) -> ScheduledChunk:
+                 sample: bool = True, table_id: int = -1) -> ScheduledChunk:
     """The step that feeds token `ctx - 1` of a sequence whose first ctx - 1 are cached."""
-    return ScheduledChunk(seq_id, [token], ctx - 1, block_ids, sample, GREEDY, 0)
+    return ScheduledChunk(seq_id, [token], ctx - 1, block_ids, sample, GREEDY, 0, table_id)
 
 
 # ---- CPU: sizes and padding -----------------------------------------------------------------
@@ -49,6 +50,25 @@ def test_graphs_unsupported_reasons() -> None:
     assert "not CUDA" in graphs_unsupported(torch.device("cpu"), get_backend("torch"))
     if torch.cuda.is_available():
         assert "not graph-safe" in graphs_unsupported(torch.device("cuda"), get_backend("torch"))
+
+
+def test_block_table_staging_rewrites_only_what_changed() -> None:
+    st = BlockTableStaging(4, 6)
+    a, b = decode_chunk("a", 5, [3, 8], table_id=1), decode_chunk("b", 1, [6], table_id=2)
+    assert st.fill([a, b], 4, pad_block=99) == 2
+    assert st.array[:2, :2].tolist() == [[3, 8], [6, 0]] and (st.array[2:, 0] == 99).all()
+    st.array[0, 0] = -5  # a kept row with the same table id is not converted again ...
+    a2 = decode_chunk("a", 9, [3, 8, 4], table_id=1)  # ... only its new tail is
+    assert st.fill([a2, b], 2, pad_block=99) == 3
+    assert st.array[0, :3].tolist() == [-5, 8, 4]
+    # a replaced table (new id), a sequence moving rows, unknown ids: whole rows rewritten
+    a3 = decode_chunk("a", 5, [7, 1], table_id=9)
+    assert st.fill([b, a3, decode_chunk("c", 2, [5], table_id=-1)], 3, pad_block=99) == 2
+    assert [st.array[0, :1].tolist(), st.array[1, :2].tolist(), st.array[2, :1].tolist()] == \
+        [[6], [7, 1], [5]]  # entries past a row's length may be stale: never read
+    st.array[2, 0] = -1
+    st.fill([b, a3, decode_chunk("c", 2, [5], table_id=-1)], 3, pad_block=99)
+    assert st.array[2, 0] == 5  # id -1 never trusts the row
 
 
 def test_pad_decode_batch() -> None:
