@@ -175,16 +175,21 @@ class DecodeGraphs:
     # ---- start-up -------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self, progress: bool = True) -> None:
-        """Capture one graph per size, largest first, all sharing one memory pool."""
+        """Capture one graph per size, largest first, all sharing one memory pool.
+
+        The capture stream is made on this engine's device: torch.cuda.graph's default
+        stream is created once per process on whatever device was current then, and Triton
+        launches on the capture stream's device."""
         if not self.use_cuda_graph:
             return
         pool = None
+        stream = torch.cuda.Stream(self.device)
         for bs in tqdm(list(reversed(self.sizes)), desc="capturing decode CUDA graphs",
                        disable=not progress, leave=False):
             self._forward(bs)  # warm-up: compiles kernels, creates cuBLAS workspaces
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 out = self._forward(bs)
             pool = graph.pool()
             self.graphs[bs], self.outputs[bs] = graph, out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,9 +169,19 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
                 layer_hook: Callable[[int], None] | None = None) -> dict[str, int]:
-        """Run one step; return the sampled token of every chunk that samples."""
+        """Run one step; return the sampled token of every chunk that samples. Any thread
+        may call it: the step runs with this runner's device current (Triton launches on
+        the calling thread's current device, and an engine loop thread starts on cuda:0)."""
         if not out.chunks:
             return {}
+        with self._device_guard():
+            return self._execute(out, layer_hook)
+
+    def _device_guard(self):
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+
+    def _execute(self, out: SchedulerOutput,
+                 layer_hook: Callable[[int], None] | None) -> dict[str, int]:
         hidden, seq_ids = self.forward(out, layer_hook)
         if not seq_ids:
             return {}

@@ -118,6 +118,26 @@ def test_eager_switch_restores_torch_path(tmp_path) -> None:
     assert not any(m.fused for m in model.modules() if hasattr(m, "fused"))
 
 
+@pytest.mark.gpu2
+def test_engine_on_second_gpu_steps_from_any_thread() -> None:
+    """Workers run the engine on cuda:N from a loop thread whose current device is cuda:0;
+    eager Triton launches (prefill, logits) must still land on cuda:N."""
+    import threading
+
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.llm import LLM
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [[5, 9, 2, 7, 1, 3], [8, 8, 4]]
+    ref = [o.token_ids for o in LLM("tiny", device="cuda:0").generate(prompts, params)]
+    llm = LLM("tiny", device="cuda:1")
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(llm.generate(prompts, params)))
+    thread.start()
+    thread.join(timeout=120)
+    assert got and [o.token_ids for o in got[0]] == ref
+
+
 @gpu_only
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fused_kernels_match_hf_gpu(tmp_path, arch: str) -> None:
