@@ -1,6 +1,6 @@
-"""The "triton" attention backend: store kernel + paged decode kernel for decode-only
-batches, store kernel + varlen prefill kernel otherwise (mixed batches included: the
-prefill kernel handles q_len == 1 rows as well).
+"""The "triton" attention backend: store kernel (or rope + store in one kernel, when the
+model passes `rope`) + paged decode kernel for decode-only batches, + varlen prefill
+kernel otherwise (mixed batches included: the prefill kernel handles q_len == 1 rows).
 
 The decode path makes no host syncs: launch grids come from tensor shapes and
 meta.max_seq_len (a host int used only to choose the split count), so it can be captured
