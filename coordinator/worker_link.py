@@ -1,19 +1,22 @@
 """A worker's link to the coordinator: Register, then Heartbeat with its load, forever.
+Engine-backed workers (pdserve/worker_server.py) and the fake workers both use it.
 
     link = CoordinatorLink("127.0.0.1:50051", info, load_fn=lambda: pb.WorkerLoad(...))
     worker_id = await link.start()      # retries until the coordinator answers
     ...
     await link.stop()
 
-Re-registers when a heartbeat reply says `known = false` (the coordinator restarted or
-dropped this worker), and keeps trying through coordinator outages.
+load_fn may be a coroutine function. Re-registers when a heartbeat reply says
+`known = false` (the coordinator restarted or dropped this worker), and keeps trying
+through coordinator outages and load_fn failures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -25,16 +28,22 @@ log = logging.getLogger("pdserve.worker")
 
 
 class RegistrationRefused(RuntimeError):
-    pass
+    """The coordinator answered and said no (wrong model, bad geometry, ...)."""
+
+
+class RegistrationFailed(RuntimeError):
+    """The coordinator could not be reached in time, or rejected the credentials."""
 
 
 class CoordinatorLink:
     def __init__(self, coordinator: str, info: pb.WorkerInfo,
-                 load_fn: Callable[[], pb.WorkerLoad], auth_token: str | None = None,
-                 rpc_timeout_s: float = 5.0) -> None:
+                 load_fn: Callable[[], pb.WorkerLoad | Awaitable[pb.WorkerLoad]],
+                 auth_token: str | None = None, rpc_timeout_s: float = 5.0,
+                 on_register: Callable[[str], None] | None = None) -> None:
         self.coordinator = coordinator
         self.info = info
         self.load_fn = load_fn
+        self.on_register = on_register  # called with the worker id after every Register
         self.rpc_timeout_s = rpc_timeout_s
         self.paused = False  # tests: stop heartbeating without dying
         self.heartbeat_s = 1.0
@@ -59,10 +68,13 @@ class CoordinatorLink:
         self.info.worker_id = reply.worker_id
         if reply.heartbeat_s > 0:
             self.heartbeat_s = reply.heartbeat_s
+        if self.on_register is not None:
+            self.on_register(reply.worker_id)
         return reply.worker_id
 
     async def start(self, timeout_s: float = 60.0) -> str:
-        """Register (retrying while the coordinator is unreachable), then heartbeat."""
+        """Register (retrying while the coordinator is unreachable), then heartbeat. Raises
+        RegistrationRefused, or RegistrationFailed (bad credentials, or no answer in time)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
         while True:
@@ -72,7 +84,9 @@ class CoordinatorLink:
             except grpc.aio.AioRpcError as e:
                 if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT) \
                         or loop.time() >= end:
-                    raise
+                    raise RegistrationFailed(
+                        f"could not register with the coordinator at {self.coordinator}: "
+                        f"{e.code().name}: {e.details()}") from e
                 await asyncio.sleep(0.2)
         self._task = loop.create_task(self._beat())
         log.info("registered with %s as %s", self.coordinator, self.worker_id)
@@ -84,7 +98,10 @@ class CoordinatorLink:
             if self.paused:
                 continue
             try:
-                req = pb.HeartbeatRequest(worker_id=self.worker_id, load=self.load_fn())
+                load = self.load_fn()
+                if inspect.isawaitable(load):
+                    load = await load
+                req = pb.HeartbeatRequest(worker_id=self.worker_id, load=load)
                 reply = await self._stub.Heartbeat(req, metadata=self._md, timeout=self.rpc_timeout_s)
                 if not reply.known:
                     log.warning("coordinator forgot worker %s; registering again", self.worker_id)
@@ -93,6 +110,8 @@ class CoordinatorLink:
                 log.debug("heartbeat failed: %s", e.code().name)
             except RegistrationRefused as e:
                 log.error("%s", e)
+            except Exception as e:  # the load probe failed (engine stopped): say so, keep going
+                log.warning("heartbeat of %s failed: %s", self.worker_id, e)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pdserve.config import Config
-from pdserve.coordinator.convert import sampling_from_proto
+from pdserve.coordinator.convert import ROLE_BY_NAME, sampling_from_proto
 from pdserve.coordinator.grpc_util import WORKER_SERVICE, add_standard_services, new_server
+from pdserve.coordinator.worker_link import CoordinatorLink
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.llm_engine import LLMEngine, StepResult
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-from pdserve.worker_registration import Registration
 from pdserve.worker_state import ReqState, RequestAborted, StateTable, StreamEnd
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class WorkerServer(pb_grpc.WorkerServicer):
         self.prefill = None  # prefill.service.PrefillRole
         self.decode = None  # decode.service.DecodeRole
         self.server: grpc.aio.Server | None = None
-        self.registration: Registration | None = None
+        self.link: CoordinatorLink | None = None  # registration + heartbeats
 
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> int:
@@ -60,14 +60,34 @@ class WorkerServer(pb_grpc.WorkerServicer):
         self.port = self.server.add_insecure_port(f"{self.host}:{self.port}")
         await self.server.start()
         if self.coordinator:
-            self.registration = Registration(self, self.coordinator, self.cfg.server)
-            await self.registration.start()
+            self.link = CoordinatorLink(
+                self.coordinator, self.info(), lambda: self.on_engine(self.load),
+                auth_token=self.cfg.server.auth_token,
+                rpc_timeout_s=max(1.0, 2 * self.cfg.server.heartbeat_s),
+                on_register=self._set_worker_id)
+            self.link.heartbeat_s = self.cfg.server.heartbeat_s
+            await self.link.start(timeout_s=30.0)
         log.info("worker %s (%s) serving on %s:%d", self.worker_id, self.role, self.host, self.port)
         return self.port
 
+    def _set_worker_id(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+
+    def info(self) -> pb.WorkerInfo:
+        """What the coordinator learns at registration: role, address, model, KV geometry."""
+        eng, mc = self.engine, self.engine.model_cfg
+        kv = pb.KVGeometry(num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads,
+                           head_dim=mc.head_dim, block_size=eng.block_size, dtype=self.cfg.dtype)
+        return pb.WorkerInfo(
+            worker_id=self.worker_id, role=ROLE_BY_NAME[self.role],
+            address=f"{self.host}:{self.port}", model=self.cfg.model,
+            max_model_len=eng.max_model_len, vocab_size=mc.vocab_size, kv=kv,
+            total_blocks=eng.num_blocks, device=self.cfg.device,
+            transfer_backend=self.cfg.transfer.backend if self.role != "both" else "")
+
     async def stop(self, grace_s: float = 2.0) -> None:
-        if self.registration:
-            await self.registration.stop()
+        if self.link:
+            await self.link.stop()
         if self.server:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace_s)

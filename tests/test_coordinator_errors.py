@@ -10,7 +10,7 @@ from pdserve.coordinator.client import Client, ClientError
 from pdserve.coordinator.registry import WorkerHandle
 from pdserve.coordinator.router import make_policy, policy_names
 from pdserve.coordinator.tokens import IncrementalDetokenizer
-from pdserve.coordinator.worker_link import RegistrationRefused
+from pdserve.coordinator.worker_link import CoordinatorLink, RegistrationFailed, RegistrationRefused
 from pdserve.proto import pdserve_pb2 as pb
 
 pytestmark = pytest.mark.timeout(30)
@@ -123,6 +123,41 @@ def test_wrong_model_worker_is_refused(make_cluster, lt):
     c.add("prefill", model="model-a")
     with pytest.raises(RegistrationRefused, match="serves model 'model-a'"):
         c.add("decode", model="model-b")
+
+
+def test_unreachable_coordinator_fails_registration_clearly(lt):
+    link = CoordinatorLink("127.0.0.1:1", pb.WorkerInfo(role=pb.ROLE_PREFILL), pb.WorkerLoad)
+    with pytest.raises(RegistrationFailed, match=r"could not register with the coordinator "
+                                                 r"at 127\.0\.0\.1:1: UNAVAILABLE"):
+        lt.run(link.start(timeout_s=0.5))
+    lt.run(link.stop())
+
+
+def test_async_load_and_load_failures_keep_the_heartbeat_going(make_cluster, lt):
+    """Engine workers probe their load on the engine thread (a coroutine); a failing probe
+    logs and the link keeps beating, so the worker stays registered once it recovers."""
+    c = make_cluster()
+    calls = {"n": 0}
+
+    async def load():
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise RuntimeError("engine loop is stopped")
+        return pb.WorkerLoad(free_blocks=7, total_blocks=8)
+
+    info = pb.WorkerInfo(role=pb.ROLE_PREFILL, model="fake-model", address="127.0.0.1:9",
+                         max_model_len=256, vocab_size=300, total_blocks=8, device="cpu",
+                         transfer_backend="fake",
+                         kv=pb.KVGeometry(num_layers=2, num_kv_heads=1, head_dim=8,
+                                          block_size=4, dtype="float32"))
+    link = CoordinatorLink(c.address, info, load)
+    seen: list[str] = []
+    link.on_register = seen.append
+    worker_id = lt.run(link.start(timeout_s=5))
+    assert seen == [worker_id]
+    wait_until(lambda: calls["n"] >= 4, timeout_s=10, what="four heartbeats")
+    assert link._task is not None and not link._task.done()
+    lt.run(link.stop())
 
 
 def test_wait_ready_times_out_with_a_clear_message(make_cluster):
