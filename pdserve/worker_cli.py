@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 
 from pdserve.config import CacheConfig, Config, SchedulerConfig, ServerConfig, TransferConfig
 
@@ -73,11 +74,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    from pdserve.coordinator.worker_link import RegistrationFailed, RegistrationRefused
     from pdserve.worker_server import WorkerServer
 
     server = WorkerServer(config_from_args(args), args.role, args.coordinator, args.host,
                           args.port, args.worker_id)
-    port = await server.start()
+    try:
+        port = await server.start()
+    except (RegistrationFailed, RegistrationRefused) as exc:
+        print(f"pdserve worker: {exc}", file=sys.stderr, flush=True)
+        await server.stop(grace_s=0)
+        return 1
     print(f"pdserve worker: {args.role} {server.worker_id or ''} serving on {args.host}:{port}",
           flush=True)
     stop = asyncio.Event()

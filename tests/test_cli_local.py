@@ -63,3 +63,13 @@ def test_bad_flag_values_exit_nonzero(flags, message) -> None:
     assert res.returncode != 0
     assert message in res.stderr, res.stderr
     assert "Traceback" not in res.stderr, res.stderr
+
+
+def test_worker_refused_by_the_coordinator_exits_with_one_line(make_cluster) -> None:
+    c = make_cluster()
+    c.add("prefill", model="fake-model")  # the cluster now serves another model than tiny
+    res = pdserve("worker", "--role", "decode", "--model", "tiny", "--device", "cpu",
+                  "--coordinator", c.address, "--transfer", "ucx")
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "pdserve worker: coordinator refused registration" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
