@@ -40,6 +40,27 @@ def device_sms(t: torch.Tensor) -> int:
     return 132
 
 
+_RETIRED: list[torch.Tensor] = []  # outgrown ticket arrays: captured graphs may point at them
+
+
+def ticket_counters(pool: dict[tuple[str, int | None], torch.Tensor], device: torch.device,
+                    n: int, min_slots: int = 4096) -> torch.Tensor | None:
+    """Zeroed int32 tickets (>= n) for a single-launch split-K kernel, one array per device
+    in `pool`, reused: every launch leaves its tickets at zero again. None when the array
+    would have to be allocated during CUDA-graph capture (its zero fill would only run at
+    replay): the caller then runs unsplit. Warm up eagerly before capture."""
+    key = (device.type, device.index)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = torch.zeros(max(n, min_slots), dtype=torch.int32, device=device)
+        pool[key] = buf
+    return buf
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, device_sms, dot_upcast, mma, next_pow2, use_triton
+from ._common import LOG2E, device_sms, dot_upcast, mma, next_pow2, ticket_counters, use_triton
 from .reference import decode_attention_ref
 
 MAX_SPLITS = 16
@@ -177,6 +177,9 @@ def decode_attention(
     sms = device_sms(q)
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, max_seq_len, sms)
+    tickets = split_counters(q.device, B * Hkv) if num_splits > 1 else None
+    if tickets is None:  # one split, or tickets not allocated before a graph capture
+        num_splits = 1
     interp = not q.is_cuda
     # Under one wave of programs the kernel is latency bound: take 128-token tiles (8 pages
     # per iteration, half the serial loop trips); full grids keep 64-token tiles with 3
@@ -206,23 +209,15 @@ def decode_attention(
         q, kv_cache, block_tables, seq_lens, part, lse,
         q.stride(0), q.stride(1), cs[0], cs[1], cs[2], cs[3], block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        out, out.stride(0), out.stride(1), split_counters(q.device, B * Hkv),
+        out, out.stride(0), out.stride(1), tickets,
         scale * LOG2E, num_splits, window,
         SPLIT=True, BLOCK_S=next_pow2(num_splits), **common, **launch)
     return out
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}  # split-K tickets per device
 
 
-def split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 tickets for n (sequence, kv head) groups, one buffer per device, reused:
-    every split-K launch leaves them at zero again. Grown outside CUDA-graph capture only
-    (the first eager call at a batch size allocates; graph capture runs after a warm-up)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
-            "split-K counters must be allocated before CUDA-graph capture (warm up first)"
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+def split_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """This kernel's tickets for n (sequence, kv head) groups (see _common.ticket_counters)."""
+    return ticket_counters(_COUNTERS, device, n)

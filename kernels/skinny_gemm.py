@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import device_sms, dot_upcast, mma, next_pow2, use_triton
+from ._common import device_sms, dot_upcast, mma, next_pow2, ticket_counters, use_triton
 
 Config = tuple[int, int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K
 
@@ -55,7 +55,6 @@ SWEEP_DOT: list[Config] = [
 ]
 
 _COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown counter arrays: captured graphs may point at them
 
 
 @triton.jit
@@ -201,21 +200,6 @@ def sweep_configs(M: int) -> list[Config]:
     return SWEEP_DOT if default_use_dot(M) else SWEEP_FMA
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """The device's zeroed split-K counters (>= n), or None if they would have to be
-    allocated during graph capture (the zero fill would only run at replay)."""
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = torch.zeros(max(n, COUNTER_SLOTS), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: Config | None = None, use_dot: bool | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., K] with at most MAX_M rows, weight [N, K]
@@ -248,7 +232,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     n_tiles = triton.cdiv(N, bn)
     k_chunk = triton.cdiv(triton.cdiv(K, split), bk) * bk if split > 1 else K
-    cnt = _counters(x.device, n_tiles) if split > 1 else None
+    cnt = ticket_counters(_COUNTERS, x.device, n_tiles, COUNTER_SLOTS) if split > 1 else None
     if cnt is None:
         split, k_chunk, cnt, part = 1, K, y, y
     else:
