@@ -35,6 +35,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdserve.benchmarks import plotting
+
 TARGET_TOKENS_PER_S = 100_000
 NAME = "coordinator"
 
@@ -269,38 +271,13 @@ def _run_mode(mode: str, args: argparse.Namespace, log, bar) -> list[dict]:
 
 
 # -- run metadata ---------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
-
-
-def git_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                             capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha or "unknown") + ("+dirty" if dirty else "")
-
-
 def run_meta() -> dict[str, str]:
     import datetime as dt
 
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return {"device": f"{cpu_model()}, nproc {ncpu}",
+    return {"device": plotting.cpu_description(),
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "commit": git_commit(), "load average (1/5/15 min) at start": load}
+            "commit": plotting.commit_id(),
+            "load average (1/5/15 min) at start": plotting.load_average()}
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -311,7 +288,6 @@ COLUMNS = ["mode", "streams", "tokens_per_msg", "tokens_per_s", "client_msgs_per
 
 def write_results(out_dir: str, rows: list[dict], meta: dict[str, str],
                   args: argparse.Namespace) -> list[str]:
-    from pdserve.benchmarks import plotting
 
     best = best_row(rows)
     notes = [f"Target (DESIGN §6): >= {TARGET_TOKENS_PER_S:,} tokens/s on 2 CPU cores.",
@@ -351,8 +327,6 @@ def write_results(out_dir: str, rows: list[dict], meta: dict[str, str],
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pdserve.benchmarks.plotting import json_line, markdown_table
-
     err = check_args(args)
     if err:
         print(f"error: {err}", file=sys.stderr)
@@ -373,11 +347,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {e}\n{tail}", file=sys.stderr)
             return 1
         bar.close()
-    meta["load average (1/5/15 min) at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(markdown_table(rows, COLUMNS, floatfmt=".4g"))
-    if args.json:
-        for r in rows:
-            print(json_line(r))
+    meta["load average (1/5/15 min) at end"] = plotting.load_average()
+    plotting.print_rows(rows, COLUMNS, args.json)
     best = best_row(rows)
     print(f"best: {best['tokens_per_s']:,.0f} tokens/s ({best['mode']}, {best['streams']} streams, "
           f"{best['tokens_per_msg']} tok/msg); target {TARGET_TOKENS_PER_S:,}: "

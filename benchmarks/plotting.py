@@ -109,20 +109,55 @@ def json_line(row: Row) -> str:
     return json.dumps(dict(row), separators=(", ", ": "))
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_description() -> str:
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_model()}, nproc {ncpu}"
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def commit_id() -> str:
+    """$PDSERVE_COMMIT when set (a copy of the tree without .git), else git's short HEAD
+    with "+dirty" when tracked files differ from it."""
+    if os.environ.get("PDSERVE_COMMIT"):
+        return os.environ["PDSERVE_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "none") + ("+dirty" if dirty else "")
+
+
+def print_rows(rows: list[Row], columns: Sequence[str], as_json: bool,
+               floatfmt: str = ".4g") -> None:
+    """The run's table on stdout, then one JSON line per row when asked."""
+    print(markdown_table(rows, columns, floatfmt=floatfmt))
+    if as_json:
+        for r in rows:
+            print(json_line(r))
+
+
 def run_metadata(device: str = "cpu") -> dict[str, str]:
-    """Where and when a result was taken: date, commit, host, torch, device name. The commit
-    is $PDSERVE_COMMIT when set (a copy of the tree without .git), else git's HEAD."""
+    """Where and when a result was taken: date, commit (see commit_id), host, torch, device."""
     meta = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": platform.node()}
-    commit = os.environ.get("PDSERVE_COMMIT")
-    if not commit:
-        try:
-            here = os.path.dirname(os.path.abspath(__file__))
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                                    capture_output=True, text=True, timeout=5).stdout.strip() or "none"
-        except (OSError, subprocess.SubprocessError):
-            commit = "unknown"
-    meta["commit"] = commit
+            "host": platform.node(), "commit": commit_id()}
     try:
         import torch
         meta["torch"] = torch.__version__

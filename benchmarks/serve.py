@@ -35,6 +35,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pdserve.benchmarks import plotting
+
 NAME = "serve"
 
 
@@ -366,10 +368,7 @@ COLUMNS = ["setup", "rate", "requests", "completed", "failed", "duration_s", "th
 
 
 def device_description(args: argparse.Namespace) -> str:
-    from pdserve.benchmarks.coordinator import cpu_model
-
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    host_cpu = f"{cpu_model()}, nproc {ncpu}"
+    host_cpu = plotting.cpu_description()
     if args.coordinator or str(args.devices).strip().lower() == "cpu":
         return host_cpu
     import subprocess
@@ -386,12 +385,10 @@ def device_description(args: argparse.Namespace) -> str:
 def run_meta(args: argparse.Namespace) -> dict[str, str]:
     import datetime as dt
 
-    from pdserve.benchmarks.coordinator import git_commit
-
     meta = {"device": device_description(args),
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "commit": git_commit(),
-            "load average (1/5/15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+            "commit": plotting.commit_id(),
+            "load average (1/5/15 min) at start": plotting.load_average()}
     if args.label:
         meta = {"run": args.label, **meta}
     return meta
@@ -440,7 +437,6 @@ def plot(path: str, rows: list[dict], title: str) -> str | None:
 
 
 def write_results(args: argparse.Namespace, rows: list[dict], meta: dict[str, str]) -> list[str]:
-    from pdserve.benchmarks import plotting
 
     stem = os.path.join(args.out, args.name)
     setups_ = list(dict.fromkeys(r["setup"] for r in rows))
@@ -460,7 +456,6 @@ def write_results(args: argparse.Namespace, rows: list[dict], meta: dict[str, st
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdserve.benchmarks.plotting import json_line, markdown_table
     from pdserve.coordinator.client import ClientError
     from pdserve.coordinator.grpc_util import install_uvloop
 
@@ -480,11 +475,8 @@ def run(args: argparse.Namespace) -> int:
     except (ClientError, TimeoutError, RuntimeError, OSError, ValueError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    meta["load average (1/5/15 min) at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(markdown_table(rows, COLUMNS, floatfmt=".4g"))
-    if args.json:
-        for r in rows:
-            print(json_line(r))
+    meta["load average (1/5/15 min) at end"] = plotting.load_average()
+    plotting.print_rows(rows, COLUMNS, args.json)
     for path in write_results(args, rows, meta):
         print("wrote", path)
     return 1 if any(r["completed"] == 0 for r in rows) else 0
