@@ -23,7 +23,7 @@ KNOWN: dict[str, str] = {
 }
 
 
-_NOT_BENCHMARKS = {"cli", "plotting"}  # helpers that live beside the benchmarks
+_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload"}  # helpers beside the benchmarks
 
 
 def _exists(name: str) -> bool:

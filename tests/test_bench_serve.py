@@ -15,7 +15,8 @@ from fake_worker import Cluster, LoopThread
 
 from pdserve.benchmarks import cli as bench_cli
 from pdserve.benchmarks import serve as bs
-from pdserve.benchmarks.serve import Record
+from pdserve.benchmarks import serve_workload as sw
+from pdserve.benchmarks.serve_workload import Record
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -63,11 +64,11 @@ def test_percentile_matches_numpy() -> None:
     rng = random.Random(3)
     xs = [rng.lognormvariate(3, 1) for _ in range(101)]
     for q in (0, 1, 50, 90, 99, 100):
-        assert bs.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
-    assert bs.percentile([5.0], 99) == 5.0
-    assert math.isnan(bs.percentile([], 50)) and bs.percentile([1.0, math.nan, 3.0], 50) == 2.0
+        assert sw.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert sw.percentile([5.0], 99) == 5.0
+    assert math.isnan(sw.percentile([], 50)) and sw.percentile([1.0, math.nan, 3.0], 50) == 2.0
     with pytest.raises(ValueError):
-        bs.percentile([1.0], 101)
+        sw.percentile([1.0], 101)
 
 
 def rec(send: float, ttft: float, tpot: float, n: int, error: str = "") -> Record:
@@ -97,7 +98,7 @@ def test_summary_and_goodput() -> None:
         rec(3.0, 0.050, 0.0, 1),     # one token: no TPOT, good
         rec(4.0, 0, 0, 0, error="DEADLINE_EXCEEDED: late"),  # failed: miss
     ]
-    s = bs.summarize(records, slo_ttft_ms=250, slo_tpot_ms=50)
+    s = sw.summarize(records, slo_ttft_ms=250, slo_tpot_ms=50)
     assert (s["requests"], s["completed"], s["failed"]) == (5, 4, 1)
     assert s["duration_s"] == pytest.approx(3.05)  # first send 0.0 -> last finish 3.0 + 0.05
     assert s["throughput_rps"] == pytest.approx(4 / 3.05)
@@ -107,23 +108,23 @@ def test_summary_and_goodput() -> None:
     assert s["tpot_p50_ms"] == pytest.approx(20.0) and s["tpot_p90_ms"] == pytest.approx(52.0)
     assert s["e2e_p50_ms"] == pytest.approx(float(np.percentile([300, 500, 800, 50], 50)))
     assert s["goodput"] == pytest.approx(2 / 5) and s["goodput_rps"] == pytest.approx(2 / 3.05)
-    assert bs.summarize(records, 1e9, 1e9)["goodput"] == pytest.approx(4 / 5)
+    assert sw.summarize(records, 1e9, 1e9)["goodput"] == pytest.approx(4 / 5)
 
 
 def test_summary_when_everything_failed() -> None:
-    s = bs.summarize([rec(0.0, 0, 0, 0, error="x")], 100, 100)
+    s = sw.summarize([rec(0.0, 0, 0, 0, error="x")], 100, 100)
     assert s["completed"] == 0 and s["goodput"] == 0.0 and math.isnan(s["ttft_p50_ms"])
 
 
 def test_poisson_arrivals_and_jobs() -> None:
-    times = bs.arrival_times(4000, 8.0, random.Random(1))
+    times = sw.arrival_times(4000, 8.0, random.Random(1))
     gaps = np.diff(times)
     assert times[0] == 0.0 and (gaps >= 0).all()
     assert gaps.mean() == pytest.approx(1 / 8, rel=0.1)  # seeded: deterministic
-    assert bs.arrival_times(3, math.inf, random.Random(1)) == [0.0, 0.0, 0.0]
-    a = bs.make_jobs(50, 4.0, (8, 32), (4, 4), vocab=100, seed=7)
-    assert a == bs.make_jobs(50, 4.0, (8, 32), (4, 4), vocab=100, seed=7)
-    assert a != bs.make_jobs(50, 4.0, (8, 32), (4, 4), vocab=100, seed=8)
+    assert sw.arrival_times(3, math.inf, random.Random(1)) == [0.0, 0.0, 0.0]
+    a = sw.make_jobs(50, 4.0, (8, 32), (4, 4), vocab=100, seed=7)
+    assert a == sw.make_jobs(50, 4.0, (8, 32), (4, 4), vocab=100, seed=7)
+    assert a != sw.make_jobs(50, 4.0, (8, 32), (4, 4), vocab=100, seed=8)
     assert all(8 <= len(j.prompt) <= 32 and j.output_len == 4 for j in a)
     assert all(0 < t < 100 for j in a for t in j.prompt)
 
@@ -134,7 +135,7 @@ def test_write_results(tmp_path) -> None:
     rows = []
     for setup in ("1P1D", "2both"):
         for rate in args.rate:
-            s = bs.summarize([rec(0.0, 0.1, 0.01, 5), rec(0.5, 0.2, 0.02, 5)], 1000, 100)
+            s = sw.summarize([rec(0.0, 0.1, 0.01, 5), rec(0.5, 0.2, 0.02, 5)], 1000, 100)
             rows.append({"setup": setup, "rate": rate, **s, "workers": "prefill@cpu"})
     meta = {"run": "CPU smoke run", "device": "cpu", "date": "2026-01-01T00:00:00", "commit": "x"}
     names = {os.path.basename(p) for p in bs.write_results(args, rows, meta)}
