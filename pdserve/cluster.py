@@ -17,7 +17,6 @@ waits `stop_grace_s`, then SIGKILLs what is left. Each child's stdout and stderr
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import os
 import re
@@ -30,13 +29,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdserve.child_process import Proc, child_preexec, libc, signal_group
+
 ROLES = ("prefill", "decode", "both")
 # Needed on the lent GPU machines (NVLink multicast is not available there); set for every
 # child unless the caller's environment already decides.
 GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NVSHMEM_DISABLE_NVLS": "1"}
 _LISTENING = re.compile(r"coordinator listening on (\S+:\d+)")
-_PR_SET_PDEATHSIG = 1
 
 
 class ClusterError(RuntimeError):
@@ -52,37 +52,6 @@ class WorkerSpec:
     @property
     def name(self) -> str:
         return f"{self.role}-{self.index}"
-
-
-class Proc:
-    """One child process and its log file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, popen: subprocess.Popen) -> None:
-        self.name, self.argv, self.log_path, self.popen = name, argv, log_path, popen
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def poll(self) -> int | None:
-        return self.popen.poll()
-
-    def tail(self, lines: int = 30, max_bytes: int = 64 << 10) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
-
-    def describe_exit(self, lines: int = 30) -> str:
-        rc = self.poll()
-        how = (f"was killed by {signal.Signals(-rc).name}" if rc is not None and rc < 0
-               else f"exited with code {rc}")
-        tail = self.tail(lines)
-        body = "\n".join("  | " + ln for ln in tail.splitlines()) if tail else "  | (empty log)"
-        return f"{self.name} (pid {self.pid}) {how}; last lines of {self.log_path}:\n{body}"
 
 
 def parse_devices(devices: str | Sequence[str], n_workers: int) -> list[str]:
@@ -150,25 +119,6 @@ def default_worker_cmd(cluster: LocalCluster, spec: WorkerSpec) -> list[str]:
     return argv + list(cluster.worker_args)
 
 
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-def _child_preexec(parent_pid: int, libc: ctypes.CDLL | None) -> Callable[[], None]:
-    def preexec() -> None:  # runs in the child between fork and exec: syscalls only
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())  # the parent may block INT/TERM
-        if libc is not None:
-            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-            if os.getppid() != parent_pid:  # the parent died before prctl took effect
-                os._exit(1)
-    return preexec
-
-
 class LocalCluster:
     """A coordinator plus `prefill`/`decode`/`both` workers, each its own process.
 
@@ -219,7 +169,7 @@ class LocalCluster:
         self.coordinator: Proc | None = None
         self.workers: dict[str, Proc] = {}
         self._coord_address: str | None = None
-        self._libc = _libc()
+        self._libc = libc()
 
     # -- addresses and processes ----------------------------------------------------------
     @property
@@ -252,7 +202,7 @@ class LocalCluster:
     def kill_worker(self, role: str, idx: int = 0, sig: int = signal.SIGKILL) -> int:
         """Send `sig` (default SIGKILL: a crash) to one worker's process group; returns its pid."""
         proc = self.worker(role, idx)
-        _signal_group(proc, sig)
+        signal_group(proc, sig)
         return proc.pid
 
     def exited(self) -> list[Proc]:
@@ -289,7 +239,7 @@ class LocalCluster:
                 popen = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env=self._env(), start_new_session=True, close_fds=True,
-                    preexec_fn=_child_preexec(os.getpid(), self._libc))
+                    preexec_fn=child_preexec(os.getpid(), self._libc))
             proc = Proc(name, argv, log_path, popen)
             if name == "coordinator":
                 self.coordinator = proc
@@ -376,7 +326,7 @@ class LocalCluster:
         procs = self.procs
         for p in procs:
             if p.poll() is None:
-                _signal_group(p, signal.SIGTERM)
+                signal_group(p, signal.SIGTERM)
         try:
             end = time.monotonic() + grace
             while any(p.poll() is None for p in procs) and time.monotonic() < end:
@@ -385,25 +335,13 @@ class LocalCluster:
             pass
         finally:
             for p in procs:
-                _signal_group(p, signal.SIGKILL)  # stragglers, and any grandchildren
+                signal_group(p, signal.SIGKILL)  # stragglers, and any grandchildren
             for p in procs:
                 try:
                     p.popen.wait(timeout=10)
                 except subprocess.TimeoutExpired:  # unkillable (D state): report, move on
                     print(f"pdserve: {p.name} (pid {p.pid}) did not exit after SIGKILL",
                           file=sys.stderr)
-
-
-def _signal_group(proc: Proc, sig: int) -> None:
-    """Signal the child's process group (it is its leader: start_new_session)."""
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        if proc.poll() is None:
-            try:
-                proc.popen.send_signal(sig)
-            except ProcessLookupError:
-                pass
 
 
 def _serving(address: str, timeout_s: float = 2.0) -> bool:
