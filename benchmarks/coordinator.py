@@ -1,7 +1,7 @@
 """`pdserve bench coordinator`: the coordinator's streaming throughput with fast fake workers.
 
 Runs three kinds of processes on this machine: the coordinator (`pdserve coordinator`), one
-process of fake workers (pdserve.coordinator.fake_workers: no model, every token is ready at
+process of fake workers (pdserve.benchmarks.fake_workers: no model, every token is ready at
 once, so workers never pace the stream), and client processes holding N concurrent Generate
 streams in a closed loop (a finished request is replaced at once). For each tokens-per-decode-
 message value K (the fake decode worker's TokenChunk size) and each N, it counts the tokens
@@ -242,7 +242,7 @@ def _run_mode(mode: str, args: argparse.Namespace, log, bar) -> list[dict]:
         address = _read_line(coord, "coordinator listening on", 60, "coordinator").split()[-1]
         roles = ["--prefill", "1", "--decode", "1"] if mode == "pd" else \
             ["--prefill", "0", "--decode", "0", "--both", "1"]
-        workers = _spawn([sys.executable, "-m", "pdserve.coordinator.fake_workers",
+        workers = _spawn([sys.executable, "-m", "pdserve.benchmarks.fake_workers",
                           "--coordinator", address, *roles, "--model", "tiny",
                           "--chunk-tokens", str(args.tokens_per_msg[0])], log)
         procs.append(workers)
@@ -362,9 +362,9 @@ def run(args: argparse.Namespace) -> int:
 async def _client_main(spec: dict) -> dict:
     import grpc
 
-    from pdserve.coordinator.grpc_util import CHANNEL_OPTIONS
     from pdserve.proto import pdserve_pb2 as pb
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+    from pdserve.proto.grpc_util import CHANNEL_OPTIONS
 
     loop = asyncio.get_running_loop()
     channel = grpc.aio.insecure_channel(spec["address"], options=CHANNEL_OPTIONS)
@@ -407,7 +407,7 @@ async def _client_main(spec: dict) -> dict:
 
 
 def _client_entry(argv: list[str]) -> int:
-    from pdserve.coordinator.grpc_util import install_uvloop
+    from pdserve.proto.grpc_util import install_uvloop
 
     spec = json.loads(argv[argv.index("--client") + 1])
     install_uvloop()

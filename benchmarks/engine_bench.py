@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from pdserve.benchmarks import plotting
-from pdserve.config import ModelConfig
-from pdserve.engine.attention.base import get_backend
+from pdserve.engine.config import ModelConfig
 from pdserve.engine.loader import load_model
 from pdserve.engine.model_runner import (
     NUM_PAD_BLOCKS,
@@ -33,6 +32,7 @@ from pdserve.engine.model_runner import (
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from pdserve.engine.sequence import new_block_table_id
+from pdserve.kernels.attention import get_backend
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
 

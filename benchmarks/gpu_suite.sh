@@ -31,8 +31,8 @@ fi
 part tests && step gpu_tests 200 python3 -m pytest -q -m "gpu or gpu2" -rs --timeout 60 -k "not nccl" tests
 part graphtests && step graph_tests 120 python3 -m pytest -q -m gpu -rs --timeout 60 tests/test_cuda_graphs.py
 part nccltests && step nccl_tests 90 python3 -m pytest -q -rs --timeout 40 tests/test_kvtransfer_nccl.py
-part kernels && step kernels 170 python3 -m pdserve.kernels.bench_kernels --quick --json "$OUT/kernels.json"
-part skinny && step skinny 200 python3 -m pdserve.kernels.bench_skinny --ms 1,2,4,8,16
+part kernels && step kernels 170 python3 -m pdserve.benchmarks.kernels --quick --json "$OUT/kernels.json"
+part skinny && step skinny 200 python3 -m pdserve.benchmarks.skinny --ms 1,2,4,8,16
 if part transfer; then  # whole request (all layers ready) vs one raw send of the same bytes
   B="$PD bench transfer --device cuda --geometry llama-3.1-8b --input-lens 128,512,2048,8192,32768"
   step transfer_nccl 130 $B --backend nccl --out "$OUT/transfer"

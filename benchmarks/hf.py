@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pdserve.benchmarks import engine_bench as eb
 from pdserve.benchmarks import plotting
-from pdserve.config import ModelConfig
+from pdserve.engine.config import ModelConfig
 from pdserve.engine.layers import checkpoint_tensors
 from pdserve.engine.sampling_params import SamplingParams
 

@@ -348,7 +348,7 @@ def write_results(args: argparse.Namespace, rows: list[dict], meta: dict[str, st
 
 def run(args: argparse.Namespace) -> int:
     from pdserve.coordinator.client import ClientError
-    from pdserve.coordinator.grpc_util import install_uvloop
+    from pdserve.proto.grpc_util import install_uvloop
 
     err = check_args(args)
     if err:

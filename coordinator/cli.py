@@ -14,13 +14,13 @@ import logging
 import os
 import signal
 
-from pdserve.config import ServerConfig
+from pdserve.coordinator.config import CoordinatorConfig
 
 ROUTING = ("least_loaded", "round_robin", "prefix_aware")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = ServerConfig()
+    d = CoordinatorConfig()
     parser.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
     parser.add_argument("--port", type=int, default=d.port,
                         help=f"gRPC port, 0 = any free port (default {d.port})")
@@ -42,17 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     if args.worker_timeout <= 0 or args.heartbeat <= 0:
         raise SystemExit("error: --worker-timeout and --heartbeat must be positive")
     if args.max_queue < 0:
         raise SystemExit("error: --max-queue must be >= 0")
-    return ServerConfig(host=args.host, port=args.port, heartbeat_s=args.heartbeat,
+    return CoordinatorConfig(host=args.host, port=args.port, heartbeat_s=args.heartbeat,
                         worker_timeout_s=args.worker_timeout, max_queue=args.max_queue,
                         routing=args.routing, auth_token=args.auth_token or None)
 
 
-async def serve(config: ServerConfig, http_port: int | None = None,
+async def serve(config: CoordinatorConfig, http_port: int | None = None,
                 http_host: str | None = None) -> None:
     from pdserve.coordinator.server import CoordinatorServer
 
@@ -73,7 +73,7 @@ async def serve(config: ServerConfig, http_port: int | None = None,
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdserve.coordinator.grpc_util import install_uvloop
+    from pdserve.proto.grpc_util import install_uvloop
 
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

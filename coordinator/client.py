@@ -22,10 +22,10 @@ from typing import Any
 
 import grpc
 
-from pdserve.coordinator.convert import ROLE_NAME, sampling_to_proto
-from pdserve.coordinator.grpc_util import CHANNEL_OPTIONS, auth_metadata
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.convert import ROLE_NAME, sampling_to_proto
+from pdserve.proto.grpc_util import CHANNEL_OPTIONS, auth_metadata
 
 __all__ = ["AsyncClient", "Chunk", "Client", "ClientError", "Result"]
 

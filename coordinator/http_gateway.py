@@ -23,9 +23,9 @@ from typing import Any
 import grpc
 
 from pdserve.coordinator.client import ClientError, _chunk, _request
-from pdserve.coordinator.grpc_util import CHANNEL_OPTIONS
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.grpc_util import CHANNEL_OPTIONS
 
 log = logging.getLogger("pdserve.coordinator.http")
 C = grpc.StatusCode

@@ -18,13 +18,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pdserve.coordinator.convert import sampling_from_proto
 from pdserve.coordinator.flows import Dispatcher
 from pdserve.coordinator.registry import Registry
 from pdserve.coordinator.request import RequestError, RequestState
 from pdserve.coordinator.router import RoutingPolicy
 from pdserve.coordinator.tokens import IncrementalDetokenizer, TokenizerProvider
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto.convert import sampling_fields
 
 log = logging.getLogger("pdserve.coordinator")
 Code = grpc.StatusCode
@@ -70,7 +71,7 @@ class Orchestrator:
         if not workers:
             raise RequestError(Code.UNAVAILABLE, "no workers registered with the coordinator")
         try:
-            sp = sampling_from_proto(req.sampling)
+            sp = SamplingParams(**sampling_fields(req.sampling))
         except ValueError as e:
             raise RequestError(Code.INVALID_ARGUMENT, f"invalid sampling parameters: {e}") from None
         prompt = await self._prompt_ids(req)

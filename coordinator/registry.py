@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pdserve.coordinator.grpc_util import new_channel
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.grpc_util import new_channel
 
 log = logging.getLogger("pdserve.coordinator")
 

@@ -1,7 +1,7 @@
 """The coordinator's gRPC server (grpc.aio): Coordinator service + health + reflection,
 optionally the OpenAI-compatible HTTP gateway.
 
-    server = CoordinatorServer(ServerConfig(port=0))
+    server = CoordinatorServer(CoordinatorConfig(port=0))
     port = await server.start()
     ...
     await server.stop()
@@ -15,13 +15,7 @@ from collections.abc import Callable
 
 import grpc
 
-from pdserve.config import ServerConfig
-from pdserve.coordinator.grpc_util import (
-    COORDINATOR_SERVICE,
-    add_standard_services,
-    check_auth,
-    new_server,
-)
+from pdserve.coordinator.config import CoordinatorConfig
 from pdserve.coordinator.orchestrator import Orchestrator
 from pdserve.coordinator.registry import Registry
 from pdserve.coordinator.request import RequestError
@@ -29,13 +23,19 @@ from pdserve.coordinator.router import make_policy
 from pdserve.coordinator.tokens import Tokenizer, TokenizerProvider
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.grpc_util import (
+    COORDINATOR_SERVICE,
+    add_standard_services,
+    check_auth,
+    new_server,
+)
 
 log = logging.getLogger("pdserve.coordinator")
 LIVE_STATS_TIMEOUT_S = 2.0
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, orch: Orchestrator, config: ServerConfig) -> None:
+    def __init__(self, orch: Orchestrator, config: CoordinatorConfig) -> None:
         self.orch = orch
         self.registry = orch.registry
         self.config = config
@@ -103,10 +103,10 @@ class CoordinatorServer:
     `tokenizer` / `tokenizer_factory` replace the model's tokenizer (tests inject one).
     """
 
-    def __init__(self, config: ServerConfig | None = None, *, http_port: int | None = None,
+    def __init__(self, config: CoordinatorConfig | None = None, *, http_port: int | None = None,
                  http_host: str | None = None, tokenizer: Tokenizer | None = None,
                  tokenizer_factory: Callable[[str], Tokenizer] | None = None) -> None:
-        self.config = config or ServerConfig()
+        self.config = config or CoordinatorConfig()
         self.http_port = http_port
         self.http_host = http_host or self.config.host
         self._tok_args = (tokenizer_factory, tokenizer)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.kernels.attention import AttentionBackend, AttentionMetadata
 
 DEFAULT_CAPTURE_SIZES: tuple[int, ...] = (1, 2, 4, 8, *range(16, 257, 8))  # 1..256
 GRAPH_SAFE_BACKENDS = frozenset({"triton"})  # decode path without host syncs

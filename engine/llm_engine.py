@@ -9,8 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from pdserve.config import Config
-from pdserve.engine.attention.base import get_backend
+from pdserve.engine.config import EngineConfig
 from pdserve.engine.loader import load_model
 from pdserve.engine.model_runner import (
     TORCH_DTYPES,
@@ -22,6 +21,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.tokenizer import get_tokenizer
+from pdserve.kernels.attention import get_backend
 
 
 @dataclass(slots=True)
@@ -32,7 +32,7 @@ class StepResult:
 
 
 class LLMEngine:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: EngineConfig) -> None:
         if cfg.device == "cuda":  # pin the bare name to a device index once, here
             cfg = replace(cfg, device=f"cuda:{torch.cuda.current_device()}")
         self.cfg = cfg

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pdserve.config import ModelConfig
+from pdserve.engine.config import ModelConfig
 from pdserve.engine.layers import ROPE_TYPES, RotaryEmbedding, checkpoint_tensors
 from pdserve.engine.models import model_class
 from pdserve.engine.presets import PRESETS, init_random_weights

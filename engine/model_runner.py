@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pdserve.config import CacheConfig, ModelConfig
-from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.config import CacheConfig, ModelConfig
 from pdserve.engine.cuda_graphs import DecodeGraphs, capture_sizes, graphs_unsupported
 from pdserve.engine.layers import set_fused_kernels
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import SchedulerOutput
+from pdserve.kernels.attention import AttentionBackend, AttentionMetadata
 
 log = logging.getLogger(__name__)
 

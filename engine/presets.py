@@ -12,7 +12,7 @@ import zlib
 import torch
 from torch import nn
 
-from pdserve.config import ModelConfig
+from pdserve.engine.config import ModelConfig
 from pdserve.engine.layers import checkpoint_tensors
 from pdserve.engine.tokenizer import BYTE_BOS_ID, BYTE_EOS_ID
 

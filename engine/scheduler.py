@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from pdserve.config import CacheConfig, SchedulerConfig
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import CacheConfig, SchedulerConfig
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sequence import Sequence, SequenceStatus
 
@@ -142,7 +142,7 @@ class Scheduler:
         seq = self.remote.pop(seq_id)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.token_ids.append(int(first_token))
-        status = self._stop_status(seq, int(first_token))
+        status = self.stop_status(seq, int(first_token))
         if status is not None:
             seq.finish(status)
             self.block_manager.free(seq)
@@ -250,7 +250,9 @@ class Scheduler:
         seq.finish(S.FINISHED_ABORTED)
         self._finished_early.append(seq)
 
-    def _stop_status(self, seq: Sequence, token: int) -> SequenceStatus | None:
+    def stop_status(self, seq: Sequence, token: int) -> SequenceStatus | None:
+        """Whether `token`, just appended to seq, ends it (and how). A prefill worker asks
+        this about token 0 too, to tell the decode side the request is already done."""
         p = seq.params
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return S.FINISHED_STOPPED
@@ -277,7 +279,7 @@ class Scheduler:
                 raise KeyError(f"no sampled token for {chunk.seq_id!r}, whose chunk asked for one")
             token = int(sampled[chunk.seq_id])
             seq.token_ids.append(token)
-            status = S.FINISHED_PREFILL if seq.prefill_only else self._stop_status(seq, token)
+            status = S.FINISHED_PREFILL if seq.prefill_only else self.stop_status(seq, token)
             if status is None:
                 continue
             del self.running[seq.seq_id]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata, register_backend
+from pdserve.kernels.attention import AttentionBackend, AttentionMetadata, register_backend
 
 from .decode_attention import decode_attention
 from .kv_cache_ops import store_kv

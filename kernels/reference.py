@@ -4,12 +4,18 @@ fall back to on CPU outside the Triton interpreter). Attention math is done in f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.attention.torch_ref import gather_context
+
+def gather_context(kv_cache: torch.Tensor, block_ids: torch.Tensor,
+                   ctx_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one sequence's first ctx_len tokens: each [ctx_len, Hkv, D]."""
+    blocks = kv_cache[block_ids]  # [nb, 2, bs, Hkv, D]
+    nb, _, bs, h, d = blocks.shape
+    k = blocks[:, 0].reshape(nb * bs, h, d)[:ctx_len]
+    v = blocks[:, 1].reshape(nb * bs, h, d)[:ctx_len]
+    return k, v
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: float,
@@ -30,13 +36,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: int, scale: 
 
 
 def prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                          seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                          seq_lens: torch.Tensor | list[int],
+                          query_start_loc: torch.Tensor | list[int], scale: float,
                           sliding_window: int | None = None) -> torch.Tensor:
     """q [T, Hq, D]: rows qsl[b]:qsl[b+1] are the last positions of sequence b's context of
-    seq_lens[b] tokens, all of whose K/V are in kv_cache [N, 2, bs, Hkv, D]. -> [T, Hq, D]."""
+    seq_lens[b] tokens, all of whose K/V are in kv_cache [N, 2, bs, Hkv, D]. -> [T, Hq, D].
+    seq_lens and query_start_loc may be host lists (no device sync then)."""
     out = torch.zeros_like(q)
     bs = kv_cache.shape[2]
-    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    qsl = query_start_loc if isinstance(query_start_loc, list) else query_start_loc.tolist()
+    lens = seq_lens if isinstance(seq_lens, list) else seq_lens.tolist()
     for b, ctx in enumerate(lens):
         qs, qe = qsl[b], qsl[b + 1]
         if qe == qs:
@@ -70,20 +79,6 @@ def store_kv_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     blk, off = slots // bs, slots % bs
     kv_cache[blk, 0, off] = k.to(kv_cache.dtype)
     kv_cache[blk, 1, off] = v.to(kv_cache.dtype)
-
-
-def pack_blocks_ref(caches: Sequence[torch.Tensor], block_ids: torch.Tensor) -> torch.Tensor:
-    """[L, nb, *block_shape]: each layer's blocks at block_ids, in that order."""
-    ids = block_ids.long()
-    return torch.stack([c.index_select(0, ids) for c in caches])
-
-
-def unpack_blocks_ref(staging: torch.Tensor, caches: Sequence[torch.Tensor],
-                      block_ids: torch.Tensor) -> None:
-    """Inverse of pack_blocks_ref: caches[l][block_ids[i]] = staging[l, i]."""
-    ids = block_ids.long()
-    for layer, c in enumerate(caches):
-        c.index_copy_(0, ids, staging[layer].to(c.dtype))
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,

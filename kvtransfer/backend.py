@@ -1,7 +1,7 @@
 """Transfer backend API (the same small surface for every backend) and its registry.
 
 A backend moves one contiguous tensor per message between two peers. It knows nothing of
-requests, blocks or layers; the engines (sender.py, receiver.py) build those on top.
+requests, blocks or layers; the endpoints (sender.py, receiver.py) build those on top.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ class Backend(ABC):
     both sides call connect(peer_address, token, initiator) and may post ops at once (a
     backend queues them until the connection is up). Ops to one peer complete in posting
     order on stream-ordered backends; tags match sends to recvs on tag-matching backends,
-    and the engines use the same tag on both sides either way.
+    and the endpoints use the same tag on both sides either way.
 
-    All methods except address()/new_token() are called from one thread (the engine's
+    All methods except address()/new_token() are called from one thread (the endpoint's
     progress thread); they never block for long.
     """
 

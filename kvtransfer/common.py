@@ -128,3 +128,19 @@ class TransferResult:
     elapsed_s: float = 0.0  # from start/expect to the result, on this side's clock
     done_at: float = 0.0  # time.perf_counter() when the result was produced
     num_messages: int = 0  # payload messages moved for this request
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """How a worker moves KV: backend, per-request deadline, layer-wise push, staging size."""
+
+    backend: str = "ucx"  # "ucx" | "nccl"
+    timeout_s: float = 30.0  # per-request transfer deadline
+    layerwise: bool = True  # push each layer as soon as it is computed
+    staging_bytes: int = 64 << 20  # per staging buffer
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("ucx", "nccl"):
+            raise ValueError(f"transfer backend must be 'ucx' or 'nccl', got {self.backend!r}")
+        if self.timeout_s <= 0:
+            raise ValueError("transfer timeout_s must be positive")

@@ -22,7 +22,7 @@ import torch
 from .backend import Backend, Op
 from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn, address_to_str, encode_address
-from .engine import Engine, Peer, ResultCallback
+from .endpoint import Endpoint, Peer, ResultCallback
 from .pack import Rect
 
 
@@ -57,7 +57,7 @@ class _RxMsg:
     error: str | None = None
 
 
-class KVReceiver(Engine):
+class KVReceiver(Endpoint):
     """Decode side. Give `address` to senders; call expect() before a sender starts."""
 
     _role = "receiver"
@@ -220,7 +220,7 @@ class KVReceiver(Engine):
         view = self.staging.view(m.buf, m.rect.rows)
         if self._copy_stream is None:
             self.layout.scatter(m.req.index, m.rect, view)
-        else:  # the progress thread's current stream is the copy stream (see Engine._run)
+        else:  # the progress thread's current stream is the copy stream (see Endpoint._run)
             if m.op.event is not None:
                 self._copy_stream.wait_event(m.op.event)
             self.layout.scatter(m.req.index, m.rect, view)

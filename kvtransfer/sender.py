@@ -22,7 +22,7 @@ import torch
 from .backend import Backend, Op
 from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn, address_bytes, decode_address, encode, handshake
-from .engine import Engine, Peer, ResultCallback
+from .endpoint import Endpoint, Peer, ResultCallback
 from .pack import Rect, next_rect
 
 
@@ -59,7 +59,7 @@ class _TxMsg:
     op: Op
 
 
-class KVSender(Engine):
+class KVSender(Endpoint):
     """Prefill side. Addresses come from KVReceiver.address (bytes, or its str form)."""
 
     _role = "sender"
@@ -268,7 +268,7 @@ class KVSender(Engine):
         if self._copy_stream is None:
             self.layout.gather(req.index, rect, view)
             return None
-        # the progress thread's current stream is the copy stream (see Engine._run)
+        # the progress thread's current stream is the copy stream (see Endpoint._run)
         seen: set[int] = set()
         for layer in range(rect.l0, rect.l1):
             ev = req.events.get(layer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "Client", "AsyncClient", "Config", "__version__"]
+__all__ = ["LLM", "SamplingParams", "Client", "AsyncClient", "EngineConfig", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,7 +18,7 @@ def __getattr__(name: str):
     if name in ("Client", "AsyncClient"):
         from pdserve.coordinator import client
         return getattr(client, name)
-    if name == "Config":
-        from pdserve.config import Config
-        return Config
+    if name == "EngineConfig":
+        from pdserve.engine.config import EngineConfig
+        return EngineConfig
     raise AttributeError(f"module 'pdserve' has no attribute {name!r}")

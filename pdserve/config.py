@@ -1,134 +1,22 @@
-"""One configuration, composed of small frozen dataclasses, passed down explicitly.
+"""Every configuration of pdserve, in one place.
 
-Nothing below the CLI reads environment variables; everything a component needs
-arrives through one of these objects.
+Each part owns the frozen dataclass of its settings, next to the code that reads it:
+- `EngineConfig` (engine/config.py) composes `ModelConfig`, `CacheConfig` and
+  `SchedulerConfig`: what one engine loads, its KV pool and its scheduler;
+- `TransferConfig` (kvtransfer/common.py): the KV transfer backend and its deadline;
+- `WorkerConfig` (worker/config.py): a worker's role, engine, transfer and server;
+- `CoordinatorConfig` (coordinator/config.py): the coordinator's server and routing.
+
+The command line builds these (and only the command line reads the environment); each
+component receives its own object, explicitly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pdserve.coordinator.config import CoordinatorConfig
+from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.kvtransfer.common import TransferConfig
+from pdserve.worker.config import WorkerConfig
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
-    """Architecture of a Llama-family decoder (filled from an HF config.json or a preset)."""
-
-    architecture: str  # "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", ...
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, object], ...] | None = None  # sorted items of the HF dict
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
-    qk_norm: bool = False  # per-head RMSNorm on q and k before rope (Qwen3)
-    sliding_window: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-
-    @property
-    def rope_scaling_dict(self) -> dict | None:
-        return dict(self.rope_scaling) if self.rope_scaling else None
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """K and V of one token over all layers, in bytes."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    """Paged KV pool: per layer a tensor [num_blocks, 2, block_size, num_kv_heads, head_dim]."""
-
-    block_size: int = 16
-    num_blocks: int | None = None  # explicit count; None sizes the pool from memory_fraction
-    memory_fraction: float = 0.9  # of free device memory after weights (CUDA only)
-    cpu_num_blocks: int = 512  # default pool on CPU when num_blocks is None
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self) -> None:
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
-        if self.num_blocks is not None and self.num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
-        if not 0.0 < self.memory_fraction <= 1.0:
-            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int = 8192  # token budget of one step
-    max_num_seqs: int = 256  # running requests at once
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    long_prefill_threshold: int = 0  # 0: chunk only to fit the budget
-
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens <= 0:
-            raise ValueError("max_num_batched_tokens must be positive")
-        if self.max_num_seqs <= 0:
-            raise ValueError("max_num_seqs must be positive")
-
-
-@dataclass(frozen=True, slots=True)
-class TransferConfig:
-    backend: str = "ucx"  # "ucx" | "nccl"
-    timeout_s: float = 30.0  # per-request transfer deadline
-    layerwise: bool = True  # push each layer as soon as it is computed
-    staging_bytes: int = 64 << 20  # per staging buffer
-
-    def __post_init__(self) -> None:
-        if self.backend not in ("ucx", "nccl"):
-            raise ValueError(f"transfer backend must be 'ucx' or 'nccl', got {self.backend!r}")
-        if self.timeout_s <= 0:
-            raise ValueError("transfer timeout_s must be positive")
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    heartbeat_s: float = 1.0
-    worker_timeout_s: float = 5.0  # a worker silent this long is dropped
-    max_queue: int = 1024  # requests waiting at the coordinator
-    routing: str = "least_loaded"  # "least_loaded" | "round_robin" | "prefix_aware"
-    auth_token: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """Top-level config: what to load, where to run, and each part's settings."""
-
-    model: str = "tiny"  # preset name or HF directory
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0  # seed of random preset weights
-    attention_backend: str = "auto"  # "torch" | "triton" | "auto"
-    enforce_eager: bool = False  # no CUDA graphs
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.attention_backend not in ("torch", "triton", "auto"):
-            raise ValueError(f"attention_backend must be torch, triton or auto, got {self.attention_backend!r}")
+__all__ = ["CacheConfig", "CoordinatorConfig", "EngineConfig", "ModelConfig",
+           "SchedulerConfig", "TransferConfig", "WorkerConfig"]

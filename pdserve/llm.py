@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from tqdm import tqdm
 
-from pdserve.config import CacheConfig, Config, SchedulerConfig
+from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -32,9 +32,9 @@ class LLM:
                  block_size: int = 16, num_blocks: int | None = None,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 config: Config | None = None) -> None:
+                 config: EngineConfig | None = None) -> None:
         if config is None:
-            config = Config(
+            config = EngineConfig(
                 model=model, device=device, dtype=dtype, seed=seed,
                 attention_backend=attention_backend, enforce_eager=enforce_eager,
                 cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from pdserve.config import CacheConfig, Config, SchedulerConfig, ServerConfig, TransferConfig
+from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig, TransferConfig, WorkerConfig
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,24 +32,26 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random preset weights")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    return Config(
+    return EngineConfig(
         model=args.model, device=args.device, dtype=dtype, seed=args.seed,
-        attention_backend=args.attention,
-        # a prefill worker never runs decode steps: no CUDA graphs to capture
-        enforce_eager=args.enforce_eager or getattr(args, "role", None) == "prefill",
+        attention_backend=args.attention, enforce_eager=args.enforce_eager,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           memory_fraction=args.memory_fraction,
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len),
-        transfer=TransferConfig(backend=getattr(args, "transfer", "ucx"),
-                                timeout_s=getattr(args, "transfer_timeout", 30.0),
-                                layerwise=not getattr(args, "no_layerwise", False)),
-        server=ServerConfig(heartbeat_s=getattr(args, "heartbeat", 1.0),
-                            auth_token=getattr(args, "auth_token", None)),
     )
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        role=args.role, engine=engine_config_from_args(args),
+        transfer=TransferConfig(backend=args.transfer, timeout_s=args.transfer_timeout,
+                                layerwise=not args.no_layerwise),
+        host=args.host, port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
+        heartbeat_s=args.heartbeat, auth_token=args.auth_token)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,11 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from pdserve.coordinator.worker_link import RegistrationFailed, RegistrationRefused
-    from pdserve.worker_server import WorkerServer
+    import pdserve.decode  # noqa: F401  (registers the decode and both roles)
+    import pdserve.prefill  # noqa: F401  (registers the prefill role)
+    from pdserve.worker.coordinator_link import RegistrationFailed, RegistrationRefused
+    from pdserve.worker.server import WorkerServer
 
-    server = WorkerServer(config_from_args(args), args.role, args.coordinator, args.host,
-                          args.port, args.worker_id)
+    server = WorkerServer(config_from_args(args))
     try:
         port = await server.start()
     except (RegistrationFailed, RegistrationRefused) as exc:
@@ -100,6 +103,6 @@ async def serve(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s {args.role} %(levelname)s %(name)s: %(message)s")
-    from pdserve.coordinator.grpc_util import install_uvloop
+    from pdserve.proto.grpc_util import install_uvloop
     install_uvloop()
     return asyncio.run(serve(args))

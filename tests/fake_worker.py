@@ -1,7 +1,7 @@
 """The coordinator tests' fake cluster: a coordinator plus fake workers on one event loop.
 
 The fake workers themselves (fake "model", direct KV "transfer", Knobs) live in
-pdserve.coordinator.fake_workers; they are re-exported here.
+pdserve.benchmarks.fake_workers; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from pdserve.config import ServerConfig
-from pdserve.coordinator.fake_workers import (  # noqa: F401 - re-exported for the tests
+from pdserve.benchmarks.fake_workers import (  # noqa: F401 - re-exported for the tests
     EOS,
     VOCAB,
     FakeTokenizer,
@@ -21,6 +20,7 @@ from pdserve.coordinator.fake_workers import (  # noqa: F401 - re-exported for t
     Knobs,
     fake_outputs,
 )
+from pdserve.coordinator.config import CoordinatorConfig
 from pdserve.coordinator.server import CoordinatorServer
 
 
@@ -47,7 +47,7 @@ class Cluster:
         self.lt = lt
         config.setdefault("port", 0)
         config.setdefault("heartbeat_s", 0.05)
-        self.config = ServerConfig(**config)
+        self.config = CoordinatorConfig(**config)
         self.coord = CoordinatorServer(self.config, http_port=http_port, tokenizer=FakeTokenizer())
         lt.run(self.coord.start())
         self.address = self.coord.address

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from pdserve.engine.attention.base import AttentionMetadata
 from pdserve.engine.layers import checkpoint_tensors
+from pdserve.kernels.attention import AttentionMetadata
 
 ARCHS = {
     "llama": "LlamaForCausalLM",

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from pdserve.benchmarks import coordinator as bc
-from pdserve.coordinator.fake_workers import FakeWorker, apply_command
+from pdserve.benchmarks.fake_workers import FakeWorker, apply_command
 
 
 def parse(*argv: str) -> argparse.Namespace:

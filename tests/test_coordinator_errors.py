@@ -10,8 +10,8 @@ from pdserve.coordinator.client import Client, ClientError
 from pdserve.coordinator.registry import WorkerHandle
 from pdserve.coordinator.router import make_policy, policy_names
 from pdserve.coordinator.tokens import IncrementalDetokenizer
-from pdserve.coordinator.worker_link import CoordinatorLink, RegistrationFailed, RegistrationRefused
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.worker.coordinator_link import CoordinatorLink, RegistrationFailed, RegistrationRefused
 
 pytestmark = pytest.mark.timeout(30)
 C = grpc.StatusCode

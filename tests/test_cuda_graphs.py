@@ -7,7 +7,6 @@ import pytest
 import torch
 from helpers_models import load_hf_model, make_hf_checkpoint
 
-from pdserve.engine.attention.base import get_backend
 from pdserve.engine.cuda_graphs import (
     DEFAULT_CAPTURE_SIZES,
     BlockTableStaging,
@@ -21,6 +20,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.model_runner import ModelRunner, allocate_kv_caches
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
+from pdserve.kernels.attention import get_backend
 from pdserve.llm import LLM
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

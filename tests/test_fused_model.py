@@ -18,9 +18,9 @@ from helpers_models import (
 )
 from kernels_env import DEVICE, gpu_only
 
-from pdserve.engine.attention.base import get_backend
 from pdserve.engine.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, set_fused_kernels
 from pdserve.engine.loader import load_model
+from pdserve.kernels.attention import get_backend
 
 BS = 4
 

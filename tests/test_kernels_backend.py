@@ -8,7 +8,7 @@ import pytest
 import torch
 from kernels_env import DEVICE, TOL, assert_close, gpu_only, paged_batch
 
-from pdserve.engine.attention.base import AttentionMetadata, get_backend
+from pdserve.kernels.attention import AttentionMetadata, get_backend
 from pdserve.kernels.attention_backend import TritonAttention
 
 

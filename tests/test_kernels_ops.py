@@ -8,15 +8,13 @@ import torch
 from kernels_env import DEVICE, TOL, ULP, assert_close, gpu_only
 
 from pdserve.kernels.activation import silu_mul, silu_mul_ref
-from pdserve.kernels.kv_cache_ops import pack_blocks, store_kv, unpack_blocks
+from pdserve.kernels.kv_cache_ops import store_kv
 from pdserve.kernels.norm_rope import apply_rope, rms_norm, rope_and_store
 from pdserve.kernels.reference import (
     apply_rope_ref,
-    pack_blocks_ref,
     rms_norm_ref,
     rope_cos_sin_cache,
     store_kv_ref,
-    unpack_blocks_ref,
 )
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -41,36 +39,6 @@ def check_store(num_blocks: int, bs: int, hkv: int, d: int, t: int, dtype: torch
 def test_store_kv_tiny(dtype: torch.dtype) -> None:
     check_store(num_blocks=9, bs=4, hkv=2, d=16, t=11, dtype=dtype)
     check_store(num_blocks=5, bs=16, hkv=3, d=32, t=7, dtype=dtype)  # non-power-of-2 heads
-
-
-def check_pack(layers: int, num_blocks: int, block_shape: tuple[int, ...], nb: int,
-               dtype: torch.dtype, one_pool: bool) -> None:
-    if one_pool:  # per-layer views of a single allocation
-        caches = list(torch.randn(layers, num_blocks, *block_shape, device=DEVICE).to(dtype))
-    else:
-        caches = [torch.randn(num_blocks, *block_shape, device=DEVICE).to(dtype) for _ in range(layers)]
-    ids = torch.randperm(num_blocks, device=DEVICE)[:nb].to(torch.int32)
-    staging = torch.full((layers, nb, *block_shape), float("nan"), device=DEVICE).to(dtype)
-    pack_blocks(caches, ids, out=staging)
-    assert torch.equal(staging, pack_blocks_ref(caches, ids))
-    single = pack_blocks(caches[-1], ids)
-    assert torch.equal(single, staging[-1])
-    # scatter new contents back; blocks not in ids stay unchanged
-    new = torch.randn_like(staging, dtype=torch.float32).to(dtype)
-    expect = [c.clone() for c in caches]
-    unpack_blocks(new, caches, ids)
-    unpack_blocks_ref(new, expect, ids)
-    for c, e in zip(caches, expect, strict=True):
-        assert torch.equal(c, e)
-    unpack_blocks(new[0], caches[0], ids.long())
-    assert torch.equal(caches[0].index_select(0, ids.long()), new[0])
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("one_pool", [True, False])
-def test_pack_unpack_tiny(dtype: torch.dtype, one_pool: bool) -> None:
-    check_pack(3, 12, (2, 4, 2, 16), 5, dtype, one_pool)
-    check_pack(1, 6, (2, 2, 3, 8), 6, dtype, one_pool)  # E = 96: not a multiple of the tile
 
 
 def check_rms_norm(rows: int, hidden: int, dtype: torch.dtype, eps: float = 1e-6) -> None:
@@ -166,11 +134,6 @@ def test_silu_mul_tiny(dtype: torch.dtype) -> None:
 def test_store_kv_gpu(dtype: torch.dtype) -> None:
     check_store(num_blocks=2048, bs=16, hkv=8, d=128, t=8192, dtype=dtype)
 
-
-@gpu_only
-@pytest.mark.parametrize("one_pool", [True, False])
-def test_pack_unpack_gpu(one_pool: bool) -> None:
-    check_pack(32, 1024, (2, 16, 8, 128), 300, torch.bfloat16, one_pool)
 
 
 @gpu_only

@@ -15,11 +15,11 @@ from helpers_models import (
 )
 from safetensors.torch import load_file, save_file
 
-from pdserve.engine.attention.base import get_backend
 from pdserve.engine.layers import checkpoint_tensors
 from pdserve.engine.loader import load_model, load_model_config
 from pdserve.engine.presets import PRESETS, get_preset
 from pdserve.engine.tokenizer import BYTE_EOS_ID, ByteTokenizer, get_tokenizer
+from pdserve.kernels.attention import get_backend
 
 
 def _edit_json(path, **changes):

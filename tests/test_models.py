@@ -12,10 +12,10 @@ from helpers_models import (
     positions_for,
 )
 
-from pdserve.engine.attention.base import get_backend
 from pdserve.engine.layers import RMSNorm, RotaryEmbedding, rope_inv_freq
 from pdserve.engine.loader import load_model
 from pdserve.engine.models import ARCHITECTURES, model_class
+from pdserve.kernels.attention import get_backend
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

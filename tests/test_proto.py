@@ -52,17 +52,17 @@ def test_services_have_the_documented_methods():
 
 
 def test_sampling_round_trip_and_defaults():
-    from pdserve.coordinator.convert import sampling_from_proto, sampling_to_proto
     from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.proto.convert import sampling_fields, sampling_to_proto
 
     sp = SamplingParams(max_tokens=7, temperature=0.0, top_p=0.9, top_k=5, seed=3,
                         stop_token_ids=(1, 2), ignore_eos=True)
     msg = pb.SamplingParams.FromString(sampling_to_proto(sp).SerializeToString())
-    assert sampling_from_proto(msg) == sp
-    assert sampling_from_proto(pb.SamplingParams()) == SamplingParams()  # unset = engine default
+    assert SamplingParams(**sampling_fields(msg)) == sp
+    assert SamplingParams(**sampling_fields(pb.SamplingParams())) == SamplingParams()  # unset = engine default
     assert sampling_to_proto({"temperature": 0.5}, max_tokens=3).max_tokens == 3
     with pytest.raises(ValueError, match="top_p"):
-        sampling_from_proto(pb.SamplingParams(top_p=2.0))
+        SamplingParams(**sampling_fields(pb.SamplingParams(top_p=2.0)))
     with pytest.raises(TypeError, match="bogus"):
         sampling_to_proto({"bogus": 1})
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pdserve.config import ModelConfig
-from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.config import ModelConfig
 from pdserve.engine.layers import GatedMLP, Linear, MergedLinear, RMSNorm, RotaryEmbedding, linear
+from pdserve.kernels.attention import AttentionBackend, AttentionMetadata
 
 
 class Attention(nn.Module):

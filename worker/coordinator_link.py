@@ -1,5 +1,5 @@
 """A worker's link to the coordinator: Register, then Heartbeat with its load, forever.
-Engine-backed workers (pdserve/worker_server.py) and the fake workers both use it.
+Engine-backed workers (worker/server.py) and the fake workers (benchmarks/) both use it.
 
     link = CoordinatorLink("127.0.0.1:50051", info, load_fn=lambda: pb.WorkerLoad(...))
     worker_id = await link.start()      # retries until the coordinator answers
@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from pdserve.coordinator.grpc_util import auth_metadata, new_channel
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.grpc_util import auth_metadata, new_channel
 
 log = logging.getLogger("pdserve.worker")
 
@@ -39,14 +39,15 @@ class CoordinatorLink:
     def __init__(self, coordinator: str, info: pb.WorkerInfo,
                  load_fn: Callable[[], pb.WorkerLoad | Awaitable[pb.WorkerLoad]],
                  auth_token: str | None = None, rpc_timeout_s: float = 5.0,
-                 on_register: Callable[[str], None] | None = None) -> None:
+                 on_register: Callable[[str], None] | None = None,
+                 heartbeat_s: float = 1.0) -> None:
         self.coordinator = coordinator
         self.info = info
         self.load_fn = load_fn
         self.on_register = on_register  # called with the worker id after every Register
         self.rpc_timeout_s = rpc_timeout_s
         self.paused = False  # tests: stop heartbeating without dying
-        self.heartbeat_s = 1.0
+        self.heartbeat_s = heartbeat_s  # until the coordinator's Register reply says otherwise
         self._md = auth_metadata(auth_token)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CoordinatorStub | None = None

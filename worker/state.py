@@ -28,10 +28,9 @@ class StreamEnd:
 
 @dataclass
 class ReqState:
-    """One request on this worker. kind: 'prefill' | 'decode' | 'local'."""
+    """One request on this worker (its role decides what the fields mean for it)."""
 
     req_id: str
-    kind: str
     prompt_len: int
     arrival_s: float = field(default_factory=time.monotonic)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # ints and a final StreamEnd

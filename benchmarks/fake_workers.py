@@ -9,7 +9,7 @@ for leak checks (Stats: free == total when idle). Knobs inject refusal, slowness
 Used by the coordinator tests (tests/fake_worker.py) and by `pdserve bench coordinator`, which
 runs them as a separate process:
 
-    python -m pdserve.coordinator.fake_workers --coordinator HOST:PORT --prefill 1 --decode 1
+    python -m pdserve.benchmarks.fake_workers --coordinator HOST:PORT --prefill 1 --decode 1
 
 That process prints `fake workers ready` once every worker is registered, then reads
 commands on stdin, one per line, answering `ok` (or `error: ...`):
@@ -27,11 +27,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from pdserve.coordinator.convert import ROLE_BY_NAME, sampling_from_proto
-from pdserve.coordinator.grpc_util import WORKER_SERVICE, add_standard_services
-from pdserve.coordinator.worker_link import CoordinatorLink
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.convert import ROLE_BY_NAME, sampling_fields
+from pdserve.proto.grpc_util import WORKER_SERVICE, add_standard_services
+from pdserve.worker.coordinator_link import CoordinatorLink
 
 VOCAB = 1000
 EOS = 999
@@ -72,7 +73,7 @@ class Knobs:
 class _Req:
     def __init__(self, prompt: list[int], sampling: pb.SamplingParams, blocks: int) -> None:
         self.prompt, self.blocks = prompt, blocks
-        sp = sampling_from_proto(sampling)
+        sp = SamplingParams(**sampling_fields(sampling))
         self.outputs, self.reason = fake_outputs(prompt, sp.max_tokens, sp.stop_token_ids,
                                                  sp.ignore_eos)
         self.kv_ready = asyncio.Event()
@@ -254,7 +255,7 @@ class FakeWorker(pb_grpc.WorkerServicer):
 
 # -- a process of fake workers -------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pdserve.coordinator.fake_workers",
+    p = argparse.ArgumentParser(prog="python -m pdserve.benchmarks.fake_workers",
                                 description="Fake workers (no model) registered with a coordinator.")
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     p.add_argument("--prefill", type=int, default=1)
@@ -310,7 +311,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from pdserve.coordinator.grpc_util import install_uvloop
+    from pdserve.proto.grpc_util import install_uvloop
 
     install_uvloop()
     asyncio.run(serve(args))

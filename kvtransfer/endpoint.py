@@ -33,7 +33,7 @@ ResultCallback = Callable[[TransferResult], None]
 
 
 class Peer:
-    """One control connection to another engine, and the backend connection beside it."""
+    """One control connection to another endpoint, and the backend connection beside it."""
 
     def __init__(self, pid: int, conn: ControlConn) -> None:
         self.id = pid
@@ -51,10 +51,10 @@ class Peer:
         self.mask = selectors.EVENT_READ
 
 
-class Engine:
+class Endpoint:
     """Base of KVSender/KVReceiver. Subclasses implement the _on_*/_progress hooks."""
 
-    _role = "engine"
+    _role = "endpoint"
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], backend: str | Backend = "ucx",
                  options: TransferOptions | None = None,
@@ -135,7 +135,7 @@ class Engine:
         return out
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Fail what is in flight ("engine closed"), drop every peer, stop the thread."""
+        """Fail what is in flight ("endpoint closed"), drop every peer, stop the thread."""
         if self._stop:
             return
         self._stop = True
@@ -143,7 +143,7 @@ class Engine:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Endpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -229,7 +229,7 @@ class Engine:
             log.exception("kv %s progress thread died", self._role)
             self._fatal = f"{type(e).__name__}: {e}"
         finally:
-            self._shutdown(self._fatal or "engine closed")
+            self._shutdown(self._fatal or "endpoint closed")
 
     def _iterate(self) -> None:
         for key, mask in self._sel.select(self._timeout()):

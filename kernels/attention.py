@@ -75,7 +75,7 @@ def register_backend(name: str):
 
 def get_backend(name: str, device: str = "cpu") -> AttentionBackend:
     """'auto' picks triton on CUDA when the kernels import, else the torch reference."""
-    from pdserve.engine.attention import torch_ref  # noqa: F401  (registers "torch")
+    from pdserve.kernels import torch_attention  # noqa: F401  (registers "torch")
     if name == "auto":
         name = "triton" if device.startswith("cuda") else "torch"
     if name == "triton":

@@ -1,6 +1,6 @@
 """Binds a worker's KV pool to the transfer layer, with one completion callback per request.
 
-Callbacks run on the transfer engine's progress thread and must only hand work on.
+Callbacks run on the transfer endpoint's progress thread and must only hand work on.
 """
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pdserve.config import Config
-from pdserve.kvtransfer import KVReceiver, KVSender, TransferOptions, TransferResult
+from .common import TransferConfig, TransferOptions, TransferResult
+from .receiver import KVReceiver
+from .sender import KVSender
 
 
-def _options(cfg: Config, kv_caches: Sequence[torch.Tensor]) -> TransferOptions:
+def _options(cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str) -> TransferOptions:
     # A staging buffer never needs to exceed the whole pool; small pools get small buffers.
     pool_bytes = sum(t.numel() * t.element_size() for t in kv_caches)
     layer_block_bytes = kv_caches[0][0].numel() * kv_caches[0].element_size()
-    staging = max(layer_block_bytes, min(cfg.transfer.staging_bytes, pool_bytes // 4))
-    return TransferOptions(staging_bytes=staging, layerwise=cfg.transfer.layerwise,
-                           deadline_s=cfg.transfer.timeout_s, host=cfg.server.host)
+    staging = max(layer_block_bytes, min(cfg.staging_bytes, pool_bytes // 4))
+    return TransferOptions(staging_bytes=staging, layerwise=cfg.layerwise,
+                           deadline_s=cfg.timeout_s, host=host)
 
 
 class _Callbacks:
@@ -42,23 +43,20 @@ class _Callbacks:
 class SenderLink:
     """Prefill side."""
 
-    def __init__(self, cfg: Config, kv_caches: Sequence[torch.Tensor]) -> None:
+    def __init__(self, cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str) -> None:
         self._cbs = _Callbacks()
-        self._bytes: dict[str, int] = {}
-        self.sender = KVSender(kv_caches, cfg.transfer.backend, _options(cfg, kv_caches),
-                               on_result=self._on_result)
-
-    def _on_result(self, r: TransferResult) -> None:
-        self._bytes[str(r.req_id)] = r.nbytes
-        self._cbs.fire(r)
+        self.sender = KVSender(kv_caches, cfg.backend, _options(cfg, kv_caches, host),
+                               on_result=self._cbs.fire)
 
     def connect(self, address: bytes) -> None:
         """Open the pair ahead of time (blocks for the handshake; raises on mismatch)."""
         self.sender.connect(address)
 
     def start(self, req_id: str, address: bytes, src: list[int], dst: list[int],
-              deadline_s: float, on_done: Callable[[str, str | None], None]) -> None:
-        self._cbs.put(req_id, lambda r: on_done(req_id, None if r.ok else (r.error or "failed")))
+              deadline_s: float, on_done: Callable[[str, str | None, int], None]) -> None:
+        """on_done(req_id, error or None, bytes sent) runs once, on the progress thread."""
+        self._cbs.put(req_id, lambda r: on_done(req_id, None if r.ok else (r.error or "failed"),
+                                                r.nbytes))
         try:
             self.sender.start(req_id, address, src, dst, deadline_s)
         except Exception as exc:  # report like any other failure
@@ -69,9 +67,6 @@ class SenderLink:
 
     def finish(self, req_id: str, aux: dict) -> None:
         self.sender.finish(req_id, aux)
-
-    def request_bytes(self, req_id: str) -> int:
-        return self._bytes.pop(req_id, 0)
 
     def abort(self, req_id: str) -> None:
         try:
@@ -86,9 +81,9 @@ class SenderLink:
 class ReceiverLink:
     """Decode side."""
 
-    def __init__(self, cfg: Config, kv_caches: Sequence[torch.Tensor]) -> None:
+    def __init__(self, cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str) -> None:
         self._cbs = _Callbacks()
-        self.receiver = KVReceiver(kv_caches, cfg.transfer.backend, _options(cfg, kv_caches),
+        self.receiver = KVReceiver(kv_caches, cfg.backend, _options(cfg, kv_caches, host),
                                    on_result=self._cbs.fire)
         self.address: bytes = self.receiver.address
 
@@ -107,10 +102,3 @@ class ReceiverLink:
     def close(self) -> None:
         self.receiver.close()
 
-
-def open_sender(cfg: Config, kv_caches: Sequence[torch.Tensor], block_size: int) -> SenderLink:
-    return SenderLink(cfg, kv_caches)
-
-
-def open_receiver(cfg: Config, kv_caches: Sequence[torch.Tensor], block_size: int) -> ReceiverLink:
-    return ReceiverLink(cfg, kv_caches)

@@ -1,6 +1,6 @@
 """Skinny GEMM (decode linear layers) vs cuBLAS (torch F.linear) on one GPU, bf16.
 
-  python -m pdserve.kernels.bench_skinny [--quick] [--only qkv,o_proj] [--ms 1,2,4] [--calls 20]
+  python -m pdserve.benchmarks.skinny [--quick] [--only qkv,o_proj] [--ms 1,2,4] [--calls 20]
 
 For each Llama-3.1-8B shape and M in {1, 8, 16} (--quick: 1; --ms picks others): F.linear,
 skinny_linear with its default config, and a sweep (skinny_gemm.sweep_configs, the default
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 import triton
 from tqdm import tqdm
 
-from . import skinny_gemm as sg
-from ._common import device_sms
-from .skinny_gemm import skinny_linear
+from pdserve.kernels import skinny_gemm as sg
+from pdserve.kernels._common import device_sms
+from pdserve.kernels.skinny_gemm import skinny_linear
 
 SHAPES = {"qkv": (4096, 6144), "o_proj": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096), "lm_head": (4096, 128256)}  # name -> (K, N)

@@ -1,6 +1,6 @@
 """Kernel benchmarks on one GPU; each prints its baseline from the same run.
 
-  python -m pdserve.kernels.bench_kernels [--quick] [--json out.json] [--only decode,prefill,...]
+  python -m pdserve.benchmarks.kernels [--quick] [--json out.json] [--only decode,prefill,...]
 
 - decode: paged decode attention, batch 1..256 x context 512..8k, Llama-3.1-8B geometry
   (32 q heads, 8 kv heads, head_dim 128, 16-token blocks), vs the bytes-read roofline at
@@ -8,7 +8,8 @@
 - prefill: causal varlen attention over the paged cache, TFLOP/s at 512..16k tokens per
   prompt (batches of 16k tokens), vs the measured bf16 matmul peak and torch SDPA on
   contiguous tensors; a config sweep at 8k;
-- kv: store / pack / unpack GB/s vs copy of the same bytes and the torch references;
+- kv: a block gather/scatter (one index_select / index_copy_, as the transfer layer does)
+  and the KV store, GB/s vs a copy of the same bytes and the torch reference;
 - norm/rope: fused RMSNorm(+residual) and rotary vs torch eager.
 Timings: triton.testing.do_bench, median (includes host launch cost when the GPU idles);
 decode also reports graph_us, per call inside a CUDA graph (do_bench_cudagraph: GPU time,
@@ -25,19 +26,12 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
-from ._common import device_sms
-from .decode_attention import choose_num_splits, decode_attention
-from .kv_cache_ops import pack_blocks, store_kv, unpack_blocks
-from .norm_rope import apply_rope, rms_norm
-from .prefill_attention import prefill_attention
-from .reference import (
-    apply_rope_ref,
-    pack_blocks_ref,
-    rms_norm_ref,
-    rope_cos_sin_cache,
-    store_kv_ref,
-    unpack_blocks_ref,
-)
+from pdserve.kernels._common import device_sms
+from pdserve.kernels.decode_attention import choose_num_splits, decode_attention
+from pdserve.kernels.kv_cache_ops import store_kv
+from pdserve.kernels.norm_rope import apply_rope, rms_norm
+from pdserve.kernels.prefill_attention import prefill_attention
+from pdserve.kernels.reference import apply_rope_ref, rms_norm_ref, rope_cos_sin_cache, store_kv_ref
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -141,7 +135,7 @@ def bench_prefill(peak_tflops: float, quick: bool) -> None:
 
 
 def bench_kv(quick: bool) -> None:
-    print("\n== KV store / pack / unpack (32 layers, 64 KiB blocks) ==")
+    print("\n== KV store / gather / scatter (32 layers, 64 KiB blocks) ==")
     layers, pool_blocks = 32, 4096
     pool = torch.randn(layers, pool_blocks, 2, BS, HKV, D, device="cuda", dtype=DT)
     caches = list(pool)
@@ -151,14 +145,12 @@ def bench_kv(quick: bool) -> None:
         staging = torch.empty(layers, nb, 2, BS, HKV, D, device="cuda", dtype=DT)
         nbytes = staging.numel() * staging.element_size()
         src = torch.empty_like(staging)
+        flat, rows = pool.view(layers, pool_blocks, -1), staging.view(layers, nb, -1)
         gb = nbytes / 1e6  # GB/s = payload bytes / time
         report("kv", tokens=tokens, mib=nbytes / 2**20,
                copy_gbs=gb / ms(staging.copy_, src),
-               pack_gbs=gb / ms(pack_blocks, caches, ids, out=staging),
-               unpack_gbs=gb / ms(unpack_blocks, staging, caches, ids),
-               pack_1layer_gbs=gb / layers / ms(pack_blocks, caches[0], ids, out=staging[0]),
-               ref_pack_gbs=gb / ms(pack_blocks_ref, caches, ids),
-               ref_unpack_gbs=gb / ms(unpack_blocks_ref, staging, caches, ids))
+               gather_gbs=gb / ms(torch.index_select, flat, 1, ids, out=rows),
+               scatter_gbs=gb / ms(flat.index_copy_, 1, ids, rows))
     cache = caches[0]
     for t in [1, 256, 8192]:
         k = torch.randn(t, HKV, D, device="cuda", dtype=DT)

@@ -1,0 +1,22 @@
+"""The coordinator's configuration (one frozen dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    heartbeat_s: float = 1.0  # asked of every worker at registration
+    worker_timeout_s: float = 5.0  # a worker silent this long is dropped
+    max_queue: int = 1024  # requests waiting at the coordinator
+    routing: str = "least_loaded"  # a policy name of coordinator/router.py
+    auth_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s <= 0 or self.worker_timeout_s <= 0:
+            raise ValueError("heartbeat_s and worker_timeout_s must be positive")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")

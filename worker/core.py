@@ -1,0 +1,179 @@
+"""What every role shares: the engine and its thread, the request table, the one admission
+path, token streaming, abort and load. No gRPC server here (worker/server.py) and no role
+(the roles call in; the core calls the role only through the Role hooks).
+
+Threads: the asyncio loop runs admission, streaming and abort; the engine thread runs
+`_before_run` / `_on_result` around each step and every `on_engine` callable; results
+cross back through `StateTable.deliver` / `resolve` (call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.llm_engine import LLMEngine, StepResult
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import SchedulerOutput
+from pdserve.engine.sequence import Sequence
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto.convert import sampling_fields
+from pdserve.worker.config import WorkerConfig
+from pdserve.worker.role import LayerHook, Role
+from pdserve.worker.state import ReqState, RequestAborted, StateTable, StreamEnd
+
+
+class WorkerCore:
+    def __init__(self, cfg: WorkerConfig, engine: LLMEngine,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.table = StateTable(loop)
+        self.role: Role | None = None  # set by attach()
+        self.engine_loop = EngineLoop(engine, on_result=self._on_result,
+                                      before_run=self._before_run)
+
+    def attach(self, role: Role) -> None:
+        self.role = role
+
+    def start(self) -> None:
+        self.engine_loop.start()
+
+    def stop(self) -> None:
+        if self.role is not None:
+            self.role.close()
+        self.engine_loop.stop()
+
+    async def on_engine(self, fn: Callable[[], Any]) -> Any:
+        """Run fn() on the engine thread, between two steps, and return its result."""
+        return await asyncio.wrap_future(self.engine_loop.call(fn))
+
+    # -- the one admission path: new_sequence, then admit ------------------------------------
+    async def new_sequence(self, context, request_id: str, prompt: list[int],
+                           sampling: pb.SamplingParams, prefill_only: bool = False,
+                           check: Callable[[Sequence], str | None] | None = None) -> Sequence:
+        """Validate a request into a Sequence, or end the RPC with INVALID_ARGUMENT.
+        `check(seq)` may name a role's own reason to refuse."""
+        try:
+            params = SamplingParams(**sampling_fields(sampling))
+            seq = self.engine.make_sequence(list(prompt), params, seq_id=request_id,
+                                            prefill_only=prefill_only)
+            problem = check(seq) if check is not None else None
+        except ValueError as exc:
+            problem = str(exc)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return seq
+
+    async def admit(self, context, seq: Sequence, place: Callable[[Sequence], Any] | None = None,
+                    **state: Any) -> tuple[ReqState, Any]:
+        """Enter seq in the table (fields of its ReqState in `state`) and place it on the
+        engine: `place(seq)` runs on the engine thread (default: the scheduler's `add`) and
+        its result is returned. A refusal ends the RPC with a status and leaves nothing
+        behind."""
+        try:
+            st = self.table.add(ReqState(seq.seq_id, seq.num_prompt_tokens, **state))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        place = place or self.engine.scheduler.add
+        try:
+            placed = await self.on_engine(lambda: place(seq))
+        except ValueError as exc:
+            self.table.pop(st.req_id)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except BaseException:  # cancelled while placing: undo whatever got placed
+            self.table.pop(st.req_id)
+            self.engine_loop.call(lambda: self.engine.abort(seq.seq_id))
+            raise
+        return st, placed
+
+    # -- abort and streaming ----------------------------------------------------------------
+    async def abort_request(self, req_id: str, code=grpc.StatusCode.CANCELLED,
+                            message: str = "aborted") -> bool:
+        """Free everything of req_id (engine blocks, transfers) and end its RPCs."""
+        st = self.table.get(req_id)
+        if self.role is not None:
+            self.role.abort(req_id)
+        found = await self.on_engine(lambda: self.engine.abort(req_id))
+        if st is not None:
+            self.table.deliver([(st, StreamEnd("abort", (code, message)))])
+            self.table.resolve(st, error=RequestAborted(code, message))
+            self.table.pop(req_id)
+        return bool(found or st is not None)
+
+    async def stream_tokens(self, st: ReqState, context) -> AsyncIterator[pb.TokenChunk]:
+        """TokenChunks from st.queue, several tokens per message; aborts on cancel."""
+        ok = False
+        try:
+            while True:
+                items = [await st.queue.get()]
+                while not st.queue.empty():
+                    items.append(st.queue.get_nowait())
+                toks = [t for t in items if isinstance(t, int)]
+                end = next((t for t in items if isinstance(t, StreamEnd)), None)
+                if end is not None and end.error is not None:
+                    if toks:
+                        yield pb.TokenChunk(token_ids=toks)
+                    ok = True  # the request is already gone
+                    await context.abort(*end.error)
+                if end is None:
+                    yield pb.TokenChunk(token_ids=toks)
+                    continue
+                yield pb.TokenChunk(token_ids=toks, finished=True, finish_reason=end.reason,
+                                    timings=timings(st))
+                ok = True
+                return
+        finally:
+            if not ok:  # caller went away: free the request's blocks
+                await self.abort_request(st.req_id)
+            self.table.pop(st.req_id)
+
+    # -- load -------------------------------------------------------------------------------
+    def load(self) -> pb.WorkerLoad:
+        """Engine thread only (through on_engine)."""
+        s = self.engine.kv_stats()
+        queued = 0
+        if self.role is not None and self.role.queues_prefill:
+            queued = sum(st.prompt_len for st in list(self.table.states.values())
+                         if st.computed_s is None)
+        return pb.WorkerLoad(free_blocks=s["free_blocks"], total_blocks=s["total_blocks"],
+                             running=s["running"], waiting=s["waiting"],
+                             queued_prefill_tokens=queued)
+
+    # -- engine thread hooks ----------------------------------------------------------------
+    def _before_run(self, out: SchedulerOutput) -> LayerHook | None:
+        now = time.monotonic()
+        for c in out.chunks:
+            st = self.table.get(c.seq_id)
+            if st is not None and st.scheduled_s is None:
+                st.scheduled_s = now
+        return self.role.before_run(out) if self.role is not None else None
+
+    def _on_result(self, out: SchedulerOutput, res: StepResult) -> None:
+        items: list[tuple[ReqState, object]] = []
+        for sid, tok in res.new_tokens.items():
+            st = self.table.get(sid)
+            if st is not None and not (self.role is not None and self.role.on_token(st, tok)):
+                items.append((st, tok))
+        for seq in res.finished:
+            st = self.table.get(seq.seq_id)
+            if st is not None and not seq.prefill_only:
+                items.append((st, StreamEnd(seq.finish_reason or "abort")))
+        self.table.deliver(items)
+
+
+def timings(st: ReqState) -> pb.Timings:
+    """Where a request's time went on this worker (milliseconds)."""
+    t = pb.Timings()
+    if st.scheduled_s is not None:
+        t.queue_ms = (st.scheduled_s - st.arrival_s) * 1e3
+    if st.computed_s is not None and st.scheduled_s is not None:
+        t.prefill_ms = (st.computed_s - st.scheduled_s) * 1e3
+    if st.kv_done_s is not None and st.computed_s is not None:
+        t.transfer_ms = (st.kv_done_s - st.computed_s) * 1e3
+    return t
