@@ -20,10 +20,15 @@ KNOWN: dict[str, str] = {
     "hf": "parity and speed against HF transformers",
     "serve": "end-to-end serving: TTFT, TPOT, goodput; P/D vs colocated",
     "profile": "where a step's GPU time goes, by kernel category",
+    "ttft": "TTFT breakdown of P/D against a colocated prefill",
+    "baseline": "engine baseline: torch attention, eager, same model",
+    "coordinator": "the coordinator's streaming throughput with fake workers (CPU)",
+    "kernels": "Triton kernels against their baselines, one GPU",
+    "skinny": "skinny GEMM against cuBLAS for decode shapes, one GPU",
 }
 
-
-_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload"}  # helpers beside the benchmarks
+# helpers beside the benchmarks
+_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload", "engine_bench", "fake_workers", "cpu_sample"}
 
 
 def _exists(name: str) -> bool:

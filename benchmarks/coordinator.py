@@ -7,7 +7,7 @@ streams in a closed loop (a finished request is replaced at once). For each toke
 message value K (the fake decode worker's TokenChunk size) and each N, it counts the tokens
 the clients receive during a fixed window after a warm-up, and the CPU time each process used
 in that window (from /proc). Columns:
-  tokens_per_s         output tokens delivered to clients per second (the DESIGN §6 metric)
+  tokens_per_s         output tokens delivered to clients per second (a target in docs/architecture.md, "Performance targets")
   client_msgs_per_s    GenerateResponse messages per second; tok_per_client_msg is their mean
                        size (> K when the coordinator merged queued batches)
   coord_cpu            CPU cores the coordinator process used (1.0 = one core busy)
@@ -15,7 +15,7 @@ in that window (from /proc). Columns:
                        runs on the machine
   workers_cpu, clients_cpu, other_cpu   the rest of the machine (other_cpu: processes that
                        are not part of this benchmark, i.e. the background load)
-Target (DESIGN §6): at least 100k tokens/s on 2 CPU cores. All processes of the benchmark
+Target (docs/architecture.md, "Performance targets"): at least 100k tokens/s on 2 CPU cores. All processes of the benchmark
 share this machine's cores, so on a 2-core machine the load generators compete with the
 coordinator.
 """
@@ -33,9 +33,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from pdserve.benchmarks import plotting
+from pdserve.benchmarks.cpu_sample import CpuSample, cpu_usage
 
 TARGET_TOKENS_PER_S = 100_000
 NAME = "coordinator"
@@ -92,51 +92,6 @@ def check_args(args: argparse.Namespace) -> str | None:
 
 
 # -- CPU accounting from /proc ---------------------------------------------------------------
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads); 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
-
-
-def system_busy_s() -> float:
-    """CPU seconds all cores spent busy since boot (everything but idle and iowait)."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user/nice]
-    return (sum(vals[:8]) - vals[3] - vals[4]) / CLK_TCK
-
-
-@dataclass
-class CpuSample:
-    t: float
-    system: float
-    procs: dict[str, float]  # group name -> CPU seconds
-
-    @staticmethod
-    def take(groups: dict[str, Sequence[int]]) -> CpuSample:
-        return CpuSample(time.monotonic(), system_busy_s(),
-                         {g: sum(proc_cpu_s(p) for p in pids) for g, pids in groups.items()})
-
-
-def cpu_usage(a: CpuSample, b: CpuSample) -> dict[str, float]:
-    """Cores used per group between two samples, plus 'other' (the rest of the machine)."""
-    dt = max(b.t - a.t, 1e-9)
-    out = {g: (b.procs[g] - a.procs[g]) / dt for g in a.procs}
-    out["other"] = max(0.0, (b.system - a.system) / dt - sum(out.values()))
-    return out
-
-
-# -- the summary of one cell -----------------------------------------------------------------
 def summarize(mode: str, streams: int, k: int, client_results: Sequence[dict], window_s: float,
               cpu: dict[str, float], target: float = TARGET_TOKENS_PER_S) -> dict:
     tokens = sum(r["tokens"] for r in client_results)
@@ -290,7 +245,7 @@ def write_results(out_dir: str, rows: list[dict], meta: dict[str, str],
                   args: argparse.Namespace) -> list[str]:
 
     best = best_row(rows)
-    notes = [f"Target (DESIGN §6): >= {TARGET_TOKENS_PER_S:,} tokens/s on 2 CPU cores.",
+    notes = [f"Target (docs/architecture.md, 'Performance targets'): >= {TARGET_TOKENS_PER_S:,} tokens/s on 2 CPU cores.",
              f"Best: {best['tokens_per_s']:,.0f} tokens/s ({best['mode']}, {best['streams']} "
              f"streams, {best['tokens_per_msg']} tokens per decode message), coordinator at "
              f"{best['coord_cpu']:.2f} cores; target "

@@ -4,7 +4,7 @@ roofline_ms = (weight bytes read per step + KV bytes read) / copy bandwidth, the
 bandwidth measured in the same run (device-to-device copy, read + write bytes counted).
 Sequences are built directly over a KV pool of random data (no real prefill); grid points
 whose KV does not fit the pool are skipped and listed. Triton attention + CUDA graphs
-unless --attention torch / --enforce-eager. Targets (design §6): batch 1 <= 1.15 x roofline,
+unless --attention torch / --enforce-eager. Targets (docs/architecture.md, "Performance targets"): batch 1 <= 1.15 x roofline,
 batch 64 at 2k context <= 1.3 x.
 """
 

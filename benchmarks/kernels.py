@@ -190,13 +190,16 @@ def summary_line() -> str:
             + " (sdpa " + pick("prefill", "sdpa_tflops", seq_len=8192) + ")")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer sizes")
     ap.add_argument("--only", default="decode,prefill,kv,norm", help="comma-separated sections")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
-    args = ap.parse_args()
-    assert torch.cuda.is_available(), "the kernel benchmarks need a GPU"
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("the kernel benchmarks need a GPU (no CUDA device here)")
+        return 2
     torch.manual_seed(0)
     only = set(args.only.split(","))
     dev = torch.cuda.get_device_name()
@@ -210,10 +213,10 @@ def main() -> None:
         "kv": lambda: bench_kv(args.quick),
         "norm": bench_norm_rope,
     }
-    for name, run in sections.items():
+    for name, section in sections.items():
         if name in only:
             try:
-                run()
+                section()
             except Exception as exc:  # report and go on with the other sections
                 print(f"!! section {name} failed: {type(exc).__name__}: {exc}")
             torch.cuda.empty_cache()
@@ -222,7 +225,10 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"device": dev, "copy_gbs": copy_gbs, "matmul_tflops": peak,
                        "rows": ROWS}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

@@ -2,7 +2,7 @@
 
 FLOPs = 2 * matmul params * T + causal attention 4 * L * T^2 * H * D / 2 (+ the LM head of
 the sampled row); the peak is an 8192^3 torch.matmul on random data measured in the same
-run. Target (design §6): >= 70% of the peak at 8k tokens.
+run. Target (docs/architecture.md, "Performance targets"): >= 70% of the peak at 8k tokens.
 """
 
 from __future__ import annotations

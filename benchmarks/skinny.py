@@ -138,14 +138,17 @@ def summary(rows: list[dict]) -> None:
               f"x{base['us'] / dflt['us']:.2f}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="M = 1 only")
     ap.add_argument("--only", default=",".join(SHAPES), help="comma-separated shape names")
     ap.add_argument("--ms", default=None, help="comma-separated M values (default 1,8,16)")
     ap.add_argument("--calls", type=int, default=20, help="calls captured per graph")
-    args = ap.parse_args()
-    assert torch.cuda.is_available(), "the skinny GEMM benchmark needs a GPU"
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("the skinny GEMM benchmark needs a GPU (no CUDA device here)")
+        return 2
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     copy = copy_gbs()
@@ -159,7 +162,10 @@ def main() -> None:
         bench_shape(name, k, n, ms, args.calls, copy, rows)
         torch.cuda.empty_cache()
     summary(rows)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

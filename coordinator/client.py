@@ -114,14 +114,35 @@ class _Accumulator:
                                  c.request_id)
 
 
-def _roles_ready(workers: list[pb.WorkerStatus], n_prefill: int, n_decode: int,
-                 n_both: int) -> tuple[bool, str]:
-    have = {r: sum(w.info.role == r for w in workers)
-            for r in (pb.ROLE_PREFILL, pb.ROLE_DECODE, pb.ROLE_BOTH)}
-    ok = (have[pb.ROLE_PREFILL] >= n_prefill and have[pb.ROLE_DECODE] >= n_decode
-          and have[pb.ROLE_BOTH] >= n_both)
-    return ok, (f"{have[pb.ROLE_PREFILL]} prefill, {have[pb.ROLE_DECODE]} decode, "
-                f"{have[pb.ROLE_BOTH]} both registered; wanted {n_prefill}, {n_decode}, {n_both}")
+class _ReadyPoll:
+    """One wait_ready loop: judges each ListWorkers answer (or error) and times out with the
+    last reason. Shared by Client and AsyncClient, which only differ in how they call."""
+
+    interval_s = 0.05
+
+    def __init__(self, address: str, n_prefill: int, n_decode: int, n_both: int,
+                 timeout_s: float) -> None:
+        self.address, self.want, self.timeout_s = address, (n_prefill, n_decode, n_both), timeout_s
+        self.end = time.monotonic() + timeout_s
+        self.msg = "coordinator not reachable"
+
+    def ready(self, reply: pb.ListWorkersReply | None,
+              error: grpc.RpcError | None = None) -> list[dict[str, Any]] | None:
+        """The workers once enough of each role are registered; None: ask again."""
+        if error is not None:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise ClientError.from_rpc(error) from None
+            self.msg = f"coordinator at {self.address}: {error.code().name}: {error.details()}"
+        else:
+            roles = (pb.ROLE_PREFILL, pb.ROLE_DECODE, pb.ROLE_BOTH)
+            have = [sum(w.info.role == r for w in reply.workers) for r in roles]
+            if all(h >= w for h, w in zip(have, self.want)):
+                return [to_dict(w) for w in reply.workers]
+            self.msg = (f"{have[0]} prefill, {have[1]} decode, {have[2]} both registered; "
+                        f"wanted {self.want[0]}, {self.want[1]}, {self.want[2]}")
+        if time.monotonic() >= self.end:
+            raise TimeoutError(f"workers not ready after {self.timeout_s:g} s: {self.msg}")
+        return None
 
 
 class Client:
@@ -178,21 +199,17 @@ class Client:
     def wait_ready(self, n_prefill: int = 0, n_decode: int = 0, n_both: int = 0,
                    timeout_s: float = 60.0) -> list[dict[str, Any]]:
         """Block until that many workers of each role are registered; TimeoutError if not."""
-        end = time.monotonic() + timeout_s
-        msg = "coordinator not reachable"
+        poll = _ReadyPoll(self.address, n_prefill, n_decode, n_both, timeout_s)
         while True:
             try:
-                reply = self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=2.0, metadata=self._md)
-                ok, msg = _roles_ready(list(reply.workers), n_prefill, n_decode, n_both)
-                if ok:
-                    return [to_dict(w) for w in reply.workers]
+                reply, error = self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=2.0,
+                                                      metadata=self._md), None
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise ClientError.from_rpc(e) from None
-                msg = f"coordinator at {self.address}: {e.code().name}: {e.details()}"
-            if time.monotonic() >= end:
-                raise TimeoutError(f"workers not ready after {timeout_s:g} s: {msg}")
-            time.sleep(0.05)
+                reply, error = None, e
+            workers = poll.ready(reply, error)
+            if workers is not None:
+                return workers
+            time.sleep(poll.interval_s)
 
     def close(self) -> None:
         self._channel.close()
@@ -269,22 +286,18 @@ class AsyncClient:
 
     async def wait_ready(self, n_prefill: int = 0, n_decode: int = 0, n_both: int = 0,
                          timeout_s: float = 60.0) -> list[dict[str, Any]]:
-        end = time.monotonic() + timeout_s
-        msg = "coordinator not reachable"
+        """Wait until that many workers of each role are registered; TimeoutError if not."""
+        poll = _ReadyPoll(self.address, n_prefill, n_decode, n_both, timeout_s)
         while True:
             try:
-                reply = await self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=2.0,
-                                                     metadata=self._md)
-                ok, msg = _roles_ready(list(reply.workers), n_prefill, n_decode, n_both)
-                if ok:
-                    return [to_dict(w) for w in reply.workers]
+                reply, error = await self._stub.ListWorkers(
+                    pb.ListWorkersRequest(), timeout=2.0, metadata=self._md), None
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    raise ClientError.from_rpc(e) from None
-                msg = f"coordinator at {self.address}: {e.code().name}: {e.details()}"
-            if time.monotonic() >= end:
-                raise TimeoutError(f"workers not ready after {timeout_s:g} s: {msg}")
-            await asyncio.sleep(0.05)
+                reply, error = None, e
+            workers = poll.ready(reply, error)
+            if workers is not None:
+                return workers
+            await asyncio.sleep(poll.interval_s)
 
     async def close(self) -> None:
         if self._channel is not None:

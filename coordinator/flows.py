@@ -1,6 +1,6 @@
 """How a validated request is run on workers: disaggregated (P + D) or colocated (`both`).
 
-Disaggregated (DESIGN §2): pick D, Reserve on D (on refusal try the next D; when all refuse,
+Disaggregated (docs/architecture.md, "Request life cycle"): pick D, Reserve on D (on refusal try the next D; when all refuse,
 wait in the coordinator queue until capacity appears or the deadline), open D.DecodeStream,
 call P.Prefill with D's kv_address and block ids, emit the first token from PrefillReply as
 soon as it arrives, then D's tokens (D never repeats the first token). Whenever an attempt

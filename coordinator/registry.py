@@ -73,7 +73,6 @@ class Registry:
         self._channel_factory = channel_factory
         self._changed = asyncio.Event()  # set whenever capacity may have appeared
         self._reaper: asyncio.Task | None = None
-        self.on_register: list[Callable[[WorkerHandle], None]] = []
 
     # -- membership -----------------------------------------------------------------
     def register(self, info: pb.WorkerInfo) -> WorkerHandle:
@@ -96,8 +95,6 @@ class Registry:
         self._workers[info.worker_id] = handle
         log.info("worker %s registered: role=%s address=%s model=%s", info.worker_id,
                  ROLE_NAMES[info.role], info.address, info.model)
-        for cb in self.on_register:
-            cb(handle)
         self.notify()
         return handle
 
@@ -126,14 +123,8 @@ class Registry:
         asyncio.get_running_loop().create_task(handle.channel.close())
 
     # -- queries --------------------------------------------------------------------
-    def get(self, worker_id: str) -> WorkerHandle | None:
-        return self._workers.get(worker_id)
-
     def workers(self, role: int | None = None) -> list[WorkerHandle]:
         return [w for w in self._workers.values() if role is None or w.role == role]
-
-    def first_model(self) -> pb.WorkerInfo | None:
-        return next(iter(self._workers.values())).info if self._workers else None
 
     def statuses(self) -> list[pb.WorkerStatus]:
         now = time.monotonic()

@@ -62,9 +62,6 @@ class RequestState:
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
 
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
     def emit(self, ids: list[int], finished: bool = False, reason: str = "") -> None:
         self.produced += len(ids)
         self.produced_final = finished

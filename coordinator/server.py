@@ -20,7 +20,8 @@ from pdserve.coordinator.orchestrator import Orchestrator
 from pdserve.coordinator.registry import Registry
 from pdserve.coordinator.request import RequestError
 from pdserve.coordinator.router import make_policy
-from pdserve.coordinator.tokens import Tokenizer, TokenizerProvider
+from pdserve.coordinator.tokens import TokenizerProvider
+from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.grpc_util import (

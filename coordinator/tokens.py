@@ -2,8 +2,8 @@
 
 The coordinator learns the model from the first worker that registers and loads its tokenizer
 once, in a thread, with `pdserve.engine.tokenizer.get_tokenizer(model)` (or an injected
-factory / tokenizer, as tests do). A tokenizer has `encode(text) -> list[int]` and
-`decode(ids) -> str`.
+factory / tokenizer, as tests do); the coordinator uses the engine's Tokenizer protocol
+(its `encode` and `decode`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pdserve.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("pdserve.coordinator")
-
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 def default_tokenizer_factory(model: str) -> Tokenizer:

@@ -161,14 +161,6 @@ class BlockManager:
         seq.set_block_table([])
         seq.num_committed_blocks = 0
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached free block (used blocks keep their hashes)."""
-        while self._free_cached:
-            b, _ = self._free_cached.popitem(last=False)
-            del self._hash_to_block[self._hash_of[b]]
-            self._hash_of[b] = None
-            self._free_plain.append(b)
-
     # ---- checking -----------------------------------------------------------------------
     def check_invariants(self, owners: Iterable[Sequence] | None = None) -> None:
         """Raise AssertionError if the pool is inconsistent. With `owners` (every sequence

@@ -57,7 +57,7 @@ class CacheConfig:
 
     block_size: int = 16
     num_blocks: int | None = None  # explicit count; None sizes the pool from memory_fraction
-    memory_fraction: float = 0.9  # of free device memory after weights (CUDA only)
+    memory_fraction: float = 0.9  # of the whole card that weights + KV cache may use (CUDA only)
     cpu_num_blocks: int = 512  # default pool on CPU when num_blocks is None
     enable_prefix_caching: bool = True
 

@@ -48,10 +48,6 @@ class SchedulerOutput:
     preempted: list[str] = field(default_factory=list)  # seq ids preempted this step
     num_batched_tokens: int = 0
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks
-
 
 class Scheduler:
     def __init__(self, sched_cfg: SchedulerConfig, cache_cfg: CacheConfig, num_blocks: int,

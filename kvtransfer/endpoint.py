@@ -111,8 +111,6 @@ class Endpoint:
             self._results.clear()
         return out
 
-    completed = poll
-
     def wait(self, timeout_s: float, req_ids: Collection[ReqId] | None = None) -> list[TransferResult]:
         """Block until a result arrives (or every one of req_ids has one), or timeout_s."""
         end = time.monotonic() + timeout_s

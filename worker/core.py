@@ -29,14 +29,16 @@ from pdserve.worker.state import ReqState, RequestAborted, StateTable, StreamEnd
 
 
 class WorkerCore:
-    def __init__(self, cfg: WorkerConfig, engine: LLMEngine,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: WorkerConfig, engine: LLMEngine, loop: asyncio.AbstractEventLoop,
+                 engine_loop_cls: type[EngineLoop] = EngineLoop) -> None:
+        """engine_loop_cls: anything with EngineLoop's constructor, start/stop and call
+        (tests pass one that steps on demand)."""
         self.cfg = cfg
         self.engine = engine
         self.table = StateTable(loop)
         self.role: Role | None = None  # set by attach()
-        self.engine_loop = EngineLoop(engine, on_result=self._on_result,
-                                      before_run=self._before_run)
+        self.engine_loop = engine_loop_cls(engine, on_result=self._on_result,
+                                           before_run=self._before_run)
 
     def attach(self, role: Role) -> None:
         self.role = role

@@ -17,7 +17,6 @@ the server needs no edit.
 
 from __future__ import annotations
 
-from abc import ABC
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
@@ -33,7 +32,9 @@ if TYPE_CHECKING:
 LayerHook = Callable[[int], None]
 
 
-class Role(ABC):
+class Role:
+    """Base of every role; each hook has a do-nothing default, each RPC refuses."""
+
     name: ClassVar[str] = "abstract"
     transfer_backend: ClassVar[bool] = False  # advertises a KV transfer backend
     queues_prefill: ClassVar[bool] = False  # its admitted prompts wait for prefill here

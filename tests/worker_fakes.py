@@ -1,0 +1,120 @@
+"""In-process fakes for the worker tests: an engine loop stepped on demand, a gRPC context,
+and a KV wire that copies blocks between two engines' pools in the test's own thread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+
+class Aborted(Exception):
+    """What FakeContext.abort raises (grpc.aio raises AbortError the same way)."""
+
+    def __init__(self, code: Any, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+class FakeContext:
+    async def abort(self, code, details: str):
+        raise Aborted(code, details)
+
+
+class ManualEngineLoop:
+    """EngineLoop's interface, run by the test: `pump()` runs queued calls and one step."""
+
+    def __init__(self, engine, on_result, before_run=None) -> None:
+        self.engine, self.on_result, self.before_run = engine, on_result, before_run
+        self.calls: list[tuple[Callable[[], Any], Future]] = []
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        fut: Future = Future()
+        self.calls.append((fn, fut))
+        return fut
+
+    def pump(self) -> None:
+        calls, self.calls = self.calls, []
+        for fn, fut in calls:
+            try:
+                fut.set_result(fn())
+            except Exception as exc:  # delivered to the caller
+                fut.set_exception(exc)
+        if self.engine.has_unfinished():
+            out = self.engine.schedule()
+            if out.chunks:
+                hook = self.before_run(out) if self.before_run else None
+                self.on_result(out, self.engine.run(out, layer_hook=hook))
+
+
+async def pump_forever(*loops: ManualEngineLoop) -> None:
+    """Background task: step every loop, yielding to the event loop in between."""
+    while True:
+        for lp in loops:
+            lp.pump()
+        await asyncio.sleep(0.001)
+
+
+class FakeWire:
+    """Both ends of a KV link. The sender side copies each request's blocks from the
+    prefill pool into the decode pool when `finish` comes (or fails it on request)."""
+
+    def __init__(self, src_caches: list[torch.Tensor] | None = None,
+                 dst_caches: list[torch.Tensor] | None = None) -> None:
+        self.src, self.dst = src_caches, dst_caches
+        self.address = b"fake-kv"
+        self.expected: dict[str, tuple[list[int], Callable]] = {}
+        self.sending: dict[str, tuple[list[int], list[int], Callable]] = {}
+        self.aborted: list[str] = []
+        self.layers_ready: dict[str, set[int]] = {}
+        self.fail_next: str | None = None  # error of the next finished transfer
+
+    # -- sender link surface (prefill role) ---------------------------------------------
+    def connect(self, address: bytes) -> None:
+        if address != self.address:
+            raise ConnectionError(f"no KV endpoint at {address!r}")
+
+    def start(self, req_id, address, src, dst, deadline_s, on_done) -> None:
+        self.sending[req_id] = (list(src), list(dst), on_done)
+
+    def layer_ready(self, req_id: str, layer: int) -> None:
+        self.layers_ready.setdefault(req_id, set()).add(layer)
+
+    def finish(self, req_id: str, aux: dict) -> None:
+        src, dst, on_done = self.sending.pop(req_id)
+        err, self.fail_next = self.fail_next, None
+        nbytes = 0
+        if err is None and self.src is not None:
+            for s_layer, d_layer in zip(self.src, self.dst, strict=True):
+                d_layer[dst] = s_layer[src]
+                nbytes += s_layer[src].numel() * s_layer.element_size()
+        on_done(req_id, err, nbytes)
+        if req_id in self.expected:
+            _, recv_done = self.expected.pop(req_id)
+            recv_done(req_id, None if err else aux, err)
+
+    # -- receiver link surface (decode role) --------------------------------------------
+    def expect(self, req_id, block_ids, deadline_s, on_done) -> None:
+        self.expected[req_id] = (list(block_ids), on_done)
+
+    def fail(self, req_id: str, error: str) -> None:
+        """Receiver side: the transfer of req_id failed."""
+        _, on_done = self.expected.pop(req_id)
+        on_done(req_id, None, error)
+
+    def abort(self, req_id: str) -> None:
+        self.aborted.append(req_id)
+        self.expected.pop(req_id, None)
+        self.sending.pop(req_id, None)
+
+    def close(self) -> None:
+        pass
