@@ -1,0 +1,1 @@
+"""Benchmarks (`pdserve bench NAME`), their shared helpers, and fake workers for load tests."""

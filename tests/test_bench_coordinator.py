@@ -10,6 +10,7 @@ import os
 import pytest
 
 from pdserve.benchmarks import coordinator as bc
+from pdserve.benchmarks import cpu_sample
 from pdserve.benchmarks.fake_workers import FakeWorker, apply_command
 
 
@@ -61,17 +62,17 @@ def test_summarize_rates_and_target() -> None:
 
 
 def test_cpu_usage_splits_the_machine() -> None:
-    a = bc.CpuSample(t=10.0, system=100.0, procs={"coordinator": 5.0, "clients": 1.0})
-    b = bc.CpuSample(t=12.0, system=103.6, procs={"coordinator": 6.5, "clients": 1.6})
-    use = bc.cpu_usage(a, b)
+    a = cpu_sample.CpuSample(t=10.0, system=100.0, procs={"coordinator": 5.0, "clients": 1.0})
+    b = cpu_sample.CpuSample(t=12.0, system=103.6, procs={"coordinator": 6.5, "clients": 1.6})
+    use = cpu_sample.cpu_usage(a, b)
     assert use["coordinator"] == pytest.approx(0.75) and use["clients"] == pytest.approx(0.3)
     assert use["other"] == pytest.approx(1.8 - 1.05)
-    assert bc.cpu_usage(b, b)["other"] == 0.0
+    assert cpu_sample.cpu_usage(b, b)["other"] == 0.0
 
 
 def test_proc_accounting_reads_this_process() -> None:
-    assert bc.proc_cpu_s(os.getpid()) > 0 and bc.system_busy_s() > 0
-    assert bc.proc_cpu_s(2**22 + 12345) == 0.0  # no such pid
+    assert cpu_sample.proc_cpu_s(os.getpid()) > 0 and cpu_sample.system_busy_s() > 0
+    assert cpu_sample.proc_cpu_s(2**22 + 12345) == 0.0  # no such pid
 
 
 def test_write_results(tmp_path) -> None:
