@@ -98,6 +98,22 @@ class LLMEngine:
     def step(self, layer_hook: Callable[[int], None] | None = None) -> StepResult:
         return self.run(self.schedule(), layer_hook)
 
+    def warm_up(self, prompt_lens: tuple[int, ...] = (8, 300), decode_steps: int = 2) -> int:
+        """Run a throw-away batch (prefills of these lengths, then a few decode steps) so that
+        kernels are compiled before the first real request; leaves the pool as it found it
+        (the prefix cache aside). Call before any request is added. Returns steps run."""
+        vocab = self.model_cfg.vocab_size
+        params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
+        for i, n in enumerate(prompt_lens):
+            n = max(1, min(n, self.max_model_len - params.max_tokens))
+            self.add_request([(7919 * (i + 1) * j + 1) % vocab for j in range(n)], params,
+                             seq_id=f"warm-up-{i}")
+        steps = 0
+        while self.has_unfinished():
+            self.step()
+            steps += 1
+        return steps
+
     # -- pool accounting ------------------------------------------------------------------
     def kv_stats(self) -> dict[str, int]:
         bm = self.scheduler.block_manager

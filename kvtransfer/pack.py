@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .common import KVGeometry
@@ -62,6 +63,13 @@ class KVLayout:
         # [N, W] per layer, same memory as the pool
         self.layers = [t.view(self.num_blocks, -1).view(self.word) for t in kv_caches]
         self.flat = self._flat_view(kv_caches)  # [L * N, W] or None
+        # index(): host ids go through one persistent pinned buffer (no allocation, no torch
+        # CPU op per request); the [L, nb] flat rows are formed on the device.
+        self._layer_base = np.arange(len(kv_caches), dtype=np.int64)[:, None] * self.num_blocks
+        if self.device.type == "cuda":
+            self._pinned = torch.empty(self.num_blocks, dtype=torch.int64, pin_memory=True)
+            self._pinned_free: torch.cuda.Event | None = None  # the last copy out of it
+            self._base_dev = torch.from_numpy(self._layer_base).to(self.device)
 
     def _flat_view(self, kv: Sequence[torch.Tensor]) -> torch.Tensor | None:
         layer_nbytes = self.num_blocks * self.row_nbytes
@@ -85,14 +93,24 @@ class KVLayout:
             raise ValueError(f"{what} block ids out of range [0, {self.num_blocks}): {bad[:8]}")
 
     def index(self, block_ids: Sequence[int], stream: torch.cuda.Stream | None = None) -> torch.Tensor:
-        """Device index for a request: [L, nb] flat rows, or [nb] block ids (per-layer path)."""
-        ids = torch.tensor(list(block_ids), dtype=torch.int64)
-        if self.flat is not None:
-            ids = (torch.arange(self.num_layers, dtype=torch.int64) * self.num_blocks)[:, None] + ids
+        """Device index for a request: [L, nb] flat rows, or [nb] block ids (per-layer path).
+
+        On CUDA the copy and the add are queued on `stream` (the caller's stream if None);
+        the host work is one numpy conversion, whatever the request's size."""
+        ids = np.asarray(block_ids, dtype=np.int64)
         if self.device.type != "cuda":
-            return ids
+            return torch.from_numpy(self._layer_base + ids if self.flat is not None else ids)
+        if len(ids) > self.num_blocks:
+            raise ValueError(f"{len(ids)} block ids for a pool of {self.num_blocks} blocks")
+        if self._pinned_free is not None:
+            self._pinned_free.synchronize()  # a few KiB: the previous copy is long done
+        host = self._pinned[: len(ids)]
+        host.numpy()[:] = ids
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            return ids.pin_memory().to(self.device, non_blocking=True)
+            dev = host.to(self.device, non_blocking=True)
+            self._pinned_free = torch.cuda.Event()
+            self._pinned_free.record()
+            return self._base_dev + dev if self.flat is not None else dev
 
     def gather(self, index: torch.Tensor, rect: Rect, out: torch.Tensor) -> None:
         """out[rows of rect] = pool rows (out: [rect.rows, W] staging view)."""

@@ -177,3 +177,13 @@ def test_pool_free_after_aborts(prompts) -> None:
     for s in seqs:
         assert engine.abort(s.seq_id)
     assert_pool_free(engine)
+
+
+def test_warm_up_runs_prefill_and_decode_and_leaves_the_pool_free(prompts, solo_llm) -> None:
+    llm = LLM(model="tiny", num_blocks=64)
+    steps = llm.engine.warm_up(prompt_lens=(5, 40), decode_steps=2)
+    assert steps >= 3  # one prefill step, then two decode steps at least
+    assert_pool_free(llm.engine)
+    # and the engine serves as before
+    want = solo_llm.generate(prompts[0], greedy(4))[0].token_ids
+    assert llm.generate(prompts[0], greedy(4))[0].token_ids == want
