@@ -137,6 +137,10 @@ class TransferConfig:
     backend: str = "ucx"  # "ucx" | "nccl"
     timeout_s: float = 30.0  # per-request transfer deadline
     layerwise: bool = True  # push each layer as soon as it is computed
+    # Steps of fewer tokens push after the forward instead: their forward is bound by kernel
+    # launches, and per-layer hand-offs to the transfer thread slow it more than the whole
+    # transfer takes (measured: docs/architecture.md, "Transfer findings").
+    layerwise_min_tokens: int = 1024
     staging_bytes: int = 64 << 20  # per staging buffer
 
     def __post_init__(self) -> None:

@@ -49,7 +49,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         role=args.role, engine=engine_config_from_args(args),
         transfer=TransferConfig(backend=args.transfer, timeout_s=args.transfer_timeout,
-                                layerwise=not args.no_layerwise),
+                                layerwise=not args.no_layerwise,
+                                layerwise_min_tokens=args.layerwise_min_tokens),
         host=args.host, port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
         heartbeat_s=args.heartbeat, auth_token=args.auth_token)
 
@@ -67,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV transfer backend between prefill and decode workers")
     p.add_argument("--transfer-timeout", type=float, default=30.0,
                    help="seconds a request's KV transfer may take before both ends abort it")
+    p.add_argument("--layerwise-min-tokens", type=int, default=1024,
+                   help="prefill steps of fewer tokens push their KV after the forward, not "
+                        "layer by layer (short forwards are launch-bound)")
     p.add_argument("--no-layerwise", action="store_true",
                    help="push KV after the whole prompt instead of layer by layer")
     p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")

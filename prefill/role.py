@@ -86,6 +86,8 @@ class PrefillRole(Role):
     def before_run(self, out: SchedulerOutput) -> LayerHook | None:
         """Start the transfer of every prompt that completes in this step; push per layer."""
         core, starting = self.core, []
+        per_layer = self.layerwise and \
+            out.num_batched_tokens >= core.cfg.transfer.layerwise_min_tokens
         for c in out.chunks:
             st = core.table.get(c.seq_id)
             if st is None or not completes_prompt(c):
@@ -94,8 +96,9 @@ class PrefillRole(Role):
                               prompt_blocks(c, st.prompt_len, core.engine.block_size),
                               st.dst_block_ids, core.cfg.transfer.timeout_s,
                               lambda rid, err, nbytes, st=st: self._on_sent(st, err, nbytes))
+            st.pushed_per_layer = per_layer
             starting.append(st.req_id)
-        if not starting or not self.layerwise:
+        if not starting or not per_layer:
             return None
 
         def hook(layer: int) -> None:
@@ -113,7 +116,7 @@ class PrefillRole(Role):
             status = eng.scheduler.stop_status(seq, token)
             st.first_finishes = status is not None
             st.finish_reason = FINISH_REASONS[status] if status is not None else ""
-        if not self.layerwise:
+        if not st.pushed_per_layer:  # every layer is ready once this step's work is
             for layer in range(eng.model_cfg.num_layers):
                 self.sender.layer_ready(st.req_id, layer)
         self.sender.finish(st.req_id, {"first_token": int(token)})

@@ -16,6 +16,7 @@ from pdserve.decode.both import BothRole
 from pdserve.decode.role import DecodeRole
 from pdserve.engine.config import CacheConfig, EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.kvtransfer.common import TransferConfig
 from pdserve.prefill.role import PrefillRole
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.convert import sampling_to_proto
@@ -43,9 +44,9 @@ def engines() -> dict[str, LLMEngine]:
             for name in ("prefill", "decode", "both")}
 
 
-def make(role_cls, engine: LLMEngine, wire: FakeWire | None = None):
-    core = WorkerCore(WorkerConfig(role=role_cls.name), engine, asyncio.get_running_loop(),
-                      engine_loop_cls=ManualEngineLoop)
+def make(role_cls, engine: LLMEngine, wire: FakeWire | None = None, **transfer):
+    cfg = WorkerConfig(role=role_cls.name, transfer=TransferConfig(**transfer))
+    core = WorkerCore(cfg, engine, asyncio.get_running_loop(), engine_loop_cls=ManualEngineLoop)
     role = role_cls(core, wire) if wire is not None else role_cls(core)
     core.attach(role)
     return core, role
@@ -70,10 +71,10 @@ def generate_request(rid: str, **sampling) -> pb.GenerateWorkerRequest:
                                     sampling=sampling_to_proto(sampling or GREEDY))
 
 
-async def run_pd(engines, wire: FakeWire, rid: str, sampling=None):
+async def run_pd(engines, wire: FakeWire, rid: str, sampling=None, **transfer):
     """Reserve on D, Prefill on P, stream D; returns (prefill reply or error, tokens, reason)."""
     d_core, d_role = make(DecodeRole, engines["decode"], wire)
-    p_core, p_role = make(PrefillRole, engines["prefill"], wire)
+    p_core, p_role = make(PrefillRole, engines["prefill"], wire, **transfer)
     pump = asyncio.create_task(pump_forever(d_core.engine_loop, p_core.engine_loop))
     sp = sampling_to_proto(sampling or GREEDY)
     try:
@@ -110,8 +111,9 @@ async def test_both_role_generates_and_frees(engines) -> None:
     assert all_free(engines["both"]) and not core.table.states
 
 
+@pytest.mark.parametrize("min_tokens", [1, 1024])  # pushed per layer / after the forward
 @aio
-async def test_disaggregated_equals_both(engines) -> None:
+async def test_disaggregated_equals_both(engines, min_tokens) -> None:
     core, role = make(BothRole, engines["both"])
     pump = asyncio.create_task(pump_forever(core.engine_loop))
     try:
@@ -119,7 +121,7 @@ async def test_disaggregated_equals_both(engines) -> None:
     finally:
         pump.cancel()
     wire = FakeWire(engines["prefill"].kv_caches, engines["decode"].kv_caches)
-    reply, toks, reason = await run_pd(engines, wire, "pd1")
+    reply, toks, reason = await run_pd(engines, wire, "pd1", layerwise_min_tokens=min_tokens)
     assert reply.first_token == want[0] and reply.kv_bytes > 0
     assert [reply.first_token, *toks] == want and reason == "length"
     assert wire.layers_ready["pd1"] == set(range(engines["prefill"].model_cfg.num_layers))

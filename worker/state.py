@@ -42,6 +42,7 @@ class ReqState:
     first_finishes: bool = False
     finish_reason: str = ""
     kv_bytes: int = 0
+    pushed_per_layer: bool = False  # the transfer started with per-layer readiness
     # timings (monotonic seconds)
     scheduled_s: float | None = None
     computed_s: float | None = None
