@@ -34,6 +34,7 @@ import time
 
 from pdserve.benchmarks import plotting
 from pdserve.benchmarks.serve_workload import Job, Record, make_jobs, summarize
+from pdserve.proto.convert import ROLES
 
 NAME = "serve"
 
@@ -182,7 +183,7 @@ async def _warmup(address: str, n: int, vocab: int, timeout_s: float) -> None:
 
 def _describe_workers(workers: list[dict]) -> tuple[str, str, int, int]:
     """(setup label like '1P1D' or '2both', 'role@device, ...', min vocab, min max_model_len)."""
-    roles = {r: [w for w in workers if w["info"]["role"] == r] for r in ("prefill", "decode", "both")}
+    roles = {r: [w for w in workers if w["info"]["role"] == r] for r in ROLES}
     label = "".join(f"{len(roles[r])}{s}" for r, s in (("prefill", "P"), ("decode", "D"))
                     if roles[r])
     if roles["both"]:

@@ -19,11 +19,11 @@ import grpc
 
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.convert import ROLE_NAME
 from pdserve.proto.grpc_util import new_channel
 
 log = logging.getLogger("pdserve.coordinator")
 
-ROLE_NAMES = {pb.ROLE_PREFILL: "prefill", pb.ROLE_DECODE: "decode", pb.ROLE_BOTH: "both"}
 
 
 @dataclass(eq=False, slots=True)
@@ -76,7 +76,7 @@ class Registry:
 
     # -- membership -----------------------------------------------------------------
     def register(self, info: pb.WorkerInfo) -> WorkerHandle:
-        if info.role not in ROLE_NAMES:
+        if info.role not in ROLE_NAME:
             raise ValueError(f"worker role must be PREFILL, DECODE or BOTH, got {info.role}")
         if not info.address:
             raise ValueError("worker address (host:port) is required")
@@ -84,7 +84,7 @@ class Registry:
         copy.CopyFrom(info)
         info = copy
         if not info.worker_id:
-            info.worker_id = f"{ROLE_NAMES[info.role]}-{next(self._ids)}"
+            info.worker_id = f"{ROLE_NAME[info.role]}-{next(self._ids)}"
         old = self._workers.get(info.worker_id)
         if old is not None:
             self._close(old, "re-registered")
@@ -94,7 +94,7 @@ class Registry:
                                                  total_blocks=info.total_blocks))
         self._workers[info.worker_id] = handle
         log.info("worker %s registered: role=%s address=%s model=%s", info.worker_id,
-                 ROLE_NAMES[info.role], info.address, info.model)
+                 ROLE_NAME[info.role], info.address, info.model)
         self.notify()
         return handle
 

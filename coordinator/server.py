@@ -28,6 +28,7 @@ from pdserve.proto.grpc_util import (
     COORDINATOR_SERVICE,
     add_standard_services,
     check_auth,
+    listen,
     new_server,
 )
 
@@ -129,7 +130,7 @@ class CoordinatorServer:
         self._server = new_server()
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.orch, cfg), self._server)
         self._health = await add_standard_services(self._server, [COORDINATOR_SERVICE])
-        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        self.port = listen(self._server, cfg.host, cfg.port)
         if not self.port:
             raise OSError(f"cannot bind the coordinator to {cfg.host}:{cfg.port}")
         await self._server.start()

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.loader import load_model
+from pdserve.engine.loader import load_model, load_model_config
+from pdserve.engine.memory import check_device, check_fits
 from pdserve.engine.model_runner import (
     TORCH_DTYPES,
     ModelRunner,
@@ -33,12 +34,14 @@ class StepResult:
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig) -> None:
+        check_device(cfg.device)  # ResourceError (one clear line) before touching CUDA
         if cfg.device == "cuda":  # pin the bare name to a device index once, here
             cfg = replace(cfg, device=f"cuda:{torch.cuda.current_device()}")
         self.cfg = cfg
         self.dtype = TORCH_DTYPES[cfg.dtype]
         if cfg.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(cfg.device))
+        check_fits(cfg.model, load_model_config(cfg.model), self.dtype, cfg.device)
         self.model, self.model_cfg = load_model(cfg.model, self.dtype, cfg.device, cfg.seed)
         self.tokenizer = get_tokenizer(cfg.model)
         self.max_model_len = cfg.scheduler.max_model_len or self.model_cfg.max_position_embeddings

@@ -44,14 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"pdserve {name}", description=help_text)
-    module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
     try:
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(prog=f"pdserve {name}", description=help_text)
+        module.add_arguments(parser)
+        args = parser.parse_args(argv[1:])
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from pdserve.errors import user_error
+        line = user_error(exc)
+        if line is None:
+            raise
+        print(f"pdserve {name}: {line}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

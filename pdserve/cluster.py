@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.child_process import Proc, child_preexec, libc, signal_group
+from pdserve.proto.convert import ROLES
 
-ROLES = ("prefill", "decode", "both")
 # Needed on the lent GPU machines (NVLink multicast is not available there); set for every
 # child unless the caller's environment already decides.
 GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -83,6 +83,16 @@ def parse_devices(devices: str | Sequence[str], n_workers: int) -> list[str]:
         raise ClusterError(f"--devices gives {len(out)} GPU(s) ({devices}) for {n_workers} workers; "
                            "each worker needs its own GPU")
     return out[:n_workers]
+
+
+def require_devices(devices: Sequence[str]) -> None:
+    """ClusterError, before anything starts, when a listed GPU is not on this machine."""
+    count = cuda_device_count()
+    missing = sorted({d for d in devices if d.startswith("cuda:") and int(d[5:]) >= count})
+    if missing:
+        raise ClusterError(f"this machine has {count} visible CUDA device(s), so "
+                           f"{', '.join(missing)} cannot be used; use --devices "
+                           f"{'cpu' if count == 0 else 'auto'}")
 
 
 def cuda_device_count() -> int:

@@ -19,7 +19,7 @@ import sys
 import time
 from types import FrameType
 
-from pdserve.cluster import ClusterError, LocalCluster, WorkerSpec, role_counts
+from pdserve.cluster import ClusterError, LocalCluster, WorkerSpec, require_devices, role_counts
 
 DEFAULT_PORT = 50051
 
@@ -99,6 +99,8 @@ def _say(msg: str, err: bool = False) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         cluster = cluster_from_args(args)
+        if not args.worker_cmd:
+            require_devices([spec.device for spec in cluster.specs])
     except ClusterError as e:
         _say(f"error: {e}", err=True)
         return 2

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig, TransferConfig, WorkerConfig
+from pdserve.proto.convert import ROLES
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +57,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--role", required=True, choices=["prefill", "decode", "both"],
+    p.add_argument("--role", required=True, choices=ROLES,
                    help="prefill: run prompts and push KV; decode: receive KV and generate; "
                         "both: colocated engine")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",

@@ -2,14 +2,17 @@
 
 - `add_standard_services(server, names)`: grpc.health.v1 + server reflection on a grpc.aio
   server; returns the health servicer (call `set_serving` / `enter_graceful_shutdown`).
-- `new_server()` / `new_channel()`: grpc.aio objects with the project's options.
+- `new_server()` / `new_channel()`: grpc.aio objects with the project's options;
+  `listen(server, host, port)`: bind, with AddressInUse (one clear line) when taken.
 - `check_auth(context, token)`: `authorization: Bearer TOKEN` metadata check.
 - `install_uvloop()`: use uvloop when it is installed.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
+import socket
 from collections.abc import Iterable, Sequence
 
 import grpc
@@ -69,6 +72,30 @@ async def add_standard_services(server: grpc.aio.Server, service_names: Iterable
     h = AioHealth(servicer, names)
     await h.set_serving(True)
     return h
+
+
+class AddressInUse(OSError):
+    """The address a server was asked to listen on is taken."""
+
+
+def listen(server: grpc.aio.Server, host: str, port: int) -> int:
+    """add_insecure_port with a clear error: AddressInUse when host:port is taken (checked
+    with a plain socket first, so gRPC's own bind error log does not precede it)."""
+    if port:
+        bare = host.strip("[]")
+        with socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET) as probe:
+            try:
+                probe.bind((bare, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise AddressInUse(errno.EADDRINUSE, f"cannot listen on {host}:{port}: the "
+                                       f"address is in use (another pdserve?); choose another "
+                                       f"port") from None
+                raise
+    try:
+        return server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise AddressInUse(errno.EADDRINUSE, f"cannot listen on {host}:{port}: {exc}") from None
 
 
 def new_server() -> grpc.aio.Server:

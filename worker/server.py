@@ -22,7 +22,7 @@ from pdserve.engine.llm_engine import LLMEngine
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import ROLE_BY_NAME
-from pdserve.proto.grpc_util import WORKER_SERVICE, add_standard_services, new_server
+from pdserve.proto.grpc_util import WORKER_SERVICE, add_standard_services, listen, new_server
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.coordinator_link import CoordinatorLink
 from pdserve.worker.core import WorkerCore
@@ -62,7 +62,7 @@ class WorkerServer(pb_grpc.WorkerServicer):
         self.server = new_server()
         pb_grpc.add_WorkerServicer_to_server(self, self.server)
         self.health = await add_standard_services(self.server, [WORKER_SERVICE])
-        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        self.port = listen(self.server, self.cfg.host, self.cfg.port)
         await self.server.start()
         if self.cfg.coordinator:
             self.link = CoordinatorLink(
