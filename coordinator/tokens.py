@@ -20,11 +20,14 @@ log = logging.getLogger("pdserve.coordinator")
 class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
+    # optional (chat requests): apply_chat_template(messages, add_generation_prompt) -> str,
+    # and encode(text, add_special_tokens=False); see pdserve.engine.tokenizer.Tokenizer
 
 
-def default_tokenizer_factory(model: str) -> Tokenizer:
+def default_tokenizer_factory(model: str, cache_dir: str | None = None) -> Tokenizer:
+    """The engine's tokenizer of `model` (a built-in model's from `cache_dir`)."""
     from pdserve.engine.tokenizer import get_tokenizer
-    return get_tokenizer(model)
+    return get_tokenizer(model, cache_dir)
 
 
 class TokenizerProvider:

@@ -99,6 +99,5 @@ def load_chat_template(model_dir: Path) -> ChatTemplate | None:
 
 
 def no_template_error(model: str) -> ValueError:
-    return ValueError(f"model {model} has no chat template (no chat_template in its "
-                      f"tokenizer_config.json and no chat_template.jinja); send a plain prompt "
-                      f"instead of chat messages")
+    return ValueError(f"model {model} has no chat template (none in its tokenizer_config.json "
+                      f"or chat_template.jinja); send a plain prompt instead of chat messages")

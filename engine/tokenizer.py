@@ -42,7 +42,7 @@ class Tokenizer(Protocol):
 
 class _ChatMixin:
     chat_template: ChatTemplate | None = None
-    name: str = "this model"
+    name: str = "?"  # the model, for error messages
 
     def apply_chat_template(self, messages: list[Message],
                             add_generation_prompt: bool = True) -> str:
@@ -114,7 +114,9 @@ def get_tokenizer(name_or_dir: str, cache_dir: str | Path | None = None) -> Toke
     model_dir = Path(name_or_dir)
     if not model_dir.is_dir():
         if name_or_dir in PRESETS:
-            return ByteTokenizer()
+            preset_tok = ByteTokenizer()
+            preset_tok.name = name_or_dir  # presets have no chat template
+            return preset_tok
         if name_or_dir not in BUILTIN_MODELS:
             raise FileNotFoundError(f"tokenizer: {name_or_dir} is neither a model directory "
                                     f"nor a preset ({', '.join(PRESETS)}) nor a built-in model "
