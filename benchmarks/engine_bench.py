@@ -83,7 +83,11 @@ class Bench:
 
 
 def load(model_name: str, device: str, dtype: torch.dtype, seed: int = 0):
-    return load_model(model_name, dtype, device, seed)
+    import os
+
+    from pdserve.engine.model_cache import default_cache_dir
+
+    return load_model(model_name, dtype, device, seed, str(default_cache_dir(os.environ)))
 
 
 def free_kv_blocks(mcfg: ModelConfig, block_size: int, dtype: torch.dtype, device: str,

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=None,
                         help="also serve the OpenAI-compatible HTTP API on this port")
     parser.add_argument("--http-host", default=None, help="HTTP bind address (default: --host)")
+    parser.add_argument("--model-cache-dir", default=None,
+                        help="where built-in models (smollm2-135m) are converted on first use "
+                             "(default $XDG_CACHE_HOME/pdserve/models or ~/.cache/pdserve/models)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
@@ -47,9 +50,13 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         raise SystemExit("error: --worker-timeout and --heartbeat must be positive")
     if args.max_queue < 0:
         raise SystemExit("error: --max-queue must be >= 0")
+    from pdserve.engine.model_cache import default_cache_dir
+
+    cache_dir = getattr(args, "model_cache_dir", None) or str(default_cache_dir(os.environ))
     return CoordinatorConfig(host=args.host, port=args.port, heartbeat_s=args.heartbeat,
                         worker_timeout_s=args.worker_timeout, max_queue=args.max_queue,
-                        routing=args.routing, auth_token=args.auth_token or None)
+                        routing=args.routing, auth_token=args.auth_token or None,
+                        model_cache_dir=cache_dir)
 
 
 async def serve(config: CoordinatorConfig, http_port: int | None = None,

@@ -6,10 +6,12 @@
         print(r.text, r.token_ids, r.finish_reason, r.metrics["ttft_ms"])
         for chunk in c.stream(prompt_token_ids=[1, 2, 3], sampling={"max_tokens": 8}):
             print(chunk.token_ids, chunk.text)
+        r = c.chat([{"role": "user", "content": "Hi!"}], max_tokens=64)  # or stream(messages=...)
 
 Sampling comes from `sampling` (SamplingParams or dict) plus keyword overrides (max_tokens,
 temperature, top_p, top_k, seed, stop_token_ids, ignore_eos). Failures raise `ClientError`
-with the gRPC status `code` and the coordinator's `details`.
+with the gRPC status `code` and the coordinator's `details`. Chat messages are rendered by
+the coordinator with the model's chat template, so a client needs no tokenizer.
 """
 
 from __future__ import annotations
@@ -78,17 +80,24 @@ def to_dict(msg) -> dict[str, Any]:
     return out
 
 
+Messages = Sequence[Mapping[str, str]]  # [{"role": "user", "content": "..."}, ...]
+
+
 def _request(prompt: str | Sequence[int] | None, prompt_token_ids: Sequence[int] | None,
              sampling: Any, request_id: str | None, skip_text: bool,
-             overrides: Mapping[str, Any]) -> pb.GenerateRequest:
+             overrides: Mapping[str, Any], messages: Messages | None = None) -> pb.GenerateRequest:
     if prompt is not None and not isinstance(prompt, str):
         prompt, prompt_token_ids = None, prompt
-    if (prompt is None) == (prompt_token_ids is None):
-        raise ValueError("give exactly one of prompt (text) or prompt_token_ids")
+    if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
+        raise ValueError("give exactly one of prompt (text), prompt_token_ids or messages")
     req = pb.GenerateRequest(sampling=sampling_to_proto(sampling, **overrides),
                              request_id=request_id or "", skip_text=skip_text)
     if prompt is not None:
         req.text = prompt
+    elif messages is not None:
+        for m in messages:
+            req.chat.messages.add(role=str(m["role"]), content=str(m["content"]))
+        req.chat.SetInParent()  # an empty list is still a chat (the coordinator refuses it)
     else:
         req.token_ids.ids.extend(int(t) for t in prompt_token_ids)
     return req
@@ -162,8 +171,10 @@ class Client:
     def stream(self, prompt: str | Sequence[int] | None = None,
                prompt_token_ids: Sequence[int] | None = None, sampling: Any = None, *,
                request_id: str | None = None, skip_text: bool = False,
-               timeout_s: float | None = None, **sampling_kw: Any) -> Iterator[Chunk]:
-        req = _request(prompt, prompt_token_ids, sampling, request_id, skip_text, sampling_kw)
+               timeout_s: float | None = None, messages: Messages | None = None,
+               **sampling_kw: Any) -> Iterator[Chunk]:
+        req = _request(prompt, prompt_token_ids, sampling, request_id, skip_text, sampling_kw,
+                       messages)
         call = self._stub.Generate(req, timeout=self._timeout(timeout_s), metadata=self._md)
         try:
             for r in call:
@@ -180,6 +191,11 @@ class Client:
         for c in self.stream(prompt, prompt_token_ids, sampling, **kw):
             acc.add(c)
         return acc.result
+
+    def chat(self, messages: Messages, sampling: Any = None, **kw: Any) -> Result:
+        """The next assistant turn of `messages`, rendered by the coordinator with the
+        model's chat template (INVALID_ARGUMENT if the model has none)."""
+        return self.generate(None, None, sampling, messages=messages, **kw)
 
     def _unary(self, method, request, timeout_s: float | None = None):
         try:
@@ -248,8 +264,10 @@ class AsyncClient:
     async def stream(self, prompt: str | Sequence[int] | None = None,
                      prompt_token_ids: Sequence[int] | None = None, sampling: Any = None, *,
                      request_id: str | None = None, skip_text: bool = False,
-                     timeout_s: float | None = None, **sampling_kw: Any) -> AsyncIterator[Chunk]:
-        req = _request(prompt, prompt_token_ids, sampling, request_id, skip_text, sampling_kw)
+                     timeout_s: float | None = None, messages: Messages | None = None,
+                     **sampling_kw: Any) -> AsyncIterator[Chunk]:
+        req = _request(prompt, prompt_token_ids, sampling, request_id, skip_text, sampling_kw,
+                       messages)
         call = self._stub.Generate(req, timeout=self._timeout(timeout_s), metadata=self._md)
         try:
             async for r in call:
@@ -266,6 +284,10 @@ class AsyncClient:
         async for c in self.stream(prompt, prompt_token_ids, sampling, **kw):
             acc.add(c)
         return acc.result
+
+    async def chat(self, messages: Messages, sampling: Any = None, **kw: Any) -> Result:
+        """As Client.chat."""
+        return await self.generate(None, None, sampling, messages=messages, **kw)
 
     async def _unary(self, method_name: str, request, timeout_s: float | None = None):
         try:

@@ -14,6 +14,7 @@ class CoordinatorConfig:
     max_queue: int = 1024  # requests waiting at the coordinator
     routing: str = "least_loaded"  # a policy name of coordinator/router.py
     auth_token: str | None = None
+    model_cache_dir: str | None = None  # built-in models' tokenizers (see engine/model_cache.py)
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.worker_timeout_s <= 0:

@@ -48,23 +48,40 @@ class Orchestrator:
     async def _prompt_ids(self, req: pb.GenerateRequest) -> list[int]:
         kind = req.WhichOneof("prompt")
         if kind is None:
-            raise RequestError(Code.INVALID_ARGUMENT, "no prompt: set `text` or `token_ids`")
+            raise RequestError(Code.INVALID_ARGUMENT,
+                               "no prompt: set `text`, `token_ids` or `chat`")
         if kind == "token_ids":
             ids = list(req.token_ids.ids)
             if not ids:
                 raise RequestError(Code.INVALID_ARGUMENT, "prompt is empty: give at least one token id")
             return ids
-        if not req.text:
+        if kind == "text" and not req.text:
             raise RequestError(Code.INVALID_ARGUMENT, "prompt is empty: give non-empty text")
+        if kind == "chat" and not req.chat.messages:
+            raise RequestError(Code.INVALID_ARGUMENT, "chat has no messages")
         tok = await self.tokenizers.get()
         if tok is None:
             raise RequestError(Code.FAILED_PRECONDITION, self.tokenizers.error or (
                 "no tokenizer: no worker has registered yet, so the model is unknown; "
                 "send token ids or wait for a worker"))
-        ids = list(tok.encode(req.text))
+        ids = list(tok.encode(req.text) if kind == "text" else self._chat_ids(tok, req.chat))
         if not ids:
             raise RequestError(Code.INVALID_ARGUMENT, "prompt is empty after tokenization")
         return ids
+
+    def _chat_ids(self, tok, chat: pb.ChatMessages) -> list[int]:
+        """The conversation rendered with the model's chat template, then tokenized (no
+        added special tokens: the template writes any BOS itself)."""
+        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        render = getattr(tok, "apply_chat_template", None)
+        if render is None:
+            raise RequestError(Code.INVALID_ARGUMENT, f"the tokenizer of model "
+                               f"{self.tokenizers.model!r} cannot render chat messages")
+        try:
+            text = render(messages, add_generation_prompt=True)
+        except ValueError as e:  # no template, raise_exception() in the template, bad messages
+            raise RequestError(Code.INVALID_ARGUMENT, str(e)) from None
+        return tok.encode(text, add_special_tokens=False)
 
     async def _prepare(self, req: pb.GenerateRequest, time_remaining: float | None) -> RequestState:
         workers = self.registry.workers()

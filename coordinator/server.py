@@ -10,6 +10,7 @@ optionally the OpenAI-compatible HTTP gateway.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -20,7 +21,7 @@ from pdserve.coordinator.orchestrator import Orchestrator
 from pdserve.coordinator.registry import Registry
 from pdserve.coordinator.request import RequestError
 from pdserve.coordinator.router import make_policy
-from pdserve.coordinator.tokens import TokenizerProvider
+from pdserve.coordinator.tokens import TokenizerProvider, default_tokenizer_factory
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -125,7 +126,9 @@ class CoordinatorServer:
     async def start(self) -> int:
         cfg = self.config
         registry = Registry(cfg.worker_timeout_s)
-        tokenizers = TokenizerProvider(factory=self._tok_args[0], tokenizer=self._tok_args[1])
+        factory = self._tok_args[0] or functools.partial(default_tokenizer_factory,
+                                                         cache_dir=cfg.model_cache_dir)
+        tokenizers = TokenizerProvider(factory=factory, tokenizer=self._tok_args[1])
         self.orch = Orchestrator(registry, make_policy(cfg.routing), cfg.max_queue, tokenizers)
         self._server = new_server()
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.orch, cfg), self._server)

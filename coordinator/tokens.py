@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdserve.coordinator")
 
 
-def default_tokenizer_factory(model: str) -> Tokenizer:
+def default_tokenizer_factory(model: str, cache_dir: str | None = None) -> Tokenizer:
+    """The engine's tokenizer of `model` (a built-in model's from `cache_dir`)."""
     from pdserve.engine.tokenizer import get_tokenizer
-    return get_tokenizer(model)
+    return get_tokenizer(model, cache_dir)
 
 
 class TokenizerProvider:

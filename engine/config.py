@@ -88,7 +88,8 @@ class SchedulerConfig:
 class EngineConfig:
     """What one engine loads, where it runs, its KV pool and its scheduler."""
 
-    model: str = "tiny"  # preset name or HF directory
+    model: str = "tiny"  # preset name, built-in model name or HF directory
+    model_cache_dir: str | None = None  # where built-in models are converted (CLI: XDG cache)
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0  # seed of random preset weights

@@ -41,9 +41,11 @@ class LLMEngine:
         self.dtype = TORCH_DTYPES[cfg.dtype]
         if cfg.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(cfg.device))
-        check_fits(cfg.model, load_model_config(cfg.model), self.dtype, cfg.device)
-        self.model, self.model_cfg = load_model(cfg.model, self.dtype, cfg.device, cfg.seed)
-        self.tokenizer = get_tokenizer(cfg.model)
+        check_fits(cfg.model, load_model_config(cfg.model, cfg.model_cache_dir), self.dtype,
+                   cfg.device)
+        self.model, self.model_cfg = load_model(cfg.model, self.dtype, cfg.device, cfg.seed,
+                                                cfg.model_cache_dir)
+        self.tokenizer = get_tokenizer(cfg.model, cfg.model_cache_dir)
         self.max_model_len = cfg.scheduler.max_model_len or self.model_cfg.max_position_embeddings
         self.num_blocks = decide_num_blocks(self.model_cfg, cfg.cache, self.dtype, cfg.device)
         self.block_size = cfg.cache.block_size

@@ -1,4 +1,6 @@
-"""Model loading: a preset name (random weights) or an HF directory (config.json + safetensors).
+"""Model loading: a preset name (random weights), a built-in model (engine/model_cache.py:
+fetched and converted into `cache_dir` on first use) or an HF directory (config.json +
+safetensors).
 
 The model is built on the meta device, cast to the target dtype there and materialised on
 the target device, so no full-size fp32 or CPU copy ever exists. Safetensors shards are
@@ -16,6 +18,7 @@ from torch import nn
 
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.layers import ROPE_TYPES, RotaryEmbedding, checkpoint_tensors
+from pdserve.engine.model_cache import BUILTIN_MODELS, resolve_model
 from pdserve.engine.models import model_class
 from pdserve.engine.presets import PRESETS, init_random_weights
 from pdserve.engine.tokenizer import eos_ids_from_dir
@@ -23,11 +26,18 @@ from pdserve.engine.tokenizer import eos_ids_from_dir
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _model_dir(name_or_dir: str) -> Path:
+def _is_preset(name_or_dir: str) -> bool:
+    return name_or_dir in PRESETS and not Path(name_or_dir).is_dir()
+
+
+def _model_dir(name_or_dir: str, cache_dir: str | Path | None = None) -> Path:
     path = Path(name_or_dir)
+    if not path.is_dir() and name_or_dir in BUILTIN_MODELS:
+        path = resolve_model(name_or_dir, cache_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (and {name_or_dir!r} "
-                                f"is not a preset; presets: {', '.join(PRESETS)})")
+                                f"is not a preset ({', '.join(PRESETS)}) nor a built-in model "
+                                f"({', '.join(BUILTIN_MODELS)}))")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json in the model directory")
     return path
@@ -65,11 +75,12 @@ def _rope(cfg: dict, path: Path) -> tuple[float, tuple[tuple[str, object], ...] 
     return theta, tuple(sorted(params.items()))
 
 
-def load_model_config(name_or_dir: str) -> ModelConfig:
-    """ModelConfig of a preset, or of an HF directory's config.json."""
-    if name_or_dir in PRESETS and not Path(name_or_dir).is_dir():
+def load_model_config(name_or_dir: str, cache_dir: str | Path | None = None) -> ModelConfig:
+    """ModelConfig of a preset, or of an HF directory's config.json (a built-in model's
+    directory in `cache_dir`)."""
+    if _is_preset(name_or_dir):
         return PRESETS[name_or_dir]
-    path = _model_dir(name_or_dir)
+    path = _model_dir(name_or_dir, cache_dir)
     cfg = json.loads((path / "config.json").read_text())
     arch = (cfg.get("architectures") or ["<none>"])[0]
     try:
@@ -148,19 +159,20 @@ def _load_weights(model: nn.Module, config: ModelConfig, path: Path, device: str
                          + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
 
 
-def load_model(name_or_dir: str, dtype: torch.dtype, device: str,
-               seed: int = 0) -> tuple[nn.Module, ModelConfig]:
+def load_model(name_or_dir: str, dtype: torch.dtype, device: str, seed: int = 0,
+               cache_dir: str | Path | None = None) -> tuple[nn.Module, ModelConfig]:
     """Build the model on `device` in `dtype`: random weights from `seed` for a preset,
-    else the directory's safetensors. Returns (model in eval mode, its ModelConfig)."""
-    config = load_model_config(name_or_dir)
+    else the directory's safetensors (a built-in model's directory in `cache_dir`, made on
+    first use). Returns (model in eval mode, its ModelConfig)."""
+    config = load_model_config(name_or_dir, cache_dir)
     with torch.device("meta"):
         model = model_class(config.architecture)(config)
     model = model.to(dtype=dtype).to_empty(device=device)
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
             m.reset_cache()
-    if name_or_dir in PRESETS and not Path(name_or_dir).is_dir():
+    if _is_preset(name_or_dir):
         init_random_weights(model, seed)
     else:
-        _load_weights(model, config, Path(name_or_dir), device)
+        _load_weights(model, config, _model_dir(name_or_dir, cache_dir), device)
     return model.eval().requires_grad_(False), config

@@ -2,6 +2,10 @@
 
     pdserve generate --coordinator 127.0.0.1:50051 --prompt "Hello" --max-tokens 32 --stream
     pdserve generate --local --model tiny --prompt-ids 1,2,3 --temperature 0 --json
+    pdserve generate --local --model smollm2-135m --chat --prompt "What is the capital of France?"
+
+--chat sends --prompt as a user message (after --system, if given), rendered with the
+model's chat template: by this process with --local, by the coordinator otherwise.
 
 --json prints one JSON object {"token_ids": [generated ids], "text": "..."} (the same from
 both paths); --stream prints text as it arrives; otherwise the text is printed at the end.
@@ -40,7 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--local", action="store_true",
                        help="run the model in this process (no coordinator)")
     where.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address")
-    parser.add_argument("--model", default="tiny", help="--local: preset name or HF directory")
+    parser.add_argument("--model", default="tiny",
+                        help="--local: preset name, built-in model (smollm2-135m) or HF directory")
+    parser.add_argument("--model-cache-dir", default=None,
+                        help="--local: where built-in models are converted on first use "
+                             "(default $XDG_CACHE_HOME/pdserve/models or ~/.cache/pdserve/models)")
     parser.add_argument("--device", default="cpu", help="--local: cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="--local: weights and activations dtype")
@@ -48,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", type=_checked_prompt_ids, metavar="1,2,3",
                         help="prompt as comma-separated token ids")
+    parser.add_argument("--chat", action="store_true",
+                        help="send --prompt as a user message through the model's chat template")
+    parser.add_argument("--system", default=None, help="--chat: a system message first")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default 16)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="0 = greedy (default 1.0)")
@@ -73,6 +84,14 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+def chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:
+    """--system and --prompt as chat messages (--chat)."""
+    if args.prompt_ids:
+        raise ValueError("--chat takes --prompt (text), not --prompt-ids")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return [*system, {"role": "user", "content": args.prompt}]
+
+
 def _print_result(args: argparse.Namespace, result: dict[str, Any], streamed: bool) -> None:
     if args.json:
         print(json.dumps({"token_ids": list(result["token_ids"]), "text": result["text"]}))
@@ -93,13 +112,20 @@ def _run_coordinator(args: argparse.Namespace) -> int:
         with Client(args.coordinator, timeout_s=args.timeout, auth_token=token) as client:
             ids: list[int] = []
             texts: list[str] = []
-            ids_in = parse_prompt_ids(args.prompt_ids) if args.prompt_ids else None
-            for chunk in client.stream(args.prompt, ids_in, sampling_kwargs(args)):
+            if args.chat:
+                chunks = client.stream(messages=chat_messages(args), sampling=sampling_kwargs(args))
+            else:
+                ids_in = parse_prompt_ids(args.prompt_ids) if args.prompt_ids else None
+                chunks = client.stream(args.prompt, ids_in, sampling_kwargs(args))
+            for chunk in chunks:
                 ids += chunk.token_ids
                 texts.append(chunk.text)
                 if stream_text and chunk.text:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
+    except ValueError as e:
+        print(f"error: INVALID_ARGUMENT: {e}", file=sys.stderr)
+        return 1
     except ClientError as e:
         if stream_text:
             print(flush=True)

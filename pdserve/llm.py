@@ -1,13 +1,16 @@
-"""Offline Python API: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+"""Offline Python API: `LLM(model=...).generate(prompts, SamplingParams(...))`, and
+`LLM.chat(messages, ...)` for models with a chat template."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from tqdm import tqdm
 
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.model_cache import default_cache_dir
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -24,7 +27,9 @@ class RequestOutput:
 class LLM:
     """Runs the whole engine (prefill and decode) in this process.
 
-    `model` is a preset name (`tiny`, `llama-3.1-8b`, ...) or a local HF directory.
+    `model` is a preset name (`tiny`, `llama-3.1-8b`, ...), a built-in real model
+    (`smollm2-135m`, fetched and converted into `model_cache_dir` on first use; default
+    $XDG_CACHE_HOME/pdserve/models or ~/.cache/pdserve/models) or a local HF directory.
     """
 
     def __init__(self, model: str = "tiny", device: str = "cpu", dtype: str = "float32", *,
@@ -32,15 +37,18 @@ class LLM:
                  block_size: int = 16, num_blocks: int | None = None,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 config: EngineConfig | None = None) -> None:
+                 model_cache_dir: str | None = None, config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
                 model=model, device=device, dtype=dtype, seed=seed,
+                model_cache_dir=model_cache_dir,
                 attention_backend=attention_backend, enforce_eager=enforce_eager,
                 cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                   enable_prefix_caching=enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                           max_num_seqs=max_num_seqs, max_model_len=max_model_len))
+        if config.model_cache_dir is None:  # the Python API's stand-in for the CLI
+            config = replace(config, model_cache_dir=str(default_cache_dir(os.environ)))
         self.config = config
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
@@ -80,3 +88,18 @@ class LLM:
                               text=self.tokenizer.decode(s.output_token_ids),
                               finish_reason=s.finish_reason, num_cached_tokens=s.num_cached_tokens)
                 for s in seqs]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = False, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate the next assistant turn of one conversation (a list of {"role", "content"}
+        dicts) or of several (a list of such lists), rendered with the model's chat template.
+        ValueError when the model has no template."""
+        single = isinstance(messages, list) and bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        if not conversations:
+            raise ValueError("chat needs at least one conversation")
+        prompts = [self.tokenizer.encode(
+            self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt),
+            add_special_tokens=False) for conv in conversations]  # the template writes any BOS
+        return self.generate(prompts, sampling_params, use_tqdm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -14,7 +15,12 @@ from pdserve.proto.convert import ROLES
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds an engine."""
-    p.add_argument("--model", default="tiny", help="preset name (tiny, llama-3.1-8b, ...) or HF directory")
+    p.add_argument("--model", default="tiny",
+                   help="preset name (tiny, llama-3.1-8b, ...), built-in model (smollm2-135m) "
+                        "or HF directory")
+    p.add_argument("--model-cache-dir", default=None,
+                   help="where built-in models are converted on first use "
+                        "(default $XDG_CACHE_HOME/pdserve/models or ~/.cache/pdserve/models)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 on cuda")
@@ -33,10 +39,17 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random preset weights")
 
 
+def model_cache_dir_from_args(args: argparse.Namespace) -> str:
+    from pdserve.engine.model_cache import default_cache_dir
+
+    return getattr(args, "model_cache_dir", None) or str(default_cache_dir(os.environ))
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     return EngineConfig(
         model=args.model, device=args.device, dtype=dtype, seed=args.seed,
+        model_cache_dir=model_cache_dir_from_args(args),
         attention_backend=args.attention, enforce_eager=args.enforce_eager,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           memory_fraction=args.memory_fraction,
