@@ -47,6 +47,7 @@ class RequestState:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # of Item
     producer: asyncio.Task | None = None
     aborted: bool = False  # by Coordinator.Abort
+    finished_early: str = ""  # finish reason when the consumer ended the stream on purpose
     produced: int = 0  # tokens handed to the consumer (they will reach the client)
     produced_final: bool = False
     sent: int = 0  # tokens sent to the client
