@@ -36,8 +36,9 @@ class LimitedHttpTools(HttpToolsProtocol):
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self._head_bytes = 0
+        self._head_bytes = self._parsed_head_bytes = 0  # bytes read / parsed of this head
         self._reading_head = True
+        self._head_too_large = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._start_head_timer()
 
@@ -70,7 +71,23 @@ class LimitedHttpTools(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._parsed_head_bytes = 0
         self._start_head_timer()
+
+    def _count_head(self, n: int) -> None:
+        """A head parsed from one large read never crosses reads: count it as parsed."""
+        self._parsed_head_bytes += n
+        if self._parsed_head_bytes > self.max_head_bytes:
+            self._head_too_large = True
+            raise ValueError("request head too large")  # the parser answers send_400_response
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
@@ -82,7 +99,10 @@ class LimitedHttpTools(HttpToolsProtocol):
         self._reading_head, self._head_bytes = True, 0
 
     def send_400_response(self, msg: str) -> None:
-        self._reject(400, msg)
+        if self._head_too_large:
+            self._reject(431, f"request head over {self.max_head_bytes} bytes")
+        else:
+            self._reject(400, msg)
 
     def _reject(self, status: int, message: str) -> None:
         if self.transport.is_closing():
