@@ -143,8 +143,12 @@ class CoordinatorServer:
         registry.start(tick=self.orch.tick)
         log.info("coordinator listening on %s (routing=%s)", self.address, cfg.routing)
         if self.http_port is not None:
-            from pdserve.coordinator.http_gateway import create_app
-            from pdserve.coordinator.http_server import HttpServer
+            try:
+                from pdserve.coordinator.http_gateway import create_app
+                from pdserve.coordinator.http_server import HttpServer
+            except ImportError as e:
+                raise RuntimeError(f"the HTTP gateway needs the `http` extra "
+                                   f"(pip install 'pdserve[http]'): {e}") from None
             app = create_app(self.orch, self.metrics, cfg.auth_token)
             self._http = HttpServer(app, self.http_host, self.http_port)
             bound = await self._http.start()
