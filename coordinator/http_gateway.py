@@ -36,7 +36,7 @@ from pdserve.coordinator.orchestrator import Orchestrator
 from pdserve.proto import pdserve_pb2 as pb
 
 log = logging.getLogger("pdserve.coordinator.http")
-MAX_BODY_BYTES = 4 << 20
+MAX_BODY_BYTES = 16 << 20  # long prompts as token id arrays
 BODY_TIMEOUT_S = 30.0  # longest wait for the next piece of a request body
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 T = TypeVar("T")

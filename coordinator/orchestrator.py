@@ -159,6 +159,8 @@ class Orchestrator:
                 st.producer.cancel()
             if st.finished_early and outcome == "cancelled":
                 outcome, code, reason = "success", "OK", st.finished_early
+            elif outcome == "cancelled" and not st.aborted and st.expired():
+                outcome, code = "failed", "DEADLINE_EXCEEDED"  # gRPC cancelled it at the deadline
             self._count(st, outcome, code, reason)
             self.registry.notify()  # blocks were freed: wake queued requests
 

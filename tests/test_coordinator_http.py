@@ -250,3 +250,13 @@ def test_client_disconnect_aborts_the_request(make_cluster):
         assert_no_leaks(c)
     wait_until(lambda: c.coord.orch.requests_cancelled == 2, what="cancels counted")
     assert c.coord.orch.requests_failed == 0
+
+
+def test_stop_matcher_holds_back_only_what_could_start_a_stop():
+    from pdserve.coordinator.openai_serving import StopMatcher
+    m = StopMatcher(["END", "x"])
+    assert m.feed("abcE") == ("ab", False)  # "cE" could still start "END"
+    assert m.feed("N") == ("c", False)
+    assert m.feed("Dzz") == ("", True)  # "END" matched across three pieces: dropped
+    m = StopMatcher(["END"])
+    assert m.feed("aEN") == ("a", False) and m.flush() == "EN"
