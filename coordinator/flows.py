@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from pdserve.coordinator.metrics import NoMetrics
 from pdserve.coordinator.registry import Registry, WorkerHandle
 from pdserve.coordinator.request import RequestError, RequestState, WorkerFailure
 from pdserve.coordinator.router import RoutingPolicy
@@ -37,9 +38,23 @@ def _cap(remaining: float | None, cap: float) -> float:
     return cap if remaining is None else min(remaining, cap)
 
 
+def _transfer_cause(e: RpcError) -> str:
+    """Why a Prefill RPC failed in its KV transfer ('' if it was not the transfer): the
+    prefill worker answers ABORTED "KV transfer failed: ..." or UNAVAILABLE "cannot reach
+    the decode worker's KV endpoint" (prefill/role.py)."""
+    detail = (e.details() or "").lower()
+    if e.code() == Code.ABORTED or "kv transfer" in detail:
+        return "transfer_aborted"
+    if "kv endpoint" in detail:
+        return "kv_endpoint_unreachable"
+    return ""
+
+
 class Dispatcher:
-    def __init__(self, registry: Registry, policy: RoutingPolicy, max_queue: int) -> None:
+    def __init__(self, registry: Registry, policy: RoutingPolicy, max_queue: int,
+                 metrics: NoMetrics | None = None) -> None:
         self.registry = registry
+        self.metrics = metrics or NoMetrics()
         self.policy = policy
         self.max_queue = max_queue
         self.queued = 0  # requests waiting for a decode reservation
@@ -72,6 +87,7 @@ class Dispatcher:
                                        "streamed; not retried") from None
                 if n == 1:
                     raise RequestError(Code.UNAVAILABLE, f"{f.message} (on retry)") from None
+                self.metrics.retry()
                 log.warning("request %s: %s; retrying on another worker pair", st.rid, f.message)
 
     # -- pieces ------------------------------------------------------------------------
@@ -86,6 +102,7 @@ class Dispatcher:
             return RequestError(code, f"{role} worker {w.worker_id}: {detail}")
         if code == Code.UNAVAILABLE:
             self.registry.drop_handle(w, f"{role} RPC failed: {detail}")
+        self.metrics.worker_failure(role, code.name)
         return WorkerFailure([w], f"{role} worker {w.worker_id} failed: {code.name}: {detail}")
 
     def abort_later(self, targets: list[tuple[WorkerHandle, str]]) -> None:
@@ -193,6 +210,9 @@ class Dispatcher:
                 reply = await p.stub.Prefill(preq, timeout=timeout)
             except RpcError as e:
                 f = self._failure(st, p, "prefill", e)
+                cause = _transfer_cause(e)
+                if cause and isinstance(f, WorkerFailure):
+                    self.metrics.transfer_failure(cause)
                 if isinstance(f, WorkerFailure) and dcall.done() and await dcall.code() != Code.OK:
                     f.worker_ids.append(d.worker_id)  # the decode side broke first
                 raise f from None

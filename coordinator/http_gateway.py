@@ -1,254 +1,267 @@
-"""A small OpenAI-compatible HTTP/1.1 gateway in front of the coordinator's gRPC service.
+"""The OpenAI-compatible HTTP gateway (FastAPI on uvicorn), inside the coordinator process.
 
-    POST /v1/completions  {"prompt": "..." | [ids], "max_tokens", "temperature", "top_p",
-                           "top_k", "seed", "stop_token_ids", "ignore_eos", "stream",
-                           "timeout" (seconds, extension)}
-    GET  /v1/models       GET /health
+    POST /v1/completions, POST /v1/chat/completions   (SSE with "stream": true)
+    GET  /v1/models, GET /v1/models/{id}, GET|HEAD /health, GET /metrics (Prometheus)
 
-No dependencies beyond asyncio: one connection per request (`Connection: close`); SSE
-(`data: {...}` lines, then `data: [DONE]`) for `"stream": true`. The client's
-`Authorization` header is passed on to gRPC, so the coordinator's token check applies. A gRPC
-status becomes an HTTP status (400, 401, 429, 499, 503, 504, ...) with an OpenAI-style body.
+It runs on the coordinator's event loop and calls its Orchestrator directly (no gRPC hop);
+request semantics are in openai_serving.py, bodies and errors in openai_protocol.py. With
+an auth token, /v1/* need `Authorization: Bearer TOKEN`; /health and /metrics do not.
 A client that disconnects cancels its request, which aborts it on the workers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
-import time
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
-import grpc
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from pdserve.coordinator.client import ClientError, _chunk, _request
+from pdserve.coordinator.metrics import NoMetrics
+from pdserve.coordinator.openai_protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_body,
+)
+from pdserve.coordinator.openai_serving import Delta, Job, OpenAIServing
+from pdserve.coordinator.orchestrator import Orchestrator
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-from pdserve.proto.grpc_util import CHANNEL_OPTIONS
 
 log = logging.getLogger("pdserve.coordinator.http")
-C = grpc.StatusCode
-HTTP_STATUS = {C.INVALID_ARGUMENT: 400, C.OUT_OF_RANGE: 400, C.FAILED_PRECONDITION: 400,
-               C.UNAUTHENTICATED: 401, C.PERMISSION_DENIED: 403, C.NOT_FOUND: 404,
-               C.ALREADY_EXISTS: 409, C.RESOURCE_EXHAUSTED: 429, C.CANCELLED: 499,
-               C.UNAVAILABLE: 503, C.DEADLINE_EXCEEDED: 504}
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
-           429: "Too Many Requests", 499: "Client Closed Request", 500: "Internal Server Error",
-           503: "Service Unavailable", 504: "Gateway Timeout"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}
-MAX_BODY_BYTES = 16 << 20
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids",
-                   "ignore_eos")
+MAX_BODY_BYTES = 16 << 20  # long prompts as token id arrays
+BODY_TIMEOUT_S = 30.0  # longest wait for the next piece of a request body
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+T = TypeVar("T")
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+async def read_body(request: Request) -> bytes:
+    """The request body, at most MAX_BODY_BYTES (413), each piece within BODY_TIMEOUT_S (408)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    parts, size = [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            part = await asyncio.wait_for(stream.__anext__(), BODY_TIMEOUT_S)
+        except StopAsyncIteration:
+            return b"".join(parts)
+        except asyncio.TimeoutError:
+            raise ApiError(408, "timed out reading the request body") from None
+        except ClientDisconnect:
+            raise ApiError(499, "client disconnected") from None
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        parts.append(part)
 
-    @classmethod
-    def from_client(cls, e: ClientError) -> HttpError:
-        return cls(HTTP_STATUS.get(e.code, 500), e.details, e.code.name)
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "code": self.code or None,
-                          "type": ERROR_TYPES.get(self.status, "server_error")}}
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (then ApiError 499)."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    if task.cancelled():
+        raise ApiError(499, "client disconnected")
+    return task.result()
 
 
-def _head(status: int, ctype: str, length: int | None = None) -> bytes:
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", f"Content-Type: {ctype}",
-             "Connection: close", "Cache-Control: no-cache"]
-    if length is not None:
-        lines.append(f"Content-Length: {length}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+def _usage(job: Job, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": job.prompt_tokens + completion_tokens}
+
+
+def _envelope(job: Job, choices: list[dict], stream: bool) -> dict[str, Any]:
+    chat = job.kind == "chat"
+    obj = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.id}", "object": obj,
+            "created": job.created, "model": job.model, "choices": choices}
+
+
+def _choice(job: Job, index: int, text: str | None, reason: str | None, stream: bool,
+            role: bool = False) -> dict[str, Any]:
+    if job.kind == "completion":
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+    if stream:
+        delta: dict[str, str] = {"role": "assistant"} if role else {}
+        if text or role:
+            delta["content"] = text or ""
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "message": {"role": "assistant", "content": text or ""},
+            "logprobs": None, "finish_reason": reason}
+
+
+async def collect(job: Job, deltas: AsyncIterator[Delta]) -> dict[str, Any]:
+    texts = {c.index: [job.echo[c.index // job.n]] if job.echo else [] for c in job.choices}
+    reasons: dict[int, str | None] = {}
+    tokens = 0
+    async for d in deltas:
+        texts[d.index].append(d.text)
+        tokens += d.n_tokens
+        if d.finish_reason:
+            reasons[d.index] = d.finish_reason
+    choices = [_choice(job, i, "".join(texts[i]), reasons.get(i), False) for i in sorted(texts)]
+    return {**_envelope(job, choices, False), "usage": _usage(job, tokens)}
 
 
 def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def parse_completion(body: dict[str, Any]) -> tuple[pb.GenerateRequest, bool, float | None]:
-    """OpenAI completion body -> (GenerateRequest, stream, timeout_s); HttpError(400) if bad."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if not (isinstance(prompt, str) or
-            (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))):
-        raise HttpError(400, "prompt must be a string or a list of token ids (no batches)")
-    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
-        raise HttpError(400, "only n = 1 is supported")
-    if body.get("stop"):
-        raise HttpError(400, "stop strings are not supported; use stop_token_ids")
-    sampling = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
-    sampling.setdefault("max_tokens", 16)
-    timeout = body.get("timeout")
+async def sse(job: Job, first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[bytes]:
+    usage: dict[str, Any] = {"usage": None} if job.include_usage else {}
+    tokens = 0
     try:
-        ids = prompt if isinstance(prompt, list) else None
-        req = _request(None if ids is not None else prompt, ids, sampling, None, False, {})
-    except (TypeError, ValueError) as e:
-        raise HttpError(400, f"bad request: {e}") from None
-    return req, bool(body.get("stream")), float(timeout) if timeout is not None else None
+        for c in job.choices:  # chat: the role first; completions with echo: the prompt
+            if job.kind == "chat" or job.echo:
+                text = job.echo[c.index // job.n] if job.echo else ""
+                yield _sse({**_envelope(job, [_choice(job, c.index, text, None, True,
+                                                      role=True)], True), **usage})
+        d: Delta | None = first
+        while d is not None:
+            tokens += d.n_tokens
+            if d.text or d.finish_reason:
+                ch = _choice(job, d.index, d.text, d.finish_reason, True)
+                yield _sse({**_envelope(job, [ch], True), **usage})
+            d = await anext(rest, None)
+        if job.include_usage:
+            yield _sse({**_envelope(job, [], True), "usage": _usage(job, tokens)})
+    except ApiError as e:
+        yield _sse(e.body())
+    finally:
+        await rest.aclose()
+    yield b"data: [DONE]\n\n"
 
 
-class HttpGateway:
-    def __init__(self, grpc_address: str, auth_token: str | None = None) -> None:
-        self.grpc_address = grpc_address
-        self.auth_token = auth_token  # used when the HTTP client sends no Authorization
-        self._server: asyncio.base_events.Server | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: pb_grpc.CoordinatorStub | None = None
-        self.address: str | None = None
+class CountResponses:
+    """ASGI middleware: counts responses by route and status (pdserve:http_responses_total)."""
 
-    async def start(self, host: str, port: int) -> int:
-        self._channel = grpc.aio.insecure_channel(self.grpc_address, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.CoordinatorStub(self._channel)
-        self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 16)
-        bound = self._server.sockets[0].getsockname()[1]
-        self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{bound}"
-        log.info("HTTP gateway listening on http://%s", self.address)
-        return bound
+    def __init__(self, app: Any, metrics: NoMetrics) -> None:
+        self.app, self.metrics = app, metrics
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        if self._channel is not None:
-            await self._channel.close()
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = next((r for r in ROUTES if path == r or path.startswith(r + "/")), "other")
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            method, path, headers, body = await self._read_request(reader)
-            work = asyncio.ensure_future(self._route(method, path, headers, body, writer))
-            gone = asyncio.ensure_future(reader.read(1))  # b"" when the client hangs up
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                work.cancel()  # client disconnected: cancels the gRPC call -> Abort
-            gone.cancel()
-            await asyncio.gather(work, gone, return_exceptions=True)
-        except HttpError as e:
-            await self._send_json(writer, e.status, e.body())
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        except Exception:  # noqa: BLE001
-            log.exception("HTTP handler failed")
-        finally:
-            writer.close()
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.http_response(route, message["status"])
+            await send(message)
 
-    async def _read_request(self, reader):
-        line = (await reader.readline()).decode("latin-1").strip()
-        parts = line.split()
-        if len(parts) != 3:
-            raise HttpError(400, "malformed request line")
-        headers: dict[str, str] = {}
-        while (h := (await reader.readline()).decode("latin-1").strip()):
-            k, _, v = h.partition(":")
-            headers[k.strip().lower()] = v.strip()
-        n = int(headers.get("content-length", "0") or 0)
-        if n > MAX_BODY_BYTES:
-            raise HttpError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        body = await reader.readexactly(n) if n else b""
-        return parts[0].upper(), parts[1].split("?", 1)[0], headers, body
+        await self.app(scope, receive, counted)
 
-    async def _send_json(self, writer, status: int, obj: Any) -> None:
-        data = json.dumps(obj).encode()
-        writer.write(_head(status, "application/json", len(data)) + data)
-        await writer.drain()
 
-    def _md(self, headers: dict[str, str]):
-        auth = headers.get("authorization") or (f"Bearer {self.auth_token}" if self.auth_token else "")
-        return (("authorization", auth),) if auth else None
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
 
-    async def _route(self, method, path, headers, body, writer) -> None:
-        try:
-            if path == "/v1/completions":
-                if method != "POST":
-                    raise HttpError(405, "use POST")
-                try:
-                    obj = json.loads(body or b"{}")
-                except ValueError:
-                    raise HttpError(400, "request body is not valid JSON") from None
-                if not isinstance(obj, dict):
-                    raise HttpError(400, "request body must be a JSON object")
-                await self._completions(obj, headers, writer)
-            elif path in ("/v1/models", "/health") and method == "GET":
-                try:
-                    reply = await self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=5.0,
-                                                         metadata=self._md(headers))
-                except grpc.RpcError as e:
-                    raise HttpError.from_client(ClientError.from_rpc(e)) from None
-                await self._send_json(writer, *self._listing(path, reply))
-            else:
-                raise HttpError(404, f"no route {method} {path}")
-        except HttpError as e:
-            await self._send_json(writer, e.status, e.body())
 
-    @staticmethod
-    def _listing(path: str, reply: pb.ListWorkersReply) -> tuple[int, Any]:
-        models = sorted({w.info.model for w in reply.workers if w.info.model})
-        if path == "/v1/models":
-            return 200, {"object": "list", "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": "pdserve"} for m in models]}
-        roles = [w.info.role for w in reply.workers]
+def create_app(orch: Orchestrator, metrics: NoMetrics, auth_token: str | None = None) -> FastAPI:
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None, openapi_url=None)
+    serving = OpenAIServing(orch)
+
+    app.add_middleware(CountResponses, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return _error(ApiError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error(ApiError(400, str(e)))
+
+    def check_auth(request: Request) -> None:
+        if not auth_token:
+            return
+        got = request.headers.get("authorization", "")
+        if not got:
+            raise ApiError(401, "missing credentials: send 'Authorization: Bearer <token>'",
+                           code="invalid_api_key")
+        scheme, _, given = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 auth_token.encode()):
+            raise ApiError(401, "invalid auth token", code="invalid_api_key")
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health() -> JSONResponse:
+        roles = [w.role for w in orch.registry.workers()]
         ok = pb.ROLE_BOTH in roles or (pb.ROLE_PREFILL in roles and pb.ROLE_DECODE in roles)
         counts = {name: roles.count(r) for name, r in
                   (("prefill", pb.ROLE_PREFILL), ("decode", pb.ROLE_DECODE), ("both", pb.ROLE_BOTH))}
-        return (200 if ok else 503), {"status": "ok" if ok else "no workers can serve",
-                                      "workers": counts, "models": models}
+        return JSONResponse({"status": "ok" if ok else "no workers can serve",
+                             "workers": counts, "models": serving.models()},
+                            status_code=200 if ok else 503)
 
-    async def _completions(self, obj: dict[str, Any], headers, writer) -> None:
-        req, stream, timeout = parse_completion(obj)
-        call = self._stub.Generate(req, timeout=timeout, metadata=self._md(headers))
-        created = int(time.time())
-        model = obj.get("model") or ""
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        if metrics.registry is None:
+            raise ApiError(404, "metrics are off: prometheus_client is not installed")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-        def choice(text: str, ids: list[int], reason: str | None) -> dict[str, Any]:
-            return {"index": 0, "text": text, "token_ids": ids, "logprobs": None,
-                    "finish_reason": reason}
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "pdserve",
+                "max_model_len": serving.max_len() or None}
 
-        def envelope(rid: str, ch: dict[str, Any], usage: dict | None) -> dict[str, Any]:
-            out = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created,
-                   "model": model, "choices": [ch]}
-            if usage is not None:
-                out["usage"] = usage
-            return out
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        return {"object": "list", "data": [model_card(m) for m in serving.models()]}
 
-        def usage(m: dict[str, Any] | None) -> dict[str, int]:
-            p, c = (m or {}).get("prompt_tokens", 0), (m or {}).get("completion_tokens", 0)
-            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        check_auth(request)
+        if model_id not in serving.models():
+            raise ApiError(404, f"The model `{model_id}` does not exist.", "model",
+                           "model_not_found")
+        return model_card(model_id)
 
-        started = False
-        ids: list[int] = []
-        texts: list[str] = []
-        try:
-            async for r in call:
-                c = _chunk(r)
-                if not stream:
-                    ids += c.token_ids
-                    texts.append(c.text)
-                    if c.finished:
-                        started = True
-                        await self._send_json(writer, 200, envelope(
-                            c.request_id, choice("".join(texts), ids, c.finish_reason),
-                            usage(c.metrics)))
-                    continue
-                if not started:
-                    writer.write(_head(200, "text/event-stream"))
-                    started = True
-                writer.write(_sse(envelope(
-                    c.request_id, choice(c.text, c.token_ids, c.finish_reason or None),
-                    usage(c.metrics) if c.finished else None)))
-                await writer.drain()
-            if not started:
-                raise HttpError(500, "the coordinator ended the stream without a result")
-            if stream:
-                writer.write(b"data: [DONE]\n\n")
-                await writer.drain()
-        except grpc.RpcError as e:
-            err = HttpError.from_client(ClientError.from_rpc(e))
-            if not started or not stream:
-                raise err from None
-            writer.write(_sse(err.body()) + b"data: [DONE]\n\n")
-            await writer.drain()
-        finally:
-            call.cancel()
+    async def run(request: Request, job: Job) -> Response:
+        deltas = serving.deltas(job)
+        if not job.stream:
+            return JSONResponse(await until_disconnect(request, collect(job, deltas)))
+        try:  # wait for the first token, so errors before it get a proper status
+            first = await until_disconnect(request, anext(deltas))
+        except BaseException:
+            await deltas.aclose()
+            raise
+        return StreamingResponse(sse(job, first, deltas), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        check_auth(request)
+        req = parse_body(CompletionRequest, await read_body(request))
+        return await run(request, await serving.completion_job(req))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_auth(request)
+        req = parse_body(ChatCompletionRequest, await read_body(request))
+        return await run(request, await serving.chat_job(req))
+
+    return app

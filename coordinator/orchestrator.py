@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pdserve.coordinator.flows import Dispatcher
+from pdserve.coordinator.metrics import NoMetrics, outcome_of
 from pdserve.coordinator.registry import Registry
 from pdserve.coordinator.request import RequestError, RequestState
 from pdserve.coordinator.router import RoutingPolicy
@@ -34,12 +35,15 @@ RATE_WINDOW_S = 10.0
 
 class Orchestrator:
     def __init__(self, registry: Registry, policy: RoutingPolicy, max_queue: int,
-                 tokenizers: TokenizerProvider) -> None:
+                 tokenizers: TokenizerProvider, metrics: NoMetrics | None = None) -> None:
         self.registry = registry
         self.tokenizers = tokenizers
-        self.dispatch = Dispatcher(registry, policy, max_queue)
+        self.metrics = metrics or NoMetrics()
+        self.dispatch = Dispatcher(registry, policy, max_queue, self.metrics)
         self.active: dict[str, RequestState] = {}
+        # failed = server-side failures only; cancels and rejections are counted apart.
         self.requests_total = self.requests_finished = self.requests_failed = 0
+        self.requests_cancelled = self.requests_rejected = 0
         self.tokens_total = 0
         self.started = time.monotonic()
         self._rate: deque[tuple[float, int]] = deque([(self.started, 0)])
@@ -118,21 +122,29 @@ class Orchestrator:
     # -- the client stream -------------------------------------------------------------
     async def generate(self, req: pb.GenerateRequest,
                        time_remaining: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
-        """Stream responses; raises RequestError for a status the client should see."""
+        """Stream responses; raises RequestError for a status the client should see.
+
+        A consumer that stops early (closes this generator) cancels the request, unless it
+        called `finish_early` first (the HTTP gateway does, when a stop string matched).
+        """
         self.requests_total += 1
         try:
             st = await self._prepare(req, time_remaining)
-        except BaseException:
-            self.requests_failed += 1
+        except RequestError as e:
+            self._count(None, outcome_of(e.code), e.code.name, "")
+            raise
+        except BaseException as e:
+            cancelled = isinstance(e, (asyncio.CancelledError, GeneratorExit))
+            self._count(None, "cancelled" if cancelled else "failed", "INTERNAL", "")
             raise
         self.active[st.rid] = st
         st.producer = asyncio.get_running_loop().create_task(self._produce(st))
-        ok = False
+        outcome, code, reason = "cancelled", "CANCELLED", ""
         try:
             while True:
                 item = await st.out.get()
                 ids: list[int] = []
-                finished, reason, error = False, "", None
+                finished, error = False, None
                 while True:  # merge everything already queued into one message
                     if isinstance(item, RequestError):
                         error = item
@@ -144,22 +156,48 @@ class Orchestrator:
                     if st.out.empty():
                         break
                     item = st.out.get_nowait()
+                if finished:  # before the yield: a consumer may close after the last message
+                    outcome, code = "success", "OK"
                 if ids or finished:
                     yield self._response(st, ids, finished, reason)
                 if error is not None:
                     raise error
                 if finished:
-                    ok = True
                     return
+        except RequestError as e:
+            outcome, code = outcome_of(e.code), e.code.name
+            raise
+        except Exception:
+            outcome, code = "failed", "INTERNAL"
+            raise
         finally:
             self.active.pop(st.rid, None)
             if not st.producer.done():
                 st.producer.cancel()
-            if ok:
-                self.requests_finished += 1
-            else:
-                self.requests_failed += 1
+            if st.finished_early and outcome == "cancelled":
+                outcome, code, reason = "success", "OK", st.finished_early
+            elif outcome == "cancelled" and not st.aborted and st.expired():
+                outcome, code = "failed", "DEADLINE_EXCEEDED"  # gRPC cancelled it at the deadline
+            self._count(st, outcome, code, reason)
             self.registry.notify()  # blocks were freed: wake queued requests
+
+    def _count(self, st: RequestState | None, outcome: str, code: str, reason: str) -> None:
+        if outcome == "success":
+            self.requests_finished += 1
+        elif outcome == "cancelled":
+            self.requests_cancelled += 1
+        elif outcome == "rejected":
+            self.requests_rejected += 1
+        else:
+            self.requests_failed += 1
+        self.metrics.request_done(outcome, code, reason, st)
+
+    def finish_early(self, request_id: str, reason: str = "stop") -> None:
+        """The consumer ends the request on purpose (e.g. a stop string matched): closing
+        the stream next counts as a finish with `reason`, not a cancel."""
+        st = self.active.get(request_id)
+        if st is not None:
+            st.finished_early = reason
 
     async def _produce(self, st: RequestState) -> None:
         try:
@@ -185,6 +223,8 @@ class Orchestrator:
             if st.sent == 0:
                 st.t_first = now
                 r.metrics.ttft_ms = (now - st.t0) * 1e3
+                self.metrics.first_token(now - st.t0, len(st.prompt))
+            self.metrics.tokens(len(ids), now - st.t_last if st.sent else None)
             st.sent += len(ids)
             st.t_last = now
             self.tokens_total += len(ids)

@@ -47,6 +47,7 @@ class RequestState:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)  # of Item
     producer: asyncio.Task | None = None
     aborted: bool = False  # by Coordinator.Abort
+    finished_early: str = ""  # finish reason when the consumer ended the stream on purpose
     produced: int = 0  # tokens handed to the consumer (they will reach the client)
     produced_final: bool = False
     sent: int = 0  # tokens sent to the client
@@ -61,6 +62,9 @@ class RequestState:
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def emit(self, ids: list[int], finished: bool = False, reason: str = "") -> None:
         self.produced += len(ids)

@@ -1,5 +1,5 @@
 """The coordinator's gRPC server (grpc.aio): Coordinator service + health + reflection,
-optionally the OpenAI-compatible HTTP gateway.
+optionally the OpenAI-compatible HTTP gateway (FastAPI/uvicorn on the same event loop).
 
     server = CoordinatorServer(CoordinatorConfig(port=0))
     port = await server.start()
@@ -17,6 +17,7 @@ from collections.abc import Callable
 import grpc
 
 from pdserve.coordinator.config import CoordinatorConfig
+from pdserve.coordinator.metrics import make_metrics
 from pdserve.coordinator.orchestrator import Orchestrator
 from pdserve.coordinator.registry import Registry
 from pdserve.coordinator.request import RequestError
@@ -25,6 +26,7 @@ from pdserve.coordinator.tokens import TokenizerProvider, default_tokenizer_fact
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.convert import ROLE_NAME
 from pdserve.proto.grpc_util import (
     COORDINATOR_SERVICE,
     add_standard_services,
@@ -116,7 +118,9 @@ class CoordinatorServer:
         self.port: int | None = None
         self.orch: Orchestrator | None = None
         self._server: grpc.aio.Server | None = None
-        self._gateway = None
+        self._http = None
+        self.http_address: str | None = None
+        self.metrics = None
 
     @property
     def address(self) -> str:
@@ -129,7 +133,12 @@ class CoordinatorServer:
         factory = self._tok_args[0] or functools.partial(default_tokenizer_factory,
                                                          cache_dir=cfg.model_cache_dir)
         tokenizers = TokenizerProvider(factory=factory, tokenizer=self._tok_args[1])
-        self.orch = Orchestrator(registry, make_policy(cfg.routing), cfg.max_queue, tokenizers)
+        self.metrics = make_metrics()
+        self.orch = orch = Orchestrator(registry, make_policy(cfg.routing), cfg.max_queue,
+                                        tokenizers, self.metrics)
+        self.metrics.watch(
+            lambda: ((w.worker_id, ROLE_NAME.get(w.role, "?"), w.load) for w in registry.workers()),
+            lambda: (len(orch.active), orch.dispatch.queued))
         self._server = new_server()
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.orch, cfg), self._server)
         self._health = await add_standard_services(self._server, [COORDINATOR_SERVICE])
@@ -140,18 +149,23 @@ class CoordinatorServer:
         registry.start(tick=self.orch.tick)
         log.info("coordinator listening on %s (routing=%s)", self.address, cfg.routing)
         if self.http_port is not None:
-            from pdserve.coordinator.http_gateway import HttpGateway
-            self._gateway = HttpGateway(self.address, auth_token=None)
-            await self._gateway.start(self.http_host, self.http_port)
+            try:
+                from pdserve.coordinator.http_gateway import create_app
+                from pdserve.coordinator.http_server import HttpServer
+            except ImportError as e:
+                raise RuntimeError(f"the HTTP gateway needs the `http` extra "
+                                   f"(pip install 'pdserve[http]'): {e}") from None
+            app = create_app(self.orch, self.metrics, cfg.auth_token)
+            self._http = HttpServer(app, self.http_host, self.http_port)
+            bound = await self._http.start()
+            host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "[::]") else self.http_host
+            self.http_address = f"{host}:{bound}"
+            log.info("HTTP gateway listening on http://%s", self.http_address)
         return self.port
 
-    @property
-    def http_address(self) -> str | None:
-        return self._gateway.address if self._gateway is not None else None
-
     async def stop(self, grace_s: float = 1.0) -> None:
-        if self._gateway is not None:
-            await self._gateway.stop()
+        if self._http is not None:
+            await self._http.stop()
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace_s)

@@ -24,6 +24,15 @@ from pdserve.coordinator.config import CoordinatorConfig
 from pdserve.coordinator.server import CoordinatorServer
 
 
+class ChatTokenizer(FakeTokenizer):
+    """FakeTokenizer with a chat template: `<role>content` per message, then `<assistant>`."""
+
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
 class LoopThread:
     """An asyncio loop on a daemon thread; `run(coro)` runs a coroutine there and waits."""
 
@@ -43,12 +52,14 @@ class LoopThread:
 class Cluster:
     """A coordinator plus fake workers on one LoopThread (sync API for tests)."""
 
-    def __init__(self, lt: LoopThread, http_port: int | None = None, **config: Any) -> None:
+    def __init__(self, lt: LoopThread, http_port: int | None = None, tokenizer: Any = None,
+                 **config: Any) -> None:
         self.lt = lt
         config.setdefault("port", 0)
         config.setdefault("heartbeat_s", 0.05)
         self.config = CoordinatorConfig(**config)
-        self.coord = CoordinatorServer(self.config, http_port=http_port, tokenizer=FakeTokenizer())
+        self.coord = CoordinatorServer(self.config, http_port=http_port,
+                                       tokenizer=tokenizer or FakeTokenizer())
         lt.run(self.coord.start())
         self.address = self.coord.address
         self.workers: list[FakeWorker] = []
