@@ -13,7 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("pdserve.up", "start a coordinator and prefill/decode workers on this node"),
     "coordinator": ("pdserve.coordinator.cli", "run the gRPC coordinator"),
     "worker": ("pdserve.worker_cli", "run one worker: --role prefill|decode|both"),
-    "bench": ("pdserve.benchmarks.cli", "benchmarks: transfer, decode, prefill, hf, serve"),
+    "bench": ("pdserve.benchmarks.cli", "benchmarks: transfer, decode, prefill, hf, serve, capstone"),
+    "plan": ("pdserve.benchmarks.plan", "predict goodput of every P:D split from calibrated profiles"),
 }
 
 

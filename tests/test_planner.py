@@ -1,0 +1,131 @@
+"""`pdserve plan`: calibration fits and file format, the simulator's sanity (monotonic in
+load and in resources, colocated interference), the P:D recommendation, and the
+validation error computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from pdserve.benchmarks import capstone_calibration as calib
+from pdserve.benchmarks import plan
+from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_workloads import arrival_times
+from pdserve.benchmarks.planner_sim import parse_setup, setup_name, sim_attainment, simulate
+
+CAL = calib.Calibration(prefill={"c0": 10.0, "c_token": 0.1, "c_token2": 0.0},
+                        decode={"c0": 10.0, "c_seq": 0.2, "c_ctx_token": 0.0},
+                        transfer={"c0": 1.0, "ms_per_byte": 1e-6}, kv_bytes_per_token=1000.0,
+                        max_batch=64, prefill_token_budget=2048)
+SLOS = {"ttft": 500.0, "tpot": 30.0}
+
+
+def lengths(n: int = 200, seed: int = 0) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    return [(rng.randint(100, 400), rng.randint(20, 60)) for _ in range(n)]
+
+
+def test_parse_setup() -> None:
+    assert parse_setup("1P3D") == (1, 3, 0) and parse_setup("4both") == (0, 0, 4)
+    assert setup_name(2, 2, 0) == "2P2D" and setup_name(0, 0, 3) == "3both"
+    for bad in ("0P1D", "1P", "both", "2x2"):
+        with pytest.raises(ValueError):
+            parse_setup(bad)
+
+
+def test_single_request_latency_matches_the_profiles() -> None:
+    r, = simulate(CAL, 1, 1, 0, [0.0], [(100, 3)])
+    ttft = CAL.prefill_ms(100, 100 ** 2) + CAL.transfer_ms(100 * 1000)
+    assert r.ttft_ms() == pytest.approx(ttft)
+    # tokens 1 and 2 come from two decode steps (batch 1)
+    step1 = CAL.decode_step_ms(1, 101)
+    step2 = CAL.decode_step_ms(1, 102)
+    assert r.e2el_ms() == pytest.approx(ttft + step1 + step2)
+    c, = simulate(CAL, 0, 0, 1, [0.0], [(100, 3)])
+    assert c.ttft_ms() == pytest.approx(CAL.prefill_ms(100, 100 ** 2))
+
+
+def attain(setup: tuple[int, int, int], rate: float) -> float:
+    ls = lengths()
+    times = arrival_times(len(ls), rate, 1.0, random.Random(1))
+    return sim_attainment(simulate(CAL, *setup, times, ls), SLOS)
+
+
+def test_attainment_falls_with_load_and_rises_with_gpus() -> None:
+    rates = [1, 4, 16, 64]
+    a = [attain((1, 1, 0), r) for r in rates]
+    assert all(x >= y - 1e-9 for x, y in zip(a, a[1:])) and a[0] > 0.9 and a[-1] < 0.5
+    assert attain((2, 2, 0), 16) >= attain((1, 1, 0), 16)
+    assert attain((0, 0, 4), 16) >= attain((0, 0, 2), 16)
+
+
+def test_colocated_prefill_stalls_decode() -> None:
+    ls = lengths()
+    times = arrival_times(len(ls), 8.0, 1.0, random.Random(1))
+    pd = simulate(CAL, 1, 1, 0, times, ls)
+    co = simulate(CAL, 0, 0, 2, times, ls)
+    tpot = lambda rs: float(np.mean([r.tpot_ms() for r in rs]))  # noqa: E731
+    assert tpot(co) > tpot(pd)  # decode steps of colocated workers include prefills
+
+
+def test_plan_recommends_and_predictions_are_monotonic_in_gpus() -> None:
+    ls = lengths(150)
+    rows4 = plan.plan(CAL, 4, ls, SLOS)
+    assert {r["setup"] for r in rows4} == {"1P3D", "2P2D", "3P1D", "4both"}
+    goodputs = [r["predicted_goodput_rps"] for r in rows4]
+    assert goodputs == sorted(goodputs, reverse=True) and goodputs[0] > 0
+    best2 = plan.plan(CAL, 2, ls, SLOS)[0]["predicted_goodput_rps"]
+    assert goodputs[0] >= best2
+    assert len(plan.splits(64)) <= 13 and plan.splits(3, colocated=False) == [(1, 2, 0), (2, 1, 0)]
+
+
+def test_validation_error() -> None:
+    assert plan.validation_error(11.0, 10.0) == pytest.approx(0.1)
+    assert plan.validation_error(8.0, 10.0) == pytest.approx(-0.2)
+    assert math.isnan(plan.validation_error(1.0, 0.0))
+    rows = [{"error": 0.1}, {"error": -0.3}, {"error": math.nan}]
+    assert plan.mean_abs_error(rows) == pytest.approx(0.2)
+
+
+def test_validate_against_a_run_directory(tmp_path) -> None:
+    ls = lengths(120)
+    measured = plan.predict(CAL, (1, 1, 0), ls, SLOS).max_rate
+    doc = {"slos": SLOS, "target": 0.9, "burstiness": 1.0, "seed": 0,
+           "setups": [{"setup": "1P1D", "by_workload": {"w": {"max_rate": measured,
+                                                               "lengths": ls}}}]}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    CAL.save(str(tmp_path / "calibration.json"))
+    rows = plan.validate(str(tmp_path))
+    assert rows[0]["setup"] == "1P1D" and rows[0]["error"] == pytest.approx(0.0)
+
+
+def test_calibration_fit_recovers_linear_profiles(tmp_path) -> None:
+    results = []
+    for i in range(40):
+        n = 50 + 10 * i
+        r = RequestResult(float(i), n, chunks=[(i + 0.5, 1), (i + 0.6, 1), (i + 0.7, 1)])
+        r.server = {"prefill_ms": 5.0 + 0.2 * n, "kv_bytes": 2048 * n,
+                    "transfer_ms": 0.5 + 1e-5 * 2048 * n, "decode_worker": "d0"}
+        results.append(r)
+    cal = calib.fit([results])
+    assert cal.prefill["c_token"] == pytest.approx(0.2, rel=1e-3)
+    assert cal.prefill["c0"] == pytest.approx(5.0, rel=1e-2)
+    assert cal.transfer["ms_per_byte"] == pytest.approx(1e-5, rel=1e-3)
+    assert cal.kv_bytes_per_token == 2048 and "measured" in cal.source["prefill"]
+    assert "measured" in cal.source["decode"]
+    path = cal.save(str(tmp_path / "c.json"))
+    assert calib.Calibration.load(path).prefill == cal.prefill
+    assert json.loads((tmp_path / "c.json").read_text())["format"] == calib.FORMAT
+    empty = calib.fit([[]])
+    assert empty.source["prefill"] == "default"
+
+
+def test_nonneg_lstsq_drops_negative_terms() -> None:
+    x = np.stack([np.ones(20), np.arange(20.0)], 1)
+    y = 100 - 0.0 * np.arange(20.0) + np.linspace(0, -1, 20)  # slightly decreasing
+    c = calib.nonneg_lstsq(x, y)
+    assert c[1] == 0.0 and c[0] > 0
