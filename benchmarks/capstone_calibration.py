@@ -112,10 +112,23 @@ def _decode_points(results: Sequence[RequestResult]) -> list[tuple[float, float,
     return out
 
 
+def _design(x: np.ndarray, degree: int) -> np.ndarray:
+    """Columns [1, x, x^2][:degree + 1], reduced to what the data can identify: one distinct
+    x fits only a slope through 0, two fit a line."""
+    distinct = len(np.unique(x))
+    cols = [np.ones_like(x), x, x * x][:degree + 1]
+    if distinct <= 1:
+        return np.stack([np.zeros_like(x), x] + [np.zeros_like(x)] * (degree - 1), 1)
+    if distinct == 2:
+        return np.stack(cols[:2] + [np.zeros_like(x)] * (degree - 1), 1)
+    return np.stack(cols, 1)
+
+
 def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = None,
-        max_batch: int = 256, prefill_token_budget: int = 8192) -> Calibration:
+        max_batch: int = 256, prefill_token_budget: int = 8192,
+        decode_runs: Sequence[Sequence[RequestResult]] | None = None) -> Calibration:
     """A calibration from the per-request results of several runs (P/D runs carry the
-    prefill and transfer timings; any run gives decode points)."""
+    prefill and transfer timings; decode points come from `decode_runs`, default `runs`)."""
     cal = Calibration(max_batch=max_batch, prefill_token_budget=prefill_token_budget,
                       meta=dict(meta or {}))
     reqs = [r for run in runs for r in run if r.ok]
@@ -123,19 +136,19 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
            if r.server.get("prefill_ms", 0) > 0]
     if len(pre) >= 3:
         t = np.array([p[0] for p in pre], dtype=float)
-        c = nonneg_lstsq(np.stack([np.ones_like(t), t, t * t], 1), np.array([p[1] for p in pre]))
+        c = nonneg_lstsq(_design(t, 2), np.array([p[1] for p in pre]))
         cal.prefill = {"c0": c[0], "c_token": c[1], "c_token2": c[2]}
         cal.source["prefill"] = f"measured ({len(pre)} requests)"
     xfer = [(r.server["kv_bytes"], r.server["transfer_ms"]) for r in reqs
             if r.server.get("kv_bytes", 0) > 0 and r.server.get("transfer_ms", 0) > 0]
     if len(xfer) >= 3:
         b = np.array([p[0] for p in xfer], dtype=float)
-        c = nonneg_lstsq(np.stack([np.ones_like(b), b], 1), np.array([p[1] for p in xfer]))
+        c = nonneg_lstsq(_design(b, 1), np.array([p[1] for p in xfer]))
         cal.transfer = {"c0": c[0], "ms_per_byte": c[1]}
         cal.kv_bytes_per_token = float(np.median([r.server["kv_bytes"] / r.prompt_tokens
                                                   for r in reqs if r.server.get("kv_bytes")]))
         cal.source["transfer"] = f"measured ({len(xfer)} requests)"
-    dec = [p for run in runs for p in _decode_points(run)]
+    dec = [p for run in (runs if decode_runs is None else decode_runs) for p in _decode_points(run)]
     dec = [p for p in dec if not math.isnan(p[2])]
     if len(dec) >= 3:
         x = np.array([[1.0, b, c] for b, c, _ in dec])

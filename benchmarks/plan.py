@@ -31,7 +31,13 @@ from pdserve.benchmarks.capstone_calibration import Calibration
 from pdserve.benchmarks.capstone_metrics import parse_goodput
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
-from pdserve.benchmarks.planner_sim import parse_setup, setup_name, sim_attainment, simulate
+from pdserve.benchmarks.planner_sim import (
+    parse_setup,
+    setup_name,
+    sim_attainment,
+    sim_summary,
+    simulate,
+)
 
 ASSUMPTIONS = (__doc__ or "").split("Assumptions when extrapolating")[1].split("\n\n")[0]
 ASSUMPTIONS = "Assumptions when extrapolating" + ASSUMPTIONS
@@ -53,16 +59,20 @@ def rough_capacity(cal: Calibration, lengths: Sequence[tuple[int, int]], prefill
 
 def predict(cal: Calibration, setup: tuple[int, int, int], lengths: Sequence[tuple[int, int]],
             slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
-            seed: int = 0, max_runs: int = 10) -> SearchResult:
-    """Predicted max rate at >= target attainment for one setup and a list of (in, out)."""
-    n = len(lengths)
+            seed: int = 0, max_runs: int = 10, min_duration_s: float = 0.0,
+            start_rate: float | None = None, rel_tol: float = 0.05) -> SearchResult:
+    """Predicted max rate at >= target attainment for one setup and a list of (in, out).
+    With `min_duration_s`, a run at rate r simulates max(len(lengths), r * min_duration_s)
+    requests (lengths reused in turn), so a high rate is a sustained load, not one burst."""
 
     def measure(rate: float) -> float:
+        n = max(len(lengths), math.ceil(rate * min_duration_s))
+        ls = [lengths[i % len(lengths)] for i in range(n)]
         times = arrival_times(n, rate, burstiness, random.Random(seed + 7919))
-        return sim_attainment(simulate(cal, *setup, times, lengths), slos)
+        return sim_attainment(simulate(cal, *setup, times, ls), slos)
 
-    start = rough_capacity(cal, lengths, *setup) / 2
-    return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=0.05)
+    start = start_rate or rough_capacity(cal, lengths, *setup) / 2
+    return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=rel_tol)
 
 
 def splits(gpus: int, colocated: bool = True) -> list[tuple[int, int, int]]:
@@ -76,11 +86,12 @@ def splits(gpus: int, colocated: bool = True) -> list[tuple[int, int, int]]:
 
 def plan(cal: Calibration, gpus: int, lengths: Sequence[tuple[int, int]], slos: dict[str, float],
          target: float = 0.9, burstiness: float = 1.0, seed: int = 0,
-         colocated: bool = True) -> list[dict]:
+         colocated: bool = True, min_duration_s: float = 0.0) -> list[dict]:
     """One row per candidate setup, best predicted goodput first."""
     rows = []
     for s in splits(gpus, colocated):
-        res = predict(cal, s, lengths, slos, target, burstiness, seed)
+        res = predict(cal, s, lengths, slos, target, burstiness, seed,
+                      min_duration_s=min_duration_s)
         rows.append({"gpus": gpus, "setup": setup_name(*s), "predicted_goodput_rps": res.max_rate,
                      "per_gpu_rps": res.max_rate / gpus, "search": res.describe()})
     return sorted(rows, key=lambda r: -r["predicted_goodput_rps"])
@@ -91,30 +102,67 @@ def validation_error(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured if measured > 0 else math.nan
 
 
-def validate(run_dir: str, cal: Calibration | None = None) -> list[dict]:
-    """Predicted vs measured goodput for every (setup, workload) of a capstone run."""
+def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], list[dict]]:
+    """Predicted vs measured, for every (setup, workload) of a capstone run, on the run's
+    own requests (same lengths, same arrival times, same window):
+    - per run: goodput (req/s meeting every SLO) and attainment at each measured rate;
+    - per search: the max rate at target attainment, found by the same search procedure
+      (start rate, run budget, tolerance) on the simulator."""
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     cal = cal or Calibration.load(os.path.join(run_dir, "calibration.json"))
-    slos = res["slos"]
-    rows = []
+    slos, seed, burst = res["slos"], res["seed"], res["burstiness"]
+    win = res.get("window", {})
+    search = res.get("search", {})
+    measured = {(r["setup"], r["workload"], r["request_rate"]): r for r in res["runs"]}
+    per_run, per_search = [], []
     for s in res["setups"]:
+        setup = parse_setup(s["setup"])
         for wname, w in s["by_workload"].items():
             lengths = [tuple(x) for x in w["lengths"]]
             if not lengths:
                 continue
-            pred = predict(cal, parse_setup(s["setup"]), lengths, slos, res["target"],
-                           res["burstiness"], res["seed"])
-            rows.append({"setup": s["setup"], "workload": wname,
-                         "measured_goodput_rps": w["max_rate"],
-                         "predicted_goodput_rps": pred.max_rate,
-                         "error": validation_error(pred.max_rate, w["max_rate"])})
-    return rows
+            for rate, _ in w.get("search_runs", []):
+                m = measured.get((s["setup"], wname, rate))
+                if m is None:
+                    continue
+                times = arrival_times(len(lengths), rate, burst, random.Random(seed + 7919))
+                att, good = sim_summary(simulate(cal, *setup, times, lengths), slos,
+                                        win.get("warmup", 0.1), win.get("cooldown", 0.1))
+                per_run.append({"setup": s["setup"], "workload": wname, "rate": rate,
+                                "measured_goodput_rps": m["request_goodput"],
+                                "predicted_goodput_rps": good,
+                                "error": validation_error(good, m["request_goodput"]),
+                                "measured_attainment": m["slo_attainment"],
+                                "predicted_attainment": att})
+            pred = predict(cal, setup, lengths, slos, res["target"], burst, seed,
+                           max_runs=search.get("max_runs", 6),
+                           start_rate=search.get("start_rate"), rel_tol=search.get("rel_tol", 0.15))
+            per_search.append({"setup": s["setup"], "workload": wname,
+                               "measured_max_rate": w["max_rate"],
+                               "predicted_max_rate": pred.max_rate,
+                               "error": validation_error(pred.max_rate, w["max_rate"]),
+                               "note": "" if w.get("bracketed") else
+                               "measured search not bracketed (a lower bound)"})
+    return per_run, per_search
 
 
 def mean_abs_error(rows: Sequence[dict]) -> float:
     errs = [abs(r["error"]) for r in rows if not math.isnan(r["error"])]
     return sum(errs) / len(errs) if errs else math.nan
+
+
+def validation_lines(per_run: Sequence[dict], per_search: Sequence[dict]) -> list[str]:
+    """Markdown: both tables and the mean absolute errors."""
+    from pdserve.benchmarks import plotting
+
+    return ["Goodput at each measured rate (same requests and arrivals, simulated):", "",
+            plotting.markdown_table(per_run, floatfmt=".3g"), "",
+            f"Mean |error| of goodput: {mean_abs_error(per_run):.1%} over {len(per_run)} runs.",
+            "", "Max rate at target attainment (same search procedure on the simulator):", "",
+            plotting.markdown_table(per_search, floatfmt=".3g"), "",
+            f"Mean |error| of max rate: {mean_abs_error(per_search):.1%} over "
+            f"{len(per_search)} searches."]
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -127,8 +175,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="KEY:MS", help="SLOs (ttft, tpot, e2el), default ttft:1000 tpot:100")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment target (0.9)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1)")
-    p.add_argument("--num-requests", type=int, default=0,
-                   help="simulated requests per run (default max(400, 50 x GPUs), at most 2000)")
+    p.add_argument("--num-requests", type=int, default=400,
+                   help="distinct simulated requests (lengths) per run (default 400)")
+    p.add_argument("--duration", type=float, default=30.0,
+                   help="simulated seconds of load at least, per run (default 30)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-colocated", action="store_true", help="only xPyD candidates")
     p.add_argument("--validate", metavar="RUN_DIR",
@@ -150,10 +200,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.validate:
-            rows = validate(args.validate, _calibration(args.calibration) if args.calibration else None)
-            plotting.print_rows(rows, ["setup", "workload", "measured_goodput_rps",
-                                       "predicted_goodput_rps", "error"], args.json)
-            print(f"mean |error| {mean_abs_error(rows):.1%} over {len(rows)} setups")
+            cal = _calibration(args.calibration) if args.calibration else None
+            for line in validation_lines(*validate(args.validate, cal)):
+                print(line)
             return 0
         cal = _calibration(args.calibration)
         slos = parse_goodput(args.goodput)
@@ -167,9 +216,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"calibration: {cal.source}; workload {wl.name}: {wl.describe}; SLOs {slos}; "
           f"target {args.target:.0%}")
     for g in gpu_counts:
-        n = args.num_requests or min(2000, max(400, 50 * g))
-        rows = plan(cal, g, length_pairs(wl, n, args.seed), slos, args.target,
-                    args.burstiness, args.seed, not args.no_colocated)
+        rows = plan(cal, g, length_pairs(wl, args.num_requests, args.seed), slos, args.target,
+                    args.burstiness, args.seed, not args.no_colocated, args.duration)
         plotting.print_rows(rows, ["gpus", "setup", "predicted_goodput_rps", "per_gpu_rps",
                                    "search"], args.json)
         best = rows[0]

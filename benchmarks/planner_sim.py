@@ -189,19 +189,29 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
     return reqs
 
 
-def sim_attainment(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
-                   cooldown: float = 0.1) -> float:
-    """Fraction of the windowed requests (by arrival) that meet every SLO (ms)."""
+def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
+                cooldown: float = 0.1) -> tuple[float, float]:
+    """(attainment, goodput req/s) over the same window as the capstone's measurement: the
+    requests between the first `warmup` and the last `cooldown` fraction of arrivals;
+    goodput = those meeting every SLO (ms) / (first arrival to last finish among them)."""
     order = sorted(reqs, key=lambda r: r.arrival)
     lo, hi = math.floor(len(order) * warmup), len(order) - math.floor(len(order) * cooldown)
     sel = order[lo:hi] if hi > lo else order
     if not sel:
-        return math.nan
+        return math.nan, math.nan
 
     def ok(r: SimReq) -> bool:
         vals = {"ttft": r.ttft_ms(), "tpot": r.tpot_ms(), "e2el": r.e2el_ms()}
         return all(math.isnan(vals[k]) or vals[k] <= v for k, v in slos.items())
-    return sum(ok(r) for r in sel) / len(sel)
+    good = sum(ok(r) for r in sel)
+    dur = max(r.end for r in sel) - sel[0].arrival
+    return good / len(sel), (good / dur if dur > 0 else math.nan)
+
+
+def sim_attainment(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
+                   cooldown: float = 0.1) -> float:
+    """Fraction of the windowed requests (by arrival) that meet every SLO (ms)."""
+    return sim_summary(reqs, slos, warmup, cooldown)[0]
 
 
 def parse_setup(name: str) -> tuple[int, int, int]:

@@ -15,7 +15,13 @@ from pdserve.benchmarks import capstone_calibration as calib
 from pdserve.benchmarks import plan
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_workloads import arrival_times
-from pdserve.benchmarks.planner_sim import parse_setup, setup_name, sim_attainment, simulate
+from pdserve.benchmarks.planner_sim import (
+    parse_setup,
+    setup_name,
+    sim_attainment,
+    sim_summary,
+    simulate,
+)
 
 CAL = calib.Calibration(prefill={"c0": 10.0, "c_token": 0.1, "c_token2": 0.0},
                         decode={"c0": 10.0, "c_seq": 0.2, "c_ctx_token": 0.0},
@@ -93,14 +99,27 @@ def test_validation_error() -> None:
 
 def test_validate_against_a_run_directory(tmp_path) -> None:
     ls = lengths(120)
-    measured = plan.predict(CAL, (1, 1, 0), ls, SLOS).max_rate
-    doc = {"slos": SLOS, "target": 0.9, "burstiness": 1.0, "seed": 0,
-           "setups": [{"setup": "1P1D", "by_workload": {"w": {"max_rate": measured,
-                                                               "lengths": ls}}}]}
+    search = plan.predict(CAL, (1, 1, 0), ls, SLOS, start_rate=2.0, max_runs=5, rel_tol=0.15)
+    runs = []
+    for rate, _ in search.runs:  # "measured" = simulated: errors must be 0
+        times = arrival_times(len(ls), rate, 1.0, random.Random(0 + 7919))
+        att, good = sim_summary(simulate(CAL, 1, 1, 0, times, ls), SLOS)
+        runs.append({"setup": "1P1D", "workload": "w", "request_rate": rate,
+                     "request_goodput": good, "slo_attainment": att})
+    doc = {"slos": SLOS, "target": 0.9, "burstiness": 1.0, "seed": 0, "runs": runs,
+           "search": {"start_rate": 2.0, "max_runs": 5, "rel_tol": 0.15},
+           "window": {"warmup": 0.1, "cooldown": 0.1},
+           "setups": [{"setup": "1P1D", "by_workload": {"w": {
+               "max_rate": search.max_rate, "lengths": ls, "bracketed": True,
+               "search_runs": search.runs}}}]}
     (tmp_path / "results.json").write_text(json.dumps(doc))
     CAL.save(str(tmp_path / "calibration.json"))
-    rows = plan.validate(str(tmp_path))
-    assert rows[0]["setup"] == "1P1D" and rows[0]["error"] == pytest.approx(0.0)
+    per_run, per_search = plan.validate(str(tmp_path))
+    assert len(per_run) == len(search.runs)
+    assert all(r["error"] == pytest.approx(0.0) for r in per_run if not math.isnan(r["error"]))
+    assert per_search[0]["error"] == pytest.approx(0.0)
+    text = "\n".join(plan.validation_lines(per_run, per_search))
+    assert "Mean |error| of goodput: 0.0%" in text
 
 
 def test_calibration_fit_recovers_linear_profiles(tmp_path) -> None:
