@@ -32,6 +32,7 @@ class RequestResult:
     chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival time, tokens)
     error: str = ""
     server: dict = field(default_factory=dict)
+    target_tokens: int = 0  # output length asked for
 
     @property
     def output_tokens(self) -> int:
@@ -70,12 +71,13 @@ class RequestResult:
 
     def to_json(self) -> dict:
         return {"t_send": self.t_send, "prompt_tokens": self.prompt_tokens,
-                "chunks": self.chunks, "error": self.error, "server": self.server}
+                "chunks": self.chunks, "error": self.error, "server": self.server,
+                "target_tokens": self.target_tokens}
 
     @classmethod
     def from_json(cls, d: dict) -> RequestResult:
         return cls(d["t_send"], d["prompt_tokens"], [tuple(c) for c in d["chunks"]],
-                   d.get("error", ""), d.get("server", {}))
+                   d.get("error", ""), d.get("server", {}), d.get("target_tokens", 0))
 
 
 def parse_goodput(items: Iterable[str]) -> dict[str, float]:

@@ -20,10 +20,14 @@ KNOWN: dict[str, str] = {
     "hf": "parity and speed against HF transformers",
     "serve": "end-to-end serving: TTFT, TPOT, goodput; P/D vs colocated",
     "profile": "where a step's GPU time goes, by kernel category",
+    "capstone": "when does disaggregation help? xPyD vs colocated sweep, SLO goodput, report",
 }
 
 
-_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload"}  # helpers beside the benchmarks
+# helpers beside the benchmarks (`plan` is the top-level `pdserve plan`)
+_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload", "plan", "planner_sim",
+                   "capstone_workloads", "capstone_metrics", "capstone_search", "capstone_client",
+                   "capstone_calibration", "capstone_report", "capstone_plots"}
 
 
 def _exists(name: str) -> bool:
