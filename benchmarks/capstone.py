@@ -23,7 +23,13 @@ from contextlib import contextmanager
 from pdserve.benchmarks import capstone_plots as plots
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks import plotting
-from pdserve.benchmarks.capstone_client import GpuSampler, GrpcTarget, OpenAITarget, run_load
+from pdserve.benchmarks.capstone_client import (
+    CondTarget,
+    GpuSampler,
+    GrpcTarget,
+    OpenAITarget,
+    run_load,
+)
 from pdserve.benchmarks.capstone_metrics import Window, parse_goodput, summarize
 from pdserve.benchmarks.capstone_search import find_max_rate
 from pdserve.benchmarks.capstone_workloads import (
@@ -53,8 +59,9 @@ def config_list(value: str) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where")
     g.add_argument("--configs", type=config_list, action="append",
-                   help="setups to launch, e.g. 1P1D,2both or 1P3D,2P2D,3P1D,4both "
-                        "(repeatable; default 1P1D,2both)")
+                   help="setups to launch, e.g. 1P1D,2both or 1P3D,2P2D,3P1D,4both; "
+                        "xPyD+Nboth+condT: prompts under T tokens go to N colocated workers, "
+                        "the rest to xPyD (repeatable; default 1P1D,2both)")
     g.add_argument("--model", default="tiny", help="preset name or HF directory (default tiny)")
     g.add_argument("--devices", default="auto", help="cpu, auto or GPUs '0,1,2,3'")
     g.add_argument("--transfer", choices=["nccl", "ucx"], help="default: nccl on GPUs, ucx on cpu")
@@ -146,28 +153,67 @@ def open_setup(name: str, args: argparse.Namespace) -> Iterator[tuple[object, di
         return
     from pdserve.cluster import LocalCluster
 
-    p, d, b = parse_setup(name)
+    s = parse_setup(name)
     print(f"starting {name} on {args.devices} ({args.model})", flush=True)
-    with LocalCluster(args.model, prefill=p, decode=d, both=b, devices=args.devices,
-                      transfer=args.transfer, worker_args=args.worker_arg,
-                      start_timeout_s=args.start_timeout) as c:
-        c.wait_ready(args.start_timeout)
-        yield from _pdserve_setup(c.address, name, args)
+    kw = {"transfer": args.transfer, "worker_args": args.worker_arg,
+          "start_timeout_s": args.start_timeout}
+    if not s.cond_tokens:
+        with LocalCluster(args.model, prefill=s.prefill, decode=s.decode, both=s.both,
+                          devices=args.devices, **kw) as c:
+            c.wait_ready(args.start_timeout)
+            yield from _pdserve_setup(c.address, name, args)
+        return
+    # conditional: a P/D cluster and a colocated cluster, the router in the load generator
+    pd_devs, co_devs = split_devices(args.devices, s.prefill + s.decode, s.both)
+    with LocalCluster(args.model, prefill=s.prefill, decode=s.decode, both=0,
+                      devices=pd_devs, **kw) as a, \
+            LocalCluster(args.model, prefill=0, decode=0, both=s.both, devices=co_devs, **kw) as b:
+        a.wait_ready(args.start_timeout)
+        b.wait_ready(args.start_timeout)
+        with _infos(a.address) as ia, _infos(b.address) as ib:
+            info = _describe(ia + ib, name)
+        yield CondTarget(s.cond_tokens, GrpcTarget(a.address), GrpcTarget(b.address)), info
 
 
-def _pdserve_setup(address: str, name: str, args: argparse.Namespace):
+def split_devices(devices: str, first: int, second: int) -> tuple[str, str]:
+    """--devices for two clusters side by side: cpu stays cpu; auto / a GPU list is split
+    into the first `first` GPUs and the next `second`."""
+    from pdserve.cluster import cuda_device_count
+
+    spec = devices.strip().lower()
+    if spec == "cpu" or (spec == "auto" and cuda_device_count() == 0):
+        return "cpu", "cpu"
+    if spec == "auto":
+        gpus = [str(i) for i in range(first + second)]
+    else:
+        gpus = [g.strip().removeprefix("cuda:") for g in spec.split(",") if g.strip()]
+    if len(gpus) < first + second:
+        raise ValueError(f"--devices {devices}: {first + second} GPUs needed")
+    return ",".join(gpus[:first]), ",".join(gpus[first:first + second])
+
+
+@contextmanager
+def _infos(address: str) -> Iterator[list[dict]]:
     from pdserve.coordinator.client import Client
 
     with Client(address, timeout_s=30) as c:
-        workers = c.list_workers()
-    infos = [w["info"] for w in workers]
+        yield [w["info"] for w in c.list_workers()]
+
+
+def _pdserve_setup(address: str, name: str, args: argparse.Namespace):
+    with _infos(address) as infos:
+        info = _describe(infos, name)
+    yield GrpcTarget(address), info
+
+
+def _describe(infos: list[dict], name: str) -> dict:
     pools: dict[str, list[int]] = {}
     for i in infos:
         if i["device"].startswith("cuda:"):
             pools.setdefault(i["role"], []).append(int(i["device"].split(":")[1]))
     roles = [i["role"] for i in infos]
     label = name or setup_name(roles.count("prefill"), roles.count("decode"), roles.count("both"))
-    yield GrpcTarget(address), {
+    return {
         "label": label, "workers": ", ".join(f"{i['role']}@{i['device']}" for i in infos),
         "vocab": min((i["vocab_size"] for i in infos if i["vocab_size"]), default=256),
         "max_len": min((i["max_model_len"] for i in infos if i["max_model_len"]), default=0),
@@ -295,7 +341,9 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.new_event_loop()
         try:
             with open_setup(name, args) as (target, info):
-                gpus = [g for pool in info["pools"].values() for g in pool]
+                # NVML sees this host's GPUs: only for setups launched here
+                gpus = [] if args.coordinator else [g for pool in info["pools"].values()
+                                                    for g in pool]
                 with GpuSampler(gpus) as sampler:
                     res = measure_setup(target, info, args, wls, slos, window, loop)
                 res.gpu, res.gpu_note = sampler.samples, sampler.note

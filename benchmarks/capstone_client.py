@@ -52,6 +52,23 @@ class GrpcTarget:
         await self._client.close()
 
 
+class CondTarget:
+    """Conditional disaggregation, routed here: prompts shorter than `cond_tokens` go to
+    the colocated target, the others to the P/D target."""
+
+    def __init__(self, cond_tokens: int, pd: Target, colocated: Target) -> None:
+        self.cond_tokens, self.pd, self.colocated = cond_tokens, pd, colocated
+        self.name = f"prompts < {cond_tokens} tokens: {colocated.name}; others: {pd.name}"
+
+    def stream(self, req: Request, timeout_s: float) -> AsyncIterator[tuple[int, dict | None]]:
+        t = self.colocated if len(req.prompt) < self.cond_tokens else self.pd
+        return t.stream(req, timeout_s)
+
+    async def close(self) -> None:
+        await self.pd.close()
+        await self.colocated.close()
+
+
 class OpenAITarget:
     """Any OpenAI-compatible server: POST {base_url}/v1/completions with "stream": true and
     the prompt as token ids. Tokens per SSE event: len(choices[0].token_ids) when the server

@@ -46,8 +46,14 @@ class SetupResult:
     gpu_note: str = ""
 
     @property
-    def disaggregated(self) -> bool:
-        return "P" in self.setup and "D" in self.setup and "both" not in self.setup
+    def kind(self) -> str:
+        """"P/D", "colocated", "conditional", or "external" (not a setup name)."""
+        from pdserve.benchmarks.planner_sim import parse_setup
+
+        try:
+            return parse_setup(self.setup).kind
+        except ValueError:
+            return "external"
 
 
 @dataclass(slots=True)
@@ -99,8 +105,8 @@ def gpu_summary(s: SetupResult) -> list[dict]:
 
 def _pd_vs_colocated(setups: Sequence[SetupResult], wname: str, ctx: Context) -> list[str]:
     have = [s for s in setups if wname in s.by_workload and s.by_workload[wname].search]
-    pd = [s for s in have if s.disaggregated]
-    co = [s for s in have if not s.disaggregated]
+    pd = [s for s in have if s.kind == "P/D"]
+    co = [s for s in have if s.kind == "colocated"]
     rate = lambda s: s.by_workload[wname].search.max_rate  # noqa: E731
     lines = [f"- highest rate at >= {ctx.target:.0%} attainment: " + ", ".join(
         f"{s.setup} {rate(s):.3g} req/s" for s in have)]
@@ -108,6 +114,11 @@ def _pd_vs_colocated(setups: Sequence[SetupResult], wname: str, ctx: Context) ->
         return lines + ["- only one kind of setup ran: no P/D vs colocated comparison"]
     bp, bc = max(pd, key=rate), max(co, key=rate)
     rp, rc = rate(bp), rate(bc)
+    for s in (s for s in have if s.kind == "conditional"):
+        rs = rate(s)
+        rel = "above both" if rs > max(rp, rc) else "below both" if rs < min(rp, rc) else "between"
+        lines.append(f"- conditional {s.setup}: {rs:.3g} req/s, {rel} the best P/D "
+                     f"({bp.setup} {rp:.3g}) and the best colocated ({bc.setup} {rc:.3g})")
     if rp > 1.1 * rc or (rp > 0 and rc == 0):
         verdict = (f"- **P/D wins** on {wname}: {bp.setup} holds {rp:.3g} req/s vs "
                    f"{rc:.3g} for {bc.setup}" + (f" ({rp / rc:.2f}x)" if rc > 0 else ""))
@@ -199,7 +210,7 @@ def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context)
             if w.runs:
                 low = min(w.runs, key=lambda r: r.rate).results
                 runs.append(low)
-                if s.disaggregated:
+                if s.kind == "P/D":
                     pd_runs.append(low)
     cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs)
     return cal.save(os.path.join(out_dir, "calibration.json"))

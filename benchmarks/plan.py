@@ -32,19 +32,18 @@ from pdserve.benchmarks.capstone_metrics import parse_goodput
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
 from pdserve.benchmarks.planner_sim import (
+    Setup,
     parse_setup,
-    setup_name,
     sim_attainment,
     sim_summary,
-    simulate,
+    simulate_setup,
 )
 
 ASSUMPTIONS = (__doc__ or "").split("Assumptions when extrapolating")[1].split("\n\n")[0]
 ASSUMPTIONS = "Assumptions when extrapolating" + ASSUMPTIONS
 
 
-def rough_capacity(cal: Calibration, lengths: Sequence[tuple[int, int]], prefill: int,
-                   decode: int, both: int) -> float:
+def rough_capacity(cal: Calibration, lengths: Sequence[tuple[int, int]], setup: Setup) -> float:
     """A first guess of the sustainable rate (req/s), where the search starts."""
     n = max(1, len(lengths))
     mean_in = sum(i for i, _ in lengths) / n
@@ -52,12 +51,13 @@ def rough_capacity(cal: Calibration, lengths: Sequence[tuple[int, int]], prefill
     pre_s = cal.prefill_ms(mean_in, mean_in ** 2) / 1e3
     batch = min(cal.max_batch, 32)
     dec_s = cal.decode_step_ms(batch, batch * (mean_in + mean_out / 2)) / 1e3 * mean_out / batch
-    if both:
-        return max(1e-3, both / (pre_s + dec_s))
-    return max(1e-3, min(prefill / pre_s, decode / dec_s))
+    if setup.prefill == 0:
+        return max(1e-3, setup.both / (pre_s + dec_s))
+    pd = min(setup.prefill / pre_s, setup.decode / dec_s)
+    return max(1e-3, pd + setup.both / (pre_s + dec_s))
 
 
-def predict(cal: Calibration, setup: tuple[int, int, int], lengths: Sequence[tuple[int, int]],
+def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
             slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
             seed: int = 0, max_runs: int = 10, min_duration_s: float = 0.0,
             start_rate: float | None = None, rel_tol: float = 0.05) -> SearchResult:
@@ -69,19 +69,19 @@ def predict(cal: Calibration, setup: tuple[int, int, int], lengths: Sequence[tup
         n = max(len(lengths), math.ceil(rate * min_duration_s))
         ls = [lengths[i % len(lengths)] for i in range(n)]
         times = arrival_times(n, rate, burstiness, random.Random(seed + 7919))
-        return sim_attainment(simulate(cal, *setup, times, ls), slos)
+        return sim_attainment(simulate_setup(cal, setup, times, ls), slos)
 
-    start = start_rate or rough_capacity(cal, lengths, *setup) / 2
+    start = start_rate or rough_capacity(cal, lengths, setup) / 2
     return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=rel_tol)
 
 
-def splits(gpus: int, colocated: bool = True) -> list[tuple[int, int, int]]:
+def splits(gpus: int, colocated: bool = True) -> list[Setup]:
     """Every xPyD with x + y = gpus (about 12 evenly spread for more than 16 GPUs), and Nboth."""
     ps = list(range(1, gpus))
     if gpus > 16:
         ps = sorted({max(1, min(gpus - 1, round(gpus * f / 12))) for f in range(1, 12)})
-    out = [(p, gpus - p, 0) for p in ps]
-    return out + ([(0, 0, gpus)] if colocated else [])
+    out = [Setup(p, gpus - p, 0) for p in ps]
+    return out + ([Setup(0, 0, gpus)] if colocated else [])
 
 
 def plan(cal: Calibration, gpus: int, lengths: Sequence[tuple[int, int]], slos: dict[str, float],
@@ -92,7 +92,7 @@ def plan(cal: Calibration, gpus: int, lengths: Sequence[tuple[int, int]], slos: 
     for s in splits(gpus, colocated):
         res = predict(cal, s, lengths, slos, target, burstiness, seed,
                       min_duration_s=min_duration_s)
-        rows.append({"gpus": gpus, "setup": setup_name(*s), "predicted_goodput_rps": res.max_rate,
+        rows.append({"gpus": gpus, "setup": s.name, "predicted_goodput_rps": res.max_rate,
                      "per_gpu_rps": res.max_rate / gpus, "search": res.describe()})
     return sorted(rows, key=lambda r: -r["predicted_goodput_rps"])
 
@@ -117,7 +117,10 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
     measured = {(r["setup"], r["workload"], r["request_rate"]): r for r in res["runs"]}
     per_run, per_search = [], []
     for s in res["setups"]:
-        setup = parse_setup(s["setup"])
+        try:
+            setup = parse_setup(s["setup"])
+        except ValueError:  # "external": nothing to simulate
+            continue
         for wname, w in s["by_workload"].items():
             lengths = [tuple(x) for x in w["lengths"]]
             if not lengths:
@@ -127,7 +130,7 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
                 if m is None:
                     continue
                 times = arrival_times(len(lengths), rate, burst, random.Random(seed + 7919))
-                att, good = sim_summary(simulate(cal, *setup, times, lengths), slos,
+                att, good = sim_summary(simulate_setup(cal, setup, times, lengths), slos,
                                         win.get("warmup", 0.1), win.get("cooldown", 0.1))
                 per_run.append({"setup": s["setup"], "workload": wname, "rate": rate,
                                 "measured_goodput_rps": m["request_goodput"],

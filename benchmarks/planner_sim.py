@@ -214,22 +214,65 @@ def sim_attainment(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float
     return sim_summary(reqs, slos, warmup, cooldown)[0]
 
 
-def parse_setup(name: str) -> tuple[int, int, int]:
-    """'1P3D' -> (1, 3, 0); '4both' -> (0, 0, 4). Mixed setups are not supported."""
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """xPyD (disaggregated), Nboth (colocated), or xPyD+Nboth+condT: conditional
+    disaggregation, where prompts shorter than T tokens go to the colocated workers and
+    the rest to the P/D pool (the router decides per request; the pools share nothing)."""
+
+    prefill: int
+    decode: int
+    both: int
+    cond_tokens: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.cond_tokens:
+            return f"{self.prefill}P{self.decode}D+{self.both}both+cond{self.cond_tokens}"
+        return setup_name(self.prefill, self.decode, self.both)
+
+    @property
+    def kind(self) -> str:
+        return "conditional" if self.cond_tokens else "colocated" if self.both else "P/D"
+
+    @property
+    def gpus(self) -> int:
+        return self.prefill + self.decode + self.both
+
+
+def parse_setup(name: str) -> Setup:
+    """'1P3D' -> Setup(1, 3, 0); '4both' -> Setup(0, 0, 4); '1P1D+1both+cond512' ->
+    Setup(1, 1, 1, 512)."""
     import re
 
     s = name.strip()
-    m = re.fullmatch(r"(\d+)P(\d+)D", s, re.IGNORECASE)
+    m = re.fullmatch(r"(\d+)P(\d+)D(?:\+(\d+)both\+cond(\d+))?", s, re.IGNORECASE)
     if m:
         p, d = int(m.group(1)), int(m.group(2))
-        if p < 1 or d < 1:
-            raise ValueError(f"setup {name!r}: xPyD needs x, y >= 1")
-        return p, d, 0
+        b, t = int(m.group(3) or 0), int(m.group(4) or 0)
+        if p < 1 or d < 1 or (m.group(3) is not None and (b < 1 or t < 1)):
+            raise ValueError(f"setup {name!r}: xPyD needs x, y >= 1 (and +Nboth+condT N, T >= 1)")
+        return Setup(p, d, b, t)
     m = re.fullmatch(r"(\d+)both", s, re.IGNORECASE)
     if m and int(m.group(1)) >= 1:
-        return 0, 0, int(m.group(1))
-    raise ValueError(f"setup {name!r}: expected xPyD (e.g. 1P3D) or Nboth (e.g. 2both)")
+        return Setup(0, 0, int(m.group(1)))
+    raise ValueError(f"setup {name!r}: expected xPyD (1P3D), Nboth (2both) or "
+                     "xPyD+Nboth+condT (1P1D+1both+cond512)")
 
 
+def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
+                   lengths: Sequence[tuple[int, int]]) -> list[SimReq]:
+    """`simulate` for any Setup; conditional setups split the requests by prompt length
+    and simulate the two pools apart (results in the original order)."""
+    if not setup.cond_tokens:
+        return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths)
+    short = [i for i, (p, _) in enumerate(lengths) if p < setup.cond_tokens]
+    long_ = [i for i, (p, _) in enumerate(lengths) if p >= setup.cond_tokens]
+    out: dict[int, SimReq] = {}
+    for idx, (pp, dd, bb) in ((short, (0, 0, setup.both)), (long_, (setup.prefill, setup.decode, 0))):
+        if idx:
+            sim = simulate(cal, pp, dd, bb, [arrivals[i] for i in idx], [lengths[i] for i in idx])
+            out.update(zip(idx, sim))
+    return [out[i] for i in range(len(lengths))]
 def setup_name(prefill: int, decode: int, both: int) -> str:
     return f"{both}both" if both else f"{prefill}P{decode}D"

@@ -16,11 +16,13 @@ from pdserve.benchmarks import plan
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_workloads import arrival_times
 from pdserve.benchmarks.planner_sim import (
+    Setup,
     parse_setup,
     setup_name,
     sim_attainment,
     sim_summary,
     simulate,
+    simulate_setup,
 )
 
 CAL = calib.Calibration(prefill={"c0": 10.0, "c_token": 0.1, "c_token2": 0.0},
@@ -36,9 +38,12 @@ def lengths(n: int = 200, seed: int = 0) -> list[tuple[int, int]]:
 
 
 def test_parse_setup() -> None:
-    assert parse_setup("1P3D") == (1, 3, 0) and parse_setup("4both") == (0, 0, 4)
+    assert parse_setup("1P3D") == Setup(1, 3, 0) and parse_setup("4both") == Setup(0, 0, 4)
+    cond = parse_setup("1P1D+1both+cond512")
+    assert cond == Setup(1, 1, 1, 512) and cond.name == "1P1D+1both+cond512"
+    assert (cond.kind, cond.gpus, parse_setup("2P2D").kind) == ("conditional", 3, "P/D")
     assert setup_name(2, 2, 0) == "2P2D" and setup_name(0, 0, 3) == "3both"
-    for bad in ("0P1D", "1P", "both", "2x2"):
+    for bad in ("0P1D", "1P", "both", "2x2", "1P1D+0both+cond5", "1P1D+cond512"):
         with pytest.raises(ValueError):
             parse_setup(bad)
 
@@ -59,6 +64,17 @@ def attain(setup: tuple[int, int, int], rate: float) -> float:
     ls = lengths()
     times = arrival_times(len(ls), rate, 1.0, random.Random(1))
     return sim_attainment(simulate(CAL, *setup, times, ls), SLOS)
+
+
+def test_conditional_setup_routes_by_prompt_length() -> None:
+    ls = [(50, 5), (500, 5), (60, 5), (700, 5)]
+    times = [0.0, 0.0, 0.0, 0.0]
+    out = simulate_setup(CAL, Setup(1, 1, 1, 100), times, ls)
+    # short prompts prefill on the colocated worker (no transfer), long ones go through P/D
+    assert out[0].ttft_ms() == pytest.approx(CAL.prefill_ms(50, 50 ** 2))
+    assert out[1].ttft_ms() == pytest.approx(CAL.prefill_ms(500, 500 ** 2)
+                                             + CAL.transfer_ms(500 * CAL.kv_bytes_per_token))
+    assert [r.prompt for r in out] == [50, 500, 60, 700]
 
 
 def test_attainment_falls_with_load_and_rises_with_gpus() -> None:
@@ -86,7 +102,8 @@ def test_plan_recommends_and_predictions_are_monotonic_in_gpus() -> None:
     assert goodputs == sorted(goodputs, reverse=True) and goodputs[0] > 0
     best2 = plan.plan(CAL, 2, ls, SLOS)[0]["predicted_goodput_rps"]
     assert goodputs[0] >= best2
-    assert len(plan.splits(64)) <= 13 and plan.splits(3, colocated=False) == [(1, 2, 0), (2, 1, 0)]
+    assert len(plan.splits(64)) <= 13
+    assert plan.splits(3, colocated=False) == [Setup(1, 2, 0), Setup(2, 1, 0)]
 
 
 def test_validation_error() -> None:
@@ -99,7 +116,7 @@ def test_validation_error() -> None:
 
 def test_validate_against_a_run_directory(tmp_path) -> None:
     ls = lengths(120)
-    search = plan.predict(CAL, (1, 1, 0), ls, SLOS, start_rate=2.0, max_runs=5, rel_tol=0.15)
+    search = plan.predict(CAL, Setup(1, 1, 0), ls, SLOS, start_rate=2.0, max_runs=5, rel_tol=0.15)
     runs = []
     for rate, _ in search.runs:  # "measured" = simulated: errors must be 0
         times = arrival_times(len(ls), rate, 1.0, random.Random(0 + 7919))
