@@ -337,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = report.Context(slos, args.target, window, args.burstiness, args.seed,
                          args.start_rate, args.num_requests, meta, args.max_runs, args.rel_tol)
     results: list[report.SetupResult] = []
+    failed: list[str] = []
     for name in setups_of(args):
         loop = asyncio.new_event_loop()
         try:
@@ -350,11 +351,15 @@ def run(args: argparse.Namespace) -> int:
                 loop.run_until_complete(target.close())
                 results.append(res)
         except (ClusterError, TimeoutError, RuntimeError, OSError, ValueError) as e:
+            # keep what the other setups measured: report them, exit non-zero at the end
             print(f"error: {name}: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
+            failed.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         finally:
             loop.close()
     meta["load average at end"] = plotting.load_average()
-    for path in write_report(args, results, ctx, wls):
-        print("wrote", path)
-    return 0
+    if failed:
+        meta["setups that failed"] = "; ".join(failed)
+    if results:
+        for path in write_report(args, results, ctx, wls):
+            print("wrote", path)
+    return 1 if failed else 0
