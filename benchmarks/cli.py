@@ -25,10 +25,14 @@ KNOWN: dict[str, str] = {
     "coordinator": "the coordinator's streaming throughput with fake workers (CPU)",
     "kernels": "Triton kernels against their baselines, one GPU",
     "skinny": "skinny GEMM against cuBLAS for decode shapes, one GPU",
+    "capstone": "when does disaggregation help? xPyD vs colocated sweep, SLO goodput, report",
 }
 
-# helpers beside the benchmarks
-_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload", "engine_bench", "fake_workers", "cpu_sample"}
+# helpers beside the benchmarks (`plan` is the top-level `pdserve plan`)
+_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload", "engine_bench", "fake_workers", "cpu_sample",
+                   "plan", "planner_sim", "capstone_workloads", "capstone_metrics",
+                   "capstone_search", "capstone_client", "capstone_calibration", "capstone_report",
+                   "capstone_plots"}
 
 
 def _exists(name: str) -> bool:

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("pdserve.coordinator.cli", "run the gRPC coordinator"),
     "worker": ("pdserve.worker_cli", "run one worker: --role prefill|decode|both"),
     "bench": ("pdserve.benchmarks.cli", "benchmarks (`pdserve bench --help` lists every one)"),
+    "plan": ("pdserve.benchmarks.plan", "predict goodput of every P:D split from calibrated profiles"),
 }
 
 

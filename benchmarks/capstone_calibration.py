@@ -1,0 +1,167 @@
+"""Calibration profiles for `pdserve plan`, fitted from a capstone run's per-request data.
+
+File format (`calibration.json`, "format": "pdserve-calibration/1"); times in ms:
+
+    prefill_ms(T, sum_sq)   = c0 + c_token * T + c_token2 * sum_sq
+                              T: prompt tokens in the step, sum_sq: sum of squared prompt
+                              lengths (attention's quadratic term)
+    decode_step_ms(B, ctx)  = c0 + c_seq * B + c_ctx_token * ctx
+                              B: sequences in the step, ctx: their total context tokens
+    transfer_ms(bytes)      = c0 + ms_per_byte * bytes
+    kv_bytes_per_token      bytes of KV one prompt token carries (all layers, K and V)
+    max_batch               most sequences one decode worker runs at once
+    prefill_token_budget    most prompt tokens one prefill step takes
+    source                  "measured" per profile, or "default" when the run had no data
+
+Where the points come from: prefill from the prefill worker's own `prefill_ms` of each
+request at the run's lowest rate (little queueing), transfer from `transfer_ms` vs
+`kv_bytes`, the decode step from each request's TPOT against the mean number of requests
+decoding on the same worker during its decode and their mean context. Fits are
+least squares, with negative coefficients clamped to 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pdserve.benchmarks.capstone_metrics import RequestResult
+
+FORMAT = "pdserve-calibration/1"
+
+
+@dataclass(slots=True)
+class Calibration:
+    prefill: dict[str, float] = field(default_factory=lambda: {"c0": 5.0, "c_token": 0.05,
+                                                               "c_token2": 0.0})
+    decode: dict[str, float] = field(default_factory=lambda: {"c0": 8.0, "c_seq": 0.05,
+                                                              "c_ctx_token": 1e-4})
+    transfer: dict[str, float] = field(default_factory=lambda: {"c0": 1.0, "ms_per_byte": 1e-7})
+    kv_bytes_per_token: float = 131072.0
+    max_batch: int = 256
+    prefill_token_budget: int = 8192
+    source: dict[str, str] = field(default_factory=lambda: {"prefill": "default",
+                                                            "decode": "default",
+                                                            "transfer": "default"})
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def prefill_ms(self, tokens: int, sum_sq: float) -> float:
+        p = self.prefill
+        return p["c0"] + p["c_token"] * tokens + p["c_token2"] * sum_sq
+
+    def decode_step_ms(self, batch: int, ctx_tokens: float) -> float:
+        d = self.decode
+        return d["c0"] + d["c_seq"] * batch + d["c_ctx_token"] * ctx_tokens
+
+    def transfer_ms(self, kv_bytes: float) -> float:
+        t = self.transfer
+        return t["c0"] + t["ms_per_byte"] * kv_bytes
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, **asdict(self)}
+
+    def save(self, path: str) -> str:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> Calibration:
+        with open(path) as f:
+            d = json.load(f)
+        if d.pop("format", None) != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} file")
+        return cls(**d)
+
+
+def nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:
+    """Least squares y ~ x @ c; coefficients that come out negative are dropped (set to 0)
+    and the rest refitted, so every profile is non-decreasing in its inputs."""
+    keep = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while keep:
+        c, *_ = np.linalg.lstsq(x[:, keep], y, rcond=None)
+        if (c >= 0).all():
+            coef[keep] = c
+            break
+        keep = [k for k, v in zip(keep, c) if v >= 0] if (c >= 0).any() else []
+    return [float(v) for v in coef]
+
+
+def _decode_points(results: Sequence[RequestResult]) -> list[tuple[float, float, float]]:
+    """(mean batch, mean total context, TPOT ms) per request, with the batch counted over
+    requests decoding on the same worker (`decode_worker`) during its decode span."""
+    spans = [(r.chunks[0][0], r.t_end, r.prompt_tokens, r.output_tokens,
+              r.server.get("decode_worker", "")) for r in results if r.ok and r.output_tokens > 2]
+    out = []
+    for a0, a1, _pin, nout, w in spans:
+        if a1 <= a0:
+            continue
+        batch = ctx = 0.0
+        for b0, b1, bin_, bout, bw in spans:
+            overlap = min(a1, b1) - max(a0, b0)
+            if bw == w and overlap > 0:
+                frac = overlap / (a1 - a0)
+                batch += frac
+                ctx += frac * (bin_ + bout / 2)
+        out.append((batch, ctx, (a1 - a0) / (nout - 1) * 1e3))
+    return out
+
+
+def _design(x: np.ndarray, degree: int) -> np.ndarray:
+    """Columns [1, x, x^2][:degree + 1], reduced to what the data can identify: one distinct
+    x fits only a slope through 0, two fit a line."""
+    distinct = len(np.unique(x))
+    cols = [np.ones_like(x), x, x * x][:degree + 1]
+    if distinct <= 1:
+        return np.stack([np.zeros_like(x), x] + [np.zeros_like(x)] * (degree - 1), 1)
+    if distinct == 2:
+        return np.stack(cols[:2] + [np.zeros_like(x)] * (degree - 1), 1)
+    return np.stack(cols, 1)
+
+
+def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = None,
+        max_batch: int = 256, prefill_token_budget: int = 8192,
+        decode_runs: Sequence[Sequence[RequestResult]] | None = None) -> Calibration:
+    """A calibration from the per-request results of several runs (P/D runs carry the
+    prefill and transfer timings; decode points come from `decode_runs`, default `runs`)."""
+    cal = Calibration(max_batch=max_batch, prefill_token_budget=prefill_token_budget,
+                      meta=dict(meta or {}))
+    reqs = [r for run in runs for r in run if r.ok]
+    pre = [(r.prompt_tokens, r.server["prefill_ms"]) for r in reqs
+           if r.server.get("prefill_ms", 0) > 0]
+    if len(pre) >= 3:
+        t = np.array([p[0] for p in pre], dtype=float)
+        c = nonneg_lstsq(_design(t, 2), np.array([p[1] for p in pre]))
+        cal.prefill = {"c0": c[0], "c_token": c[1], "c_token2": c[2]}
+        cal.source["prefill"] = f"measured ({len(pre)} requests)"
+    xfer = [(r.server["kv_bytes"], r.server["transfer_ms"]) for r in reqs
+            if r.server.get("kv_bytes", 0) > 0 and r.server.get("transfer_ms", 0) > 0]
+    if len(xfer) >= 3:
+        b = np.array([p[0] for p in xfer], dtype=float)
+        c = nonneg_lstsq(_design(b, 1), np.array([p[1] for p in xfer]))
+        cal.transfer = {"c0": c[0], "ms_per_byte": c[1]}
+        cal.kv_bytes_per_token = float(np.median([r.server["kv_bytes"] / r.prompt_tokens
+                                                  for r in reqs if r.server.get("kv_bytes")]))
+        cal.source["transfer"] = f"measured ({len(xfer)} requests)"
+    dec = [p for run in (runs if decode_runs is None else decode_runs) for p in _decode_points(run)]
+    dec = [p for p in dec if not math.isnan(p[2])]
+    if len(dec) >= 3:
+        x = np.array([[1.0, b, c] for b, c, _ in dec])
+        c = nonneg_lstsq(x, np.array([p[2] for p in dec]))
+        cal.decode = {"c0": c[0], "c_seq": c[1], "c_ctx_token": c[2]}
+        cal.source["decode"] = f"measured ({len(dec)} requests)"
+    return cal
+
+
+def samples(runs: Sequence[Sequence[RequestResult]]) -> dict[str, list[list[float]]]:
+    """The raw points behind a fit (for plots): prefill [tokens, ms], transfer [bytes, ms]."""
+    reqs = [r for run in runs for r in run if r.ok]
+    return {"prefill": [[r.prompt_tokens, r.server["prefill_ms"]] for r in reqs
+                        if r.server.get("prefill_ms", 0) > 0],
+            "transfer": [[r.prompt_tokens, r.server["kv_bytes"], r.server["transfer_ms"]]
+                         for r in reqs if r.server.get("kv_bytes", 0) > 0]}

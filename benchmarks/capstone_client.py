@@ -1,0 +1,274 @@
+"""The load generator of `pdserve bench capstone`: sends requests at their arrival times
+(or with a fixed concurrency) to a pdserve coordinator (gRPC) or to any OpenAI-compatible
+server (`/v1/completions`, streaming), and records each request's chunk timeline. Also a
+GPU sampler (NVML) for utilization and memory per pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_workloads import Request
+
+SERVER_KEYS = ("queue_ms", "prefill_ms", "transfer_ms", "kv_bytes", "prefill_worker",
+               "decode_worker")
+
+
+class Target(Protocol):
+    """Where requests go. `stream` yields (tokens in this chunk, final server metrics or None)."""
+
+    name: str
+
+    def stream(self, req: Request, timeout_s: float) -> AsyncIterator[tuple[int, dict | None]]: ...
+
+    async def close(self) -> None: ...
+
+
+class GrpcTarget:
+    """A pdserve coordinator through `AsyncClient` (greedy, ignore_eos, no detokenization)."""
+
+    def __init__(self, address: str) -> None:
+        from pdserve.coordinator.client import AsyncClient
+
+        self.name = f"pdserve coordinator {address}"
+        self._client = AsyncClient(address)
+
+    async def stream(self, req: Request, timeout_s: float):
+        async for ch in self._client.stream(prompt_token_ids=req.prompt, max_tokens=req.output_len,
+                                            temperature=0.0, ignore_eos=True, skip_text=True,
+                                            timeout_s=timeout_s):
+            server = None
+            if ch.finished and ch.metrics:
+                server = {k: ch.metrics[k] for k in SERVER_KEYS if k in ch.metrics}
+            yield len(ch.token_ids), server
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+class CondTarget:
+    """Conditional disaggregation, routed here: prompts shorter than `cond_tokens` go to
+    the colocated target, the others to the P/D target."""
+
+    def __init__(self, cond_tokens: int, pd: Target, colocated: Target) -> None:
+        self.cond_tokens, self.pd, self.colocated = cond_tokens, pd, colocated
+        self.name = f"prompts < {cond_tokens} tokens: {colocated.name}; others: {pd.name}"
+
+    def stream(self, req: Request, timeout_s: float) -> AsyncIterator[tuple[int, dict | None]]:
+        t = self.colocated if len(req.prompt) < self.cond_tokens else self.pd
+        return t.stream(req, timeout_s)
+
+    async def close(self) -> None:
+        await self.pd.close()
+        await self.colocated.close()
+
+
+class OpenAITarget:
+    """Any OpenAI-compatible server: POST {base_url}/v1/completions with "stream": true and
+    the prompt as token ids. Tokens per SSE event: len(choices[0].token_ids) when the server
+    sends them (pdserve's gateway does), else 1 per event with text (as vLLM's benchmark
+    counts). Uses httpx, else aiohttp, else a minimal HTTP/1.1 client on asyncio streams."""
+
+    def __init__(self, base_url: str, model: str = "") -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.name = f"OpenAI-compatible {self.base_url}"
+        self._httpx = self._aiohttp = self._aiohttp_mod = None
+        try:
+            import httpx
+            self._httpx = httpx.AsyncClient(timeout=None)
+        except ImportError:
+            try:
+                import aiohttp
+                self._aiohttp_mod = aiohttp  # the session is created inside the running loop
+            except ImportError:
+                pass  # the plain-asyncio HTTP/1.1 client below
+
+    def _body(self, req: Request, timeout_s: float) -> dict[str, Any]:
+        body = {"prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0,
+                "ignore_eos": True, "stream": True, "timeout": timeout_s,
+                "stream_options": {"include_usage": True}}
+        if self.model:
+            body["model"] = self.model
+        return body
+
+    async def _lines(self, req: Request, timeout_s: float) -> AsyncIterator[str]:
+        url = self.base_url + "/v1/completions"
+        if self._httpx is not None:
+            async with self._httpx.stream("POST", url, json=self._body(req, timeout_s),
+                                          timeout=timeout_s) as resp:
+                if resp.status_code != 200:
+                    raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+                async for line in resp.aiter_lines():
+                    yield line
+            return
+        if self._aiohttp_mod is None:
+            async for line in _plain_sse(url, self._body(req, timeout_s)):
+                yield line
+            return
+        if self._aiohttp is None:
+            aio = self._aiohttp_mod
+            self._aiohttp = aio.ClientSession(timeout=aio.ClientTimeout(total=None))
+        async with self._aiohttp.post(url, json=self._body(req, timeout_s)) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]!r}")
+            async for raw in resp.content:
+                yield raw.decode()
+
+    async def stream(self, req: Request, timeout_s: float):
+        async for line in self._lines(req, timeout_s):
+            line = line.strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            obj = json.loads(data)
+            if "error" in obj:
+                raise RuntimeError(str(obj["error"]))
+            choices = obj.get("choices") or [{}]
+            ids = choices[0].get("token_ids")
+            n = len(ids) if ids is not None else (1 if choices[0].get("text") else 0)
+            yield n, None
+
+    async def close(self) -> None:
+        if self._httpx is not None:
+            await self._httpx.aclose()
+        if self._aiohttp is not None:
+            await self._aiohttp.close()
+
+
+async def _plain_sse(url: str, body: dict[str, Any]) -> AsyncIterator[str]:
+    """POST JSON and yield the response's lines (HTTP/1.1, plain or chunked body)."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    tls = u.scheme == "https"
+    reader, writer = await asyncio.open_connection(u.hostname, u.port or (443 if tls else 80),
+                                                   ssl=tls or None)
+    data = json.dumps(body).encode()
+    writer.write(f"POST {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                 "Accept: text/event-stream\r\nConnection: close\r\n\r\n".encode() + data)
+    await writer.drain()
+    try:
+        status = (await reader.readline()).decode().split()
+        headers = {}
+        while (line := (await reader.readline()).decode().strip()):
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip().lower()
+        if len(status) < 2 or status[1] != "200":
+            raise RuntimeError(f"HTTP {' '.join(status[1:])}: {(await reader.read(300))!r}")
+        if headers.get("transfer-encoding") == "chunked":
+            buf = b""
+            while (size := int((await reader.readline()).strip() or b"0", 16)):
+                buf += await reader.readexactly(size)
+                await reader.readline()
+                *lines, buf = buf.split(b"\n")
+                for ln in lines:
+                    yield ln.decode()
+            if buf:
+                yield buf.decode()
+        else:
+            while (raw := await reader.readline()):
+                yield raw.decode()
+    finally:
+        writer.close()
+
+
+async def _one(target: Target, req: Request, res: RequestResult, timeout_s: float) -> None:
+    try:
+        async for n, server in target.stream(req, timeout_s):
+            if n:
+                res.chunks.append((time.perf_counter(), n))
+            if server:
+                res.server = server
+    except Exception as e:  # noqa: BLE001 - a failed request is a result, the run goes on
+        res.error = f"{type(e).__name__}: {e}"[:300]
+
+
+async def run_load(target: Target, requests: Sequence[Request], timeout_s: float,
+                   concurrency: int = 0, desc: str = "") -> list[RequestResult]:
+    """Send every request at its `at_s` (or, with `concurrency` > 0, keep that many in
+    flight, ignoring `at_s`); results in send order."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(requests), desc=desc, unit="req", leave=False)
+    sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None
+    results: list[RequestResult] = []
+    tasks = []
+
+    async def go(req: Request, res: RequestResult) -> None:
+        try:
+            await _one(target, req, res, timeout_s)
+        finally:
+            if sem is not None:
+                sem.release()
+            bar.update()
+
+    start = time.perf_counter()
+    for req in requests:
+        if sem is not None:
+            await sem.acquire()
+        else:
+            delay = start + req.at_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        res = RequestResult(time.perf_counter(), len(req.prompt), target_tokens=req.output_len)
+        results.append(res)
+        tasks.append(asyncio.ensure_future(go(req, res)))
+    await asyncio.gather(*tasks)
+    bar.close()
+    return results
+
+
+class GpuSampler:
+    """Samples NVML utilization (%) and memory used (GiB) of the given GPU indices every
+    `period_s` on a thread. `available` is False (with `note`) without pynvml or GPUs."""
+
+    def __init__(self, gpus: Sequence[int], period_s: float = 0.25) -> None:
+        self.gpus, self.period_s = list(gpus), period_s
+        self.samples: dict[int, list[tuple[float, float, float]]] = {g: [] for g in self.gpus}
+        self.available, self.note = False, ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not self.gpus:
+            self.note = "no GPU in this run (devices cpu): GPU utilization not measured"
+            return
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self._handles = {g: pynvml.nvmlDeviceGetHandleByIndex(g) for g in self.gpus}
+            self._nvml = pynvml
+            self.available = True
+        except Exception as e:  # noqa: BLE001 - ImportError or NVMLError: optional
+            self.note = f"NVML not available ({type(e).__name__}: {e}); pip install nvidia-ml-py"
+
+    def _loop(self) -> None:
+        nv = self._nvml
+        while not self._stop.wait(self.period_s):
+            now = time.perf_counter()
+            for g, h in self._handles.items():
+                try:
+                    util = nv.nvmlDeviceGetUtilizationRates(h).gpu
+                    mem = nv.nvmlDeviceGetMemoryInfo(h).used / 2**30
+                except Exception:  # noqa: BLE001
+                    continue
+                self.samples[g].append((now, float(util), float(mem)))
+
+    def __enter__(self) -> GpuSampler:
+        if self.available:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="nvml")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)

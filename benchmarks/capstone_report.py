@@ -1,0 +1,257 @@
+"""What a capstone run measured, and its report: `results.json` (run summaries under
+`vllm bench serve` field names), `calibration.json` (for `pdserve plan`) and `report.md`
+(tables, plots, and conclusions generated from the measured numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pdserve.benchmarks import capstone_calibration as calib
+from pdserve.benchmarks import plotting
+from pdserve.benchmarks.capstone_metrics import RequestResult, Window, meets
+from pdserve.benchmarks.capstone_search import SearchResult
+
+
+@dataclass(slots=True)
+class Run:
+    rate: float  # req/s asked for (inf in fixed-concurrency mode)
+    concurrency: int  # 0: arrival-rate mode
+    results: list[RequestResult]
+    summary: dict
+
+
+@dataclass(slots=True)
+class WorkloadRuns:
+    workload: str
+    describe: str
+    runs: list[Run] = field(default_factory=list)
+    search: SearchResult | None = None
+
+    def at_rate(self, rate: float) -> Run | None:
+        return next((r for r in self.runs if r.rate == rate), self.runs[0] if self.runs else None)
+
+
+@dataclass(slots=True)
+class SetupResult:
+    setup: str  # "1P1D", "2both", "external"
+    workers: str  # "prefill@cuda:0, decode@cuda:1"
+    pools: dict[str, list[int]] = field(default_factory=dict)  # role -> GPU indices
+    by_workload: dict[str, WorkloadRuns] = field(default_factory=dict)
+    gpu: dict[int, list[tuple[float, float, float]]] = field(default_factory=dict)
+    gpu_note: str = ""
+
+    @property
+    def kind(self) -> str:
+        """"P/D", "colocated", "conditional", or "external" (not a setup name)."""
+        from pdserve.benchmarks.planner_sim import parse_setup
+
+        try:
+            return parse_setup(self.setup).kind
+        except ValueError:
+            return "external"
+
+
+@dataclass(slots=True)
+class Context:
+    """Settings the report states (from the command line)."""
+
+    slos: dict[str, float]
+    target: float
+    window: Window
+    burstiness: float
+    seed: int
+    start_rate: float
+    num_prompts: int
+    meta: dict[str, str]
+    max_runs: int = 6
+    rel_tol: float = 0.15
+
+
+RUN_FIELDS = ["setup", "workload", "request_rate", "max_concurrency", "completed", "failed",
+              "request_throughput", "request_goodput", "slo_attainment", "output_throughput",
+              "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "p99_itl_ms",
+              "mean_e2el_ms", "mean_transfer_ms"]
+
+
+def run_row(s: SetupResult, w: WorkloadRuns, run: Run, ctx: Context) -> dict:
+    return {"setup": s.setup, "workload": w.workload,
+            "request_rate": run.rate if not math.isinf(run.rate) else "inf",
+            "burstiness": ctx.burstiness, "max_concurrency": run.concurrency or None,
+            **run.summary}
+
+
+def miss_counts(results: Sequence[RequestResult], slos: dict[str, float],
+                window: Window) -> dict[str, int]:
+    """How many windowed requests miss each SLO on its own (failures count for all)."""
+    sel = window.select(results)
+    return {k: sum(not meets(r, {k: v}) for r in sel) for k, v in slos.items()}
+
+
+def gpu_summary(s: SetupResult) -> list[dict]:
+    rows = []
+    for role, gpus in s.pools.items():
+        pts = [p for g in gpus for p in s.gpu.get(g, [])]
+        if pts:
+            rows.append({"setup": s.setup, "pool": role, "gpus": ",".join(map(str, gpus)),
+                         "mean_util_pct": sum(p[1] for p in pts) / len(pts),
+                         "max_mem_gib": max(p[2] for p in pts)})
+    return rows
+
+
+def _pd_vs_colocated(setups: Sequence[SetupResult], wname: str, ctx: Context) -> list[str]:
+    have = [s for s in setups if wname in s.by_workload and s.by_workload[wname].search]
+    pd = [s for s in have if s.kind == "P/D"]
+    co = [s for s in have if s.kind == "colocated"]
+    rate = lambda s: s.by_workload[wname].search.max_rate  # noqa: E731
+    lines = [f"- highest rate at >= {ctx.target:.0%} attainment: " + ", ".join(
+        f"{s.setup} {rate(s):.3g} req/s" for s in have)]
+    if not pd or not co:
+        return lines + ["- only one kind of setup ran: no P/D vs colocated comparison"]
+    bp, bc = max(pd, key=rate), max(co, key=rate)
+    rp, rc = rate(bp), rate(bc)
+    for s in (s for s in have if s.kind == "conditional"):
+        rs = rate(s)
+        rel = "above both" if rs > max(rp, rc) else "below both" if rs < min(rp, rc) else "between"
+        lines.append(f"- conditional {s.setup}: {rs:.3g} req/s, {rel} the best P/D "
+                     f"({bp.setup} {rp:.3g}) and the best colocated ({bc.setup} {rc:.3g})")
+    if rp > 1.1 * rc or (rp > 0 and rc == 0):
+        verdict = (f"- **P/D wins** on {wname}: {bp.setup} holds {rp:.3g} req/s vs "
+                   f"{rc:.3g} for {bc.setup}" + (f" ({rp / rc:.2f}x)" if rc > 0 else ""))
+    elif rc > 1.1 * rp or (rc > 0 and rp == 0):
+        verdict = (f"- **P/D loses** on {wname}: {bc.setup} holds {rc:.3g} req/s vs "
+                   f"{rp:.3g} for {bp.setup}" + (f" ({rc / rp:.2f}x)" if rp > 0 else ""))
+    else:
+        verdict = (f"- **no clear winner** on {wname}: {bp.setup} {rp:.3g} vs {bc.setup} "
+                   f"{rc:.3g} req/s (within 10%, about the resolution of the search)")
+    lines.append(verdict)
+    rp_run, rc_run = bp.by_workload[wname].at_rate(ctx.start_rate), \
+        bc.by_workload[wname].at_rate(ctx.start_rate)
+    if rp_run and rc_run:
+        a, b = rp_run.summary, rc_run.summary
+        lines.append(
+            f"- why, at the common rate {rp_run.rate:g} req/s: TTFT p90 {a['p90_ttft_ms']:.4g} ms "
+            f"({bp.setup}) vs {b['p90_ttft_ms']:.4g} ms ({bc.setup}); ITL p99 "
+            f"{a['p99_itl_ms']:.4g} vs {b['p99_itl_ms']:.4g} ms; TPOT mean "
+            f"{a['mean_tpot_ms']:.4g} vs {b['mean_tpot_ms']:.4g} ms. "
+            + ("P/D decodes with fewer stalls (prefills run elsewhere). "
+               if a["p99_itl_ms"] < b["p99_itl_ms"] else
+               "P/D does not decode more smoothly here. ")
+            + ("P/D pays in TTFT (fewer GPUs prefill, and the KV transfer)."
+               if a["p90_ttft_ms"] > b["p90_ttft_ms"] else "P/D's TTFT is not worse."))
+        xfer, ttft = a.get("mean_transfer_ms", math.nan), a["mean_ttft_ms"]
+        if not math.isnan(xfer) and ttft > 0:
+            lines.append(f"- KV transfer: mean {xfer:.3g} ms per request, {xfer / ttft:.0%} of "
+                         f"{bp.setup}'s mean TTFT")
+    for s in (bp, bc):
+        runs = s.by_workload[wname].runs
+        fails = [r for r in runs if not r.summary["slo_attainment"] >= ctx.target]
+        if fails:
+            worst = min(fails, key=lambda r: r.rate)
+            miss = miss_counts(worst.results, ctx.slos, ctx.window)
+            key = max(miss, key=miss.get)
+            lines.append(f"- {s.setup} first fails at {worst.rate:.3g} req/s, mostly on "
+                         f"{key.upper()} ({miss[key]} of {worst.summary['measured']} requests "
+                         f"miss it; misses per SLO: {miss})")
+    return lines
+
+
+def conclusions(setups: Sequence[SetupResult], ctx: Context, map_text: dict[str, str]) -> list[str]:
+    out = []
+    names = list(dict.fromkeys(w for s in setups for w in s.by_workload))
+    for wname in names:
+        out += [f"### {wname}", *_pd_vs_colocated(setups, wname, ctx)]
+        if map_text.get(wname):
+            out.append(f"- SLO map: {map_text[wname]}")
+        out.append("")
+    return out
+
+
+def write_json(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
+               workloads: dict[str, dict]) -> str:
+    doc = {"meta": ctx.meta, "slos": ctx.slos, "target": ctx.target, "seed": ctx.seed,
+           "burstiness": ctx.burstiness, "num_prompts": ctx.num_prompts,
+           "search": {"start_rate": ctx.start_rate, "max_runs": ctx.max_runs,
+                      "rel_tol": ctx.rel_tol},
+           "window": {"warmup": ctx.window.warmup, "cooldown": ctx.window.cooldown,
+                      "describe": ctx.window.describe()},
+           "workloads": workloads, "runs": [], "setups": []}
+    for s in setups:
+        entry = {"setup": s.setup, "workers": s.workers, "pools": s.pools,
+                 "gpu": gpu_summary(s), "gpu_note": s.gpu_note, "by_workload": {}}
+        for w in s.by_workload.values():
+            doc["runs"] += [run_row(s, w, r, ctx) for r in w.runs]
+            first = w.at_rate(ctx.start_rate)
+            entry["by_workload"][w.workload] = {
+                "max_rate": w.search.max_rate if w.search else math.nan,
+                "search": w.search.describe() if w.search else "fixed concurrency: no search",
+                "search_runs": w.search.runs if w.search else [],
+                "bracketed": bool(w.search and w.search.bracketed),
+                # the same for every run of this workload (one seed): only arrivals change
+                "lengths": [[r.prompt_tokens, r.target_tokens or r.output_tokens]
+                            for r in first.results] if first else []}
+        doc["setups"].append(entry)
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=lambda o: None)
+    return path
+
+
+def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context) -> str:
+    """Fitted on each (setup, workload)'s lowest-rate run (least queueing); the decode
+    profile on P/D setups only when there are any (colocated steps include prefills)."""
+    runs, pd_runs = [], []
+    for s in setups:
+        for w in s.by_workload.values():
+            if w.runs:
+                low = min(w.runs, key=lambda r: r.rate).results
+                runs.append(low)
+                if s.kind == "P/D":
+                    pd_runs.append(low)
+    cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs)
+    return cal.save(os.path.join(out_dir, "calibration.json"))
+
+
+def write_markdown(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
+                   workloads: dict[str, dict], pngs: dict[str, str], map_text: dict[str, str],
+                   plan_lines: Sequence[str] = ()) -> str:
+    rows = [dict(run_row(s, w, r, ctx)) for s in setups for w in s.by_workload.values()
+            for r in w.runs]
+    L = ["# Capstone: when does disaggregation help?", ""]
+    L += [f"- {k}: {v}" for k, v in ctx.meta.items()] + [""]
+    L += ["## Setup", ""]
+    L += [f"- {s.setup}: {s.workers}" for s in setups]
+    L += ["", f"SLOs (ms): {ctx.slos}; attainment target {ctx.target:.0%}; arrivals gamma "
+          f"with burstiness {ctx.burstiness:g} (1 = Poisson); {ctx.num_prompts} requests per "
+          f"run; seed {ctx.seed}.", "", "## Workloads", ""]
+    L += [f"- {n}: {w['describe']}" for n, w in workloads.items()]
+    L += ["", "## Measurement window", "", f"Measured: {ctx.window.describe()}.", ""]
+    L += ["## Results", "", plotting.markdown_table(rows, RUN_FIELDS, floatfmt=".4g"), ""]
+    L += ["## Max rate at target attainment", ""]
+    for s in setups:
+        for w in s.by_workload.values():
+            L.append(f"- {s.setup} / {w.workload}: "
+                     + (w.search.describe() if w.search else "fixed concurrency: no search"))
+    L += ["", "## Where P/D wins and loses", "",
+          "(Generated from the numbers above; the search resolution is about 10%.)", ""]
+    L += conclusions(setups, ctx, map_text)
+    L += ["## Plots", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in pngs.items()] + [""]
+    L += ["## GPU utilization", ""]
+    gpu_rows = [r for s in setups for r in gpu_summary(s)]
+    if gpu_rows:
+        L.append(plotting.markdown_table(gpu_rows, floatfmt=".3g"))
+    else:
+        L.append("Not measured: " + "; ".join(dict.fromkeys(s.gpu_note for s in setups
+                                                             if s.gpu_note)))
+    L += ["", "## Calibration and planner", "",
+          "calibration.json holds the fitted profiles (format in "
+          "benchmarks/capstone_calibration.py); check it with "
+          f"`pdserve plan --validate {out_dir}`.", *plan_lines, ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(L))
+    return path

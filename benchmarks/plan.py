@@ -1,0 +1,230 @@
+"""`pdserve plan`: predict goodput for every P:D split of N GPUs from calibrated profiles,
+and recommend one; `--validate RUN_DIR` compares predictions with a capstone run.
+
+    pdserve plan --calibration RUN_DIR/calibration.json --gpus 4,8 \
+        --workload sharegpt-synth --goodput ttft:500 tpot:50
+    pdserve plan --validate RUN_DIR
+
+Goodput here is DistServe's: the highest arrival rate (req/s) at which at least `--target`
+of the requests meet every SLO, found by the same bounded search as the capstone run
+(benchmarks/capstone_search.py) over simulated runs (benchmarks/planner_sim.py).
+
+Assumptions when extrapolating to 8, 16, 64 GPUs (printed with every plan): every worker is
+one GPU running the calibrated model (no tensor parallelism); profiles measured on one
+pair of GPUs hold for every pair (same GPU model, same interconnect: NVLink inside a node
+versus RDMA across nodes is not modelled); KV transfers do not contend for links; the
+coordinator and the client keep up; routing balances load as in the simulator (least
+queued tokens / fewest sequences); no preemption, no prefix caching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+from collections.abc import Sequence
+
+from pdserve.benchmarks.capstone_calibration import Calibration
+from pdserve.benchmarks.capstone_metrics import parse_goodput
+from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
+from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
+from pdserve.benchmarks.planner_sim import (
+    Setup,
+    parse_setup,
+    sim_attainment,
+    sim_summary,
+    simulate_setup,
+)
+
+ASSUMPTIONS = (__doc__ or "").split("Assumptions when extrapolating")[1].split("\n\n")[0]
+ASSUMPTIONS = "Assumptions when extrapolating" + ASSUMPTIONS
+
+
+def rough_capacity(cal: Calibration, lengths: Sequence[tuple[int, int]], setup: Setup) -> float:
+    """A first guess of the sustainable rate (req/s), where the search starts."""
+    n = max(1, len(lengths))
+    mean_in = sum(i for i, _ in lengths) / n
+    mean_out = sum(o for _, o in lengths) / n
+    pre_s = cal.prefill_ms(mean_in, mean_in ** 2) / 1e3
+    batch = min(cal.max_batch, 32)
+    dec_s = cal.decode_step_ms(batch, batch * (mean_in + mean_out / 2)) / 1e3 * mean_out / batch
+    if setup.prefill == 0:
+        return max(1e-3, setup.both / (pre_s + dec_s))
+    pd = min(setup.prefill / pre_s, setup.decode / dec_s)
+    return max(1e-3, pd + setup.both / (pre_s + dec_s))
+
+
+def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
+            slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
+            seed: int = 0, max_runs: int = 10, min_duration_s: float = 0.0,
+            start_rate: float | None = None, rel_tol: float = 0.05) -> SearchResult:
+    """Predicted max rate at >= target attainment for one setup and a list of (in, out).
+    With `min_duration_s`, a run at rate r simulates max(len(lengths), r * min_duration_s)
+    requests (lengths reused in turn), so a high rate is a sustained load, not one burst."""
+
+    def measure(rate: float) -> float:
+        n = max(len(lengths), math.ceil(rate * min_duration_s))
+        ls = [lengths[i % len(lengths)] for i in range(n)]
+        times = arrival_times(n, rate, burstiness, random.Random(seed + 7919))
+        return sim_attainment(simulate_setup(cal, setup, times, ls), slos)
+
+    start = start_rate or rough_capacity(cal, lengths, setup) / 2
+    return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=rel_tol)
+
+
+def splits(gpus: int, colocated: bool = True) -> list[Setup]:
+    """Every xPyD with x + y = gpus (about 12 evenly spread for more than 16 GPUs), and Nboth."""
+    ps = list(range(1, gpus))
+    if gpus > 16:
+        ps = sorted({max(1, min(gpus - 1, round(gpus * f / 12))) for f in range(1, 12)})
+    out = [Setup(p, gpus - p, 0) for p in ps]
+    return out + ([Setup(0, 0, gpus)] if colocated else [])
+
+
+def plan(cal: Calibration, gpus: int, lengths: Sequence[tuple[int, int]], slos: dict[str, float],
+         target: float = 0.9, burstiness: float = 1.0, seed: int = 0,
+         colocated: bool = True, min_duration_s: float = 0.0) -> list[dict]:
+    """One row per candidate setup, best predicted goodput first."""
+    rows = []
+    for s in splits(gpus, colocated):
+        res = predict(cal, s, lengths, slos, target, burstiness, seed,
+                      min_duration_s=min_duration_s)
+        rows.append({"gpus": gpus, "setup": s.name, "predicted_goodput_rps": res.max_rate,
+                     "per_gpu_rps": res.max_rate / gpus, "search": res.describe()})
+    return sorted(rows, key=lambda r: -r["predicted_goodput_rps"])
+
+
+def validation_error(predicted: float, measured: float) -> float:
+    """Relative error of a prediction, (predicted - measured) / measured; NaN if measured is 0."""
+    return (predicted - measured) / measured if measured > 0 else math.nan
+
+
+def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], list[dict]]:
+    """Predicted vs measured, for every (setup, workload) of a capstone run, on the run's
+    own requests (same lengths, same arrival times, same window):
+    - per run: goodput (req/s meeting every SLO) and attainment at each measured rate;
+    - per search: the max rate at target attainment, found by the same search procedure
+      (start rate, run budget, tolerance) on the simulator."""
+    with open(os.path.join(run_dir, "results.json")) as f:
+        res = json.load(f)
+    cal = cal or Calibration.load(os.path.join(run_dir, "calibration.json"))
+    slos, seed, burst = res["slos"], res["seed"], res["burstiness"]
+    win = res.get("window", {})
+    search = res.get("search", {})
+    measured = {(r["setup"], r["workload"], r["request_rate"]): r for r in res["runs"]}
+    per_run, per_search = [], []
+    for s in res["setups"]:
+        try:
+            setup = parse_setup(s["setup"])
+        except ValueError:  # "external": nothing to simulate
+            continue
+        for wname, w in s["by_workload"].items():
+            lengths = [tuple(x) for x in w["lengths"]]
+            if not lengths:
+                continue
+            for rate, _ in w.get("search_runs", []):
+                m = measured.get((s["setup"], wname, rate))
+                if m is None:
+                    continue
+                times = arrival_times(len(lengths), rate, burst, random.Random(seed + 7919))
+                att, good = sim_summary(simulate_setup(cal, setup, times, lengths), slos,
+                                        win.get("warmup", 0.1), win.get("cooldown", 0.1))
+                per_run.append({"setup": s["setup"], "workload": wname, "rate": rate,
+                                "measured_goodput_rps": m["request_goodput"],
+                                "predicted_goodput_rps": good,
+                                "error": validation_error(good, m["request_goodput"]),
+                                "measured_attainment": m["slo_attainment"],
+                                "predicted_attainment": att})
+            pred = predict(cal, setup, lengths, slos, res["target"], burst, seed,
+                           max_runs=search.get("max_runs", 6),
+                           start_rate=search.get("start_rate"), rel_tol=search.get("rel_tol", 0.15))
+            per_search.append({"setup": s["setup"], "workload": wname,
+                               "measured_max_rate": w["max_rate"],
+                               "predicted_max_rate": pred.max_rate,
+                               "error": validation_error(pred.max_rate, w["max_rate"]),
+                               "note": "" if w.get("bracketed") else
+                               "measured search not bracketed (a lower bound)"})
+    return per_run, per_search
+
+
+def mean_abs_error(rows: Sequence[dict]) -> float:
+    errs = [abs(r["error"]) for r in rows if not math.isnan(r["error"])]
+    return sum(errs) / len(errs) if errs else math.nan
+
+
+def validation_lines(per_run: Sequence[dict], per_search: Sequence[dict]) -> list[str]:
+    """Markdown: both tables and the mean absolute errors."""
+    from pdserve.benchmarks import plotting
+
+    return ["Goodput at each measured rate (same requests and arrivals, simulated):", "",
+            plotting.markdown_table(per_run, floatfmt=".3g"), "",
+            f"Mean |error| of goodput: {mean_abs_error(per_run):.1%} over {len(per_run)} runs.",
+            "", "Max rate at target attainment (same search procedure on the simulator):", "",
+            plotting.markdown_table(per_search, floatfmt=".3g"), "",
+            f"Mean |error| of max rate: {mean_abs_error(per_search):.1%} over "
+            f"{len(per_search)} searches."]
+
+
+# -- command line ----------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", help="calibration.json (or a capstone run directory)")
+    p.add_argument("--gpus", default="4", help="GPU counts, comma-separated (default 4)")
+    p.add_argument("--workload", default="sharegpt-synth",
+                   help="workload spec as in `pdserve bench capstone` (default sharegpt-synth)")
+    p.add_argument("--goodput", nargs="+", default=["ttft:1000", "tpot:100"],
+                   metavar="KEY:MS", help="SLOs (ttft, tpot, e2el), default ttft:1000 tpot:100")
+    p.add_argument("--target", type=float, default=0.9, help="SLO attainment target (0.9)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals (1)")
+    p.add_argument("--num-requests", type=int, default=400,
+                   help="distinct simulated requests (lengths) per run (default 400)")
+    p.add_argument("--duration", type=float, default=30.0,
+                   help="simulated seconds of load at least, per run (default 30)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-colocated", action="store_true", help="only xPyD candidates")
+    p.add_argument("--validate", metavar="RUN_DIR",
+                   help="compare predictions with the measured goodput of a capstone run")
+    p.add_argument("--json", action="store_true", help="print rows as JSON lines")
+
+
+def _calibration(path: str | None) -> Calibration:
+    if not path:
+        print("note: no --calibration: using default profiles (not measured)", file=sys.stderr)
+        return Calibration()
+    if os.path.isdir(path):
+        path = os.path.join(path, "calibration.json")
+    return Calibration.load(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdserve.benchmarks import plotting
+
+    try:
+        if args.validate:
+            cal = _calibration(args.calibration) if args.calibration else None
+            for line in validation_lines(*validate(args.validate, cal)):
+                print(line)
+            return 0
+        cal = _calibration(args.calibration)
+        slos = parse_goodput(args.goodput)
+        wl = parse_workload(args.workload)
+        gpu_counts = [int(x) for x in str(args.gpus).split(",") if x.strip()]
+        if any(g < 2 for g in gpu_counts):
+            raise ValueError("--gpus: each count must be >= 2 (one prefill + one decode)")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"calibration: {cal.source}; workload {wl.name}: {wl.describe}; SLOs {slos}; "
+          f"target {args.target:.0%}")
+    for g in gpu_counts:
+        rows = plan(cal, g, length_pairs(wl, args.num_requests, args.seed), slos, args.target,
+                    args.burstiness, args.seed, not args.no_colocated, args.duration)
+        plotting.print_rows(rows, ["gpus", "setup", "predicted_goodput_rps", "per_gpu_rps",
+                                   "search"], args.json)
+        best = rows[0]
+        print(f"recommended for {g} GPUs: {best['setup']} "
+              f"({best['predicted_goodput_rps']:.3g} req/s at >= {args.target:.0%} SLO attainment)\n")
+    print(ASSUMPTIONS)
+    return 0

@@ -1,0 +1,278 @@
+"""Discrete-event simulator of a pdserve deployment, driven by a `Calibration`.
+
+Model (each worker is one GPU; times from the calibrated profiles):
+- xPyD: a request queues FIFO at the prefill worker with the fewest queued tokens; a
+  prefill step takes queued prompts up to `prefill_token_budget` tokens and lasts
+  prefill_ms(T, sum of squares). Then its KV moves to the decode worker with the fewest
+  sequences (transfer_ms(prompt * kv_bytes_per_token), transfers do not contend), and the
+  first token reaches the client when the transfer ends (pdserve replies after the last
+  layer is sent). Decode workers run continuous batching: each step lasts
+  decode_step_ms(B, context) and gives every running sequence one token; arrivals join at
+  step boundaries; beyond `max_batch` they wait.
+- colocated (`Nboth`): a step runs the waiting prompts (up to the budget) and every
+  running sequence together; it lasts prefill_ms + decode_step_ms (prefill stalls decode:
+  the interference disaggregation removes). Requests go to the worker with the fewest
+  sequences.
+The simulator ignores the coordinator, the network beyond the fitted transfer line,
+preemption and prefix caching.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pdserve.benchmarks.capstone_calibration import Calibration
+
+
+@dataclass(slots=True)
+class SimReq:
+    arrival: float  # seconds
+    prompt: int
+    output: int
+    first: float = math.nan
+    end: float = math.nan
+    generated: int = 0
+
+    def ttft_ms(self) -> float:
+        return (self.first - self.arrival) * 1e3
+
+    def tpot_ms(self) -> float:
+        return (self.end - self.first) / (self.output - 1) * 1e3 if self.output > 1 else math.nan
+
+    def e2el_ms(self) -> float:
+        return (self.end - self.arrival) * 1e3
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self._q: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self.now = 0.0
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._q, (t, next(self._seq), fn))
+
+    def run(self) -> None:
+        while self._q:
+            self.now, _, fn = heapq.heappop(self._q)
+            fn()
+
+
+class _Decoder:
+    """A decode (or colocated) worker: continuous batching; colocated also prefills."""
+
+    def __init__(self, loop: _Loop, cal: Calibration, colocated: bool) -> None:
+        self.loop, self.cal, self.colocated = loop, cal, colocated
+        self.running: list[SimReq] = []
+        self.waiting: deque[SimReq] = deque()
+        self.busy = False
+
+    @property
+    def load(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def add(self, r: SimReq) -> None:
+        self.waiting.append(r)
+        if not self.busy:
+            self._step()
+
+    def _step(self) -> None:
+        cal, now = self.cal, self.loop.now
+        prefilled: list[SimReq] = []
+        ms = 0.0
+        if self.colocated:
+            tokens, sq = 0, 0.0
+            while (self.waiting and len(self.running) + len(prefilled) < cal.max_batch
+                   and (not prefilled or tokens + self.waiting[0].prompt <= cal.prefill_token_budget)):
+                r = self.waiting.popleft()
+                prefilled.append(r)
+                tokens, sq = tokens + r.prompt, sq + r.prompt ** 2
+            if prefilled:
+                ms += cal.prefill_ms(tokens, sq)
+        else:
+            while self.waiting and len(self.running) < cal.max_batch:
+                self.running.append(self.waiting.popleft())
+        if self.running:
+            ctx = sum(r.prompt + r.generated for r in self.running)
+            ms += cal.decode_step_ms(len(self.running), ctx)
+        if not self.running and not prefilled:
+            self.busy = False
+            return
+        self.busy = True
+        end = now + ms / 1e3
+        self.loop.at(end, lambda: self._done(prefilled, end))
+
+    def _done(self, prefilled: list[SimReq], t: float) -> None:
+        still = []
+        for r in self.running:
+            r.generated += 1
+            if r.generated >= r.output:
+                r.end = t
+            else:
+                still.append(r)
+        self.running = still
+        for r in prefilled:  # colocated: the prefill step made token 0
+            r.first, r.generated = t, 1
+            if r.output <= 1:
+                r.end = t
+            else:
+                self.running.append(r)
+        self._step()
+
+
+class _Prefiller:
+    def __init__(self, loop: _Loop, cal: Calibration, decoders: list[_Decoder]) -> None:
+        self.loop, self.cal, self.decoders = loop, cal, decoders
+        self.queue: deque[SimReq] = deque()
+        self.queued_tokens = 0
+        self.busy = False
+
+    def add(self, r: SimReq) -> None:
+        self.queue.append(r)
+        self.queued_tokens += r.prompt
+        if not self.busy:
+            self._step()
+
+    def _step(self) -> None:
+        if not self.queue:
+            self.busy = False
+            return
+        batch, tokens, sq = [], 0, 0.0
+        while self.queue and (not batch or tokens + self.queue[0].prompt <= self.cal.prefill_token_budget):
+            r = self.queue.popleft()
+            batch.append(r)
+            tokens, sq = tokens + r.prompt, sq + r.prompt ** 2
+        self.queued_tokens -= tokens
+        self.busy = True
+        end = self.loop.now + self.cal.prefill_ms(tokens, sq) / 1e3
+        self.loop.at(end, lambda: self._done(batch))
+
+    def _done(self, batch: list[SimReq]) -> None:
+        for r in batch:
+            arrive = self.loop.now + self.cal.transfer_ms(r.prompt * self.cal.kv_bytes_per_token) / 1e3
+            dec = min(self.decoders, key=lambda d: d.load)
+            r.first, r.generated = arrive, 1
+
+            def land(r: SimReq = r, dec: _Decoder = dec, t: float = arrive) -> None:
+                if r.output <= 1:
+                    r.end = t
+                else:
+                    dec.add(r)
+            self.loop.at(arrive, land)
+        self._step()
+
+
+def simulate(cal: Calibration, prefill: int, decode: int, both: int,
+             arrivals: Sequence[float], lengths: Sequence[tuple[int, int]]) -> list[SimReq]:
+    """Every request's first-token and finish time on the given setup."""
+    if both and (prefill or decode):
+        raise ValueError("simulate either xPyD or Nboth, not a mix")
+    if not both and (prefill < 1 or decode < 1):
+        raise ValueError("xPyD needs at least one prefill and one decode worker")
+    loop = _Loop()
+    reqs = [SimReq(t, max(1, i), max(1, o)) for t, (i, o) in zip(arrivals, lengths)]
+    if both:
+        workers = [_Decoder(loop, cal, colocated=True) for _ in range(both)]
+        for r in reqs:
+            loop.at(r.arrival, lambda r=r: min(workers, key=lambda w: w.load).add(r))
+    else:
+        decs = [_Decoder(loop, cal, colocated=False) for _ in range(decode)]
+        pres = [_Prefiller(loop, cal, decs) for _ in range(prefill)]
+        for r in reqs:
+            loop.at(r.arrival, lambda r=r: min(pres, key=lambda p: p.queued_tokens).add(r))
+    loop.run()
+    return reqs
+
+
+def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
+                cooldown: float = 0.1) -> tuple[float, float]:
+    """(attainment, goodput req/s) over the same window as the capstone's measurement: the
+    requests between the first `warmup` and the last `cooldown` fraction of arrivals;
+    goodput = those meeting every SLO (ms) / (first arrival to last finish among them)."""
+    order = sorted(reqs, key=lambda r: r.arrival)
+    lo, hi = math.floor(len(order) * warmup), len(order) - math.floor(len(order) * cooldown)
+    sel = order[lo:hi] if hi > lo else order
+    if not sel:
+        return math.nan, math.nan
+
+    def ok(r: SimReq) -> bool:
+        vals = {"ttft": r.ttft_ms(), "tpot": r.tpot_ms(), "e2el": r.e2el_ms()}
+        return all(math.isnan(vals[k]) or vals[k] <= v for k, v in slos.items())
+    good = sum(ok(r) for r in sel)
+    dur = max(r.end for r in sel) - sel[0].arrival
+    return good / len(sel), (good / dur if dur > 0 else math.nan)
+
+
+def sim_attainment(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
+                   cooldown: float = 0.1) -> float:
+    """Fraction of the windowed requests (by arrival) that meet every SLO (ms)."""
+    return sim_summary(reqs, slos, warmup, cooldown)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """xPyD (disaggregated), Nboth (colocated), or xPyD+Nboth+condT: conditional
+    disaggregation, where prompts shorter than T tokens go to the colocated workers and
+    the rest to the P/D pool (the router decides per request; the pools share nothing)."""
+
+    prefill: int
+    decode: int
+    both: int
+    cond_tokens: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.cond_tokens:
+            return f"{self.prefill}P{self.decode}D+{self.both}both+cond{self.cond_tokens}"
+        return setup_name(self.prefill, self.decode, self.both)
+
+    @property
+    def kind(self) -> str:
+        return "conditional" if self.cond_tokens else "colocated" if self.both else "P/D"
+
+    @property
+    def gpus(self) -> int:
+        return self.prefill + self.decode + self.both
+
+
+def parse_setup(name: str) -> Setup:
+    """'1P3D' -> Setup(1, 3, 0); '4both' -> Setup(0, 0, 4); '1P1D+1both+cond512' ->
+    Setup(1, 1, 1, 512)."""
+    import re
+
+    s = name.strip()
+    m = re.fullmatch(r"(\d+)P(\d+)D(?:\+(\d+)both\+cond(\d+))?", s, re.IGNORECASE)
+    if m:
+        p, d = int(m.group(1)), int(m.group(2))
+        b, t = int(m.group(3) or 0), int(m.group(4) or 0)
+        if p < 1 or d < 1 or (m.group(3) is not None and (b < 1 or t < 1)):
+            raise ValueError(f"setup {name!r}: xPyD needs x, y >= 1 (and +Nboth+condT N, T >= 1)")
+        return Setup(p, d, b, t)
+    m = re.fullmatch(r"(\d+)both", s, re.IGNORECASE)
+    if m and int(m.group(1)) >= 1:
+        return Setup(0, 0, int(m.group(1)))
+    raise ValueError(f"setup {name!r}: expected xPyD (1P3D), Nboth (2both) or "
+                     "xPyD+Nboth+condT (1P1D+1both+cond512)")
+
+
+def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
+                   lengths: Sequence[tuple[int, int]]) -> list[SimReq]:
+    """`simulate` for any Setup; conditional setups split the requests by prompt length
+    and simulate the two pools apart (results in the original order)."""
+    if not setup.cond_tokens:
+        return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths)
+    short = [i for i, (p, _) in enumerate(lengths) if p < setup.cond_tokens]
+    long_ = [i for i, (p, _) in enumerate(lengths) if p >= setup.cond_tokens]
+    out: dict[int, SimReq] = {}
+    for idx, (pp, dd, bb) in ((short, (0, 0, setup.both)), (long_, (setup.prefill, setup.decode, 0))):
+        if idx:
+            sim = simulate(cal, pp, dd, bb, [arrivals[i] for i in idx], [lengths[i] for i in idx])
+            out.update(zip(idx, sim))
+    return [out[i] for i in range(len(lengths))]
+def setup_name(prefill: int, decode: int, both: int) -> str:
+    return f"{both}both" if both else f"{prefill}P{decode}D"

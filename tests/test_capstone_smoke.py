@@ -1,0 +1,141 @@
+"""`pdserve bench capstone` end to end, checking the report's structure (files, JSON fields,
+markdown sections), never its numbers: against the in-process fake cluster (gRPC and the
+OpenAI-compatible gateway through --base-url), and a CPU smoke run that launches the
+`tiny` model's workers through LocalCluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from fake_worker import Cluster, LoopThread
+
+from pdserve.benchmarks import capstone
+from pdserve.benchmarks import cli as bench_cli
+
+VLLM_FIELDS = ["request_throughput", "request_goodput", "output_throughput",
+               "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
+               "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms",
+               "p99_itl_ms", "mean_e2el_ms", "median_e2el_ms", "p99_e2el_ms", "completed",
+               "duration", "total_input_tokens", "total_output_tokens"]
+SECTIONS = ["## Setup", "## Workloads", "## Measurement window", "## Results",
+            "## Max rate at target attainment", "## Where P/D wins and loses", "## Plots",
+            "## GPU utilization", "## Calibration and planner"]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    capstone.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_args_and_setups() -> None:
+    a = parse("--configs", "1P3D,2P2D", "--configs", "3P1D,4both")
+    assert capstone.setups_of(a) == ["1P3D", "2P2D", "3P1D", "4both"]
+    assert capstone.setups_of(parse()) == ["1P1D", "2both"]
+    assert capstone.setups_of(parse("--base-url", "http://x:1")) == ["external"]
+    with pytest.raises(SystemExit):
+        parse("--configs", "1P0D")
+    assert "--goodput" in capstone.check_args(parse("--goodput", "itl:5"))
+    assert "sharegpt" in capstone.check_args(parse("--dataset", "other", "x.json"))
+    assert "at most one" in capstone.check_args(parse("--coordinator", "h:1", "--base-url", "u"))
+    assert capstone.check_args(parse("--concurrency", "1,4")) is None
+    assert "capstone" in bench_cli.available()
+    assert "plan" not in bench_cli.available()
+
+
+def check_report(out, setups: list[str], searched: bool = True) -> dict:
+    names = {p.name for p in out.iterdir()}
+    assert {"results.json", "calibration.json", "report.md"} <= names
+    assert {"goodput_vs_rate.png", "cdf_0.png", "slo_map_0.png"} <= names
+    res = json.loads((out / "results.json").read_text())
+    assert [s["setup"] for s in res["setups"]] == setups
+    assert res["runs"] and all(f in r for r in res["runs"] for f in VLLM_FIELDS)
+    assert {"warmup", "cooldown", "describe"} <= set(res["window"])
+    for s in res["setups"]:
+        for w in s["by_workload"].values():
+            assert ("max_rate" in w and w["search_runs"]) if searched else True
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["format"] == "pdserve-calibration/1"
+    assert {"prefill", "decode", "transfer", "kv_bytes_per_token", "source"} <= set(cal)
+    md = (out / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in md, section
+    assert "ramp-up" in md
+    return res
+
+
+def fake_cluster(http: bool = False):
+    lt = LoopThread()
+    cluster = Cluster(lt, **({"http_port": 0} if http else {}))
+    cluster.add("prefill")
+    cluster.add("decode")
+    return lt, cluster
+
+
+FAST = ["--workload", "uniform:in=4-12,out=3-6", "--num-requests", "10", "--max-runs", "2",
+        "--start-rate", "50", "--warmup-requests", "1", "--timeout", "20"]
+
+
+def test_capstone_against_fake_coordinator(tmp_path) -> None:
+    lt, cluster = fake_cluster()
+    try:
+        rc = capstone.run(parse("--coordinator", cluster.address, *FAST, "--out", str(tmp_path)))
+    finally:
+        cluster.stop()
+        lt.close()
+    assert rc == 0
+    res = check_report(tmp_path, ["1P1D"])
+    assert "Planner validation" in (tmp_path / "report.md").read_text()
+    assert len(res["runs"]) == 2
+
+
+def test_capstone_base_url_fixed_concurrency(tmp_path) -> None:
+    lt, cluster = fake_cluster(http=True)
+    try:
+        url = "http://" + cluster.coord.http_address
+        rc = capstone.run(parse("--base-url", url, *FAST, "--concurrency", "1,4",
+                                "--out", str(tmp_path)))
+    finally:
+        cluster.stop()
+        lt.close()
+    assert rc == 0
+    res = check_report(tmp_path, ["external"], searched=False)
+    assert [r["max_concurrency"] for r in res["runs"]] == [1, 4]
+    assert all(r["completed"] > 0 for r in res["runs"])
+
+
+def test_capstone_cpu_smoke_tiny_model(tmp_path) -> None:
+    """The real thing on CPU: tiny model, 1P1D (2 workers), a few requests."""
+    rc = capstone.run(parse("--configs", "1P1D", "--devices", "cpu", "--model", "tiny",
+                            "--workload", "uniform:in=8-32,out=4-8", "--num-requests", "8",
+                            "--max-runs", "1", "--start-rate", "8", "--warmup-requests", "1",
+                            "--timeout", "60", "--start-timeout", "120", "--out", str(tmp_path)))
+    assert rc == 0
+    res = check_report(tmp_path, ["1P1D"])
+    assert "transfer.png" in {p.name for p in tmp_path.iterdir()}
+    assert any(r["setup"] == "1P1D" and r["mean_transfer_ms"] is not None for r in res["runs"])
+    assert "no GPU" in (tmp_path / "report.md").read_text()
+
+
+def test_split_devices() -> None:
+    assert capstone.split_devices("cpu", 2, 1) == ("cpu", "cpu")
+    assert capstone.split_devices("0,1,cuda:2,3", 2, 1) == ("0,1", "2")
+    with pytest.raises(ValueError):
+        capstone.split_devices("0,1", 2, 1)
+
+
+@pytest.mark.slow
+def test_capstone_cpu_conditional_and_colocated(tmp_path) -> None:
+    """Conditional disaggregation (two clusters, routed by prompt length) and a colocated
+    setup on CPU: the report compares the three kinds."""
+    rc = capstone.run(parse("--configs", "1P1D,1both,1P1D+1both+cond20", "--devices", "cpu",
+                            "--workload", "uniform:in=8-32,out=4-8", "--num-requests", "10",
+                            "--max-runs", "1", "--start-rate", "8", "--warmup-requests", "1",
+                            "--timeout", "60", "--start-timeout", "120", "--out", str(tmp_path)))
+    assert rc == 0
+    check_report(tmp_path, ["1P1D", "1both", "1P1D+1both+cond20"])
+    md = (tmp_path / "report.md").read_text()
+    assert "conditional 1P1D+1both+cond20" in md
+    assert "Planner validation" in md

@@ -1,0 +1,167 @@
+"""`pdserve plan`: calibration fits and file format, the simulator's sanity (monotonic in
+load and in resources, colocated interference), the P:D recommendation, and the
+validation error computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from pdserve.benchmarks import capstone_calibration as calib
+from pdserve.benchmarks import plan
+from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_workloads import arrival_times
+from pdserve.benchmarks.planner_sim import (
+    Setup,
+    parse_setup,
+    setup_name,
+    sim_attainment,
+    sim_summary,
+    simulate,
+    simulate_setup,
+)
+
+CAL = calib.Calibration(prefill={"c0": 10.0, "c_token": 0.1, "c_token2": 0.0},
+                        decode={"c0": 10.0, "c_seq": 0.2, "c_ctx_token": 0.0},
+                        transfer={"c0": 1.0, "ms_per_byte": 1e-6}, kv_bytes_per_token=1000.0,
+                        max_batch=64, prefill_token_budget=2048)
+SLOS = {"ttft": 500.0, "tpot": 30.0}
+
+
+def lengths(n: int = 200, seed: int = 0) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    return [(rng.randint(100, 400), rng.randint(20, 60)) for _ in range(n)]
+
+
+def test_parse_setup() -> None:
+    assert parse_setup("1P3D") == Setup(1, 3, 0) and parse_setup("4both") == Setup(0, 0, 4)
+    cond = parse_setup("1P1D+1both+cond512")
+    assert cond == Setup(1, 1, 1, 512) and cond.name == "1P1D+1both+cond512"
+    assert (cond.kind, cond.gpus, parse_setup("2P2D").kind) == ("conditional", 3, "P/D")
+    assert setup_name(2, 2, 0) == "2P2D" and setup_name(0, 0, 3) == "3both"
+    for bad in ("0P1D", "1P", "both", "2x2", "1P1D+0both+cond5", "1P1D+cond512"):
+        with pytest.raises(ValueError):
+            parse_setup(bad)
+
+
+def test_single_request_latency_matches_the_profiles() -> None:
+    r, = simulate(CAL, 1, 1, 0, [0.0], [(100, 3)])
+    ttft = CAL.prefill_ms(100, 100 ** 2) + CAL.transfer_ms(100 * 1000)
+    assert r.ttft_ms() == pytest.approx(ttft)
+    # tokens 1 and 2 come from two decode steps (batch 1)
+    step1 = CAL.decode_step_ms(1, 101)
+    step2 = CAL.decode_step_ms(1, 102)
+    assert r.e2el_ms() == pytest.approx(ttft + step1 + step2)
+    c, = simulate(CAL, 0, 0, 1, [0.0], [(100, 3)])
+    assert c.ttft_ms() == pytest.approx(CAL.prefill_ms(100, 100 ** 2))
+
+
+def attain(setup: tuple[int, int, int], rate: float) -> float:
+    ls = lengths()
+    times = arrival_times(len(ls), rate, 1.0, random.Random(1))
+    return sim_attainment(simulate(CAL, *setup, times, ls), SLOS)
+
+
+def test_conditional_setup_routes_by_prompt_length() -> None:
+    ls = [(50, 5), (500, 5), (60, 5), (700, 5)]
+    times = [0.0, 0.0, 0.0, 0.0]
+    out = simulate_setup(CAL, Setup(1, 1, 1, 100), times, ls)
+    # short prompts prefill on the colocated worker (no transfer), long ones go through P/D
+    assert out[0].ttft_ms() == pytest.approx(CAL.prefill_ms(50, 50 ** 2))
+    assert out[1].ttft_ms() == pytest.approx(CAL.prefill_ms(500, 500 ** 2)
+                                             + CAL.transfer_ms(500 * CAL.kv_bytes_per_token))
+    assert [r.prompt for r in out] == [50, 500, 60, 700]
+
+
+def test_attainment_falls_with_load_and_rises_with_gpus() -> None:
+    rates = [1, 4, 16, 64]
+    a = [attain((1, 1, 0), r) for r in rates]
+    assert all(x >= y - 1e-9 for x, y in zip(a, a[1:])) and a[0] > 0.9 and a[-1] < 0.5
+    assert attain((2, 2, 0), 16) >= attain((1, 1, 0), 16)
+    assert attain((0, 0, 4), 16) >= attain((0, 0, 2), 16)
+
+
+def test_colocated_prefill_stalls_decode() -> None:
+    ls = lengths()
+    times = arrival_times(len(ls), 8.0, 1.0, random.Random(1))
+    pd = simulate(CAL, 1, 1, 0, times, ls)
+    co = simulate(CAL, 0, 0, 2, times, ls)
+    tpot = lambda rs: float(np.mean([r.tpot_ms() for r in rs]))  # noqa: E731
+    assert tpot(co) > tpot(pd)  # decode steps of colocated workers include prefills
+
+
+def test_plan_recommends_and_predictions_are_monotonic_in_gpus() -> None:
+    ls = lengths(150)
+    rows4 = plan.plan(CAL, 4, ls, SLOS)
+    assert {r["setup"] for r in rows4} == {"1P3D", "2P2D", "3P1D", "4both"}
+    goodputs = [r["predicted_goodput_rps"] for r in rows4]
+    assert goodputs == sorted(goodputs, reverse=True) and goodputs[0] > 0
+    best2 = plan.plan(CAL, 2, ls, SLOS)[0]["predicted_goodput_rps"]
+    assert goodputs[0] >= best2
+    assert len(plan.splits(64)) <= 13
+    assert plan.splits(3, colocated=False) == [Setup(1, 2, 0), Setup(2, 1, 0)]
+
+
+def test_validation_error() -> None:
+    assert plan.validation_error(11.0, 10.0) == pytest.approx(0.1)
+    assert plan.validation_error(8.0, 10.0) == pytest.approx(-0.2)
+    assert math.isnan(plan.validation_error(1.0, 0.0))
+    rows = [{"error": 0.1}, {"error": -0.3}, {"error": math.nan}]
+    assert plan.mean_abs_error(rows) == pytest.approx(0.2)
+
+
+def test_validate_against_a_run_directory(tmp_path) -> None:
+    ls = lengths(120)
+    search = plan.predict(CAL, Setup(1, 1, 0), ls, SLOS, start_rate=2.0, max_runs=5, rel_tol=0.15)
+    runs = []
+    for rate, _ in search.runs:  # "measured" = simulated: errors must be 0
+        times = arrival_times(len(ls), rate, 1.0, random.Random(0 + 7919))
+        att, good = sim_summary(simulate(CAL, 1, 1, 0, times, ls), SLOS)
+        runs.append({"setup": "1P1D", "workload": "w", "request_rate": rate,
+                     "request_goodput": good, "slo_attainment": att})
+    doc = {"slos": SLOS, "target": 0.9, "burstiness": 1.0, "seed": 0, "runs": runs,
+           "search": {"start_rate": 2.0, "max_runs": 5, "rel_tol": 0.15},
+           "window": {"warmup": 0.1, "cooldown": 0.1},
+           "setups": [{"setup": "1P1D", "by_workload": {"w": {
+               "max_rate": search.max_rate, "lengths": ls, "bracketed": True,
+               "search_runs": search.runs}}}]}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    CAL.save(str(tmp_path / "calibration.json"))
+    per_run, per_search = plan.validate(str(tmp_path))
+    assert len(per_run) == len(search.runs)
+    assert all(r["error"] == pytest.approx(0.0) for r in per_run if not math.isnan(r["error"]))
+    assert per_search[0]["error"] == pytest.approx(0.0)
+    text = "\n".join(plan.validation_lines(per_run, per_search))
+    assert "Mean |error| of goodput: 0.0%" in text
+
+
+def test_calibration_fit_recovers_linear_profiles(tmp_path) -> None:
+    results = []
+    for i in range(40):
+        n = 50 + 10 * i
+        r = RequestResult(float(i), n, chunks=[(i + 0.5, 1), (i + 0.6, 1), (i + 0.7, 1)])
+        r.server = {"prefill_ms": 5.0 + 0.2 * n, "kv_bytes": 2048 * n,
+                    "transfer_ms": 0.5 + 1e-5 * 2048 * n, "decode_worker": "d0"}
+        results.append(r)
+    cal = calib.fit([results])
+    assert cal.prefill["c_token"] == pytest.approx(0.2, rel=1e-3)
+    assert cal.prefill["c0"] == pytest.approx(5.0, rel=1e-2)
+    assert cal.transfer["ms_per_byte"] == pytest.approx(1e-5, rel=1e-3)
+    assert cal.kv_bytes_per_token == 2048 and "measured" in cal.source["prefill"]
+    assert "measured" in cal.source["decode"]
+    path = cal.save(str(tmp_path / "c.json"))
+    assert calib.Calibration.load(path).prefill == cal.prefill
+    assert json.loads((tmp_path / "c.json").read_text())["format"] == calib.FORMAT
+    empty = calib.fit([[]])
+    assert empty.source["prefill"] == "default"
+
+
+def test_nonneg_lstsq_drops_negative_terms() -> None:
+    x = np.stack([np.ones(20), np.arange(20.0)], 1)
+    y = 100 - 0.0 * np.arange(20.0) + np.linspace(0, -1, 20)  # slightly decreasing
+    c = calib.nonneg_lstsq(x, y)
+    assert c[1] == 0.0 and c[0] > 0
