@@ -23,6 +23,10 @@ from pdserve.proto.grpc_util import new_channel
 
 log = logging.getLogger("pdserve.coordinator")
 
+
+class WorkerIdTaken(ValueError):
+    """Register under the id of a worker that is still alive (it keeps its place)."""
+
 ROLE_NAMES = {pb.ROLE_PREFILL: "prefill", pb.ROLE_DECODE: "decode", pb.ROLE_BOTH: "both"}
 
 
@@ -86,9 +90,10 @@ class Registry:
         info = copy
         if not info.worker_id:
             info.worker_id = f"{ROLE_NAMES[info.role]}-{next(self._ids)}"
-        old = self._workers.get(info.worker_id)
-        if old is not None:
-            self._close(old, "re-registered")
+            while info.worker_id in self._workers:
+                info.worker_id = f"{ROLE_NAMES[info.role]}-{next(self._ids)}"
+        if info.worker_id in self._workers:  # it leaves by silence or UNAVAILABLE
+            raise WorkerIdTaken(f"worker id {info.worker_id!r} is held by a live worker")
         channel = self._channel_factory(info.address)
         handle = WorkerHandle(info=info, channel=channel, stub=pb_grpc.WorkerStub(channel),
                               load=pb.WorkerLoad(free_blocks=info.total_blocks,

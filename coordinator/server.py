@@ -17,7 +17,7 @@ import grpc
 
 from pdserve.coordinator.config import CoordinatorConfig
 from pdserve.coordinator.orchestrator import Orchestrator
-from pdserve.coordinator.registry import Registry
+from pdserve.coordinator.registry import Registry, WorkerIdTaken
 from pdserve.coordinator.request import RequestError
 from pdserve.coordinator.router import make_policy
 from pdserve.coordinator.tokens import Tokenizer, TokenizerProvider
@@ -26,23 +26,24 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.grpc_util import (
     COORDINATOR_SERVICE,
     add_standard_services,
-    check_auth,
+    new_channel,
     new_server,
 )
+from pdserve.proto.guard import COORDINATOR_PLANES, Guard
 
 log = logging.getLogger("pdserve.coordinator")
 LIVE_STATS_TIMEOUT_S = 2.0
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Credentials and request bytes are checked before a handler runs (proto/guard.py)."""
+
     def __init__(self, orch: Orchestrator, config: CoordinatorConfig) -> None:
         self.orch = orch
         self.registry = orch.registry
         self.config = config
-        self.token = config.auth_token
 
     async def Generate(self, request, context):
-        await check_auth(context, self.token)
         try:
             async for response in self.orch.generate(request, context.time_remaining()):
                 yield response
@@ -50,15 +51,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             await context.abort(e.code, e.message)
 
     async def Abort(self, request, context):
-        await check_auth(context, self.token)
         return pb.AbortReply(found=self.orch.abort(request.request_id))
 
     async def ListWorkers(self, request, context):
-        await check_auth(context, self.token)
         return pb.ListWorkersReply(workers=self.registry.statuses())
 
     async def Stats(self, request, context):
-        await check_auth(context, self.token)
         if request.live:
             await self._refresh_loads()
         return self.orch.stats()
@@ -77,7 +75,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 self.registry.drop_handle(w, f"Stats failed: {r.details()}")
 
     async def Register(self, request, context):
-        await check_auth(context, self.token)
         info = request.info
         current = self.orch.tokenizers.model or next(
             (w.info.model for w in self.registry.workers() if w.info.model), "")
@@ -86,6 +83,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 f"this coordinator serves model {current!r}, the worker has {info.model!r}"))
         try:
             handle = self.registry.register(info)
+        except WorkerIdTaken as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.orch.tokenizers.model_known(info.model)
@@ -93,7 +92,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                 heartbeat_s=self.config.heartbeat_s)
 
     async def Heartbeat(self, request, context):
-        await check_auth(context, self.token)
         return pb.HeartbeatReply(known=self.registry.heartbeat(request.worker_id, request.load))
 
 
@@ -122,10 +120,11 @@ class CoordinatorServer:
 
     async def start(self) -> int:
         cfg = self.config
-        registry = Registry(cfg.worker_timeout_s)
+        registry = Registry(cfg.worker_timeout_s,
+                            lambda address: new_channel(address, cfg.cluster_secret))
         tokenizers = TokenizerProvider(factory=self._tok_args[0], tokenizer=self._tok_args[1])
         self.orch = Orchestrator(registry, make_policy(cfg.routing), cfg.max_queue, tokenizers)
-        self._server = new_server()
+        self._server = new_server(Guard(COORDINATOR_PLANES, cfg.auth_token, cfg.cluster_secret))
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.orch, cfg), self._server)
         self._health = await add_standard_services(self._server, [COORDINATOR_SERVICE])
         self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
