@@ -138,3 +138,38 @@ def test_keepalive_settings_agree():
     # the client never pings more often than the server allows, with or without data
     assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_ping_interval_without_data_ms"]
     assert client["grpc.http2.max_pings_without_data"] == 0
+
+
+_IDLE_CHANNEL = r"""
+import asyncio, grpc
+from pdserve.proto import pdserve_pb2 as pb, pdserve_pb2_grpc as pbg
+from pdserve.proto.grpc_util import CHANNEL_OPTIONS, SERVER_OPTIONS
+# the project's settings, every interval divided by 15
+fast = lambda opts: [(k, v // 15 if k.endswith("_ms") else v) for k, v in opts]
+class W(pbg.WorkerServicer):
+    async def Abort(self, request, context):
+        return pb.AbortReply()
+async def main():
+    server = grpc.aio.server(options=fast(SERVER_OPTIONS))
+    pbg.add_WorkerServicer_to_server(W(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=fast(CHANNEL_OPTIONS)) as ch:
+        await pbg.WorkerStub(ch).Abort(pb.AbortRequest())
+        await asyncio.sleep(8)  # idle: four keepalive pings at the scaled 2 s
+        await pbg.WorkerStub(ch).Abort(pb.AbortRequest())
+    print("idle channel ok", flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_idle_channel_gets_no_goaway():
+    """Keepalive pings on an idle channel (scaled down 15x) never draw GOAWAY too_many_pings."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _IDLE_CHANNEL], capture_output=True, text=True,
+                         timeout=50)
+    assert out.returncode == 0 and "idle channel ok" in out.stdout, out.stderr[-2000:]
+    assert "too_many_pings" not in out.stderr and "GOAWAY" not in out.stderr, out.stderr[-2000:]
