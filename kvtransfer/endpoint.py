@@ -32,7 +32,7 @@ from .backend import Backend, create_backend
 from .common import ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn
 from .pack import KVLayout, StagingPool
-from .schema import validate
+from .schema import ProtocolError, validate
 
 log = logging.getLogger("pdserve.kvtransfer")
 
@@ -275,6 +275,9 @@ class Endpoint:
                             self._on_message(obj, validate(msg, obj.conn.accept))
                             if not obj.alive:
                                 break
+                except ProtocolError as e:
+                    log.warning("kv %s: dropping peer %d: %s", self._role, obj.id, e)
+                    self._peer_lost(obj, str(e))
                 except (ConnectionError, TransferError) as e:
                     self._peer_lost(obj, str(e))
                 except Exception as e:  # whatever a peer's input set off: drop that peer only
