@@ -28,10 +28,12 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.proto import cluster_secret
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import ROLE_BY_NAME, sampling_fields
 from pdserve.proto.grpc_util import WORKER_SERVICE, add_standard_services
+from pdserve.proto.guard import WORKER_PLANES, Guard
 from pdserve.worker.coordinator_link import CoordinatorLink
 
 VOCAB = 1000
@@ -84,8 +86,9 @@ class FakeWorker(pb_grpc.WorkerServicer):
     def __init__(self, role: str, coordinator: str | None = None, *, num_blocks: int = 64,
                  block_size: int = 16, max_model_len: int = 512, worker_id: str = "",
                  model: str = "fake-model", auth_token: str | None = None,
-                 knobs: Knobs | None = None) -> None:
+                 knobs: Knobs | None = None, cluster_secret: str | None = None) -> None:
         self.role, self.coordinator, self.auth_token = role, coordinator, auth_token
+        self.cluster_secret = cluster_secret  # required of Worker RPCs, sent to the coordinator
         self.total, self.free, self.block_size = num_blocks, num_blocks, block_size
         self.max_model_len, self.model = max_model_len, model
         self.worker_id, self.knobs = worker_id, knobs or Knobs()
@@ -96,7 +99,8 @@ class FakeWorker(pb_grpc.WorkerServicer):
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> FakeWorker:
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[Guard(WORKER_PLANES,
+                                                          cluster_secret=self.cluster_secret)])
         pb_grpc.add_WorkerServicer_to_server(self, self.server)
         await add_standard_services(self.server, [WORKER_SERVICE])
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -104,7 +108,8 @@ class FakeWorker(pb_grpc.WorkerServicer):
         self.address = f"127.0.0.1:{self.port}"
         self.link = None
         if self.coordinator:
-            self.link = CoordinatorLink(self.coordinator, self.info(), self.load, self.auth_token)
+            self.link = CoordinatorLink(self.coordinator, self.info(), self.load,
+                                        self.cluster_secret or self.auth_token)
             self.worker_id = await self.link.start(timeout_s=5)
         self.kv_address = f"fake://{self.worker_id or self.address}".encode()
         _ENDPOINTS[self.kv_address] = self
@@ -268,6 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="fake-model",
                    help="model name registered (the coordinator loads its tokenizer)")
     p.add_argument("--auth-token", default=None)
+    cluster_secret.add_argument(p)
     return p
 
 
@@ -295,7 +301,8 @@ async def serve(args: argparse.Namespace) -> None:
             w = FakeWorker(role, args.coordinator, num_blocks=args.num_blocks,
                            block_size=args.block_size, max_model_len=args.max_model_len,
                            model=args.model, auth_token=args.auth_token,
-                           knobs=Knobs(chunk_tokens=args.chunk_tokens))
+                           knobs=Knobs(chunk_tokens=args.chunk_tokens),
+                           cluster_secret=cluster_secret.from_args(args))
             workers.append(await w.start())
     print("fake workers ready", " ".join(f"{w.role}={w.address}" for w in workers), flush=True)
     loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ import os
 import signal
 
 from pdserve.coordinator.config import CoordinatorConfig
+from pdserve.proto import cluster_secret
 
 ROUTING = ("least_loaded", "round_robin", "prefix_aware")
 
@@ -33,9 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"drop a worker silent this many seconds (default {d.worker_timeout_s:g})")
     parser.add_argument("--heartbeat", type=float, default=d.heartbeat_s,
                         help=f"heartbeat period asked of workers, seconds (default {d.heartbeat_s:g})")
-    parser.add_argument("--auth-token", default=os.environ.get("PDSERVE_AUTH_TOKEN"),
-                        help="require metadata 'authorization: Bearer TOKEN' on every call "
-                             "(default: $PDSERVE_AUTH_TOKEN, unset = no auth)")
+    parser.add_argument("--api-key", "--auth-token", dest="auth_token",
+                        default=os.environ.get("PDSERVE_AUTH_TOKEN"),
+                        help="clients' API key: Generate, Abort, ListWorkers and Stats require "
+                             "metadata 'authorization: Bearer KEY' (default: $PDSERVE_AUTH_TOKEN, "
+                             "unset = open); it never opens the cluster plane when a cluster "
+                             "secret is set")
+    cluster_secret.add_argument(parser)
     parser.add_argument("--http-port", type=int, default=None,
                         help="also serve the OpenAI-compatible HTTP API on this port")
     parser.add_argument("--http-host", default=None, help="HTTP bind address (default: --host)")
@@ -56,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig(host=args.host, port=args.port, heartbeat_s=args.heartbeat,
                         worker_timeout_s=args.worker_timeout, max_queue=args.max_queue,
                         routing=args.routing, auth_token=args.auth_token or None,
-                        model_cache_dir=cache_dir)
+                        model_cache_dir=cache_dir,
+                        cluster_secret=cluster_secret.from_args(args))
 
 
 async def serve(config: CoordinatorConfig, http_port: int | None = None,

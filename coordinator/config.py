@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,7 +13,9 @@ class CoordinatorConfig:
     worker_timeout_s: float = 5.0  # a worker silent this long is dropped
     max_queue: int = 1024  # requests waiting at the coordinator
     routing: str = "least_loaded"  # a policy name of coordinator/router.py
-    auth_token: str | None = None
+    auth_token: str | None = field(default=None, repr=False)  # clients' API key
+    # workers' credential: Register and Heartbeat, and sent on every Worker RPC
+    cluster_secret: str | None = field(default=None, repr=False)
     model_cache_dir: str | None = None  # built-in models' tokenizers (see engine/model_cache.py)
 
     def __post_init__(self) -> None:

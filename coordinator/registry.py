@@ -26,6 +26,11 @@ log = logging.getLogger("pdserve.coordinator")
 
 
 
+class WorkerIdTaken(ValueError):
+    """Register under the id of a worker that is still alive (it keeps its place)."""
+
+
+
 @dataclass(eq=False, slots=True)
 class WorkerHandle:
     """One registered worker. Load = last heartbeat + what the coordinator routed since."""
@@ -85,9 +90,10 @@ class Registry:
         info = copy
         if not info.worker_id:
             info.worker_id = f"{ROLE_NAME[info.role]}-{next(self._ids)}"
-        old = self._workers.get(info.worker_id)
-        if old is not None:
-            self._close(old, "re-registered")
+            while info.worker_id in self._workers:
+                info.worker_id = f"{ROLE_NAME[info.role]}-{next(self._ids)}"
+        if info.worker_id in self._workers:  # it leaves by silence or UNAVAILABLE
+            raise WorkerIdTaken(f"worker id {info.worker_id!r} is held by a live worker")
         channel = self._channel_factory(info.address)
         handle = WorkerHandle(info=info, channel=channel, stub=pb_grpc.WorkerStub(channel),
                               load=pb.WorkerLoad(free_blocks=info.total_blocks,

@@ -19,7 +19,7 @@ import grpc
 from pdserve.coordinator.config import CoordinatorConfig
 from pdserve.coordinator.metrics import make_metrics
 from pdserve.coordinator.orchestrator import Orchestrator
-from pdserve.coordinator.registry import Registry
+from pdserve.coordinator.registry import Registry, WorkerIdTaken
 from pdserve.coordinator.request import RequestError
 from pdserve.coordinator.router import make_policy
 from pdserve.coordinator.tokens import TokenizerProvider, default_tokenizer_factory
@@ -30,24 +30,25 @@ from pdserve.proto.convert import ROLE_NAME
 from pdserve.proto.grpc_util import (
     COORDINATOR_SERVICE,
     add_standard_services,
-    check_auth,
     listen,
+    new_channel,
     new_server,
 )
+from pdserve.proto.guard import COORDINATOR_PLANES, Guard
 
 log = logging.getLogger("pdserve.coordinator")
 LIVE_STATS_TIMEOUT_S = 2.0
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Credentials and request bytes are checked before a handler runs (proto/guard.py)."""
+
     def __init__(self, orch: Orchestrator, config: CoordinatorConfig) -> None:
         self.orch = orch
         self.registry = orch.registry
         self.config = config
-        self.token = config.auth_token
 
     async def Generate(self, request, context):
-        await check_auth(context, self.token)
         try:
             async for response in self.orch.generate(request, context.time_remaining()):
                 yield response
@@ -55,15 +56,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             await context.abort(e.code, e.message)
 
     async def Abort(self, request, context):
-        await check_auth(context, self.token)
         return pb.AbortReply(found=self.orch.abort(request.request_id))
 
     async def ListWorkers(self, request, context):
-        await check_auth(context, self.token)
         return pb.ListWorkersReply(workers=self.registry.statuses())
 
     async def Stats(self, request, context):
-        await check_auth(context, self.token)
         if request.live:
             await self._refresh_loads()
         return self.orch.stats()
@@ -82,7 +80,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 self.registry.drop_handle(w, f"Stats failed: {r.details()}")
 
     async def Register(self, request, context):
-        await check_auth(context, self.token)
         info = request.info
         current = self.orch.tokenizers.model or next(
             (w.info.model for w in self.registry.workers() if w.info.model), "")
@@ -91,6 +88,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 f"this coordinator serves model {current!r}, the worker has {info.model!r}"))
         try:
             handle = self.registry.register(info)
+        except WorkerIdTaken as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.orch.tokenizers.model_known(info.model)
@@ -98,7 +97,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                 heartbeat_s=self.config.heartbeat_s)
 
     async def Heartbeat(self, request, context):
-        await check_auth(context, self.token)
         return pb.HeartbeatReply(known=self.registry.heartbeat(request.worker_id, request.load))
 
 
@@ -129,7 +127,8 @@ class CoordinatorServer:
 
     async def start(self) -> int:
         cfg = self.config
-        registry = Registry(cfg.worker_timeout_s)
+        registry = Registry(cfg.worker_timeout_s,
+                            lambda address: new_channel(address, cfg.cluster_secret))
         factory = self._tok_args[0] or functools.partial(default_tokenizer_factory,
                                                          cache_dir=cfg.model_cache_dir)
         tokenizers = TokenizerProvider(factory=factory, tokenizer=self._tok_args[1])
@@ -139,7 +138,7 @@ class CoordinatorServer:
         self.metrics.watch(
             lambda: ((w.worker_id, ROLE_NAME.get(w.role, "?"), w.load) for w in registry.workers()),
             lambda: (len(orch.active), orch.dispatch.queued))
-        self._server = new_server()
+        self._server = new_server(Guard(COORDINATOR_PLANES, cfg.auth_token, cfg.cluster_secret))
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.orch, cfg), self._server)
         self._health = await add_standard_services(self._server, [COORDINATOR_SERVICE])
         self.port = listen(self._server, cfg.host, cfg.port)

@@ -29,7 +29,7 @@ class DecodeRole(Role):
     def __init__(self, core: WorkerCore, receiver: ReceiverLink | None = None) -> None:
         super().__init__(core)
         self.receiver = receiver or ReceiverLink(core.cfg.transfer, core.engine.kv_caches,
-                                                 core.cfg.host)
+                                                 core.cfg.host, on_fatal=core.fail)
 
     @classmethod
     def engine_config(cls, cfg: EngineConfig) -> EngineConfig:
@@ -70,6 +70,9 @@ class DecodeRole(Role):
         """Every layer arrived (aux holds the first token), or the transfer failed."""
         core, eng = self.core, self.core.engine
         st.computed_s = st.kv_done_s = time.monotonic()
+        first = (aux or {}).get("first_token")
+        if err is None and not (type(first) is int and 0 <= first < eng.model_cfg.vocab_size):
+            err = f"the prefill worker sent no valid first token: {first!r:.40}"
         if err is not None:
             core.engine_loop.call(lambda: eng.abort(st.req_id))
             core.table.deliver([(st, StreamEnd("abort", (grpc.StatusCode.ABORTED,
@@ -77,7 +80,7 @@ class DecodeRole(Role):
             return
 
         def admit() -> None:
-            seq = batching.admit(eng.scheduler, st.req_id, int(aux["first_token"]))
+            seq = batching.admit(eng.scheduler, st.req_id, first)
             if seq.is_finished:
                 core.table.deliver([(st, StreamEnd(seq.finish_reason or "stop"))])
         core.engine_loop.call(admit)

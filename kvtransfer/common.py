@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
 import torch
 
 ReqId = Union[int, str]  # msgpack-able request id chosen by the serving layer
 
-SCHEMA_VERSION = 1  # of every control header; both sides must agree
+SCHEMA_VERSION = 2  # of every control header; both sides must agree (2: framed, authenticated)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -103,8 +103,15 @@ class TransferOptions:
     host: str = "127.0.0.1"  # control listen address (receiver); "0.0.0.0" for all
     advertise_host: str | None = None  # host put in the address; None: `host`
     port: int = 0  # control listen port (receiver); 0: any free port
+    # cluster secret: peers must prove they hold it before anything reaches the backend
+    # (None: no authentication, the behaviour before it existed)
+    secret: bytes | str | None = field(default=None, repr=False)
+    max_frame_bytes: int = 1 << 20  # largest control message accepted from a peer
+    max_pending_handshakes: int = 64  # receiver: connections not yet through the handshake
 
     def __post_init__(self) -> None:
+        if self.max_frame_bytes < 1024 or self.max_pending_handshakes < 1:
+            raise ValueError("max_frame_bytes must be >= 1024 and max_pending_handshakes >= 1")
         if self.staging_bytes <= 0 or self.num_staging_buffers < 1:
             raise ValueError("staging_bytes and num_staging_buffers must be positive")
         if self.min_message_bytes <= 0:
@@ -142,6 +149,7 @@ class TransferConfig:
     # transfer takes (measured: docs/architecture.md, "Transfer findings").
     layerwise_min_tokens: int = 1024
     staging_bytes: int = 64 << 20  # per staging buffer
+    secret: bytes | str | None = field(default=None, repr=False)  # cluster secret (None: none)
 
     def __post_init__(self) -> None:
         if self.backend not in ("ucx", "nccl"):

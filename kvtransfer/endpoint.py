@@ -5,6 +5,11 @@ progress thread owns every socket, backend call, CUDA copy and request state. It
 select() (woken by a socket pair on each command), for poll_interval_s while ops are in
 flight and up to idle_interval_s otherwise. Results go to a queue read by poll()/wait(), and
 to the optional callback, which runs on the progress thread and must be quick.
+
+Peers are untrusted: every control message is validated (schema.py) before use, and any
+exception raised while handling one peer's input drops that peer only. Should the progress
+thread die anyway (a bug), every request fails and `on_fatal(why)` tells the owner, which
+must stop offering this endpoint (a worker turns NOT_SERVING).
 """
 
 from __future__ import annotations
@@ -22,14 +27,17 @@ from typing import Any
 
 import torch
 
+from . import auth
 from .backend import Backend, create_backend
 from .common import ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn
 from .pack import KVLayout, StagingPool
+from .schema import ProtocolError, validate
 
 log = logging.getLogger("pdserve.kvtransfer")
 
 ResultCallback = Callable[[TransferResult], None]
+FatalCallback = Callable[[str], None]
 
 
 class Peer:
@@ -49,6 +57,9 @@ class Peer:
         self.key: bytes | None = None  # sender: the address it was opened with
         self.close_when_flushed = False
         self.mask = selectors.EVENT_READ
+        self.opened_at = time.monotonic()
+        self.nonce: bytes | None = None  # receiver: this side's handshake nonce
+        self.peer_nonce: bytes | None = None  # receiver: the sender's handshake nonce
 
 
 class Endpoint:
@@ -58,8 +69,10 @@ class Endpoint:
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], backend: str | Backend = "ucx",
                  options: TransferOptions | None = None,
-                 on_result: ResultCallback | None = None) -> None:
+                 on_result: ResultCallback | None = None,
+                 on_fatal: FatalCallback | None = None) -> None:
         self.options = options or TransferOptions()
+        self._secret = auth.secret_bytes(self.options.secret)
         self.layout = KVLayout(kv_caches)
         self.geometry = self.layout.geometry
         self.device = self.layout.device
@@ -73,6 +86,7 @@ class Endpoint:
         # gather (sender) or scatter (receiver) stream, separate from compute and backend
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._on_result = on_result
+        self._on_fatal = on_fatal
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
@@ -95,6 +109,11 @@ class Endpoint:
         """Requests started/expected and not yet reported."""
         with self._cond:
             return len(self._ids)
+
+    @property
+    def fatal(self) -> str | None:
+        """Why the progress thread died, or None while it runs (or after a clean close())."""
+        return self._fatal
 
     @property
     def staging_free(self) -> int:
@@ -228,6 +247,11 @@ class Endpoint:
             self._fatal = f"{type(e).__name__}: {e}"
         finally:
             self._shutdown(self._fatal or "endpoint closed")
+        if self._fatal is not None and self._on_fatal is not None:
+            try:
+                self._on_fatal(self._fatal)
+            except Exception:
+                log.exception("kv %s fatal callback raised", self._role)
 
     def _iterate(self) -> None:
         for key, mask in self._sel.select(self._timeout()):
@@ -245,18 +269,31 @@ class Endpoint:
                 try:
                     if mask & selectors.EVENT_READ:
                         for msg in obj.conn.read():
-                            self._on_message(obj, msg)
+                            # validated against what is acceptable now: a hello changes it
+                            self._on_message(obj, validate(msg, obj.conn.accept))
                             if not obj.alive:
                                 break
+                except ProtocolError as e:
+                    log.warning("kv %s: dropping peer %d: %s", self._role, obj.id, e)
+                    self._peer_lost(obj, str(e))
                 except (ConnectionError, TransferError) as e:
                     self._peer_lost(obj, str(e))
-                except (KeyError, TypeError, ValueError) as e:  # malformed header
+                except Exception as e:  # whatever a peer's input set off: drop that peer only
+                    log.warning("kv %s: dropping peer %d: %s: %s", self._role, obj.id,
+                                type(e).__name__, e)
                     self._peer_lost(obj, f"control protocol error: {type(e).__name__}: {e}")
             else:
                 obj()  # listener accept
         self._run_commands()
         self._progress()
+        self._expire_handshakes()
         self._flush_all()
+
+    def _expire_handshakes(self) -> None:
+        """Drop peers that did not finish their handshake within connect_timeout_s."""
+        limit = time.monotonic() - self.options.connect_timeout_s
+        for peer in [p for p in self._peers.values() if not p.ready and p.opened_at < limit]:
+            self._peer_lost(peer, "handshake timed out")
 
     def _run_commands(self) -> None:
         """Run queued API calls. Also called before acting on a peer's message that may

@@ -1,6 +1,7 @@
 """Binds a worker's KV pool to the transfer layer, with one completion callback per request.
 
 Callbacks run on the transfer endpoint's progress thread and must only hand work on.
+`on_fatal(why)` runs once if that thread dies: the worker must stop serving (worker/core.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def _options(cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str) 
     layer_block_bytes = kv_caches[0][0].numel() * kv_caches[0].element_size()
     staging = max(layer_block_bytes, min(cfg.staging_bytes, pool_bytes // 4))
     return TransferOptions(staging_bytes=staging, layerwise=cfg.layerwise,
-                           deadline_s=cfg.timeout_s, host=host)
+                           deadline_s=cfg.timeout_s, host=host, secret=cfg.secret)
 
 
 class _Callbacks:
@@ -43,10 +44,11 @@ class _Callbacks:
 class SenderLink:
     """Prefill side."""
 
-    def __init__(self, cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str) -> None:
+    def __init__(self, cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
         self._cbs = _Callbacks()
         self.sender = KVSender(kv_caches, cfg.backend, _options(cfg, kv_caches, host),
-                               on_result=self._cbs.fire)
+                               on_result=self._cbs.fire, on_fatal=on_fatal)
 
     def connect(self, address: bytes) -> None:
         """Open the pair ahead of time (blocks for the handshake; raises on mismatch)."""
@@ -81,10 +83,11 @@ class SenderLink:
 class ReceiverLink:
     """Decode side."""
 
-    def __init__(self, cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str) -> None:
+    def __init__(self, cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
         self._cbs = _Callbacks()
         self.receiver = KVReceiver(kv_caches, cfg.backend, _options(cfg, kv_caches, host),
-                                   on_result=self._cbs.fire)
+                                   on_result=self._cbs.fire, on_fatal=on_fatal)
         self.address: bytes = self.receiver.address
 
     def expect(self, req_id: str, block_ids: list[int], deadline_s: float,

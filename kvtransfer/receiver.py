@@ -5,10 +5,15 @@ staging buffer, then scatters the rows into the request's blocks (on its own CUD
 chained to the receive on the GPU for stream-ordered backends). A request is reported once
 its `end` arrived and every row is in place; a failed one once nothing of it is in flight.
 Data of unknown or failed requests is still received (and dropped): both sides stay in step.
+
+A new connection is a stranger until its handshake ends: with a cluster secret it must pass
+the challenge-response of auth.py first, and only then does its backend address reach the
+backend. Strangers are capped (max_pending_handshakes) and timed out (connect_timeout_s).
 """
 
 from __future__ import annotations
 
+import logging
 import selectors
 import socket
 import time
@@ -19,11 +24,15 @@ from typing import Any
 
 import torch
 
+from . import auth
 from .backend import Backend, Op
 from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn, address_to_str, encode_address
-from .endpoint import Endpoint, Peer, ResultCallback
+from .endpoint import Endpoint, FatalCallback, Peer, ResultCallback
 from .pack import Rect
+from .schema import RECEIVER_HANDSHAKE, RECEIVER_READY, ProtocolError
+
+log = logging.getLogger("pdserve.kvtransfer")
 
 
 @dataclass(eq=False)
@@ -64,8 +73,9 @@ class KVReceiver(Endpoint):
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], backend: str | Backend = "ucx",
                  options: TransferOptions | None = None,
-                 on_result: ResultCallback | None = None) -> None:
-        super().__init__(kv_caches, backend, options, on_result)
+                 on_result: ResultCallback | None = None,
+                 on_fatal: FatalCallback | None = None) -> None:
+        super().__init__(kv_caches, backend, options, on_result, on_fatal)
         o = self.options
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -122,10 +132,17 @@ class KVReceiver(Endpoint):
     # ---- control messages ---------------------------------------------------------------------
     def _accept(self) -> None:
         try:
-            sock, _ = self._listener.accept()
+            sock, addr = self._listener.accept()
         except (BlockingIOError, OSError):
             return
-        self._add_peer(ControlConn(sock))
+        pending = sum(1 for p in self._peers.values() if not p.ready)
+        if pending >= self.options.max_pending_handshakes:
+            log.warning("kv receiver: refusing %s: %d connections already in their handshake",
+                        addr, pending)
+            sock.close()
+            return
+        self._add_peer(ControlConn(sock, RECEIVER_HANDSHAKE,
+                                   max_frame_bytes=self.options.max_frame_bytes))
 
     def _on_message(self, peer: Peer, msg: dict[str, Any]) -> None:
         t = msg["t"]
@@ -141,6 +158,8 @@ class KVReceiver(Endpoint):
         if t == "data":
             live = req if req is not None and req.state == "active" else None
             rect = Rect(msg["l0"], msg["l1"], msg["b0"], msg["b1"])
+            if msg["tag"] >> 32 != peer.conn_id:  # another pair's tag: never match its data
+                raise ProtocolError(f"data tag {msg['tag']:#x} is not of this pair")
             if not (0 <= rect.l0 < rect.l1 <= self.layout.num_layers and 0 <= rect.b0 < rect.b1
                     and rect.rows <= self.staging.rows
                     and (live is None or rect.b1 <= len(live.dst))):
@@ -155,8 +174,30 @@ class KVReceiver(Endpoint):
         elif t == "abort" and req is not None:
             self._fail(req, f"aborted by the sender: {msg.get('why')}", notify=False)
 
+    def _authenticate(self, peer: Peer, msg: dict[str, Any]) -> bool:
+        """The challenge-response of auth.py; True once the hello proved the secret. A peer
+        that fails is refused before any of its data is used."""
+        secret = self._secret
+        if secret is None:
+            if msg["t"] == "auth":
+                raise TransferError("this KV receiver has no cluster secret, the sender has one")
+            return True
+        if msg["t"] == "auth" and peer.nonce is None:
+            peer.peer_nonce, peer.nonce = msg["nonce"], auth.new_nonce()
+            peer.conn.send({"t": "auth", "nonce": peer.nonce,
+                            "mac": auth.receiver_proof(secret, peer.peer_nonce, peer.nonce)})
+            return False
+        if msg["t"] != "hello" or peer.nonce is None:
+            raise TransferError("authentication required: this KV receiver has a cluster secret")
+        proof = auth.sender_proof(secret, peer.peer_nonce, peer.nonce, msg["addr"], msg["token"])
+        if not auth.check(proof, msg.get("mac")):
+            raise TransferError("authentication failed: wrong cluster secret")
+        return True
+
     def _on_hello(self, peer: Peer, msg: dict[str, Any]) -> None:
         try:
+            if not self._authenticate(peer, msg):
+                return
             if msg["t"] != "hello":
                 raise TransferError(f"expected hello, got {msg['t']!r}")
             if msg.get("backend") != self.backend.name:
@@ -166,13 +207,16 @@ class KVReceiver(Endpoint):
             peer.handle = self.backend.connect(msg.get("addr", b""), msg.get("token", b""), False)
         except (TransferError, ValueError, RuntimeError) as e:
             kind = "geometry" if isinstance(e, GeometryMismatchError) else "refused"
+            log.warning("kv receiver: refusing peer %d: %s", peer.id, e)
             peer.conn.send({"t": "error", "kind": kind, "why": str(e)})
+            peer.conn.accept = frozenset()  # nothing more from it: it is closed once flushed
             peer.close_when_flushed = True
             return
         peer.conn_id = self._next_conn
         self._next_conn += 1
         peer.max_rows = min(self.staging.rows, int(msg.get("max_rows", self.staging.rows)))
         peer.ready = True
+        peer.conn.accept = RECEIVER_READY
         peer.conn.send({"t": "welcome", "conn": peer.conn_id, "max_rows": self.staging.rows})
 
     def _on_begin(self, peer: Peer, msg: dict[str, Any], req: _RxReq | None) -> None:

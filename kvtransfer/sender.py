@@ -21,9 +21,10 @@ import torch
 
 from .backend import Backend, Op
 from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions, TransferResult
-from .control import ControlConn, address_bytes, decode_address, encode, handshake
-from .endpoint import Endpoint, Peer, ResultCallback
+from .control import ControlConn, FrameReader, address_bytes, decode_address, encode, handshake
+from .endpoint import Endpoint, FatalCallback, Peer, ResultCallback
 from .pack import Rect, next_rect
+from .schema import SENDER_READY
 
 
 @dataclass(eq=False)
@@ -66,8 +67,9 @@ class KVSender(Endpoint):
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], backend: str | Backend = "ucx",
                  options: TransferOptions | None = None,
-                 on_result: ResultCallback | None = None) -> None:
-        super().__init__(kv_caches, backend, options, on_result)
+                 on_result: ResultCallback | None = None,
+                 on_fatal: FatalCallback | None = None) -> None:
+        super().__init__(kv_caches, backend, options, on_result, on_fatal)
         self._reqs: dict[ReqId, _TxReq] = {}
         self._msgs: list[_TxMsg] = []
         self._by_addr: dict[bytes, Peer] = {}
@@ -97,15 +99,16 @@ class KVSender(Endpoint):
             token = self.backend.new_token()
             hello = {"t": "hello", "geometry": self.geometry.to_dict(), "backend": self.backend.name,
                      "addr": self.backend.address(), "token": token, "max_rows": self.staging.rows}
-            sock, unpacker, reply = handshake(info["host"], info["port"], hello,
-                                              self.options.connect_timeout_s)
+            sock, reader, reply = handshake(info["host"], info["port"], hello,
+                                            self.options.connect_timeout_s, self._secret,
+                                            self.options.max_frame_bytes)
             if reply["t"] != "welcome":
                 sock.close()
                 why = reply.get("why", f"unexpected reply {reply['t']!r}")
                 if reply.get("kind") == "geometry":
                     raise GeometryMismatchError(why)
                 raise TransferError(f"KV receiver refused the connection: {why}")
-            peer = self._call(self._do_connect, sock, unpacker, key, info, token, reply)
+            peer = self._call(self._do_connect, sock, reader, key, info, token, reply)
             self._by_addr[key] = peer
         return peer
 
@@ -153,9 +156,9 @@ class KVSender(Endpoint):
         return ev
 
     # ---- commands (progress thread) ------------------------------------------------------------
-    def _do_connect(self, sock: Any, unpacker: Any, key: bytes, info: dict, token: bytes,
+    def _do_connect(self, sock: Any, reader: FrameReader, key: bytes, info: dict, token: bytes,
                     reply: dict) -> Peer:
-        peer = self._add_peer(ControlConn(sock, unpacker))
+        peer = self._add_peer(ControlConn(sock, SENDER_READY, reader))
         peer.key = key
         peer.handle = self.backend.connect(info.get("addr", b""), token, True)
         peer.conn_id = int(reply["conn"])

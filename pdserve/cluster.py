@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.child_process import Proc, child_preexec, libc, signal_group
+from pdserve.proto.cluster_secret import ENV as SECRET_ENV
+from pdserve.proto.cluster_secret import new_secret
 from pdserve.proto.convert import ROLES
 
 # Needed on the lent GPU machines (NVLink multicast is not available there); set for every
@@ -148,7 +150,8 @@ class LocalCluster:
                  env: Mapping[str, str] | None = None,
                  coordinator_cmd: Callable[[LocalCluster], list[str]] = default_coordinator_cmd,
                  worker_cmd: Callable[[LocalCluster, WorkerSpec], list[str]] = default_worker_cmd,
-                 start_timeout_s: float = 30.0, stop_grace_s: float = 10.0) -> None:
+                 start_timeout_s: float = 30.0, stop_grace_s: float = 10.0,
+                 cluster_secret: str | None = None) -> None:
         counts = {"prefill": prefill, "decode": decode, "both": both}
         if any(n < 0 for n in counts.values()):
             raise ClusterError(f"worker counts must be >= 0, got {counts}")
@@ -172,6 +175,9 @@ class LocalCluster:
             raise ClusterError("--transfer nccl needs CUDA devices; use --transfer ucx on CPU")
         self.worker_args, self.coordinator_args = list(worker_args), list(coordinator_args)
         self.extra_env = dict(env or {})
+        # the cluster plane's credential, new for every cluster unless given; the children
+        # get it in their environment (the CLI reads it there, never a file left behind)
+        self.cluster_secret = cluster_secret or new_secret()
         self.coordinator_cmd, self.worker_cmd = coordinator_cmd, worker_cmd
         self.start_timeout_s, self.stop_grace_s = start_timeout_s, stop_grace_s
         self._log_dir_arg = log_dir
@@ -232,6 +238,7 @@ class LocalCluster:
         for k, v in GPU_ENV.items():
             env.setdefault(k, v)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[SECRET_ENV] = self.cluster_secret
         env.update(self.extra_env)
         return env
 

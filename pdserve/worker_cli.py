@@ -10,6 +10,7 @@ import signal
 import sys
 
 from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig, TransferConfig, WorkerConfig
+from pdserve.proto import cluster_secret
 from pdserve.proto.convert import ROLES
 
 
@@ -60,13 +61,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    secret = cluster_secret.from_args(args)
     return WorkerConfig(
         role=args.role, engine=engine_config_from_args(args),
         transfer=TransferConfig(backend=args.transfer, timeout_s=args.transfer_timeout,
                                 layerwise=not args.no_layerwise,
-                                layerwise_min_tokens=args.layerwise_min_tokens),
+                                layerwise_min_tokens=args.layerwise_min_tokens, secret=secret),
         host=args.host, port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
-        heartbeat_s=args.heartbeat, auth_token=args.auth_token)
+        heartbeat_s=args.heartbeat, auth_token=args.auth_token, cluster_secret=secret)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,7 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-layerwise", action="store_true",
                    help="push KV after the whole prompt instead of layer by layer")
     p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
-    p.add_argument("--auth-token", default=None, help="token for the coordinator, if it has one")
+    p.add_argument("--auth-token", default=None,
+                   help="the coordinator's API key, for a coordinator without a cluster secret")
+    cluster_secret.add_argument(p)
     p.add_argument("--log-level", default="INFO")
     add_engine_arguments(p)
 

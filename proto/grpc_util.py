@@ -2,9 +2,14 @@
 
 - `add_standard_services(server, names)`: grpc.health.v1 + server reflection on a grpc.aio
   server; returns the health servicer (call `set_serving` / `enter_graceful_shutdown`).
-- `new_server()` / `new_channel()`: grpc.aio objects with the project's options;
-  `listen(server, host, port)`: bind, with AddressInUse (one clear line) when taken.
+- `new_server(guard)` / `new_channel(address, credential)`: grpc.aio objects with the
+  project's options; the guard (proto/guard.py) checks credentials and request bytes, the
+  credential goes on every call of the channel. `listen(server, host, port)`: bind, with
+  AddressInUse (one clear line) when taken.
 - `check_auth(context, token)`: `authorization: Bearer TOKEN` metadata check.
+
+Keepalive: clients ping every 30 s (also with no call open); servers allow pings every 10 s
+with or without data and calls, so no side ever sends GOAWAY "too_many_pings".
 - `install_uvloop()`: use uvloop when it is installed.
 """
 
@@ -14,6 +19,7 @@ import errno
 import hmac
 import socket
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,15 +31,18 @@ MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.max_pings_without_data", 0),  # no cap: idle channels keep pinging
 ]
 SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    # accept the clients' keepalive pings (every 30 s) even on a channel with no call open
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
     ("grpc.so_reuseport", 0),
 ]
 
@@ -98,12 +107,16 @@ def listen(server: grpc.aio.Server, host: str, port: int) -> int:
         raise AddressInUse(errno.EADDRINUSE, f"cannot listen on {host}:{port}: {exc}") from None
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+def new_server(guard: grpc.aio.ServerInterceptor | None = None) -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[guard] if guard else None)
 
 
-def new_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def new_channel(address: str, credential: str | None = None) -> grpc.aio.Channel:
+    """An aio channel; with a credential, every call carries `authorization: Bearer <it>`."""
+    from pdserve.proto.guard import credential_interceptors
+
+    icp: list[Any] = credential_interceptors(credential)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=icp or None)
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:

@@ -28,7 +28,8 @@ from fake_worker import FakeWorker
 role, coordinator = sys.argv[2], sys.argv[3]
 print("env", json.dumps({k: os.environ.get(k) for k in sys.argv[4].split(",")}), flush=True)
 async def main():
-    w = await FakeWorker(role, coordinator).start()
+    w = await FakeWorker(role, coordinator,
+                         cluster_secret=os.environ.get("PDSERVE_CLUSTER_SECRET")).start()
     print("fake worker", role, "serving on", w.address, flush=True)
     await asyncio.Event().wait()
 asyncio.run(main())

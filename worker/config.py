@@ -18,7 +18,10 @@ class WorkerConfig:
     worker_id: str = ""  # name in the registry ("": the coordinator assigns one)
     coordinator: str | None = None  # HOST:PORT to register with (None: standalone)
     heartbeat_s: float = 1.0
-    auth_token: str | None = None  # sent to the coordinator
+    auth_token: str | None = field(default=None, repr=False)  # the coordinator's API key
+    # the cluster plane's credential: sent to the coordinator (instead of auth_token) and
+    # required of every Worker RPC; the KV handshake takes it from transfer.secret
+    cluster_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0:

@@ -114,6 +114,15 @@ class CoordinatorLink:
             except Exception as e:  # the load probe failed (engine stopped): say so, keep going
                 log.warning("heartbeat of %s failed: %s", self.worker_id, e)
 
+    def leave(self, reason: str) -> None:
+        """Stop heartbeating for good: the coordinator drops this worker after its worker
+        timeout, or at once when a Worker RPC answers UNAVAILABLE (see worker/server.py)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+            log.warning("worker %s leaves the coordinator at %s: %s", self.worker_id,
+                        self.coordinator, reason)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

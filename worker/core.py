@@ -10,6 +10,7 @@ cross back through `StateTable.deliver` / `resolve` (call_soon_threadsafe).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -27,6 +28,8 @@ from pdserve.worker.config import WorkerConfig
 from pdserve.worker.role import LayerHook, Role
 from pdserve.worker.state import ReqState, RequestAborted, StateTable, StreamEnd
 
+log = logging.getLogger("pdserve.worker")
+
 
 class WorkerCore:
     def __init__(self, cfg: WorkerConfig, engine: LLMEngine, loop: asyncio.AbstractEventLoop,
@@ -36,6 +39,9 @@ class WorkerCore:
         self.cfg = cfg
         self.engine = engine
         self.table = StateTable(loop)
+        self._loop = loop
+        self.failure: str | None = None  # why this worker can no longer serve (see fail())
+        self._failure_listeners: list[Callable[[str], Any]] = []
         self.role: Role | None = None  # set by attach()
         self.engine_loop = engine_loop_cls(engine, on_result=self._on_result,
                                            before_run=self._before_run)
@@ -50,6 +56,27 @@ class WorkerCore:
         if self.role is not None:
             self.role.close()
         self.engine_loop.stop()
+
+    def add_failure_listener(self, cb: Callable[[str], Any]) -> None:
+        """cb(why) runs on the asyncio loop once fail() was called (a coroutine function
+        is run as a task)."""
+        self._failure_listeners.append(cb)
+
+    def fail(self, why: str) -> None:
+        """Any thread: a part this worker cannot serve without has died (the KV transfer
+        endpoint's progress thread). The first call wins; the listeners take the worker out
+        of service (NOT_SERVING, deregistered)."""
+        if self.failure is not None:
+            return
+        self.failure = why
+        log.error("worker can no longer serve: %s", why)
+
+        def run(cb: Callable[[str], Any]) -> None:
+            res = cb(why)
+            if asyncio.iscoroutine(res):
+                self._loop.create_task(res)
+        for cb in self._failure_listeners:
+            self._loop.call_soon_threadsafe(run, cb)
 
     async def on_engine(self, fn: Callable[[], Any]) -> Any:
         """Run fn() on the engine thread, between two steps, and return its result."""

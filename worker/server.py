@@ -23,6 +23,7 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import ROLE_BY_NAME
 from pdserve.proto.grpc_util import WORKER_SERVICE, add_standard_services, listen, new_server
+from pdserve.proto.guard import WORKER_PLANES, Guard
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.coordinator_link import CoordinatorLink
 from pdserve.worker.core import WorkerCore
@@ -58,8 +59,9 @@ class WorkerServer(pb_grpc.WorkerServicer):
         self.core = WorkerCore(self.cfg, engine, asyncio.get_running_loop())
         self.role = self.role_cls(self.core)
         self.core.attach(self.role)
+        self.core.add_failure_listener(self._out_of_service)
         self.core.start()
-        self.server = new_server()
+        self.server = new_server(Guard(WORKER_PLANES, cluster_secret=self.cfg.cluster_secret))
         pb_grpc.add_WorkerServicer_to_server(self, self.server)
         self.health = await add_standard_services(self.server, [WORKER_SERVICE])
         self.port = listen(self.server, self.cfg.host, self.cfg.port)
@@ -67,7 +69,7 @@ class WorkerServer(pb_grpc.WorkerServicer):
         if self.cfg.coordinator:
             self.link = CoordinatorLink(
                 self.cfg.coordinator, self.info(), lambda: self.core.on_engine(self.core.load),
-                auth_token=self.cfg.auth_token, rpc_timeout_s=max(1.0, 2 * self.cfg.heartbeat_s),
+                auth_token=self.cfg.cluster_secret or self.cfg.auth_token, rpc_timeout_s=max(1.0, 2 * self.cfg.heartbeat_s),
                 on_register=self._set_worker_id, heartbeat_s=self.cfg.heartbeat_s)
             await self.link.start(timeout_s=30.0)
         log.info("worker %s (%s) serving on %s:%d", self.worker_id, self.cfg.role,
@@ -76,6 +78,20 @@ class WorkerServer(pb_grpc.WorkerServicer):
 
     def _set_worker_id(self, worker_id: str) -> None:
         self.worker_id = worker_id
+
+    async def _out_of_service(self, why: str) -> None:
+        """The worker can no longer serve (core.fail): NOT_SERVING, and no more heartbeats.
+        New work is refused with UNAVAILABLE, on which the coordinator drops this worker at
+        once (and retries the request elsewhere); silence drops it within its timeout."""
+        if getattr(self, "health", None) is not None:
+            await self.health.set_serving(False)
+        if self.link is not None:
+            self.link.leave(f"out of service: {why}")
+
+    async def _refuse_if_failed(self, context) -> None:
+        if self.core is not None and self.core.failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"worker out of service: {self.core.failure}")
 
     def info(self) -> pb.WorkerInfo:
         """What the coordinator learns at registration: role, address, model, KV geometry."""
@@ -104,9 +120,11 @@ class WorkerServer(pb_grpc.WorkerServicer):
 
     # -- Worker service: role RPCs ------------------------------------------------------------
     async def Reserve(self, request, context):
+        await self._refuse_if_failed(context)
         return await self.role.reserve(request, context)
 
     async def Prefill(self, request, context):
+        await self._refuse_if_failed(context)
         return await self.role.prefill(request, context)
 
     async def DecodeStream(self, request, context):
@@ -114,6 +132,7 @@ class WorkerServer(pb_grpc.WorkerServicer):
             yield chunk
 
     async def Generate(self, request, context):
+        await self._refuse_if_failed(context)
         async for chunk in self.role.generate(request, context):
             yield chunk
 
