@@ -114,6 +114,7 @@ def colocated_outputs(cases: list[Case], model: str, device: str, dtype: str,
     from pdserve.llm import LLM
 
     blocks = sum(math.ceil((len(c.prompt) + c.max_tokens) / 16) for c in cases) + 16
+    blocks += 8 * len(chat_cases or ())  # a chat question: < 128 tokens with its answer
     llm = LLM(model=model, device=device, dtype=dtype, num_blocks=blocks)
     params = [SamplingParams(max_tokens=c.max_tokens, temperature=0.0, ignore_eos=True)
               for c in cases]
