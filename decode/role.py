@@ -29,7 +29,7 @@ class DecodeRole(Role):
     def __init__(self, core: WorkerCore, receiver: ReceiverLink | None = None) -> None:
         super().__init__(core)
         self.receiver = receiver or ReceiverLink(core.cfg.transfer, core.engine.kv_caches,
-                                                 core.cfg.host)
+                                                 core.cfg.host, core.cfg.advertised_host)
 
     @classmethod
     def engine_config(cls, cfg: EngineConfig) -> EngineConfig:

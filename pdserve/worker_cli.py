@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from pdserve import net
 from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig, TransferConfig, WorkerConfig
 
 
@@ -50,7 +51,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         role=args.role, engine=engine_config_from_args(args),
         transfer=TransferConfig(backend=args.transfer, timeout_s=args.transfer_timeout,
                                 layerwise=not args.no_layerwise),
-        host=args.host, port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
+        host=args.host, advertise_host=net.advertise_host(args.host, args.advertise_host),
+        port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
         heartbeat_s=args.heartbeat, auth_token=args.auth_token)
 
 
@@ -60,7 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "both: colocated engine")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="register with this coordinator (omit to serve standalone)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on and to advertise")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (gRPC and KV control channel); 0.0.0.0: all")
+    p.add_argument("--advertise-host", default=None,
+                   help="address peers on other hosts use to reach this worker (default: "
+                        "--host, or detected when --host is 0.0.0.0)")
     p.add_argument("--port", type=int, default=0, help="Worker service port (0: pick a free one)")
     p.add_argument("--worker-id", default="", help="name in the registry (default: assigned)")
     p.add_argument("--transfer", default="ucx", choices=["ucx", "nccl"],
@@ -88,7 +94,8 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"pdserve worker: {exc}", file=sys.stderr, flush=True)
         await server.stop(grace_s=0)
         return 1
-    print(f"pdserve worker: {args.role} {server.worker_id or ''} serving on {args.host}:{port}",
+    print(f"pdserve worker: {args.role} {server.worker_id or ''} serving on {args.host}:{port}"
+          f" (advertised as {server.cfg.advertised_host}:{port})",
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

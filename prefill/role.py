@@ -35,7 +35,8 @@ class PrefillRole(Role):
     def __init__(self, core: WorkerCore, sender: SenderLink | None = None) -> None:
         super().__init__(core)
         eng = core.engine
-        self.sender = sender or SenderLink(core.cfg.transfer, eng.kv_caches, core.cfg.host)
+        self.sender = sender or SenderLink(core.cfg.transfer, eng.kv_caches, core.cfg.host,
+                                                core.cfg.advertised_host)
         self.layerwise = core.cfg.transfer.layerwise
 
     @classmethod

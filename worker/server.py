@@ -65,8 +65,8 @@ class WorkerServer(pb_grpc.WorkerServicer):
                 auth_token=self.cfg.auth_token, rpc_timeout_s=max(1.0, 2 * self.cfg.heartbeat_s),
                 on_register=self._set_worker_id, heartbeat_s=self.cfg.heartbeat_s)
             await self.link.start(timeout_s=30.0)
-        log.info("worker %s (%s) serving on %s:%d", self.worker_id, self.cfg.role,
-                 self.cfg.host, self.port)
+        log.info("worker %s (%s) serving on %s:%d (advertised as %s)", self.worker_id,
+                 self.cfg.role, self.cfg.host, self.port, self.cfg.advertised_host)
         return self.port
 
     def _set_worker_id(self, worker_id: str) -> None:
@@ -79,7 +79,7 @@ class WorkerServer(pb_grpc.WorkerServicer):
                            head_dim=mc.head_dim, block_size=eng.block_size, dtype=ecfg.dtype)
         return pb.WorkerInfo(
             worker_id=self.worker_id, role=ROLE_BY_NAME[self.cfg.role],
-            address=f"{self.cfg.host}:{self.port}", model=ecfg.model,
+            address=f"{self.cfg.advertised_host}:{self.port}", model=ecfg.model,
             max_model_len=eng.max_model_len, vocab_size=mc.vocab_size, kv=kv,
             total_blocks=eng.num_blocks, device=ecfg.device,
             transfer_backend=self.cfg.transfer.backend if self.role_cls.transfer_backend else "")
