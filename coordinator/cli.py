@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=None,
                         help="also serve the OpenAI-compatible HTTP API on this port")
     parser.add_argument("--http-host", default=None, help="HTTP bind address (default: --host)")
+    parser.add_argument("--etcd", default=None, metavar="URL[,URL]",
+                        help="read the worker registry from etcd (workers register there with "
+                             "--etcd); several coordinators may serve one cluster")
+    parser.add_argument("--etcd-prefix", default=d.etcd_prefix,
+                        help=f"the cluster's key prefix in etcd (default {d.etcd_prefix})")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
@@ -49,7 +54,8 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         raise SystemExit("error: --max-queue must be >= 0")
     return CoordinatorConfig(host=args.host, port=args.port, heartbeat_s=args.heartbeat,
                         worker_timeout_s=args.worker_timeout, max_queue=args.max_queue,
-                        routing=args.routing, auth_token=args.auth_token or None)
+                        routing=args.routing, auth_token=args.auth_token or None,
+                        etcd=args.etcd, etcd_prefix=args.etcd_prefix)
 
 
 async def serve(config: CoordinatorConfig, http_port: int | None = None,

@@ -14,6 +14,8 @@ class CoordinatorConfig:
     max_queue: int = 1024  # requests waiting at the coordinator
     routing: str = "least_loaded"  # a policy name of coordinator/router.py
     auth_token: str | None = None
+    etcd: str | None = None  # etcd endpoints ("http://h:2379,..."): read workers from there
+    etcd_prefix: str = "/pdserve"  # the cluster's keys in etcd
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.worker_timeout_s <= 0:

@@ -115,6 +115,7 @@ class CoordinatorServer:
         self.orch: Orchestrator | None = None
         self._server: grpc.aio.Server | None = None
         self._gateway = None
+        self._etcd = None
 
     @property
     def address(self) -> str:
@@ -134,12 +135,32 @@ class CoordinatorServer:
             raise OSError(f"cannot bind the coordinator to {cfg.host}:{cfg.port}")
         await self._server.start()
         registry.start(tick=self.orch.tick)
+        if cfg.etcd:
+            self._etcd = self._etcd_sync(registry)
+            self._etcd.start()
         log.info("coordinator listening on %s (routing=%s)", self.address, cfg.routing)
         if self.http_port is not None:
             from pdserve.coordinator.http_gateway import HttpGateway
             self._gateway = HttpGateway(self.address, auth_token=None)
             await self._gateway.start(self.http_host, self.http_port)
         return self.port
+
+    def _etcd_sync(self, registry: Registry):
+        from pdserve.coordinator.etcd_registry import EtcdRegistrySync
+        from pdserve.proto.etcd import Etcd
+
+        tokenizers = self.orch.tokenizers
+
+        def accept(info: pb.WorkerInfo) -> str | None:
+            current = tokenizers.model or next(
+                (w.info.model for w in registry.workers() if w.info.model), "")
+            if current and info.model and info.model != current:
+                return f"this coordinator serves model {current!r}, the worker has {info.model!r}"
+            tokenizers.model_known(info.model)
+            return None
+
+        return EtcdRegistrySync(registry, Etcd(self.config.etcd), self.config.etcd_prefix,
+                                accept=accept)
 
     @property
     def http_address(self) -> str | None:
@@ -151,6 +172,8 @@ class CoordinatorServer:
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace_s)
+        if self._etcd is not None:
+            await self._etcd.stop()
         if self.orch is not None:
             await self.orch.registry.close()
 

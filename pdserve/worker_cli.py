@@ -53,7 +53,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
                                 layerwise=not args.no_layerwise),
         host=args.host, advertise_host=net.advertise_host(args.host, args.advertise_host),
         port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
-        heartbeat_s=args.heartbeat, auth_token=args.auth_token)
+        heartbeat_s=args.heartbeat, auth_token=args.auth_token, etcd=args.etcd,
+        etcd_prefix=args.etcd_prefix, lease_ttl_s=args.lease_ttl)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "both: colocated engine")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="register with this coordinator (omit to serve standalone)")
+    p.add_argument("--etcd", default=None, metavar="URL[,URL]",
+                   help="register in this etcd under a lease instead of with --coordinator "
+                        "(every coordinator started with the same --etcd serves this worker)")
+    p.add_argument("--etcd-prefix", default="/pdserve", help="the cluster's key prefix in etcd")
+    p.add_argument("--lease-ttl", type=int, default=3,
+                   help="etcd lease seconds: a dead worker leaves the registry after this long")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (gRPC and KV control channel); 0.0.0.0: all")
     p.add_argument("--advertise-host", default=None,

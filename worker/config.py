@@ -22,6 +22,9 @@ class WorkerConfig:
     coordinator: str | None = None  # HOST:PORT to register with (None: standalone)
     heartbeat_s: float = 1.0
     auth_token: str | None = None  # sent to the coordinator
+    etcd: str | None = None  # etcd endpoints: register there (under a lease), not with `coordinator`
+    etcd_prefix: str = "/pdserve"
+    lease_ttl_s: int = 3  # a dead worker leaves the etcd registry after this long
 
     def __post_init__(self) -> None:
         if self.host in WILDCARD_HOSTS and not self.advertise_host:
@@ -32,6 +35,9 @@ class WorkerConfig:
                              "one address of this host")
         if self.heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
+        if self.etcd and self.heartbeat_s >= self.lease_ttl_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be below lease_ttl_s "
+                             f"({self.lease_ttl_s})")
 
     @property
     def advertised_host(self) -> str:

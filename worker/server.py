@@ -25,6 +25,7 @@ from pdserve.proto.grpc_util import WORKER_SERVICE, add_standard_services, new_s
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.coordinator_link import CoordinatorLink
 from pdserve.worker.core import WorkerCore
+from pdserve.worker.etcd_link import EtcdLink
 from pdserve.worker.role import Role, get_role
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class WorkerServer(pb_grpc.WorkerServicer):
         self.core: WorkerCore | None = None
         self.role: Role | None = None
         self.server: grpc.aio.Server | None = None
-        self.link: CoordinatorLink | None = None  # registration + heartbeats
+        self.link: CoordinatorLink | EtcdLink | None = None  # registration + heartbeats
 
     @property
     def engine(self) -> LLMEngine:
@@ -59,7 +60,14 @@ class WorkerServer(pb_grpc.WorkerServicer):
         self.health = await add_standard_services(self.server, [WORKER_SERVICE])
         self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
         await self.server.start()
-        if self.cfg.coordinator:
+        if self.cfg.etcd:
+            from pdserve.proto.etcd import Etcd
+            self.link = EtcdLink(
+                Etcd(self.cfg.etcd), self.cfg.etcd_prefix, self.info(),
+                lambda: self.core.on_engine(self.core.load), ttl_s=self.cfg.lease_ttl_s,
+                heartbeat_s=self.cfg.heartbeat_s, on_register=self._set_worker_id)
+            await self.link.start(timeout_s=30.0)
+        elif self.cfg.coordinator:
             self.link = CoordinatorLink(
                 self.cfg.coordinator, self.info(), lambda: self.core.on_engine(self.core.load),
                 auth_token=self.cfg.auth_token, rpc_timeout_s=max(1.0, 2 * self.cfg.heartbeat_s),
