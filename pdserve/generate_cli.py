@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true",
                        help="run the model in this process (no coordinator)")
-    where.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address")
+    where.add_argument("--coordinator", metavar="HOST:PORT[,HOST:PORT]",
+                       help="coordinator address; several (comma-separated): fail over between them")
     parser.add_argument("--model", default="tiny", help="--local: preset name or HF directory")
     parser.add_argument("--device", default="cpu", help="--local: cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
