@@ -146,6 +146,13 @@ class _ReadyPoll:
         return None
 
 
+def _stream_error(e: grpc.RpcError, address: str, chunks: int) -> ClientError:
+    if chunks and should_fail_over(e):
+        return ClientError(e.code(), f"coordinator {address} lost the stream after {chunks} "
+                           f"chunk(s): {e.details()}")
+    return ClientError.from_rpc(e)
+
+
 def _new_sync_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
@@ -190,10 +197,7 @@ class Client:
                 if chunks == 0 and should_fail_over(e) and attempt + 1 < self._pool.attempts():
                     self._pool.failed(address)  # nothing reached the caller: call the next one
                     continue
-                if chunks and should_fail_over(e):
-                    raise ClientError(e.code(), f"coordinator {address} lost the stream after "
-                                      f"{chunks} chunk(s): {e.details()}") from None
-                raise ClientError.from_rpc(e) from None
+                raise _stream_error(e, address, chunks) from None
             finally:
                 call.cancel()  # no-op when finished; cancels when the caller stops early
 
@@ -259,20 +263,17 @@ class AsyncClient:
     The channel is created on first use, inside the running event loop.
     """
 
-    def __init__(self, address: str, timeout_s: float | None = None,
+    def __init__(self, address: str | Sequence[str], timeout_s: float | None = None,
                  auth_token: str | None = None) -> None:
-        self.address = address
+        self._pool = Failover(address, lambda a: grpc.aio.insecure_channel(
+            a, options=CHANNEL_OPTIONS), lambda ch: ch.close())  # failover as in Client
+        self.address = ",".join(self._pool.addresses)
         self.timeout_s = timeout_s
         self._md = auth_metadata(auth_token)
-        self._channel: grpc.aio.Channel | None = None
-        self._stub_: pb_grpc.CoordinatorStub | None = None
 
     @property
     def _stub(self) -> pb_grpc.CoordinatorStub:
-        if self._stub_ is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-            self._stub_ = pb_grpc.CoordinatorStub(self._channel)
-        return self._stub_
+        return pb_grpc.CoordinatorStub(self._pool.get()[1])
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         return self.timeout_s if timeout_s is None else timeout_s
@@ -282,14 +283,25 @@ class AsyncClient:
                      request_id: str | None = None, skip_text: bool = False,
                      timeout_s: float | None = None, **sampling_kw: Any) -> AsyncIterator[Chunk]:
         req = _request(prompt, prompt_token_ids, sampling, request_id, skip_text, sampling_kw)
-        call = self._stub.Generate(req, timeout=self._timeout(timeout_s), metadata=self._md)
-        try:
-            async for r in call:
-                yield _chunk(r)
-        except grpc.RpcError as e:
-            raise ClientError.from_rpc(e) from None
-        finally:
-            call.cancel()
+        timeout = self._timeout(timeout_s)
+        end = None if timeout is None else time.monotonic() + timeout
+        for attempt in range(self._pool.attempts()):
+            address, channel = self._pool.get()
+            left = None if end is None else max(0.0, end - time.monotonic())
+            call = pb_grpc.CoordinatorStub(channel).Generate(req, timeout=left, metadata=self._md)
+            chunks = 0
+            try:
+                async for r in call:
+                    chunks += 1
+                    yield _chunk(r)
+                return
+            except grpc.RpcError as e:
+                if chunks == 0 and should_fail_over(e) and attempt + 1 < self._pool.attempts():
+                    self._pool.failed(address)
+                    continue
+                raise _stream_error(e, address, chunks) from None
+            finally:
+                call.cancel()
 
     async def generate(self, prompt: str | Sequence[int] | None = None,
                        prompt_token_ids: Sequence[int] | None = None, sampling: Any = None,
@@ -300,11 +312,16 @@ class AsyncClient:
         return acc.result
 
     async def _unary(self, method_name: str, request, timeout_s: float | None = None):
-        try:
-            return await getattr(self._stub, method_name)(
-                request, timeout=self._timeout(timeout_s), metadata=self._md)
-        except grpc.RpcError as e:
-            raise ClientError.from_rpc(e) from None
+        for attempt in range(self._pool.attempts()):
+            address, channel = self._pool.get()
+            try:
+                return await getattr(pb_grpc.CoordinatorStub(channel), method_name)(
+                    request, timeout=self._timeout(timeout_s), metadata=self._md)
+            except grpc.RpcError as e:
+                if should_fail_over(e) and attempt + 1 < self._pool.attempts():
+                    self._pool.failed(address)
+                    continue
+                raise ClientError.from_rpc(e) from None
 
     async def abort(self, request_id: str) -> bool:
         return (await self._unary("Abort", pb.AbortRequest(request_id=request_id))).found
@@ -321,20 +338,21 @@ class AsyncClient:
         """Wait until that many workers of each role are registered; TimeoutError if not."""
         poll = _ReadyPoll(self.address, n_prefill, n_decode, n_both, timeout_s)
         while True:
+            address, channel = self._pool.get()
             try:
-                reply, error = await self._stub.ListWorkers(
+                reply, error = await pb_grpc.CoordinatorStub(channel).ListWorkers(
                     pb.ListWorkersRequest(), timeout=2.0, metadata=self._md), None
             except grpc.RpcError as e:
                 reply, error = None, e
+                self._pool.failed(address)
             workers = poll.ready(reply, error)
             if workers is not None:
                 return workers
             await asyncio.sleep(poll.interval_s)
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel, self._stub_ = None, None
+        for closing in self._pool.close_all():
+            await closing
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -67,3 +67,20 @@ def test_cli_takes_several_coordinators(cluster):
         capture_output=True, text=True, timeout=50)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["token_ids"] == [3, 4]
+
+
+def test_async_client_fails_over_too(cluster):
+    import asyncio
+
+    from pdserve.coordinator.client import AsyncClient
+
+    async def main() -> None:
+        dead = f"127.0.0.1:{free_port()}"
+        async with AsyncClient([dead, cluster.address], timeout_s=10) as cl:
+            await cl.wait_ready(n_prefill=1, n_decode=1, timeout_s=10)
+            assert (await cl.generate([1, 2], max_tokens=3)).token_ids == [3, 4, 5]
+        async with AsyncClient([dead, cluster.address], timeout_s=10) as cl:
+            assert len(await cl.list_workers()) == 2
+            assert [t async for c in cl.stream([7], max_tokens=2) for t in c.token_ids] == [8, 9]
+
+    asyncio.run(main())
