@@ -14,6 +14,7 @@ address, route or interface of the machine changes, and traffic stays inside the
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,15 @@ def unavailable() -> str | None:
     return None
 
 
+def sweep_stale() -> None:
+    """Delete labs left by test processes that died without cleaning up (SIGKILL)."""
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = re.fullmatch(r"pdsv(\d+)-.+", name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            _ip("netns", "del", name, check=False)
+
+
 class NetnsLab:
     def __init__(self, hosts: Sequence[str], subnet: int | None = None) -> None:
         self.tag = f"pdsv{os.getpid()}"
@@ -51,6 +61,7 @@ class NetnsLab:
         return f"{self.tag}-{host}"
 
     def up(self) -> NetnsLab:
+        sweep_stale()
         try:
             self._add_ns(self.hub)
             _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
