@@ -4,7 +4,9 @@ Workers write their WorkerStatus (info + load) under `<prefix>/workers/<id>`, un
 lease they keep alive (worker/etcd_link.py). Each coordinator polls that prefix every
 `poll_s` and mirrors it into its in-process Registry: a new key registers the worker, a
 rewritten key is a heartbeat (its load), an unchanged key keeps the worker alive, and a
-key that is gone (lease expired: the worker died; or revoked: it stopped) drops it.
+key that is gone (lease expired: the worker died; or revoked: it stopped) drops it. A
+worker the coordinator dropped itself (an RPC to it failed) comes back only when its key
+is written again, so a dead worker's entry is not re-added while its lease runs out.
 Coordinators share no state but etcd: each routes with the published loads plus what it
 routed itself. While etcd cannot be read, nothing is refreshed, and the Registry's own
 reaper drops workers after worker_timeout_s, as it would without etcd.
@@ -50,6 +52,8 @@ class EtcdRegistrySync:
             status.info.worker_id = wid
             seen.add(wid)
             handle = handles.get(wid)
+            if handle is None and self._revisions.get(wid) == kv.mod_revision:
+                continue  # dropped here (its RPCs failed): back only once it writes again
             if handle is None or handle.info.address != status.info.address:
                 why = self.accept(status.info) if self.accept is not None else None
                 if why is not None:

@@ -86,6 +86,11 @@ def test_apply_mirrors_the_prefix_into_the_registry():
         sync.apply([KeyValue(key, _status("x", "10.0.0.2:1", 40), 7, 8),
                     KeyValue("/c/workers/o", other.SerializeToString(), 9, 9)])
         assert [x.worker_id for x in registry.workers()] == ["d-1"] and refused == ["o"]
+        registry.drop("d-1", "RPC failed")  # dropped by the coordinator: stays out ...
+        sync.apply([KeyValue(key, _status("x", "10.0.0.2:1", 40), 7, 8)])
+        assert registry.workers() == []
+        sync.apply([KeyValue(key, _status("x", "10.0.0.2:1", 40), 10, 8)])  # ... until it writes
+        (w2,) = registry.workers()
         sync.apply([])  # lease expired: dropped
         assert registry.workers() == [] and not w2.alive
         await registry.close()
