@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-cache-dir", default=None,
                         help="where built-in models (smollm2-135m) are converted on first use "
                              "(default $XDG_CACHE_HOME/pdserve/models or ~/.cache/pdserve/models)")
+    parser.add_argument("--etcd", default=None, metavar="URL[,URL]",
+                        help="read the worker registry from etcd (workers register there with "
+                             "--etcd); several coordinators may serve one cluster")
+    parser.add_argument("--etcd-prefix", default=d.etcd_prefix,
+                        help=f"the cluster's key prefix in etcd (default {d.etcd_prefix})")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
@@ -62,7 +67,8 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
                         worker_timeout_s=args.worker_timeout, max_queue=args.max_queue,
                         routing=args.routing, auth_token=args.auth_token or None,
                         model_cache_dir=cache_dir,
-                        cluster_secret=cluster_secret.from_args(args))
+                        cluster_secret=cluster_secret.from_args(args),
+                        etcd=args.etcd, etcd_prefix=args.etcd_prefix)
 
 
 async def serve(config: CoordinatorConfig, http_port: int | None = None,

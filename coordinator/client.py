@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from pdserve.coordinator.failover import Failover, should_fail_over
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import ROLE_NAME, sampling_to_proto
@@ -154,16 +155,32 @@ class _ReadyPoll:
         return None
 
 
+def _stream_error(e: grpc.RpcError, address: str, chunks: int) -> ClientError:
+    if chunks and should_fail_over(e):
+        return ClientError(e.code(), f"coordinator {address} lost the stream after {chunks} "
+                           f"chunk(s): {e.details()}")
+    return ClientError.from_rpc(e)
+
+
+def _new_sync_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
 class Client:
     """Blocking client. `timeout_s` is the default deadline of each call (None: none)."""
 
-    def __init__(self, address: str, timeout_s: float | None = None,
+    def __init__(self, address: str | Sequence[str], timeout_s: float | None = None,
                  auth_token: str | None = None) -> None:
-        self.address = address
+        # several addresses ("a:1,b:2" or a list): coordinators of one cluster, with
+        # failover between them (coordinator/failover.py)
+        self._pool = Failover(address, _new_sync_channel, lambda ch: ch.close())
+        self.address = ",".join(self._pool.addresses)
         self.timeout_s = timeout_s
         self._md = auth_metadata(auth_token)
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    @property
+    def _stub(self) -> pb_grpc.CoordinatorStub:
+        return pb_grpc.CoordinatorStub(self._pool.get()[1])
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         return self.timeout_s if timeout_s is None else timeout_s
@@ -175,14 +192,25 @@ class Client:
                **sampling_kw: Any) -> Iterator[Chunk]:
         req = _request(prompt, prompt_token_ids, sampling, request_id, skip_text, sampling_kw,
                        messages)
-        call = self._stub.Generate(req, timeout=self._timeout(timeout_s), metadata=self._md)
-        try:
-            for r in call:
-                yield _chunk(r)
-        except grpc.RpcError as e:
-            raise ClientError.from_rpc(e) from None
-        finally:
-            call.cancel()  # no-op when finished; cancels when the caller stops early
+        timeout = self._timeout(timeout_s)
+        end = None if timeout is None else time.monotonic() + timeout
+        for attempt in range(self._pool.attempts()):
+            address, channel = self._pool.get()
+            left = None if end is None else max(0.0, end - time.monotonic())
+            call = pb_grpc.CoordinatorStub(channel).Generate(req, timeout=left, metadata=self._md)
+            chunks = 0
+            try:
+                for r in call:
+                    chunks += 1
+                    yield _chunk(r)
+                return
+            except grpc.RpcError as e:
+                if chunks == 0 and should_fail_over(e) and attempt + 1 < self._pool.attempts():
+                    self._pool.failed(address)  # nothing reached the caller: call the next one
+                    continue
+                raise _stream_error(e, address, chunks) from None
+            finally:
+                call.cancel()  # no-op when finished; cancels when the caller stops early
 
     def generate(self, prompt: str | Sequence[int] | None = None,
                  prompt_token_ids: Sequence[int] | None = None, sampling: Any = None,
@@ -197,38 +225,46 @@ class Client:
         model's chat template (INVALID_ARGUMENT if the model has none)."""
         return self.generate(None, None, sampling, messages=messages, **kw)
 
-    def _unary(self, method, request, timeout_s: float | None = None):
-        try:
-            return method(request, timeout=self._timeout(timeout_s), metadata=self._md)
-        except grpc.RpcError as e:
-            raise ClientError.from_rpc(e) from None
+    def _unary(self, method: str, request, timeout_s: float | None = None):
+        for attempt in range(self._pool.attempts()):
+            address, channel = self._pool.get()
+            try:
+                return getattr(pb_grpc.CoordinatorStub(channel), method)(
+                    request, timeout=self._timeout(timeout_s), metadata=self._md)
+            except grpc.RpcError as e:
+                if should_fail_over(e) and attempt + 1 < self._pool.attempts():
+                    self._pool.failed(address)
+                    continue
+                raise ClientError.from_rpc(e) from None
 
     def abort(self, request_id: str) -> bool:
-        return self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id)).found
+        return self._unary("Abort", pb.AbortRequest(request_id=request_id)).found
 
     def stats(self, live: bool = False) -> dict[str, Any]:
-        return to_dict(self._unary(self._stub.Stats, pb.StatsRequest(live=live)))
+        return to_dict(self._unary("Stats", pb.StatsRequest(live=live)))
 
     def list_workers(self) -> list[dict[str, Any]]:
-        return [to_dict(w) for w in self._unary(self._stub.ListWorkers, pb.ListWorkersRequest()).workers]
+        return [to_dict(w) for w in self._unary("ListWorkers", pb.ListWorkersRequest()).workers]
 
     def wait_ready(self, n_prefill: int = 0, n_decode: int = 0, n_both: int = 0,
                    timeout_s: float = 60.0) -> list[dict[str, Any]]:
         """Block until that many workers of each role are registered; TimeoutError if not."""
         poll = _ReadyPoll(self.address, n_prefill, n_decode, n_both, timeout_s)
         while True:
+            address, channel = self._pool.get()
             try:
-                reply, error = self._stub.ListWorkers(pb.ListWorkersRequest(), timeout=2.0,
-                                                      metadata=self._md), None
+                reply, error = pb_grpc.CoordinatorStub(channel).ListWorkers(
+                    pb.ListWorkersRequest(), timeout=2.0, metadata=self._md), None
             except grpc.RpcError as e:
                 reply, error = None, e
+                self._pool.failed(address)
             workers = poll.ready(reply, error)
             if workers is not None:
                 return workers
             time.sleep(poll.interval_s)
 
     def close(self) -> None:
-        self._channel.close()
+        self._pool.close_all()
 
     def __enter__(self) -> Client:
         return self
@@ -243,20 +279,17 @@ class AsyncClient:
     The channel is created on first use, inside the running event loop.
     """
 
-    def __init__(self, address: str, timeout_s: float | None = None,
+    def __init__(self, address: str | Sequence[str], timeout_s: float | None = None,
                  auth_token: str | None = None) -> None:
-        self.address = address
+        self._pool = Failover(address, lambda a: grpc.aio.insecure_channel(
+            a, options=CHANNEL_OPTIONS), lambda ch: ch.close())  # failover as in Client
+        self.address = ",".join(self._pool.addresses)
         self.timeout_s = timeout_s
         self._md = auth_metadata(auth_token)
-        self._channel: grpc.aio.Channel | None = None
-        self._stub_: pb_grpc.CoordinatorStub | None = None
 
     @property
     def _stub(self) -> pb_grpc.CoordinatorStub:
-        if self._stub_ is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-            self._stub_ = pb_grpc.CoordinatorStub(self._channel)
-        return self._stub_
+        return pb_grpc.CoordinatorStub(self._pool.get()[1])
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         return self.timeout_s if timeout_s is None else timeout_s
@@ -268,14 +301,25 @@ class AsyncClient:
                      **sampling_kw: Any) -> AsyncIterator[Chunk]:
         req = _request(prompt, prompt_token_ids, sampling, request_id, skip_text, sampling_kw,
                        messages)
-        call = self._stub.Generate(req, timeout=self._timeout(timeout_s), metadata=self._md)
-        try:
-            async for r in call:
-                yield _chunk(r)
-        except grpc.RpcError as e:
-            raise ClientError.from_rpc(e) from None
-        finally:
-            call.cancel()
+        timeout = self._timeout(timeout_s)
+        end = None if timeout is None else time.monotonic() + timeout
+        for attempt in range(self._pool.attempts()):
+            address, channel = self._pool.get()
+            left = None if end is None else max(0.0, end - time.monotonic())
+            call = pb_grpc.CoordinatorStub(channel).Generate(req, timeout=left, metadata=self._md)
+            chunks = 0
+            try:
+                async for r in call:
+                    chunks += 1
+                    yield _chunk(r)
+                return
+            except grpc.RpcError as e:
+                if chunks == 0 and should_fail_over(e) and attempt + 1 < self._pool.attempts():
+                    self._pool.failed(address)
+                    continue
+                raise _stream_error(e, address, chunks) from None
+            finally:
+                call.cancel()
 
     async def generate(self, prompt: str | Sequence[int] | None = None,
                        prompt_token_ids: Sequence[int] | None = None, sampling: Any = None,
@@ -290,11 +334,16 @@ class AsyncClient:
         return await self.generate(None, None, sampling, messages=messages, **kw)
 
     async def _unary(self, method_name: str, request, timeout_s: float | None = None):
-        try:
-            return await getattr(self._stub, method_name)(
-                request, timeout=self._timeout(timeout_s), metadata=self._md)
-        except grpc.RpcError as e:
-            raise ClientError.from_rpc(e) from None
+        for attempt in range(self._pool.attempts()):
+            address, channel = self._pool.get()
+            try:
+                return await getattr(pb_grpc.CoordinatorStub(channel), method_name)(
+                    request, timeout=self._timeout(timeout_s), metadata=self._md)
+            except grpc.RpcError as e:
+                if should_fail_over(e) and attempt + 1 < self._pool.attempts():
+                    self._pool.failed(address)
+                    continue
+                raise ClientError.from_rpc(e) from None
 
     async def abort(self, request_id: str) -> bool:
         return (await self._unary("Abort", pb.AbortRequest(request_id=request_id))).found
@@ -311,20 +360,21 @@ class AsyncClient:
         """Wait until that many workers of each role are registered; TimeoutError if not."""
         poll = _ReadyPoll(self.address, n_prefill, n_decode, n_both, timeout_s)
         while True:
+            address, channel = self._pool.get()
             try:
-                reply, error = await self._stub.ListWorkers(
+                reply, error = await pb_grpc.CoordinatorStub(channel).ListWorkers(
                     pb.ListWorkersRequest(), timeout=2.0, metadata=self._md), None
             except grpc.RpcError as e:
                 reply, error = None, e
+                self._pool.failed(address)
             workers = poll.ready(reply, error)
             if workers is not None:
                 return workers
             await asyncio.sleep(poll.interval_s)
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel, self._stub_ = None, None
+        for closing in self._pool.close_all():
+            await closing
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -17,6 +17,8 @@ class CoordinatorConfig:
     # workers' credential: Register and Heartbeat, and sent on every Worker RPC
     cluster_secret: str | None = field(default=None, repr=False)
     model_cache_dir: str | None = None  # built-in models' tokenizers (see engine/model_cache.py)
+    etcd: str | None = None  # etcd endpoints ("http://h:2379,..."): read workers from there
+    etcd_prefix: str = "/pdserve"  # the cluster's keys in etcd
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.worker_timeout_s <= 0:

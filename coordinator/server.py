@@ -119,6 +119,7 @@ class CoordinatorServer:
         self._http = None
         self.http_address: str | None = None
         self.metrics = None
+        self._etcd = None
 
     @property
     def address(self) -> str:
@@ -146,6 +147,9 @@ class CoordinatorServer:
             raise OSError(f"cannot bind the coordinator to {cfg.host}:{cfg.port}")
         await self._server.start()
         registry.start(tick=self.orch.tick)
+        if cfg.etcd:
+            self._etcd = self._etcd_sync(registry)
+            self._etcd.start()
         log.info("coordinator listening on %s (routing=%s)", self.address, cfg.routing)
         if self.http_port is not None:
             try:
@@ -162,12 +166,31 @@ class CoordinatorServer:
             log.info("HTTP gateway listening on http://%s", self.http_address)
         return self.port
 
+    def _etcd_sync(self, registry: Registry):
+        from pdserve.coordinator.etcd_registry import EtcdRegistrySync
+        from pdserve.proto.etcd import Etcd
+
+        tokenizers = self.orch.tokenizers
+
+        def accept(info: pb.WorkerInfo) -> str | None:
+            current = tokenizers.model or next(
+                (w.info.model for w in registry.workers() if w.info.model), "")
+            if current and info.model and info.model != current:
+                return f"this coordinator serves model {current!r}, the worker has {info.model!r}"
+            tokenizers.model_known(info.model)
+            return None
+
+        return EtcdRegistrySync(registry, Etcd(self.config.etcd), self.config.etcd_prefix,
+                                accept=accept)
+
     async def stop(self, grace_s: float = 1.0) -> None:
         if self._http is not None:
             await self._http.stop()
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace_s)
+        if self._etcd is not None:
+            await self._etcd.stop()
         if self.orch is not None:
             await self.orch.registry.close()
 

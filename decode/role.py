@@ -29,7 +29,8 @@ class DecodeRole(Role):
     def __init__(self, core: WorkerCore, receiver: ReceiverLink | None = None) -> None:
         super().__init__(core)
         self.receiver = receiver or ReceiverLink(core.cfg.transfer, core.engine.kv_caches,
-                                                 core.cfg.host, on_fatal=core.fail)
+                                                 core.cfg.host, core.cfg.advertised_host,
+                                                 on_fatal=core.fail)
 
     @classmethod
     def engine_config(cls, cfg: EngineConfig) -> EngineConfig:

@@ -16,13 +16,15 @@ from .receiver import KVReceiver
 from .sender import KVSender
 
 
-def _options(cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str) -> TransferOptions:
+def _options(cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str,
+             advertise_host: str | None) -> TransferOptions:
     # A staging buffer never needs to exceed the whole pool; small pools get small buffers.
     pool_bytes = sum(t.numel() * t.element_size() for t in kv_caches)
     layer_block_bytes = kv_caches[0][0].numel() * kv_caches[0].element_size()
     staging = max(layer_block_bytes, min(cfg.staging_bytes, pool_bytes // 4))
     return TransferOptions(staging_bytes=staging, layerwise=cfg.layerwise,
-                           deadline_s=cfg.timeout_s, host=host, secret=cfg.secret)
+                           deadline_s=cfg.timeout_s, host=host, secret=cfg.secret,
+                           advertise_host=advertise_host)
 
 
 class _Callbacks:
@@ -45,10 +47,12 @@ class SenderLink:
     """Prefill side."""
 
     def __init__(self, cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str,
+                 advertise_host: str | None = None,
                  on_fatal: Callable[[str], None] | None = None) -> None:
         self._cbs = _Callbacks()
-        self.sender = KVSender(kv_caches, cfg.backend, _options(cfg, kv_caches, host),
-                               on_result=self._cbs.fire, on_fatal=on_fatal)
+        self.sender = KVSender(
+            kv_caches, cfg.backend, _options(cfg, kv_caches, host, advertise_host),
+            on_result=self._cbs.fire, on_fatal=on_fatal)
 
     def connect(self, address: bytes) -> None:
         """Open the pair ahead of time (blocks for the handshake; raises on mismatch)."""
@@ -84,10 +88,12 @@ class ReceiverLink:
     """Decode side."""
 
     def __init__(self, cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str,
+                 advertise_host: str | None = None,
                  on_fatal: Callable[[str], None] | None = None) -> None:
         self._cbs = _Callbacks()
-        self.receiver = KVReceiver(kv_caches, cfg.backend, _options(cfg, kv_caches, host),
-                                   on_result=self._cbs.fire, on_fatal=on_fatal)
+        self.receiver = KVReceiver(
+            kv_caches, cfg.backend, _options(cfg, kv_caches, host, advertise_host),
+            on_result=self._cbs.fire, on_fatal=on_fatal)
         self.address: bytes = self.receiver.address
 
     def expect(self, req_id: str, block_ids: list[int], deadline_s: float,

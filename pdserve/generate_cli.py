@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--local", action="store_true",
                        help="run the model in this process (no coordinator)")
-    where.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address")
+    where.add_argument("--coordinator", metavar="HOST:PORT[,HOST:PORT]",
+                       help="coordinator address; several (comma-separated): fail over between them")
     parser.add_argument("--model", default="tiny",
                         help="--local: preset name, built-in model (smollm2-135m) or HF directory")
     parser.add_argument("--model-cache-dir", default=None,

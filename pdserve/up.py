@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # For tests: run another program as each worker. A shell-like template whose words may
     # use {python} {role} {index} {name} {device} {coordinator} {model} {transfer}.
     parser.add_argument("--worker-cmd", default=None, help=argparse.SUPPRESS)
+    from pdserve import ray_launch
+
+    ray_launch.add_arguments(parser)
 
 
 def template_worker_cmd(template: str):
@@ -99,6 +102,10 @@ def _say(msg: str, err: bool = False) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", None):
+        from pdserve.ray_launch import run_ray
+
+        return run_ray(args)
     try:
         cluster = cluster_from_args(args)
         if not args.worker_cmd:

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from pdserve import net
 from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig, TransferConfig, WorkerConfig
 from pdserve.proto import cluster_secret
 from pdserve.proto.convert import ROLES
@@ -67,8 +68,10 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         transfer=TransferConfig(backend=args.transfer, timeout_s=args.transfer_timeout,
                                 layerwise=not args.no_layerwise,
                                 layerwise_min_tokens=args.layerwise_min_tokens, secret=secret),
-        host=args.host, port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
-        heartbeat_s=args.heartbeat, auth_token=args.auth_token, cluster_secret=secret)
+        host=args.host, advertise_host=net.advertise_host(args.host, args.advertise_host),
+        port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
+        heartbeat_s=args.heartbeat, auth_token=args.auth_token, cluster_secret=secret,
+        etcd=args.etcd, etcd_prefix=args.etcd_prefix, lease_ttl_s=args.lease_ttl)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,7 +80,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "both: colocated engine")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="register with this coordinator (omit to serve standalone)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on and to advertise")
+    p.add_argument("--etcd", default=None, metavar="URL[,URL]",
+                   help="register in this etcd under a lease instead of with --coordinator "
+                        "(every coordinator started with the same --etcd serves this worker)")
+    p.add_argument("--etcd-prefix", default="/pdserve", help="the cluster's key prefix in etcd")
+    p.add_argument("--lease-ttl", type=int, default=3,
+                   help="etcd lease seconds: a dead worker leaves the registry after this long")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (gRPC and KV control channel); 0.0.0.0: all")
+    p.add_argument("--advertise-host", default=None,
+                   help="address peers on other hosts use to reach this worker (default: "
+                        "--host, or detected when --host is 0.0.0.0)")
     p.add_argument("--port", type=int, default=0, help="Worker service port (0: pick a free one)")
     p.add_argument("--worker-id", default="", help="name in the registry (default: assigned)")
     p.add_argument("--transfer", default="ucx", choices=["ucx", "nccl"],
@@ -110,7 +123,8 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"pdserve worker: {exc}", file=sys.stderr, flush=True)
         await server.stop(grace_s=0)
         return 1
-    print(f"pdserve worker: {args.role} {server.worker_id or ''} serving on {args.host}:{port}",
+    print(f"pdserve worker: {args.role} {server.worker_id or ''} serving on {args.host}:{port}"
+          f" (advertised as {server.cfg.advertised_host}:{port})",
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -36,7 +36,7 @@ class PrefillRole(Role):
         super().__init__(core)
         eng = core.engine
         self.sender = sender or SenderLink(core.cfg.transfer, eng.kv_caches, core.cfg.host,
-                                           on_fatal=core.fail)
+                                           core.cfg.advertised_host, on_fatal=core.fail)
         self.layerwise = core.cfg.transfer.layerwise
 
     @classmethod

@@ -7,13 +7,16 @@ from dataclasses import dataclass, field
 from pdserve.engine.config import EngineConfig
 from pdserve.kvtransfer.common import TransferConfig
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")  # the same list as pdserve/net.py
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     role: str  # a registered Role name: "prefill" | "decode" | "both"
     engine: EngineConfig = field(default_factory=EngineConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
-    host: str = "127.0.0.1"  # listen here and advertise it
+    host: str = "127.0.0.1"  # listen here (gRPC and the KV control channel)
+    advertise_host: str | None = None  # what peers on other hosts dial (None: `host`)
     port: int = 0  # Worker service port (0: pick a free one)
     worker_id: str = ""  # name in the registry ("": the coordinator assigns one)
     coordinator: str | None = None  # HOST:PORT to register with (None: standalone)
@@ -22,7 +25,24 @@ class WorkerConfig:
     # the cluster plane's credential: sent to the coordinator (instead of auth_token) and
     # required of every Worker RPC; the KV handshake takes it from transfer.secret
     cluster_secret: str | None = field(default=None, repr=False)
+    etcd: str | None = None  # etcd endpoints: register there (under a lease), not with `coordinator`
+    etcd_prefix: str = "/pdserve"
+    lease_ttl_s: int = 3  # a dead worker leaves the etcd registry after this long
 
     def __post_init__(self) -> None:
+        if self.host in WILDCARD_HOSTS and not self.advertise_host:
+            raise ValueError(f"host {self.host!r} listens everywhere: give advertise_host, the "
+                             "address peers on other hosts reach this worker at")
+        if self.advertise_host in WILDCARD_HOSTS:
+            raise ValueError(f"advertise_host {self.advertise_host!r} is not reachable: name "
+                             "one address of this host")
         if self.heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
+        if self.etcd and self.heartbeat_s >= self.lease_ttl_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be below lease_ttl_s "
+                             f"({self.lease_ttl_s})")
+
+    @property
+    def advertised_host(self) -> str:
+        """The host put in the worker's registry entry and in its KV address."""
+        return self.advertise_host or self.host

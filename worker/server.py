@@ -27,6 +27,7 @@ from pdserve.proto.guard import WORKER_PLANES, Guard
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.coordinator_link import CoordinatorLink
 from pdserve.worker.core import WorkerCore
+from pdserve.worker.etcd_link import EtcdLink
 from pdserve.worker.role import Role, get_role
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class WorkerServer(pb_grpc.WorkerServicer):
         self.core: WorkerCore | None = None
         self.role: Role | None = None
         self.server: grpc.aio.Server | None = None
-        self.link: CoordinatorLink | None = None  # registration + heartbeats
+        self.link: CoordinatorLink | EtcdLink | None = None  # registration + heartbeats
 
     @property
     def engine(self) -> LLMEngine:
@@ -66,14 +67,21 @@ class WorkerServer(pb_grpc.WorkerServicer):
         self.health = await add_standard_services(self.server, [WORKER_SERVICE])
         self.port = listen(self.server, self.cfg.host, self.cfg.port)
         await self.server.start()
-        if self.cfg.coordinator:
+        if self.cfg.etcd:
+            from pdserve.proto.etcd import Etcd
+            self.link = EtcdLink(
+                Etcd(self.cfg.etcd), self.cfg.etcd_prefix, self.info(),
+                lambda: self.core.on_engine(self.core.load), ttl_s=self.cfg.lease_ttl_s,
+                heartbeat_s=self.cfg.heartbeat_s, on_register=self._set_worker_id)
+            await self.link.start(timeout_s=30.0)
+        elif self.cfg.coordinator:
             self.link = CoordinatorLink(
                 self.cfg.coordinator, self.info(), lambda: self.core.on_engine(self.core.load),
                 auth_token=self.cfg.cluster_secret or self.cfg.auth_token, rpc_timeout_s=max(1.0, 2 * self.cfg.heartbeat_s),
                 on_register=self._set_worker_id, heartbeat_s=self.cfg.heartbeat_s)
             await self.link.start(timeout_s=30.0)
-        log.info("worker %s (%s) serving on %s:%d", self.worker_id, self.cfg.role,
-                 self.cfg.host, self.port)
+        log.info("worker %s (%s) serving on %s:%d (advertised as %s)", self.worker_id,
+                 self.cfg.role, self.cfg.host, self.port, self.cfg.advertised_host)
         return self.port
 
     def _set_worker_id(self, worker_id: str) -> None:
@@ -100,7 +108,7 @@ class WorkerServer(pb_grpc.WorkerServicer):
                            head_dim=mc.head_dim, block_size=eng.block_size, dtype=ecfg.dtype)
         return pb.WorkerInfo(
             worker_id=self.worker_id, role=ROLE_BY_NAME[self.cfg.role],
-            address=f"{self.cfg.host}:{self.port}", model=ecfg.model,
+            address=f"{self.cfg.advertised_host}:{self.port}", model=ecfg.model,
             max_model_len=eng.max_model_len, vocab_size=mc.vocab_size, kv=kv,
             total_blocks=eng.num_blocks, device=ecfg.device,
             transfer_backend=self.cfg.transfer.backend if self.role_cls.transfer_backend else "")
