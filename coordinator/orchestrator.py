@@ -5,6 +5,12 @@ and puts token batches into the request's queue; the consumer (the gRPC handler)
 everything queued, merges it into one GenerateResponse and sends it. So when the client or
 the network is slower than the workers, tokens coalesce into fewer, larger messages, and
 Abort / cancellation only ever interrupt the producer, never a send in progress.
+
+The producer always queues a final item (the last tokens, or a RequestError), whatever
+ends it: the client's stream never waits on a producer that is gone. Counters: a request
+that does not finish counts in requests_failed, and also in requests_cancelled (client
+cancel, Abort, deadline) or requests_rejected (refused: bad request, queue full, no
+worker) when it was not a server failure.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from pdserve.coordinator.config import FailureConfig
 from pdserve.coordinator.flows import Dispatcher
 from pdserve.coordinator.registry import Registry
 from pdserve.coordinator.request import RequestError, RequestState
@@ -30,16 +37,20 @@ from pdserve.proto.convert import sampling_fields
 log = logging.getLogger("pdserve.coordinator")
 Code = grpc.StatusCode
 RATE_WINDOW_S = 10.0
+_CANCEL_CODES = frozenset({Code.CANCELLED, Code.DEADLINE_EXCEEDED})
+_REJECT_CODES = frozenset({Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE, Code.FAILED_PRECONDITION,
+                           Code.RESOURCE_EXHAUSTED, Code.ALREADY_EXISTS, Code.UNAUTHENTICATED})
 
 
 class Orchestrator:
     def __init__(self, registry: Registry, policy: RoutingPolicy, max_queue: int,
-                 tokenizers: TokenizerProvider) -> None:
+                 tokenizers: TokenizerProvider, failure: FailureConfig | None = None) -> None:
         self.registry = registry
         self.tokenizers = tokenizers
-        self.dispatch = Dispatcher(registry, policy, max_queue)
+        self.dispatch = Dispatcher(registry, policy, max_queue, failure)
         self.active: dict[str, RequestState] = {}
         self.requests_total = self.requests_finished = self.requests_failed = 0
+        self.requests_cancelled = self.requests_rejected = 0  # of requests_failed
         self.tokens_total = 0
         self.started = time.monotonic()
         self._rate: deque[tuple[float, int]] = deque([(self.started, 0)])
@@ -105,12 +116,13 @@ class Orchestrator:
         self.requests_total += 1
         try:
             st = await self._prepare(req, time_remaining)
-        except BaseException:
-            self.requests_failed += 1
+        except BaseException as e:
+            self._count_failure(e)
             raise
         self.active[st.rid] = st
         st.producer = asyncio.get_running_loop().create_task(self._produce(st))
         ok = False
+        ended: BaseException | None = None
         try:
             while True:
                 item = await st.out.get()
@@ -134,6 +146,9 @@ class Orchestrator:
                 if finished:
                     ok = True
                     return
+        except BaseException as e:  # the client went away (GeneratorExit, cancel) or an error
+            ended = e
+            raise
         finally:
             self.active.pop(st.rid, None)
             if not st.producer.done():
@@ -141,23 +156,47 @@ class Orchestrator:
             if ok:
                 self.requests_finished += 1
             else:
-                self.requests_failed += 1
+                self._count_failure(ended)
             self.registry.notify()  # blocks were freed: wake queued requests
 
+    def _count_failure(self, e: BaseException | None) -> None:
+        self.requests_failed += 1
+        if isinstance(e, RequestError):
+            if e.code in _CANCEL_CODES:
+                self.requests_cancelled += 1
+            elif e.code in _REJECT_CODES or (e.code == Code.UNAVAILABLE and "no worker" in e.message):
+                self.requests_rejected += 1
+        elif isinstance(e, (GeneratorExit, asyncio.CancelledError)):
+            self.requests_cancelled += 1
+
     async def _produce(self, st: RequestState) -> None:
+        """Run the request; always queue a final item for the client stream."""
+        final: RequestError | None = None
         try:
             await self.dispatch.run(st)
             if not st.produced_final:
-                raise RequestError(Code.INTERNAL, "request ended without a final token batch")
+                final = RequestError(Code.INTERNAL, "request ended without a final token batch")
         except asyncio.CancelledError:
+            task = asyncio.current_task()
             if st.aborted:
-                st.out.put_nowait(RequestError(Code.CANCELLED, f"request {st.rid} was aborted"))
+                final = RequestError(Code.CANCELLED, f"request {st.rid} was aborted")
+            elif task is not None and task.cancelling():  # the client went away, or shutdown
+                final = RequestError(Code.UNAVAILABLE, f"request {st.rid} was stopped "
+                                     "(the client went away or the coordinator is stopping)")
+            else:  # a worker call was cancelled under us (its channel closed)
+                log.warning("request %s: a worker call was cancelled", st.rid)
+                final = RequestError(Code.UNAVAILABLE, "a worker's connection was closed "
+                                     "during the request")
+                return
             raise
         except RequestError as e:
-            st.out.put_nowait(e)
+            final = e
         except Exception as e:  # noqa: BLE001 - a bug must still end the client's stream
             log.exception("request %s failed", st.rid)
-            st.out.put_nowait(RequestError(Code.INTERNAL, f"internal error: {type(e).__name__}: {e}"))
+            final = RequestError(Code.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            if final is not None:
+                st.out.put_nowait(final)
 
     def _response(self, st: RequestState, ids: list[int], finished: bool,
                   reason: str) -> pb.GenerateResponse:
@@ -201,4 +240,6 @@ class Orchestrator:
             requests_total=self.requests_total, requests_active=len(self.active),
             requests_finished=self.requests_finished, requests_failed=self.requests_failed,
             requests_queued=self.dispatch.queued, tokens_total=self.tokens_total,
-            tokens_per_s=rate, uptime_s=now - self.started, workers=self.registry.statuses())
+            tokens_per_s=rate, uptime_s=now - self.started, workers=self.registry.statuses(),
+            requests_cancelled=self.requests_cancelled, requests_rejected=self.requests_rejected,
+            requests_migrated=self.dispatch.migrated, requests_retried=self.dispatch.retried)

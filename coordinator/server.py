@@ -16,6 +16,7 @@ from collections.abc import Callable
 import grpc
 
 from pdserve.coordinator.config import CoordinatorConfig
+from pdserve.coordinator.health import HealthBook
 from pdserve.coordinator.orchestrator import Orchestrator
 from pdserve.coordinator.registry import Registry
 from pdserve.coordinator.request import RequestError
@@ -123,9 +124,11 @@ class CoordinatorServer:
 
     async def start(self) -> int:
         cfg = self.config
-        registry = Registry(cfg.worker_timeout_s)
+        registry = Registry(cfg.worker_timeout_s,
+                            health=HealthBook(cfg.failure, heartbeat_s=cfg.heartbeat_s))
         tokenizers = TokenizerProvider(factory=self._tok_args[0], tokenizer=self._tok_args[1])
-        self.orch = Orchestrator(registry, make_policy(cfg.routing), cfg.max_queue, tokenizers)
+        self.orch = Orchestrator(registry, make_policy(cfg.routing), cfg.max_queue, tokenizers,
+                                 failure=cfg.failure)
         self._server = new_server()
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.orch, cfg), self._server)
         self._health = await add_standard_services(self._server, [COORDINATOR_SERVICE])
