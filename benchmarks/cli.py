@@ -23,12 +23,14 @@ KNOWN: dict[str, str] = {
     "ttft": "TTFT breakdown of P/D against a colocated prefill",
     "baseline": "engine baseline: torch attention, eager, same model",
     "coordinator": "the coordinator's streaming throughput with fake workers (CPU)",
+    "chaos": "faults under load on a CPU cluster: every request ends, recovery, leaks",
     "kernels": "Triton kernels against their baselines, one GPU",
     "skinny": "skinny GEMM against cuBLAS for decode shapes, one GPU",
 }
 
 # helpers beside the benchmarks
-_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload", "engine_bench", "fake_workers", "cpu_sample"}
+_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload", "engine_bench", "fake_workers", "cpu_sample",
+                   "chaos_load"}
 
 
 def _exists(name: str) -> bool:
