@@ -55,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=None, help="streams per scenario "
                    "(default 16, 64 with --full)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per stream "
-                   "(default 64, 160 with --full)")
-    p.add_argument("--deadline", type=float, default=120.0, help="client deadline, s")
+                   "(default 64, 128 with --full)")
+    p.add_argument("--deadline", type=float, default=300.0, help="client deadline, s")
     p.add_argument("--stop-s", type=float, default=8.0, help="SIGSTOP duration, s")
     p.add_argument("--fuzz-calls", type=int, default=None, help="(default 300, 2000 with --full)")
     p.add_argument("--transfer-timeout", type=float, default=3.0)
@@ -81,6 +81,7 @@ class Chaos:
                               say=lambda m: self.say("supervisor: " + m.splitlines()[-1]))
         self._stop = threading.Event()
         self._crash: str | None = None
+        self.notes: list[str] = []
 
     # -- cluster -------------------------------------------------------------------------
     def __enter__(self) -> Chaos:
@@ -141,6 +142,9 @@ class Chaos:
             calls = a.fuzz_calls or (2000 if a.full else 300)
             seen = fuzz(targets, calls)
             self.say(f"fuzz: {calls} calls -> {dict(seen)}")
+            self.notes.append(f"- fuzz: {calls} calls on {len(targets)} services (malformed "
+                              f"bytes and odd values), statuses: "
+                              + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
         else:
             raise ValueError(f"unknown scenario {name!r}")
 
@@ -170,7 +174,7 @@ class Chaos:
 def run(args: argparse.Namespace) -> int:
     names = (args.scenarios.split(",") if args.scenarios else FULL if args.full else SHORT)
     n = args.requests or (64 if args.full else 16)
-    max_tokens = args.max_tokens or (160 if args.full else 64)
+    max_tokens = args.max_tokens or (128 if args.full else 64)
 
     def say(msg: str) -> None:
         print(f"chaos: {msg}", file=sys.stderr, flush=True)
@@ -198,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         meta["wall_s"] = f"{time.monotonic() - t0:.0f}"
         plotting.write_csv(os.path.join(args.out, "chaos.csv"), rows, COLUMNS)
         plotting.write_markdown(os.path.join(args.out, "chaos.md"), rows, COLUMNS,
-                                title="pdserve bench chaos", meta=meta)
+                                title="pdserve bench chaos", meta=meta, notes=chaos.notes)
         say(f"wrote {args.out}/chaos.md and chaos.csv")
     bad = [r for r in rows if r["hung"] or r["blocks_leaked"] or r["crashes"] or r["mismatched"]]
     return 1 if bad or chaos._crash else 0
