@@ -153,3 +153,14 @@ def test_circuit_breaker_opens_then_closes():
         now[0] += 11
         h.charge("d2", "slow")
     assert not h.broken("d2")
+
+
+def test_colocated_worker_death_mid_stream_migrates(make_cluster):
+    c = make_cluster()
+    c.add("both", knobs=Knobs(chunk_tokens=3, chunk_delay_s=0.01, die_after_chunks=2))
+    c.add("both", num_blocks=32)
+    assert stream_all(c.address, [40, 41], 25, seed=9, temperature=1.0) == \
+        fake_outputs([40, 41], 25)[0]
+    with Client(c.address) as cl:
+        assert cl.stats()["requests_migrated"] == 1
+    assert_no_leaks(c)
