@@ -44,6 +44,7 @@ class WorkerHandle:
     routed: int = 0  # requests ever routed here (last tie-breaker: spreads equal workers)
     alive: bool = True
     drop_reason: str = ""  # why it was dropped (when not alive)
+    heartbeats: int = 0  # received since it registered (0: not proven alive yet)
 
     @property
     def worker_id(self) -> str:
@@ -110,6 +111,7 @@ class Registry:
             return False
         handle.load.CopyFrom(load)
         handle.last_seen = time.monotonic()
+        handle.heartbeats += 1
         handle.reserved_since_hb = 0
         self.notify()
         return True
@@ -134,13 +136,14 @@ class Registry:
         return [w for w in self._workers.values() if role is None or w.role == role]
 
     def routable(self, role: int, excluded: Collection[str] = ()) -> list[WorkerHandle]:
-        """Workers of `role` that may get new work: alive, not excluded, circuit closed;
-        suspects only when no healthy one is left."""
+        """Workers of `role` that may get new work: alive, not excluded, circuit closed.
+        Best first: those that heartbeat since they registered, then the ones not heard from
+        yet, then suspects (each group only when the one before is empty)."""
         h = self.health
         ws = [w for w in self._workers.values() if w.role == role and w.alive
               and w.worker_id not in excluded and not h.broken(w.worker_id)]
         healthy = [w for w in ws if not h.is_suspect(w.worker_id, w.last_seen)]
-        return healthy or ws
+        return [w for w in healthy if w.heartbeats] or healthy or ws
 
     def statuses(self) -> list[pb.WorkerStatus]:
         now = time.monotonic()

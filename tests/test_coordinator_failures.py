@@ -164,3 +164,25 @@ def test_colocated_worker_death_mid_stream_migrates(make_cluster):
     with Client(c.address) as cl:
         assert cl.stats()["requests_migrated"] == 1
     assert_no_leaks(c)
+
+
+def test_registered_but_silent_worker_gets_no_work_while_others_serve(make_cluster):
+    """A Register from something that never heartbeats (a dead address) is not routed to
+    while workers that heartbeat exist."""
+    c = make_cluster()
+    c.add("prefill")
+    c.add("decode")
+    with Client(c.address, timeout_s=10) as cl:
+        wait_until(lambda: all(w.heartbeats for w in c.coord.orch.registry.workers()),
+                   what="first heartbeats")
+        info = pb.WorkerInfo(role=pb.ROLE_PREFILL, address="127.0.0.1:1", model="fake-model")
+        ghost = c.lt.run(_register(c, info))
+        for i in range(5):
+            assert cl.generate(prompt_token_ids=[i + 1], max_tokens=2).token_ids == \
+                fake_outputs([i + 1], 2)[0]
+        assert cl.stats()["requests_retried"] == 0
+    assert ghost in ids_of(c)  # never tried, so never dropped (the reaper will)
+
+
+async def _register(c, info: pb.WorkerInfo) -> str:
+    return c.coord.orch.registry.register(info).worker_id
