@@ -62,6 +62,9 @@ def add_failure_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default {f.max_attempts})")
     g.add_argument("--retry-backoff", type=float, default=f.retry_backoff_s,
                    help=f"pause before the 2nd attempt, doubling, s (default {f.retry_backoff_s:g})")
+    g.add_argument("--rejoin-wait", type=float, default=f.rejoin_wait_s,
+                   help="after a failure, wait this long for a worker of a role with none left "
+                        f"to register again, s (default {f.rejoin_wait_s:g})")
     g.add_argument("--breaker-failures", type=int, default=f.breaker_failures,
                    help=f"failures within --breaker-window that open a worker's circuit "
                         f"(default {f.breaker_failures})")
@@ -77,6 +80,7 @@ def failure_config_from_args(args: argparse.Namespace) -> FailureConfig:
             rpc_timeout_s=args.rpc_timeout, prefill_timeout_s=args.prefill_timeout,
             stall_timeout_s=args.stall_timeout, suspect_heartbeats=args.suspect_heartbeats,
             max_attempts=args.max_attempts, retry_backoff_s=args.retry_backoff,
+            rejoin_wait_s=args.rejoin_wait,
             breaker_failures=args.breaker_failures, breaker_window_s=args.breaker_window,
             breaker_open_s=args.breaker_open)
     except ValueError as e:

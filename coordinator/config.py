@@ -16,6 +16,8 @@ class FailureConfig:
     suspect_heartbeats: float = 2.5  # heartbeat periods missed before a worker is suspect
     max_attempts: int = 4  # per request: the first + retries/migrations on other pairs
     retry_backoff_s: float = 0.05  # before the 2nd attempt; doubles, at most 1 s
+    rejoin_wait_s: float = 3.0  # after a failure, wait this long for a worker of a role
+    #                             with none left to (re)register before giving up
     breaker_failures: int = 3  # failures (1 s apart at least) within breaker_window_s ...
     breaker_window_s: float = 30.0
     breaker_open_s: float = 10.0  # ... open the worker's circuit this long (no new work)
@@ -27,8 +29,8 @@ class FailureConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_attempts < 1 or self.breaker_failures < 1:
             raise ValueError("max_attempts and breaker_failures must be >= 1")
-        if self.retry_backoff_s < 0 or self.breaker_open_s < 0:
-            raise ValueError("retry_backoff_s and breaker_open_s must be >= 0")
+        if self.retry_backoff_s < 0 or self.breaker_open_s < 0 or self.rejoin_wait_s < 0:
+            raise ValueError("retry_backoff_s, breaker_open_s and rejoin_wait_s must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)

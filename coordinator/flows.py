@@ -69,7 +69,7 @@ class Dispatcher:
                     self.migrated += 1
                 else:
                     self.retried += 1
-        await run_attempts(st, flow, self.cfg, on_retry)
+        await run_attempts(st, flow, self.cfg, on_retry, self.registry.wait_changed)
 
     # -- pieces ------------------------------------------------------------------------
     @staticmethod

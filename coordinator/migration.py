@@ -34,14 +34,20 @@ Attempt = Callable[[RequestState, str, set[str]], Awaitable[None]]
 
 
 async def run_attempts(st: RequestState, attempt: Attempt, cfg: FailureConfig,
-                       on_retry: Callable[[bool], None] | None = None) -> None:
+                       on_retry: Callable[[bool], None] | None = None,
+                       wait_changed: Callable[[float], Awaitable[None]] | None = None) -> None:
     """Run `attempt(st, worker_request_id, excluded)` until one ends the request.
-    on_retry(migrating) is called before each later attempt."""
+    on_retry(migrating) is called before each later attempt. After a failure, when no
+    worker of a role is left ("no ... available"), wait_changed(timeout_s) is awaited (up to
+    cfg.rejoin_wait_s in all) for a restarted or resumed worker to register."""
     excluded: set[str] = set()
     last: WorkerFailure | None = None
     backoff = cfg.retry_backoff_s
-    for n in range(cfg.max_attempts):
-        if last is not None:
+    loop = asyncio.get_running_loop()
+    waited = 0.0
+    n = 0
+    while n < cfg.max_attempts:
+        if last is not None and st.attempts == n:  # a new attempt after a failure
             migrating = st.produced > 0
             log.warning("request %s: %s; %s on another worker pair (attempt %d of %d)", st.rid,
                         last.message, "migrating" if migrating else "retrying", n + 1,
@@ -59,6 +65,7 @@ async def run_attempts(st: RequestState, attempt: Attempt, cfg: FailureConfig,
         except WorkerFailure as f:
             excluded.update(f.worker_ids)
             last = f
+            n += 1
             if st.produced >= st.sampling.max_tokens:  # every token is out; only "finished" was lost
                 st.emit([], True, "length")
                 return
@@ -68,8 +75,15 @@ async def run_attempts(st: RequestState, attempt: Attempt, cfg: FailureConfig,
         except RequestError as e:
             if last is None or e.code != Code.UNAVAILABLE:
                 raise
-            raise RequestError(Code.UNAVAILABLE, f"{_first(last, st)}; not retried: "
-                               f"{e.message}") from None
+            rem = st.remaining()
+            budget = cfg.rejoin_wait_s - waited if rem is None else min(cfg.rejoin_wait_s - waited, rem)
+            if wait_changed is None or "available" not in e.message or budget <= 0:
+                raise RequestError(Code.UNAVAILABLE, f"{_first(last, st)}; not retried: "
+                                   f"{e.message}") from None
+            t0 = loop.time()
+            await wait_changed(min(budget, 0.25))
+            waited += loop.time() - t0
+            excluded.clear()  # a worker that failed may be back (resumed, re-registered)
     assert last is not None
     raise RequestError(Code.UNAVAILABLE, f"{_first(last, st)}; gave up after "
                        f"{cfg.max_attempts} attempts")
