@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-s", type=float, default=8.0, help="SIGSTOP duration, s")
     p.add_argument("--fuzz-calls", type=int, default=None, help="(default 300, 2000 with --full)")
     p.add_argument("--transfer-timeout", type=float, default=3.0)
-    p.add_argument("--worker-timeout", type=float, default=4.0)
+    p.add_argument("--worker-timeout", type=float, default=5.0)
     p.add_argument("--stall-timeout", type=float, default=5.0)
     p.add_argument("--out", default=None, help="directory for chaos.md / chaos.csv")
 
@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"chaos: {msg}", file=sys.stderr, flush=True)
 
     prompts = _prompts(n)
+    load_start = plotting.load_average()
     rows = []
     t0 = time.monotonic()
     with Chaos(args, say) as chaos:
@@ -200,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
                            f"{args.stall_timeout:g} s, SIGSTOP {args.stop_s:g} s")
         meta["load"] = f"{n} greedy streams x {max_tokens} tokens per scenario"
         meta["wall_s"] = f"{time.monotonic() - t0:.0f}"
+        meta["load average (1, 5, 15 min)"] = f"{load_start} at the start, " \
+            f"{plotting.load_average()} at the end (the machine is shared)"
         plotting.write_csv(os.path.join(args.out, "chaos.csv"), rows, COLUMNS)
         plotting.write_markdown(os.path.join(args.out, "chaos.md"), rows, COLUMNS,
                                 title="pdserve bench chaos", meta=meta, notes=chaos.notes)
