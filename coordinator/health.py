@@ -6,7 +6,7 @@
 - Each failure charged to a worker (flows classify who failed) is recorded; failures less
   than a second apart count once (a crash fails all its requests at once). After
   `breaker_failures` within `breaker_window_s` its circuit opens for `breaker_open_s`: no
-  new work at all. The record is kept by worker id, so a worker that is dropped and
+  new work while another worker of its role has a closed circuit. The record is kept by worker id, so a worker that is dropped and
   registers again under its id does not come back with a clean slate.
 - `StallWatch` cancels a watched token stream that makes no progress for
   `stall_timeout_s`, and marks its worker suspect; the flow then migrates the request.

@@ -136,12 +136,15 @@ class Registry:
         return [w for w in self._workers.values() if role is None or w.role == role]
 
     def routable(self, role: int, excluded: Collection[str] = ()) -> list[WorkerHandle]:
-        """Workers of `role` that may get new work: alive, not excluded, circuit closed.
-        Best first: those that heartbeat since they registered, then the ones not heard from
-        yet, then suspects (each group only when the one before is empty)."""
+        """Workers of `role` that may get new work: alive, not excluded, circuit closed
+        (when every circuit of the role is open, all of them: a breaker steers work to the
+        other workers, it never takes a whole role out). Best first: those that heartbeat
+        since they registered, then the ones not heard from yet, then suspects (each group
+        only when the one before is empty)."""
         h = self.health
         ws = [w for w in self._workers.values() if w.role == role and w.alive
-              and w.worker_id not in excluded and not h.broken(w.worker_id)]
+              and w.worker_id not in excluded]
+        ws = [w for w in ws if not h.broken(w.worker_id)] or ws
         healthy = [w for w in ws if not h.is_suspect(w.worker_id, w.last_seen)]
         return [w for w in healthy if w.heartbeats] or healthy or ws
 

@@ -186,3 +186,19 @@ def test_registered_but_silent_worker_gets_no_work_while_others_serve(make_clust
 
 async def _register(c, info: pb.WorkerInfo) -> str:
     return c.coord.orch.registry.register(info).worker_id
+
+
+def test_routable_skips_open_circuits_unless_all_are_open():
+    from pdserve.coordinator.registry import Registry, WorkerHandle
+
+    reg = Registry(health=HealthBook(FailureConfig(breaker_failures=1), heartbeat_s=1.0))
+    for wid in ("d1", "d2"):
+        h = WorkerHandle(info=pb.WorkerInfo(worker_id=wid, role=pb.ROLE_DECODE, address="x:1"),
+                         channel=None, stub=None)
+        h.heartbeats = 1
+        reg._workers[wid] = h
+    reg.health.charge("d1", "boom")
+    assert [w.worker_id for w in reg.routable(pb.ROLE_DECODE)] == ["d2"]
+    reg.health.charge("d2", "boom")  # every circuit open: use them all rather than none
+    assert sorted(w.worker_id for w in reg.routable(pb.ROLE_DECODE)) == ["d1", "d2"]
+    assert [w.worker_id for w in reg.routable(pb.ROLE_DECODE, excluded={"d1"})] == ["d2"]
