@@ -23,6 +23,7 @@ KNOWN: dict[str, str] = {
     "ttft": "TTFT breakdown of P/D against a colocated prefill",
     "baseline": "engine baseline: torch attention, eager, same model",
     "coordinator": "the coordinator's streaming throughput with fake workers (CPU)",
+    "chaos": "faults under load on a CPU cluster: every request ends, recovery, leaks",
     "kernels": "Triton kernels against their baselines, one GPU",
     "skinny": "skinny GEMM against cuBLAS for decode shapes, one GPU",
     "capstone": "when does disaggregation help? xPyD vs colocated sweep, SLO goodput, report",
@@ -32,7 +33,7 @@ KNOWN: dict[str, str] = {
 _NOT_BENCHMARKS = {"cli", "plotting", "serve_workload", "engine_bench", "fake_workers", "cpu_sample",
                    "plan", "planner_sim", "capstone_workloads", "capstone_metrics",
                    "capstone_search", "capstone_client", "capstone_calibration", "capstone_report",
-                   "capstone_plots"}
+                   "capstone_plots", "chaos_load"}
 
 
 def _exists(name: str) -> bool:

@@ -32,6 +32,7 @@ from pdserve.proto import cluster_secret
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import ROLE_BY_NAME, sampling_fields
+from pdserve.proto.faults import PEER
 from pdserve.proto.grpc_util import WORKER_SERVICE, add_standard_services
 from pdserve.proto.guard import WORKER_PLANES, Guard
 from pdserve.worker.coordinator_link import CoordinatorLink
@@ -69,15 +70,19 @@ class Knobs:
     chunk_delay_s: float = 0.0  # between streamed chunks
     chunk_tokens: int = 4
     die_on_prefill: bool = False  # stop the server when a Prefill arrives
+    die_after_chunks: int = 0  # > 0: stop the server after streaming this many chunks
+    stall_after_chunks: int = 0  # > 0: a stream goes silent (alive) after this many chunks
+    bad_kv_address: bool = False  # decode: Reserve answers a KV endpoint nobody can reach
     extra_queued_tokens: int = 0  # reported in heartbeats (steers least_loaded)
 
 
 class _Req:
-    def __init__(self, prompt: list[int], sampling: pb.SamplingParams, blocks: int) -> None:
+    def __init__(self, prompt: list[int], sampling: pb.SamplingParams, blocks: int,
+                 num_output_tokens: int = 0) -> None:
         self.prompt, self.blocks = prompt, blocks
         sp = SamplingParams(**sampling_fields(sampling))
-        self.outputs, self.reason = fake_outputs(prompt, sp.max_tokens, sp.stop_token_ids,
-                                                 sp.ignore_eos)
+        self.outputs, self.reason = fake_outputs(prompt, sp.max_tokens - num_output_tokens,
+                                                 sp.stop_token_ids, sp.ignore_eos)
         self.kv_ready = asyncio.Event()
         self.aborted = asyncio.Event()
 
@@ -139,12 +144,12 @@ class FakeWorker(pb_grpc.WorkerServicer):
                              queued_prefill_tokens=self.knobs.extra_queued_tokens)
 
     def _alloc(self, rid: str, prompt: list[int], sampling: pb.SamplingParams,
-               n_tokens: int) -> _Req | None:
+               n_tokens: int, num_output_tokens: int = 0) -> _Req | None:
         need = math.ceil(n_tokens / self.block_size)
         if need > self.free or rid in self.reqs:
             return None
         self.free -= need
-        self.reqs[rid] = r = _Req(prompt, sampling, need)
+        self.reqs[rid] = r = _Req(prompt, sampling, need, num_output_tokens)
         return r
 
     def _release(self, rid: str) -> None:
@@ -158,11 +163,13 @@ class FakeWorker(pb_grpc.WorkerServicer):
         self.calls.append(("Reserve", request.request_id))
         if self.knobs.refuse_reserve:
             return pb.ReserveReply(accepted=False, reason="fake: refusing reservations")
-        n = len(request.prompt_token_ids) + request.sampling.max_tokens
-        r = self._alloc(request.request_id, list(request.prompt_token_ids), request.sampling, n)
+        k = request.num_output_tokens
+        n = len(request.prompt_token_ids) + request.sampling.max_tokens - k
+        r = self._alloc(request.request_id, list(request.prompt_token_ids), request.sampling, n, k)
         if r is None:
             return pb.ReserveReply(accepted=False, reason=f"no free blocks (free {self.free})")
-        return pb.ReserveReply(accepted=True, kv_address=self.kv_address,
+        address = b"fake://nowhere" if self.knobs.bad_kv_address else self.kv_address
+        return pb.ReserveReply(accepted=True, kv_address=address,
                                block_ids=list(range(r.blocks)))
 
     def deliver_kv(self, rid: str, first_token: int) -> bool:
@@ -180,9 +187,13 @@ class FakeWorker(pb_grpc.WorkerServicer):
             asyncio.get_running_loop().create_task(self.kill())
             await asyncio.sleep(30)
         prompt = list(request.prompt_token_ids)
-        r = self._alloc(rid, prompt, request.sampling, len(prompt))
+        r = self._alloc(rid, prompt, request.sampling, len(prompt), request.num_output_tokens)
         if r is None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "fake: no prefill blocks")
+        if request.kv_address not in _ENDPOINTS:  # as the engine's prefill role answers
+            self._release(rid)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot reach the decode worker's "
+                                f"KV endpoint {request.kv_address!r}", trailing_metadata=PEER)
         try:
             if self.knobs.prefill_delay_s:
                 await asyncio.wait_for(r.aborted.wait(), self.knobs.prefill_delay_s)
@@ -203,7 +214,12 @@ class FakeWorker(pb_grpc.WorkerServicer):
 
     async def _stream(self, rid: str, r: _Req, tokens: list[int], context):
         k = max(1, self.knobs.chunk_tokens)
-        for i in range(0, len(tokens), k):
+        for n, i in enumerate(range(0, len(tokens), k)):
+            if n and n == self.knobs.die_after_chunks:
+                asyncio.get_running_loop().create_task(self.kill())
+                await asyncio.sleep(30)
+            if n and n == self.knobs.stall_after_chunks:
+                await r.aborted.wait()
             if self.knobs.chunk_delay_s:
                 await asyncio.sleep(self.knobs.chunk_delay_s)
             if r.aborted.is_set():
@@ -235,8 +251,9 @@ class FakeWorker(pb_grpc.WorkerServicer):
     async def Generate(self, request, context):
         rid = request.request_id
         self.calls.append(("Generate", rid))
-        prompt = list(request.prompt_token_ids)
-        r = self._alloc(rid, prompt, request.sampling, len(prompt) + request.sampling.max_tokens)
+        prompt, k = list(request.prompt_token_ids), request.num_output_tokens
+        r = self._alloc(rid, prompt, request.sampling,
+                        len(prompt) + request.sampling.max_tokens - k, k)
         if r is None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "fake: no free blocks")
         try:

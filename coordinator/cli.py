@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 
-from pdserve.coordinator.config import CoordinatorConfig
+from pdserve.coordinator.config import CoordinatorConfig, FailureConfig
 from pdserve.proto import cluster_secret
 
 ROUTING = ("least_loaded", "round_robin", "prefix_aware")
@@ -53,6 +53,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-prefix", default=d.etcd_prefix,
                         help=f"the cluster's key prefix in etcd (default {d.etcd_prefix})")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    add_failure_arguments(parser)
+
+
+def add_failure_arguments(parser: argparse.ArgumentParser) -> None:
+    """Detection, retry/migration and circuit breaking (FailureConfig)."""
+    f = FailureConfig()
+    g = parser.add_argument_group("failure handling")
+    g.add_argument("--rpc-timeout", type=float, default=f.rpc_timeout_s,
+                   help=f"deadline of a unary worker RPC, s (default {f.rpc_timeout_s:g})")
+    g.add_argument("--prefill-timeout", type=float, default=f.prefill_timeout_s,
+                   help=f"deadline of a Prefill without client deadline, s (default {f.prefill_timeout_s:g})")
+    g.add_argument("--stall-timeout", type=float, default=f.stall_timeout_s,
+                   help="migrate a request whose token stream is silent this long, s "
+                        f"(default {f.stall_timeout_s:g})")
+    g.add_argument("--suspect-heartbeats", type=float, default=f.suspect_heartbeats,
+                   help="missed heartbeat periods before a worker gets no new work "
+                        f"(default {f.suspect_heartbeats:g})")
+    g.add_argument("--max-attempts", type=int, default=f.max_attempts,
+                   help=f"worker pairs tried per request, retries and migrations included "
+                        f"(default {f.max_attempts})")
+    g.add_argument("--retry-backoff", type=float, default=f.retry_backoff_s,
+                   help=f"pause before the 2nd attempt, doubling, s (default {f.retry_backoff_s:g})")
+    g.add_argument("--rejoin-wait", type=float, default=f.rejoin_wait_s,
+                   help="after a failure, wait this long for a worker of a role with none left "
+                        f"to register again, s (default {f.rejoin_wait_s:g})")
+    g.add_argument("--breaker-failures", type=int, default=f.breaker_failures,
+                   help=f"failures within --breaker-window that open a worker's circuit "
+                        f"(default {f.breaker_failures})")
+    g.add_argument("--breaker-window", type=float, default=f.breaker_window_s,
+                   help=f"s (default {f.breaker_window_s:g})")
+    g.add_argument("--breaker-open", type=float, default=f.breaker_open_s,
+                   help=f"how long an open circuit keeps work away, s (default {f.breaker_open_s:g})")
+
+
+def failure_config_from_args(args: argparse.Namespace) -> FailureConfig:
+    try:
+        return FailureConfig(
+            rpc_timeout_s=args.rpc_timeout, prefill_timeout_s=args.prefill_timeout,
+            stall_timeout_s=args.stall_timeout, suspect_heartbeats=args.suspect_heartbeats,
+            max_attempts=args.max_attempts, retry_backoff_s=args.retry_backoff,
+            rejoin_wait_s=args.rejoin_wait,
+            breaker_failures=args.breaker_failures, breaker_window_s=args.breaker_window,
+            breaker_open_s=args.breaker_open)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -68,7 +113,8 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
                         routing=args.routing, auth_token=args.auth_token or None,
                         model_cache_dir=cache_dir,
                         cluster_secret=cluster_secret.from_args(args),
-                        etcd=args.etcd, etcd_prefix=args.etcd_prefix)
+                        etcd=args.etcd, etcd_prefix=args.etcd_prefix,
+                        failure=failure_config_from_args(args))
 
 
 async def serve(config: CoordinatorConfig, http_port: int | None = None,

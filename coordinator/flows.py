@@ -1,12 +1,13 @@
 """How a validated request is run on workers: disaggregated (P + D) or colocated (`both`).
 
-Disaggregated (docs/architecture.md, "Request life cycle"): pick D, Reserve on D (on refusal try the next D; when all refuse,
-wait in the coordinator queue until capacity appears or the deadline), open D.DecodeStream,
-call P.Prefill with D's kv_address and block ids, emit the first token from PrefillReply as
-soon as it arrives, then D's tokens (D never repeats the first token). Whenever an attempt
-ends without a clean finish, both workers get Abort(request id) so they free every block.
-A worker failure before any token was emitted is retried once on another pair (failed worker
-excluded, new request id); after that the request fails with UNAVAILABLE.
+Disaggregated (docs/architecture.md, "Request life cycle"): pick D, Reserve on D (on refusal
+try the next D; when all refuse, wait in the coordinator queue until capacity appears or the
+deadline), open D.DecodeStream, call P.Prefill with D's kv_address and block ids, emit the
+first token from PrefillReply as soon as it arrives, then D's tokens (D never repeats the
+first token). Whenever an attempt ends without a clean finish, both workers get
+Abort(request id) so they free every block. Failures (coordinator/migration.py): the
+request is retried or migrated on another pair; every worker call is bounded (a deadline,
+or a stall watch on streams), so no attempt waits forever.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
 
 import grpc
 
+from pdserve.coordinator.config import FailureConfig
+from pdserve.coordinator.health import StallWatch
 from pdserve.coordinator.metrics import NoMetrics
+from pdserve.coordinator.migration import Attribution, run_attempts
 from pdserve.coordinator.registry import Registry, WorkerHandle
 from pdserve.coordinator.request import RequestError, RequestState, WorkerFailure
 from pdserve.coordinator.router import RoutingPolicy
@@ -27,10 +30,6 @@ from pdserve.proto import pdserve_pb2 as pb
 log = logging.getLogger("pdserve.coordinator")
 Code = grpc.StatusCode
 RpcError = grpc.aio.AioRpcError
-# Worker statuses that are the request's fault: passed to the client, never retried.
-_CLIENT_CODES = (Code.INVALID_ARGUMENT, Code.OUT_OF_RANGE, Code.FAILED_PRECONDITION,
-                 Code.RESOURCE_EXHAUSTED)
-UNARY_TIMEOUT_S = 30.0  # cap of one Reserve when the client gave no deadline
 ABORT_TIMEOUT_S = 5.0
 
 
@@ -52,58 +51,54 @@ def _transfer_cause(e: RpcError) -> str:
 
 class Dispatcher:
     def __init__(self, registry: Registry, policy: RoutingPolicy, max_queue: int,
-                 metrics: NoMetrics | None = None) -> None:
+                 failure: FailureConfig | None = None, metrics: NoMetrics | None = None) -> None:
         self.registry = registry
         self.metrics = metrics or NoMetrics()
         self.policy = policy
         self.max_queue = max_queue
+        self.cfg = failure or FailureConfig()
+        self.attr = Attribution(registry)
+        self.watch = StallWatch(registry.health, self.cfg.stall_timeout_s)
         self.queued = 0  # requests waiting for a decode reservation
+        self.retried = self.migrated = 0  # requests that needed another pair
         self._bg: set[asyncio.Task] = set()
 
     async def run(self, st: RequestState) -> None:
         reg = self.registry
         n_p, n_d, n_b = (len(reg.workers(r)) for r in (pb.ROLE_PREFILL, pb.ROLE_DECODE, pb.ROLE_BOTH))
         if n_p and n_d:
-            await self._with_retry(st, self._disaggregated)
+            flow = self._disaggregated
         elif n_b:
-            await self._with_retry(st, self._colocated)
+            flow = self._colocated
         else:
             raise RequestError(Code.UNAVAILABLE, (
                 f"no worker can serve: {n_p} prefill, {n_d} decode, {n_b} both registered "
                 "(need at least one prefill and one decode worker, or one 'both' worker)"))
+        counted: list[bool] = []
 
-    async def _with_retry(self, st: RequestState,
-                          attempt: Callable[[RequestState, str, set[str]], Awaitable[None]]) -> None:
-        excluded: set[str] = set()
-        for n in range(2):
-            wid = st.rid if n == 0 else f"{st.rid}-retry{n}"
-            try:
-                await attempt(st, wid, excluded)
-                return
-            except WorkerFailure as f:
-                excluded.update(f.worker_ids)
-                if st.produced:
-                    raise RequestError(Code.UNAVAILABLE, f"{f.message} after tokens were "
-                                       "streamed; not retried") from None
-                if n == 1:
-                    raise RequestError(Code.UNAVAILABLE, f"{f.message} (on retry)") from None
-                self.metrics.retry()
-                log.warning("request %s: %s; retrying on another worker pair", st.rid, f.message)
+        def on_retry(migrating: bool) -> None:
+            self.metrics.retry()
+            if not counted:  # count requests, not attempts
+                counted.append(True)
+                if migrating:
+                    self.migrated += 1
+                else:
+                    self.retried += 1
+        await run_attempts(st, flow, self.cfg, on_retry, self.registry.wait_changed)
 
     # -- pieces ------------------------------------------------------------------------
-    def _failure(self, st: RequestState, w: WorkerHandle, role: str,
-                 e: RpcError) -> RequestError | WorkerFailure:
-        code, detail = e.code(), e.details()
-        rem = st.remaining()
-        if code == Code.DEADLINE_EXCEEDED and rem is not None and rem < 0.1:
-            return RequestError(Code.DEADLINE_EXCEEDED,
-                                f"deadline exceeded waiting for {role} worker {w.worker_id}")
-        if code in _CLIENT_CODES:
-            return RequestError(code, f"{role} worker {w.worker_id}: {detail}")
-        if code == Code.UNAVAILABLE:
-            self.registry.drop_handle(w, f"{role} RPC failed: {detail}")
-        self.metrics.worker_failure(role, code.name)
-        return WorkerFailure([w], f"{role} worker {w.worker_id} failed: {code.name}: {detail}")
+    def _failure(self, st: RequestState, w: WorkerHandle, role: str, e: RpcError,
+                 peer: WorkerHandle | None = None) -> RequestError | WorkerFailure:
+        """The attribution's verdict on a failed worker call, counted in the metrics."""
+        f = self.attr.failure(st, w, role, e, peer=peer)
+        if isinstance(f, WorkerFailure):
+            self.metrics.worker_failure(role, e.code().name)
+        return f
+
+    @staticmethod
+    def _continuation(st: RequestState) -> tuple[list[int], int]:
+        """The prompt of the next attempt and how many of its tokens are outputs."""
+        return st.prompt + st.output, len(st.output)
 
     def abort_later(self, targets: list[tuple[WorkerHandle, str]]) -> None:
         """Fire-and-forget Worker.Abort so both ends free the request's blocks."""
@@ -119,6 +114,8 @@ class Dispatcher:
         except RpcError as e:
             if e.code() == Code.UNAVAILABLE:
                 self.registry.drop_handle(w, f"Abort failed: {e.details()}")
+        except (asyncio.CancelledError, grpc.aio.UsageError):  # the worker was dropped
+            pass
         finally:
             self.registry.notify()
 
@@ -134,24 +131,30 @@ class Dispatcher:
 
     async def _reserve(self, st: RequestState, wid: str,
                        excluded: set[str]) -> tuple[WorkerHandle, pb.ReserveReply]:
-        req = pb.ReserveRequest(request_id=wid, prompt_token_ids=st.prompt, sampling=st.sampling)
+        prompt, n_out = self._continuation(st)
+        req = pb.ReserveRequest(request_id=wid, prompt_token_ids=prompt, sampling=st.sampling,
+                                num_output_tokens=n_out)
         queued_at: float | None = None
         backoff = 0.01
         loop = asyncio.get_running_loop()
         try:
             while True:
-                ds = [w for w in self.registry.workers(pb.ROLE_DECODE) if w.worker_id not in excluded]
+                ds = self.registry.routable(pb.ROLE_DECODE, excluded)
                 if not ds:
                     raise RequestError(Code.UNAVAILABLE, "no decode worker available")
                 self._check_fits(st, ds)
                 reasons = []
-                for d in self.policy.order_decode(ds, st.prompt):
+                for d in self.policy.order_decode(ds, prompt):
                     if not d.alive:
                         continue
                     try:
-                        r = await d.stub.Reserve(req, timeout=_cap(st.remaining(), UNARY_TIMEOUT_S))
+                        r = await self.attr.guarded(d, "decode", d.stub.Reserve(
+                            req, timeout=_cap(st.remaining(), self.cfg.rpc_timeout_s)))
                     except BaseException as e:
                         self.abort_later([(d, wid)])  # it may have reserved before we gave up
+                        if isinstance(e, WorkerFailure):
+                            reasons.append(f"{d.worker_id}: {e}")
+                            continue
                         if not isinstance(e, RpcError):
                             raise
                         f = self._failure(st, d, "decode", e)
@@ -183,39 +186,74 @@ class Dispatcher:
                 self.queued -= 1
                 st.queue_ms += (loop.time() - queued_at) * 1e3
 
+    async def _stream(self, st: RequestState, w: WorkerHandle, role: str, call) -> bool:
+        """Emit a worker's token stream; True once it finished. The stall watch cancels a
+        stream silent for stall_timeout_s (then: WorkerFailure, the request migrates)."""
+        watched = self.watch.watch(call, w.worker_id)
+        try:
+            while True:
+                chunk = await self.attr.guarded(w, role, call.read())
+                if chunk is grpc.aio.EOF:
+                    break
+                watched.touch()
+                st.emit(list(chunk.token_ids), chunk.finished, chunk.finish_reason)
+                if chunk.finished:
+                    st.transfer_ms = max(st.transfer_ms, chunk.timings.transfer_ms)
+                    if role == "colocated":
+                        st.prefill_ms = chunk.timings.prefill_ms
+                    return True
+        except RpcError as e:
+            raise self._failure(st, w, role, e) from None
+        except WorkerFailure as f:
+            if watched.stalled:
+                raise WorkerFailure([w], f"{role} worker {w.worker_id} made no progress for "
+                                    f"{self.cfg.stall_timeout_s:g} s") from None
+            raise f
+        finally:
+            self.watch.unwatch(watched)
+        self.attr.charge(w, "stream ended unfinished")
+        raise WorkerFailure([w], f"{role} worker {w.worker_id} ended its stream unfinished")
+
     # -- flows -------------------------------------------------------------------------
     async def _disaggregated(self, st: RequestState, wid: str, excluded: set[str]) -> None:
         d, res = await self._reserve(st, wid, excluded)
+        prompt, n_out = self._continuation(st)
         targets = [(d, wid)]
         done = False
         dcall = None
         d.inflight += 1
         try:
-            ps = [w for w in self.registry.workers(pb.ROLE_PREFILL) if w.worker_id not in excluded]
+            ps = self.registry.routable(pb.ROLE_PREFILL, excluded)
             if not ps:
                 raise RequestError(Code.UNAVAILABLE, "no prefill worker available")
-            p = self.policy.order_prefill(ps, st.prompt)[0]
+            p = self.policy.order_prefill(ps, prompt)[0]
             p.routed += 1
             targets.append((p, wid))
             st.prefill_worker, st.decode_worker = p.worker_id, d.worker_id
-            timeout = st.remaining()
-            dcall = d.stub.DecodeStream(pb.DecodeRequest(request_id=wid), timeout=timeout)
+            if not d.alive:  # dropped while we reserved: its channel is closed
+                raise WorkerFailure([d], f"decode worker {d.worker_id} was dropped "
+                                    f"({d.drop_reason})")
+            dcall = d.stub.DecodeStream(pb.DecodeRequest(request_id=wid), timeout=st.remaining())
             preq = pb.PrefillRequest(
-                request_id=wid, prompt_token_ids=st.prompt, sampling=st.sampling,
-                kv_address=res.kv_address, dst_block_ids=res.block_ids, decode_worker_id=d.worker_id)
-            n = len(st.prompt)
+                request_id=wid, prompt_token_ids=prompt, sampling=st.sampling,
+                kv_address=res.kv_address, dst_block_ids=res.block_ids,
+                decode_worker_id=d.worker_id, num_output_tokens=n_out)
+            n = len(prompt)
             p.inflight += 1
             p.inflight_prefill_tokens += n
             try:
-                reply = await p.stub.Prefill(preq, timeout=timeout)
+                reply = await self.attr.guarded(p, "prefill", p.stub.Prefill(
+                    preq, timeout=_cap(st.remaining(), self.cfg.prefill_timeout_s)))
             except RpcError as e:
-                f = self._failure(st, p, "prefill", e)
                 cause = _transfer_cause(e)
-                if cause and isinstance(f, WorkerFailure):
+                if cause:
                     self.metrics.transfer_failure(cause)
-                if isinstance(f, WorkerFailure) and dcall.done() and await dcall.code() != Code.OK:
-                    f.worker_ids.append(d.worker_id)  # the decode side broke first
-                raise f from None
+                if dcall.done() and await dcall.code() != Code.OK:  # the decode side broke first
+                    self.attr.charge(d, "decode stream failed during prefill")
+                    self.metrics.worker_failure("decode", (await dcall.code()).name)
+                    raise WorkerFailure([d], f"decode worker {d.worker_id} failed during "
+                                        f"prefill: {e.details()}") from None
+                raise self._failure(st, p, "prefill", e, peer=d) from None
             finally:
                 p.inflight -= 1
                 p.inflight_prefill_tokens -= n
@@ -224,16 +262,7 @@ class Dispatcher:
             st.emit([reply.first_token], reply.finished, reply.finish_reason)
             if reply.finished:
                 return  # D finishes by itself too; the Abort below makes sure it frees
-            try:
-                async for chunk in dcall:
-                    st.emit(list(chunk.token_ids), chunk.finished, chunk.finish_reason)
-                    if chunk.finished:
-                        done = True
-                        st.transfer_ms = max(st.transfer_ms, chunk.timings.transfer_ms)
-                        return
-            except RpcError as e:
-                raise self._failure(st, d, "decode", e) from None
-            raise WorkerFailure([d], f"decode worker {d.worker_id} ended its stream unfinished")
+            done = await self._stream(st, d, "decode", dcall)
         finally:
             d.inflight -= 1
             if not done:
@@ -242,30 +271,22 @@ class Dispatcher:
                 self.abort_later(targets)
 
     async def _colocated(self, st: RequestState, wid: str, excluded: set[str]) -> None:
-        ws = [w for w in self.registry.workers(pb.ROLE_BOTH) if w.worker_id not in excluded]
+        ws = self.registry.routable(pb.ROLE_BOTH, excluded)
         if not ws:
             raise RequestError(Code.UNAVAILABLE, "no 'both' worker available")
-        w = self.policy.order_both(ws, st.prompt)[0]
+        prompt, n_out = self._continuation(st)
+        w = self.policy.order_both(ws, prompt)[0]
         w.routed += 1
         st.prefill_worker = st.decode_worker = w.worker_id
-        req = pb.GenerateWorkerRequest(request_id=wid, prompt_token_ids=st.prompt,
-                                       sampling=st.sampling)
+        req = pb.GenerateWorkerRequest(request_id=wid, prompt_token_ids=prompt,
+                                       sampling=st.sampling, num_output_tokens=n_out)
         done = False
         w.inflight += 1
         call = w.stub.Generate(req, timeout=st.remaining())
         try:
-            async for chunk in call:
-                st.emit(list(chunk.token_ids), chunk.finished, chunk.finish_reason)
-                if chunk.finished:
-                    done = True
-                    t = chunk.timings
-                    st.prefill_ms, st.transfer_ms = t.prefill_ms, t.transfer_ms
-                    return
-        except RpcError as e:
-            raise self._failure(st, w, "colocated", e) from None
+            done = await self._stream(st, w, "colocated", call)
         finally:
             w.inflight -= 1
             if not done:
                 call.cancel()
                 self.abort_later([(w, wid)])
-        raise WorkerFailure([w], f"colocated worker {w.worker_id} ended its stream unfinished")

@@ -5,6 +5,12 @@ and puts token batches into the request's queue; the consumer (the gRPC handler)
 everything queued, merges it into one GenerateResponse and sends it. So when the client or
 the network is slower than the workers, tokens coalesce into fewer, larger messages, and
 Abort / cancellation only ever interrupt the producer, never a send in progress.
+
+The producer always queues a final item (the last tokens, or a RequestError), whatever
+ends it: the client's stream never waits on a producer that is gone. Counters: a request
+that does not finish counts in requests_failed, and also in requests_cancelled (client
+cancel, Abort, deadline) or requests_rejected (refused: bad request, queue full, no
+worker) when it was not a server failure.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from pdserve.coordinator.config import FailureConfig
 from pdserve.coordinator.flows import Dispatcher
 from pdserve.coordinator.metrics import NoMetrics, outcome_of
 from pdserve.coordinator.registry import Registry
@@ -35,11 +42,12 @@ RATE_WINDOW_S = 10.0
 
 class Orchestrator:
     def __init__(self, registry: Registry, policy: RoutingPolicy, max_queue: int,
-                 tokenizers: TokenizerProvider, metrics: NoMetrics | None = None) -> None:
+                 tokenizers: TokenizerProvider, metrics: NoMetrics | None = None,
+                 failure: FailureConfig | None = None) -> None:
         self.registry = registry
         self.tokenizers = tokenizers
         self.metrics = metrics or NoMetrics()
-        self.dispatch = Dispatcher(registry, policy, max_queue, self.metrics)
+        self.dispatch = Dispatcher(registry, policy, max_queue, failure, self.metrics)
         self.active: dict[str, RequestState] = {}
         # failed = server-side failures only; cancels and rejections are counted apart.
         self.requests_total = self.requests_finished = self.requests_failed = 0
@@ -200,19 +208,33 @@ class Orchestrator:
             st.finished_early = reason
 
     async def _produce(self, st: RequestState) -> None:
+        """Run the request; always queue a final item for the client stream."""
+        final: RequestError | None = None
         try:
             await self.dispatch.run(st)
             if not st.produced_final:
-                raise RequestError(Code.INTERNAL, "request ended without a final token batch")
+                final = RequestError(Code.INTERNAL, "request ended without a final token batch")
         except asyncio.CancelledError:
+            task = asyncio.current_task()
             if st.aborted:
-                st.out.put_nowait(RequestError(Code.CANCELLED, f"request {st.rid} was aborted"))
+                final = RequestError(Code.CANCELLED, f"request {st.rid} was aborted")
+            elif task is not None and task.cancelling():  # the client went away, or shutdown
+                final = RequestError(Code.UNAVAILABLE, f"request {st.rid} was stopped "
+                                     "(the client went away or the coordinator is stopping)")
+            else:  # a worker call was cancelled under us (its channel closed)
+                log.warning("request %s: a worker call was cancelled", st.rid)
+                final = RequestError(Code.UNAVAILABLE, "a worker's connection was closed "
+                                     "during the request")
+                return
             raise
         except RequestError as e:
-            st.out.put_nowait(e)
+            final = e
         except Exception as e:  # noqa: BLE001 - a bug must still end the client's stream
             log.exception("request %s failed", st.rid)
-            st.out.put_nowait(RequestError(Code.INTERNAL, f"internal error: {type(e).__name__}: {e}"))
+            final = RequestError(Code.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            if final is not None:
+                st.out.put_nowait(final)
 
     def _response(self, st: RequestState, ids: list[int], finished: bool,
                   reason: str) -> pb.GenerateResponse:
@@ -258,4 +280,6 @@ class Orchestrator:
             requests_total=self.requests_total, requests_active=len(self.active),
             requests_finished=self.requests_finished, requests_failed=self.requests_failed,
             requests_queued=self.dispatch.queued, tokens_total=self.tokens_total,
-            tokens_per_s=rate, uptime_s=now - self.started, workers=self.registry.statuses())
+            tokens_per_s=rate, uptime_s=now - self.started, workers=self.registry.statuses(),
+            requests_cancelled=self.requests_cancelled, requests_rejected=self.requests_rejected,
+            requests_migrated=self.dispatch.migrated, requests_retried=self.dispatch.retried)

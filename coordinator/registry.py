@@ -2,8 +2,9 @@
 
 A worker is alive while it heartbeats; one silent for `worker_timeout_s` is dropped by the
 reaper, and one whose RPC fails with UNAVAILABLE is dropped at once. Dropping closes the
-worker's channel, which ends every in-flight RPC to it (the orchestrator then retries or
-fails those requests).
+worker's channel, which ends every in-flight RPC to it (the flows then migrate, retry or
+fail those requests). `routable()` is what routing may pick: suspects and circuit-broken
+workers (coordinator/health.py) are left out.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import grpc
 
+from pdserve.coordinator.config import FailureConfig
+from pdserve.coordinator.health import HealthBook
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import ROLE_NAME
@@ -45,6 +48,8 @@ class WorkerHandle:
     reserved_since_hb: int = 0  # blocks reserved here since the last heartbeat
     routed: int = 0  # requests ever routed here (last tie-breaker: spreads equal workers)
     alive: bool = True
+    drop_reason: str = ""  # why it was dropped (when not alive)
+    heartbeats: int = 0  # received since it registered (0: not proven alive yet)
 
     @property
     def worker_id(self) -> str:
@@ -71,8 +76,10 @@ class WorkerHandle:
 
 class Registry:
     def __init__(self, worker_timeout_s: float = 5.0,
-                 channel_factory: Callable[[str], grpc.aio.Channel] = new_channel) -> None:
+                 channel_factory: Callable[[str], grpc.aio.Channel] = new_channel,
+                 health: HealthBook | None = None) -> None:
         self.worker_timeout_s = worker_timeout_s
+        self.health = health or HealthBook(FailureConfig(), heartbeat_s=1.0)
         self._workers: dict[str, WorkerHandle] = {}
         self._ids = itertools.count(1)
         self._channel_factory = channel_factory
@@ -110,6 +117,7 @@ class Registry:
             return False
         handle.load.CopyFrom(load)
         handle.last_seen = time.monotonic()
+        handle.heartbeats += 1
         handle.reserved_since_hb = 0
         self.notify()
         return True
@@ -126,11 +134,25 @@ class Registry:
 
     def _close(self, handle: WorkerHandle, reason: str) -> None:
         handle.alive = False
+        handle.drop_reason = reason
         asyncio.get_running_loop().create_task(handle.channel.close())
 
     # -- queries --------------------------------------------------------------------
     def workers(self, role: int | None = None) -> list[WorkerHandle]:
         return [w for w in self._workers.values() if role is None or w.role == role]
+
+    def routable(self, role: int, excluded: Collection[str] = ()) -> list[WorkerHandle]:
+        """Workers of `role` that may get new work: alive, not excluded, circuit closed
+        (when every circuit of the role is open, all of them: a breaker steers work to the
+        other workers, it never takes a whole role out). Best first: those that heartbeat
+        since they registered, then the ones not heard from yet, then suspects (each group
+        only when the one before is empty)."""
+        h = self.health
+        ws = [w for w in self._workers.values() if w.role == role and w.alive
+              and w.worker_id not in excluded]
+        ws = [w for w in ws if not h.broken(w.worker_id)] or ws
+        healthy = [w for w in ws if not h.is_suspect(w.worker_id, w.last_seen)]
+        return [w for w in healthy if w.heartbeats] or healthy or ws
 
     def statuses(self) -> list[pb.WorkerStatus]:
         now = time.monotonic()

@@ -23,7 +23,8 @@ class RequestError(Exception):
 
 
 class WorkerFailure(Exception):
-    """A worker failed this request; retried once on another pair if nothing was streamed."""
+    """A worker failed this request: the request is retried (no token streamed yet) or
+    migrated (tokens streamed) on another pair, `workers` excluded."""
 
     def __init__(self, workers: list[WorkerHandle], message: str) -> None:
         super().__init__(message)
@@ -49,6 +50,9 @@ class RequestState:
     aborted: bool = False  # by Coordinator.Abort
     finished_early: str = ""  # finish reason when the consumer ended the stream on purpose
     produced: int = 0  # tokens handed to the consumer (they will reach the client)
+    output: list[int] = field(default_factory=list)  # those tokens (a migration re-prefills them)
+    attempts: int = 0  # attempts on a worker pair so far
+    migrations: int = 0  # attempts that continued a stream after tokens were streamed
     produced_final: bool = False
     sent: int = 0  # tokens sent to the client
     t_first: float = 0.0
@@ -68,6 +72,7 @@ class RequestState:
 
     def emit(self, ids: list[int], finished: bool = False, reason: str = "") -> None:
         self.produced += len(ids)
+        self.output += ids
         self.produced_final = finished
         self.out.put_nowait((ids, finished, reason))
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import grpc
 
 from pdserve.coordinator.config import CoordinatorConfig
+from pdserve.coordinator.health import HealthBook
 from pdserve.coordinator.metrics import make_metrics
 from pdserve.coordinator.orchestrator import Orchestrator
 from pdserve.coordinator.registry import Registry, WorkerIdTaken
@@ -129,13 +130,14 @@ class CoordinatorServer:
     async def start(self) -> int:
         cfg = self.config
         registry = Registry(cfg.worker_timeout_s,
-                            lambda address: new_channel(address, cfg.cluster_secret))
+                            lambda address: new_channel(address, cfg.cluster_secret),
+                            health=HealthBook(cfg.failure, heartbeat_s=cfg.heartbeat_s))
         factory = self._tok_args[0] or functools.partial(default_tokenizer_factory,
                                                          cache_dir=cfg.model_cache_dir)
         tokenizers = TokenizerProvider(factory=factory, tokenizer=self._tok_args[1])
         self.metrics = make_metrics()
         self.orch = orch = Orchestrator(registry, make_policy(cfg.routing), cfg.max_queue,
-                                        tokenizers, self.metrics)
+                                        tokenizers, metrics=self.metrics, failure=cfg.failure)
         self.metrics.watch(
             lambda: ((w.worker_id, ROLE_NAME.get(w.role, "?"), w.load) for w in registry.workers()),
             lambda: (len(orch.active), orch.dispatch.queued))

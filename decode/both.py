@@ -18,7 +18,7 @@ class BothRole(Role):
     async def generate(self, request: pb.GenerateWorkerRequest, context):
         core = self.core
         seq = await core.new_sequence(context, request.request_id, request.prompt_token_ids,
-                                      request.sampling)
+                                      request.sampling, output_offset=request.num_output_tokens)
         st, _ = await core.admit(context, seq)
         async for chunk in core.stream_tokens(st, context):
             yield chunk

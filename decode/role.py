@@ -46,7 +46,7 @@ class DecodeRole(Role):
     async def reserve(self, request: pb.ReserveRequest, context) -> pb.ReserveReply:
         core = self.core
         seq = await core.new_sequence(context, request.request_id, request.prompt_token_ids,
-                                      request.sampling)
+                                      request.sampling, output_offset=request.num_output_tokens)
         st, blocks = await core.admit(
             context, seq, place=lambda s: batching.reserve(core.engine.scheduler, s))
         if blocks is None:

@@ -73,10 +73,13 @@ class LLMEngine:
         return ids
 
     def make_sequence(self, prompt_token_ids: list[int], params: SamplingParams,
-                      seq_id: str | None = None, prefill_only: bool = False) -> Sequence:
+                      seq_id: str | None = None, prefill_only: bool = False,
+                      output_offset: int = 0) -> Sequence:
+        """output_offset: see Sequence (a migrated request's earlier outputs)."""
         seq_id = seq_id if seq_id is not None else f"req-{next(self._ids)}"
         return Sequence(seq_id=seq_id, prompt_token_ids=self.validate_prompt(prompt_token_ids),
-                        params=params, arrival_s=time.monotonic(), prefill_only=prefill_only)
+                        params=params, arrival_s=time.monotonic(), prefill_only=prefill_only,
+                        output_offset=output_offset)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
                     seq_id: str | None = None, prefill_only: bool = False) -> Sequence:

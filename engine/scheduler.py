@@ -89,13 +89,17 @@ class Scheduler:
         """ValueError (clear message) if seq can never run here; the id must be new."""
         if self.get(seq.seq_id) is not None:
             raise ValueError(f"sequence id {seq.seq_id!r} is already in use")
-        total = seq.num_prompt_tokens + seq.params.max_tokens
+        total = seq.num_prompt_tokens + seq.params.max_tokens - seq.output_offset
+        if seq.output_offset >= seq.params.max_tokens:
+            raise ValueError(f"continuation of {seq.output_offset} outputs already reached "
+                             f"max_tokens ({seq.params.max_tokens})")
         if total > self.max_model_len:
             raise ValueError(
                 f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.params.max_tokens}) "
                 f"= {total} exceeds max_model_len ({self.max_model_len})")
         pool = self.block_manager.num_total_blocks * self.block_size
-        need = seq.num_prompt_tokens + (1 if seq.prefill_only else seq.params.max_tokens)
+        need = seq.num_prompt_tokens + (
+            1 if seq.prefill_only else seq.params.max_tokens - seq.output_offset)
         if need > pool:
             raise ValueError(
                 f"sequence needs {need} KV slots but the whole KV pool holds {pool} tokens "

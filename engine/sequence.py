@@ -62,6 +62,10 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     prefill_only: bool = False  # prefill worker: stop after the first token, keep blocks
+    # A migrated continuation: the last `output_offset` prompt tokens are outputs generated
+    # elsewhere. They count as outputs (num_output_tokens), so the next token keeps its
+    # output index (seeded sampling) and max_tokens counts them.
+    output_offset: int = 0
     arrival_s: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(init=False)
     num_prompt_tokens: int = field(init=False)
@@ -92,6 +96,9 @@ class Sequence:
             raise ValueError(f"sequence {self.seq_id!r}: the prompt is empty")
         if any(t < 0 for t in self.prompt_token_ids):
             raise ValueError(f"sequence {self.seq_id!r}: token ids must be non-negative")
+        if not 0 <= self.output_offset < len(self.prompt_token_ids):
+            raise ValueError(f"sequence {self.seq_id!r}: output_offset {self.output_offset} must "
+                             f"be in [0, {len(self.prompt_token_ids)}) (tokens before the prompt's end)")
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
 
@@ -101,7 +108,8 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Outputs so far, the earlier ones of a continuation (output_offset) included."""
+        return len(self.token_ids) - self.num_prompt_tokens + self.output_offset
 
     @property
     def output_token_ids(self) -> list[int]:

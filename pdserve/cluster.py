@@ -242,7 +242,7 @@ class LocalCluster:
         env.update(self.extra_env)
         return env
 
-    def _spawn(self, name: str, argv: list[str]) -> Proc:
+    def _spawn(self, name: str, argv: list[str], append: bool = False) -> Proc:
         assert self.log_dir is not None
         log_path = self.log_dir / f"{name}.log"
         blocked = {signal.SIGINT, signal.SIGTERM}
@@ -250,7 +250,7 @@ class LocalCluster:
         # bookkeeping (that child would escape stop()); the child unblocks them itself.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
-            with open(log_path, "wb") as log:
+            with open(log_path, "ab" if append else "wb") as log:
                 log.write(f"$ {' '.join(argv)}\n".encode())
                 log.flush()
                 popen = subprocess.Popen(
@@ -283,6 +283,15 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def restart(self, name: str) -> Proc:
+        """Start child `name` ("coordinator" or a worker name) again with the same command
+        (the coordinator on the port it had, so workers find it); its log is appended to."""
+        if name == "coordinator":
+            self.port = int(self.address.rpartition(":")[2])
+            return self._spawn(name, self.coordinator_cmd(self), append=True)
+        spec = next(s for s in self.specs if s.name == name)
+        return self._spawn(name, self.worker_cmd(self, spec), append=True)
 
     def _wait_listening(self, timeout_s: float) -> str:
         coord = self.coordinator

@@ -5,8 +5,12 @@
 
 Waits until every worker is registered and healthy, prints
 `pdserve up: ready at HOST:PORT (1 prefill, 1 decode)` and stays up. Ctrl-C or SIGTERM stops
-every child (SIGTERM, then SIGKILL after --grace seconds). If a child exits, `up` prints its
-log tail, stops the rest and exits 1. Children log to files under --log-dir.
+every child (SIGTERM, then SIGKILL after --grace seconds). A child that exits once the
+cluster is ready is restarted with backoff while the others keep serving
+(pdserve/supervisor.py); more than --restart-limit restarts of one child within
+--restart-window seconds is a crash loop: `up` says so, stops the rest and exits 1 (a child
+that exits before the cluster is ready fails `up` at once). Children log to files under
+--log-dir.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from types import FrameType
 
 from pdserve.cluster import ClusterError, LocalCluster, WorkerSpec, require_devices, role_counts
+from pdserve.supervisor import Supervisor
 
 DEFAULT_PORT = 50051
 
@@ -63,6 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for every `pdserve worker` (repeatable), e.g. "
                              "--worker-arg=--num-blocks=1024")
+    parser.add_argument("--coordinator-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for `pdserve coordinator` (repeatable), e.g. "
+                             "--coordinator-arg=--stall-timeout=5")
+    parser.add_argument("--restart-limit", type=int, default=5,
+                        help="restarts of one child within --restart-window before `up` gives "
+                             "up (crash loop); 0 = never restart (default 5)")
+    parser.add_argument("--restart-window", type=float, default=60.0,
+                        help="seconds (default 60)")
+    parser.add_argument("--restart-backoff", type=float, default=0.5,
+                        help="delay before the first restart, doubling up to 10 s (default 0.5)")
     # For tests: run another program as each worker. A shell-like template whose words may
     # use {python} {role} {index} {name} {device} {coordinator} {model} {transfer}.
     parser.add_argument("--worker-cmd", default=None, help=argparse.SUPPRESS)
@@ -90,7 +105,8 @@ def cluster_from_args(args: argparse.Namespace) -> LocalCluster:
         model=args.model, prefill=args.prefill, decode=args.decode, both=args.both,
         devices=args.devices, host=args.host, port=args.port, transfer=args.transfer,
         routing=args.routing, dtype=args.dtype, http_port=args.http_port, log_dir=args.log_dir,
-        worker_args=args.worker_arg, stop_grace_s=args.grace, **extra)
+        worker_args=args.worker_arg, coordinator_args=args.coordinator_arg,
+        stop_grace_s=args.grace, **extra)
 
 
 def _raise_terminate(signum: int, frame: FrameType | None) -> None:
@@ -134,11 +150,13 @@ def run(args: argparse.Namespace) -> int:
         _say(f"ready at {cluster.address} ({roles})")
         if args.http_port is not None:
             _say(f"http gateway on http://{args.host}:{args.http_port}")
+        sup = Supervisor(cluster, max_restarts=args.restart_limit, window_s=args.restart_window,
+                         backoff_s=args.restart_backoff, say=lambda m: _say(m, err=True))
         while True:
             time.sleep(0.2)
-            dead = cluster.exited()
-            if dead:
-                _say("error: " + "\n".join(p.describe_exit() for p in dead), err=True)
+            reason = sup.poll()
+            if reason is not None:
+                _say(f"error: {reason}; shutting down", err=True)
                 rc = 1
                 break
     except ClusterError as e:

@@ -22,6 +22,7 @@ from pdserve.engine.sequence import FINISH_REASONS
 from pdserve.kvtransfer.link import SenderLink
 from pdserve.prefill.batching import completes_prompt, prefill_engine_config, prompt_blocks
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto.faults import PEER
 from pdserve.worker.core import WorkerCore, timings
 from pdserve.worker.role import LayerHook, Role, register_role
 from pdserve.worker.state import ReqState, RequestAborted
@@ -59,13 +60,17 @@ class PrefillRole(Role):
             return None if n_dst == need else \
                 f"dst_block_ids has {n_dst} blocks; the prompt needs {need}"
         seq = await core.new_sequence(context, request.request_id, request.prompt_token_ids,
-                                      request.sampling, prefill_only=True, check=check)
+                                      request.sampling, prefill_only=True, check=check,
+                                      output_offset=request.num_output_tokens)
         address = bytes(request.kv_address)
         try:
             await asyncio.to_thread(self.sender.connect, address)
         except Exception as exc:
+            # fault "peer": this worker is fine, the decode worker is not (the coordinator
+            # must not drop this worker for it).
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"cannot reach the decode worker's KV endpoint: {exc}")
+                                f"cannot reach the decode worker's KV endpoint: {exc}",
+                                trailing_metadata=PEER)
         st, _ = await core.admit(
             context, seq, dst_address=address,
             dst_block_ids=list(request.dst_block_ids),

@@ -239,7 +239,7 @@ class StatsRequest(_message.Message):
     def __init__(self, live: _Optional[bool] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("requests_total", "requests_active", "requests_finished", "requests_failed", "requests_queued", "tokens_total", "tokens_per_s", "uptime_s", "workers")
+    __slots__ = ("requests_total", "requests_active", "requests_finished", "requests_failed", "requests_queued", "tokens_total", "tokens_per_s", "uptime_s", "workers", "requests_cancelled", "requests_rejected", "requests_migrated", "requests_retried")
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +249,10 @@ class StatsReply(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_MIGRATED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_RETRIED_FIELD_NUMBER: _ClassVar[int]
     requests_total: int
     requests_active: int
     requests_finished: int
@@ -258,7 +262,11 @@ class StatsReply(_message.Message):
     tokens_per_s: float
     uptime_s: float
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(self, requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_queued: _Optional[int] = ..., tokens_total: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+    requests_cancelled: int
+    requests_rejected: int
+    requests_migrated: int
+    requests_retried: int
+    def __init__(self, requests_total: _Optional[int] = ..., requests_active: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_queued: _Optional[int] = ..., tokens_total: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_cancelled: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., requests_migrated: _Optional[int] = ..., requests_retried: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "prefill_ms", "transfer_ms", "decode_ms")
@@ -273,14 +281,16 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "num_output_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    num_output_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
 
 class ReserveReply(_message.Message):
     __slots__ = ("accepted", "kv_address", "block_ids", "reason")
@@ -295,20 +305,22 @@ class ReserveReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., kv_address: _Optional[bytes] = ..., block_ids: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_address", "dst_block_ids", "decode_worker_id")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_address", "dst_block_ids", "decode_worker_id", "num_output_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DST_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     kv_address: bytes
     dst_block_ids: _containers.RepeatedScalarFieldContainer[int]
     decode_worker_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., kv_address: _Optional[bytes] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., decode_worker_id: _Optional[str] = ...) -> None: ...
+    num_output_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., kv_address: _Optional[bytes] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., decode_worker_id: _Optional[str] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
     __slots__ = ("first_token", "kv_bytes", "timings", "finished", "finish_reason")
@@ -331,14 +343,16 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class GenerateWorkerRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "num_output_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    num_output_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("token_ids", "finished", "finish_reason", "timings")

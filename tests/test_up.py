@@ -259,3 +259,86 @@ def test_up_too_few_devices_is_a_clear_error():
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "--devices gives 1 GPU(s) (0) for 2 workers" in r.stderr
+
+
+# -- supervision ---------------------------------------------------------------------------
+def _role_child(up: subprocess.Popen, marker: str, role: str) -> int:
+    for pid in children(up, marker):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if role.encode() in argv and b"-c" in argv:
+            return pid
+    raise AssertionError(f"no {role} child")
+
+
+def gen(client: Client) -> list[int]:
+    return client.generate(prompt_token_ids=[1], max_tokens=2, skip_text=True).token_ids
+
+
+def _read_err_until(proc: subprocess.Popen, pattern: str, timeout_s: float = 30.0) -> str:
+    seen = []
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"no stderr line matching {pattern!r}; stderr: {''.join(seen)}")
+
+
+@pytest.mark.timeout(90)
+def test_up_restarts_a_killed_worker_and_keeps_serving(tmp_path):
+    # Colocated fake workers: each serves requests alone (fake P/D pairs need one process).
+    up = start_up(tmp_path, "--prefill", "0", "--decode", "0", "--both", "2",
+                  "--restart-backoff", "0.2")
+    try:
+        address = read_until(up, r"ready at").split()[4]
+        with Client(address, timeout_s=10) as client:
+            ids = {w["info"]["worker_id"] for w in client.list_workers()}
+            os.kill(_role_child(up, tmp_path.name, "both"), signal.SIGKILL)
+            for _ in range(5):  # serving continues through the other worker meanwhile
+                assert gen(client) == [2, 3]
+            err = _read_err_until(up, r"restarted both-\d \(pid \d+\)")
+            assert "killed by SIGKILL" in err and "restarting both-" in err
+            end = time.monotonic() + 20
+            while not {w["info"]["worker_id"] for w in client.list_workers()} - ids:
+                assert time.monotonic() < end, "the restarted worker did not register"
+                time.sleep(0.1)
+            assert gen(client) == [2, 3]
+        assert up.poll() is None  # still up
+        up.send_signal(signal.SIGTERM)
+        out, _ = up.communicate(timeout=30)
+        assert up.returncode == 0 and "SIGTERM, shutting down" in out
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert marked(tmp_path.name) == []
+
+
+FLAKY_WORKER = ("import os, sys; flag = sys.argv[1] + '/flag-' + sys.argv[3]\n"
+                "if os.path.exists(flag): print('fake: crashing again'); sys.exit(3)\n"
+                "open(flag, 'w').close(); sys.argv = sys.argv[1:]\n" + FAKE_WORKER)
+
+
+@pytest.mark.timeout(90)
+def test_up_stops_on_a_crash_loop_and_says_so(tmp_path):
+    cmd = shlex.join([sys.executable, "-c", FLAKY_WORKER, str(tmp_path), TESTS_DIR, "{role}",
+                      "{coordinator}", ",".join(GPU_ENV)])
+    up = start_up(tmp_path, "--restart-backoff", "0.1", "--restart-limit", "2",
+                  worker_cmd=cmd)
+    try:
+        read_until(up, r"ready at")
+        os.kill(_role_child(up, tmp_path.name, "prefill"), signal.SIGKILL)
+        out, err = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert up.returncode == 1
+    assert re.search(r"pdserve up: error: crash loop: prefill-0 exited 3 times within 60 s", err), err
+    assert "fake: crashing again" in err
+    assert marked(tmp_path.name) == []

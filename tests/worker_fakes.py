@@ -20,7 +20,7 @@ class Aborted(Exception):
 
 
 class FakeContext:
-    async def abort(self, code, details: str):
+    async def abort(self, code, details: str, trailing_metadata=()):
         raise Aborted(code, details)
 
 

@@ -85,13 +85,16 @@ class WorkerCore:
     # -- the one admission path: new_sequence, then admit ------------------------------------
     async def new_sequence(self, context, request_id: str, prompt: list[int],
                            sampling: pb.SamplingParams, prefill_only: bool = False,
-                           check: Callable[[Sequence], str | None] | None = None) -> Sequence:
+                           check: Callable[[Sequence], str | None] | None = None,
+                           output_offset: int = 0) -> Sequence:
         """Validate a request into a Sequence, or end the RPC with INVALID_ARGUMENT.
-        `check(seq)` may name a role's own reason to refuse."""
+        `check(seq)` may name a role's own reason to refuse; `output_offset`: the request's
+        `num_output_tokens` (a migrated continuation, see Sequence)."""
         try:
             params = SamplingParams(**sampling_fields(sampling))
             seq = self.engine.make_sequence(list(prompt), params, seq_id=request_id,
-                                            prefill_only=prefill_only)
+                                            prefill_only=prefill_only,
+                                            output_offset=output_offset)
             problem = check(seq) if check is not None else None
         except ValueError as exc:
             problem = str(exc)
