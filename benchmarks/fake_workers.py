@@ -112,12 +112,14 @@ class FakeWorker(pb_grpc.WorkerServicer):
         await self.server.start()
         self.address = f"127.0.0.1:{self.port}"
         self.link = None
+        # the KV endpoint is named by the server's address: it exists before registration
+        # (a coordinator may warm this worker's transfer paths first)
+        self.kv_address = f"fake://{self.address}".encode()
+        _ENDPOINTS[self.kv_address] = self
         if self.coordinator:
             self.link = CoordinatorLink(self.coordinator, self.info(), self.load,
                                         self.cluster_secret or self.auth_token)
             self.worker_id = await self.link.start(timeout_s=5)
-        self.kv_address = f"fake://{self.worker_id or self.address}".encode()
-        _ENDPOINTS[self.kv_address] = self
         return self
 
     def info(self) -> pb.WorkerInfo:

@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"RESOURCE_EXHAUSTED (default {d.max_queue})")
     parser.add_argument("--worker-timeout", type=float, default=d.worker_timeout_s,
                         help=f"drop a worker silent this many seconds (default {d.worker_timeout_s:g})")
+    parser.add_argument("--warm-up", type=float, default=10.0, metavar="SECONDS",
+                        help="before a prefill or decode worker is registered, run one "
+                             "throw-away request through each P/D pair it forms, so its KV "
+                             "transfer path exists before clients see it (at most this long; "
+                             "0 = off; default 10)")
     parser.add_argument("--heartbeat", type=float, default=d.heartbeat_s,
                         help=f"heartbeat period asked of workers, seconds (default {d.heartbeat_s:g})")
     parser.add_argument("--api-key", "--auth-token", dest="auth_token",
@@ -111,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig(host=args.host, port=args.port, heartbeat_s=args.heartbeat,
                         worker_timeout_s=args.worker_timeout, max_queue=args.max_queue,
                         routing=args.routing, auth_token=args.auth_token or None,
-                        model_cache_dir=cache_dir,
+                        model_cache_dir=cache_dir, warm_up_s=max(0.0, args.warm_up),
                         cluster_secret=cluster_secret.from_args(args),
                         etcd=args.etcd, etcd_prefix=args.etcd_prefix,
                         failure=failure_config_from_args(args))

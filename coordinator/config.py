@@ -48,6 +48,9 @@ class CoordinatorConfig:
     etcd: str | None = None  # etcd endpoints ("http://h:2379,..."): read workers from there
     etcd_prefix: str = "/pdserve"  # the cluster's keys in etcd
     failure: FailureConfig = field(default_factory=FailureConfig)
+    # before a prefill/decode worker is registered, warm each transfer path it will use
+    # (coordinator/warmup.py), for at most this long; 0 = off
+    warm_up_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.worker_timeout_s <= 0:

@@ -24,6 +24,7 @@ from pdserve.coordinator.registry import Registry, WorkerIdTaken
 from pdserve.coordinator.request import RequestError
 from pdserve.coordinator.router import make_policy
 from pdserve.coordinator.tokens import TokenizerProvider, default_tokenizer_factory
+from pdserve.coordinator.warmup import warm_new_worker
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -38,6 +39,7 @@ from pdserve.proto.grpc_util import (
 from pdserve.proto.guard import COORDINATOR_PLANES, Guard
 
 log = logging.getLogger("pdserve.coordinator")
+CHANNEL_READY_S = 2.0
 LIVE_STATS_TIMEOUT_S = 2.0
 
 
@@ -87,6 +89,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if current and info.model and info.model != current:
             return pb.RegisterReply(accepted=False, reason=(
                 f"this coordinator serves model {current!r}, the worker has {info.model!r}"))
+        await self._warm_up(info)
         try:
             handle = self.registry.register(info)
         except WorkerIdTaken as e:
@@ -94,8 +97,28 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.orch.tokenizers.model_known(info.model)
+        try:  # connect the channel requests will use now, not in the first request's TTFT
+            await asyncio.wait_for(handle.channel.channel_ready(), CHANNEL_READY_S)
+        except (asyncio.TimeoutError, grpc.aio.UsageError):
+            pass  # best effort: the first call connects it
         return pb.RegisterReply(accepted=True, worker_id=handle.worker_id,
                                 heartbeat_s=self.config.heartbeat_s)
+
+    async def _warm_up(self, info: pb.WorkerInfo) -> None:
+        """Run a throw-away request through each pair the worker will form (warmup.py)."""
+        budget = self.config.warm_up_s
+        other = {pb.ROLE_PREFILL: pb.ROLE_DECODE, pb.ROLE_DECODE: pb.ROLE_PREFILL}.get(info.role)
+        if budget <= 0 or other is None or not info.address:
+            return
+        peers = [(w.worker_id, w.stub) for w in self.registry.workers(other) if w.alive]
+        if not peers:
+            return
+        channel = new_channel(info.address, self.config.cluster_secret)
+        try:
+            n = await warm_new_worker(info, pb_grpc.WorkerStub(channel), peers, budget)
+            log.info("worker at %s: %d of %d transfer paths warmed", info.address, n, len(peers))
+        finally:
+            await channel.close()
 
     async def Heartbeat(self, request, context):
         return pb.HeartbeatReply(known=self.registry.heartbeat(request.worker_id, request.load))

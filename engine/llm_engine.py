@@ -106,20 +106,25 @@ class LLMEngine:
     def step(self, layer_hook: Callable[[int], None] | None = None) -> StepResult:
         return self.run(self.schedule(), layer_hook)
 
-    def warm_up(self, prompt_lens: tuple[int, ...] = (8, 300), decode_steps: int = 2) -> int:
-        """Run a throw-away batch (prefills of these lengths, then a few decode steps) so that
-        kernels are compiled before the first real request; leaves the pool as it found it
-        (the prefix cache aside). Call before any request is added. Returns steps run."""
+    def warm_up(self, prompt_lens: tuple[int, ...] = (1, 8, 40, 130, 400, 1200),
+                decode_steps: int = 2) -> int:
+        """Run throw-away requests so that kernels are compiled before the first real one:
+        each prompt length alone (the prefill kernels specialise on the step's longest
+        query), then all together (a mixed batch, then batched decode steps). Leaves the pool
+        as it found it (the prefix cache aside). Call before any request is added. Returns
+        the steps run."""
         vocab = self.model_cfg.vocab_size
         params = SamplingParams(max_tokens=decode_steps + 1, temperature=0.0, ignore_eos=True)
-        for i, n in enumerate(prompt_lens):
-            n = max(1, min(n, self.max_model_len - params.max_tokens))
-            self.add_request([(7919 * (i + 1) * j + 1) % vocab for j in range(n)], params,
-                             seq_id=f"warm-up-{i}")
+        room = min(self.max_model_len, self.num_blocks * self.block_size // 2) - params.max_tokens
+        lens = sorted({max(1, min(n, room)) for n in prompt_lens})
         steps = 0
-        while self.has_unfinished():
-            self.step()
-            steps += 1
+        for rnd, group in enumerate([[n] for n in lens] + [lens]):
+            for i, n in enumerate(group):
+                self.add_request([(7919 * (rnd + 1) * (i + 1) * j + 1) % vocab for j in range(n)],
+                                 params, seq_id=f"warm-up-{rnd}-{i}")
+            while self.has_unfinished():
+                self.step()
+                steps += 1
         return steps
 
     # -- pool accounting ------------------------------------------------------------------

@@ -56,7 +56,8 @@ class WorkerSpec:
         return f"{self.role}-{self.index}"
 
 
-def parse_devices(devices: str | Sequence[str], n_workers: int) -> list[str]:
+def parse_devices(devices: str | Sequence[str], n_workers: int,
+                  shared_gpus: bool = False) -> list[str]:
     """One device per worker: "cpu" (all on CPU), "auto" (one GPU each when enough are
     visible, else CPU), or a list of GPUs "0,1,..." / "cuda:0,cuda:1" (one role per GPU)."""
     if not isinstance(devices, str):
@@ -79,7 +80,7 @@ def parse_devices(devices: str | Sequence[str], n_workers: int) -> list[str]:
         if not item.isdigit():
             raise ClusterError(f"--devices: expected cpu, auto or GPU indices like 0,1; got {devices!r}")
         out.append(f"cuda:{int(item)}")
-    if len(set(out)) != len(out):
+    if len(set(out)) != len(out) and not shared_gpus:
         raise ClusterError(f"--devices lists a GPU twice ({devices!r}); each worker needs its own GPU")
     if len(out) < n_workers:
         raise ClusterError(f"--devices gives {len(out)} GPU(s) ({devices}) for {n_workers} workers; "
@@ -151,7 +152,7 @@ class LocalCluster:
                  coordinator_cmd: Callable[[LocalCluster], list[str]] = default_coordinator_cmd,
                  worker_cmd: Callable[[LocalCluster, WorkerSpec], list[str]] = default_worker_cmd,
                  start_timeout_s: float = 30.0, stop_grace_s: float = 10.0,
-                 cluster_secret: str | None = None) -> None:
+                 cluster_secret: str | None = None, shared_gpus: bool = False) -> None:
         counts = {"prefill": prefill, "decode": decode, "both": both}
         if any(n < 0 for n in counts.values()):
             raise ClusterError(f"worker counts must be >= 0, got {counts}")
@@ -164,7 +165,7 @@ class LocalCluster:
         self.model, self.host, self.port = model, host, port
         self.counts = counts
         self.routing, self.dtype, self.http_port = routing, dtype, http_port
-        devs = parse_devices(devices, prefill + decode + both)
+        devs = parse_devices(devices, prefill + decode + both, shared_gpus)
         roles = [(r, i) for r in ROLES for i in range(counts[r])]
         self.specs = [WorkerSpec(r, i, d) for (r, i), d in zip(roles, devs, strict=True)]
         on_gpu = any(d != "cpu" for d in devs)

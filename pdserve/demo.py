@@ -161,6 +161,16 @@ async def send_all(address: str, cases: list[Case], timeout_s: float, on_done) -
         return time.perf_counter() - t0
 
 
+async def ttft_ms(address: str, prompt: list[int], timeout_s: float) -> float:
+    """TTFT (ms, as the coordinator measured it) of one request sent alone."""
+    from pdserve.coordinator.client import AsyncClient
+
+    async with AsyncClient(address, timeout_s=timeout_s) as client:
+        r = await client.generate(prompt_token_ids=prompt, max_tokens=2, temperature=0.0,
+                                  ignore_eos=True, skip_text=True)
+    return float(dict(r.metrics).get("ttft_ms", float("nan")))
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -270,6 +280,7 @@ def run_demo(console: Console, *, model: str = DEFAULT_MODEL, devices: str = "au
         cases = start_with_reference(console, cluster, model, dtype, num_prompts, seed, timeout_s,
                                      chat_cases)
         console.print(f"cluster ready at {cluster.address} in {time.perf_counter() - t0:.1f} s")
+        first_ms = asyncio.run(ttft_ms(cluster.address, cases[0].prompt, timeout_s))
         chat_ok = True
         if chat_cases:
             with console.status(f"asking {len(chat_cases)} chat questions..."):
@@ -283,6 +294,11 @@ def run_demo(console: Console, *, model: str = DEFAULT_MODEL, devices: str = "au
             wall_s = asyncio.run(send_all(cluster.address, cases, timeout_s,
                                           lambda: progress.advance(task)))
         passed = report(console, cases, wall_s, role_counts(prefill, decode, both)) and chat_ok
+        warm = sorted(asyncio.run(ttft_ms(cluster.address, cases[0].prompt[i:] +
+                                          cases[0].prompt[:i], timeout_s)) for i in (1, 2, 3))[1]
+        console.print(f"warm start: the first request after ready had a TTFT of {first_ms:.1f} "
+                      f"ms; the same size once warm {warm:.1f} ms ({first_ms / warm:.2f}x; "
+                      f"target <= 2x)")
         if not chat_ok:
             console.print("[bold red]FAIL[/]: a chat answer differs from the colocated answer "
                           "or misses its expected word")

@@ -84,3 +84,35 @@ def test_decode_sigstop_then_sigkill_mid_stream_migrates(want):
                         time.sleep(0.2)
             assert cl.stats()["requests_migrated"] == 2
             assert all_free(cl, n_workers=2)
+
+
+@pytest.mark.gpu
+def test_decode_kill_mid_stream_migrates_over_nccl():
+    """Two GPUs, NCCL (prefill on cuda:0, two decode workers sharing cuda:1): the decode
+    worker serving a greedy stream is SIGKILLed mid-stream.
+    The prefill worker's communicator with the dead peer is dropped (its control connection
+    closes) and a new 2-rank communicator is made with the other decode worker; the stream
+    equals the undisturbed one, and the prefill worker keeps serving afterwards."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    with LocalCluster("tiny", prefill=1, decode=2, devices="0,1,1", transfer="nccl",
+                      shared_gpus=True, start_timeout_s=200,
+                      worker_args=["--transfer-timeout", "5", "--num-blocks", "512"],
+                      coordinator_args=["--worker-timeout", "3", "--stall-timeout", "4"]) as c:
+        c.wait_ready(200)
+        with Client(c.address, timeout_s=120) as cl:
+            undisturbed = cl.generate(PROMPT, **GREEDY).token_ids
+            got: list[int] = []
+            stream = cl.stream(PROMPT, **GREEDY)
+            while len(got) < 8:
+                got += next(stream).token_ids
+            signal_group(worker_proc(c, serving_decode(cl)), signal.SIGKILL)
+            for chunk in stream:
+                got += chunk.token_ids
+            assert got == undisturbed
+            assert cl.stats()["requests_migrated"] == 1
+            again = cl.generate(PROMPT, **GREEDY).token_ids  # the prefill worker still serves
+            assert again == undisturbed
+            assert all_free(cl, n_workers=2)

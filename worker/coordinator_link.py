@@ -25,6 +25,7 @@ from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.grpc_util import auth_metadata, new_channel
 
 log = logging.getLogger("pdserve.worker")
+REGISTER_TIMEOUT_S = 30.0
 
 
 class RegistrationRefused(RuntimeError):
@@ -62,8 +63,9 @@ class CoordinatorLink:
         if self._stub is None:
             self._channel = new_channel(self.coordinator)
             self._stub = pb_grpc.CoordinatorStub(self._channel)
+        # Register may take a while: the coordinator first warms the worker's transfer paths
         reply = await self._stub.Register(pb.RegisterRequest(info=self.info), metadata=self._md,
-                                          timeout=self.rpc_timeout_s)
+                                          timeout=max(self.rpc_timeout_s, REGISTER_TIMEOUT_S))
         if not reply.accepted:
             raise RegistrationRefused(f"coordinator refused registration: {reply.reason}")
         self.info.worker_id = reply.worker_id
