@@ -128,20 +128,25 @@ def _sse(obj: Any) -> bytes:
 
 
 async def sse(job: Job, first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[bytes]:
-    usage: dict[str, Any] = {"usage": None} if job.include_usage else {}
     tokens = 0
+
+    def usage() -> dict[str, Any]:  # of a chunk with choices: so far, null, or absent
+        if job.continuous_usage:
+            return {"usage": _usage(job, tokens)}
+        return {"usage": None} if job.include_usage else {}
+
     try:
         for c in job.choices:  # chat: the role first; completions with echo: the prompt
             if job.kind == "chat" or job.echo:
                 text = job.echo[c.index // job.n] if job.echo else ""
                 yield _sse({**_envelope(job, [_choice(job, c.index, text, None, True,
-                                                      role=True)], True), **usage})
+                                                      role=True)], True), **usage()})
         d: Delta | None = first
         while d is not None:
             tokens += d.n_tokens
             if d.text or d.finish_reason:
                 ch = _choice(job, d.index, d.text, d.finish_reason, True)
-                yield _sse({**_envelope(job, [ch], True), **usage})
+                yield _sse({**_envelope(job, [ch], True), **usage()})
             d = await anext(rest, None)
         if job.include_usage:
             yield _sse({**_envelope(job, [], True), "usage": _usage(job, tokens)})

@@ -3,7 +3,9 @@
 Every field OpenAI defines that pdserve does not implement is refused by name with a 400
 (`unsupported()`); a field nobody defines is refused by pydantic (`extra="forbid"`). Types
 are strict: `"stream": "yes"` or `"n": 1.0` is a 400, never coerced. pdserve extensions:
-`top_k`, `ignore_eos`, `stop_token_ids`, `timeout` (seconds; a deadline, 504 when it passes).
+`top_k`, `ignore_eos`, `stop_token_ids`, `timeout` (seconds; a deadline, 504 when it passes),
+`stream_options.continuous_usage_stats` (vLLM's: with `include_usage`, every chunk carries the
+usage so far).
 """
 
 from __future__ import annotations
@@ -87,9 +89,6 @@ class _Sampling(_Strict):
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed with stream=true",
                            "stream_options")
-        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
-            raise ApiError(400, "stream_options.continuous_usage_stats is not supported",
-                           "stream_options", "unsupported")
         if not 1 <= self.n <= MAX_CHOICES:
             raise ApiError(400, f"n must be in [1, {MAX_CHOICES}], got {self.n}", "n")
         if self.timeout is not None and not (0 < self.timeout <= MAX_TIMEOUT_S
@@ -103,6 +102,12 @@ class _Sampling(_Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's `continuous_usage_stats`: usage on every chunk (only with include_usage)."""
+        so = self.stream_options
+        return bool(so and so.include_usage and so.continuous_usage_stats)
 
 
 Prompt = str | list[int] | list[str] | list[list[int]]

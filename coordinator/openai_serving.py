@@ -102,6 +102,7 @@ class Job:
     tokenizer: Tokenizer | None
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # usage on every chunk, not only the last
     echo: list[str] = field(default_factory=list)  # per prompt (completions with echo)
     n: int = 1
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -167,7 +168,7 @@ class OpenAIServing:
         if stops and tok is None:
             raise ApiError(400, "stop strings need the model's tokenizer", "stop")
         job = Job(kind, model, [], sum(map(len, prompts)), stops, req.timeout, tok,
-                  req.stream, req.include_usage, n=req.n)
+                  req.stream, req.include_usage, req.continuous_usage, n=req.n)
         for p, ids in enumerate(prompts):
             if not ids:
                 raise ApiError(400, "prompt is empty", "prompt")

@@ -90,6 +90,33 @@ def test_chat_plain_and_stream(pd):
     assert_no_leaks(pd)
 
 
+def test_chat_stream_continuous_usage_as_guidellm_sends_it(pd):
+    """guidellm 0.8.1's default chat body: vLLM's stream_options.continuous_usage_stats
+    (usage so far on every chunk), max_completion_tokens, stop null, ignore_eos, text parts."""
+    body = {"model": "fake-model", "stream": True, "max_completion_tokens": 6, "stop": None,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    status, out = request(pd, "POST", "/v1/chat/completions", body)
+    assert status == 200, out
+    events = [json.loads(line[6:]) for line in out.split("\n\n")
+              if line.startswith("data: {")]
+    assert out.rstrip().endswith("data: [DONE]")
+    n_prompt = len("<user>hi<assistant>")
+    usages = [e["usage"] for e in events]
+    assert all(u["prompt_tokens"] == n_prompt for u in usages)
+    done = [u["completion_tokens"] for u in usages]
+    assert done[0] == 0 and done == sorted(done) and done[-1] == 6  # the role chunk: 0
+    assert usages[-1]["total_tokens"] == n_prompt + 6 and events[-1]["choices"] == []
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert len(text) == 6
+    # without include_usage, continuous_usage_stats adds nothing (as in vLLM)
+    body["stream_options"] = {"continuous_usage_stats": True}
+    status, out = request(pd, "POST", "/v1/chat/completions", body)
+    assert status == 200 and '"usage"' not in out
+    assert_no_leaks(pd)
+
+
 def test_stop_strings_across_tokens_and_messages(pd):
     oa = client(pd)
     # "abc" -> d e f g h i ...: token 0 comes from prefill, the rest in chunks of 4 from decode
