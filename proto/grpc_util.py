@@ -93,6 +93,9 @@ def listen(server: grpc.aio.Server, host: str, port: int) -> int:
     if port:
         bare = host.strip("[]")
         with socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET) as probe:
+            # as gRPC binds: connections in TIME_WAIT (a restarted server) do not block it,
+            # a live listener does
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((bare, port))
             except OSError as exc:

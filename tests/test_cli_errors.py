@@ -67,3 +67,30 @@ def test_missing_optional_package_names_the_extra() -> None:
     assert user_error(ModuleNotFoundError("No module named 'nothing_known'", name="nothing_known")) \
         is None  # unknown imports stay bugs, with their traceback
     assert user_error(ValueError("x")) is None
+
+
+def test_a_restarted_server_can_listen_on_its_port_in_time_wait() -> None:
+    """A killed server's port has connections in TIME_WAIT: listen() must not call that
+    'in use' (the supervisor restarts a coordinator on the same port)."""
+    import asyncio
+
+    from pdserve.proto.grpc_util import listen, new_server
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's listener has
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    conn.close()  # the server side closes first: its end of the pair goes to TIME_WAIT
+    cli.close()
+    srv.close()
+
+    async def bind() -> int:
+        server = new_server()
+        try:
+            return listen(server, "127.0.0.1", port)
+        finally:
+            await server.stop(0)
+    assert asyncio.run(bind()) == port
