@@ -55,7 +55,10 @@ class WorkerServer(pb_grpc.WorkerServicer):
         engine = await asyncio.to_thread(LLMEngine, engine_cfg)
         # Ready means warm: kernels compile here, not in the first request's TTFT.
         t0 = time.perf_counter()
-        await asyncio.to_thread(engine.warm_up)
+        if engine.cfg.device.startswith("cuda"):
+            await asyncio.to_thread(engine.warm_up)
+        else:  # nothing is compiled on CPU: a short batch checks the path, start-up stays fast
+            await asyncio.to_thread(engine.warm_up, (8, 64))
         log.info("warm-up done in %.2f s", time.perf_counter() - t0)
         self.core = WorkerCore(self.cfg, engine, asyncio.get_running_loop())
         self.role = self.role_cls(self.core)
