@@ -28,6 +28,15 @@ log = logging.getLogger("pdserve.worker")
 REGISTER_TIMEOUT_S = 30.0
 
 
+LoadFn = Callable[[], "pb.WorkerLoad | Awaitable[pb.WorkerLoad]"]
+
+
+async def probe_load(load_fn: LoadFn) -> pb.WorkerLoad:
+    """The worker's current load; `load_fn` may be a plain or a coroutine function."""
+    load = load_fn()
+    return await load if inspect.isawaitable(load) else load
+
+
 class RegistrationRefused(RuntimeError):
     """The coordinator answered and said no (wrong model, bad geometry, ...)."""
 
@@ -38,7 +47,7 @@ class RegistrationFailed(RuntimeError):
 
 class CoordinatorLink:
     def __init__(self, coordinator: str, info: pb.WorkerInfo,
-                 load_fn: Callable[[], pb.WorkerLoad | Awaitable[pb.WorkerLoad]],
+                 load_fn: LoadFn,
                  auth_token: str | None = None, rpc_timeout_s: float = 5.0,
                  on_register: Callable[[str], None] | None = None,
                  heartbeat_s: float = 1.0) -> None:
@@ -101,10 +110,8 @@ class CoordinatorLink:
             if self.paused:
                 continue
             try:
-                load = self.load_fn()
-                if inspect.isawaitable(load):
-                    load = await load
-                req = pb.HeartbeatRequest(worker_id=self.worker_id, load=load)
+                req = pb.HeartbeatRequest(worker_id=self.worker_id,
+                                          load=await probe_load(self.load_fn))
                 reply = await self._stub.Heartbeat(req, metadata=self._md, timeout=self.rpc_timeout_s)
                 if not reply.known:
                     log.warning("coordinator forgot worker %s; registering again", self.worker_id)

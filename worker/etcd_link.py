@@ -15,14 +15,13 @@ the lease was lost (etcd restarted, a long pause), the next heartbeat takes a ne
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.convert import ROLE_NAME
 from pdserve.proto.etcd import Etcd, EtcdError
-from pdserve.worker.coordinator_link import RegistrationFailed
+from pdserve.worker.coordinator_link import LoadFn, RegistrationFailed, probe_load
 
 log = logging.getLogger("pdserve.worker")
 
@@ -33,7 +32,7 @@ def worker_key(prefix: str, worker_id: str) -> str:
 
 class EtcdLink:
     def __init__(self, etcd: Etcd, prefix: str, info: pb.WorkerInfo,
-                 load_fn: Callable[[], pb.WorkerLoad | Awaitable[pb.WorkerLoad]],
+                 load_fn: LoadFn,
                  ttl_s: int = 3, heartbeat_s: float = 1.0,
                  on_register: Callable[[str], None] | None = None) -> None:
         if heartbeat_s >= ttl_s:
@@ -55,17 +54,13 @@ class EtcdLink:
     def key(self) -> str:
         return worker_key(self.prefix, self.worker_id)
 
-    async def _load(self) -> pb.WorkerLoad:
-        load = self.load_fn()
-        return await load if inspect.isawaitable(load) else load
-
     async def _put(self, load: pb.WorkerLoad) -> None:
         value = pb.WorkerStatus(info=self.info, load=load).SerializeToString()
         await asyncio.to_thread(self.etcd.put, self.key, value, self.lease)
 
     async def register(self) -> str:
         self.lease = await asyncio.to_thread(self.etcd.grant, self.ttl_s)
-        await self._put(await self._load())
+        await self._put(await probe_load(self.load_fn))
         if self.on_register is not None:
             self.on_register(self.worker_id)
         return self.worker_id
@@ -96,7 +91,7 @@ class EtcdLink:
                     log.warning("etcd lease of %s expired; registering again", self.worker_id)
                     await self.register()
                 else:
-                    await self._put(await self._load())
+                    await self._put(await probe_load(self.load_fn))
             except EtcdError as e:
                 log.debug("etcd heartbeat failed: %s", e)
             except Exception as e:  # the load probe failed (engine stopped): say so, keep going
