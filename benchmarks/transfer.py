@@ -127,7 +127,7 @@ def add_fits(rows: list[dict[str, Any]], phys_gbps: float | None) -> tuple[LineF
 def summary_lines(backend: str, fit: LineFit, raw_fit: LineFit, phys_gbps: float | None,
                   phys_note: str) -> list[str]:
     lines = [fit.describe("pdserve"), raw_fit.describe(f"raw {backend}"), phys_note]
-    if phys_gbps:
+    if phys_gbps and fit.ok and raw_fit.ok:
         lines.append(f"fitted bandwidth / physical: pdserve {fit.gbps / phys_gbps:.2f}, "
                      f"raw {backend} {raw_fit.gbps / phys_gbps:.2f}")
     return lines

@@ -35,13 +35,21 @@ class LineFit:
         return self.fixed_s * 1e6
 
     @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.fixed_s) and np.isfinite(self.s_per_byte))
+
+    @property
     def gbps(self) -> float:
+        if not self.ok:
+            return float("nan")
         return 1.0 / self.s_per_byte / 1e9 if self.s_per_byte > 0 else float("inf")
 
     def predict_s(self, nbytes: float | np.ndarray) -> float | np.ndarray:
         return self.fixed_s + np.asarray(nbytes, dtype=np.float64) * self.s_per_byte
 
     def describe(self, name: str) -> str:
+        if not self.ok:
+            return f"fit {name}: none ({self.note})"
         return f"fit {name}: time = {self.fixed_us:.1f} us + bytes / ({self.gbps:.1f} GB/s); {self.note}"
 
 
@@ -76,7 +84,8 @@ def fit_line(nbytes: Sequence[float], times_s: Sequence[float], labels: Sequence
     used = [i for i in range(len(x)) if ok[i]]
     if len(used) < 2:
         nan = float("nan")
-        return LineFit(nan, nan, tuple(used), (), tuple([nan] * len(x)), "fewer than 2 points: no fit")
+        return LineFit(nan, nan, (), tuple(range(len(x))), tuple([nan] * len(x)),
+                       "fewer than 2 lengths with a time: no fit")
     dropped: list[tuple[int, float]] = []
     while True:
         fixed, slope = nnls_line(x[used], t[used])

@@ -30,7 +30,7 @@ def plot_transfer(path: str, rows: Sequence[dict[str, Any]], fit: LineFit, raw_f
     top.plot(x, [r["p50_ms"] for r in rows], "o", color="C0", label="pdserve p50")
     top.plot(x, [r["baseline_p50_ms"] for r in rows], "s", color="C1", label=f"{raw_name} one send p50")
     for f, color, name in ((fit, "C0", "pdserve"), (raw_fit, "C1", raw_name)):
-        if np.isfinite(f.fixed_s):
+        if f.ok:
             top.plot(dense, f.predict_s(dense) * 1e3, "-", color=color, alpha=0.7,
                      label=f"fit {name}: {f.fixed_us:.0f} us + B/{f.gbps:.3g} GB/s")
     if phys_gbps:

@@ -62,4 +62,5 @@ def test_constrained_solution_is_optimal_among_feasible_points():
 
 def test_too_few_points_give_no_fit():
     fit = fit_line([MIB], [1e-3])
-    assert np.isnan(fit.fixed_s) and "fewer than 2" in fit.note
+    assert not fit.ok and np.isnan(fit.gbps) and fit.used == () and fit.excluded == (0,)
+    assert fit.describe("pdserve").startswith("fit pdserve: none (fewer than 2")
