@@ -6,14 +6,15 @@
 # 2. the same with --concurrency 8 at 2k (aggregate vs one raw send of all 8 requests' bytes)
 # 3. bench transfer, ucx on cuda (ucxx device memory), same lengths; skipped with the reason
 #    when ucxx does not import; UCX's protocol choice (UCX_PROTO_INFO) goes to ucx/proto.txt
-# 4. bench ttft at 512/2k/8k/32k (P/D against colocated), with what the time left allows
-# Runs the tree installed into /tmp (so ./pdserve does not shadow it) with the runtime wheels
-# of .whl and the ucxx-cu13 set of .ucxwhl. Writes OUTDIR/{nccl,nccl_c8,ucx,ttft}/ (each
+# 4. bench ttft at 512/2k/8k/32k (P/D against colocated) in what is left of BUDGET_S
+#    (at least 120 s); SKIP_TTFT=1 leaves it out
+# Runs this tree installed into /tmp (so ./pdserve does not shadow it) with the runtime
+# wheels of .whl and the ucxx-cu13 set of .ucxwhl. Writes OUTDIR/{nccl,nccl_c8,ucx,ttft}/ (each
 # NAME.log + csv/md/png) and OUTDIR/env.txt, and prints every table.
 set -u
 OUT=$(realpath -m "${1:?usage: gpu_transfer_suite.sh OUTDIR [GPU_PAIR]}")
 PAIR=${2:-0,1}
-BUDGET_S=${BUDGET_S:-290}  # the whole suite; bench ttft gets what is left of it
+BUDGET_S=${BUDGET_S:-290}  # the whole suite; bench ttft gets what is left of it (>= 120 s)
 mkdir -p "$OUT"/{nccl,nccl_c8,ucx,ttft}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n CUDA_VISIBLE_DEVICES=$PAIR
@@ -46,22 +47,22 @@ step() {  # step NAME TIMEOUT_S PYTHONPATH ARGS...: one benchmark into OUT/NAME/
 }
 XFER="bench transfer --device cuda --geometry llama-3.1-8b --iters 8 --warmup 2"
 LENS=512,2048,8192,32768
-step nccl 70 "$PP" $XFER --backend nccl --input-lens $LENS
-step nccl_c8 50 "$PP" $XFER --backend nccl --input-lens 2048 --concurrency 8
+step nccl 60 "$PP" $XFER --backend nccl --input-lens $LENS
+step nccl_c8 45 "$PP" $XFER --backend nccl --input-lens 2048 --concurrency 8
 if [ $UCX_OK = 1 ]; then
-  UCX_PROTO_INFO=y step ucx 70 "$PP:/tmp/ucxsite" $XFER --backend ucx --input-lens $LENS
+  UCX_PROTO_INFO=y step ucx 60 "$PP:/tmp/ucxsite" $XFER --backend ucx --input-lens $LENS
   grep -aiE "ucp_context|cuda_ipc|cuda_copy|zero-copy|rendezvous|rndv" "$OUT/ucx/ucx.log" \
     | head -n 60 >"$OUT/ucx/proto.txt"
   echo "UCX protocols chosen (ucx/proto.txt):"; head -n 12 "$OUT/ucx/proto.txt"
 else
   echo "=== ucx skipped: ucxx does not import: $(echo "$UCX_WHY" | tail -1)" | tee "$OUT/ucx/ucx.log"
 fi
-left=$((BUDGET_S - SECONDS))
-if [ $left -gt 60 ]; then
+left=$((BUDGET_S - SECONDS)); [ $left -lt 120 ] && left=120  # two cluster starts need it
+if [ "${SKIP_TTFT:-0}" = 0 ]; then
   step ttft $left "$PP" bench ttft --model llama-3.1-8b --devices 0,1 --transfer nccl \
     --input-lens $LENS --iters 3
 else
-  echo "=== ttft skipped: only ${left}s left of ${BUDGET_S}s" | tee "$OUT/ttft/ttft.log"
+  echo "=== ttft skipped (SKIP_TTFT)" | tee "$OUT/ttft/ttft.log"
 fi
 echo "suite done in ${SECONDS}s"
 exit 0
