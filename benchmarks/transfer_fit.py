@@ -50,7 +50,7 @@ class LineFit:
     def describe(self, name: str) -> str:
         if not self.ok:
             return f"fit {name}: none ({self.note})"
-        return f"fit {name}: time = {self.fixed_us:.1f} us + bytes / ({self.gbps:.1f} GB/s); {self.note}"
+        return f"fit {name}: time = {self.fixed_us:.1f} us + bytes / ({self.gbps:.4g} GB/s); {self.note}"
 
 
 def nnls_line(nbytes: np.ndarray, times_s: np.ndarray) -> tuple[float, float]:

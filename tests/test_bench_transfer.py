@@ -45,7 +45,7 @@ def test_fit_columns_and_lines(tmp_path):
     assert all(r["in_fit"] == "yes" and abs(r["resid_pct"]) < 1e-6 for r in rows)
     assert all(r["phys_ms"] != r["phys_ms"] for r in rows)  # nan: no physical line
     lines = transfer.summary_lines("ucx", fit, raw_fit, None, "no physical line on cpu")
-    assert lines[0].startswith("fit pdserve: time = 200.0 us + bytes / (20.0 GB/s)")
+    assert lines[0].startswith("fit pdserve: time = 200.0 us + bytes / (20 GB/s)")
     assert "no physical line on cpu" in lines
     rows_gpu = _rows()
     transfer.add_fits(rows_gpu, phys_gbps=40.0)
