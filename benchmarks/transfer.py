@@ -43,6 +43,8 @@ CONCURRENT = ["concurrency", "baseline1_gbps", "ratio1"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = __doc__
     p.add_argument("--backend", choices=["ucx", "nccl"], default="ucx")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--geometry", choices=list(GEOMETRIES), default="tiny")

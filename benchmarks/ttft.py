@@ -4,16 +4,16 @@ Starts a 1 prefill + 1 decode cluster (cuda:0 / cuda:1 over NCCL, or CPU over UC
 as the baseline, one colocated worker on the prefill device. For each input length it sends
 sequential requests and reports, as medians over the requests:
   ttft_ms      client-side time to the first token; baseline_ttft_ms for the colocated run
-  hops_ms      client <-> coordinator: client TTFT minus the coordinator's own TTFT
+  hops_ms      client <-> coordinator: client TTFT minus the coordinator's own TTFT (from
+               accepting the request to building token 0's response)
   queue_ms     time queued in the coordinator for decode KV blocks
   prefill_ms   the prefill forward (first token sampled), reported by the prefill worker
   tail_ms      KV transfer still running after the last layer's compute (transfer tail)
   rest_ms      what is left: ttft - (hops + queue + prefill + tail), per request. It holds
                the coordinator -> prefill worker RPC and its reply, the decode worker's
-               reservation, the prefill worker's own queue and admission, and (with token 0
-               sent only after the KV landed) the wait for the decode side's done ack. When
-               token 0 reaches the client before the transfer tail ends, the tail is not
-               in the TTFT and rest_ms goes negative by up to tail_ms.
+               reservation, and the prefill worker's own queue and admission. When token 0
+               reaches the client before the transfer tail ends, the tail is not in the
+               TTFT and rest_ms goes negative by up to tail_ms.
   decode1_ms   first decode step: client-side gap between token 0 and token 1 (a tail
                that token 0 no longer waits for shows up here)
 """
