@@ -9,8 +9,9 @@
 # 4. bench ttft at 512/2k/8k/32k (P/D against colocated) in what is left of BUDGET_S
 #    (at least 120 s); SKIP_TTFT=1 leaves it out
 # Runs this tree installed into /tmp (so ./pdserve does not shadow it) with the runtime
-# wheels of .whl and the ucxx-cu13 set of .ucxwhl. Writes OUTDIR/{nccl,nccl_c8,ucx,ttft}/ (each
-# NAME.log + csv/md/png) and OUTDIR/env.txt, and prints every table.
+# wheels of .whl, the ucxx-cu13 set of .ucxwhl and, without matplotlib, .mplwhl.
+# Writes OUTDIR/{nccl,nccl_c8,ucx,ttft}/ (each NAME.log + csv/md/png) and OUTDIR/env.txt,
+# and prints every table.
 set -u
 OUT=$(realpath -m "${1:?usage: gpu_transfer_suite.sh OUTDIR [GPU_PAIR]}")
 PAIR=${2:-0,1}
@@ -25,6 +26,7 @@ wheels() {  # wheels DIR TARGET: install DIR/*.whl into TARGET (no index, no dep
 { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
   echo "CUDA_VISIBLE_DEVICES=$PAIR"; } >"$OUT/env.txt" 2>&1
 wheels .whl /tmp/site
+python3 -c "import matplotlib" 2>/dev/null || wheels .mplwhl /tmp/site  # the PNGs need it
 wheels .ucxwhl /tmp/ucxsite
 rm -rf /tmp/xfer_suite  # this tree, installed afresh (a warm machine may hold an older one)
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/xfer_suite . \
@@ -35,6 +37,8 @@ UCX_OK=1
 UCX_WHY=$(cd /tmp && PYTHONPATH=$PP:/tmp/ucxsite python3 -c \
   "import ucxx; from ucxx._lib import libucxx; print('ucxx', ucxx.__version__)" 2>&1) || UCX_OK=0
 echo "$UCX_WHY" | tail -1 >>"$OUT/env.txt"
+(cd /tmp && PYTHONPATH=$PP python3 -c "import matplotlib" 2>/dev/null) \
+  || echo "no matplotlib: no PNG" >>"$OUT/env.txt"
 cat "$OUT/env.txt"
 step() {  # step NAME TIMEOUT_S PYTHONPATH ARGS...: one benchmark into OUT/NAME/
   local name=$1 t=$2 pp=$3; shift 3
