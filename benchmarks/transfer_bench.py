@@ -52,7 +52,7 @@ class TransferBench:
                         "min_message_bytes": int(args.min_message_mib * (1 << 20)),
                         "poll_interval_s": poll_us * 1e-6, "deadline_s": 120.0,
                         "layerwise": args.layerwise}
-        if getattr(args, "copy_ctas", None) is not None:
+        if args.copy_ctas is not None:
             self.options["copy_ctas"] = args.copy_ctas
         self.cfg = {"rx_device": str(self.rx_dev), "geo": self.geo, "block_size": self.bs,
                     "seed": args.seed, "rx_blocks": self.num_blocks, "backend": args.backend,
