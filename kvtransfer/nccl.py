@@ -18,7 +18,6 @@ from .backend import Backend, Op
 from .common import TransferError
 from .pynccl import NCCL_IN_PROGRESS, NCCL_SUCCESS, NcclLibrary, default_library
 
-
 HIGH_PRIORITY = -1  # CUDA stream priority: lower is higher; -1 is valid on every device
 
 
