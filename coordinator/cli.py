@@ -15,7 +15,7 @@ import os
 import signal
 
 from pdserve.coordinator.config import CoordinatorConfig, FailureConfig
-from pdserve.proto import cluster_secret
+from pdserve.proto import cluster_secret, tls
 
 ROUTING = ("least_loaded", "round_robin", "prefix_aware")
 
@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-prefix", default=d.etcd_prefix,
                         help=f"the cluster's key prefix in etcd (default {d.etcd_prefix})")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    tls.add_arguments(parser)
     add_failure_arguments(parser)
 
 
@@ -119,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
                         model_cache_dir=cache_dir, warm_up_s=max(0.0, args.warm_up),
                         cluster_secret=cluster_secret.from_args(args),
                         etcd=args.etcd, etcd_prefix=args.etcd_prefix,
-                        failure=failure_config_from_args(args))
+                        failure=failure_config_from_args(args), tls=tls.from_args(args))
 
 
 async def serve(config: CoordinatorConfig, http_port: int | None = None,
@@ -130,7 +131,8 @@ async def serve(config: CoordinatorConfig, http_port: int | None = None,
     await server.start()
     print(f"coordinator listening on {server.address}", flush=True)
     if server.http_address:
-        print(f"http gateway on http://{server.http_address}", flush=True)
+        scheme = "https" if config.tls is not None and config.tls.serves_tls else "http"
+        print(f"http gateway on {scheme}://{server.http_address}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

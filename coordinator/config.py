@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.proto.tls import TLSConfig
+
 
 @dataclass(frozen=True, slots=True)
 class FailureConfig:
@@ -51,6 +53,8 @@ class CoordinatorConfig:
     # before a prefill/decode worker is registered, warm each transfer path it will use
     # (coordinator/warmup.py), for at most this long; 0 = off
     warm_up_s: float = 0.0
+    # TLS of the gRPC server, the HTTP gateway and the channels to workers (None: plaintext)
+    tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.worker_timeout_s <= 0:
