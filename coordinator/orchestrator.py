@@ -33,7 +33,7 @@ from pdserve.coordinator.router import RoutingPolicy
 from pdserve.coordinator.tokens import IncrementalDetokenizer, TokenizerProvider
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto.convert import sampling_fields
+from pdserve.proto.convert import MAX_REQUEST_ID_CHARS, sampling_fields
 
 log = logging.getLogger("pdserve.coordinator")
 Code = grpc.StatusCode
@@ -118,6 +118,9 @@ class Orchestrator:
         sampling.CopyFrom(req.sampling)
         sampling.max_tokens = min(sp.max_tokens, max_len - len(prompt)) if max_len else sp.max_tokens
         rid = req.request_id or uuid.uuid4().hex
+        if len(rid) > MAX_REQUEST_ID_CHARS:
+            raise RequestError(Code.INVALID_ARGUMENT, f"request_id has {len(rid)} characters; "
+                               f"at most {MAX_REQUEST_ID_CHARS}")
         if rid in self.active:
             raise RequestError(Code.ALREADY_EXISTS, f"request id {rid!r} is already in flight")
         detok = None
