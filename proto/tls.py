@@ -132,12 +132,18 @@ def _read(name: str, path: str | None) -> bytes:
     return data
 
 
+# what gRPC's details say when a connection failed below the application
+_TRANSPORT = ("failed to connect", "socket closed", "handshake", "ssl", "connection reset",
+              "connection closed")
+
+
 def unavailable_hint(tls: TLSConfig | None, details: str) -> str:
     """What to add to the details of an UNAVAILABLE status when TLS may be the reason the
-    connection failed ("" for a refused connection: nobody listens there)."""
+    connection failed ("" when it cannot be: a refused connection, or the server's own
+    answer)."""
     low = details.lower()
-    if "connection refused" in low:
-        return ""
+    if "connection refused" in low or not any(m in low for m in _TRANSPORT):
+        return ""  # nobody listens there, or the server itself answered
     if "wrong_version_number" in low:
         return "; the server does not speak TLS: connect without --tls-* (or tls=None)"
     if tls is None or not tls.dials_tls:

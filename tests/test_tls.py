@@ -195,3 +195,10 @@ def test_tls_client_of_plaintext_server_is_told(make_cluster, certs):
         cl.list_workers()
     assert ei.value.code == grpc.StatusCode.UNAVAILABLE
     assert "does not speak TLS" in ei.value.details, ei.value.details
+
+
+def test_tls_hint_only_for_failed_connections():
+    hint = tls_flags.unavailable_hint
+    assert "TLS" in hint(None, "failed to connect to all addresses; last error: Socket closed")
+    assert hint(None, "no workers registered with the coordinator") == ""
+    assert hint(None, "failed to connect to all addresses; ... Connection refused") == ""
