@@ -158,9 +158,10 @@ def unavailable_hint(tls: TLSConfig | None, details: str) -> str:
 # -- the command line -----------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser, server: bool = True) -> None:
     """--tls-cert/--tls-key/--tls-ca (and --tls-client-ca for servers)."""
-    g = parser.add_argument_group(
-        "TLS", "Without these, gRPC (and HTTP) are plaintext. Every process of one cluster "
-               "takes the same flags (`pdserve up` passes them to its children).")
+    g = parser.add_argument_group("TLS", (
+        "Without these, gRPC (and HTTP) are plaintext. Every process of one cluster takes "
+        "the same flags (`pdserve up` passes them to its children)." if server else
+        "Without these, the connection to the coordinator is plaintext."))
     if server:
         g.add_argument("--tls-cert", metavar="PEM", default=None,
                        help="serve gRPC (and the HTTP gateway) over TLS with this certificate "
