@@ -148,6 +148,14 @@ def test_config_errors_are_one_line(certs, tmp_path):
         TLSConfig(ca_file=str(garbage)).check()
     with pytest.raises(TLSError, match="cannot read --tls-ca"):  # Client checks before a call
         Client("127.0.0.1:1", tls=TLSConfig(ca_file=missing))
+    from cryptography.hazmat.primitives import serialization as ser
+
+    key = ser.load_pem_private_key(open(certs.key, "rb").read(), password=None)
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8,
+                                            ser.BestAvailableEncryption(b"pass")))
+    with pytest.raises(TLSError, match="is encrypted"):  # refused, never a terminal prompt
+        TLSConfig(certs.cert, str(encrypted)).check()
     TLSConfig(certs.cert, certs.key, certs.ca, certs.ca).check()  # the good files pass
 
 
