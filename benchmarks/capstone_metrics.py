@@ -124,6 +124,20 @@ class Window:
                 "first send to last finish of those requests")
 
 
+def steady_rates(lo_s: float, hi_s: float,
+                 ends: Iterable[tuple[float, bool]]) -> tuple[float, float]:
+    """(completions/s, SLO-meeting completions/s) of the requests that finished within
+    [lo_s, hi_s] (the send span of the measured requests), from (finish time, met SLOs).
+    While the server keeps up this equals the offered rate however short the run; once it
+    saturates, its service rate. (vLLM's request_throughput divides by first send to last
+    finish, so a short run's drain pulls it under the offered rate.)"""
+    span = hi_s - lo_s
+    if not span > 0:
+        return math.nan, math.nan
+    done = [good for t, good in ends if lo_s <= t <= hi_s]
+    return len(done) / span, sum(done) / span
+
+
 def _stats(prefix: str, values_ms: Sequence[float], out: dict) -> None:
     xs = [v for v in values_ms if not math.isnan(v)]
     mean = sum(xs) / len(xs) if xs else math.nan
@@ -152,6 +166,13 @@ def summarize(results: Sequence[RequestResult], slos: dict[str, float],
                "request_throughput": per_s(len(ok)), "request_goodput": per_s(good),
                "output_throughput": per_s(out_tok), "total_token_throughput": per_s(in_tok + out_tok),
                "slo_attainment": good / len(sel) if sel else math.nan}
+    lo = min((r.t_send for r in sel), default=0.0)
+    hi = max((r.t_send for r in sel), default=0.0)
+    s["steady_throughput"], s["steady_goodput"] = steady_rates(
+        lo, hi, ((r.t_end, meets(r, slos)) for r in results if r.ok))
+    local = [r for r in ok if r.server.get("prefill_worker")]
+    s["local_prefill_fraction"] = (sum(r.server["prefill_worker"] == r.server.get("decode_worker")
+                                       for r in local) / len(local)) if local else math.nan
     _stats("ttft", [r.ttft_s * 1e3 for r in ok], s)
     _stats("tpot", [r.tpot_s * 1e3 for r in ok], s)
     _stats("itl", [g * 1e3 for r in ok for g in r.itls_s()], s)

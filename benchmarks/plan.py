@@ -60,13 +60,15 @@ def rough_capacity(cal: Calibration, lengths: Sequence[tuple[int, int]], setup: 
 def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
             slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
             seed: int = 0, max_runs: int = 10, min_duration_s: float = 0.0,
-            start_rate: float | None = None, rel_tol: float = 0.05) -> SearchResult:
+            start_rate: float | None = None, rel_tol: float = 0.05,
+            min_requests: int = 0) -> SearchResult:
     """Predicted max rate at >= target attainment for one setup and a list of (in, out).
-    With `min_duration_s`, a run at rate r simulates max(len(lengths), r * min_duration_s)
-    requests (lengths reused in turn), so a high rate is a sustained load, not one burst."""
+    With `min_duration_s`, a run at rate r simulates max(min_requests or len(lengths),
+    r * min_duration_s) requests (the lengths in turn), so a high rate is a sustained load,
+    not one burst."""
 
     def measure(rate: float) -> float:
-        n = max(len(lengths), math.ceil(rate * min_duration_s))
+        n = max(min_requests or len(lengths), math.ceil(rate * min_duration_s))
         ls = [lengths[i % len(lengths)] for i in range(n)]
         times = arrival_times(n, rate, burstiness, random.Random(seed + 7919))
         return sim_attainment(simulate_setup(cal, setup, times, ls), slos)
@@ -129,18 +131,25 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
                 m = measured.get((s["setup"], wname, rate))
                 if m is None:
                     continue
-                times = arrival_times(len(lengths), rate, burst, random.Random(seed + 7919))
-                att, good = sim_summary(simulate_setup(cal, setup, times, lengths), slos,
+                n = int(m.get("num_prompts") or len(lengths))  # the run's first n lengths
+                ls = [lengths[i % len(lengths)] for i in range(n)]
+                times = arrival_times(n, rate, burst, random.Random(seed + 7919))
+                att, good = sim_summary(simulate_setup(cal, setup, times, ls), slos,
                                         win.get("warmup", 0.1), win.get("cooldown", 0.1))
+                got = m.get("steady_goodput", m["request_goodput"])
                 per_run.append({"setup": s["setup"], "workload": wname, "rate": rate,
-                                "measured_goodput_rps": m["request_goodput"],
+                                "measured_goodput_rps": got,
                                 "predicted_goodput_rps": good,
-                                "error": validation_error(good, m["request_goodput"]),
+                                "error": validation_error(good, got),
                                 "measured_attainment": m["slo_attainment"],
                                 "predicted_attainment": att})
+            durs = [d for d in w.get("send_durations_s", []) if d]
+            sized = bool(search.get("run_duration_s") or search.get("budget_s"))
             pred = predict(cal, setup, lengths, slos, res["target"], burst, seed,
                            max_runs=search.get("max_runs", 6),
-                           start_rate=search.get("start_rate"), rel_tol=search.get("rel_tol", 0.15))
+                           start_rate=search.get("start_rate"), rel_tol=search.get("rel_tol", 0.15),
+                           min_duration_s=sum(durs) / len(durs) if sized and durs else 0.0,
+                           min_requests=res["num_prompts"] if sized else 0)
             per_search.append({"setup": s["setup"], "workload": wname,
                                "measured_max_rate": w["max_rate"],
                                "predicted_max_rate": pred.max_rate,

@@ -119,23 +119,16 @@ def test_capstone_cpu_smoke_tiny_model(tmp_path) -> None:
     assert "no GPU" in (tmp_path / "report.md").read_text()
 
 
-def test_split_devices() -> None:
-    assert capstone.split_devices("cpu", 2, 1) == ("cpu", "cpu")
-    assert capstone.split_devices("0,1,cuda:2,3", 2, 1) == ("0,1", "2")
-    with pytest.raises(ValueError):
-        capstone.split_devices("0,1", 2, 1)
-
-
 @pytest.mark.slow
 def test_capstone_cpu_conditional_and_colocated(tmp_path) -> None:
-    """Conditional disaggregation (two clusters, routed by prompt length) and a colocated
-    setup on CPU: the report compares the three kinds."""
-    rc = capstone.run(parse("--configs", "1P1D,1both,1P1D+1both+cond20", "--devices", "cpu",
+    """Conditional disaggregation (the coordinator prefills prompts under 20 tokens on the
+    decode worker) and a colocated setup on CPU: the report compares the three kinds."""
+    rc = capstone.run(parse("--configs", "1P1D,1both,1P1D-cond20", "--devices", "cpu",
                             "--workload", "uniform:in=8-32,out=4-8", "--num-requests", "10",
                             "--max-runs", "1", "--start-rate", "8", "--warmup-requests", "1",
                             "--timeout", "60", "--start-timeout", "120", "--out", str(tmp_path)))
     assert rc == 0
-    check_report(tmp_path, ["1P1D", "1both", "1P1D+1both+cond20"])
+    check_report(tmp_path, ["1P1D", "1both", "1P1D-cond20"])
     md = (tmp_path / "report.md").read_text()
-    assert "conditional 1P1D+1both+cond20" in md
+    assert "conditional 1P1D-cond20" in md
     assert "Planner validation" in md
