@@ -26,6 +26,7 @@ from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks import plotting
 from pdserve.benchmarks.capstone_budget import Budget
 from pdserve.benchmarks.capstone_client import GpuSampler, GrpcTarget, OpenAITarget
+from pdserve.benchmarks.capstone_findings import findings
 from pdserve.benchmarks.capstone_metrics import Window, parse_goodput
 from pdserve.benchmarks.capstone_sweep import measure_setup
 from pdserve.benchmarks.capstone_workloads import Workload, load_sharegpt, parse_workload
@@ -105,6 +106,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--out", default=f"benchmarks/results/{NAME}", help="report directory")
     o.add_argument("--label", default="", help="a line for the report")
     o.add_argument("--no-plan", action="store_true", help="skip the planner validation")
+    o.add_argument("--extrapolate", default="8,16,64", type=lambda v: [int(x) for x in v.split(",")
+                                                                      if x.strip()],
+                   help="GPU counts the planner extrapolates to from this run's calibration "
+                        "(default 8,16,64; '' = none)")
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -160,12 +165,14 @@ def open_setup(name: str, args: argparse.Namespace) -> Iterator[tuple[object, di
 
     s = parse_setup(name)
     print(f"starting {name} on {args.devices} ({args.model})", flush=True)
+    t0 = time.monotonic()
     coordinator_args = ["--pd-threshold-tokens", str(s.cond_tokens)] if s.cond_tokens else []
     with LocalCluster(args.model, prefill=s.prefill, decode=s.decode, both=s.both,
                       devices=args.devices, transfer=args.transfer, worker_args=args.worker_arg,
                       coordinator_args=coordinator_args,
                       start_timeout_s=args.start_timeout) as c:
         c.wait_ready(args.start_timeout)
+        print(f"{name} ready after {time.monotonic() - t0:.1f} s", flush=True)
         yield from _pdserve_setup(c.address, name, args)
 
 
@@ -223,12 +230,13 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
             pngs["goodput vs achieved rate"] = p
         rate = ctx.start_rate if not concurrency_levels(args) else math.inf
         for i, (wl, _) in enumerate(wls):
-            p = plots.latency_cdfs(os.path.join(out, f"cdf_{i}.png"), setups, wl.name, rate,
+            # one folder per workload: at most 8 files per folder, whatever the workloads
+            p = plots.latency_cdfs(os.path.join(out, f"w{i}", "cdf.png"), setups, wl.name, rate,
                                    ctx.window)
             if p:
                 pngs[f"TTFT and ITL CDFs: {wl.name}"] = p
-            p, text = plots.slo_map_png(os.path.join(out, f"slo_map_{i}.png"), setups, wl.name,
-                                        rate, ctx.window)
+            p, text = plots.slo_map_png(os.path.join(out, f"w{i}", "slo_map.png"), setups,
+                                        wl.name, rate, ctx.window)
             if p:
                 pngs[f"SLO attainment map: {wl.name}"] = p
                 map_text[wl.name] = text
@@ -243,9 +251,14 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
         from pdserve.benchmarks import plan
 
-        plan_lines = ["", "### Planner validation", "",
-                      *plan.validation_lines(*plan.validate(out))]
-    paths.append(report.write_markdown(out, setups, ctx, workloads, pngs, map_text, plan_lines))
+        per_run, per_search = plan.validate(out)
+        plan_lines = ["", "### Planner validation", "", *plan.validation_lines(per_run, per_search)]
+        if args.extrapolate:
+            plan_lines += ["", "### Extrapolation", "",
+                           *plan.extrapolation_lines(per_search, args.extrapolate)]
+    answers = findings(setups, ctx) if setups[0].setup != "external" else []
+    paths.append(report.write_markdown(out, setups, ctx, workloads, pngs, map_text, plan_lines,
+                                       answers))
     return paths + list(pngs.values())
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
-from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_metrics import CUT, RequestResult
 from pdserve.benchmarks.capstone_workloads import Request
 
 SERVER_KEYS = ("queue_ms", "prefill_ms", "transfer_ms", "kv_bytes", "prefill_worker",
@@ -175,9 +175,6 @@ async def _one(target: Target, req: Request, res: RequestResult, timeout_s: floa
                 res.server = server
     except Exception as e:  # noqa: BLE001 - a failed request is a result, the run goes on
         res.error = f"{type(e).__name__}: {e}"[:300]
-
-
-CUT = "not finished within the run's time limit (cut by the time budget)"
 
 
 async def run_load(target: Target, requests: Sequence[Request], timeout_s: float,

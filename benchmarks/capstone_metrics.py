@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pdserve.benchmarks.serve_workload import percentile
 
 SLO_KEYS = ("ttft", "tpot", "e2el")  # vLLM's --goodput keys, values in ms
+CUT = "not finished within the run's time limit (cut by the time budget)"
 
 
 @dataclass(slots=True)
@@ -41,6 +42,12 @@ class RequestResult:
     @property
     def ok(self) -> bool:
         return not self.error and self.output_tokens > 0
+
+    @property
+    def cut(self) -> bool:
+        """Cut by the run's time limit after its first token (see capstone_budget.py): it is
+        judged against the SLOs on the part observed, and not counted as completed."""
+        return self.error == CUT and self.output_tokens > 0
 
     @property
     def ttft_s(self) -> float:
@@ -96,8 +103,9 @@ def parse_goodput(items: Iterable[str]) -> dict[str, float]:
 
 
 def meets(r: RequestResult, slos: dict[str, float]) -> bool:
-    """Finished and within every given SLO (a 1-token output has no TPOT: not checked)."""
-    if not r.ok:
+    """Finished (or cut by the time limit after its first token: judged on what was seen)
+    and within every given SLO (a 1-token output has no TPOT: not checked)."""
+    if not (r.ok or r.cut):
         return False
     vals = {"ttft": r.ttft_s, "tpot": r.tpot_s, "e2el": r.e2el_s}
     return all(math.isnan(vals[k]) or vals[k] * 1e3 <= ms for k, ms in slos.items())

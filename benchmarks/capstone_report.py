@@ -234,7 +234,7 @@ def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context)
 
 def write_markdown(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
                    workloads: dict[str, dict], pngs: dict[str, str], map_text: dict[str, str],
-                   plan_lines: Sequence[str] = ()) -> str:
+                   plan_lines: Sequence[str] = (), answers: Sequence[str] = ()) -> str:
     rows = [dict(run_row(s, w, r, ctx)) for s in setups for w in s.by_workload.values()
             for r in w.runs]
     L = ["# Capstone: when does disaggregation help?", ""]
@@ -255,7 +255,9 @@ def write_markdown(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
     L += ["", "## Where P/D wins and loses", "",
           "(Generated from the numbers above; the search resolution is about 10%.)", ""]
     L += conclusions(setups, ctx, map_text)
-    L += ["## Plots", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in pngs.items()] + [""]
+    if answers:
+        L += ["## The questions, answered from the measurements", "", *answers]
+    L += ["## Plots", ""] + [f"![{k}]({os.path.relpath(v, out_dir)})" for k, v in pngs.items()] + [""]
     L += ["## GPU utilization", ""]
     gpu_rows = [r for s in setups for r in gpu_summary(s)]
     if gpu_rows:
