@@ -137,7 +137,7 @@ def gpu_lines(setups: Sequence[SetupResult]) -> list[str]:
     rows = [r for s in setups for r in gpu_summary(s)]
     if not rows:
         notes = "; ".join(dict.fromkeys(s.gpu_note for s in setups if s.gpu_note))
-        return [f"- GPU busy per pool: not measured ({notes or 'no samples'})"]
+        return [f"- GPU busy per pool: {notes or 'not measured (no samples)'}"]
     by_setup: dict[str, list[str]] = {}
     for r in rows:
         by_setup.setdefault(r["setup"], []).append(

@@ -18,8 +18,10 @@
 # 15 s kept). That leaves ~400 s for 3 setups x 3 workloads = 9 searches of ~45 s: 2-3 runs
 # of 10-20 s of arrivals each (decode-heavy runs drain ~4 s after the last send:
 # TTFT + 192 tokens x 20 ms). 4 GPUs: 5 setups ~150 s of starts, 2 workloads: 10 searches
-# of ~35 s, 2-3 runs each. Measured on CPU with the tiny model (SMOKE=1, this script with
-# a 100 s wall): install 11 s, a 1P1D start 5 s, the report 6 s; the budget held to +-5 s.
+# of ~35 s, 2-3 runs each. Measured on CPU with the tiny model (SMOKE=1 WALL_S=240, 3
+# setups x 2 workloads, on a shared, loaded machine): install 7-17 s, a setup's start
+# 19-26 s, the report (plots, validation, extrapolation) 13 s; the script ended after 230 s
+# of its 240, the harness after 194 s of its 203 s budget, 3 searches cut after 1-2 runs.
 # What the budget cut is listed in report.md ("cut by the time budget").
 #
 # Knobs (environment): WALL_S, MODEL (llama-3.1-8b), COND (512), WORKLOADS (space-separated

@@ -190,9 +190,10 @@ def within_lines(per_run: Sequence[dict], tol: float = 0.15) -> list[str]:
             continue
         worst = max(rows, key=lambda r: abs(r["error"]))
         ok = abs(worst["error"]) <= tol
-        out.append(f"- {setup}: predicted goodput {'within' if ok else 'NOT within'} "
-                   f"{tol:.0%} of measured in {sum(abs(r['error']) <= tol for r in rows)} of "
-                   f"{len(rows)} runs; largest |error| {abs(worst['error']):.1%} "
+        out.append(f"- {setup}: predicted goodput within {tol:.0%} of measured in "
+                   f"{sum(abs(r['error']) <= tol for r in rows)} of {len(rows)} runs "
+                   f"({'every run' if ok else 'NOT every run'}); largest |error| "
+                   f"{abs(worst['error']):.1%} "
                    f"({worst['workload']} at {worst['rate']:.3g} req/s: predicted "
                    f"{worst['predicted_goodput_rps']:.3g}, measured "
                    f"{worst['measured_goodput_rps']:.3g} req/s)")
