@@ -5,6 +5,7 @@ through fake workers; output equality and freed blocks with the tiny model in pr
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import pytest
 from fake_worker import Knobs, assert_no_leaks, fake_outputs
@@ -145,3 +146,45 @@ def test_local_prefill_cancelled_mid_stream_frees_blocks(engines) -> None:  # no
         return core
     core = asyncio.run(go())
     assert all_free(engines["decode"]) and not core.table.states
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_e2e_local_prefill_equals_colocated_and_migrates() -> None:
+    """Across processes on CPU: a prompt under the threshold is prefilled on a decode worker
+    (both paths in one cluster); greedy output equals the local engine's; SIGKILL of the
+    decode worker mid-stream migrates it with no gap or repeat; every block is then free."""
+    from test_e2e_migration import GREEDY as LONG_GREEDY
+    from test_e2e_migration import PROMPT as MIG_PROMPT
+    from test_e2e_migration import all_free as cluster_free
+    from test_e2e_migration import serving_decode, worker_proc
+
+    from pdserve import LLM, SamplingParams
+    from pdserve.child_process import signal_group
+    from pdserve.cluster import LocalCluster
+
+    llm = LLM(model="tiny")
+    short, long_ = MIG_PROMPT[:12], MIG_PROMPT * 2  # 12 < 40 <= 74 tokens
+    want = {len(p): llm.generate(p, SamplingParams(**LONG_GREEDY))[0].token_ids
+            for p in (short, long_, MIG_PROMPT)}
+    with LocalCluster("tiny", prefill=1, decode=2, devices="cpu", transfer="ucx",
+                      start_timeout_s=150, worker_args=["--transfer-timeout", "3"],
+                      coordinator_args=["--pd-threshold-tokens", "40", "--worker-timeout", "3",
+                                        "--stall-timeout", "4"]) as c:
+        c.wait_ready(150)
+        with Client(c.address, timeout_s=120) as cl:
+            for p in (short, long_):
+                r = cl.generate(prompt_token_ids=p, **LONG_GREEDY)
+                assert r.token_ids == want[len(p)]
+                local = r.metrics["prefill_worker"] == r.metrics["decode_worker"]
+                assert local == (len(p) < 40)
+            got: list[int] = []
+            stream = cl.stream(MIG_PROMPT, **LONG_GREEDY)  # 37 tokens: local prefill
+            while len(got) < 8:
+                got += next(stream).token_ids
+            signal_group(worker_proc(c, serving_decode(cl)), signal.SIGKILL)
+            for chunk in stream:
+                got += chunk.token_ids
+            assert got == want[len(MIG_PROMPT)]
+            assert cl.stats()["requests_migrated"] == 1
+            assert cluster_free(cl, n_workers=2)
