@@ -151,8 +151,10 @@ def setups_of(args: argparse.Namespace) -> list[str]:
 
 
 @contextmanager
-def open_setup(name: str, args: argparse.Namespace) -> Iterator[tuple[object, dict]]:
-    """(target, info) for one setup; info: label, workers, vocab, max_len, pools."""
+def open_setup(name: str, args: argparse.Namespace,
+               start_timeout_s: float | None = None) -> Iterator[tuple[object, dict]]:
+    """(target, info) for one setup; info: label, workers, vocab, max_len, pools.
+    `start_timeout_s`: at most this long for the workers (default --start-timeout)."""
     if args.base_url:
         target = OpenAITarget(args.base_url, args.served_model_name)
         yield target, {"label": args.label or "external", "workers": target.name,
@@ -170,8 +172,8 @@ def open_setup(name: str, args: argparse.Namespace) -> Iterator[tuple[object, di
     with LocalCluster(args.model, prefill=s.prefill, decode=s.decode, both=s.both,
                       devices=args.devices, transfer=args.transfer, worker_args=args.worker_arg,
                       coordinator_args=coordinator_args,
-                      start_timeout_s=args.start_timeout) as c:
-        c.wait_ready(args.start_timeout)
+                      start_timeout_s=start_timeout_s or args.start_timeout) as c:
+        c.wait_ready(start_timeout_s or args.start_timeout)
         print(f"{name} ready after {time.monotonic() - t0:.1f} s", flush=True)
         yield from _pdserve_setup(c.address, name, args)
 
@@ -301,7 +303,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         loop = asyncio.new_event_loop()
         try:
-            with open_setup(name, args) as (target, info):
+            # a start that would take the setup's whole share fails instead (TimeoutError)
+            start_s = min(args.start_timeout, max(1.0, deadline - time.monotonic()))
+            with open_setup(name, args, start_s) as (target, info):
                 # GPUs seen from this host: only for setups launched here
                 gpus = [] if args.coordinator else [g for pool in info["pools"].values()
                                                     for g in pool]
