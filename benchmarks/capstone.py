@@ -33,7 +33,7 @@ from pdserve.benchmarks.capstone_workloads import Workload, load_sharegpt, parse
 from pdserve.benchmarks.planner_sim import parse_setup, setup_name
 
 NAME = "capstone"
-REPORT_RESERVE_S = 15.0  # of a --budget-s, kept for the report (plots, planner validation)
+REPORT_RESERVE_S = 30.0  # of a --budget-s, kept for the report (plots, planner validation)
 
 
 def config_list(value: str) -> list[str]:

@@ -85,7 +85,8 @@ class Context:
 
 
 RUN_FIELDS = ["setup", "workload", "request_rate", "max_concurrency", "completed", "failed",
-              "request_throughput", "request_goodput", "slo_attainment", "output_throughput",
+              "request_throughput", "request_goodput", "steady_throughput", "steady_goodput",
+              "slo_attainment", "local_prefill_fraction", "output_throughput",
               "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "p99_itl_ms",
               "mean_e2el_ms", "mean_transfer_ms"]
 
@@ -245,7 +246,11 @@ def write_markdown(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
           f"with burstiness {ctx.burstiness:g} (1 = Poisson); {ctx.run_sizes()}; "
           f"seed {ctx.seed}.", "", "## Workloads", ""]
     L += [f"- {n}: {w['describe']}" for n, w in workloads.items()]
-    L += ["", "## Measurement window", "", f"Measured: {ctx.window.describe()}.", ""]
+    L += ["", "## Measurement window", "", f"Measured: {ctx.window.describe()}. "
+          "steady_throughput and steady_goodput (the goodput plot, the planner validation): "
+          "requests (meeting every SLO) finishing within the send span of the measured "
+          "requests, per second of that span: the offered rate while the server keeps up, "
+          "its service rate once it saturates.", ""]
     L += ["## Results", "", plotting.markdown_table(rows, RUN_FIELDS, floatfmt=".4g"), ""]
     L += ["## Max rate at target attainment", ""]
     for s in setups:

@@ -14,8 +14,8 @@
 # workload, then per run (each run sends for its share less the drain it measured).
 # Arithmetic, 2 GPUs: install ~15-25 s; each setup's start (llama-3.1-8b random weights,
 # warm-up ladder, CUDA graphs, the coordinator's P/D warm-up) ~20-40 s, so 3 setups
-# ~100 s; the report (plots + planner validation, simulated) ~10-15 s (REPORT_RESERVE_S
-# 15 s kept). That leaves ~400 s for 3 setups x 3 workloads = 9 searches of ~45 s: 2-3 runs
+# ~100 s; the report (plots + planner validation, simulated) ~10-30 s (REPORT_RESERVE_S
+# 30 s kept). That leaves ~380 s for 3 setups x 3 workloads = 9 searches of ~42 s: 2-3 runs
 # of 10-20 s of arrivals each (decode-heavy runs drain ~4 s after the last send:
 # TTFT + 192 tokens x 20 ms). 4 GPUs: 5 setups ~150 s of starts, 2 workloads: 10 searches
 # of ~35 s, 2-3 runs each. Measured on CPU with the tiny model (SMOKE=1 WALL_S=240, 3
@@ -31,6 +31,7 @@ set -u
 T0=$(date +%s)
 OUT=$(realpath -m "${1:?usage: gpu_capstone.sh OUT DEVICES}"); DEVICES=${2:?usage: gpu_capstone.sh OUT DEVICES}
 REPO=$(pwd)
+COMMIT=$(git -C "$REPO" log -1 --format='%h %s' 2>/dev/null | cut -c1-60 || true)
 PYTHON=${PYTHON:-python3}
 TMPD=${TMPD:-/tmp/pdserve-capstone}  # the installed copy (new/) and the wheels (site/)
 mkdir -p "$OUT"
@@ -86,12 +87,13 @@ BUDGET=$(( WALL_S - ($(date +%s) - T0) - 20 ))
 echo "installed in $(( $(date +%s) - T0 )) s; budget $BUDGET s for $CONFIGS on $DEVICES" | tee -a "$LOG"
 WL_ARGS=(); for w in $WORKLOADS; do WL_ARGS+=(--workload "$w"); done
 # shellcheck disable=SC2086
-timeout $(( BUDGET + 60 )) $PYTHON -m pdserve.cli bench capstone --model "$MODEL" \
+timeout $(( WALL_S - ($(date +%s) - T0) - 5 )) $PYTHON -m pdserve.cli bench capstone --model "$MODEL" \
   --devices "$DEVICES" --configs "$CONFIGS" "${WL_ARGS[@]}" --goodput $GOODPUT \
   --start-rate "$START_RATE" --max-runs "${MAX_RUNS:-3}" --rel-tol 0.25 \
   --budget-s "$BUDGET" --run-duration "${RUN_DURATION:-20}" --num-requests 16 \
   --warmup-requests 2 --timeout 60 --start-timeout 240 \
-  --label "gpu_capstone.sh on $N GPUs ($DEVICES), budget $BUDGET s" --out "$OUT" \
+  --label "gpu_capstone.sh on $N GPUs ($DEVICES), budget $BUDGET s, commit ${COMMIT:-unknown}" \
+  --out "$OUT" \
   >>"$LOG" 2>&1
 RC=$?
 cd "$REPO" || true
