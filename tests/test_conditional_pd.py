@@ -122,7 +122,7 @@ def test_local_prefill_equals_disaggregated_and_colocated(engines, sampling) -> 
         local, local_reason = await _generate(DecodeRole, engines["decode"], "local", wire,
                                               sampling)
         reply, toks, pd_reason = await run_pd(engines, wire, "pd", sampling=sampling)
-        return want, reason, local, local_reason, [reply.first_token, *toks], pd_reason
+        return want, reason, local, local_reason, [reply[0].first_token, *toks], pd_reason
     want, reason, local, local_reason, pd, pd_reason = asyncio.run(go())
     assert len(want) == 6 and local == want and pd == want
     assert reason == local_reason == pd_reason == "length"
