@@ -98,11 +98,12 @@ timeout $(( WALL_S - ($(date +%s) - T0) - 5 )) $PYTHON -m pdserve.cli bench caps
 RC=$?
 cd "$REPO" || true
 echo "capstone rc=$RC after $(( $(date +%s) - T0 )) s"
-grep -E "^(starting|error|wrote)|req/s holds|no measured rate|cut by" "$LOG" | grep -v "it/s]" | tail -n 30
+grep -E "^(starting|error|wrote)|ready after|req/s holds|no measured rate|cut by" "$LOG" | grep -v "it/s]" | tail -n 30
 if [[ -f $OUT/report.md ]]; then
   echo "=== report.md (summary)"
-  sed -n '/^## Where P\/D wins and loses/,/^## Plots/p' "$OUT/report.md" | head -n 60
-  sed -n '/^### Planner validation/,$p' "$OUT/report.md" | grep -E "Mean \|error\||within" | head -n 6
+  sed -n '/^## Where P\/D wins and loses/,/^## Plots/p' "$OUT/report.md" | head -n 100
+  sed -n '/^### Planner validation/,/^### Extrapolation/p' "$OUT/report.md" \
+    | grep -E "Mean \|error\||within" | head -n 12
   grep -E "^- (time budget|cut by the time budget)" "$OUT/report.md"
 else
   tail -n 30 "$LOG"
