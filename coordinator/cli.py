@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"gRPC port, 0 = any free port (default {d.port})")
     parser.add_argument("--routing", choices=ROUTING, default=d.routing,
                         help=f"routing policy (default {d.routing})")
+    parser.add_argument("--pd-threshold-tokens", type=int, default=d.pd_threshold_tokens,
+                        metavar="N",
+                        help="conditional disaggregation: a prompt of fewer than N tokens is "
+                             "prefilled on its decode worker itself (no prefill worker, no KV "
+                             "transfer); longer ones are disaggregated. Counts prompt tokens "
+                             "(prefix-cache hits are not known to the coordinator). 0 = always "
+                             f"disaggregate (default {d.pd_threshold_tokens})")
     parser.add_argument("--max-queue", type=int, default=d.max_queue,
                         help="requests that may wait for decode KV blocks before new ones get "
                              f"RESOURCE_EXHAUSTED (default {d.max_queue})")
@@ -111,12 +118,15 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         raise SystemExit("error: --worker-timeout and --heartbeat must be positive")
     if args.max_queue < 0:
         raise SystemExit("error: --max-queue must be >= 0")
+    if args.pd_threshold_tokens < 0:
+        raise SystemExit("error: --pd-threshold-tokens must be >= 0 (0 = always disaggregate)")
     from pdserve.engine.model_cache import default_cache_dir
 
     cache_dir = getattr(args, "model_cache_dir", None) or str(default_cache_dir(os.environ))
     return CoordinatorConfig(host=args.host, port=args.port, heartbeat_s=args.heartbeat,
                         worker_timeout_s=args.worker_timeout, max_queue=args.max_queue,
                         routing=args.routing, auth_token=args.auth_token or None,
+                        pd_threshold_tokens=args.pd_threshold_tokens,
                         model_cache_dir=cache_dir, warm_up_s=max(0.0, args.warm_up),
                         cluster_secret=cluster_secret.from_args(args),
                         etcd=args.etcd, etcd_prefix=args.etcd_prefix,

@@ -27,6 +27,7 @@ import grpc
 from pdserve.coordinator.config import FailureConfig
 from pdserve.coordinator.flows import Dispatcher
 from pdserve.coordinator.metrics import NoMetrics, outcome_of
+from pdserve.coordinator.pd_decider import PdDecider
 from pdserve.coordinator.registry import Registry
 from pdserve.coordinator.request import RequestError, RequestState
 from pdserve.coordinator.router import RoutingPolicy
@@ -43,11 +44,11 @@ RATE_WINDOW_S = 10.0
 class Orchestrator:
     def __init__(self, registry: Registry, policy: RoutingPolicy, max_queue: int,
                  tokenizers: TokenizerProvider, metrics: NoMetrics | None = None,
-                 failure: FailureConfig | None = None) -> None:
+                 failure: FailureConfig | None = None, decider: PdDecider | None = None) -> None:
         self.registry = registry
         self.tokenizers = tokenizers
         self.metrics = metrics or NoMetrics()
-        self.dispatch = Dispatcher(registry, policy, max_queue, failure, self.metrics)
+        self.dispatch = Dispatcher(registry, policy, max_queue, failure, self.metrics, decider)
         self.active: dict[str, RequestState] = {}
         # failed = server-side failures only; cancels and rejections are counted apart.
         self.requests_total = self.requests_finished = self.requests_failed = 0

@@ -20,6 +20,7 @@ from pdserve.coordinator.config import CoordinatorConfig
 from pdserve.coordinator.health import HealthBook
 from pdserve.coordinator.metrics import make_metrics
 from pdserve.coordinator.orchestrator import Orchestrator
+from pdserve.coordinator.pd_decider import PdDecider
 from pdserve.coordinator.registry import Registry, WorkerIdTaken
 from pdserve.coordinator.request import RequestError
 from pdserve.coordinator.router import make_policy
@@ -160,7 +161,8 @@ class CoordinatorServer:
         tokenizers = TokenizerProvider(factory=factory, tokenizer=self._tok_args[1])
         self.metrics = make_metrics()
         self.orch = orch = Orchestrator(registry, make_policy(cfg.routing), cfg.max_queue,
-                                        tokenizers, metrics=self.metrics, failure=cfg.failure)
+                                        tokenizers, metrics=self.metrics, failure=cfg.failure,
+                                        decider=PdDecider(cfg.pd_threshold_tokens))
         self.metrics.watch(
             lambda: ((w.worker_id, ROLE_NAME.get(w.role, "?"), w.load) for w in registry.workers()),
             lambda: (len(orch.active), orch.dispatch.queued))

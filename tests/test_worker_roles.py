@@ -224,10 +224,10 @@ async def test_prefill_admission_refusals_leave_nothing(engines, case) -> None:
 
 @aio
 async def test_roles_refuse_rpcs_they_do_not_serve(engines) -> None:
-    core, role = make(DecodeRole, engines["decode"], FakeWire())
-    with pytest.raises(Aborted) as err:
+    core, role = make(PrefillRole, engines["prefill"], FakeWire())
+    with pytest.raises(Aborted) as err:  # decode serves Generate (a local prefill)
         await drain(role.generate(generate_request("x"), FakeContext()))
-    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "decode" in err.value.details
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "prefill" in err.value.details
     core, role = make(BothRole, engines["both"])
     with pytest.raises(Aborted) as err:
         await drain_prefill(role.prefill(pb.PrefillRequest(request_id="x"), FakeContext()))
