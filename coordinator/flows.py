@@ -196,7 +196,7 @@ class Dispatcher:
                 if chunk is grpc.aio.EOF:
                     break
                 watched.touch()
-                st.emit(list(chunk.token_ids), chunk.finished, chunk.finish_reason)
+                st.emit(list(chunk.token_ids), chunk.finished, chunk.finish_reason, chunk.logprobs)
                 if chunk.finished:
                     st.transfer_ms = max(st.transfer_ms, chunk.timings.transfer_ms)
                     if role == "colocated":
@@ -259,7 +259,8 @@ class Dispatcher:
                 p.inflight_prefill_tokens -= n
             st.prefill_ms, st.transfer_ms = reply.timings.prefill_ms, reply.timings.transfer_ms
             st.kv_bytes = reply.kv_bytes
-            st.emit([reply.first_token], reply.finished, reply.finish_reason)
+            first_lp = [reply.first_logprobs] if reply.HasField("first_logprobs") else []
+            st.emit([reply.first_token], reply.finished, reply.finish_reason, first_lp)
             if reply.finished:
                 return  # D finishes by itself too; the Abort below makes sure it frees
             done = await self._stream(st, d, "decode", dcall)
