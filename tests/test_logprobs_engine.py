@@ -95,3 +95,21 @@ def test_llm_generate_logprobs(llm):
     with pytest.raises(ValueError, match="at most 20"):
         llm.generate(prompt, SamplingParams(logprobs=21))
     assert llm.engine.kv_stats()["running"] == 0
+
+
+def test_cli_local_json_prints_logprobs(llm):
+    import json
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "pdserve.cli", "generate", "--local",
+                          "--model", "tiny", "--prompt-ids", "5,17,99", "--max-tokens", "3",
+                          "--temperature", "0", "--ignore-eos", "--json", "--logprobs", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    want = llm.generate([5, 17, 99], SamplingParams(max_tokens=3, temperature=0.0,
+                                                    ignore_eos=True, logprobs=2))[0]
+    assert got["token_ids"] == want.token_ids and len(got["logprobs"]) == 3
+    for g, w, t in zip(got["logprobs"], want.logprobs, want.token_ids):
+        assert g["token_id"] == t and g["logprob"] == pytest.approx(w.logprob, abs=1e-5)
+        assert [i for i, _ in g["top"]] == w.top_ids

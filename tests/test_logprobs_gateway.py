@@ -132,3 +132,19 @@ def test_client_logprobs(cluster):
         assert cl.generate(prompt_token_ids=[1, 2], max_tokens=2).logprobs is None
         with pytest.raises(ValueError, match="top_logprobs needs logprobs"):
             cl.generate(prompt_token_ids=[1, 2], max_tokens=2, top_logprobs=2)
+
+
+def test_cli_coordinator_json_prints_logprobs(cluster, capsys):
+    import argparse
+    import json
+
+    from pdserve.generate_cli import add_arguments, run
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--coordinator", cluster.address, "--prompt-ids", "1,2",
+                              "--max-tokens", "3", "--json", "--logprobs", "1"])
+    assert run(args) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["token_ids"] == [3, 4, 5]
+    assert [(x["token_id"], x["top"]) for x in got["logprobs"]] == \
+        [(t, [[t, pytest.approx(-0.1)]]) for t in (3, 4, 5)]
