@@ -148,3 +148,22 @@ def test_cli_coordinator_json_prints_logprobs(cluster, capsys):
     assert got["token_ids"] == [3, 4, 5]
     assert [(x["token_id"], x["top"]) for x in got["logprobs"]] == \
         [(t, [[t, pytest.approx(-0.1)]]) for t in (3, 4, 5)]
+
+
+def test_migrated_request_keeps_one_logprob_per_token(make_cluster):
+    """A decode worker dies mid-stream: the continuation (re-prefilled on another pair)
+    brings the logprobs of its tokens, token 0 of the new pair's included."""
+    from fake_worker import Knobs, fake_outputs
+
+    from pdserve.coordinator.client import Client
+    c = make_cluster()
+    c.add("prefill")
+    bad = c.add("decode", knobs=Knobs(chunk_tokens=2, chunk_delay_s=0.01, die_after_chunks=3))
+    c.add("decode", num_blocks=32)  # fewer free blocks: least_loaded tries `bad` first
+    with Client(c.address, timeout_s=20) as cl:
+        r = cl.generate(prompt_token_ids=[1, 2], max_tokens=20, logprobs=True, top_logprobs=1)
+        assert cl.stats()["requests_migrated"] == 1 and bad.dead
+    assert r.token_ids == fake_outputs([1, 2], 20)[0]
+    assert [t.token_id for t in r.logprobs] == r.token_ids
+    assert all(t.top == [(t.token_id, pytest.approx(-0.1))] for t in r.logprobs)
+    assert_no_leaks(c)
