@@ -170,9 +170,9 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput,
                 layer_hook: Callable[[int], None] | None = None) -> SamplerOutput:
         """Run one step; return the sampled token (and logprobs, where asked) of every chunk
-        that samples. Any thread
-        may call it: the step runs with this runner's device current (Triton launches on
-        the calling thread's current device, and an engine loop thread starts on cuda:0)."""
+        that samples. Any thread may call it: the step runs with this runner's device
+        current (Triton launches on the calling thread's current device, and an engine loop
+        thread starts on cuda:0)."""
         if not out.chunks:
             return SamplerOutput()
         with self._device_guard():

@@ -87,7 +87,8 @@ class LLM:
         while self.engine.has_unfinished():
             res = self.engine.step()
             for sid, lp in res.logprobs.items():
-                logprobs[sid].append(lp)
+                if sid in logprobs:
+                    logprobs[sid].append(lp)
             bar.update(len(res.finished))
         bar.close()
         return [RequestOutput(request_id=s.seq_id, prompt_token_ids=list(s.prompt_token_ids),
