@@ -97,16 +97,17 @@ def test_llm_generate_logprobs(llm):
     assert llm.engine.kv_stats()["running"] == 0
 
 
-def test_cli_local_json_prints_logprobs(llm):
+def test_cli_local_json_prints_logprobs(llm, capsys):
+    import argparse
     import json
-    import subprocess
-    import sys
-    res = subprocess.run([sys.executable, "-m", "pdserve.cli", "generate", "--local",
-                          "--model", "tiny", "--prompt-ids", "5,17,99", "--max-tokens", "3",
-                          "--temperature", "0", "--ignore-eos", "--json", "--logprobs", "2"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+
+    from pdserve.generate_cli import add_arguments, run
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--local", "--model", "tiny", "--prompt-ids", "5,17,99",
+                                  "--max-tokens", "3", "--temperature", "0", "--ignore-eos",
+                                  "--json", "--logprobs", "2"])) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     want = llm.generate([5, 17, 99], SamplingParams(max_tokens=3, temperature=0.0,
                                                     ignore_eos=True, logprobs=2))[0]
     assert got["token_ids"] == want.token_ids and len(got["logprobs"]) == 3
