@@ -158,7 +158,7 @@ def _odd_messages(rng: random.Random, service: str, method: str) -> object | Non
 _METHODS = {
     "Coordinator": {"Generate": True, "Abort": False, "ListWorkers": False, "Stats": False,
                     "Register": False, "Heartbeat": False},
-    "Worker": {"Reserve": False, "Prefill": False, "DecodeStream": True, "Generate": True,
+    "Worker": {"Reserve": False, "Prefill": True, "DecodeStream": True, "Generate": True,
                "Abort": False, "Stats": False},
 }
 

@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-staging", type=int, default=4, help="staging buffers per side")
     p.add_argument("--min-message-mib", type=float, default=16.0,
                    help="first/last message size of a coalesced run")
+    p.add_argument("--copy-ctas", type=int, default=None,
+                   help="CUDA gather/scatter thread blocks (0: torch index ops; default: "
+                        "TransferOptions.copy_ctas)")
     p.add_argument("--poll-us", type=float, default=None,
                    help="progress-loop poll interval while busy (default 0 = spin on cuda, 100 on cpu)")
     p.add_argument("--ucx-progress", choices=["blocking", "polling"], default=None,
@@ -172,6 +175,8 @@ class _Bench:
                         "min_message_bytes": int(args.min_message_mib * (1 << 20)),
                         "poll_interval_s": poll_us * 1e-6, "deadline_s": 120.0,
                         "layerwise": args.layerwise}
+        if args.copy_ctas is not None:
+            self.options["copy_ctas"] = args.copy_ctas
         self.cfg = {"rx_device": rx_dev, "geo": self.geo, "block_size": self.bs, "seed": args.seed,
                     "rx_blocks": self.num_blocks, "backend": args.backend,
                     "options": self.options, "max_bytes": self.max_bytes,

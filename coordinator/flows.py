@@ -3,8 +3,9 @@
 Disaggregated (docs/architecture.md, "Request life cycle"): pick D, Reserve on D (on refusal
 try the next D; when all refuse, wait in the coordinator queue until capacity appears or the
 deadline), open D.DecodeStream, call P.Prefill with D's kv_address and block ids, emit the
-first token from PrefillReply as soon as it arrives, then D's tokens (D never repeats the
-first token). Whenever an attempt ends without a clean finish, both workers get
+first token from P's first PrefillReply as soon as it arrives (before the KV transfer ends),
+wait for P's second reply (the transfer is complete), then emit D's tokens (D never repeats
+the first token). Whenever an attempt ends without a clean finish, both workers get
 Abort(request id) so they free every block. Failures (coordinator/migration.py): the
 request is retried or migrated on another pair; every worker call is bounded (a deadline,
 or a stall watch on streams), so no attempt waits forever.
@@ -214,13 +215,22 @@ class Dispatcher:
         self.attr.charge(w, "stream ended unfinished")
         raise WorkerFailure([w], f"{role} worker {w.worker_id} ended its stream unfinished")
 
+    async def _prefill_reply(self, p: WorkerHandle, call) -> pb.PrefillReply:
+        """The next reply of a Prefill stream (token 0 first, then the transfer's end)."""
+        reply = await self.attr.guarded(p, "prefill", call.read())
+        if reply is grpc.aio.EOF:
+            self.attr.charge(p, "prefill stream ended without a reply")
+            raise WorkerFailure([p], f"prefill worker {p.worker_id} ended its Prefill stream "
+                                "early")
+        return reply
+
     # -- flows -------------------------------------------------------------------------
     async def _disaggregated(self, st: RequestState, wid: str, excluded: set[str]) -> None:
         d, res = await self._reserve(st, wid, excluded)
         prompt, n_out = self._continuation(st)
         targets = [(d, wid)]
         done = False
-        dcall = None
+        dcall = pcall = None
         d.inflight += 1
         try:
             ps = self.registry.routable(pb.ROLE_PREFILL, excluded)
@@ -241,9 +251,15 @@ class Dispatcher:
             n = len(prompt)
             p.inflight += 1
             p.inflight_prefill_tokens += n
+            pcall = p.stub.Prefill(preq, timeout=_cap(st.remaining(), self.cfg.prefill_timeout_s))
             try:
-                reply = await self.attr.guarded(p, "prefill", p.stub.Prefill(
-                    preq, timeout=_cap(st.remaining(), self.cfg.prefill_timeout_s)))
+                first = await self._prefill_reply(p, pcall)
+                # token 0 goes to the client now, while the transfer may still run
+                st.emit([first.first_token], first.finished, first.finish_reason,
+                        [first.first_logprobs] if first.HasField("first_logprobs") else [])
+                if first.finished:
+                    return  # D finishes by itself too; the Abort below makes sure it frees
+                reply = first if first.kv_done else await self._prefill_reply(p, pcall)
             except RpcError as e:
                 cause = _transfer_cause(e)
                 if cause:
@@ -259,16 +275,13 @@ class Dispatcher:
                 p.inflight_prefill_tokens -= n
             st.prefill_ms, st.transfer_ms = reply.timings.prefill_ms, reply.timings.transfer_ms
             st.kv_bytes = reply.kv_bytes
-            first_lp = [reply.first_logprobs] if reply.HasField("first_logprobs") else []
-            st.emit([reply.first_token], reply.finished, reply.finish_reason, first_lp)
-            if reply.finished:
-                return  # D finishes by itself too; the Abort below makes sure it frees
             done = await self._stream(st, d, "decode", dcall)
         finally:
             d.inflight -= 1
             if not done:
-                if dcall is not None:
-                    dcall.cancel()
+                for call in (dcall, pcall):
+                    if call is not None:
+                        call.cancel()
                 self.abort_later(targets)
 
     async def _colocated(self, st: RequestState, wid: str, excluded: set[str]) -> None:

@@ -61,13 +61,14 @@ async def disaggregated(engines, rid: str, sampling: dict):
                                                      sampling=sp), FakeContext())
         stream = asyncio.create_task(drain(d_role.decode_stream(
             pb.DecodeRequest(request_id=rid), FakeContext())))
-        reply = await p_role.prefill(pb.PrefillRequest(
+        replies = [r async for r in p_role.prefill(pb.PrefillRequest(
             request_id=rid, prompt_token_ids=PROMPT, sampling=sp, kv_address=res.kv_address,
-            dst_block_ids=res.block_ids), FakeContext())
+            dst_block_ids=res.block_ids), FakeContext())]
         toks, lps = await asyncio.wait_for(stream, 30)
         await asyncio.sleep(0.01)
-        assert reply.HasField("first_logprobs")
-        return [reply.first_token, *toks], [reply.first_logprobs, *lps]
+        first = replies[0]  # token 0 leaves early, with its logprobs
+        assert not first.kv_done and first.HasField("first_logprobs") and replies[-1].kv_done
+        return [first.first_token, *toks], [first.first_logprobs, *lps]
     finally:
         pump.cancel()
 

@@ -136,7 +136,8 @@ class WorkerServer(pb_grpc.WorkerServicer):
 
     async def Prefill(self, request, context):
         await self._refuse_if_failed(context)
-        return await self.role.prefill(request, context)
+        async for reply in self.role.prefill(request, context):
+            yield reply
 
     async def DecodeStream(self, request, context):
         async for chunk in self.role.decode_stream(request, context):
