@@ -53,6 +53,13 @@ def fake_outputs(prompt: list[int], max_tokens: int, stop_ids=(), ignore_eos=Fal
     return out, "length"
 
 
+def fake_logprobs(token: int, k: int) -> pb.TokenLogprobs:
+    """The fake model's logprobs: the sampled token is the most likely one (-0.1), then
+    token + 1, token + 2, ... (-0.2, -0.3, ...)."""
+    return pb.TokenLogprobs(logprob=-0.1, top_ids=[(token + j) % VOCAB for j in range(k)],
+                            top_logprobs=[-0.1 * (j + 1) for j in range(k)])
+
+
 class FakeTokenizer:
     """id i <-> character chr(32 + i % 90); text encodes char by char."""
 
@@ -83,8 +90,12 @@ class _Req:
         sp = SamplingParams(**sampling_fields(sampling))
         self.outputs, self.reason = fake_outputs(prompt, sp.max_tokens - num_output_tokens,
                                                  sp.stop_token_ids, sp.ignore_eos)
+        self.logprobs = sp.logprobs  # None, or k
         self.kv_ready = asyncio.Event()
         self.aborted = asyncio.Event()
+
+    def logprobs_of(self, tokens: list[int]) -> list[pb.TokenLogprobs]:
+        return [] if self.logprobs is None else [fake_logprobs(t, self.logprobs) for t in tokens]
 
 
 class FakeWorker(pb_grpc.WorkerServicer):
@@ -206,6 +217,8 @@ class FakeWorker(pb_grpc.WorkerServicer):
                 await context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
             reply = pb.PrefillReply(first_token=r.outputs[0], finished=len(r.outputs) == 1,
                                     finish_reason=r.reason if len(r.outputs) == 1 else "")
+            for lp in r.logprobs_of(r.outputs[:1]):
+                reply.first_logprobs.CopyFrom(lp)
             yield reply  # token 0 first, as the engine's prefill role does
             dst = _ENDPOINTS.get(request.kv_address)
             if dst is None or not dst.deliver_kv(rid, r.outputs[0]):
@@ -228,7 +241,7 @@ class FakeWorker(pb_grpc.WorkerServicer):
                 await asyncio.sleep(self.knobs.chunk_delay_s)
             if r.aborted.is_set():
                 await context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
-            yield pb.TokenChunk(token_ids=tokens[i:i + k])
+            yield pb.TokenChunk(token_ids=tokens[i:i + k], logprobs=r.logprobs_of(tokens[i:i + k]))
         yield pb.TokenChunk(finished=True, finish_reason=r.reason,
                             timings=pb.Timings(decode_ms=1.0, transfer_ms=0.5))
 

@@ -9,7 +9,9 @@
         r = c.chat([{"role": "user", "content": "Hi!"}], max_tokens=64)  # or stream(messages=...)
 
 Sampling comes from `sampling` (SamplingParams or dict) plus keyword overrides (max_tokens,
-temperature, top_p, top_k, seed, stop_token_ids, ignore_eos). Failures raise `ClientError`
+temperature, top_p, top_k, seed, stop_token_ids, ignore_eos). `logprobs=True` (and
+`top_logprobs=k`, at most 20) gives each token's log-probability (and the k most likely
+tokens') in `Chunk.logprobs` / `Result.logprobs`, as SamplingParams(logprobs=k) does. Failures raise `ClientError`
 with the gRPC status `code` and the coordinator's `details`. Chat messages are rendered by
 the coordinator with the model's chat template, so a client needs no tokenizer.
 
@@ -27,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from pdserve.coordinator.client_logprobs import TokenLogprob, logprobs_override, response_logprobs
 from pdserve.coordinator.failover import Failover, should_fail_over
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -34,7 +37,7 @@ from pdserve.proto.convert import ROLE_NAME, sampling_to_proto
 from pdserve.proto.grpc_util import auth_metadata, new_channel, new_sync_channel
 from pdserve.proto.tls import TLSConfig, unavailable_hint
 
-__all__ = ["AsyncClient", "Chunk", "Client", "ClientError", "Result"]
+__all__ = ["AsyncClient", "Chunk", "Client", "ClientError", "Result", "TokenLogprob"]
 
 
 class ClientError(Exception):
@@ -66,6 +69,7 @@ class Chunk:
     finished: bool
     finish_reason: str
     metrics: dict[str, Any] | None  # on the final chunk
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked
 
 
 @dataclass(slots=True)
@@ -75,6 +79,7 @@ class Result:
     finish_reason: str
     metrics: dict[str, Any] = field(default_factory=dict)
     request_id: str = ""
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked
 
 
 def to_dict(msg) -> dict[str, Any]:
@@ -99,6 +104,7 @@ Messages = Sequence[Mapping[str, str]]  # [{"role": "user", "content": "..."}, .
 def _request(prompt: str | Sequence[int] | None, prompt_token_ids: Sequence[int] | None,
              sampling: Any, request_id: str | None, skip_text: bool,
              overrides: Mapping[str, Any], messages: Messages | None = None) -> pb.GenerateRequest:
+    overrides = logprobs_override(overrides)
     if prompt is not None and not isinstance(prompt, str):
         prompt, prompt_token_ids = None, prompt
     if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
@@ -118,22 +124,25 @@ def _request(prompt: str | Sequence[int] | None, prompt_token_ids: Sequence[int]
 
 def _chunk(r: pb.GenerateResponse) -> Chunk:
     return Chunk(r.request_id, list(r.token_ids), r.text, r.finished, r.finish_reason,
-                 to_dict(r.metrics) if r.finished else None)
+                 to_dict(r.metrics) if r.finished else None, response_logprobs(r))
 
 
 class _Accumulator:
     def __init__(self) -> None:
         self.ids: list[int] = []
         self.texts: list[str] = []
+        self.logprobs: list[TokenLogprob] | None = None
         self.result = Result([], "", "")
 
     def add(self, c: Chunk) -> None:
         self.ids += c.token_ids
         self.texts.append(c.text)
+        if c.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + c.logprobs
         self.result.request_id = c.request_id
         if c.finished:
             self.result = Result(self.ids, "".join(self.texts), c.finish_reason, c.metrics or {},
-                                 c.request_id)
+                                 c.request_id, self.logprobs)
 
 
 class _ReadyPoll:

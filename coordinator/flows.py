@@ -207,7 +207,7 @@ class Dispatcher:
                 if chunk is grpc.aio.EOF:
                     break
                 watched.touch()
-                st.emit(list(chunk.token_ids), chunk.finished, chunk.finish_reason)
+                st.emit(list(chunk.token_ids), chunk.finished, chunk.finish_reason, chunk.logprobs)
                 if chunk.finished:
                     st.transfer_ms = max(st.transfer_ms, chunk.timings.transfer_ms)
                     if st.prefill_worker == st.decode_worker:  # it prefilled too
@@ -265,7 +265,8 @@ class Dispatcher:
             try:
                 first = await self._prefill_reply(p, pcall)
                 # token 0 goes to the client now, while the transfer may still run
-                st.emit([first.first_token], first.finished, first.finish_reason)
+                st.emit([first.first_token], first.finished, first.finish_reason,
+                        [first.first_logprobs] if first.HasField("first_logprobs") else [])
                 if first.finished:
                     return  # D finishes by itself too; the Abort below makes sure it frees
                 reply = first if first.kv_done else await self._prefill_reply(p, pcall)

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from pdserve.coordinator.metrics import NoMetrics
+from pdserve.coordinator.openai_logprobs import LogprobFormatter, TokenEntry
 from pdserve.coordinator.openai_protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -97,29 +98,41 @@ def _envelope(job: Job, choices: list[dict], stream: bool) -> dict[str, Any]:
             "created": job.created, "model": job.model, "choices": choices}
 
 
+def _logprobs(job: Job, entries: list[TokenEntry] | None) -> dict[str, Any] | None:
+    """choices[].logprobs in the job's OpenAI shape; None when not asked (or none here)."""
+    if job.logprobs is None or entries is None or job.tokenizer is None:
+        return None
+    fmt = LogprobFormatter(job.tokenizer)
+    return fmt.chat(entries) if job.kind == "chat" else fmt.completion(entries, 0)
+
+
 def _choice(job: Job, index: int, text: str | None, reason: str | None, stream: bool,
-            role: bool = False) -> dict[str, Any]:
+            role: bool = False, logprobs: list[TokenEntry] | None = None) -> dict[str, Any]:
+    lp = _logprobs(job, logprobs)
     if job.kind == "completion":
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": text or "", "logprobs": lp, "finish_reason": reason}
     if stream:
         delta: dict[str, str] = {"role": "assistant"} if role else {}
         if text or role:
             delta["content"] = text or ""
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
     return {"index": index, "message": {"role": "assistant", "content": text or ""},
-            "logprobs": None, "finish_reason": reason}
+            "logprobs": lp, "finish_reason": reason}
 
 
 async def collect(job: Job, deltas: AsyncIterator[Delta]) -> dict[str, Any]:
     texts = {c.index: [job.echo[c.index // job.n]] if job.echo else [] for c in job.choices}
+    lps: dict[int, list[TokenEntry]] = {c.index: [] for c in job.choices}
     reasons: dict[int, str | None] = {}
     tokens = 0
     async for d in deltas:
         texts[d.index].append(d.text)
+        lps[d.index] += d.logprobs or []
         tokens += d.n_tokens
         if d.finish_reason:
             reasons[d.index] = d.finish_reason
-    choices = [_choice(job, i, "".join(texts[i]), reasons.get(i), False) for i in sorted(texts)]
+    choices = [_choice(job, i, "".join(texts[i]), reasons.get(i), False, logprobs=lps[i])
+               for i in sorted(texts)]
     return {**_envelope(job, choices, False), "usage": _usage(job, tokens)}
 
 
@@ -144,8 +157,9 @@ async def sse(job: Job, first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterat
         d: Delta | None = first
         while d is not None:
             tokens += d.n_tokens
-            if d.text or d.finish_reason:
-                ch = _choice(job, d.index, d.text, d.finish_reason, True)
+            if d.text or d.finish_reason or d.logprobs:
+                ch = _choice(job, d.index, d.text, d.finish_reason, True,
+                             logprobs=d.logprobs or None)
                 yield _sse({**_envelope(job, [ch], True), **usage()})
             d = await anext(rest, None)
         if job.include_usage:

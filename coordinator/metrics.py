@@ -20,7 +20,9 @@ P/D and outcomes (pdserve's own):
     pdserve:request_cancelled_total                  client cancel / disconnect / Abort
     pdserve:request_rejected_total{code}             the request's fault or admission (4xx, 429)
     pdserve:request_failed_total{code}               server-side failures (5xx, deadline)
-Workers report no prefix-cache signal in heartbeats, so there are no prefix cache metrics.
+    pdserve:prefix_cache_queries_total{worker,role}   prompt tokens looked up in the prefix
+    pdserve:prefix_cache_hits_total{worker,role}      cache, and those found (vLLM's meaning;
+                                                      counters from the last heartbeat)
 
 `NoMetrics` has the same methods doing nothing; the orchestrator uses it when
 prometheus_client is not installed (the `http` extra).
@@ -194,7 +196,7 @@ class _LoadCollector:
         return []  # values come at collect time only
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         labels = ("worker", "role")
         running = GaugeMetricFamily("pdserve:num_requests_running",
@@ -207,8 +209,16 @@ class _LoadCollector:
         queued = GaugeMetricFamily("pdserve:prefill_queued_tokens",
                                    "Prompt tokens queued on a worker (last heartbeat).",
                                    labels=labels)
+        queries = CounterMetricFamily("pdserve:prefix_cache_queries",
+                                      "Prompt tokens looked up in a worker's prefix cache.",
+                                      labels=labels)
+        hits = CounterMetricFamily("pdserve:prefix_cache_hits",
+                                   "Prompt tokens found in a worker's prefix cache.",
+                                   labels=labels)
         roles: dict[str, int] = {}
         for wid, role, load in self.loads():
+            queries.add_metric((wid, role), load.prefix_cache_queries)
+            hits.add_metric((wid, role), load.prefix_cache_hits)
             running.add_metric((wid, role), load.running)
             waiting.add_metric((wid, role), load.waiting)
             total = load.total_blocks
@@ -219,7 +229,7 @@ class _LoadCollector:
         for role in ("prefill", "decode", "both"):
             workers.add_metric((role,), roles.get(role, 0))
         active, queued_coord = self.coordinator()
-        yield from (running, waiting, usage, queued, workers)
+        yield from (running, waiting, usage, queued, queries, hits, workers)
         yield GaugeMetricFamily("pdserve:coordinator_requests_active",
                                 "Requests in flight at the coordinator.", value=active)
         yield GaugeMetricFamily("pdserve:coordinator_requests_queued",

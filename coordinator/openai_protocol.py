@@ -6,6 +6,9 @@ are strict: `"stream": "yes"` or `"n": 1.0` is a 400, never coerced. pdserve ext
 `top_k`, `ignore_eos`, `stop_token_ids`, `timeout` (seconds; a deadline, 504 when it passes),
 `stream_options.continuous_usage_stats` (vLLM's: with `include_usage`, every chunk carries the
 usage so far).
+Logprobs: chat `logprobs` + `top_logprobs` (0..20; top_logprobs needs logprobs: true) and
+completions `logprobs: k` (0..20). Completions `echo` with `logprobs` would need the prompt's
+logprobs, which pdserve does not compute: that combination is refused by name.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MAX_CHOICES = 128  # n x prompts of one request
 MAX_STOP_STRINGS = 16
 MAX_TIMEOUT_S = 24 * 3600.0
+MAX_LOGPROBS = 20  # top logprobs per token (vLLM's default max_logprobs; the workers' cap)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
@@ -125,10 +129,18 @@ class CompletionRequest(_Sampling):
         if self.suffix:
             raise ApiError(400, "suffix is not supported", "suffix", "unsupported")
         if self.logprobs is not None:
-            raise ApiError(400, "logprobs is not supported", "logprobs", "unsupported")
+            _check_top(self.logprobs, "logprobs")
+            if self.echo:
+                raise ApiError(400, "echo with logprobs is not supported (pdserve does not "
+                               "compute prompt logprobs)", "echo", "unsupported")
         if self.best_of is not None and self.best_of != self.n:
             raise ApiError(400, "best_of is not supported (only best_of = n)", "best_of",
                            "unsupported")
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """SamplingParams.logprobs: None (no logprobs) or the top-k asked for."""
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -173,9 +185,10 @@ class ChatCompletionRequest(_Sampling):
 
     def check(self) -> None:
         super().check()
-        if self.logprobs or self.top_logprobs:
-            name = "logprobs" if self.logprobs else "top_logprobs"
-            raise ApiError(400, f"{name} is not supported", name, "unsupported")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+            _check_top(self.top_logprobs, "top_logprobs")
         for name in ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"):
             if getattr(self, name) is not None:
                 raise ApiError(400, f"{name} is not supported (no tool calling)", name,
@@ -189,6 +202,15 @@ class ChatCompletionRequest(_Sampling):
                            "max_completion_tokens")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _check_top(k: int, name: str) -> None:
+    if not 0 <= k <= MAX_LOGPROBS:
+        raise ApiError(400, f"{name} must be in [0, {MAX_LOGPROBS}], got {k}", name)
 
 
 def parse_body(cls: type[_Sampling], raw: bytes) -> Any:

@@ -6,7 +6,8 @@ choice i of a prompt samples with seed + i, so the n choices differ and each is
 reproducible. The gateway tokenizes (so it can check the context length and echo the
 prompt) and detokenizes itself (`skip_text`), so that stop strings are matched on the text
 token by token, across token boundaries; the matched stop string and everything after it
-are dropped, and the request is finished early (its workers abort the rest).
+are dropped, and the request is finished early (its workers abort the rest). Logprobs
+travel with the text of their tokens (coordinator/openai_logprobs.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from pdserve.coordinator.openai_logprobs import LogprobTracker, TokenEntry
 from pdserve.coordinator.openai_protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -87,6 +89,7 @@ class Delta:
     text: str
     n_tokens: int
     finish_reason: str | None
+    logprobs: list[TokenEntry] | None = None  # of the tokens whose text starts in `text`
 
 
 @dataclass
@@ -103,6 +106,7 @@ class Job:
     stream: bool
     include_usage: bool
     continuous_usage: bool = False  # usage on every chunk, not only the last
+    logprobs: int | None = None  # SamplingParams.logprobs of every choice (None: none)
     echo: list[str] = field(default_factory=list)  # per prompt (completions with echo)
     n: int = 1
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -167,8 +171,11 @@ class OpenAIServing:
         stops = req.stops()
         if stops and tok is None:
             raise ApiError(400, "stop strings need the model's tokenizer", "stop")
+        if req.logprobs_k is not None and tok is None:
+            raise ApiError(400, "logprobs need the model's tokenizer", "logprobs")
         job = Job(kind, model, [], sum(map(len, prompts)), stops, req.timeout, tok,
-                  req.stream, req.include_usage, req.continuous_usage, n=req.n)
+                  req.stream, req.include_usage, req.continuous_usage, n=req.n,
+                  logprobs=req.logprobs_k)
         for p, ids in enumerate(prompts):
             if not ids:
                 raise ApiError(400, "prompt is empty", "prompt")
@@ -185,13 +192,15 @@ class OpenAIServing:
                     s.top_k = max(req.top_k, 0)  # vLLM's -1 = off
                 if req.seed is not None:
                     s.seed = req.seed + i
+                if job.logprobs is not None:
+                    s.logprobs = job.logprobs
                 job.choices.append(Choice(p * req.n + i, f"{job.id}-{p * req.n + i}", ids, s))
         return job
 
     async def completion_job(self, req: CompletionRequest) -> Job:
         prompts = req.prompts()
         tok = await self._tokenizer(needed=any(isinstance(p, str) for p in prompts)
-                                    or req.echo or bool(req.stop))
+                                    or req.echo or bool(req.stop) or req.logprobs is not None)
         ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         job = self._job("completion", req, ids, tok, COMPLETIONS_DEFAULT_MAX_TOKENS)
         if req.echo:
@@ -219,29 +228,42 @@ class OpenAIServing:
         tok = job.tokenizer
         detok = IncrementalDetokenizer(tok, c.prompt) if tok is not None else None
         stop = StopMatcher(job.stops) if job.stops else None
+        track = LogprobTracker() if job.logprobs is not None else None
+        sent = 0  # characters of text yielded so far
+
+        def delta(text: str, n: int, reason: str | None, final: bool = False) -> Delta:
+            nonlocal sent
+            sent += len(text)
+            lps = track.release(sent, final) if track is not None else None
+            return Delta(c.index, text, n, reason, lps)
         gen = self.orch.generate(req, job.timeout_s)
         try:
             async for r in gen:
                 ids = list(r.token_ids)
-                if stop is None or detok is None:
+                if (stop is None and track is None) or detok is None:
                     text = detok.add(ids, final=r.finished) if detok is not None else ""
                     yield Delta(c.index, text, len(ids), r.finish_reason if r.finished else None)
                     continue
+                lps = list(r.logprobs)
                 parts: list[str] = []
                 for j, t in enumerate(ids):
-                    out, hit = stop.feed(detok.add([t]))
+                    piece = detok.add([t])
+                    if track is not None:
+                        track.add(t, lps[j] if j < len(lps) else None, piece)
+                    out, hit = stop.feed(piece) if stop is not None else (piece, False)
                     parts.append(out)
                     if hit:
                         self.orch.finish_early(c.rid)
-                        yield Delta(c.index, "".join(parts), j + 1, "stop")
+                        yield delta("".join(parts), j + 1, "stop")
                         return
                 if r.finished:  # the stream ends after this message
-                    out, hit = stop.feed(detok.flush())
-                    parts.append(out if hit else out + stop.flush())
-                    yield Delta(c.index, "".join(parts), len(ids), "stop" if hit else
-                                r.finish_reason)
+                    tail = detok.flush()
+                    out, hit = stop.feed(tail) if stop is not None else (tail, False)
+                    parts.append(out if hit or stop is None else out + stop.flush())
+                    yield delta("".join(parts), len(ids), "stop" if hit else r.finish_reason,
+                                final=not hit)
                     continue
-                yield Delta(c.index, "".join(parts), len(ids), None)
+                yield delta("".join(parts), len(ids), None)
         except RequestError as e:
             raise api_error(e) from None
         finally:

@@ -156,12 +156,14 @@ class Orchestrator:
             while True:
                 item = await st.out.get()
                 ids: list[int] = []
+                lps: list[pb.TokenLogprobs] = []
                 finished, error = False, None
                 while True:  # merge everything already queued into one message
                     if isinstance(item, RequestError):
                         error = item
                         break
                     ids += item[0]
+                    lps += item[3]
                     if item[1]:
                         finished, reason = True, item[2]
                         break
@@ -171,7 +173,7 @@ class Orchestrator:
                 if finished:  # before the yield: a consumer may close after the last message
                     outcome, code = "success", "OK"
                 if ids or finished:
-                    yield self._response(st, ids, finished, reason)
+                    yield self._response(st, ids, finished, reason, lps)
                 if error is not None:
                     raise error
                 if finished:
@@ -241,9 +243,9 @@ class Orchestrator:
                 st.out.put_nowait(final)
 
     def _response(self, st: RequestState, ids: list[int], finished: bool,
-                  reason: str) -> pb.GenerateResponse:
+                  reason: str, logprobs: list[pb.TokenLogprobs]) -> pb.GenerateResponse:
         r = pb.GenerateResponse(request_id=st.rid, token_ids=ids, finished=finished,
-                                finish_reason=reason)
+                                finish_reason=reason, logprobs=logprobs)
         if ids:
             now = time.monotonic()
             if st.sent == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,8 +34,9 @@ class WorkerFailure(Exception):
 
 
 # What the producer (flows) hands the consumer (the client stream): token ids, finished,
-# finish_reason; or a RequestError that ends the stream.
-Item = tuple[list[int], bool, str] | RequestError
+# finish_reason, their logprobs (one per id when asked, else empty); or a RequestError that
+# ends the stream.
+Item = tuple[list[int], bool, str, list[pb.TokenLogprobs]] | RequestError
 
 
 @dataclass(eq=False, slots=True)
@@ -70,11 +72,12 @@ class RequestState:
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
-    def emit(self, ids: list[int], finished: bool = False, reason: str = "") -> None:
+    def emit(self, ids: list[int], finished: bool = False, reason: str = "",
+             logprobs: Sequence[pb.TokenLogprobs] = ()) -> None:
         self.produced += len(ids)
         self.output += ids
         self.produced_final = finished
-        self.out.put_nowait((ids, finished, reason))
+        self.out.put_nowait((ids, finished, reason, list(logprobs)))
 
     def metrics(self) -> pb.RequestMetrics:
         tpot = (self.t_last - self.t_first) * 1e3 / (self.sent - 1) if self.sent > 1 else 0.0

@@ -95,6 +95,7 @@ class EngineConfig:
     seed: int = 0  # seed of random preset weights
     attention_backend: str = "auto"  # "torch" | "triton" | "auto"
     enforce_eager: bool = False  # no CUDA graphs
+    max_logprobs: int = 20  # most top logprobs a request may ask for (vLLM's default)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -103,5 +104,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.attention_backend not in ("torch", "triton", "auto"):
             raise ValueError(f"attention_backend must be torch, triton or auto, got {self.attention_backend!r}")

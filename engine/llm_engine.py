@@ -18,6 +18,7 @@ from pdserve.engine.model_runner import (
     allocate_kv_caches,
     decide_num_blocks,
 )
+from pdserve.engine.sampler import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import Sequence
@@ -28,6 +29,7 @@ from pdserve.kernels.attention import get_backend
 @dataclass(slots=True)
 class StepResult:
     new_tokens: dict[str, int] = field(default_factory=dict)  # seq id -> token sampled this step
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of those that asked
     finished: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
 
@@ -76,6 +78,8 @@ class LLMEngine:
                       seq_id: str | None = None, prefill_only: bool = False,
                       output_offset: int = 0) -> Sequence:
         """output_offset: see Sequence (a migrated request's earlier outputs)."""
+        if params.logprobs is not None and params.logprobs > self.cfg.max_logprobs:
+            raise ValueError(f"logprobs must be at most {self.cfg.max_logprobs}, got {params.logprobs}")
         seq_id = seq_id if seq_id is not None else f"req-{next(self._ids)}"
         return Sequence(seq_id=seq_id, prompt_token_ids=self.validate_prompt(prompt_token_ids),
                         params=params, arrival_s=time.monotonic(), prefill_only=prefill_only,
@@ -99,8 +103,8 @@ class LLMEngine:
 
     def run(self, out: SchedulerOutput, layer_hook: Callable[[int], None] | None = None) -> StepResult:
         sampled = self.runner.execute(out, layer_hook=layer_hook)
-        finished = self.scheduler.update(out, sampled)
-        return StepResult(new_tokens=sampled, finished=finished,
+        finished = self.scheduler.update(out, sampled.tokens)
+        return StepResult(new_tokens=sampled.tokens, logprobs=sampled.logprobs, finished=finished,
                           num_batched_tokens=out.num_batched_tokens)
 
     def step(self, layer_hook: Callable[[int], None] | None = None) -> StepResult:

@@ -17,7 +17,7 @@ import torch
 from pdserve.engine.config import CacheConfig, ModelConfig
 from pdserve.engine.cuda_graphs import DecodeGraphs, capture_sizes, graphs_unsupported
 from pdserve.engine.layers import set_fused_kernels
-from pdserve.engine.sampler import Sampler
+from pdserve.engine.sampler import Sampler, SamplerOutput
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.kernels.attention import AttentionBackend, AttentionMetadata
 
@@ -168,12 +168,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
-                layer_hook: Callable[[int], None] | None = None) -> dict[str, int]:
-        """Run one step; return the sampled token of every chunk that samples. Any thread
-        may call it: the step runs with this runner's device current (Triton launches on
-        the calling thread's current device, and an engine loop thread starts on cuda:0)."""
+                layer_hook: Callable[[int], None] | None = None) -> SamplerOutput:
+        """Run one step; return the sampled token (and logprobs, where asked) of every chunk
+        that samples. Any thread may call it: the step runs with this runner's device
+        current (Triton launches on the calling thread's current device, and an engine loop
+        thread starts on cuda:0)."""
         if not out.chunks:
-            return {}
+            return SamplerOutput()
         with self._device_guard():
             return self._execute(out, layer_hook)
 
@@ -181,13 +182,12 @@ class ModelRunner:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
 
     def _execute(self, out: SchedulerOutput,
-                 layer_hook: Callable[[int], None] | None) -> dict[str, int]:
+                 layer_hook: Callable[[int], None] | None) -> SamplerOutput:
         hidden, seq_ids = self.forward(out, layer_hook)
         if not seq_ids:
-            return {}
+            return SamplerOutput()
         logits = self.model.compute_logits(hidden)  # (N, V) fp32
         by_id = {c.seq_id: c for c in out.chunks}
         params = [by_id[s].params for s in seq_ids]
         indices = [by_id[s].output_index for s in seq_ids]
-        tokens = self.sampler.sample(logits, params, indices)
-        return dict(zip(seq_ids, tokens, strict=True))
+        return self.sampler.sample_output(logits, params, indices, seq_ids)

@@ -6,11 +6,17 @@ seeded by (seed, output_index), in vocab order, so its token depends only on its
 probabilities, never on the other rows, their order, or the device (up to float rounding
 of the probabilities themselves). Unseeded rows draw E on the logits' device from one
 sampler-level generator.
+
+Logprobs (`SamplingParams.logprobs = k`) are those of the raw model distribution:
+log_softmax of the logits before temperature, top-k and top-p (vLLM's default meaning), for
+the sampled token and the k most likely ones. They are computed after sampling, from the same
+logits, so asking for them never changes a token; a batch where no row asks pays nothing.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 
 import torch
 import xxhash
@@ -21,6 +27,60 @@ from pdserve.engine.sampling_params import SamplingParams
 def row_seed(seed: int, output_index: int) -> int:
     """Stable 63-bit seed for token `output_index` of a request seeded with `seed`."""
     return xxhash.xxh64_intdigest(struct.pack("<QQ", seed & (2**64 - 1), output_index)) >> 1
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probabilities around one sampled token (natural log, raw model distribution)."""
+
+    logprob: float  # of the sampled token
+    top_ids: list[int] = field(default_factory=list)  # the k most likely tokens, best first
+    top_logprobs: list[float] = field(default_factory=list)  # their logprobs
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    """One step's samples, by sequence id: what the model runner hands the engine."""
+
+    tokens: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # only those that asked
+
+    @classmethod
+    def of(cls, seq_ids: list[str], tokens: list[int],
+           logprobs: list[TokenLogprobs | None] | None) -> SamplerOutput:
+        out = cls(dict(zip(seq_ids, tokens, strict=True)))
+        if logprobs is not None:
+            out.logprobs = {s: lp for s, lp in zip(seq_ids, logprobs, strict=True) if lp is not None}
+        return out
+
+
+def wants_logprobs(params: list[SamplingParams]) -> bool:
+    return any(p.logprobs is not None for p in params)
+
+
+def compute_logprobs(logits: torch.Tensor, params: list[SamplingParams],
+                     tokens: list[int]) -> list[TokenLogprobs | None]:
+    """Per row: None, or the sampled token's logprob and the top-k of log_softmax(logits).
+    Only the rows that ask are computed; their results come back in one copy per tensor."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    if not rows:
+        return out
+    dev = logits.device
+    r = torch.tensor(rows, device=dev)
+    lp = logits.index_select(0, r).float().log_softmax(dim=-1)  # (R, V)
+    picked = torch.tensor([tokens[i] for i in rows], device=dev)
+    sampled = lp.gather(1, picked[:, None])[:, 0].tolist()
+    k_max = min(max(params[i].logprobs for i in rows), lp.shape[1])
+    top_v: list[list[float]] = [[] for _ in rows]
+    top_i: list[list[int]] = [[] for _ in rows]
+    if k_max > 0:
+        v, ids = lp.topk(k_max, dim=-1)  # (R, k_max), best first
+        top_v, top_i = v.tolist(), ids.tolist()
+    for j, i in enumerate(rows):
+        k = params[i].logprobs
+        out[i] = TokenLogprobs(sampled[j], top_i[j][:k], top_v[j][:k])
+    return out
 
 
 class Sampler:
@@ -75,6 +135,13 @@ class Sampler:
             noise.clamp_(min=torch.finfo(torch.float32).tiny)  # p / 0 would win
             out[r] = (probs / noise).argmax(dim=-1)
         return out.tolist()
+
+    def sample_output(self, logits: torch.Tensor, params: list[SamplingParams],
+                      output_indices: list[int], seq_ids: list[str]) -> SamplerOutput:
+        """sample(), plus the logprobs of the rows that ask for them, keyed by seq id."""
+        tokens = self.sample(logits, params, output_indices)
+        lps = compute_logprobs(logits, params, tokens) if wants_logprobs(params) else None
+        return SamplerOutput.of(seq_ids, tokens, lps)
 
     @staticmethod
     def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -8,7 +8,8 @@
 model's chat template: by this process with --local, by the coordinator otherwise.
 
 --json prints one JSON object {"token_ids": [generated ids], "text": "..."} (the same from
-both paths); --stream prints text as it arrives; otherwise the text is printed at the end.
+both paths; with --logprobs K also "logprobs": one {"token_id", "logprob", "top": [[id,
+logprob], ...]} per generated token, the K most likely first, raw model distribution); --stream prints text as it arrives; otherwise the text is printed at the end.
 Errors print `error: <STATUS>: <message>` to stderr and exit with status 1.
 """
 
@@ -67,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (default 0 = off)")
     parser.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    parser.add_argument("--logprobs", type=int, default=None, metavar="K",
+                        help="--json: each token's logprob and the K most likely tokens' (0..20)")
     parser.add_argument("--stream", action="store_true", help="print text as it arrives")
     parser.add_argument("--json", action="store_true",
                         help='print {"token_ids": [...], "text": "..."} as one JSON object')
@@ -82,10 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling flags that were given, as SamplingParams keyword arguments."""
     kw: dict[str, Any] = {"max_tokens": args.max_tokens, "ignore_eos": bool(args.ignore_eos)}
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    for name in ("temperature", "top_p", "top_k", "seed", "logprobs"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return kw
+
+
+def logprob_json(token_id: int, logprob: float, top) -> dict[str, Any]:
+    """One token's logprobs as --json prints them (both paths)."""
+    return {"token_id": int(token_id), "logprob": float(logprob),
+            "top": [[int(t), float(lp)] for t, lp in top]}
 
 
 def chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -98,7 +107,10 @@ def chat_messages(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def _print_result(args: argparse.Namespace, result: dict[str, Any], streamed: bool) -> None:
     if args.json:
-        print(json.dumps({"token_ids": list(result["token_ids"]), "text": result["text"]}))
+        out = {"token_ids": list(result["token_ids"]), "text": result["text"]}
+        if result.get("logprobs") is not None:
+            out["logprobs"] = result["logprobs"]
+        print(json.dumps(out))
     elif streamed:
         print(flush=True)
     else:
@@ -119,6 +131,7 @@ def _run_coordinator(args: argparse.Namespace) -> int:
                     tls=tls_config) as client:
             ids: list[int] = []
             texts: list[str] = []
+            lps: list[dict[str, Any]] | None = None
             if args.chat:
                 chunks = client.stream(messages=chat_messages(args), sampling=sampling_kwargs(args))
             else:
@@ -127,6 +140,9 @@ def _run_coordinator(args: argparse.Namespace) -> int:
             for chunk in chunks:
                 ids += chunk.token_ids
                 texts.append(chunk.text)
+                if chunk.logprobs is not None:
+                    lps = (lps or []) + [logprob_json(t.token_id, t.logprob, t.top)
+                                         for t in chunk.logprobs]
                 if stream_text and chunk.text:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
@@ -138,7 +154,7 @@ def _run_coordinator(args: argparse.Namespace) -> int:
             print(flush=True)
         print(f"error: {e.code.name}: {e.details}", file=sys.stderr)
         return 1
-    _print_result(args, {"token_ids": ids, "text": "".join(texts)}, stream_text)
+    _print_result(args, {"token_ids": ids, "text": "".join(texts), "logprobs": lps}, stream_text)
     return 0
 
 

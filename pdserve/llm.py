@@ -11,6 +11,7 @@ from tqdm import tqdm
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.model_cache import default_cache_dir
+from pdserve.engine.sampler import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -22,6 +23,8 @@ class RequestOutput:
     text: str
     finish_reason: str | None
     num_cached_tokens: int = 0
+    # one per generated token when SamplingParams.logprobs was set (raw model distribution)
+    logprobs: list[TokenLogprobs] | None = None
 
 
 class LLM:
@@ -78,15 +81,21 @@ class LLM:
             self.engine.scheduler.validate(seq)
         for seq in seqs:
             self.engine.scheduler.add(seq)
+        logprobs: dict[str, list[TokenLogprobs]] = {
+            s.seq_id: [] for s in seqs if s.params.logprobs is not None}
         bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
         while self.engine.has_unfinished():
             res = self.engine.step()
+            for sid, lp in res.logprobs.items():
+                if sid in logprobs:
+                    logprobs[sid].append(lp)
             bar.update(len(res.finished))
         bar.close()
         return [RequestOutput(request_id=s.seq_id, prompt_token_ids=list(s.prompt_token_ids),
                               token_ids=list(s.output_token_ids),
                               text=self.tokenizer.decode(s.output_token_ids),
-                              finish_reason=s.finish_reason, num_cached_tokens=s.num_cached_tokens)
+                              finish_reason=s.finish_reason, num_cached_tokens=s.num_cached_tokens,
+                              logprobs=logprobs.get(s.seq_id))
                 for s in seqs]
 
     def chat(self, messages: list[dict] | list[list[dict]],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.generate_cli import parse_prompt_ids, sampling_kwargs
+from pdserve.generate_cli import logprob_json, parse_prompt_ids, sampling_kwargs
 
 
 def run_local(args: argparse.Namespace) -> dict:
@@ -24,4 +24,8 @@ def run_local(args: argparse.Namespace) -> dict:
     else:
         prompt = parse_prompt_ids(args.prompt_ids) if args.prompt_ids else args.prompt
         out = llm.generate(prompt, params)[0]
-    return {"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason}
+    lps = None if out.logprobs is None else [
+        logprob_json(t, lp.logprob, zip(lp.top_ids, lp.top_logprobs))
+        for t, lp in zip(out.token_ids, out.logprobs)]
+    return {"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason,
+            "logprobs": lps}

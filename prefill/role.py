@@ -19,13 +19,14 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.sampler import TokenLogprobs
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import FINISH_REASONS
 from pdserve.kvtransfer.link import SenderLink
 from pdserve.prefill.batching import completes_prompt, prefill_engine_config, prompt_blocks
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.faults import PEER
-from pdserve.worker.core import WorkerCore, timings
+from pdserve.worker.core import WorkerCore, logprobs_proto, timings
 from pdserve.worker.role import LayerHook, Role, register_role
 from pdserve.worker.state import ReqState, RequestAborted
 
@@ -96,9 +97,12 @@ class PrefillRole(Role):
 
     @staticmethod
     def _reply(st: ReqState, kv_done: bool) -> pb.PrefillReply:
-        return pb.PrefillReply(first_token=st.first_token, kv_bytes=st.kv_bytes,
-                               timings=timings(st), finished=st.first_finishes,
-                               finish_reason=st.finish_reason, kv_done=kv_done)
+        reply = pb.PrefillReply(first_token=st.first_token, kv_bytes=st.kv_bytes,
+                                timings=timings(st), finished=st.first_finishes,
+                                finish_reason=st.finish_reason, kv_done=kv_done)
+        if st.first_logprobs is not None:
+            reply.first_logprobs.CopyFrom(logprobs_proto(st.first_logprobs))
+        return reply
 
     # -- engine thread ----------------------------------------------------------------------
     def before_run(self, out: SchedulerOutput) -> LayerHook | None:
@@ -124,11 +128,13 @@ class PrefillRole(Role):
                 self.sender.layer_ready(rid, layer)
         return hook
 
-    def on_token(self, st: ReqState, token: int) -> bool:
-        """Token 0: decide whether it ends the request, and close the transfer with it."""
+    def on_token(self, st: ReqState, token: int, logprobs: TokenLogprobs | None = None) -> bool:
+        """Token 0: decide whether it ends the request, and close the transfer with it. Its
+        logprobs go back in the PrefillReply, with the token (the coordinator emits both)."""
         eng = self.core.engine
         st.computed_s = time.monotonic()
         st.first_token = token
+        st.first_logprobs = logprobs
         seq = eng.scheduler.get(st.req_id)
         if seq is not None:
             status = eng.scheduler.stop_status(seq, token)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pdserve.proto import pdserve_pb2 as pb
 
-_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
 SAMPLING_KEYS = frozenset((*_OPTIONAL, "stop_token_ids", "ignore_eos"))
 
 # The roles of a worker, by the one name each has everywhere (CLI, registry, setups).

@@ -180,7 +180,7 @@ def test_models_and_health(make_cluster):
     ({"prompt": "hi", "n": 1.0}, 400, "n", "valid integer"),
     ({"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens", "valid integer"),
     ({"prompt": "hi", "suffix": "x"}, 400, "suffix", "suffix"),
-    ({"prompt": "hi", "logprobs": 2}, 400, "logprobs", "logprobs"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs", "logprobs must be in [0, 20]"),
     ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "presence_penalty"),
     ({"prompt": "hi", "logit_bias": {"1": 2}}, 400, "logit_bias", "logit_bias"),
     ({"prompt": "hi", "frobnicate": 1}, 400, "frobnicate", "frobnicate"),
@@ -203,7 +203,7 @@ def test_bad_completions(make_cluster, body, status, param, fragment):
 
 @pytest.mark.parametrize("extra,param", [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"frequency_penalty": 1.0}, "frequency_penalty"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content.0.image_url"),

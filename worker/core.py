@@ -19,6 +19,7 @@ import grpc
 
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.llm_engine import LLMEngine, StepResult
+from pdserve.engine.sampler import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import Sequence
@@ -26,7 +27,7 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.convert import MAX_REQUEST_ID_CHARS, sampling_fields
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.role import LayerHook, Role
-from pdserve.worker.state import ReqState, RequestAborted, StateTable, StreamEnd
+from pdserve.worker.state import ReqState, RequestAborted, Sampled, StateTable, StreamEnd
 
 log = logging.getLogger("pdserve.worker")
 
@@ -149,18 +150,20 @@ class WorkerCore:
                 items = [await st.queue.get()]
                 while not st.queue.empty():
                     items.append(st.queue.get_nowait())
-                toks = [t for t in items if isinstance(t, int)]
+                toks = [t if isinstance(t, int) else t.token for t in items
+                        if isinstance(t, (int, Sampled))]
+                lps = [logprobs_proto(t.logprobs) for t in items if isinstance(t, Sampled)]
                 end = next((t for t in items if isinstance(t, StreamEnd)), None)
                 if end is not None and end.error is not None:
                     if toks:
-                        yield pb.TokenChunk(token_ids=toks)
+                        yield pb.TokenChunk(token_ids=toks, logprobs=lps)
                     ok = True  # the request is already gone
                     await context.abort(*end.error)
                 if end is None:
-                    yield pb.TokenChunk(token_ids=toks)
+                    yield pb.TokenChunk(token_ids=toks, logprobs=lps)
                     continue
                 yield pb.TokenChunk(token_ids=toks, finished=True, finish_reason=end.reason,
-                                    timings=timings(st))
+                                    timings=timings(st), logprobs=lps)
                 ok = True
                 return
         finally:
@@ -176,9 +179,12 @@ class WorkerCore:
         if self.role is not None and self.role.queues_prefill:
             queued = sum(st.prompt_len for st in list(self.table.states.values())
                          if st.computed_s is None)
+        bm = self.engine.scheduler.block_manager
         return pb.WorkerLoad(free_blocks=s["free_blocks"], total_blocks=s["total_blocks"],
                              running=s["running"], waiting=s["waiting"],
-                             queued_prefill_tokens=queued)
+                             queued_prefill_tokens=queued,
+                             prefix_cache_queries=bm.num_queried_tokens,
+                             prefix_cache_hits=bm.num_hit_tokens)
 
     # -- engine thread hooks ----------------------------------------------------------------
     def _before_run(self, out: SchedulerOutput) -> LayerHook | None:
@@ -193,13 +199,18 @@ class WorkerCore:
         items: list[tuple[ReqState, object]] = []
         for sid, tok in res.new_tokens.items():
             st = self.table.get(sid)
-            if st is not None and not (self.role is not None and self.role.on_token(st, tok)):
-                items.append((st, tok))
+            lp = res.logprobs.get(sid)
+            if st is not None and not (self.role is not None and self.role.on_token(st, tok, lp)):
+                items.append((st, tok if lp is None else Sampled(tok, lp)))
         for seq in res.finished:
             st = self.table.get(seq.seq_id)
             if st is not None and not seq.prefill_only:
                 items.append((st, StreamEnd(seq.finish_reason or "abort")))
         self.table.deliver(items)
+
+
+def logprobs_proto(lp: TokenLogprobs) -> pb.TokenLogprobs:
+    return pb.TokenLogprobs(logprob=lp.logprob, top_ids=lp.top_ids, top_logprobs=lp.top_logprobs)
 
 
 def timings(st: ReqState) -> pb.Timings:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 import grpc
 
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.sampler import TokenLogprobs
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.worker.state import ReqState
 
@@ -52,9 +53,9 @@ class Role:
         """Called before each step runs; may return a hook called after each layer."""
         return None
 
-    def on_token(self, st: ReqState, token: int) -> bool:
-        """A token was sampled for st. Return True when the role consumed it; otherwise the
-        worker streams it to the request's client."""
+    def on_token(self, st: ReqState, token: int, logprobs: TokenLogprobs | None = None) -> bool:
+        """A token was sampled for st (with its logprobs when the request asked). Return True
+        when the role consumed it; otherwise the worker streams it to the request's client."""
         return False
 
     # -- any thread -----------------------------------------------------------------------

@@ -26,6 +26,14 @@ class StreamEnd:
     error: tuple[Any, str] | None = None  # (grpc.StatusCode, message) when it failed
 
 
+@dataclass(slots=True)
+class Sampled:
+    """A streamed token with its logprobs (requests that asked for them; others queue ints)."""
+
+    token: int
+    logprobs: Any  # engine.sampler.TokenLogprobs
+
+
 @dataclass
 class ReqState:
     """One request on this worker (its role decides what the fields mean for it)."""
@@ -33,13 +41,14 @@ class ReqState:
     req_id: str
     prompt_len: int
     arrival_s: float = field(default_factory=time.monotonic)
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # ints and a final StreamEnd
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # ints or Sampled, a final StreamEnd
     done: asyncio.Future | None = None  # prefill: resolved once the KV transfer completed
     first: asyncio.Future | None = None  # prefill: resolved once token 0 is sampled
     # prefill side
     dst_address: bytes = b""
     dst_block_ids: list[int] = field(default_factory=list)
     first_token: int | None = None
+    first_logprobs: Any = None  # engine.sampler.TokenLogprobs of first_token, when asked
     first_finishes: bool = False
     finish_reason: str = ""
     kv_bytes: int = 0
