@@ -1,0 +1,123 @@
+"""Overlap scheduling, the scheduler's part: `schedule_ahead` plans step N+1 of an unchanged
+decode batch before step N is applied, reserves its slot one token ahead, and falls back
+(None) whenever the batch could change; the extra token of a sequence that step N ended is
+discarded and every block is freed."""
+
+from __future__ import annotations
+
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import PLACEHOLDER_TOKEN, Scheduler, make_scheduler
+from pdserve.engine.sequence import Sequence, SequenceStatus
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+
+
+def decoding(sched: Scheduler, *lens: int, params: SamplingParams = GREEDY) -> list[Sequence]:
+    """Sequences of the given prompt lengths, prefilled (token 100 sampled), now decoding."""
+    seqs = [Sequence(f"s{i}", list(range(1, n + 1)), params) for i, n in enumerate(lens)]
+    for s in seqs:
+        sched.add(s)
+    out = sched.schedule()
+    sched.update(out, {s.seq_id: 100 for s in seqs})
+    return seqs
+
+
+def all_free(sched: Scheduler) -> bool:
+    sched.check_invariants()
+    bm = sched.block_manager
+    return bm.num_free_blocks == bm.num_total_blocks
+
+
+def test_ahead_step_follows_the_in_flight_one() -> None:
+    sched = make_scheduler(num_blocks=32, block_size=4)
+    a, b = decoding(sched, 4, 7)  # a: 5 tokens, b: 8 tokens
+    n = sched.schedule()
+    assert [c.start_pos for c in n.chunks] == [4, 7] and not n.inputs_from_previous
+    assert [len(a.block_ids), len(b.block_ids)] == [2, 2]
+    ahead = sched.schedule_ahead(n)
+    assert ahead is not None and ahead.inputs_from_previous
+    assert [c.seq_id for c in ahead.chunks] == ["s0", "s1"]
+    assert all(c.token_ids == [PLACEHOLDER_TOKEN] and c.sample for c in ahead.chunks)
+    assert [c.start_pos for c in ahead.chunks] == [5, 8]
+    assert [c.output_index for c in ahead.chunks] == [2, 2]  # one past step n's
+    # the slots of positions 5 and 8 are reserved now: b's takes a third block
+    assert [len(a.block_ids), len(b.block_ids)] == [2, 3]
+    assert all(len(c.block_ids) * 4 > c.start_pos for c in ahead.chunks)
+    sched.check_invariants()
+    # apply n, then the ahead step, as the pipeline does
+    sched.update(n, {"s0": 7, "s1": 8})
+    sched.update(ahead, {"s0": 9, "s1": 10})
+    assert a.output_token_ids == [100, 7, 9] and b.output_token_ids == [100, 8, 10]
+    assert a.num_computed_tokens == 6 and b.num_computed_tokens == 9
+    sched.check_invariants()
+
+
+def test_a_sequence_ended_by_the_in_flight_step_loses_its_extra_token() -> None:
+    stop = SamplingParams(temperature=0.0, max_tokens=50, stop_token_ids=[77])
+    sched = make_scheduler(num_blocks=32, block_size=4, eos_token_ids=(2,))
+    a, b = decoding(sched, 3, 5, params=stop)
+    n = sched.schedule()
+    ahead = sched.schedule_ahead(n)
+    assert ahead is not None
+    finished = sched.update(n, {"s0": 77, "s1": 2})  # a stop token and EOS: both end at n
+    assert {s.seq_id for s in finished} == {"s0", "s1"}
+    assert all_free(sched)  # the slots reserved ahead went back with the rest
+    assert sched.update(ahead, {"s0": 5, "s1": 6}) == []  # discarded
+    assert a.output_token_ids == [100, 77] and b.output_token_ids == [100, 2]
+    assert a.status is b.status is SequenceStatus.FINISHED_STOPPED
+    assert all_free(sched) and not sched.has_unfinished()
+
+
+def test_a_batch_that_may_change_is_not_scheduled_ahead() -> None:
+    # a prompt step
+    sched = make_scheduler(num_blocks=32, block_size=4)
+    sched.add(Sequence("p", [1, 2, 3], GREEDY))
+    assert sched.schedule_ahead(sched.schedule()) is None
+    # a sequence waiting to be admitted
+    sched = make_scheduler(num_blocks=32, block_size=4)
+    decoding(sched, 3)
+    n = sched.schedule()
+    sched.add(Sequence("late", [1, 2], GREEDY))
+    assert sched.schedule_ahead(n) is None
+    # a finish by length in the in-flight step (max_tokens), and by max_model_len
+    sched = make_scheduler(num_blocks=32, block_size=4)
+    decoding(sched, 3, params=SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    assert sched.schedule_ahead(sched.schedule()) is None
+    sched = make_scheduler(num_blocks=32, block_size=4, max_model_len=6)
+    decoding(sched, 3, params=SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    n = sched.schedule()
+    sched.update(n, {"s0": 5})
+    assert sched.schedule_ahead(sched.schedule()) is None  # its 6th token ends it
+    # a sequence that left since the step was scheduled
+    sched = make_scheduler(num_blocks=32, block_size=4)
+    decoding(sched, 3, 3)
+    n = sched.schedule()
+    sched.abort("s1")
+    assert sched.schedule_ahead(n) is None
+    # the step after an ahead step chains on (start_pos advances again)
+    sched = make_scheduler(num_blocks=32, block_size=4)
+    decoding(sched, 3)
+    n = sched.schedule()
+    ahead = sched.schedule_ahead(n)
+    sched.update(n, {"s0": 1})
+    again = sched.schedule_ahead(ahead)
+    assert again is not None and again.chunks[0].start_pos == ahead.chunks[0].start_pos + 1
+
+
+def test_no_room_for_the_next_slot_falls_back_and_keeps_the_pool_consistent() -> None:
+    sched = make_scheduler(num_blocks=3, block_size=4)  # 12 slots
+    short = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    a, b = decoding(sched, 3, 3, params=short)  # 4 tokens each in one block; one block free
+    n = sched.schedule()  # feeds position 3: no new block needed
+    assert not n.preempted
+    assert sched.schedule_ahead(n) is None  # position 4 needs a block each; one is left
+    assert len(a.block_ids) == 2 and len(b.block_ids) == 1  # a holds its next block already
+    sched.check_invariants()
+    sched.update(n, {"s0": 5, "s1": 6})
+    n2 = sched.schedule()  # the synchronous step preempts b to make room
+    assert [c.seq_id for c in n2.chunks] == ["s0"] and n2.preempted == ["s1"]
+    assert sched.schedule_ahead(n2) is None  # a preemption changed the batch
+    sched.check_invariants()
+    sched.abort("s0")
+    sched.abort("s1")
+    assert all_free(sched)
