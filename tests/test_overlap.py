@@ -12,7 +12,6 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import pytest
-import torch
 
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine_loop import EngineLoop
@@ -35,9 +34,9 @@ def seeded(max_tokens: int, seed: int, stop: tuple[int, ...] = ()) -> SamplingPa
                           ignore_eos=True, stop_token_ids=stop)
 
 
-def make_engine(overlap: bool, device: str = "cpu", **kw) -> LLMEngine:
+def make_engine(overlap: bool, device: str = "cpu", block_size: int = 4, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model="tiny", device=device, overlap=overlap,
-                                  cache=CacheConfig(block_size=4, num_blocks=96), **kw))
+                                  cache=CacheConfig(block_size=block_size, num_blocks=128), **kw))
 
 
 def all_free(engine: LLMEngine) -> bool:
@@ -201,15 +200,21 @@ def test_engine_loop_thread_overlap_equals_sync_and_frees_after_an_abort(engines
 @pytest.mark.gpu
 def test_cuda_overlap_equals_sync_with_graphs() -> None:
     """On CUDA: decode graphs replay with input ids taken from the previous step's device
-    tensor; the outputs equal synchronous steps."""
-    runs = {}
+    tensor, tokens come back through pinned memory; the outputs equal synchronous steps,
+    driven step by step and on the engine loop thread."""
+    runs, stops, threaded = {}, {}, {}
+    reqs = {"b": greedy(12), "d": greedy(7), "e": seeded(10, seed=9), "f": greedy(5)}
     for flag in (True, False):
-        eng = make_engine(flag, device="cuda", dtype="float32", attention_backend="triton",
-                          scheduler=SchedulerConfig(max_num_seqs=8))
+        eng = make_engine(flag, device="cuda", block_size=16, dtype="float32",
+                          attention_backend="triton",
+                          scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=256))
+        assert eng.overlap is flag and eng.runner.graphs is not None
+        stops[flag] = stop_tokens(eng)
         run = Run(eng)
-        stop_b, stop_f = stop_tokens(eng)
-        runs[flag] = run.go(workload(run, stop_b, stop_f))
-        assert eng.runner.graphs is not None and eng.runner.graphs.num_runs > 0
-        torch.cuda.synchronize()
+        runs[flag] = run.go(workload(run, *stops[flag]))
+        threaded[flag] = run_threaded(eng, reqs)
+        assert eng.runner.graphs.num_runs > 0
+    assert stops[True] == stops[False]
     check_same(runs[True], runs[False])
     assert runs[True].pipe.num_overlapped > 0
+    assert threaded[True] == threaded[False]
