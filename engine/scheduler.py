@@ -13,7 +13,8 @@ batch is planned from token counts alone; its input tokens are step N's sampled 
 on the device (PLACEHOLDER_TOKEN here). It reserves each sequence's next slot one token
 ahead. A sequence that step N ends (EOS, stop token) runs once more in step N+1: `update`
 discards that token (the sequence is no longer running) and step N's update has already
-freed its blocks, the reserved slot with them. Anything else (arrivals, finishes by length,
+freed its blocks, the reserved slot with them (a sequence waiting for its running slot is
+admitted a step later than without overlap). Anything else (arrivals, finishes by length,
 preemption, prompts) makes it return None: that step is scheduled after N is applied.
 
 The model runner only sees `SchedulerOutput`. Pure Python; no torch.
@@ -230,8 +231,12 @@ class Scheduler:
         """The step after `prev`, planned while `prev` runs: every earlier step is applied,
         `prev` is not (its tokens are unknown). Only an unchanged decode batch qualifies:
         every running sequence decodes one token in `prev`, none can end there by length,
-        nothing waits, and the pool holds each one's next slot (taken now). Otherwise None."""
-        if self.waiting or self._finished_early or prev.preempted or not prev.chunks:
+        nothing could be admitted (no waiting sequence, or max_num_seqs running: one waits
+        a step longer after a stop), and the pool holds each one's next slot (taken now).
+        Otherwise None."""
+        if self.waiting and len(self.running) < self.cfg.max_num_seqs:
+            return None
+        if self._finished_early or prev.preempted or not prev.chunks:
             return None
         if (len(prev.chunks) != len(self.running)
                 or len(prev.chunks) > self.cfg.max_num_batched_tokens):

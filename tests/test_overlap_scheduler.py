@@ -121,3 +121,23 @@ def test_no_room_for_the_next_slot_falls_back_and_keeps_the_pool_consistent() ->
     sched.abort("s0")
     sched.abort("s1")
     assert all_free(sched)
+
+
+def test_a_full_batch_with_a_queue_still_overlaps_and_admits_after_a_stop() -> None:
+    stop = SamplingParams(temperature=0.0, max_tokens=50, stop_token_ids=[77])
+    sched = make_scheduler(num_blocks=32, block_size=4, max_num_seqs=2)
+    decoding(sched, 3, 5, params=stop)  # s0, s1 running: max_num_seqs
+    sched.add(Sequence("q", [9, 9, 9], GREEDY))  # waits for a running slot
+    n = sched.schedule()
+    assert [c.seq_id for c in n.chunks] == ["s0", "s1"]
+    ahead = sched.schedule_ahead(n)  # nothing could be admitted before a finish anyway
+    assert ahead is not None and [c.seq_id for c in ahead.chunks] == ["s0", "s1"]
+    sched.update(n, {"s0": 77, "s1": 4})  # s0 stops: q gets its slot after the ahead step
+    assert sched.schedule_ahead(ahead) is None  # the batch changed
+    sched.update(ahead, {"s0": 1, "s1": 5})  # s0's extra token is dropped
+    nxt = sched.schedule()
+    assert sorted(c.seq_id for c in nxt.chunks) == ["q", "s1"]
+    sched.check_invariants()
+    for sid in ("q", "s1"):
+        sched.abort(sid)
+    assert all_free(sched)
