@@ -12,12 +12,15 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import pytest
+import torch
+from helpers_models import load_hf_model, make_hf_checkpoint
 
 from pdserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.step_pipeline import StepPipeline
+from pdserve.llm import LLM
 
 PROMPTS = {name: [(37 * i + 11 * k) % 250 + 3 for i in range(n)]
            for k, (name, n) in enumerate([("a", 5), ("b", 9), ("c", 3), ("d", 17), ("e", 40)])}
@@ -195,6 +198,23 @@ def test_engine_loop_thread_overlap_equals_sync_and_frees_after_an_abort(engines
     assert run_threaded(engines[True], reqs) == run_threaded(engines[False], reqs)
     got = run_threaded(engines[True], {"a": greedy(40), "c": greedy(10)}, abort_after=("a", 3))
     assert len(got["c"]) == 10 and 3 <= len(got["a"]) < 40
+
+
+def test_llm_greedy_with_overlap_equals_hf(tmp_path) -> None:
+    """The offline API steps through the pipeline too: with overlap forced on, greedy
+    output still equals HF transformers, token for token, for a batch of prompts that
+    finish at different steps."""
+    path = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    hf = load_hf_model(path)
+    prompts, lens = [PROMPTS["a"], PROMPTS["d"], PROMPTS["e"]], [9, 16, 5]
+    llm = LLM(model=str(path), block_size=4, num_blocks=128, overlap=True)
+    outs = llm.generate(prompts, [greedy(n) for n in lens])
+    for prompt, n, got in zip(prompts, lens, outs, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                              eos_token_id=None, pad_token_id=0)
+        assert got.token_ids == ref[0, len(prompt):].tolist()
+    assert all_free(llm.engine)
 
 
 @pytest.mark.gpu
