@@ -5,9 +5,18 @@ discarded and every block is freed."""
 
 from __future__ import annotations
 
+import random
+from array import array
+
+import pytest
+import torch
+import xxhash
+
+from pdserve.engine.async_output import LaunchedStep
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import PLACEHOLDER_TOKEN, Scheduler, make_scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
+from pdserve.engine.step_pipeline import StepPipeline
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
 
@@ -141,3 +150,109 @@ def test_a_full_batch_with_a_queue_still_overlaps_and_admits_after_a_stop() -> N
     for sid in ("q", "s1"):
         sched.abort(sid)
     assert all_free(sched)
+
+
+# ---- randomized: the pipeline over a fake runner that reads its context through the tables --
+VOCAB, EOS = 40, 0
+
+
+def next_token(context: list[int]) -> int:
+    return xxhash.xxh32_intdigest(array("q", context).tobytes()) % VOCAB
+
+
+def reference(prompt: list[int], params: SamplingParams) -> list[int]:
+    ctx, out = list(prompt), []
+    while True:
+        t = next_token(ctx)
+        ctx.append(t)
+        out.append(t)
+        if (t == EOS and not params.ignore_eos) or t in params.stop_token_ids:
+            return out
+        if len(out) >= params.max_tokens:
+            return out
+
+
+class FakeRunner:
+    """Writes each step's input tokens into a simulated KV pool at the chunk's slots and
+    samples by hashing the context read back through the block table, at launch (launch
+    order is the device's stream order). A step with inputs_from_previous takes its inputs
+    from the previous step's sampled tensor, as the model runner does."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched, self.kv = sched, {}
+
+    def slot(self, block_ids: list[int], pos: int) -> int:
+        bs = self.sched.block_size
+        return block_ids[pos // bs] * bs + pos % bs
+
+    def launch(self, out, layer_hook=None, prev: LaunchedStep | None = None) -> LaunchedStep:
+        if out.inputs_from_previous:
+            assert prev is not None and prev.seq_ids == [c.seq_id for c in out.chunks]
+            inputs = [[t] for t in prev.token_ids.tolist()]
+        else:
+            assert all(PLACEHOLDER_TOKEN not in c.token_ids for c in out.chunks)
+            inputs = [c.token_ids for c in out.chunks]
+        for c, toks in zip(out.chunks, inputs, strict=True):
+            for k, t in enumerate(toks):
+                block = c.block_ids[(c.start_pos + k) // self.sched.block_size]
+                assert self.sched.block_manager.refcount(block) <= 1, "wrote a shared block"
+                self.kv[self.slot(c.block_ids, c.start_pos + k)] = t
+        rows = [c for c in out.chunks if c.sample]
+        sampled = [next_token([self.kv[self.slot(c.block_ids, p)]
+                               for p in range(c.start_pos + c.num_tokens)]) for c in rows]
+        return LaunchedStep(out, [c.seq_id for c in rows], torch.tensor(sampled, dtype=torch.int64))
+
+
+def random_run(seed: int, overlap: bool) -> tuple[dict[str, Sequence], StepPipeline]:
+    rng = random.Random(seed)
+    sched = make_scheduler(num_blocks=24, block_size=4, max_num_seqs=4, eos_token_ids=(EOS,),
+                           max_num_batched_tokens=32)
+    pipe = StepPipeline(sched, FakeRunner(sched), overlap, on_result=lambda o, r: None)
+    base = [rng.randrange(1, VOCAB) for _ in range(12)]
+    events: dict[int, list] = {}
+    seqs: dict[str, Sequence] = {}
+    for i in range(14):
+        prompt = base[: rng.randrange(0, 10)] + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 8))]
+        params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 30),
+                                ignore_eos=rng.random() < 0.5,
+                                stop_token_ids=[rng.randrange(1, VOCAB)] if rng.random() < 0.4 else [])
+        seqs[f"r{i}"] = Sequence(f"r{i}", prompt, params)
+        events.setdefault(rng.randrange(0, 40), []).append(lambda s=seqs[f"r{i}"]: sched.add(s))
+        if rng.random() < 0.2:
+            events.setdefault(rng.randrange(0, 60), []).append(lambda sid=f"r{i}": sched.abort(sid))
+    applied = 0
+    while True:
+        if pipe.in_flight is None:
+            for t in sorted(t for t in events if t <= applied):
+                for fn in events.pop(t):
+                    fn()
+        soon = any(t <= applied + 1 for t in events)
+        if pipe.advance(may_run_ahead=not soon):
+            applied += 1
+            sched.check_invariants()
+        elif events:
+            applied = min(events)
+        else:
+            break
+    assert all_free(sched)
+    return seqs, pipe
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workloads_match_the_reference_with_overlap_on_and_off(seed: int) -> None:
+    runs = {flag: random_run(seed, flag) for flag in (True, False)}
+    for flag, (seqs, _) in runs.items():
+        for sid, seq in seqs.items():
+            want = reference(seq.prompt_token_ids, seq.params)
+            if seq.finish_reason == "abort":  # cut short: a prefix of the reference
+                assert seq.output_token_ids == want[: len(seq.output_token_ids)], (flag, sid)
+            else:
+                assert seq.output_token_ids == want, (flag, sid)
+    assert runs[True][1].num_overlapped > 0 and runs[False][1].num_overlapped == 0
+
+
+def test_random_workloads_cover_discards_preemption_and_aborts() -> None:
+    runs = [random_run(seed, True) for seed in range(6)]
+    assert sum(pipe.num_discarded for _, pipe in runs) > 0
+    assert sum(s.num_preemptions for seqs, _ in runs for s in seqs.values()) > 0
+    assert any(s.finish_reason == "abort" for seqs, _ in runs for s in seqs.values())
