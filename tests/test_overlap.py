@@ -238,3 +238,13 @@ def test_cuda_overlap_equals_sync_with_graphs() -> None:
     check_same(runs[True], runs[False])
     assert runs[True].pipe.num_overlapped > 0
     assert threaded[True] == threaded[False]
+
+
+def test_worker_flag_turns_overlap_off() -> None:
+    import argparse
+
+    from pdserve.worker_cli import add_engine_arguments, engine_config_from_args
+    p = argparse.ArgumentParser()
+    add_engine_arguments(p)
+    assert engine_config_from_args(p.parse_args([])).overlap is None  # on for CUDA
+    assert engine_config_from_args(p.parse_args(["--no-overlap"])).overlap is False
