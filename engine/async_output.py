@@ -36,10 +36,6 @@ class LaunchedStep:
         else:
             self._host = self.token_ids
 
-    def done(self) -> bool:
-        """Whether tokens() would return without waiting."""
-        return self._ready is None or self._ready.query()
-
     def tokens(self) -> dict[str, int]:
         """seq id -> sampled token; waits for this step's device-to-host copy only."""
         if self._ready is not None:
