@@ -17,30 +17,23 @@ import asyncio
 import math
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from pdserve.benchmarks import capstone_plots as plots
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks import plotting
-from pdserve.benchmarks.capstone_client import (
-    CondTarget,
-    GpuSampler,
-    GrpcTarget,
-    OpenAITarget,
-    run_load,
-)
-from pdserve.benchmarks.capstone_metrics import Window, parse_goodput, summarize
-from pdserve.benchmarks.capstone_search import find_max_rate
-from pdserve.benchmarks.capstone_workloads import (
-    Workload,
-    load_sharegpt,
-    make_requests,
-    parse_workload,
-)
+from pdserve.benchmarks.capstone_budget import Budget
+from pdserve.benchmarks.capstone_client import GpuSampler, GrpcTarget, OpenAITarget
+from pdserve.benchmarks.capstone_findings import findings
+from pdserve.benchmarks.capstone_metrics import Window, parse_goodput
+from pdserve.benchmarks.capstone_sweep import measure_setup
+from pdserve.benchmarks.capstone_workloads import Workload, load_sharegpt, parse_workload
 from pdserve.benchmarks.planner_sim import parse_setup, setup_name
 
 NAME = "capstone"
+REPORT_RESERVE_S = 30.0  # of a --budget-s, kept for the report (plots, planner validation)
 
 
 def config_list(value: str) -> list[str]:
@@ -60,8 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where")
     g.add_argument("--configs", type=config_list, action="append",
                    help="setups to launch, e.g. 1P1D,2both or 1P3D,2P2D,3P1D,4both; "
-                        "xPyD+Nboth+condT: prompts under T tokens go to N colocated workers, "
-                        "the rest to xPyD (repeatable; default 1P1D,2both)")
+                        "xPyD-condT (1P1D-cond512): conditional disaggregation, the "
+                        "coordinator's --pd-threshold-tokens T: prompts under T tokens are "
+                        "prefilled on their decode worker (repeatable; default 1P1D,2both)")
     g.add_argument("--model", default="tiny", help="preset name or HF directory (default tiny)")
     g.add_argument("--devices", default="auto", help="cpu, auto or GPUs '0,1,2,3'")
     g.add_argument("--transfer", choices=["nccl", "ucx"], help="default: nccl on GPUs, ucx on cpu")
@@ -82,7 +76,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--dataset", nargs=2, metavar=("sharegpt", "PATH"), action="append",
                    help="a ShareGPT JSON file, tokenized with --tokenizer")
     w.add_argument("--tokenizer", help="tokenizer for --dataset (default: --model)")
-    w.add_argument("--num-requests", type=int, default=200, help="requests per run (200)")
+    w.add_argument("--num-requests", type=int, default=200,
+                   help="requests per run (200); with --run-duration or --budget-s, the minimum")
+    w.add_argument("--run-duration", type=float, default=0.0, metavar="S",
+                   help="send for S seconds per run (rate x S requests, at least "
+                        "--num-requests), so the achieved rate can reach the offered one; "
+                        "with --budget-s, the longest run (default: none)")
+    w.add_argument("--budget-s", type=float, default=0.0, metavar="S",
+                   help="wall-clock budget of the whole sweep: divided among setups (start-up "
+                        "included), workloads and runs; runs are sized to fit and searches "
+                        "stop when their share is spent; the report says what was cut "
+                        "(default: none)")
     w.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of gaps (1 = Poisson)")
     w.add_argument("--concurrency", type=str, default="",
                    help="fixed-concurrency mode: levels '1,4,16' instead of the rate search")
@@ -102,6 +106,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--out", default=f"benchmarks/results/{NAME}", help="report directory")
     o.add_argument("--label", default="", help="a line for the report")
     o.add_argument("--no-plan", action="store_true", help="skip the planner validation")
+    o.add_argument("--extrapolate", default="8,16,64", type=lambda v: [int(x) for x in v.split(",")
+                                                                      if x.strip()],
+                   help="GPU counts the planner extrapolates to from this run's calibration "
+                        "(default 8,16,64; '' = none)")
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -109,6 +117,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "give at most one of --coordinator and --base-url"
     if args.num_requests < 2:
         return "--num-requests must be at least 2"
+    if args.run_duration < 0 or args.budget_s < 0:
+        return "--run-duration and --budget-s must be >= 0 (0 = none)"
     if not 0 < args.target <= 1 or args.start_rate <= 0 or args.max_runs < 1:
         return "need 0 < --target <= 1, --start-rate > 0, --max-runs >= 1"
     if not (0 <= args.window_warmup < 1 and 0 <= args.window_cooldown < 1
@@ -141,8 +151,10 @@ def setups_of(args: argparse.Namespace) -> list[str]:
 
 
 @contextmanager
-def open_setup(name: str, args: argparse.Namespace) -> Iterator[tuple[object, dict]]:
-    """(target, info) for one setup; info: label, workers, vocab, max_len, pools."""
+def open_setup(name: str, args: argparse.Namespace,
+               start_timeout_s: float | None = None) -> Iterator[tuple[object, dict]]:
+    """(target, info) for one setup; info: label, workers, vocab, max_len, pools.
+    `start_timeout_s`: at most this long for the workers (default --start-timeout)."""
     if args.base_url:
         target = OpenAITarget(args.base_url, args.served_model_name)
         yield target, {"label": args.label or "external", "workers": target.name,
@@ -155,41 +167,15 @@ def open_setup(name: str, args: argparse.Namespace) -> Iterator[tuple[object, di
 
     s = parse_setup(name)
     print(f"starting {name} on {args.devices} ({args.model})", flush=True)
-    kw = {"transfer": args.transfer, "worker_args": args.worker_arg,
-          "start_timeout_s": args.start_timeout}
-    if not s.cond_tokens:
-        with LocalCluster(args.model, prefill=s.prefill, decode=s.decode, both=s.both,
-                          devices=args.devices, **kw) as c:
-            c.wait_ready(args.start_timeout)
-            yield from _pdserve_setup(c.address, name, args)
-        return
-    # conditional: a P/D cluster and a colocated cluster, the router in the load generator
-    pd_devs, co_devs = split_devices(args.devices, s.prefill + s.decode, s.both)
-    with LocalCluster(args.model, prefill=s.prefill, decode=s.decode, both=0,
-                      devices=pd_devs, **kw) as a, \
-            LocalCluster(args.model, prefill=0, decode=0, both=s.both, devices=co_devs, **kw) as b:
-        a.wait_ready(args.start_timeout)
-        b.wait_ready(args.start_timeout)
-        with _infos(a.address) as ia, _infos(b.address) as ib:
-            info = _describe(ia + ib, name)
-        yield CondTarget(s.cond_tokens, GrpcTarget(a.address), GrpcTarget(b.address)), info
-
-
-def split_devices(devices: str, first: int, second: int) -> tuple[str, str]:
-    """--devices for two clusters side by side: cpu stays cpu; auto / a GPU list is split
-    into the first `first` GPUs and the next `second`."""
-    from pdserve.cluster import cuda_device_count
-
-    spec = devices.strip().lower()
-    if spec == "cpu" or (spec == "auto" and cuda_device_count() == 0):
-        return "cpu", "cpu"
-    if spec == "auto":
-        gpus = [str(i) for i in range(first + second)]
-    else:
-        gpus = [g.strip().removeprefix("cuda:") for g in spec.split(",") if g.strip()]
-    if len(gpus) < first + second:
-        raise ValueError(f"--devices {devices}: {first + second} GPUs needed")
-    return ",".join(gpus[:first]), ",".join(gpus[first:first + second])
+    t0 = time.monotonic()
+    coordinator_args = ["--pd-threshold-tokens", str(s.cond_tokens)] if s.cond_tokens else []
+    with LocalCluster(args.model, prefill=s.prefill, decode=s.decode, both=s.both,
+                      devices=args.devices, transfer=args.transfer, worker_args=args.worker_arg,
+                      coordinator_args=coordinator_args,
+                      start_timeout_s=start_timeout_s or args.start_timeout) as c:
+        c.wait_ready(start_timeout_s or args.start_timeout)
+        print(f"{name} ready after {time.monotonic() - t0:.1f} s", flush=True)
+        yield from _pdserve_setup(c.address, name, args)
 
 
 @contextmanager
@@ -231,45 +217,6 @@ def load_workloads(args: argparse.Namespace) -> list[tuple[Workload, list | None
     return out
 
 
-def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos: dict,
-                  window: Window, loop: asyncio.AbstractEventLoop) -> report.SetupResult:
-    """Every workload on one setup: the rate search (or the concurrency levels)."""
-    from pdserve.benchmarks.capstone_workloads import Request
-
-    res = report.SetupResult(info["label"], info["workers"], info["pools"])
-    warm = [Request(0.0, [(7 * i + j) % (info["vocab"] - 1) + 1 for j in range(16)], 4)
-            for i in range(args.warmup_requests)]
-    for req in warm:
-        loop.run_until_complete(run_load(target, [req], args.timeout))
-    for wl, pool in wls:
-        wr = report.WorkloadRuns(wl.name, wl.describe)
-        res.by_workload[wl.name] = wr
-
-        def one(rate: float, conc: int = 0, wl: Workload = wl, pool: list | None = pool,
-                wr: report.WorkloadRuns = wr) -> float:
-            reqs = make_requests(wl, args.num_requests, rate, args.seed, info["vocab"],
-                                 args.burstiness, info["max_len"], pool)
-            desc = f"{res.setup} {wl.name} @ " + (f"c={conc}" if conc else f"{rate:.3g} req/s")
-            results = loop.run_until_complete(run_load(target, reqs, args.timeout, conc, desc))
-            summary = summarize(results, slos, window)
-            wr.runs.append(report.Run(rate, conc, results, summary))
-            errors = [r.error for r in results if r.error]
-            print(f"{desc}: {summary['request_throughput']:.3g} req/s achieved, attainment "
-                  f"{summary['slo_attainment']:.0%}, TTFT p90 {summary['p90_ttft_ms']:.4g} ms, "
-                  f"ITL p99 {summary['p99_itl_ms']:.4g} ms"
-                  + (f"; {len(errors)} failed, first: {errors[0]}" if errors else ""), flush=True)
-            return summary["slo_attainment"]
-
-        levels = concurrency_levels(args)
-        if levels:
-            for c in levels:
-                one(math.inf, c)
-            continue
-        wr.search = find_max_rate(one, args.start_rate, args.target, args.max_runs, args.rel_tol)
-        print(f"{res.setup} {wl.name}: {wr.search.describe()}", flush=True)
-    return res
-
-
 def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
                  ctx: report.Context, wls: list) -> list[str]:
     out = plotting.ensure_dir(args.out)
@@ -285,12 +232,13 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
             pngs["goodput vs achieved rate"] = p
         rate = ctx.start_rate if not concurrency_levels(args) else math.inf
         for i, (wl, _) in enumerate(wls):
-            p = plots.latency_cdfs(os.path.join(out, f"cdf_{i}.png"), setups, wl.name, rate,
+            # one folder per workload: at most 8 files per folder, whatever the workloads
+            p = plots.latency_cdfs(os.path.join(out, f"w{i}", "cdf.png"), setups, wl.name, rate,
                                    ctx.window)
             if p:
                 pngs[f"TTFT and ITL CDFs: {wl.name}"] = p
-            p, text = plots.slo_map_png(os.path.join(out, f"slo_map_{i}.png"), setups, wl.name,
-                                        rate, ctx.window)
+            p, text = plots.slo_map_png(os.path.join(out, f"w{i}", "slo_map.png"), setups,
+                                        wl.name, rate, ctx.window)
             if p:
                 pngs[f"SLO attainment map: {wl.name}"] = p
                 map_text[wl.name] = text
@@ -305,9 +253,14 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
         from pdserve.benchmarks import plan
 
-        plan_lines = ["", "### Planner validation", "",
-                      *plan.validation_lines(*plan.validate(out))]
-    paths.append(report.write_markdown(out, setups, ctx, workloads, pngs, map_text, plan_lines))
+        per_run, per_search = plan.validate(out)
+        plan_lines = ["", "### Planner validation", "", *plan.validation_lines(per_run, per_search)]
+        if args.extrapolate:
+            plan_lines += ["", "### Extrapolation", "",
+                           *plan.extrapolation_lines(per_search, args.extrapolate)]
+    answers = findings(setups, ctx) if setups[0].setup != "external" else []
+    paths.append(report.write_markdown(out, setups, ctx, workloads, pngs, map_text, plan_lines,
+                                       answers))
     return paths + list(pngs.values())
 
 
@@ -335,19 +288,32 @@ def run(args: argparse.Namespace) -> int:
     if args.label:
         meta = {"run": args.label, **meta}
     ctx = report.Context(slos, args.target, window, args.burstiness, args.seed,
-                         args.start_rate, args.num_requests, meta, args.max_runs, args.rel_tol)
+                         args.start_rate, args.num_requests, meta, args.max_runs, args.rel_tol,
+                         args.run_duration, args.budget_s)
     results: list[report.SetupResult] = []
     failed: list[str] = []
-    for name in setups_of(args):
+    budget = Budget(args.budget_s)
+    names = setups_of(args)
+    for i, name in enumerate(names):
+        # each setup not yet run gets an equal share of what is left (start-up included);
+        # a few seconds stay for the report
+        deadline = budget.deadline(len(names) - i, reserve_s=REPORT_RESERVE_S)
+        if budget.limited and deadline - time.monotonic() < 2 * budget.min_run_s:
+            budget.cut(f"{name}: not started (the budget was spent)")
+            continue
         loop = asyncio.new_event_loop()
         try:
-            with open_setup(name, args) as (target, info):
-                # NVML sees this host's GPUs: only for setups launched here
+            # a start that would take the setup's whole share fails instead (TimeoutError)
+            start_s = min(args.start_timeout, max(1.0, deadline - time.monotonic()))
+            with open_setup(name, args, start_s) as (target, info):
+                # GPUs seen from this host: only for setups launched here
                 gpus = [] if args.coordinator else [g for pool in info["pools"].values()
                                                     for g in pool]
                 with GpuSampler(gpus) as sampler:
-                    res = measure_setup(target, info, args, wls, slos, window, loop)
-                res.gpu, res.gpu_note = sampler.samples, sampler.note
+                    res = measure_setup(target, info, args, wls, slos, window, loop, budget,
+                                        deadline)
+                res.gpu, res.gpu_note = sampler.samples, sampler.note or \
+                    f"sampled with {sampler.source} every {sampler.period_s:g} s"
                 loop.run_until_complete(target.close())
                 results.append(res)
         except (ClusterError, TimeoutError, RuntimeError, OSError, ValueError) as e:
@@ -356,6 +322,10 @@ def run(args: argparse.Namespace) -> int:
             failed.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         finally:
             loop.close()
+    if budget.limited:
+        meta["time budget"] = (f"{args.budget_s:g} s; used {time.monotonic() - budget.start_s:.0f} s"
+                               " before the report")
+        meta["cut by the time budget"] = "; ".join(budget.cuts) or "nothing"
     meta["load average at end"] = plotting.load_average()
     if failed:
         meta["setups that failed"] = "; ".join(failed)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
-from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_metrics import CUT, RequestResult
 from pdserve.benchmarks.capstone_workloads import Request
 
 SERVER_KEYS = ("queue_ms", "prefill_ms", "transfer_ms", "kv_bytes", "prefill_worker",
@@ -50,23 +51,6 @@ class GrpcTarget:
 
     async def close(self) -> None:
         await self._client.close()
-
-
-class CondTarget:
-    """Conditional disaggregation, routed here: prompts shorter than `cond_tokens` go to
-    the colocated target, the others to the P/D target."""
-
-    def __init__(self, cond_tokens: int, pd: Target, colocated: Target) -> None:
-        self.cond_tokens, self.pd, self.colocated = cond_tokens, pd, colocated
-        self.name = f"prompts < {cond_tokens} tokens: {colocated.name}; others: {pd.name}"
-
-    def stream(self, req: Request, timeout_s: float) -> AsyncIterator[tuple[int, dict | None]]:
-        t = self.colocated if len(req.prompt) < self.cond_tokens else self.pd
-        return t.stream(req, timeout_s)
-
-    async def close(self) -> None:
-        await self.pd.close()
-        await self.colocated.close()
 
 
 class OpenAITarget:
@@ -194,9 +178,11 @@ async def _one(target: Target, req: Request, res: RequestResult, timeout_s: floa
 
 
 async def run_load(target: Target, requests: Sequence[Request], timeout_s: float,
-                   concurrency: int = 0, desc: str = "") -> list[RequestResult]:
+                   concurrency: int = 0, desc: str = "",
+                   time_limit_s: float = math.inf) -> list[RequestResult]:
     """Send every request at its `at_s` (or, with `concurrency` > 0, keep that many in
-    flight, ignoring `at_s`); results in send order."""
+    flight, ignoring `at_s`); results in send order. Requests still running (or not sent)
+    `time_limit_s` after the start are cancelled and end with the error CUT."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(requests), desc=desc, unit="req", leave=False)
@@ -207,35 +193,55 @@ async def run_load(target: Target, requests: Sequence[Request], timeout_s: float
     async def go(req: Request, res: RequestResult) -> None:
         try:
             await _one(target, req, res, timeout_s)
+        except asyncio.CancelledError:  # the run's time limit (the client cancels the RPC)
+            res.error = CUT
         finally:
             if sem is not None:
                 sem.release()
             bar.update()
 
     start = time.perf_counter()
-    for req in requests:
-        if sem is not None:
-            await sem.acquire()
-        else:
-            delay = start + req.at_s - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        res = RequestResult(time.perf_counter(), len(req.prompt), target_tokens=req.output_len)
-        results.append(res)
-        tasks.append(asyncio.ensure_future(go(req, res)))
-    await asyncio.gather(*tasks)
-    bar.close()
+    end = start + time_limit_s
+
+    async def send_all() -> None:
+        for req in requests:
+            if sem is not None:
+                await sem.acquire()
+            else:
+                delay = start + req.at_s - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            res = RequestResult(time.perf_counter(), len(req.prompt), target_tokens=req.output_len)
+            results.append(res)
+            tasks.append(asyncio.ensure_future(go(req, res)))
+
+    sender = asyncio.ensure_future(send_all())
+    try:
+        await asyncio.wait_for(asyncio.shield(sender), None if math.isinf(end) else
+                               max(0.0, end - time.perf_counter()))
+        if tasks:
+            left = None if math.isinf(end) else max(0.0, end - time.perf_counter())
+            await asyncio.wait(tasks, timeout=left)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        sender.cancel()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(sender, *tasks, return_exceptions=True)
+        bar.close()
     return results
 
 
 class GpuSampler:
-    """Samples NVML utilization (%) and memory used (GiB) of the given GPU indices every
-    `period_s` on a thread. `available` is False (with `note`) without pynvml or GPUs."""
+    """Samples utilization (%) and memory used (GiB) of the given GPU indices every
+    `period_s` on a thread: through NVML (pynvml), else by running `nvidia-smi --query-gpu`.
+    `available` is False (with `note`) without either, or without GPUs."""
 
     def __init__(self, gpus: Sequence[int], period_s: float = 0.25) -> None:
         self.gpus, self.period_s = list(gpus), period_s
         self.samples: dict[int, list[tuple[float, float, float]]] = {g: [] for g in self.gpus}
-        self.available, self.note = False, ""
+        self.available, self.note, self.source = False, "", ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if not self.gpus:
@@ -246,25 +252,55 @@ class GpuSampler:
             pynvml.nvmlInit()
             self._handles = {g: pynvml.nvmlDeviceGetHandleByIndex(g) for g in self.gpus}
             self._nvml = pynvml
-            self.available = True
+            self.available, self.source = True, "NVML"
         except Exception as e:  # noqa: BLE001 - ImportError or NVMLError: optional
-            self.note = f"NVML not available ({type(e).__name__}: {e}); pip install nvidia-ml-py"
+            import shutil
+            self._smi = shutil.which("nvidia-smi")
+            if self._smi:
+                self.available, self.source = True, "nvidia-smi --query-gpu"
+                self.period_s = max(period_s, 0.5)  # one process per sample
+            else:
+                self.note = (f"NVML not available ({type(e).__name__}: {e}) and no nvidia-smi; "
+                             "pip install nvidia-ml-py")
 
-    def _loop(self) -> None:
-        nv = self._nvml
-        while not self._stop.wait(self.period_s):
-            now = time.perf_counter()
+    def _read(self) -> dict[int, tuple[float, float]]:
+        """{gpu: (util %, memory GiB)} now."""
+        if self.source == "NVML":
+            nv, out = self._nvml, {}
             for g, h in self._handles.items():
                 try:
-                    util = nv.nvmlDeviceGetUtilizationRates(h).gpu
-                    mem = nv.nvmlDeviceGetMemoryInfo(h).used / 2**30
+                    out[g] = (float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
+                              nv.nvmlDeviceGetMemoryInfo(h).used / 2**30)
                 except Exception:  # noqa: BLE001
                     continue
-                self.samples[g].append((now, float(util), float(mem)))
+            return out
+        import subprocess
+        try:
+            text = subprocess.run(
+                [self._smi, "--query-gpu=index,utilization.gpu,memory.used",
+                 "--format=csv,noheader,nounits", "-i", ",".join(map(str, self.gpus))],
+                capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return {}
+        out = {}
+        for line in text.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                out[int(parts[0])] = (float(parts[1]), float(parts[2]) / 1024)  # MiB -> GiB
+            except (ValueError, IndexError):
+                continue
+        return out
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            now = time.perf_counter()
+            for g, (util, mem) in self._read().items():
+                if g in self.samples:
+                    self.samples[g].append((now, util, mem))
 
     def __enter__(self) -> GpuSampler:
         if self.available:
-            self._thread = threading.Thread(target=self._loop, daemon=True, name="nvml")
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="gpu-sampler")
             self._thread.start()
         return self
 

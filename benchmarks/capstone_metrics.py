@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pdserve.benchmarks.serve_workload import percentile
 
 SLO_KEYS = ("ttft", "tpot", "e2el")  # vLLM's --goodput keys, values in ms
+CUT = "not finished within the run's time limit (cut by the time budget)"
 
 
 @dataclass(slots=True)
@@ -41,6 +42,12 @@ class RequestResult:
     @property
     def ok(self) -> bool:
         return not self.error and self.output_tokens > 0
+
+    @property
+    def cut(self) -> bool:
+        """Cut by the run's time limit after its first token (see capstone_budget.py): it is
+        judged against the SLOs on the part observed, and not counted as completed."""
+        return self.error == CUT and self.output_tokens > 0
 
     @property
     def ttft_s(self) -> float:
@@ -96,8 +103,9 @@ def parse_goodput(items: Iterable[str]) -> dict[str, float]:
 
 
 def meets(r: RequestResult, slos: dict[str, float]) -> bool:
-    """Finished and within every given SLO (a 1-token output has no TPOT: not checked)."""
-    if not r.ok:
+    """Finished (or cut by the time limit after its first token: judged on what was seen)
+    and within every given SLO (a 1-token output has no TPOT: not checked)."""
+    if not (r.ok or r.cut):
         return False
     vals = {"ttft": r.ttft_s, "tpot": r.tpot_s, "e2el": r.e2el_s}
     return all(math.isnan(vals[k]) or vals[k] * 1e3 <= ms for k, ms in slos.items())
@@ -122,6 +130,20 @@ class Window:
         return (f"requests sent after the first {self.warmup:.0%} and before the last "
                 f"{self.cooldown:.0%} of arrivals (ramp-up and drain excluded); duration = "
                 "first send to last finish of those requests")
+
+
+def steady_rates(lo_s: float, hi_s: float,
+                 ends: Iterable[tuple[float, bool]]) -> tuple[float, float]:
+    """(completions/s, SLO-meeting completions/s) of the requests that finished within
+    [lo_s, hi_s] (the send span of the measured requests), from (finish time, met SLOs).
+    While the server keeps up this equals the offered rate however short the run; once it
+    saturates, its service rate. (vLLM's request_throughput divides by first send to last
+    finish, so a short run's drain pulls it under the offered rate.)"""
+    span = hi_s - lo_s
+    if not span > 0:
+        return math.nan, math.nan
+    done = [good for t, good in ends if lo_s <= t <= hi_s]
+    return len(done) / span, sum(done) / span
 
 
 def _stats(prefix: str, values_ms: Sequence[float], out: dict) -> None:
@@ -152,6 +174,13 @@ def summarize(results: Sequence[RequestResult], slos: dict[str, float],
                "request_throughput": per_s(len(ok)), "request_goodput": per_s(good),
                "output_throughput": per_s(out_tok), "total_token_throughput": per_s(in_tok + out_tok),
                "slo_attainment": good / len(sel) if sel else math.nan}
+    lo = min((r.t_send for r in sel), default=0.0)
+    hi = max((r.t_send for r in sel), default=0.0)
+    s["steady_throughput"], s["steady_goodput"] = steady_rates(
+        lo, hi, ((r.t_end, meets(r, slos)) for r in results if r.ok))
+    local = [r for r in ok if r.server.get("prefill_worker")]
+    s["local_prefill_fraction"] = (sum(r.server["prefill_worker"] == r.server.get("decode_worker")
+                                       for r in local) / len(local)) if local else math.nan
     _stats("ttft", [r.ttft_s * 1e3 for r in ok], s)
     _stats("tpot", [r.tpot_s * 1e3 for r in ok], s)
     _stats("itl", [g * 1e3 for r in ok for g in r.itls_s()], s)

@@ -43,7 +43,8 @@ def goodput_vs_rate(path: str, setups: Sequence[SetupResult], title: str) -> str
             w = s.by_workload.get(wname)
             if not w or not w.runs:
                 continue
-            pts = sorted((r.summary["request_throughput"], r.summary["request_goodput"])
+            pts = sorted((r.summary.get("steady_throughput", r.summary["request_throughput"]),
+                          r.summary.get("steady_goodput", r.summary["request_goodput"]))
                          for r in w.runs)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=s.setup)
         ax.set_xlabel("achieved request throughput (req/s)")

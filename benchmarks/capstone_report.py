@@ -70,10 +70,23 @@ class Context:
     meta: dict[str, str]
     max_runs: int = 6
     rel_tol: float = 0.15
+    run_duration_s: float = 0.0  # --run-duration (0: a fixed request count)
+    budget_s: float = 0.0  # --budget-s (0: none)
+
+    def run_sizes(self) -> str:
+        if self.budget_s:
+            return (f"runs sized to a {self.budget_s:g} s budget (sending for up to "
+                    f"{self.run_duration_s or 'its share of'} s, at least {self.num_prompts} "
+                    "requests)")
+        if self.run_duration_s:
+            return (f"{self.run_duration_s:g} s of arrivals per run (at least "
+                    f"{self.num_prompts} requests)")
+        return f"{self.num_prompts} requests per run"
 
 
 RUN_FIELDS = ["setup", "workload", "request_rate", "max_concurrency", "completed", "failed",
-              "request_throughput", "request_goodput", "slo_attainment", "output_throughput",
+              "request_throughput", "request_goodput", "steady_throughput", "steady_goodput",
+              "slo_attainment", "local_prefill_fraction", "output_throughput",
               "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "mean_itl_ms", "p99_itl_ms",
               "mean_e2el_ms", "mean_transfer_ms"]
 
@@ -176,7 +189,8 @@ def write_json(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
     doc = {"meta": ctx.meta, "slos": ctx.slos, "target": ctx.target, "seed": ctx.seed,
            "burstiness": ctx.burstiness, "num_prompts": ctx.num_prompts,
            "search": {"start_rate": ctx.start_rate, "max_runs": ctx.max_runs,
-                      "rel_tol": ctx.rel_tol},
+                      "rel_tol": ctx.rel_tol, "run_duration_s": ctx.run_duration_s,
+                      "budget_s": ctx.budget_s},
            "window": {"warmup": ctx.window.warmup, "cooldown": ctx.window.cooldown,
                       "describe": ctx.window.describe()},
            "workloads": workloads, "runs": [], "setups": []}
@@ -185,12 +199,15 @@ def write_json(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
                  "gpu": gpu_summary(s), "gpu_note": s.gpu_note, "by_workload": {}}
         for w in s.by_workload.values():
             doc["runs"] += [run_row(s, w, r, ctx) for r in w.runs]
-            first = w.at_rate(ctx.start_rate)
+            # the longest run's lengths: a run of n requests used the first n of them
+            first = max(w.runs, key=lambda r: len(r.results), default=None)
             entry["by_workload"][w.workload] = {
                 "max_rate": w.search.max_rate if w.search else math.nan,
                 "search": w.search.describe() if w.search else "fixed concurrency: no search",
                 "search_runs": w.search.runs if w.search else [],
                 "bracketed": bool(w.search and w.search.bracketed),
+                "cut": bool(w.search and w.search.cut),
+                "send_durations_s": [r.summary.get("send_duration_s") for r in w.runs],
                 # the same for every run of this workload (one seed): only arrivals change
                 "lengths": [[r.prompt_tokens, r.target_tokens or r.output_tokens]
                             for r in first.results] if first else []}
@@ -218,7 +235,7 @@ def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context)
 
 def write_markdown(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
                    workloads: dict[str, dict], pngs: dict[str, str], map_text: dict[str, str],
-                   plan_lines: Sequence[str] = ()) -> str:
+                   plan_lines: Sequence[str] = (), answers: Sequence[str] = ()) -> str:
     rows = [dict(run_row(s, w, r, ctx)) for s in setups for w in s.by_workload.values()
             for r in w.runs]
     L = ["# Capstone: when does disaggregation help?", ""]
@@ -226,10 +243,14 @@ def write_markdown(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
     L += ["## Setup", ""]
     L += [f"- {s.setup}: {s.workers}" for s in setups]
     L += ["", f"SLOs (ms): {ctx.slos}; attainment target {ctx.target:.0%}; arrivals gamma "
-          f"with burstiness {ctx.burstiness:g} (1 = Poisson); {ctx.num_prompts} requests per "
-          f"run; seed {ctx.seed}.", "", "## Workloads", ""]
+          f"with burstiness {ctx.burstiness:g} (1 = Poisson); {ctx.run_sizes()}; "
+          f"seed {ctx.seed}.", "", "## Workloads", ""]
     L += [f"- {n}: {w['describe']}" for n, w in workloads.items()]
-    L += ["", "## Measurement window", "", f"Measured: {ctx.window.describe()}.", ""]
+    L += ["", "## Measurement window", "", f"Measured: {ctx.window.describe()}. "
+          "steady_throughput and steady_goodput (the goodput plot, the planner validation): "
+          "requests (meeting every SLO) finishing within the send span of the measured "
+          "requests, per second of that span: the offered rate while the server keeps up, "
+          "its service rate once it saturates.", ""]
     L += ["## Results", "", plotting.markdown_table(rows, RUN_FIELDS, floatfmt=".4g"), ""]
     L += ["## Max rate at target attainment", ""]
     for s in setups:
@@ -239,7 +260,9 @@ def write_markdown(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
     L += ["", "## Where P/D wins and loses", "",
           "(Generated from the numbers above; the search resolution is about 10%.)", ""]
     L += conclusions(setups, ctx, map_text)
-    L += ["## Plots", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in pngs.items()] + [""]
+    if answers:
+        L += ["## The questions, answered from the measurements", "", *answers]
+    L += ["## Plots", ""] + [f"![{k}]({os.path.relpath(v, out_dir)})" for k, v in pngs.items()] + [""]
     L += ["## GPU utilization", ""]
     gpu_rows = [r for s in setups for r in gpu_summary(s)]
     if gpu_rows:

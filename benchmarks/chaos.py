@@ -3,13 +3,16 @@ request end, and does the cluster recover?
 
     pdserve bench chaos            # short: SIGKILL and SIGSTOP of a decode worker
     pdserve bench chaos --full     # + prefill faults, a coordinator restart, gRPC fuzzing
+    pdserve bench chaos --scenarios fuzz-secret   # fuzz behind the guard, with the secret
 
 Starts a LocalCluster (tiny model on CPU over UCX, default 2 prefill + 2 decode) whose
 children are supervised (pdserve/supervisor.py restarts what dies), runs one undisturbed
 pass of the prompts for reference outputs, then per scenario: `--requests` greedy streams
 of `--max-tokens` each; once half of them stream, the fault (SIGKILL of a role's worker 0,
 SIGSTOP of it for `--stop-s` past the coordinator's timeouts then SIGCONT, SIGKILL of the
-coordinator, or `--fuzz-calls` fuzz calls on every service). Per scenario:
+coordinator, or `--fuzz-calls` fuzz calls on every service: `fuzz` without credentials,
+`fuzz-secret` with the cluster secret, so the calls reach the handlers' validation; a
+call that ends UNKNOWN or INTERNAL counts as `fuzz_bad`, which must be 0). Per scenario:
   sent, succeeded, mismatched   streams that finished, and those whose tokens differ from
                                 the undisturbed pass (migration must keep them equal)
   failed, failed_by_status      streams that ended with a status, by status
@@ -18,6 +21,7 @@ coordinator, or `--fuzz-calls` fuzz calls on every service). Per scenario:
   recovery_s                    fault -> first short probe request that succeeds
   restarts, crashes             children restarted by the supervisor; those not killed by
                                 the scenario itself (must be 0)
+  fuzz_bad                      fuzz calls that ended UNKNOWN/INTERNAL/DATA_LOSS (must be 0)
 Results go to --out as chaos.md and chaos.csv with date, commit and machine.
 """
 
@@ -32,7 +36,7 @@ import time
 from collections.abc import Callable
 
 from pdserve.benchmarks import plotting
-from pdserve.benchmarks.chaos_load import Load, Probe, fuzz
+from pdserve.benchmarks.chaos_load import BAD_STATUSES, Load, Probe, fuzz
 from pdserve.child_process import signal_group
 from pdserve.cluster import LocalCluster
 from pdserve.coordinator.client import Client
@@ -40,9 +44,9 @@ from pdserve.supervisor import Supervisor
 
 SHORT = ["kill9-decode", "sigstop-decode"]
 FULL = ["kill9-decode", "sigstop-decode", "kill9-prefill", "sigstop-prefill",
-        "coordinator-restart", "fuzz"]
+        "coordinator-restart", "fuzz", "fuzz-secret"]
 COLUMNS = ["scenario", "sent", "succeeded", "mismatched", "failed", "failed_by_status", "hung",
-           "blocks_leaked", "recovery_s", "restarts", "crashes"]
+           "blocks_leaked", "recovery_s", "restarts", "crashes", "fuzz_bad"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,6 +86,7 @@ class Chaos:
         self._stop = threading.Event()
         self._crash: str | None = None
         self.notes: list[str] = []
+        self.fuzz_bad = 0  # fuzz calls of the current scenario that ended in BAD_STATUSES
 
     # -- cluster -------------------------------------------------------------------------
     def __enter__(self) -> Chaos:
@@ -135,15 +140,18 @@ class Chaos:
         elif name == "coordinator-restart":
             assert c.coordinator is not None
             signal_group(c.coordinator, signal.SIGKILL)
-        elif name == "fuzz":
+        elif name in ("fuzz", "fuzz-secret"):
             targets = [("Coordinator", c.address)]
             with Client(c.address, timeout_s=5) as cl:
                 targets += [("Worker", w["info"]["address"]) for w in cl.list_workers()]
             calls = a.fuzz_calls or (2000 if a.full else 300)
-            seen = fuzz(targets, calls)
-            self.say(f"fuzz: {calls} calls -> {dict(seen)}")
-            self.notes.append(f"- fuzz: {calls} calls on {len(targets)} services (malformed "
-                              f"bytes and odd values), statuses: "
+            secret = c.cluster_secret if name == "fuzz-secret" else None
+            seen = fuzz(targets, calls, credential=secret)
+            self.fuzz_bad = sum(n for k, n in seen.items() if k in BAD_STATUSES)
+            self.say(f"{name}: {calls} calls -> {dict(seen)}")
+            self.notes.append(f"- {name}: {calls} calls on {len(targets)} services (malformed "
+                              f"bytes and odd values{', with the cluster secret' if secret else ''}"
+                              "), statuses: "
                               + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
         else:
             raise ValueError(f"unknown scenario {name!r}")
@@ -154,6 +162,7 @@ class Chaos:
         self.settle()
         killed = 1 if name.startswith("kill9") or name == "coordinator-restart" else 0
         r0 = self.restarts()
+        self.fuzz_bad = 0
         load = Load(self.cluster.address, prompts, max_tokens, a.deadline).start()
         end = time.monotonic() + 60
         while load.streaming() < len(prompts) // 2 and time.monotonic() < end:
@@ -166,7 +175,8 @@ class Chaos:
         restarts = self.restarts() - r0
         row = {"scenario": name, **load.summary(reference), "hung": hung,
                "blocks_leaked": leaked, "recovery_s": recovery if recovery is not None else "never",
-               "restarts": restarts, "crashes": max(0, restarts - killed)}
+               "restarts": restarts, "crashes": max(0, restarts - killed),
+               "fuzz_bad": self.fuzz_bad}
         self.say(" ".join(f"{k}={v}" for k, v in row.items()))
         return row
 
@@ -207,5 +217,6 @@ def run(args: argparse.Namespace) -> int:
         plotting.write_markdown(os.path.join(args.out, "chaos.md"), rows, COLUMNS,
                                 title="pdserve bench chaos", meta=meta, notes=chaos.notes)
         say(f"wrote {args.out}/chaos.md and chaos.csv")
-    bad = [r for r in rows if r["hung"] or r["blocks_leaked"] or r["crashes"] or r["mismatched"]]
+    bad = [r for r in rows if r["hung"] or r["blocks_leaked"] or r["crashes"] or r["mismatched"]
+           or r["fuzz_bad"]]
     return 1 if bad or chaos._crash else 0

@@ -5,7 +5,9 @@ its tokens, or its status; a thread still running past its deadline + grace is *
 `Probe` sends a short request every few hundred ms from the moment a fault is injected and
 records when one first succeeds (the recovery time). `fuzz` sends malformed bytes and
 odd-but-valid messages to every method of the Coordinator and Worker services on loopback
-addresses only, a bounded number of calls.
+addresses only, a bounded number of calls. With the cluster secret (`credential`), the
+calls pass the guard and reach the handlers' own validation: then every status must be a
+deliberate one (`BAD_STATUSES` never: UNKNOWN and INTERNAL mean a handler raised).
 """
 
 from __future__ import annotations
@@ -158,20 +160,26 @@ def _odd_messages(rng: random.Random, service: str, method: str) -> object | Non
 _METHODS = {
     "Coordinator": {"Generate": True, "Abort": False, "ListWorkers": False, "Stats": False,
                     "Register": False, "Heartbeat": False},
-    "Worker": {"Reserve": False, "Prefill": False, "DecodeStream": True, "Generate": True,
+    "Worker": {"Reserve": False, "Prefill": True, "DecodeStream": True, "Generate": True,
                "Abort": False, "Stats": False},
 }
 
 
-def fuzz(targets: list[tuple[str, str]], calls: int, seed: int = 0) -> Counter:
-    """`calls` fuzz calls spread over `targets` ((service, host:port) pairs, loopback only);
-    returns the status names they ended with."""
+BAD_STATUSES = frozenset({"UNKNOWN", "INTERNAL", "DATA_LOSS"})
+
+
+def fuzz(targets: list[tuple[str, str]], calls: int, seed: int = 0,
+         credential: str | None = None) -> Counter:
+    """`calls` fuzz calls spread over `targets` ((service, host:port) pairs, loopback only),
+    sending `authorization: Bearer <credential>` when given; returns the status names they
+    ended with."""
     rng = random.Random(seed)
     seen: Counter = Counter()
     for host_port in {a for _, a in targets}:
         if not host_port.startswith(("127.", "localhost:", "[::1]:")):
             raise ValueError(f"fuzzing is for loopback addresses only, got {host_port}")
     channels = {a: grpc.insecure_channel(a) for _, a in targets}
+    metadata = (("authorization", f"Bearer {credential}"),) if credential else None
     try:
         for n in range(calls):
             service, address = targets[n % len(targets)]
@@ -185,7 +193,7 @@ def fuzz(targets: list[tuple[str, str]], calls: int, seed: int = 0) -> Counter:
             make = ch.unary_stream if streaming else ch.unary_unary
             call = make(path, request_serializer=None, response_deserializer=None)
             try:
-                result = call(body, timeout=2.0)
+                result = call(body, timeout=2.0, metadata=metadata)
                 if streaming:
                     for _ in result:
                         pass

@@ -204,13 +204,15 @@ class FakeWorker(pb_grpc.WorkerServicer):
         try:
             if r.aborted.is_set():
                 await context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
+            reply = pb.PrefillReply(first_token=r.outputs[0], finished=len(r.outputs) == 1,
+                                    finish_reason=r.reason if len(r.outputs) == 1 else "")
+            yield reply  # token 0 first, as the engine's prefill role does
             dst = _ENDPOINTS.get(request.kv_address)
             if dst is None or not dst.deliver_kv(rid, r.outputs[0]):
                 await context.abort(grpc.StatusCode.ABORTED, "fake transfer: destination gone")
-            return pb.PrefillReply(first_token=r.outputs[0], kv_bytes=len(prompt) * 64,
-                                   timings=pb.Timings(prefill_ms=1.0, transfer_ms=0.5),
-                                   finished=len(r.outputs) == 1, finish_reason=r.reason
-                                   if len(r.outputs) == 1 else "")
+            reply.kv_done, reply.kv_bytes = True, len(prompt) * 64
+            reply.timings.CopyFrom(pb.Timings(prefill_ms=1.0, transfer_ms=0.5))
+            yield reply
         finally:
             self._release(rid)
 

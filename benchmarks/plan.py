@@ -60,13 +60,16 @@ def rough_capacity(cal: Calibration, lengths: Sequence[tuple[int, int]], setup: 
 def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
             slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
             seed: int = 0, max_runs: int = 10, min_duration_s: float = 0.0,
-            start_rate: float | None = None, rel_tol: float = 0.05) -> SearchResult:
+            start_rate: float | None = None, rel_tol: float = 0.05,
+            min_requests: int = 0, max_requests: int = 0) -> SearchResult:
     """Predicted max rate at >= target attainment for one setup and a list of (in, out).
-    With `min_duration_s`, a run at rate r simulates max(len(lengths), r * min_duration_s)
-    requests (lengths reused in turn), so a high rate is a sustained load, not one burst."""
+    With `min_duration_s`, a run at rate r simulates max(min_requests or len(lengths),
+    r * min_duration_s) requests (the lengths in turn), so a high rate is a sustained load,
+    not one burst."""
 
     def measure(rate: float) -> float:
-        n = max(len(lengths), math.ceil(rate * min_duration_s))
+        n = max(min_requests or len(lengths), math.ceil(rate * min_duration_s))
+        n = min(n, max_requests) if max_requests else n
         ls = [lengths[i % len(lengths)] for i in range(n)]
         times = arrival_times(n, rate, burstiness, random.Random(seed + 7919))
         return sim_attainment(simulate_setup(cal, setup, times, ls), slos)
@@ -86,12 +89,13 @@ def splits(gpus: int, colocated: bool = True) -> list[Setup]:
 
 def plan(cal: Calibration, gpus: int, lengths: Sequence[tuple[int, int]], slos: dict[str, float],
          target: float = 0.9, burstiness: float = 1.0, seed: int = 0,
-         colocated: bool = True, min_duration_s: float = 0.0) -> list[dict]:
+         colocated: bool = True, min_duration_s: float = 0.0, max_runs: int = 10,
+         max_requests: int = 0) -> list[dict]:
     """One row per candidate setup, best predicted goodput first."""
     rows = []
     for s in splits(gpus, colocated):
-        res = predict(cal, s, lengths, slos, target, burstiness, seed,
-                      min_duration_s=min_duration_s)
+        res = predict(cal, s, lengths, slos, target, burstiness, seed, max_runs=max_runs,
+                      min_duration_s=min_duration_s, max_requests=max_requests)
         rows.append({"gpus": gpus, "setup": s.name, "predicted_goodput_rps": res.max_rate,
                      "per_gpu_rps": res.max_rate / gpus, "search": res.describe()})
     return sorted(rows, key=lambda r: -r["predicted_goodput_rps"])
@@ -129,18 +133,26 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
                 m = measured.get((s["setup"], wname, rate))
                 if m is None:
                     continue
-                times = arrival_times(len(lengths), rate, burst, random.Random(seed + 7919))
-                att, good = sim_summary(simulate_setup(cal, setup, times, lengths), slos,
+                n = int(m.get("num_prompts") or len(lengths))  # the run's first n lengths
+                ls = [lengths[i % len(lengths)] for i in range(n)]
+                times = arrival_times(n, rate, burst, random.Random(seed + 7919))
+                att, good = sim_summary(simulate_setup(cal, setup, times, ls), slos,
                                         win.get("warmup", 0.1), win.get("cooldown", 0.1))
+                got = m.get("steady_goodput", m["request_goodput"])
                 per_run.append({"setup": s["setup"], "workload": wname, "rate": rate,
-                                "measured_goodput_rps": m["request_goodput"],
+                                "measured_goodput_rps": got,
                                 "predicted_goodput_rps": good,
-                                "error": validation_error(good, m["request_goodput"]),
+                                "error": validation_error(good, got),
                                 "measured_attainment": m["slo_attainment"],
                                 "predicted_attainment": att})
+            durs = [d for d in w.get("send_durations_s", []) if d]
+            sized = bool(search.get("run_duration_s") or search.get("budget_s"))
             pred = predict(cal, setup, lengths, slos, res["target"], burst, seed,
-                           max_runs=search.get("max_runs", 6),
-                           start_rate=search.get("start_rate"), rel_tol=search.get("rel_tol", 0.15))
+                           # as many runs as the measured search made (a budget may cut it)
+                           max_runs=len(w.get("search_runs") or []) or search.get("max_runs", 6),
+                           start_rate=search.get("start_rate"), rel_tol=search.get("rel_tol", 0.15),
+                           min_duration_s=sum(durs) / len(durs) if sized and durs else 0.0,
+                           min_requests=res["num_prompts"] if sized else 0)
             per_search.append({"setup": s["setup"], "workload": wname,
                                "measured_max_rate": w["max_rate"],
                                "predicted_max_rate": pred.max_rate,
@@ -165,7 +177,55 @@ def validation_lines(per_run: Sequence[dict], per_search: Sequence[dict]) -> lis
             "", "Max rate at target attainment (same search procedure on the simulator):", "",
             plotting.markdown_table(per_search, floatfmt=".3g"), "",
             f"Mean |error| of max rate: {mean_abs_error(per_search):.1%} over "
-            f"{len(per_search)} searches."]
+            f"{len(per_search)} searches.", "", *within_lines(per_run)]
+
+
+def within_lines(per_run: Sequence[dict], tol: float = 0.15) -> list[str]:
+    """Per setup: the largest |error| of predicted goodput over its runs, against `tol`."""
+    out = []
+    for setup in dict.fromkeys(r["setup"] for r in per_run):
+        rows = [r for r in per_run if r["setup"] == setup and not math.isnan(r["error"])]
+        if not rows:
+            out.append(f"- {setup}: no run with a measured goodput > 0 to compare")
+            continue
+        worst = max(rows, key=lambda r: abs(r["error"]))
+        ok = abs(worst["error"]) <= tol
+        out.append(f"- {setup}: predicted goodput within {tol:.0%} of measured in "
+                   f"{sum(abs(r['error']) <= tol for r in rows)} of {len(rows)} runs "
+                   f"({'every run' if ok else 'NOT every run'}); largest |error| "
+                   f"{abs(worst['error']):.1%} "
+                   f"({worst['workload']} at {worst['rate']:.3g} req/s: predicted "
+                   f"{worst['predicted_goodput_rps']:.3g}, measured "
+                   f"{worst['measured_goodput_rps']:.3g} req/s)")
+    return out
+
+
+def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int]) -> list[str]:
+    """Goodput on N GPUs as N / g replicas of each validated g-GPU setup (its predicted and
+    its measured max rate times the replicas), best first per workload and N; then the
+    assumptions. Replicas need no new simulation, so this costs nothing at 64 GPUs."""
+    from pdserve.benchmarks import plotting
+
+    rows = []
+    for wname in dict.fromkeys(r["workload"] for r in per_search):
+        for n in gpu_counts:
+            cands = []
+            for r in per_search:
+                g = parse_setup(r["setup"]).gpus
+                if r["workload"] == wname and n % g == 0:
+                    k = n // g
+                    cands.append({"workload": wname, "gpus": n, "setup": f"{k} x {r['setup']}",
+                                  "predicted_goodput_rps": k * r["predicted_max_rate"],
+                                  "from_measured_rps": k * r["measured_max_rate"]})
+            rows += sorted(cands, key=lambda c: -c["predicted_goodput_rps"])
+    if not rows:
+        return ["No setup of this run divides the GPU counts asked for."]
+    return ["Goodput on N GPUs as N / g independent replicas of each g-GPU setup measured "
+            "here (the planner's predicted max rate x replicas, and the measured one x "
+            "replicas), best first:", "", plotting.markdown_table(rows, floatfmt=".3g"), "",
+            ASSUMPTIONS.strip() + " Replicas share no load: one larger pool would multiplex "
+            "requests better, so these are lower bounds in that respect; splits that no "
+            "measured setup replicates (e.g. 5P3D) need `pdserve plan --gpus N`.", ""]
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -13,6 +13,10 @@ Model (each worker is one GPU; times from the calibrated profiles):
   running sequence together; it lasts prefill_ms + decode_step_ms (prefill stalls decode:
   the interference disaggregation removes). Requests go to the worker with the fewest
   sequences.
+- conditional (`xPyD-condT`, the coordinator's --pd-threshold-tokens T): a prompt under T
+  tokens goes straight to the decode worker with the fewest sequences, which prefills it
+  in its own step as a colocated worker does (no prefill worker, no transfer); the rest
+  take the xPyD path.
 The simulator ignores the coordinator, the network beyond the fitted transfer line,
 preemption and prefix caching.
 """
@@ -27,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pdserve.benchmarks.capstone_calibration import Calibration
+from pdserve.benchmarks.capstone_metrics import steady_rates
 
 
 @dataclass(slots=True)
@@ -37,6 +42,7 @@ class SimReq:
     first: float = math.nan
     end: float = math.nan
     generated: int = 0
+    local: bool = False  # prefilled on its decode worker (conditional disaggregation)
 
     def ttft_ms(self) -> float:
         return (self.first - self.arrival) * 1e3
@@ -85,18 +91,18 @@ class _Decoder:
         cal, now = self.cal, self.loop.now
         prefilled: list[SimReq] = []
         ms = 0.0
-        if self.colocated:
-            tokens, sq = 0, 0.0
-            while (self.waiting and len(self.running) + len(prefilled) < cal.max_batch
-                   and (not prefilled or tokens + self.waiting[0].prompt <= cal.prefill_token_budget)):
-                r = self.waiting.popleft()
-                prefilled.append(r)
-                tokens, sq = tokens + r.prompt, sq + r.prompt ** 2
-            if prefilled:
-                ms += cal.prefill_ms(tokens, sq)
-        else:
-            while self.waiting and len(self.running) < cal.max_batch:
+        tokens, sq = 0, 0.0
+        while self.waiting and len(self.running) + len(prefilled) < cal.max_batch:
+            r = self.waiting[0]
+            if not (self.colocated or r.local):  # its KV arrived: it decodes from this step
                 self.running.append(self.waiting.popleft())
+                continue
+            if prefilled and tokens + r.prompt > cal.prefill_token_budget:
+                break
+            prefilled.append(self.waiting.popleft())
+            tokens, sq = tokens + r.prompt, sq + r.prompt ** 2
+        if prefilled:
+            ms += cal.prefill_ms(tokens, sq)
         if self.running:
             ctx = sum(r.prompt + r.generated for r in self.running)
             ms += cal.decode_step_ms(len(self.running), ctx)
@@ -116,7 +122,7 @@ class _Decoder:
             else:
                 still.append(r)
         self.running = still
-        for r in prefilled:  # colocated: the prefill step made token 0
+        for r in prefilled:  # colocated or local: the prefill step made token 0
             r.first, r.generated = t, 1
             if r.output <= 1:
                 r.end = t
@@ -168,8 +174,10 @@ class _Prefiller:
 
 
 def simulate(cal: Calibration, prefill: int, decode: int, both: int,
-             arrivals: Sequence[float], lengths: Sequence[tuple[int, int]]) -> list[SimReq]:
-    """Every request's first-token and finish time on the given setup."""
+             arrivals: Sequence[float], lengths: Sequence[tuple[int, int]],
+             cond_tokens: int = 0) -> list[SimReq]:
+    """Every request's first-token and finish time on the given setup; with `cond_tokens`,
+    prompts under it are prefilled on their decode worker."""
     if both and (prefill or decode):
         raise ValueError("simulate either xPyD or Nboth, not a mix")
     if not both and (prefill < 1 or decode < 1):
@@ -184,16 +192,20 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
         decs = [_Decoder(loop, cal, colocated=False) for _ in range(decode)]
         pres = [_Prefiller(loop, cal, decs) for _ in range(prefill)]
         for r in reqs:
-            loop.at(r.arrival, lambda r=r: min(pres, key=lambda p: p.queued_tokens).add(r))
+            r.local = r.prompt < cond_tokens
+            pool = decs if r.local else pres
+            key = (lambda w: w.load) if r.local else (lambda p: p.queued_tokens)
+            loop.at(r.arrival, lambda r=r, pool=pool, key=key: min(pool, key=key).add(r))
     loop.run()
     return reqs
 
 
 def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
                 cooldown: float = 0.1) -> tuple[float, float]:
-    """(attainment, goodput req/s) over the same window as the capstone's measurement: the
+    """(attainment, goodput req/s) with the capstone's definitions: attainment over the
     requests between the first `warmup` and the last `cooldown` fraction of arrivals;
-    goodput = those meeting every SLO (ms) / (first arrival to last finish among them)."""
+    goodput = SLO-meeting requests finishing within those requests' arrival span, per
+    second (capstone_metrics.steady_rates)."""
     order = sorted(reqs, key=lambda r: r.arrival)
     lo, hi = math.floor(len(order) * warmup), len(order) - math.floor(len(order) * cooldown)
     sel = order[lo:hi] if hi > lo else order
@@ -204,8 +216,8 @@ def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 
         vals = {"ttft": r.ttft_ms(), "tpot": r.tpot_ms(), "e2el": r.e2el_ms()}
         return all(math.isnan(vals[k]) or vals[k] <= v for k, v in slos.items())
     good = sum(ok(r) for r in sel)
-    dur = max(r.end for r in sel) - sel[0].arrival
-    return good / len(sel), (good / dur if dur > 0 else math.nan)
+    _, goodput = steady_rates(sel[0].arrival, sel[-1].arrival, ((r.end, ok(r)) for r in reqs))
+    return good / len(sel), goodput
 
 
 def sim_attainment(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
@@ -216,9 +228,9 @@ def sim_attainment(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float
 
 @dataclass(frozen=True, slots=True)
 class Setup:
-    """xPyD (disaggregated), Nboth (colocated), or xPyD+Nboth+condT: conditional
-    disaggregation, where prompts shorter than T tokens go to the colocated workers and
-    the rest to the P/D pool (the router decides per request; the pools share nothing)."""
+    """xPyD (disaggregated), Nboth (colocated), or xPyD-condT: conditional disaggregation,
+    xPyD where the coordinator (--pd-threshold-tokens T) has prompts under T tokens
+    prefilled on their decode worker."""
 
     prefill: int
     decode: int
@@ -228,7 +240,7 @@ class Setup:
     @property
     def name(self) -> str:
         if self.cond_tokens:
-            return f"{self.prefill}P{self.decode}D+{self.both}both+cond{self.cond_tokens}"
+            return f"{self.prefill}P{self.decode}D-cond{self.cond_tokens}"
         return setup_name(self.prefill, self.decode, self.both)
 
     @property
@@ -241,38 +253,30 @@ class Setup:
 
 
 def parse_setup(name: str) -> Setup:
-    """'1P3D' -> Setup(1, 3, 0); '4both' -> Setup(0, 0, 4); '1P1D+1both+cond512' ->
-    Setup(1, 1, 1, 512)."""
+    """'1P3D' -> Setup(1, 3, 0); '4both' -> Setup(0, 0, 4); '1P1D-cond512' ->
+    Setup(1, 1, 0, 512)."""
     import re
 
     s = name.strip()
-    m = re.fullmatch(r"(\d+)P(\d+)D(?:\+(\d+)both\+cond(\d+))?", s, re.IGNORECASE)
+    m = re.fullmatch(r"(\d+)P(\d+)D(?:-cond(\d+))?", s, re.IGNORECASE)
     if m:
-        p, d = int(m.group(1)), int(m.group(2))
-        b, t = int(m.group(3) or 0), int(m.group(4) or 0)
-        if p < 1 or d < 1 or (m.group(3) is not None and (b < 1 or t < 1)):
-            raise ValueError(f"setup {name!r}: xPyD needs x, y >= 1 (and +Nboth+condT N, T >= 1)")
-        return Setup(p, d, b, t)
+        p, d, t = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+        if p < 1 or d < 1 or (m.group(3) is not None and t < 1):
+            raise ValueError(f"setup {name!r}: xPyD needs x, y >= 1 (and -condT T >= 1)")
+        return Setup(p, d, 0, t)
     m = re.fullmatch(r"(\d+)both", s, re.IGNORECASE)
     if m and int(m.group(1)) >= 1:
         return Setup(0, 0, int(m.group(1)))
-    raise ValueError(f"setup {name!r}: expected xPyD (1P3D), Nboth (2both) or "
-                     "xPyD+Nboth+condT (1P1D+1both+cond512)")
+    raise ValueError(f"setup {name!r}: expected xPyD (1P3D), Nboth (2both) or xPyD-condT "
+                     "(1P1D-cond512: prompts under T tokens prefilled on the decode worker)")
 
 
 def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
                    lengths: Sequence[tuple[int, int]]) -> list[SimReq]:
-    """`simulate` for any Setup; conditional setups split the requests by prompt length
-    and simulate the two pools apart (results in the original order)."""
-    if not setup.cond_tokens:
-        return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths)
-    short = [i for i, (p, _) in enumerate(lengths) if p < setup.cond_tokens]
-    long_ = [i for i, (p, _) in enumerate(lengths) if p >= setup.cond_tokens]
-    out: dict[int, SimReq] = {}
-    for idx, (pp, dd, bb) in ((short, (0, 0, setup.both)), (long_, (setup.prefill, setup.decode, 0))):
-        if idx:
-            sim = simulate(cal, pp, dd, bb, [arrivals[i] for i in idx], [lengths[i] for i in idx])
-            out.update(zip(idx, sim))
-    return [out[i] for i in range(len(lengths))]
+    """`simulate` for any Setup."""
+    return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths,
+                    setup.cond_tokens)
+
+
 def setup_name(prefill: int, decode: int, both: int) -> str:
     return f"{both}both" if both else f"{prefill}P{decode}D"

@@ -2,12 +2,20 @@
 
 Starts a 1 prefill + 1 decode cluster (cuda:0 / cuda:1 over NCCL, or CPU over UCX) and,
 as the baseline, one colocated worker on the prefill device. For each input length it sends
-sequential requests and reports, as medians:
-  queue_ms     coordinator + prefill-worker queueing
+sequential requests and reports, as medians over the requests:
+  ttft_ms      client-side time to the first token; baseline_ttft_ms for the colocated run
+  hops_ms      client <-> coordinator: client TTFT minus the coordinator's own TTFT (from
+               accepting the request to building token 0's response)
+  queue_ms     time queued in the coordinator for decode KV blocks
   prefill_ms   the prefill forward (first token sampled), reported by the prefill worker
   tail_ms      KV transfer still running after the last layer's compute (transfer tail)
-  decode1_ms   first decode step: client-side gap between token 0 and token 1
-  ttft_ms      client-side time to the first token; baseline_ttft_ms for the colocated run
+  rest_ms      what is left: ttft - (hops + queue + prefill + tail), per request. It holds
+               the coordinator -> prefill worker RPC and its reply, the decode worker's
+               reservation, and the prefill worker's own queue and admission. When token 0
+               reaches the client before the transfer tail ends, the tail is not in the
+               TTFT and rest_ms goes negative by up to tail_ms.
+  decode1_ms   first decode step: client-side gap between token 0 and token 1 (a tail
+               that token 0 no longer waits for shows up here)
 """
 
 from __future__ import annotations
@@ -19,13 +27,18 @@ import time
 
 from tqdm import tqdm
 
+COLUMNS = ["input_len", "ttft_ms", "hops_ms", "queue_ms", "prefill_ms", "tail_ms", "rest_ms",
+           "decode1_ms", "kv_mib", "baseline_ttft_ms", "ttft_ratio", "target_ms"]
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = __doc__
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--devices", default="0,1", help="'0,1' (prefill, decode GPUs) or 'cpu'")
     p.add_argument("--transfer", default=None, choices=["nccl", "ucx"],
                    help="default: nccl on GPUs, ucx on cpu")
-    p.add_argument("--input-lens", default="512,2048,8192")
+    p.add_argument("--input-lens", default="512,2048,8192,32768")
     p.add_argument("--iters", type=int, default=5, help="requests per input length")
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--no-baseline", action="store_true", help="skip the colocated prefill-only run")
@@ -39,17 +52,37 @@ def _prompt(n: int, salt: int) -> list[int]:
     return [(salt * 7919 + 31 * i) % 251 + 1 for i in range(n)]  # distinct: no prefix hits
 
 
+def breakdown(client_ttft_ms: float, decode1_ms: float | None, metrics: dict) -> dict[str, float]:
+    """One request's parts (ms) from the client's stamps and the coordinator's metrics."""
+    server_ttft = metrics.get("ttft_ms", 0.0) or client_ttft_ms  # 0: not reported
+    parts = {"ttft_ms": client_ttft_ms, "hops_ms": client_ttft_ms - server_ttft,
+             "queue_ms": metrics.get("queue_ms", 0.0), "prefill_ms": metrics.get("prefill_ms", 0.0),
+             "tail_ms": metrics.get("transfer_ms", 0.0),
+             "kv_bytes": float(metrics.get("kv_bytes", 0))}
+    parts["rest_ms"] = client_ttft_ms - sum(parts[k] for k in ("hops_ms", "queue_ms", "prefill_ms",
+                                                               "tail_ms"))
+    if decode1_ms is not None:
+        parts["decode1_ms"] = decode1_ms
+    return parts
+
+
+def medians(records: list[dict[str, float]]) -> dict[str, float]:
+    """Per-column median over the requests (a column no request has: nan)."""
+    keys = ("ttft_ms", "hops_ms", "queue_ms", "prefill_ms", "tail_ms", "rest_ms", "decode1_ms",
+            "kv_bytes")
+    return {k: statistics.median(v) if (v := [r[k] for r in records if k in r]) else float("nan")
+            for k in keys}
+
+
 def _measure(address: str, lens: list[int], iters: int, max_tokens: int, label: str) -> dict:
     from pdserve.coordinator.client import Client
 
-    out: dict[int, dict[str, list[float]]] = {}
+    out: dict[int, dict[str, float]] = {}
     with Client(address, timeout_s=600) as cl:
         cl.generate(_prompt(64, 0), max_tokens=2, temperature=0.0, ignore_eos=True)  # warm-up
         bar = tqdm(total=len(lens) * (iters + 1), desc=label)
         for n in lens:
-            rec: dict[str, list[float]] = {k: [] for k in
-                                           ("ttft_ms", "decode1_ms", "queue_ms", "prefill_ms",
-                                            "tail_ms", "kv_bytes")}
+            records = []
             for it in range(iters + 1):  # the first one of each length warms it up
                 t0 = time.perf_counter()
                 stamps: list[float] = []
@@ -62,17 +95,18 @@ def _measure(address: str, lens: list[int], iters: int, max_tokens: int, label: 
                 bar.update()
                 if it == 0:
                     continue
-                rec["ttft_ms"].append((stamps[0] - t0) * 1e3)
-                if len(stamps) > 1:
-                    rec["decode1_ms"].append((stamps[1] - stamps[0]) * 1e3)
-                rec["queue_ms"].append(metrics.get("queue_ms", 0.0))
-                rec["prefill_ms"].append(metrics.get("prefill_ms", 0.0))
-                rec["tail_ms"].append(metrics.get("transfer_ms", 0.0))
-                rec["kv_bytes"].append(float(metrics.get("kv_bytes", 0)))
-            out[n] = rec
+                d1 = (stamps[1] - stamps[0]) * 1e3 if len(stamps) > 1 else None
+                records.append(breakdown((stamps[0] - t0) * 1e3, d1, metrics))
+            out[n] = medians(records)
         bar.close()
-    return {n: {k: (statistics.median(v) if v else float("nan")) for k, v in r.items()}
-            for n, r in out.items()}
+    return out
+
+
+def make_row(n: int, d: dict[str, float], baseline_ttft_ms: float) -> dict[str, float]:
+    b = baseline_ttft_ms
+    return {"input_len": n, **{k: d[k] for k in COLUMNS[1:8]},
+            "kv_mib": d["kv_bytes"] / 2**20, "baseline_ttft_ms": b,
+            "ttft_ratio": d["ttft_ms"] / b if b == b else float("nan"), "target_ms": 1.02 * b + 0.5}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,13 +127,7 @@ def run(args: argparse.Namespace) -> int:
             base = _measure(c.address, lens, args.iters, args.max_tokens, "prefill-only")
     rows = []
     for n in lens:
-        d = disagg[n]
-        b = base.get(n, {}).get("ttft_ms", float("nan"))
-        rows.append({"input_len": n, "ttft_ms": d["ttft_ms"], "queue_ms": d["queue_ms"],
-                     "prefill_ms": d["prefill_ms"], "tail_ms": d["tail_ms"],
-                     "decode1_ms": d["decode1_ms"], "kv_mib": d["kv_bytes"] / 2**20,
-                     "baseline_ttft_ms": b, "ttft_ratio": d["ttft_ms"] / b if b == b else float("nan"),
-                     "target_ms": 1.02 * b + 0.5})
+        rows.append(make_row(n, disagg[n], base.get(n, {}).get("ttft_ms", float("nan"))))
         if args.json:
             print(json.dumps(rows[-1]))
     _write(args.out, rows, f"TTFT breakdown, 1P1D {args.model}, devices {devs}")
@@ -113,11 +141,11 @@ def _write(out_dir: str, rows: list[dict], title: str) -> None:
     meta = plotting.run_metadata(device)
     stem = f"{out_dir}/ttft"
     plotting.write_csv(stem + ".csv", rows)
-    plotting.write_markdown(stem + ".md", rows, title=title, meta=meta, floatfmt=".2f",
+    plotting.write_markdown(stem + ".md", rows, COLUMNS, title=title, meta=meta, floatfmt=".2f",
                             notes=["```", (__doc__ or "").strip(), "```"])
-    print(plotting.markdown_table(rows, floatfmt=".2f"))
+    print(plotting.markdown_table(rows, COLUMNS, floatfmt=".2f"))
     x = [r["input_len"] for r in rows]
-    plotting.plot_lines(stem + ".png", {k: (x, [r[k] for r in rows]) for k in
-                                        ("ttft_ms", "baseline_ttft_ms", "prefill_ms", "tail_ms")},
+    shown = ("ttft_ms", "baseline_ttft_ms", "prefill_ms", "tail_ms", "rest_ms", "decode1_ms")
+    plotting.plot_lines(stem + ".png", {k: (x, [r[k] for r in rows]) for k in shown},
                         xlabel="input tokens", ylabel="ms", logx=True,
                         title=f"{title}\n{meta['device']}; {meta['date'][:10]}; {meta['commit']}")

@@ -15,7 +15,7 @@ import os
 import signal
 
 from pdserve.coordinator.config import CoordinatorConfig, FailureConfig
-from pdserve.proto import cluster_secret
+from pdserve.proto import cluster_secret, tls
 
 ROUTING = ("least_loaded", "round_robin", "prefix_aware")
 
@@ -27,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"gRPC port, 0 = any free port (default {d.port})")
     parser.add_argument("--routing", choices=ROUTING, default=d.routing,
                         help=f"routing policy (default {d.routing})")
+    parser.add_argument("--pd-threshold-tokens", type=int, default=d.pd_threshold_tokens,
+                        metavar="N",
+                        help="conditional disaggregation: a prompt of fewer than N tokens is "
+                             "prefilled on its decode worker itself (no prefill worker, no KV "
+                             "transfer); longer ones are disaggregated. Counts prompt tokens "
+                             "(prefix-cache hits are not known to the coordinator). 0 = always "
+                             f"disaggregate (default {d.pd_threshold_tokens})")
     parser.add_argument("--max-queue", type=int, default=d.max_queue,
                         help="requests that may wait for decode KV blocks before new ones get "
                              f"RESOURCE_EXHAUSTED (default {d.max_queue})")
@@ -58,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-prefix", default=d.etcd_prefix,
                         help=f"the cluster's key prefix in etcd (default {d.etcd_prefix})")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    tls.add_arguments(parser)
     add_failure_arguments(parser)
 
 
@@ -110,16 +118,19 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
         raise SystemExit("error: --worker-timeout and --heartbeat must be positive")
     if args.max_queue < 0:
         raise SystemExit("error: --max-queue must be >= 0")
+    if args.pd_threshold_tokens < 0:
+        raise SystemExit("error: --pd-threshold-tokens must be >= 0 (0 = always disaggregate)")
     from pdserve.engine.model_cache import default_cache_dir
 
     cache_dir = getattr(args, "model_cache_dir", None) or str(default_cache_dir(os.environ))
     return CoordinatorConfig(host=args.host, port=args.port, heartbeat_s=args.heartbeat,
                         worker_timeout_s=args.worker_timeout, max_queue=args.max_queue,
                         routing=args.routing, auth_token=args.auth_token or None,
+                        pd_threshold_tokens=args.pd_threshold_tokens,
                         model_cache_dir=cache_dir, warm_up_s=max(0.0, args.warm_up),
                         cluster_secret=cluster_secret.from_args(args),
                         etcd=args.etcd, etcd_prefix=args.etcd_prefix,
-                        failure=failure_config_from_args(args))
+                        failure=failure_config_from_args(args), tls=tls.from_args(args))
 
 
 async def serve(config: CoordinatorConfig, http_port: int | None = None,
@@ -130,7 +141,8 @@ async def serve(config: CoordinatorConfig, http_port: int | None = None,
     await server.start()
     print(f"coordinator listening on {server.address}", flush=True)
     if server.http_address:
-        print(f"http gateway on http://{server.http_address}", flush=True)
+        scheme = "https" if config.tls is not None and config.tls.serves_tls else "http"
+        print(f"http gateway on {scheme}://{server.http_address}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,6 +12,9 @@ Sampling comes from `sampling` (SamplingParams or dict) plus keyword overrides (
 temperature, top_p, top_k, seed, stop_token_ids, ignore_eos). Failures raise `ClientError`
 with the gRPC status `code` and the coordinator's `details`. Chat messages are rendered by
 the coordinator with the model's chat template, so a client needs no tokenizer.
+
+TLS: `Client(address, tls=TLSConfig(ca_file="ca.pem"))` (proto/tls.py; add `cert_file` and
+`key_file` for mutual TLS). An UNAVAILABLE error says when TLS may be the reason.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pdserve.coordinator.failover import Failover, should_fail_over
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import ROLE_NAME, sampling_to_proto
-from pdserve.proto.grpc_util import CHANNEL_OPTIONS, auth_metadata
+from pdserve.proto.grpc_util import auth_metadata, new_channel, new_sync_channel
+from pdserve.proto.tls import TLSConfig, unavailable_hint
 
 __all__ = ["AsyncClient", "Chunk", "Client", "ClientError", "Result"]
 
@@ -40,8 +44,16 @@ class ClientError(Exception):
         self.details = details
 
     @classmethod
-    def from_rpc(cls, e: grpc.RpcError) -> ClientError:
-        return cls(e.code(), e.details() or "")
+    def from_rpc(cls, e: grpc.RpcError, tls: TLSConfig | None = None) -> ClientError:
+        """The error of a failed call; UNAVAILABLE says when TLS may be the reason."""
+        return cls(e.code(), (e.details() or "") + _hint(e, tls))
+
+
+def _hint(e: grpc.RpcError, tls: TLSConfig | None) -> str:
+    """For an UNAVAILABLE error: whether TLS may be the reason (proto/tls.py)."""
+    if e.code() != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    return unavailable_hint(tls, e.details() or "")
 
 
 @dataclass(slots=True)
@@ -131,8 +143,9 @@ class _ReadyPoll:
     interval_s = 0.05
 
     def __init__(self, address: str, n_prefill: int, n_decode: int, n_both: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, tls: TLSConfig | None = None) -> None:
         self.address, self.want, self.timeout_s = address, (n_prefill, n_decode, n_both), timeout_s
+        self.tls = tls
         self.end = time.monotonic() + timeout_s
         self.msg = "coordinator not reachable"
 
@@ -142,7 +155,8 @@ class _ReadyPoll:
         if error is not None:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise ClientError.from_rpc(error) from None
-            self.msg = f"coordinator at {self.address}: {error.code().name}: {error.details()}"
+            self.msg = (f"coordinator at {self.address}: {error.code().name}: {error.details()}"
+                        + _hint(error, self.tls))
         else:
             roles = (pb.ROLE_PREFILL, pb.ROLE_DECODE, pb.ROLE_BOTH)
             have = [sum(w.info.role == r for w in reply.workers) for r in roles]
@@ -155,25 +169,25 @@ class _ReadyPoll:
         return None
 
 
-def _stream_error(e: grpc.RpcError, address: str, chunks: int) -> ClientError:
+def _stream_error(e: grpc.RpcError, address: str, chunks: int,
+                  tls: TLSConfig | None) -> ClientError:
     if chunks and should_fail_over(e):
         return ClientError(e.code(), f"coordinator {address} lost the stream after {chunks} "
                            f"chunk(s): {e.details()}")
-    return ClientError.from_rpc(e)
-
-
-def _new_sync_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return ClientError.from_rpc(e, tls)
 
 
 class Client:
     """Blocking client. `timeout_s` is the default deadline of each call (None: none)."""
 
     def __init__(self, address: str | Sequence[str], timeout_s: float | None = None,
-                 auth_token: str | None = None) -> None:
+                 auth_token: str | None = None, tls: TLSConfig | None = None) -> None:
         # several addresses ("a:1,b:2" or a list): coordinators of one cluster, with
         # failover between them (coordinator/failover.py)
-        self._pool = Failover(address, _new_sync_channel, lambda ch: ch.close())
+        if tls is not None and tls.dials_tls:
+            tls.check()  # a wrong file is TLSError here, not UNAVAILABLE at the first call
+        self.tls = tls
+        self._pool = Failover(address, lambda a: new_sync_channel(a, tls), lambda ch: ch.close())
         self.address = ",".join(self._pool.addresses)
         self.timeout_s = timeout_s
         self._md = auth_metadata(auth_token)
@@ -208,7 +222,7 @@ class Client:
                 if chunks == 0 and should_fail_over(e) and attempt + 1 < self._pool.attempts():
                     self._pool.failed(address)  # nothing reached the caller: call the next one
                     continue
-                raise _stream_error(e, address, chunks) from None
+                raise _stream_error(e, address, chunks, self.tls) from None
             finally:
                 call.cancel()  # no-op when finished; cancels when the caller stops early
 
@@ -235,7 +249,7 @@ class Client:
                 if should_fail_over(e) and attempt + 1 < self._pool.attempts():
                     self._pool.failed(address)
                     continue
-                raise ClientError.from_rpc(e) from None
+                raise ClientError.from_rpc(e, self.tls) from None
 
     def abort(self, request_id: str) -> bool:
         return self._unary("Abort", pb.AbortRequest(request_id=request_id)).found
@@ -249,7 +263,7 @@ class Client:
     def wait_ready(self, n_prefill: int = 0, n_decode: int = 0, n_both: int = 0,
                    timeout_s: float = 60.0) -> list[dict[str, Any]]:
         """Block until that many workers of each role are registered; TimeoutError if not."""
-        poll = _ReadyPoll(self.address, n_prefill, n_decode, n_both, timeout_s)
+        poll = _ReadyPoll(self.address, n_prefill, n_decode, n_both, timeout_s, self.tls)
         while True:
             address, channel = self._pool.get()
             try:
@@ -280,9 +294,12 @@ class AsyncClient:
     """
 
     def __init__(self, address: str | Sequence[str], timeout_s: float | None = None,
-                 auth_token: str | None = None) -> None:
-        self._pool = Failover(address, lambda a: grpc.aio.insecure_channel(
-            a, options=CHANNEL_OPTIONS), lambda ch: ch.close())  # failover as in Client
+                 auth_token: str | None = None, tls: TLSConfig | None = None) -> None:
+        if tls is not None and tls.dials_tls:
+            tls.check()
+        self.tls = tls
+        self._pool = Failover(address, lambda a: new_channel(a, tls=tls),
+                              lambda ch: ch.close())  # failover as in Client
         self.address = ",".join(self._pool.addresses)
         self.timeout_s = timeout_s
         self._md = auth_metadata(auth_token)
@@ -317,7 +334,7 @@ class AsyncClient:
                 if chunks == 0 and should_fail_over(e) and attempt + 1 < self._pool.attempts():
                     self._pool.failed(address)
                     continue
-                raise _stream_error(e, address, chunks) from None
+                raise _stream_error(e, address, chunks, self.tls) from None
             finally:
                 call.cancel()
 
@@ -343,7 +360,7 @@ class AsyncClient:
                 if should_fail_over(e) and attempt + 1 < self._pool.attempts():
                     self._pool.failed(address)
                     continue
-                raise ClientError.from_rpc(e) from None
+                raise ClientError.from_rpc(e, self.tls) from None
 
     async def abort(self, request_id: str) -> bool:
         return (await self._unary("Abort", pb.AbortRequest(request_id=request_id))).found
@@ -358,7 +375,7 @@ class AsyncClient:
     async def wait_ready(self, n_prefill: int = 0, n_decode: int = 0, n_both: int = 0,
                          timeout_s: float = 60.0) -> list[dict[str, Any]]:
         """Wait until that many workers of each role are registered; TimeoutError if not."""
-        poll = _ReadyPoll(self.address, n_prefill, n_decode, n_both, timeout_s)
+        poll = _ReadyPoll(self.address, n_prefill, n_decode, n_both, timeout_s, self.tls)
         while True:
             address, channel = self._pool.get()
             try:

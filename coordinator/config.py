@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.proto.tls import TLSConfig
+
 
 @dataclass(frozen=True, slots=True)
 class FailureConfig:
@@ -51,8 +53,15 @@ class CoordinatorConfig:
     # before a prefill/decode worker is registered, warm each transfer path it will use
     # (coordinator/warmup.py), for at most this long; 0 = off
     warm_up_s: float = 0.0
+    # TLS of the gRPC server, the HTTP gateway and the channels to workers (None: plaintext)
+    tls: TLSConfig | None = None
+    # conditional disaggregation (coordinator/pd_decider.py): prompts under this many tokens
+    # are prefilled on their decode worker; 0 = always disaggregate
+    pd_threshold_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if self.pd_threshold_tokens < 0:
+            raise ValueError(f"pd_threshold_tokens must be >= 0, got {self.pd_threshold_tokens}")
         if self.heartbeat_s <= 0 or self.worker_timeout_s <= 0:
             raise ValueError("heartbeat_s and worker_timeout_s must be positive")
         if self.max_queue < 0:

@@ -3,11 +3,16 @@
 Disaggregated (docs/architecture.md, "Request life cycle"): pick D, Reserve on D (on refusal
 try the next D; when all refuse, wait in the coordinator queue until capacity appears or the
 deadline), open D.DecodeStream, call P.Prefill with D's kv_address and block ids, emit the
-first token from PrefillReply as soon as it arrives, then D's tokens (D never repeats the
-first token). Whenever an attempt ends without a clean finish, both workers get
+first token from P's first PrefillReply as soon as it arrives (before the KV transfer ends),
+wait for P's second reply (the transfer is complete), then emit D's tokens (D never repeats
+the first token). Whenever an attempt ends without a clean finish, both workers get
 Abort(request id) so they free every block. Failures (coordinator/migration.py): the
 request is retried or migrated on another pair; every worker call is bounded (a deadline,
 or a stall watch on streams), so no attempt waits forever.
+
+Conditional disaggregation (coordinator/pd_decider.py): with a P/D pool registered, a
+prompt under the decider's threshold is prefilled by the chosen decode worker itself
+(Worker.Generate on D, as on a colocated worker: no prefill worker, no KV transfer).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pdserve.coordinator.config import FailureConfig
 from pdserve.coordinator.health import StallWatch
 from pdserve.coordinator.metrics import NoMetrics
 from pdserve.coordinator.migration import Attribution, run_attempts
+from pdserve.coordinator.pd_decider import COLOCATED, LOCAL_PREFILL, PATHS, PdDecider
 from pdserve.coordinator.registry import Registry, WorkerHandle
 from pdserve.coordinator.request import RequestError, RequestState, WorkerFailure
 from pdserve.coordinator.router import RoutingPolicy
@@ -51,8 +57,11 @@ def _transfer_cause(e: RpcError) -> str:
 
 class Dispatcher:
     def __init__(self, registry: Registry, policy: RoutingPolicy, max_queue: int,
-                 failure: FailureConfig | None = None, metrics: NoMetrics | None = None) -> None:
+                 failure: FailureConfig | None = None, metrics: NoMetrics | None = None,
+                 decider: PdDecider | None = None) -> None:
         self.registry = registry
+        self.decider = decider or PdDecider()
+        self.paths = dict.fromkeys(PATHS, 0)  # requests by the path of their first attempt
         self.metrics = metrics or NoMetrics()
         self.policy = policy
         self.max_queue = max_queue
@@ -67,13 +76,15 @@ class Dispatcher:
         reg = self.registry
         n_p, n_d, n_b = (len(reg.workers(r)) for r in (pb.ROLE_PREFILL, pb.ROLE_DECODE, pb.ROLE_BOTH))
         if n_p and n_d:
-            flow = self._disaggregated
+            flow, path = self._pd_pool, self.decider.path(len(st.prompt))
         elif n_b:
-            flow = self._colocated
+            flow, path = self._colocated, COLOCATED
         else:
             raise RequestError(Code.UNAVAILABLE, (
                 f"no worker can serve: {n_p} prefill, {n_d} decode, {n_b} both registered "
                 "(need at least one prefill and one decode worker, or one 'both' worker)"))
+        self.paths[path] += 1
+        self.metrics.request_path(path)
         counted: list[bool] = []
 
         def on_retry(migrating: bool) -> None:
@@ -199,7 +210,7 @@ class Dispatcher:
                 st.emit(list(chunk.token_ids), chunk.finished, chunk.finish_reason)
                 if chunk.finished:
                     st.transfer_ms = max(st.transfer_ms, chunk.timings.transfer_ms)
-                    if role == "colocated":
+                    if st.prefill_worker == st.decode_worker:  # it prefilled too
                         st.prefill_ms = chunk.timings.prefill_ms
                     return True
         except RpcError as e:
@@ -214,13 +225,22 @@ class Dispatcher:
         self.attr.charge(w, "stream ended unfinished")
         raise WorkerFailure([w], f"{role} worker {w.worker_id} ended its stream unfinished")
 
+    async def _prefill_reply(self, p: WorkerHandle, call) -> pb.PrefillReply:
+        """The next reply of a Prefill stream (token 0 first, then the transfer's end)."""
+        reply = await self.attr.guarded(p, "prefill", call.read())
+        if reply is grpc.aio.EOF:
+            self.attr.charge(p, "prefill stream ended without a reply")
+            raise WorkerFailure([p], f"prefill worker {p.worker_id} ended its Prefill stream "
+                                "early")
+        return reply
+
     # -- flows -------------------------------------------------------------------------
     async def _disaggregated(self, st: RequestState, wid: str, excluded: set[str]) -> None:
         d, res = await self._reserve(st, wid, excluded)
         prompt, n_out = self._continuation(st)
         targets = [(d, wid)]
         done = False
-        dcall = None
+        dcall = pcall = None
         d.inflight += 1
         try:
             ps = self.registry.routable(pb.ROLE_PREFILL, excluded)
@@ -241,9 +261,14 @@ class Dispatcher:
             n = len(prompt)
             p.inflight += 1
             p.inflight_prefill_tokens += n
+            pcall = p.stub.Prefill(preq, timeout=_cap(st.remaining(), self.cfg.prefill_timeout_s))
             try:
-                reply = await self.attr.guarded(p, "prefill", p.stub.Prefill(
-                    preq, timeout=_cap(st.remaining(), self.cfg.prefill_timeout_s)))
+                first = await self._prefill_reply(p, pcall)
+                # token 0 goes to the client now, while the transfer may still run
+                st.emit([first.first_token], first.finished, first.finish_reason)
+                if first.finished:
+                    return  # D finishes by itself too; the Abort below makes sure it frees
+                reply = first if first.kv_done else await self._prefill_reply(p, pcall)
             except RpcError as e:
                 cause = _transfer_cause(e)
                 if cause:
@@ -259,23 +284,39 @@ class Dispatcher:
                 p.inflight_prefill_tokens -= n
             st.prefill_ms, st.transfer_ms = reply.timings.prefill_ms, reply.timings.transfer_ms
             st.kv_bytes = reply.kv_bytes
-            st.emit([reply.first_token], reply.finished, reply.finish_reason)
-            if reply.finished:
-                return  # D finishes by itself too; the Abort below makes sure it frees
             done = await self._stream(st, d, "decode", dcall)
         finally:
             d.inflight -= 1
             if not done:
-                if dcall is not None:
-                    dcall.cancel()
+                for call in (dcall, pcall):
+                    if call is not None:
+                        call.cancel()
                 self.abort_later(targets)
 
+    async def _pd_pool(self, st: RequestState, wid: str, excluded: set[str]) -> None:
+        """One attempt on the P/D pool: the decider picks the path from this attempt's prompt."""
+        prompt, _ = self._continuation(st)
+        if self.decider.path(len(prompt)) == LOCAL_PREFILL:
+            await self._generate_on(st, wid, excluded, pb.ROLE_DECODE)
+        else:
+            await self._disaggregated(st, wid, excluded)
+
     async def _colocated(self, st: RequestState, wid: str, excluded: set[str]) -> None:
-        ws = self.registry.routable(pb.ROLE_BOTH, excluded)
+        await self._generate_on(st, wid, excluded, pb.ROLE_BOTH)
+
+    async def _generate_on(self, st: RequestState, wid: str, excluded: set[str],
+                           role: int) -> None:
+        """Worker.Generate on one worker that prefills and decodes the request: a `both`
+        worker (colocated) or a decode worker (a local prefill)."""
+        local = role == pb.ROLE_DECODE
+        ws = self.registry.routable(role, excluded)
         if not ws:
-            raise RequestError(Code.UNAVAILABLE, "no 'both' worker available")
+            raise RequestError(Code.UNAVAILABLE, "no decode worker available" if local
+                               else "no 'both' worker available")
         prompt, n_out = self._continuation(st)
-        w = self.policy.order_both(ws, prompt)[0]
+        if local:
+            self._check_fits(st, ws)
+        w = (self.policy.order_decode if local else self.policy.order_both)(ws, prompt)[0]
         w.routed += 1
         st.prefill_worker = st.decode_worker = w.worker_id
         req = pb.GenerateWorkerRequest(request_id=wid, prompt_token_ids=prompt,
@@ -284,7 +325,7 @@ class Dispatcher:
         w.inflight += 1
         call = w.stub.Generate(req, timeout=st.remaining())
         try:
-            done = await self._stream(st, w, "colocated", call)
+            done = await self._stream(st, w, "decode" if local else "colocated", call)
         finally:
             w.inflight -= 1
             if not done:

@@ -6,6 +6,11 @@ MAX_HEAD_BYTES gets 431, one not complete HEAD_TIMEOUT_S after its first byte (o
 connection opened) gets 408; requests the parser rejects (bad Content-Length, bad request
 line, ...) get uvicorn's 400. Every such answer closes the connection after it is written.
 Body size and body read time are the app's (http_gateway.read_body).
+
+With a `TLSConfig` that has a certificate it serves HTTPS (uvicorn's ssl_certfile /
+ssl_keyfile) with the same files as the gRPC server; with a client CA it requires client
+certificates signed by it (ssl_ca_certs, CERT_REQUIRED). A plaintext request to an HTTPS
+port fails its handshake and is closed.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from pdserve.proto.tls import TLSConfig
 
 log = logging.getLogger("pdserve.coordinator.http")
 MAX_HEAD_BYTES = 64 << 10
@@ -125,12 +133,14 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """`await start()` binds and serves `app` on the running loop; `await stop()`."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, tls: TLSConfig | None = None) -> None:
         self.app, self.host, self.port = app, host, port
+        self.tls = tls if tls is not None and tls.serves_tls else None
         self._server: _Server | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> int:
+        ssl_kw = self._ssl()  # a wrong TLS file fails here, before anything is bound
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -144,7 +154,7 @@ class HttpServer:
         config = uvicorn.Config(
             self.app, http=LimitedHttpTools, loop="none", lifespan="off", ws="none",
             log_config=None, access_log=False, proxy_headers=False, server_header=False,
-            timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=2)
+            timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=2, **ssl_kw)
         self._server = _Server(config)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
@@ -154,6 +164,17 @@ class HttpServer:
                 raise OSError("the HTTP server stopped during start-up")
             await asyncio.sleep(0.005)
         return self.port
+
+    def _ssl(self) -> dict[str, Any]:
+        """uvicorn's TLS settings: HTTPS with the certificate, client certificates when a
+        client CA is set."""
+        if self.tls is None:
+            return {}
+        self.tls.check()
+        kw: dict[str, Any] = {"ssl_certfile": self.tls.cert_file, "ssl_keyfile": self.tls.key_file}
+        if self.tls.client_ca_file:
+            kw.update(ssl_ca_certs=self.tls.client_ca_file, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        return kw
 
     async def stop(self) -> None:
         if self._server is None or self._task is None:

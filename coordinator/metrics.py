@@ -73,6 +73,7 @@ class NoMetrics:
     def worker_failure(self, role: str, code: str) -> None: ...
     def transfer_failure(self, cause: str) -> None: ...
     def retry(self) -> None: ...
+    def request_path(self, path: str) -> None: ...
     def http_response(self, route: str, status: int) -> None: ...
     def watch(self, loads: Callable[[], Iterable[tuple[str, str, Any]]],
               coordinator: Callable[[], tuple[int, int]]) -> None: ...
@@ -123,6 +124,8 @@ class Metrics(NoMetrics):
                                        ("role", "code"))
         self.kv_failures = counter("kv_transfer_failures", "KV transfers that failed.", ("cause",))
         self.retries = counter("request_retries", "Requests retried on another worker pair.")
+        self.paths = counter("request_path", "Requests by serving path: local_prefill (the "
+                             "decode worker prefilled it), disaggregated, colocated.", ("path",))
         self.http = counter("http_responses", "HTTP gateway responses.", ("route", "status"))
 
     def first_token(self, elapsed_s: float, prompt_tokens: int) -> None:
@@ -169,6 +172,9 @@ class Metrics(NoMetrics):
 
     def retry(self) -> None:
         self.retries.inc()
+
+    def request_path(self, path: str) -> None:
+        self.paths.labels(path).inc()
 
     def http_response(self, route: str, status: int) -> None:
         self.http.labels(route, str(status)).inc()

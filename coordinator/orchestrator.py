@@ -27,13 +27,14 @@ import grpc
 from pdserve.coordinator.config import FailureConfig
 from pdserve.coordinator.flows import Dispatcher
 from pdserve.coordinator.metrics import NoMetrics, outcome_of
+from pdserve.coordinator.pd_decider import PdDecider
 from pdserve.coordinator.registry import Registry
 from pdserve.coordinator.request import RequestError, RequestState
 from pdserve.coordinator.router import RoutingPolicy
 from pdserve.coordinator.tokens import IncrementalDetokenizer, TokenizerProvider
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto.convert import sampling_fields
+from pdserve.proto.convert import MAX_REQUEST_ID_CHARS, sampling_fields
 
 log = logging.getLogger("pdserve.coordinator")
 Code = grpc.StatusCode
@@ -43,11 +44,11 @@ RATE_WINDOW_S = 10.0
 class Orchestrator:
     def __init__(self, registry: Registry, policy: RoutingPolicy, max_queue: int,
                  tokenizers: TokenizerProvider, metrics: NoMetrics | None = None,
-                 failure: FailureConfig | None = None) -> None:
+                 failure: FailureConfig | None = None, decider: PdDecider | None = None) -> None:
         self.registry = registry
         self.tokenizers = tokenizers
         self.metrics = metrics or NoMetrics()
-        self.dispatch = Dispatcher(registry, policy, max_queue, failure, self.metrics)
+        self.dispatch = Dispatcher(registry, policy, max_queue, failure, self.metrics, decider)
         self.active: dict[str, RequestState] = {}
         # failed = server-side failures only; cancels and rejections are counted apart.
         self.requests_total = self.requests_finished = self.requests_failed = 0
@@ -118,6 +119,9 @@ class Orchestrator:
         sampling.CopyFrom(req.sampling)
         sampling.max_tokens = min(sp.max_tokens, max_len - len(prompt)) if max_len else sp.max_tokens
         rid = req.request_id or uuid.uuid4().hex
+        if len(rid) > MAX_REQUEST_ID_CHARS:
+            raise RequestError(Code.INVALID_ARGUMENT, f"request_id has {len(rid)} characters; "
+                               f"at most {MAX_REQUEST_ID_CHARS}")
         if rid in self.active:
             raise RequestError(Code.ALREADY_EXISTS, f"request id {rid!r} is already in flight")
         detok = None

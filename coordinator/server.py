@@ -20,6 +20,7 @@ from pdserve.coordinator.config import CoordinatorConfig
 from pdserve.coordinator.health import HealthBook
 from pdserve.coordinator.metrics import make_metrics
 from pdserve.coordinator.orchestrator import Orchestrator
+from pdserve.coordinator.pd_decider import PdDecider
 from pdserve.coordinator.registry import Registry, WorkerIdTaken
 from pdserve.coordinator.request import RequestError
 from pdserve.coordinator.router import make_policy
@@ -113,7 +114,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         peers = [(w.worker_id, w.stub) for w in self.registry.workers(other) if w.alive]
         if not peers:
             return
-        channel = new_channel(info.address, self.config.cluster_secret)
+        channel = new_channel(info.address, self.config.cluster_secret, self.config.tls)
         try:
             n = await warm_new_worker(info, pb_grpc.WorkerStub(channel), peers, budget)
             log.info("worker at %s: %d of %d transfer paths warmed", info.address, n, len(peers))
@@ -153,21 +154,22 @@ class CoordinatorServer:
     async def start(self) -> int:
         cfg = self.config
         registry = Registry(cfg.worker_timeout_s,
-                            lambda address: new_channel(address, cfg.cluster_secret),
+                            lambda address: new_channel(address, cfg.cluster_secret, cfg.tls),
                             health=HealthBook(cfg.failure, heartbeat_s=cfg.heartbeat_s))
         factory = self._tok_args[0] or functools.partial(default_tokenizer_factory,
                                                          cache_dir=cfg.model_cache_dir)
         tokenizers = TokenizerProvider(factory=factory, tokenizer=self._tok_args[1])
         self.metrics = make_metrics()
         self.orch = orch = Orchestrator(registry, make_policy(cfg.routing), cfg.max_queue,
-                                        tokenizers, metrics=self.metrics, failure=cfg.failure)
+                                        tokenizers, metrics=self.metrics, failure=cfg.failure,
+                                        decider=PdDecider(cfg.pd_threshold_tokens))
         self.metrics.watch(
             lambda: ((w.worker_id, ROLE_NAME.get(w.role, "?"), w.load) for w in registry.workers()),
             lambda: (len(orch.active), orch.dispatch.queued))
         self._server = new_server(Guard(COORDINATOR_PLANES, cfg.auth_token, cfg.cluster_secret))
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.orch, cfg), self._server)
         self._health = await add_standard_services(self._server, [COORDINATOR_SERVICE])
-        self.port = listen(self._server, cfg.host, cfg.port)
+        self.port = listen(self._server, cfg.host, cfg.port, cfg.tls)
         if not self.port:
             raise OSError(f"cannot bind the coordinator to {cfg.host}:{cfg.port}")
         await self._server.start()
@@ -184,11 +186,13 @@ class CoordinatorServer:
                 raise RuntimeError(f"the HTTP gateway needs the `http` extra "
                                    f"(pip install 'pdserve[http]'): {e}") from None
             app = create_app(self.orch, self.metrics, cfg.auth_token)
-            self._http = HttpServer(app, self.http_host, self.http_port)
+            self._http = HttpServer(app, self.http_host, self.http_port, tls=cfg.tls)
             bound = await self._http.start()
             host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "[::]") else self.http_host
             self.http_address = f"{host}:{bound}"
-            log.info("HTTP gateway listening on http://%s", self.http_address)
+            log.info("HTTP gateway listening on %s://%s",
+                     "https" if cfg.tls is not None and cfg.tls.serves_tls else "http",
+                     self.http_address)
         return self.port
 
     def _etcd_sync(self, registry: Registry):

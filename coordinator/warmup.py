@@ -35,9 +35,10 @@ async def warm_pair(p: pb_grpc.WorkerStub, d: pb_grpc.WorkerStub, timeout_s: flo
         return
     stream = d.DecodeStream(pb.DecodeRequest(request_id=rid), timeout=timeout_s)
     try:
-        await p.Prefill(pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt,
-                                          sampling=sampling, kv_address=res.kv_address,
-                                          dst_block_ids=res.block_ids), timeout=timeout_s)
+        async for _ in p.Prefill(pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt,
+                                                   sampling=sampling, kv_address=res.kv_address,
+                                                   dst_block_ids=res.block_ids), timeout=timeout_s):
+            pass
         async for _ in stream:
             pass
     finally:

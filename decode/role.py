@@ -1,5 +1,9 @@
 """The decode role: reserve blocks for a prompt, receive its KV, admit it, stream tokens.
 
+A decode worker also serves Worker.Generate (`generate`): the coordinator's conditional
+disaggregation sends it prompts too short to be worth a transfer, and it prefills them
+itself, on the colocated role's path (decode/both.py `generate_locally`).
+
 Life of one request here: `reserve()` (asyncio loop) admits the prompt as a sequence
 waiting for remote KV and posts the receive; the coordinator then opens `decode_stream()`;
 `_on_kv()` (transfer thread) admits the sequence with token 0 once every layer has landed;
@@ -14,6 +18,7 @@ import time
 import grpc
 
 from pdserve.decode import batching
+from pdserve.decode.both import generate_locally
 from pdserve.engine.config import EngineConfig
 from pdserve.kvtransfer.link import ReceiverLink
 from pdserve.proto import pdserve_pb2 as pb
@@ -64,6 +69,11 @@ class DecodeRole(Role):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"no reservation for request {request.request_id!r} on this worker")
         async for chunk in self.core.stream_tokens(st, context):
+            yield chunk
+
+    async def generate(self, request: pb.GenerateWorkerRequest, context):
+        """A local prefill (conditional disaggregation): no prefill worker, no transfer."""
+        async for chunk in generate_locally(self.core, request, context):
             yield chunk
 
     # -- transfer thread --------------------------------------------------------------------

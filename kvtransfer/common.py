@@ -108,8 +108,13 @@ class TransferOptions:
     secret: bytes | str | None = field(default=None, repr=False)
     max_frame_bytes: int = 1 << 20  # largest control message accepted from a peer
     max_pending_handshakes: int = 64  # receiver: connections not yet through the handshake
+    # CUDA gather/scatter: thread blocks of the bounded row-copy kernel (row_copy.py), so the
+    # copy never takes the SMs the backend's next send/recv kernel needs; 0: torch index ops
+    copy_ctas: int = 32
 
     def __post_init__(self) -> None:
+        if self.copy_ctas < 0:
+            raise ValueError("copy_ctas must be >= 0")
         if self.max_frame_bytes < 1024 or self.max_pending_handshakes < 1:
             raise ValueError("max_frame_bytes must be >= 1024 and max_pending_handshakes >= 1")
         if self.staging_bytes <= 0 or self.num_staging_buffers < 1:

@@ -73,7 +73,7 @@ class Endpoint:
                  on_fatal: FatalCallback | None = None) -> None:
         self.options = options or TransferOptions()
         self._secret = auth.secret_bytes(self.options.secret)
-        self.layout = KVLayout(kv_caches)
+        self.layout = KVLayout(kv_caches, self.options.copy_ctas)
         self.geometry = self.layout.geometry
         self.device = self.layout.device
         self._cuda = self.device.type == "cuda"

@@ -18,6 +18,8 @@ from .backend import Backend, Op
 from .common import TransferError
 from .pynccl import NCCL_IN_PROGRESS, NCCL_SUCCESS, NcclLibrary, default_library
 
+HIGH_PRIORITY = -1  # CUDA stream priority: lower is higher; -1 is valid on every device
+
 
 class _NcclOp(Op):
     __slots__ = ("is_send", "after")
@@ -63,7 +65,9 @@ class NcclBackend(Backend):
         rank = 0 if initiator else 1
         with torch.cuda.device(self.device):
             comm, res = self.lib.comm_init_rank(2, token, rank, blocking=False)
-            stream = torch.cuda.Stream(self.device)
+            # high priority: when the gather/scatter and this pair's send/recv kernels wait
+            # for SMs together, the send/recv is scheduled first (the wire must not idle)
+            stream = torch.cuda.Stream(self.device, priority=HIGH_PRIORITY)
         peer = _NcclPeer(comm, rank, stream, busy=res == NCCL_IN_PROGRESS)
         self._peers.append(peer)
         return peer

@@ -7,8 +7,9 @@ one block's K and V of one layer (contiguous in the pool). Rows are moved as mac
 
 When all layers live in one allocation at a constant stride (e.g. the per-layer tensors are
 `torch.empty(L, N, ...).unbind(0)`), the pool is seen as one [L * N, W] matrix and a message
-of any number of layers is ONE index_select (gather) or index_copy_ (scatter). Otherwise it
-is one call per layer of the message.
+of any number of layers is ONE copy: a bounded-grid Triton kernel on CUDA when `copy_ctas`
+> 0 (row_copy.py: it leaves SMs to the backend's kernels), else index_select (gather) or
+index_copy_ (scatter). Otherwise it is one call per layer of the message.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import row_copy
 from .common import KVGeometry
 
 
@@ -47,7 +49,7 @@ class Rect:
 class KVLayout:
     """Word views of a KV pool and the gather/scatter of message rectangles."""
 
-    def __init__(self, kv_caches: Sequence[torch.Tensor]) -> None:
+    def __init__(self, kv_caches: Sequence[torch.Tensor], copy_ctas: int = 0) -> None:
         self.geometry = KVGeometry.from_kv_caches(kv_caches)
         t0 = kv_caches[0]
         for i, t in enumerate(kv_caches):
@@ -56,6 +58,8 @@ class KVLayout:
             if not t.is_contiguous():
                 raise ValueError(f"KV layer {i} is not contiguous")
         self.device = t0.device
+        # thread blocks of the row-copy kernel (0 or no Triton: torch index ops)
+        self.copy_ctas = copy_ctas if row_copy.available(self.device) else 0
         self.num_blocks = int(t0.shape[0])
         self.row_nbytes = self.geometry.block_nbytes
         self.word = _word_dtype(self.row_nbytes)
@@ -115,23 +119,36 @@ class KVLayout:
     def gather(self, index: torch.Tensor, rect: Rect, out: torch.Tensor) -> None:
         """out[rows of rect] = pool rows (out: [rect.rows, W] staging view)."""
         if self.flat is not None:
-            torch.index_select(self.flat, 0, index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1),
-                               out=out)
+            rows = index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1)
+            if self.copy_ctas:
+                row_copy.gather(self.flat, rows, out, self.copy_ctas)
+            else:
+                torch.index_select(self.flat, 0, rows, out=out)
             return
         nb = rect.b1 - rect.b0
         ids = index[rect.b0:rect.b1]
         for k, layer in enumerate(range(rect.l0, rect.l1)):
-            torch.index_select(self.layers[layer], 0, ids, out=out[k * nb:(k + 1) * nb])
+            if self.copy_ctas:
+                row_copy.gather(self.layers[layer], ids, out[k * nb:(k + 1) * nb], self.copy_ctas)
+            else:
+                torch.index_select(self.layers[layer], 0, ids, out=out[k * nb:(k + 1) * nb])
 
     def scatter(self, index: torch.Tensor, rect: Rect, src: torch.Tensor) -> None:
         """Pool rows of rect = src ([rect.rows, W] staging view)."""
         if self.flat is not None:
-            self.flat.index_copy_(0, index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1), src)
+            rows = index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1)
+            if self.copy_ctas:
+                row_copy.scatter(self.flat, rows, src, self.copy_ctas)
+            else:
+                self.flat.index_copy_(0, rows, src)
             return
         nb = rect.b1 - rect.b0
         ids = index[rect.b0:rect.b1]
         for k, layer in enumerate(range(rect.l0, rect.l1)):
-            self.layers[layer].index_copy_(0, ids, src[k * nb:(k + 1) * nb])
+            if self.copy_ctas:
+                row_copy.scatter(self.layers[layer], ids, src[k * nb:(k + 1) * nb], self.copy_ctas)
+            else:
+                self.layers[layer].index_copy_(0, ids, src[k * nb:(k + 1) * nb])
 
 
 class StagingPool:

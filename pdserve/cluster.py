@@ -33,6 +33,7 @@ from pdserve.child_process import Proc, child_preexec, libc, signal_group
 from pdserve.proto.cluster_secret import ENV as SECRET_ENV
 from pdserve.proto.cluster_secret import new_secret
 from pdserve.proto.convert import ROLES
+from pdserve.proto.tls import TLSConfig
 
 # Needed on the lent GPU machines (NVLink multicast is not available there); set for every
 # child unless the caller's environment already decides.
@@ -120,6 +121,7 @@ def default_coordinator_cmd(cluster: LocalCluster) -> list[str]:
         argv += ["--routing", cluster.routing]
     if cluster.http_port is not None:
         argv += ["--http-port", str(cluster.http_port)]
+    argv += cluster.tls.argv() if cluster.tls is not None else []
     return argv + list(cluster.coordinator_args)
 
 
@@ -129,6 +131,7 @@ def default_worker_cmd(cluster: LocalCluster, spec: WorkerSpec) -> list[str]:
             "--transfer", cluster.transfer, "--host", "127.0.0.1", "--port", "0"]
     if cluster.dtype:
         argv += ["--dtype", cluster.dtype]
+    argv += cluster.tls.argv() if cluster.tls is not None else []
     return argv + list(cluster.worker_args)
 
 
@@ -140,6 +143,7 @@ class LocalCluster:
     Workers always pick free ports. `transfer`: None = nccl on GPUs, ucx on CPU.
     `coordinator_cmd(cluster)` / `worker_cmd(cluster, spec)` build each child's argv
     (override them to run fake workers); `env` adds to / overrides the children's environment.
+    `tls`: every child gets its files as --tls-* flags, and this process dials with it.
     """
 
     def __init__(self, model: str = "tiny", prefill: int = 1, decode: int = 1, both: int = 0, *,
@@ -152,7 +156,8 @@ class LocalCluster:
                  coordinator_cmd: Callable[[LocalCluster], list[str]] = default_coordinator_cmd,
                  worker_cmd: Callable[[LocalCluster, WorkerSpec], list[str]] = default_worker_cmd,
                  start_timeout_s: float = 30.0, stop_grace_s: float = 10.0,
-                 cluster_secret: str | None = None, shared_gpus: bool = False) -> None:
+                 cluster_secret: str | None = None, shared_gpus: bool = False,
+                 tls: TLSConfig | None = None) -> None:
         counts = {"prefill": prefill, "decode": decode, "both": both}
         if any(n < 0 for n in counts.values()):
             raise ClusterError(f"worker counts must be >= 0, got {counts}")
@@ -179,6 +184,7 @@ class LocalCluster:
         # the cluster plane's credential, new for every cluster unless given; the children
         # get it in their environment (the CLI reads it there, never a file left behind)
         self.cluster_secret = cluster_secret or new_secret()
+        self.tls = tls
         self.coordinator_cmd, self.worker_cmd = coordinator_cmd, worker_cmd
         self.start_timeout_s, self.stop_grace_s = start_timeout_s, stop_grace_s
         self._log_dir_arg = log_dir
@@ -324,7 +330,7 @@ class LocalCluster:
 
         end = time.monotonic() + timeout_s
         msg = "not checked yet"
-        with Client(self.address) as client:
+        with Client(self.address, tls=self.tls) as client:
             while True:
                 dead = self.exited()
                 if dead:
@@ -333,7 +339,7 @@ class LocalCluster:
                     workers = client.wait_ready(self.counts["prefill"], self.counts["decode"],
                                                 self.counts["both"], timeout_s=0.25)
                     unhealthy = [w["info"]["address"] for w in workers
-                                 if not _serving(w["info"]["address"])]
+                                 if not _serving(w["info"]["address"], self.tls)]
                     if not unhealthy:
                         return workers
                     msg = f"registered but not SERVING: {', '.join(unhealthy)}"
@@ -371,11 +377,13 @@ class LocalCluster:
                           file=sys.stderr)
 
 
-def _serving(address: str, timeout_s: float = 2.0) -> bool:
+def _serving(address: str, tls: TLSConfig | None = None, timeout_s: float = 2.0) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from pdserve.proto.grpc_util import new_sync_channel
+
+    with new_sync_channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)

@@ -74,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--coordinator: deadline of the request, seconds")
     parser.add_argument("--auth-token", default=None,
                         help="--coordinator: bearer token (default: $PDSERVE_AUTH_TOKEN)")
+    from pdserve.proto import tls
+
+    tls.add_arguments(parser, server=False)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,11 +109,14 @@ def _run_coordinator(args: argparse.Namespace) -> int:
     import os
 
     from pdserve.coordinator.client import Client, ClientError
+    from pdserve.proto import tls
 
     token = args.auth_token or os.environ.get("PDSERVE_AUTH_TOKEN")
     stream_text = args.stream and not args.json
+    tls_config = tls.from_args(args, server=False)
     try:
-        with Client(args.coordinator, timeout_s=args.timeout, auth_token=token) as client:
+        with Client(args.coordinator, timeout_s=args.timeout, auth_token=token,
+                    tls=tls_config) as client:
             ids: list[int] = []
             texts: list[str] = []
             if args.chat:
@@ -155,4 +161,7 @@ def _run_local(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.local and (args.tls_ca or args.tls_cert or args.tls_key):
+        raise SystemExit("error: --tls-ca/--tls-cert/--tls-key are for --coordinator; "
+                         "--local talks to no server")
     return _run_local(args) if args.local else _run_coordinator(args)

@@ -82,7 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # use {python} {role} {index} {name} {device} {coordinator} {model} {transfer}.
     parser.add_argument("--worker-cmd", default=None, help=argparse.SUPPRESS)
     from pdserve import ray_launch
+    from pdserve.proto import tls
 
+    tls.add_arguments(parser)
     ray_launch.add_arguments(parser)
 
 
@@ -100,13 +102,15 @@ def template_worker_cmd(template: str):
 
 
 def cluster_from_args(args: argparse.Namespace) -> LocalCluster:
+    from pdserve.proto import tls
+
     extra = {"worker_cmd": template_worker_cmd(args.worker_cmd)} if args.worker_cmd else {}
     return LocalCluster(
         model=args.model, prefill=args.prefill, decode=args.decode, both=args.both,
         devices=args.devices, host=args.host, port=args.port, transfer=args.transfer,
         routing=args.routing, dtype=args.dtype, http_port=args.http_port, log_dir=args.log_dir,
         worker_args=args.worker_arg, coordinator_args=args.coordinator_arg,
-        stop_grace_s=args.grace, **extra)
+        stop_grace_s=args.grace, tls=tls.from_args(args), **extra)
 
 
 def _raise_terminate(signum: int, frame: FrameType | None) -> None:
@@ -121,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "ray", None):
         from pdserve.ray_launch import run_ray
 
+        if any(getattr(args, f, None) for f in ("tls_cert", "tls_key", "tls_ca", "tls_client_ca")):
+            _say("error: --tls-* is not implemented with --ray; start the roles with "
+                 "`pdserve coordinator|worker --tls-*` on each node", err=True)
+            return 2
         return run_ray(args)
     try:
         cluster = cluster_from_args(args)
@@ -149,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
         cluster.wait_ready(args.ready_timeout)
         _say(f"ready at {cluster.address} ({roles})")
         if args.http_port is not None:
-            _say(f"http gateway on http://{args.host}:{args.http_port}")
+            scheme = "https" if cluster.tls is not None and cluster.tls.serves_tls else "http"
+            _say(f"http gateway on {scheme}://{args.host}:{args.http_port}")
         sup = Supervisor(cluster, max_restarts=args.restart_limit, window_s=args.restart_window,
                          backoff_s=args.restart_backoff, say=lambda m: _say(m, err=True))
         while True:

@@ -11,7 +11,7 @@ import sys
 
 from pdserve import net
 from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig, TransferConfig, WorkerConfig
-from pdserve.proto import cluster_secret
+from pdserve.proto import cluster_secret, tls
 from pdserve.proto.convert import ROLES
 
 
@@ -75,7 +75,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         host=args.host, advertise_host=net.advertise_host(args.host, args.advertise_host),
         port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
         heartbeat_s=args.heartbeat, auth_token=args.auth_token, cluster_secret=secret,
-        etcd=args.etcd, etcd_prefix=args.etcd_prefix, lease_ttl_s=args.lease_ttl)
+        etcd=args.etcd, etcd_prefix=args.etcd_prefix, lease_ttl_s=args.lease_ttl,
+        tls=tls.from_args(args))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,6 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the coordinator's API key, for a coordinator without a cluster secret")
     cluster_secret.add_argument(p)
     p.add_argument("--log-level", default="INFO")
+    tls.add_arguments(p)
     add_engine_arguments(p)
 
 

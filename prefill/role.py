@@ -1,18 +1,20 @@
 """The prefill role: run the prompt, push its KV layer by layer into the blocks the decode
-worker reserved, and reply with the first token once every layer is sent.
+worker reserved; reply with the first token as soon as it is sampled, and again once every
+layer is sent.
 
 Life of one request here: `prefill()` (asyncio loop) connects to the decode worker's KV
 endpoint and admits the prompt as a prefill-only sequence; in the step that completes it,
 `before_run()` (engine thread) starts the transfer and returns a layer hook that marks each
 layer ready as soon as the model has written it; `on_token()` takes the first token and
-closes the transfer with it; `_on_sent()` (transfer thread) frees the blocks and settles
-the RPC. Batching is in prefill/batching.py.
+closes the transfer with it, and releases the first reply; `_on_sent()` (transfer thread)
+frees the blocks and releases the final reply. Batching is in prefill/batching.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -51,7 +53,8 @@ class PrefillRole(Role):
         self.sender.abort(req_id)
 
     # -- Worker.Prefill ---------------------------------------------------------------------
-    async def prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillReply:
+    async def prefill(self, request: pb.PrefillRequest, context) -> AsyncIterator[pb.PrefillReply]:
+        """Two replies: token 0 as soon as it is sampled, then the transfer's completion."""
         core, bs = self.core, self.core.engine.block_size
         n_dst = len(request.dst_block_ids)
 
@@ -71,22 +74,31 @@ class PrefillRole(Role):
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"cannot reach the decode worker's KV endpoint: {exc}",
                                 trailing_metadata=PEER)
+        loop = asyncio.get_running_loop()
         st, _ = await core.admit(
             context, seq, dst_address=address,
             dst_block_ids=list(request.dst_block_ids),
-            done=asyncio.get_running_loop().create_future())
+            done=loop.create_future(), first=loop.create_future())
         try:
+            await st.first
+            yield self._reply(st, kv_done=False)
             await st.done
         except RequestAborted as exc:
             core.table.pop(st.req_id)
+            _retrieve(st.done)
             await context.abort(exc.code, exc.message)
         except asyncio.CancelledError:
+            _retrieve(st.done)
             await core.abort_request(st.req_id)
             raise
         core.table.pop(st.req_id)
+        yield self._reply(st, kv_done=True)
+
+    @staticmethod
+    def _reply(st: ReqState, kv_done: bool) -> pb.PrefillReply:
         return pb.PrefillReply(first_token=st.first_token, kv_bytes=st.kv_bytes,
                                timings=timings(st), finished=st.first_finishes,
-                               finish_reason=st.finish_reason)
+                               finish_reason=st.finish_reason, kv_done=kv_done)
 
     # -- engine thread ----------------------------------------------------------------------
     def before_run(self, out: SchedulerOutput) -> LayerHook | None:
@@ -122,10 +134,8 @@ class PrefillRole(Role):
             status = eng.scheduler.stop_status(seq, token)
             st.first_finishes = status is not None
             st.finish_reason = FINISH_REASONS[status] if status is not None else ""
-        if not st.pushed_per_layer:  # every layer is ready once this step's work is
-            for layer in range(eng.model_cfg.num_layers):
-                self.sender.layer_ready(st.req_id, layer)
-        self.sender.finish(st.req_id, {"first_token": int(token)})
+        self.core.table.resolve_first(st)  # the first reply leaves while the KV moves
+        self.sender.finish(st.req_id, {"first_token": int(token)})  # marks every layer ready
         return True
 
     # -- transfer thread --------------------------------------------------------------------
@@ -142,3 +152,9 @@ class PrefillRole(Role):
         else:
             st.kv_bytes = nbytes
             core.table.resolve(st, result=True)
+
+
+def _retrieve(fut: asyncio.Future | None) -> None:
+    """Mark a future's exception as seen (no 'never retrieved' warning when unawaited)."""
+    if fut is not None and fut.done() and not fut.cancelled():
+        fut.exception()

@@ -19,6 +19,10 @@ ROLE_BY_NAME = {"prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE, "both": pb
 ROLE_NAME = {v: k for k, v in ROLE_BY_NAME.items()}
 ROLES = tuple(ROLE_BY_NAME)
 
+# The longest request id: a request's id travels in the KV control channel's messages,
+# whose schema refuses longer ones (kvtransfer/schema.py MAX_ID_CHARS, the same number).
+MAX_REQUEST_ID_CHARS = 256
+
 
 def sampling_fields(msg: pb.SamplingParams) -> dict[str, Any]:
     """Keyword arguments of the engine's SamplingParams; unset fields are left out, so they

@@ -2,10 +2,12 @@
 
 - `add_standard_services(server, names)`: grpc.health.v1 + server reflection on a grpc.aio
   server; returns the health servicer (call `set_serving` / `enter_graceful_shutdown`).
-- `new_server(guard)` / `new_channel(address, credential)`: grpc.aio objects with the
+- `new_server(guard)` / `new_channel(address, credential, tls)`: grpc.aio objects with the
   project's options; the guard (proto/guard.py) checks credentials and request bytes, the
-  credential goes on every call of the channel. `listen(server, host, port)`: bind, with
-  AddressInUse (one clear line) when taken.
+  credential goes on every call of the channel. `listen(server, host, port, tls)`: bind, with
+  AddressInUse (one clear line) when taken. `new_sync_channel(address, tls)`: a blocking
+  channel (the Python `Client`). With a `TLSConfig` (proto/tls.py) servers listen with TLS
+  and channels dial with it; without one, both are plaintext.
 - `check_auth(context, token)`: `authorization: Bearer TOKEN` metadata check.
 
 Keepalive: clients ping every 30 s (also with no call open); servers allow pings every 10 s
@@ -26,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve.proto import pdserve_pb2
+from pdserve.proto.tls import TLSConfig
 
 MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -87,9 +90,11 @@ class AddressInUse(OSError):
     """The address a server was asked to listen on is taken."""
 
 
-def listen(server: grpc.aio.Server, host: str, port: int) -> int:
-    """add_insecure_port with a clear error: AddressInUse when host:port is taken (checked
-    with a plain socket first, so gRPC's own bind error log does not precede it)."""
+def listen(server: grpc.aio.Server, host: str, port: int, tls: TLSConfig | None = None) -> int:
+    """add_insecure_port (add_secure_port when `tls` has a certificate) with a clear error:
+    AddressInUse when host:port is taken (checked with a plain socket first, so gRPC's own
+    bind error log does not precede it); TLSError when a TLS file is wrong."""
+    creds = tls.server_credentials() if tls is not None and tls.serves_tls else None
     if port:
         bare = host.strip("[]")
         with socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET) as probe:
@@ -105,6 +110,8 @@ def listen(server: grpc.aio.Server, host: str, port: int) -> int:
                                        f"port") from None
                 raise
     try:
+        if creds is not None:
+            return server.add_secure_port(f"{host}:{port}", creds)
         return server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as exc:
         raise AddressInUse(errno.EADDRINUSE, f"cannot listen on {host}:{port}: {exc}") from None
@@ -114,12 +121,24 @@ def new_server(guard: grpc.aio.ServerInterceptor | None = None) -> grpc.aio.Serv
     return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[guard] if guard else None)
 
 
-def new_channel(address: str, credential: str | None = None) -> grpc.aio.Channel:
-    """An aio channel; with a credential, every call carries `authorization: Bearer <it>`."""
+def new_channel(address: str, credential: str | None = None,
+                tls: TLSConfig | None = None) -> grpc.aio.Channel:
+    """An aio channel; with a credential, every call carries `authorization: Bearer <it>`;
+    with a `tls` that has a certificate or a CA, it dials with TLS."""
     from pdserve.proto.guard import credential_interceptors
 
     icp: list[Any] = credential_interceptors(credential)
+    if tls is not None and tls.dials_tls:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(),
+                                       options=CHANNEL_OPTIONS, interceptors=icp or None)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=icp or None)
+
+
+def new_sync_channel(address: str, tls: TLSConfig | None = None) -> grpc.Channel:
+    """A blocking channel with the project's options; TLS as in new_channel."""
+    if tls is not None and tls.dials_tls:
+        return grpc.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:

@@ -323,18 +323,20 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., kv_address: _Optional[bytes] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., decode_worker_id: _Optional[str] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
-    __slots__ = ("first_token", "kv_bytes", "timings", "finished", "finish_reason")
+    __slots__ = ("first_token", "kv_bytes", "timings", "finished", "finish_reason", "kv_done")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    KV_DONE_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     kv_bytes: int
     timings: Timings
     finished: bool
     finish_reason: str
-    def __init__(self, first_token: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    kv_done: bool
+    def __init__(self, first_token: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., kv_done: _Optional[bool] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -326,7 +326,7 @@ class WorkerStub:
                 request_serializer=pdserve_dot_proto_dot_pdserve__pb2.ReserveRequest.SerializeToString,
                 response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.ReserveReply.FromString,
                 _registered_method=True)
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/pdserve.v1.Worker/Prefill',
                 request_serializer=pdserve_dot_proto_dot_pdserve__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.PrefillReply.FromString,
@@ -400,7 +400,7 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.ReserveRequest.FromString,
                     response_serializer=pdserve_dot_proto_dot_pdserve__pb2.ReserveReply.SerializeToString,
             ),
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.PrefillRequest.FromString,
                     response_serializer=pdserve_dot_proto_dot_pdserve__pb2.PrefillReply.SerializeToString,
@@ -474,7 +474,7 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/pdserve.v1.Worker/Prefill',

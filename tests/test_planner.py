@@ -39,11 +39,11 @@ def lengths(n: int = 200, seed: int = 0) -> list[tuple[int, int]]:
 
 def test_parse_setup() -> None:
     assert parse_setup("1P3D") == Setup(1, 3, 0) and parse_setup("4both") == Setup(0, 0, 4)
-    cond = parse_setup("1P1D+1both+cond512")
-    assert cond == Setup(1, 1, 1, 512) and cond.name == "1P1D+1both+cond512"
-    assert (cond.kind, cond.gpus, parse_setup("2P2D").kind) == ("conditional", 3, "P/D")
+    cond = parse_setup("1P1D-cond512")
+    assert cond == Setup(1, 1, 0, 512) and cond.name == "1P1D-cond512"
+    assert (cond.kind, cond.gpus, parse_setup("2P2D").kind) == ("conditional", 2, "P/D")
     assert setup_name(2, 2, 0) == "2P2D" and setup_name(0, 0, 3) == "3both"
-    for bad in ("0P1D", "1P", "both", "2x2", "1P1D+0both+cond5", "1P1D+cond512"):
+    for bad in ("0P1D", "1P", "both", "2x2", "1P1D-cond0", "1P1D+1both+cond512"):
         with pytest.raises(ValueError):
             parse_setup(bad)
 
@@ -67,14 +67,16 @@ def attain(setup: tuple[int, int, int], rate: float) -> float:
 
 
 def test_conditional_setup_routes_by_prompt_length() -> None:
-    ls = [(50, 5), (500, 5), (60, 5), (700, 5)]
-    times = [0.0, 0.0, 0.0, 0.0]
-    out = simulate_setup(CAL, Setup(1, 1, 1, 100), times, ls)
-    # short prompts prefill on the colocated worker (no transfer), long ones go through P/D
+    ls = [(50, 5), (500, 5)]
+    out = simulate_setup(CAL, Setup(1, 1, 0, 100), [0.0, 0.0], ls)
+    # the short prompt is prefilled on the decode worker (no transfer), the long one P/D
+    assert out[0].local and not out[1].local
     assert out[0].ttft_ms() == pytest.approx(CAL.prefill_ms(50, 50 ** 2))
     assert out[1].ttft_ms() == pytest.approx(CAL.prefill_ms(500, 500 ** 2)
                                              + CAL.transfer_ms(500 * CAL.kv_bytes_per_token))
-    assert [r.prompt for r in out] == [50, 500, 60, 700]
+    assert [r.prompt for r in out] == [50, 500]
+    plain = simulate_setup(CAL, Setup(1, 1, 0), [0.0, 0.0], ls)
+    assert plain[0].ttft_ms() > out[0].ttft_ms()  # it queued behind nothing, no transfer
 
 
 def test_attainment_falls_with_load_and_rises_with_gpus() -> None:

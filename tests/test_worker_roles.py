@@ -66,13 +66,17 @@ async def drain(agen) -> tuple[list[int], str]:
     return toks, reason
 
 
+async def drain_prefill(agen) -> list[pb.PrefillReply]:
+    return [r async for r in agen]
+
+
 def generate_request(rid: str, **sampling) -> pb.GenerateWorkerRequest:
     return pb.GenerateWorkerRequest(request_id=rid, prompt_token_ids=PROMPT,
                                     sampling=sampling_to_proto(sampling or GREEDY))
 
 
 async def run_pd(engines, wire: FakeWire, rid: str, sampling=None, **transfer):
-    """Reserve on D, Prefill on P, stream D; returns (prefill reply or error, tokens, reason)."""
+    """Reserve on D, Prefill on P, stream D; returns (prefill replies or error, tokens, reason)."""
     d_core, d_role = make(DecodeRole, engines["decode"], wire)
     p_core, p_role = make(PrefillRole, engines["prefill"], wire, **transfer)
     pump = asyncio.create_task(pump_forever(d_core.engine_loop, p_core.engine_loop))
@@ -83,10 +87,13 @@ async def run_pd(engines, wire: FakeWire, rid: str, sampling=None, **transfer):
         assert res.accepted and len(res.block_ids) == 2
         stream = asyncio.create_task(drain(d_role.decode_stream(
             pb.DecodeRequest(request_id=rid), FakeContext())))
+        replies: list[pb.PrefillReply] = []
         try:
-            reply = await p_role.prefill(pb.PrefillRequest(
-                request_id=rid, prompt_token_ids=PROMPT, sampling=sp,
-                kv_address=res.kv_address, dst_block_ids=res.block_ids), FakeContext())
+            async for r in p_role.prefill(pb.PrefillRequest(
+                    request_id=rid, prompt_token_ids=PROMPT, sampling=sp,
+                    kv_address=res.kv_address, dst_block_ids=res.block_ids), FakeContext()):
+                replies.append(r)
+            reply = replies
         except Aborted as exc:
             reply = exc
         try:
@@ -121,8 +128,11 @@ async def test_disaggregated_equals_both(engines, min_tokens) -> None:
     finally:
         pump.cancel()
     wire = FakeWire(engines["prefill"].kv_caches, engines["decode"].kv_caches)
-    reply, toks, reason = await run_pd(engines, wire, "pd1", layerwise_min_tokens=min_tokens)
-    assert reply.first_token == want[0] and reply.kv_bytes > 0
+    replies, toks, reason = await run_pd(engines, wire, "pd1", layerwise_min_tokens=min_tokens)
+    # token 0 first (the transfer may still run), then the transfer's end
+    assert [r.kv_done for r in replies] == [False, True]
+    early, reply = replies
+    assert early.first_token == reply.first_token == want[0] and reply.kv_bytes > 0
     assert [reply.first_token, *toks] == want and reason == "length"
     assert wire.layers_ready["pd1"] == set(range(engines["prefill"].model_cfg.num_layers))
     assert all_free(engines["prefill"]) and all_free(engines["decode"])
@@ -203,7 +213,7 @@ async def test_prefill_admission_refusals_leave_nothing(engines, case) -> None:
         want = grpc.StatusCode.UNAVAILABLE
     try:
         with pytest.raises(Aborted) as err:
-            await role.prefill(req, FakeContext())
+            await drain_prefill(role.prefill(req, FakeContext()))
     finally:
         pump.cancel()
     assert err.value.code == want
@@ -214,13 +224,13 @@ async def test_prefill_admission_refusals_leave_nothing(engines, case) -> None:
 
 @aio
 async def test_roles_refuse_rpcs_they_do_not_serve(engines) -> None:
-    core, role = make(DecodeRole, engines["decode"], FakeWire())
-    with pytest.raises(Aborted) as err:
+    core, role = make(PrefillRole, engines["prefill"], FakeWire())
+    with pytest.raises(Aborted) as err:  # decode serves Generate (a local prefill)
         await drain(role.generate(generate_request("x"), FakeContext()))
-    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "decode" in err.value.details
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "prefill" in err.value.details
     core, role = make(BothRole, engines["both"])
     with pytest.raises(Aborted) as err:
-        await role.prefill(pb.PrefillRequest(request_id="x"), FakeContext())
+        await drain_prefill(role.prefill(pb.PrefillRequest(request_id="x"), FakeContext()))
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(ValueError, match="unknown worker role"):
         get_role("router")

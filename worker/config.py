@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.config import EngineConfig
 from pdserve.kvtransfer.common import TransferConfig
+from pdserve.proto.tls import TLSConfig
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")  # the same list as pdserve/net.py
 
@@ -28,6 +29,7 @@ class WorkerConfig:
     etcd: str | None = None  # etcd endpoints: register there (under a lease), not with `coordinator`
     etcd_prefix: str = "/pdserve"
     lease_ttl_s: int = 3  # a dead worker leaves the etcd registry after this long
+    tls: TLSConfig | None = None  # TLS of the Worker server and the coordinator link
 
     def __post_init__(self) -> None:
         if self.host in WILDCARD_HOSTS and not self.advertise_host:

@@ -23,6 +23,7 @@ import grpc
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.grpc_util import auth_metadata, new_channel
+from pdserve.proto.tls import TLSConfig, unavailable_hint
 
 log = logging.getLogger("pdserve.worker")
 REGISTER_TIMEOUT_S = 30.0
@@ -50,8 +51,9 @@ class CoordinatorLink:
                  load_fn: LoadFn,
                  auth_token: str | None = None, rpc_timeout_s: float = 5.0,
                  on_register: Callable[[str], None] | None = None,
-                 heartbeat_s: float = 1.0) -> None:
+                 heartbeat_s: float = 1.0, tls: TLSConfig | None = None) -> None:
         self.coordinator = coordinator
+        self.tls = tls  # None: plaintext
         self.info = info
         self.load_fn = load_fn
         self.on_register = on_register  # called with the worker id after every Register
@@ -70,7 +72,7 @@ class CoordinatorLink:
     async def register(self) -> str:
         """One Register call; raises RegistrationRefused or grpc.aio.AioRpcError."""
         if self._stub is None:
-            self._channel = new_channel(self.coordinator)
+            self._channel = new_channel(self.coordinator, tls=self.tls)
             self._stub = pb_grpc.CoordinatorStub(self._channel)
         # Register may take a while: the coordinator first warms the worker's transfer paths
         reply = await self._stub.Register(pb.RegisterRequest(info=self.info), metadata=self._md,
@@ -96,9 +98,11 @@ class CoordinatorLink:
             except grpc.aio.AioRpcError as e:
                 if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT) \
                         or loop.time() >= end:
+                    hint = (unavailable_hint(self.tls, e.details() or "")
+                            if e.code() == grpc.StatusCode.UNAVAILABLE else "")
                     raise RegistrationFailed(
                         f"could not register with the coordinator at {self.coordinator}: "
-                        f"{e.code().name}: {e.details()}") from e
+                        f"{e.code().name}: {e.details()}{hint}") from e
                 await asyncio.sleep(0.2)
         self._task = loop.create_task(self._beat())
         log.info("registered with %s as %s", self.coordinator, self.worker_id)

@@ -23,7 +23,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import Sequence
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto.convert import sampling_fields
+from pdserve.proto.convert import MAX_REQUEST_ID_CHARS, sampling_fields
 from pdserve.worker.config import WorkerConfig
 from pdserve.worker.role import LayerHook, Role
 from pdserve.worker.state import ReqState, RequestAborted, StateTable, StreamEnd
@@ -91,6 +91,9 @@ class WorkerCore:
         `check(seq)` may name a role's own reason to refuse; `output_offset`: the request's
         `num_output_tokens` (a migrated continuation, see Sequence)."""
         try:
+            if len(request_id) > MAX_REQUEST_ID_CHARS:  # the KV control channel refuses it
+                raise ValueError(f"request_id has {len(request_id)} characters; at most "
+                                 f"{MAX_REQUEST_ID_CHARS}")
             params = SamplingParams(**sampling_fields(sampling))
             seq = self.engine.make_sequence(list(prompt), params, seq_id=request_id,
                                             prefill_only=prefill_only,

@@ -74,6 +74,7 @@ class Role:
 
     async def prefill(self, request, context):
         await self._refuse(context, "Prefill")
+        yield  # pragma: no cover - an async generator like the real one
 
     async def decode_stream(self, request, context):
         await self._refuse(context, "DecodeStream")

@@ -68,7 +68,7 @@ class WorkerServer(pb_grpc.WorkerServicer):
         self.server = new_server(Guard(WORKER_PLANES, cluster_secret=self.cfg.cluster_secret))
         pb_grpc.add_WorkerServicer_to_server(self, self.server)
         self.health = await add_standard_services(self.server, [WORKER_SERVICE])
-        self.port = listen(self.server, self.cfg.host, self.cfg.port)
+        self.port = listen(self.server, self.cfg.host, self.cfg.port, self.cfg.tls)
         await self.server.start()
         if self.cfg.etcd:
             from pdserve.proto.etcd import Etcd
@@ -81,7 +81,8 @@ class WorkerServer(pb_grpc.WorkerServicer):
             self.link = CoordinatorLink(
                 self.cfg.coordinator, self.info(), lambda: self.core.on_engine(self.core.load),
                 auth_token=self.cfg.cluster_secret or self.cfg.auth_token, rpc_timeout_s=max(1.0, 2 * self.cfg.heartbeat_s),
-                on_register=self._set_worker_id, heartbeat_s=self.cfg.heartbeat_s)
+                on_register=self._set_worker_id, heartbeat_s=self.cfg.heartbeat_s,
+                tls=self.cfg.tls)
             await self.link.start(timeout_s=30.0)
         log.info("worker %s (%s) serving on %s:%d (advertised as %s)", self.worker_id,
                  self.cfg.role, self.cfg.host, self.port, self.cfg.advertised_host)
@@ -136,7 +137,8 @@ class WorkerServer(pb_grpc.WorkerServicer):
 
     async def Prefill(self, request, context):
         await self._refuse_if_failed(context)
-        return await self.role.prefill(request, context)
+        async for reply in self.role.prefill(request, context):
+            yield reply
 
     async def DecodeStream(self, request, context):
         async for chunk in self.role.decode_stream(request, context):

@@ -34,7 +34,8 @@ class ReqState:
     prompt_len: int
     arrival_s: float = field(default_factory=time.monotonic)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # ints and a final StreamEnd
-    done: asyncio.Future | None = None  # prefill: resolved with the PrefillReply fields
+    done: asyncio.Future | None = None  # prefill: resolved once the KV transfer completed
+    first: asyncio.Future | None = None  # prefill: resolved once token 0 is sampled
     # prefill side
     dst_address: bytes = b""
     dst_block_ids: list[int] = field(default_factory=list)
@@ -83,12 +84,22 @@ class StateTable:
                     st.ended = True
 
     def resolve(self, st: ReqState, result: Any = None, error: BaseException | None = None) -> None:
-        """From any thread: settle a prefill request's future."""
+        """From any thread: settle a prefill request's `done` future; an error settles its
+        `first` future too (whichever the handler awaits sees it)."""
         def _settle() -> None:
-            if st.done is None or st.done.done():
-                return
-            if error is not None:
-                st.done.set_exception(error)
-            else:
-                st.done.set_result(result)
+            futs = (st.first, st.done) if error is not None else (st.done,)
+            for fut in futs:
+                if fut is None or fut.done():
+                    continue
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)
+        self.loop.call_soon_threadsafe(_settle)
+
+    def resolve_first(self, st: ReqState) -> None:
+        """From any thread: token 0 of a prefill request is sampled (st.first_token)."""
+        def _settle() -> None:
+            if st.first is not None and not st.first.done():
+                st.first.set_result(True)
         self.loop.call_soon_threadsafe(_settle)

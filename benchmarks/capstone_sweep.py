@@ -1,0 +1,92 @@
+"""One setup's measurements in `pdserve bench capstone`: every workload's rate search (or
+its fixed-concurrency levels) against one running setup, each run sized by the time
+budget (benchmarks/capstone_budget.py) when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import time
+
+from pdserve.benchmarks import capstone_report as report
+from pdserve.benchmarks.capstone_budget import RunSizer, run_size
+from pdserve.benchmarks.capstone_client import run_load
+from pdserve.benchmarks.capstone_metrics import Window, summarize
+from pdserve.benchmarks.capstone_search import find_max_rate
+from pdserve.benchmarks.capstone_workloads import Request, Workload, length_pairs, make_requests
+
+
+def drain_estimate_s(wl: Workload, pool: list | None, slos: dict[str, float], seed: int) -> float:
+    """Before any run: how long a run's last requests take after the last send, if they
+    meet the SLOs (TTFT + mean output x TPOT, or the E2E SLO), in seconds."""
+    if pool:
+        mean_out = sum(o for _, o in pool) / len(pool)
+    else:
+        pairs = length_pairs(wl, 64, seed)
+        mean_out = sum(o for _, o in pairs) / len(pairs)
+    est = slos.get("ttft", 1000.0) + mean_out * slos.get("tpot", 50.0)
+    return min(est, slos.get("e2el", math.inf)) / 1e3
+
+
+def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos: dict,
+                  window: Window, loop: asyncio.AbstractEventLoop, budget,
+                  deadline_s: float = math.inf) -> report.SetupResult:
+    """Every workload on one setup, by `deadline_s` (monotonic; inf: no budget)."""
+    from pdserve.benchmarks.capstone import concurrency_levels
+
+    res = report.SetupResult(info["label"], info["workers"], info["pools"])
+    warm = [Request(0.0, [(7 * i + j) % (info["vocab"] - 1) + 1 for j in range(16)], 4)
+            for i in range(args.warmup_requests)]
+    for req in warm:
+        loop.run_until_complete(run_load(target, [req], args.timeout))
+    levels = concurrency_levels(args)
+    for k, (wl, pool) in enumerate(wls):
+        wr = report.WorkloadRuns(wl.name, wl.describe)
+        res.by_workload[wl.name] = wr
+        share_end = (deadline_s if math.isinf(deadline_s) else
+                     time.monotonic() + (deadline_s - time.monotonic()) / (len(wls) - k))
+        sizer = RunSizer(share_end, len(levels) or args.max_runs,
+                         drain_estimate_s(wl, pool, slos, args.seed), args.run_duration)
+        if not sizer.can_run():
+            budget.cut(f"{res.setup} / {wl.name}: not run (its share of the budget was spent)")
+            continue
+
+        def one(rate: float, conc: int = 0, wl: Workload = wl, pool: list | None = pool,
+                wr: report.WorkloadRuns = wr, sizer: RunSizer = sizer) -> float:
+            duration = sizer.duration_s() if not conc else 0.0
+            n = run_size(rate, args.num_requests, duration)
+            reqs = make_requests(wl, n, rate, args.seed, info["vocab"], args.burstiness,
+                                 info["max_len"], pool)
+            desc = f"{res.setup} {wl.name} @ " + (f"c={conc}" if conc else f"{rate:.3g} req/s")
+            t0 = time.monotonic()
+            limit = sizer.stop_at(reqs[-1].at_s) - t0
+            results = loop.run_until_complete(run_load(target, reqs, args.timeout, conc, desc,
+                                                       time_limit_s=limit))
+            sizer.ran(time.monotonic() - t0, reqs[-1].at_s)
+            summary = summarize(results, slos, window)
+            summary["send_duration_s"] = reqs[-1].at_s
+            wr.runs.append(report.Run(rate, conc, results, summary))
+            errors = [r.error for r in results if r.error]
+            print(f"{desc}: {n} requests over {reqs[-1].at_s:.3g} s; "
+                  f"{summary['steady_throughput']:.3g} req/s achieved, attainment "
+                  f"{summary['slo_attainment']:.0%}, TTFT p90 {summary['p90_ttft_ms']:.4g} ms, "
+                  f"ITL p99 {summary['p99_itl_ms']:.4g} ms"
+                  + (f"; {len(errors)} failed, first: {errors[0]}" if errors else ""), flush=True)
+            return summary["slo_attainment"]
+
+        if levels:
+            for i, c in enumerate(levels):
+                if i and not sizer.can_run():
+                    budget.cut(f"{res.setup} / {wl.name}: concurrency {levels[i:]} not run")
+                    break
+                one(math.inf, c)
+            continue
+        wr.search = find_max_rate(one, args.start_rate, args.target, args.max_runs,
+                                  args.rel_tol, can_run=sizer.can_run)
+        if wr.search.cut:
+            budget.cut(f"{res.setup} / {wl.name}: search stopped after {len(wr.search.runs)} "
+                       f"of {args.max_runs} runs")
+        print(f"{res.setup} {wl.name}: {wr.search.describe()}", flush=True)
+    return res

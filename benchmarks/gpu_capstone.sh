@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The capstone report on lent GPUs, in one time-boxed call:
+#   bash benchmarks/gpu_capstone.sh OUT 0,1        # 1P1D, 2both, 1P1D-cond512
+#   bash benchmarks/gpu_capstone.sh OUT 0,1,2,3    # 1P3D, 2P2D, 3P1D, 4both, 2P2D-cond512
+# Run from the repository root, with the runtime wheels carried in .whl (grpcio, protobuf,
+# msgpack, xxhash, uvloop) and matplotlib's in .mplwhl. It installs a copy of pdserve in
+# /tmp and runs it from /tmp (the repository's ./pdserve would shadow the installed tree).
+# OUT gets report.md, results.json, calibration.json, the PNGs (w0/, w1/, ...: one folder
+# per workload), capstone.log and gpu.txt: at most 8 files per folder, 2 levels deep.
+#
+# Time (WALL_S, default 560 s: the call's 9.5 min less a margin): the harness gets
+# --budget-s = WALL_S - (seconds already spent installing) - 20 s, and divides it itself
+# (benchmarks/capstone_budget.py): equal shares per setup, start-up included, then per
+# workload, then per run (each run sends for its share less the drain it measured).
+# Arithmetic, 2 GPUs: install ~15-25 s; each setup's start (llama-3.1-8b random weights,
+# warm-up ladder, CUDA graphs, the coordinator's P/D warm-up) ~20-40 s, so 3 setups
+# ~100 s; the report (plots + planner validation, simulated) ~10-30 s (REPORT_RESERVE_S
+# 30 s kept). That leaves ~380 s for 3 setups x 3 workloads = 9 searches of ~42 s: 2-3 runs
+# of 10-20 s of arrivals each (decode-heavy runs drain ~4 s after the last send:
+# TTFT + 192 tokens x 20 ms). 4 GPUs: 5 setups ~150 s of starts, 2 workloads: 10 searches
+# of ~35 s, 2-3 runs each. Measured on CPU with the tiny model (SMOKE=1 WALL_S=240, 3
+# setups x 2 workloads, on a shared, loaded machine): install 7-17 s, a setup's start
+# 19-26 s, the report (plots, validation, extrapolation) 13 s; the script ended after 230 s
+# of its 240, the harness after 194 s of its 203 s budget, 3 searches cut after 1-2 runs.
+# What the budget cut is listed in report.md ("cut by the time budget").
+#
+# Knobs (environment): WALL_S, MODEL (llama-3.1-8b), COND (512), WORKLOADS (space-separated
+# specs), GOODPUT ("ttft:750 tpot:20"), START_RATE, MAX_RUNS (3), RUN_DURATION (20 s, the
+# longest run), PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script).
+set -u
+T0=$(date +%s)
+OUT=$(realpath -m "${1:?usage: gpu_capstone.sh OUT DEVICES}"); DEVICES=${2:?usage: gpu_capstone.sh OUT DEVICES}
+REPO=$(pwd)
+COMMIT=$(git -C "$REPO" log -1 --format='%h %s' 2>/dev/null | cut -c1-60 || true)
+PYTHON=${PYTHON:-python3}
+TMPD=${TMPD:-/tmp/pdserve-capstone}  # the installed copy (new/) and the wheels (site/)
+mkdir -p "$OUT"
+LOG="$OUT/capstone.log"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n TQDM_DISABLE=1 MPLBACKEND=Agg
+
+N=$(echo "$DEVICES" | tr ',' '\n' | grep -c .)
+COND=${COND:-512}
+if [[ ${SMOKE:-0} == 1 ]]; then
+  MODEL=${MODEL:-tiny} DEVICES=cpu
+  WORKLOADS=${WORKLOADS:-"uniform:in=8-64,out=4-16 uniform:in=4-16,out=16-32"}
+  GOODPUT=${GOODPUT:-"ttft:2000 tpot:200"} START_RATE=${START_RATE:-2} COND=${COND_SMOKE:-32}
+fi
+MODEL=${MODEL:-llama-3.1-8b}
+case $N in
+  2) CONFIGS=${CONFIGS:-1P1D,2both,1P1D-cond$COND}
+     WORKLOADS=${WORKLOADS:-"prefill-heavy:in=256-2048,out=8-32 decode-heavy:in=16-64,out=128-256 sharegpt-synth"}
+     START_RATE=${START_RATE:-8} ;;
+  4) CONFIGS=${CONFIGS:-1P3D,2P2D,3P1D,4both,2P2D-cond$COND}
+     WORKLOADS=${WORKLOADS:-"prefill-heavy:in=256-2048,out=8-32 decode-heavy:in=16-64,out=128-256"}
+     START_RATE=${START_RATE:-16} ;;
+  *) echo "DEVICES: give 2 or 4 GPUs (0,1 or 0,1,2,3), got '$DEVICES'" >&2; exit 2 ;;
+esac
+GOODPUT=${GOODPUT:-"ttft:750 tpot:20"}
+
+{
+  echo "gpu_capstone.sh $OUT $DEVICES: $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>&1
+  nvidia-smi topo -m 2>&1 | head -6
+} >"$OUT/gpu.txt"
+{
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$TMPD/site" .whl/*.whl
+  fi
+  if ls .mplwhl/*.whl >/dev/null 2>&1 && ! $PYTHON -c "import matplotlib" 2>/dev/null; then
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$TMPD/site" .mplwhl/*.whl
+  fi
+  rm -rf "$TMPD/new"
+  $PYTHON -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+    --target "$TMPD/new" . || echo "INSTALL FAILED"
+} >"$LOG" 2>&1
+export PYTHONPATH=$TMPD/new:$TMPD/site${PYTHONPATH:+:$PYTHONPATH}
+cd /tmp || exit 1
+if ! $PYTHON -c "import pdserve.benchmarks.capstone" >>"$LOG" 2>&1; then
+  echo "cannot import the installed pdserve (see $LOG)"; tail -20 "$LOG"; exit 2
+fi
+
+WALL_S=${WALL_S:-560}
+BUDGET=$(( WALL_S - ($(date +%s) - T0) - 20 ))
+echo "installed in $(( $(date +%s) - T0 )) s; budget $BUDGET s for $CONFIGS on $DEVICES" | tee -a "$LOG"
+WL_ARGS=(); for w in $WORKLOADS; do WL_ARGS+=(--workload "$w"); done
+# shellcheck disable=SC2086
+timeout $(( WALL_S - ($(date +%s) - T0) - 5 )) $PYTHON -m pdserve.cli bench capstone --model "$MODEL" \
+  --devices "$DEVICES" --configs "$CONFIGS" "${WL_ARGS[@]}" --goodput $GOODPUT \
+  --start-rate "$START_RATE" --max-runs "${MAX_RUNS:-3}" --rel-tol 0.25 \
+  --budget-s "$BUDGET" --run-duration "${RUN_DURATION:-20}" --num-requests 16 \
+  --warmup-requests 2 --timeout 60 --start-timeout 240 \
+  --label "gpu_capstone.sh on $N GPUs ($DEVICES), budget $BUDGET s, commit ${COMMIT:-unknown}" \
+  --out "$OUT" \
+  >>"$LOG" 2>&1
+RC=$?
+cd "$REPO" || true
+echo "capstone rc=$RC after $(( $(date +%s) - T0 )) s"
+grep -E "^(starting|error|wrote)|ready after|req/s holds|no measured rate|cut by" "$LOG" | grep -v "it/s]" | tail -n 30
+if [[ -f $OUT/report.md ]]; then
+  echo "=== report.md (summary)"
+  sed -n '/^## Where P\/D wins and loses/,/^## Plots/p' "$OUT/report.md" | head -n 100
+  sed -n '/^### Planner validation/,/^### Extrapolation/p' "$OUT/report.md" \
+    | grep -E "Mean \|error\||within" | head -n 12
+  grep -E "^- (time budget|cut by the time budget)" "$OUT/report.md"
+else
+  tail -n 30 "$LOG"
+fi
+exit $RC

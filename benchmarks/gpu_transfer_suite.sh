@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The KV transfer reference measurement on two GPUs of one host, in under 5 minutes:
+#   bash benchmarks/gpu_transfer_suite.sh OUTDIR [GPU_PAIR]        (GPU_PAIR default 0,1)
+# 1. bench transfer, nccl, llama-3.1-8b at 512/2k/8k/32k: constrained fit of pdserve and of
+#    the raw NCCL send, and the physical line (peer-to-peer copy_ measured in the same run)
+# 2. the same with --concurrency 8 at 2k (aggregate vs one raw send of all 8 requests' bytes)
+# 3. bench transfer, ucx on cuda (ucxx device memory), same lengths; skipped with the reason
+#    when ucxx does not import; UCX's protocol choice (UCX_PROTO_INFO) goes to ucx/proto.txt
+# 4. bench ttft at 512/2k/8k/32k (P/D against colocated) in what is left of BUDGET_S
+#    (at least 120 s); SKIP_TTFT=1 leaves it out
+# Runs this tree installed into /tmp (so ./pdserve does not shadow it) with the runtime
+# wheels of .whl, the ucxx-cu13 set of .ucxwhl and, without matplotlib, .mplwhl.
+# Writes OUTDIR/{nccl,nccl_c8,ucx,ttft}/ (each NAME.log + csv/md/png) and OUTDIR/env.txt,
+# and prints every table.
+set -u
+OUT=$(realpath -m "${1:?usage: gpu_transfer_suite.sh OUTDIR [GPU_PAIR]}")
+PAIR=${2:-0,1}
+BUDGET_S=${BUDGET_S:-290}  # the whole suite; bench ttft gets what is left of it (>= 120 s)
+mkdir -p "$OUT"/{nccl,nccl_c8,ucx,ttft}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n CUDA_VISIBLE_DEVICES=$PAIR
+wheels() {  # wheels DIR TARGET: install DIR/*.whl into TARGET (no index, no deps)
+  ls "$1"/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target "$2" "$1"/*.whl >>"$OUT/env.txt" 2>&1
+}
+{ nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+  echo "CUDA_VISIBLE_DEVICES=$PAIR"; } >"$OUT/env.txt" 2>&1
+wheels .whl /tmp/site
+python3 -c "import matplotlib" 2>/dev/null || wheels .mplwhl /tmp/site  # the PNGs need it
+wheels .ucxwhl /tmp/ucxsite
+rm -rf /tmp/xfer_suite  # this tree, installed afresh (a warm machine may hold an older one)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/xfer_suite . \
+  >>"$OUT/env.txt" 2>&1 || echo "install of this tree failed: see env.txt"
+export PDSERVE_COMMIT=${PDSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+PP=/tmp/xfer_suite:/tmp/site
+UCX_OK=1
+UCX_WHY=$(cd /tmp && PYTHONPATH=$PP:/tmp/ucxsite python3 -c \
+  "import ucxx; from ucxx._lib import libucxx; print('ucxx', ucxx.__version__)" 2>&1) || UCX_OK=0
+echo "$UCX_WHY" | tail -1 >>"$OUT/env.txt"
+(cd /tmp && PYTHONPATH=$PP python3 -c "import matplotlib" 2>/dev/null) \
+  || echo "no matplotlib: no PNG" >>"$OUT/env.txt"
+cat "$OUT/env.txt"
+step() {  # step NAME TIMEOUT_S PYTHONPATH ARGS...: one benchmark into OUT/NAME/
+  local name=$1 t=$2 pp=$3; shift 3
+  echo "=== $name ($(date +%T), ${SECONDS}s in, limit ${t}s)"
+  (cd /tmp && PYTHONPATH=$pp timeout "$t" python3 -m pdserve.cli "$@" --out "$OUT/$name" \
+    >"$OUT/$name/$name.log" 2>&1); local rc=$?
+  echo "--- $name rc=$rc$([ $rc = 124 ] && echo ' (timed out)')"
+  grep -aE "^\| (input_len|[0-9])|^fit |^physical|^no physical|^fitted" "$OUT/$name/$name.log" \
+    || tail -n 15 "$OUT/$name/$name.log"
+}
+XFER="bench transfer --device cuda --geometry llama-3.1-8b --iters 8 --warmup 2"
+LENS=512,2048,8192,32768
+step nccl 60 "$PP" $XFER --backend nccl --input-lens $LENS
+step nccl_c8 45 "$PP" $XFER --backend nccl --input-lens 2048 --concurrency 8
+if [ $UCX_OK = 1 ]; then
+  UCX_PROTO_INFO=y step ucx 60 "$PP:/tmp/ucxsite" $XFER --backend ucx --input-lens $LENS
+  grep -aiE "ucp_context|cuda_ipc|cuda_copy|zero-copy|rendezvous|rndv" "$OUT/ucx/ucx.log" \
+    | head -n 60 >"$OUT/ucx/proto.txt"
+  echo "UCX protocols chosen (ucx/proto.txt):"; head -n 12 "$OUT/ucx/proto.txt"
+else
+  echo "=== ucx skipped: ucxx does not import: $(echo "$UCX_WHY" | tail -1)" | tee "$OUT/ucx/ucx.log"
+fi
+left=$((BUDGET_S - SECONDS)); [ $left -lt 120 ] && left=120  # two cluster starts need it
+if [ "${SKIP_TTFT:-0}" = 0 ]; then
+  step ttft $left "$PP" bench ttft --model llama-3.1-8b --devices 0,1 --transfer nccl \
+    --input-lens $LENS --iters 3
+else
+  echo "=== ttft skipped (SKIP_TTFT)" | tee "$OUT/ttft/ttft.log"
+fi
+echo "suite done in ${SECONDS}s"
+exit 0

@@ -1,0 +1,35 @@
+"""`bench ttft`'s breakdown: what is left of the TTFT once its known parts are taken out."""
+
+import math
+
+import pytest
+
+from pdserve.benchmarks.ttft import COLUMNS, breakdown, make_row, medians
+
+
+def test_rest_is_ttft_minus_the_known_parts():
+    m = {"ttft_ms": 40.0, "queue_ms": 1.0, "prefill_ms": 30.0, "transfer_ms": 4.0,
+         "kv_bytes": 64 << 20}
+    parts = breakdown(43.0, 6.5, m)
+    assert parts["hops_ms"] == pytest.approx(3.0)  # client 43 - coordinator 40
+    assert parts["rest_ms"] == pytest.approx(43.0 - 3.0 - 1.0 - 30.0 - 4.0)
+    assert parts["decode1_ms"] == 6.5 and parts["tail_ms"] == 4.0
+
+
+def test_rest_goes_negative_when_token0_does_not_wait_for_the_tail():
+    # token 0 sent as soon as it is sampled: the 4 ms tail is not in the TTFT
+    parts = breakdown(35.0, 10.0, {"ttft_ms": 33.0, "prefill_ms": 30.0, "transfer_ms": 4.0})
+    assert -4.0 <= parts["rest_ms"] < 0
+
+
+def test_row_of_medians_has_every_column():
+    recs = [breakdown(t, d1, {"ttft_ms": t - 1, "prefill_ms": t - 5, "transfer_ms": 1.0,
+                              "kv_bytes": 1 << 20})
+            for t, d1 in ((20.0, 6.0), (22.0, None), (30.0, 7.0))]
+    med = medians(recs)
+    assert med["ttft_ms"] == 22.0 and med["decode1_ms"] == 6.5  # decode1 of two requests
+    assert med["rest_ms"] == pytest.approx(3.0)  # t - 1 hop - (t - 5) prefill - 1 tail
+    row = make_row(2048, med, baseline_ttft_ms=20.0)
+    assert list(row) == COLUMNS
+    assert row["kv_mib"] == 1.0 and row["ttft_ratio"] == pytest.approx(1.1)
+    assert math.isnan(make_row(2048, med, float("nan"))["ttft_ratio"])
