@@ -124,11 +124,11 @@ async def test_disaggregated_with_overlap_equals_colocated(engines) -> None:
         assert res.accepted
         stream = asyncio.create_task(drain(d_role.decode_stream(
             pb.DecodeRequest(request_id=rid), FakeContext())))
-        reply = await p_role.prefill(pb.PrefillRequest(
+        replies = [r async for r in p_role.prefill(pb.PrefillRequest(
             request_id=rid, prompt_token_ids=PROMPTS[i], sampling=sp,
-            kv_address=res.kv_address, dst_block_ids=res.block_ids), FakeContext())
+            kv_address=res.kv_address, dst_block_ids=res.block_ids), FakeContext())]
         toks, reason = await stream
-        return [reply.first_token, *toks], reason
+        return [replies[-1].first_token, *toks], reason
 
     pumping = asyncio.create_task(pump())
     try:
