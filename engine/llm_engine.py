@@ -61,12 +61,13 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------
     def validate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
-        ids = [int(t) for t in prompt_token_ids]
+        ids = list(map(int, prompt_token_ids))  # C-speed: a 32k prompt is on the TTFT path
         if not ids:
             raise ValueError("prompt is empty: give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.model_cfg.vocab_size}): {bad[:5]}")
+        vocab = self.model_cfg.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            bad = [t for t in ids if not 0 <= t < vocab]
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         return ids
 
     def make_sequence(self, prompt_token_ids: list[int], params: SamplingParams,

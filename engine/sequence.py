@@ -91,10 +91,10 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.block_table_id = new_block_table_id()
-        self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
+        self.prompt_token_ids = list(map(int, self.prompt_token_ids))
         if not self.prompt_token_ids:
             raise ValueError(f"sequence {self.seq_id!r}: the prompt is empty")
-        if any(t < 0 for t in self.prompt_token_ids):
+        if min(self.prompt_token_ids) < 0:
             raise ValueError(f"sequence {self.seq_id!r}: token ids must be non-negative")
         if not 0 <= self.output_offset < len(self.prompt_token_ids):
             raise ValueError(f"sequence {self.seq_id!r}: output_offset {self.output_offset} must "
