@@ -27,7 +27,7 @@ import random
 import sys
 from collections.abc import Sequence
 
-from pdserve.benchmarks.capstone_calibration import Calibration
+from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
 from pdserve.benchmarks.capstone_metrics import parse_goodput
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
@@ -101,6 +101,23 @@ def plan(cal: Calibration, gpus: int, lengths: Sequence[tuple[int, int]], slos: 
     return sorted(rows, key=lambda r: -r["predicted_goodput_rps"])
 
 
+def run_time_limit_s(m: dict, lengths: Sequence[tuple[int, int]], slos: dict[str, float],
+                     budgeted: bool) -> float:
+    """A measured run's time limit (seconds after its clock 0), after which the capstone
+    cut what was still running: recorded as `time_limit_s` by newer runs; else, under a
+    budget, its send span plus the smallest grace capstone_budget.RunSizer gives
+    (max(2 x estimated drain, 5 s), the drain estimated from the SLOs as
+    capstone_sweep.drain_estimate_s); without a budget, none."""
+    if m.get("time_limit_s"):
+        return float(m["time_limit_s"])
+    if not budgeted or not m.get("send_duration_s"):
+        return math.inf
+    mean_out = sum(o for _, o in lengths) / max(1, len(lengths))
+    drain = min(slos.get("ttft", 1000.0) + mean_out * slos.get("tpot", 50.0),
+                slos.get("e2el", math.inf)) / 1e3
+    return float(m["send_duration_s"]) + max(2 * drain, 5.0)
+
+
 def validation_error(predicted: float, measured: float) -> float:
     """Relative error of a prediction, (predicted - measured) / measured; NaN if measured is 0."""
     return (predicted - measured) / measured if measured > 0 else math.nan
@@ -114,7 +131,7 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
       (start rate, run budget, tolerance) on the simulator."""
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
-    cal = cal or Calibration.load(os.path.join(run_dir, "calibration.json"))
+    cal = cal or run_calibration(run_dir, res)
     slos, seed, burst = res["slos"], res["seed"], res["burstiness"]
     win = res.get("window", {})
     search = res.get("search", {})
@@ -136,8 +153,10 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
                 n = int(m.get("num_prompts") or len(lengths))  # the run's first n lengths
                 ls = [lengths[i % len(lengths)] for i in range(n)]
                 times = arrival_times(n, rate, burst, random.Random(seed + 7919))
-                att, good = sim_summary(simulate_setup(cal, setup, times, ls), slos,
-                                        win.get("warmup", 0.1), win.get("cooldown", 0.1))
+                horizon = run_time_limit_s(m, ls, slos, bool(search.get("budget_s")))
+                att, good = sim_summary(simulate_setup(cal, setup, times, ls, horizon), slos,
+                                        win.get("warmup", 0.1), win.get("cooldown", 0.1),
+                                        horizon)
                 got = m.get("steady_goodput", m["request_goodput"])
                 per_run.append({"setup": s["setup"], "workload": wname, "rate": rate,
                                 "measured_goodput_rps": got,

@@ -1,14 +1,16 @@
 """Discrete-event simulator of a pdserve deployment, driven by a `Calibration`.
 
-Model (each worker is one GPU; times from the calibrated profiles):
-- xPyD: a request queues FIFO at the prefill worker with the fewest queued tokens; a
-  prefill step takes queued prompts up to `prefill_token_budget` tokens and lasts
-  prefill_ms(T, sum of squares). Then its KV moves to the decode worker with the fewest
-  sequences (transfer_ms(prompt * kv_bytes_per_token), transfers do not contend), and the
-  first token reaches the client when the transfer ends (pdserve replies after the last
-  layer is sent). Decode workers run continuous batching: each step lasts
-  decode_step_ms(B, context) and gives every running sequence one token; arrivals join at
-  step boundaries; beyond `max_batch` they wait.
+Model (each worker is one GPU; times from the calibrated profiles), as pdserve runs it:
+- xPyD: the coordinator reserves KV blocks on the decode worker with the fewest sequences
+  (running, waiting and reserved) when the request arrives, then queues the prompt FIFO at
+  the prefill worker with the fewest queued tokens; a prefill step takes queued prompts up
+  to `prefill_token_budget` tokens and lasts prefill_ms(T, sum of squares). Token 0 reaches
+  the client when the step ends (pdserve emits it while the KV moves); then the KV goes to
+  the decode worker: transfer_ms(prompt * kv_bytes_per_token), one transfer at a time per
+  prefill worker (its sender) and per decode worker (its receiver). Decode workers run
+  continuous batching: each step lasts decode_step_ms(B, context) and gives every running
+  sequence one token; a landed request joins at the next step boundary; beyond
+  `max_batch` it waits. So a request's TPOT includes its transfer and the wait for a step.
 - colocated (`Nboth`): a step runs the waiting prompts (up to the budget) and every
   running sequence together; it lasts prefill_ms + decode_step_ms (prefill stalls decode:
   the interference disaggregation removes). Requests go to the worker with the fewest
@@ -17,8 +19,9 @@ Model (each worker is one GPU; times from the calibrated profiles):
   tokens goes straight to the decode worker with the fewest sequences, which prefills it
   in its own step as a colocated worker does (no prefill worker, no transfer); the rest
   take the xPyD path.
-The simulator ignores the coordinator, the network beyond the fitted transfer line,
-preemption and prefix caching.
+- a finite run (`horizon_s`): requests not finished by then are cut, as the capstone's
+  time limit cuts them (judged on what was seen, see `sim_summary`).
+The simulator ignores the coordinator's own latency, preemption and prefix caching.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ class SimReq:
     first: float = math.nan
     end: float = math.nan
     generated: int = 0
+    last: float = math.nan  # when its latest token was made
     local: bool = False  # prefilled on its decode worker (conditional disaggregation)
+    dec: _Decoder | None = None  # decode worker reserved at arrival (xPyD)
 
     def ttft_ms(self) -> float:
         return (self.first - self.arrival) * 1e3
@@ -63,8 +68,8 @@ class _Loop:
     def at(self, t: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._q, (t, next(self._seq), fn))
 
-    def run(self) -> None:
-        while self._q:
+    def run(self, horizon_s: float = math.inf) -> None:
+        while self._q and self._q[0][0] <= horizon_s:
             self.now, _, fn = heapq.heappop(self._q)
             fn()
 
@@ -77,10 +82,12 @@ class _Decoder:
         self.running: list[SimReq] = []
         self.waiting: deque[SimReq] = deque()
         self.busy = False
+        self.reserved = 0  # xPyD requests routed here whose KV has not landed yet
+        self.recv_free_s = 0.0  # when its receiver is free for the next transfer
 
     @property
     def load(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self.running) + len(self.waiting) + self.reserved
 
     def add(self, r: SimReq) -> None:
         self.waiting.append(r)
@@ -117,6 +124,7 @@ class _Decoder:
         still = []
         for r in self.running:
             r.generated += 1
+            r.last = t
             if r.generated >= r.output:
                 r.end = t
             else:
@@ -132,11 +140,12 @@ class _Decoder:
 
 
 class _Prefiller:
-    def __init__(self, loop: _Loop, cal: Calibration, decoders: list[_Decoder]) -> None:
-        self.loop, self.cal, self.decoders = loop, cal, decoders
+    def __init__(self, loop: _Loop, cal: Calibration) -> None:
+        self.loop, self.cal = loop, cal
         self.queue: deque[SimReq] = deque()
         self.queued_tokens = 0
         self.busy = False
+        self.send_free_s = 0.0  # when its sender is free for the next transfer
 
     def add(self, r: SimReq) -> None:
         self.queue.append(r)
@@ -159,25 +168,33 @@ class _Prefiller:
         self.loop.at(end, lambda: self._done(batch))
 
     def _done(self, batch: list[SimReq]) -> None:
+        now = self.loop.now
         for r in batch:
-            arrive = self.loop.now + self.cal.transfer_ms(r.prompt * self.cal.kv_bytes_per_token) / 1e3
-            dec = min(self.decoders, key=lambda d: d.load)
-            r.first, r.generated = arrive, 1
+            r.first, r.generated = now, 1  # token 0 leaves with the prefill reply
+            dec = r.dec
+            assert dec is not None
+            if r.output <= 1:
+                r.end = now
+                dec.reserved -= 1
+                continue
+            start = max(now, self.send_free_s, dec.recv_free_s)
+            land_s = start + self.cal.transfer_ms(r.prompt * self.cal.kv_bytes_per_token) / 1e3
+            self.send_free_s = dec.recv_free_s = land_s
 
-            def land(r: SimReq = r, dec: _Decoder = dec, t: float = arrive) -> None:
-                if r.output <= 1:
-                    r.end = t
-                else:
-                    dec.add(r)
-            self.loop.at(arrive, land)
+            def land(r: SimReq = r, dec: _Decoder = dec) -> None:
+                dec.reserved -= 1
+                dec.add(r)
+            self.loop.at(land_s, land)
         self._step()
 
 
 def simulate(cal: Calibration, prefill: int, decode: int, both: int,
              arrivals: Sequence[float], lengths: Sequence[tuple[int, int]],
-             cond_tokens: int = 0) -> list[SimReq]:
+             cond_tokens: int = 0, horizon_s: float = math.inf) -> list[SimReq]:
     """Every request's first-token and finish time on the given setup; with `cond_tokens`,
-    prompts under it are prefilled on their decode worker."""
+    prompts under it are prefilled on their decode worker. Events after `horizon_s` (the
+    run's time limit, seconds from the first arrival's clock 0) do not happen: requests
+    still running then keep NaN for what they did not reach, and `cut_s` is set."""
     if both and (prefill or decode):
         raise ValueError("simulate either xPyD or Nboth, not a mix")
     if not both and (prefill < 1 or decode < 1):
@@ -190,22 +207,30 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
             loop.at(r.arrival, lambda r=r: min(workers, key=lambda w: w.load).add(r))
     else:
         decs = [_Decoder(loop, cal, colocated=False) for _ in range(decode)]
-        pres = [_Prefiller(loop, cal, decs) for _ in range(prefill)]
+        pres = [_Prefiller(loop, cal) for _ in range(prefill)]
+
+        def arrive(r: SimReq) -> None:
+            dec = min(decs, key=lambda d: d.load)
+            if r.local:
+                dec.add(r)
+                return
+            r.dec = dec
+            dec.reserved += 1
+            min(pres, key=lambda p: p.queued_tokens).add(r)
         for r in reqs:
             r.local = r.prompt < cond_tokens
-            pool = decs if r.local else pres
-            key = (lambda w: w.load) if r.local else (lambda p: p.queued_tokens)
-            loop.at(r.arrival, lambda r=r, pool=pool, key=key: min(pool, key=key).add(r))
-    loop.run()
+            loop.at(r.arrival, lambda r=r: arrive(r))
+    loop.run(horizon_s)
     return reqs
 
 
 def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
-                cooldown: float = 0.1) -> tuple[float, float]:
-    """(attainment, goodput req/s) with the capstone's definitions: attainment over the
-    requests between the first `warmup` and the last `cooldown` fraction of arrivals;
-    goodput = SLO-meeting requests finishing within those requests' arrival span, per
-    second (capstone_metrics.steady_rates)."""
+                cooldown: float = 0.1, horizon_s: float = math.inf) -> tuple[float, float]:
+    """(attainment, goodput req/s) with the capstone's definitions (capstone_metrics):
+    attainment over the requests between the first `warmup` and the last `cooldown`
+    fraction of arrivals, a request cut at `horizon_s` judged on what was seen (no first
+    token: a miss); goodput = finished SLO-meeting requests finishing within those
+    requests' arrival span, per second of it (capstone_metrics.steady_rates)."""
     order = sorted(reqs, key=lambda r: r.arrival)
     lo, hi = math.floor(len(order) * warmup), len(order) - math.floor(len(order) * cooldown)
     sel = order[lo:hi] if hi > lo else order
@@ -213,10 +238,17 @@ def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 
         return math.nan, math.nan
 
     def ok(r: SimReq) -> bool:
-        vals = {"ttft": r.ttft_ms(), "tpot": r.tpot_ms(), "e2el": r.e2el_ms()}
+        if math.isnan(r.first):
+            return False
+        if math.isnan(r.end):  # cut after its first token: TPOT so far
+            tpot = (r.last - r.first) / (r.generated - 1) * 1e3 if r.generated > 1 else math.nan
+            vals = {"ttft": r.ttft_ms(), "tpot": tpot, "e2el": (horizon_s - r.arrival) * 1e3}
+        else:
+            vals = {"ttft": r.ttft_ms(), "tpot": r.tpot_ms(), "e2el": r.e2el_ms()}
         return all(math.isnan(vals[k]) or vals[k] <= v for k, v in slos.items())
     good = sum(ok(r) for r in sel)
-    _, goodput = steady_rates(sel[0].arrival, sel[-1].arrival, ((r.end, ok(r)) for r in reqs))
+    _, goodput = steady_rates(sel[0].arrival, sel[-1].arrival,
+                              ((r.end, ok(r)) for r in reqs if not math.isnan(r.end)))
     return good / len(sel), goodput
 
 
@@ -272,10 +304,11 @@ def parse_setup(name: str) -> Setup:
 
 
 def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
-                   lengths: Sequence[tuple[int, int]]) -> list[SimReq]:
+                   lengths: Sequence[tuple[int, int]],
+                   horizon_s: float = math.inf) -> list[SimReq]:
     """`simulate` for any Setup."""
     return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths,
-                    setup.cond_tokens)
+                    setup.cond_tokens, horizon_s)
 
 
 def setup_name(prefill: int, decode: int, both: int) -> str:

@@ -50,12 +50,15 @@ def test_parse_setup() -> None:
 
 def test_single_request_latency_matches_the_profiles() -> None:
     r, = simulate(CAL, 1, 1, 0, [0.0], [(100, 3)])
-    ttft = CAL.prefill_ms(100, 100 ** 2) + CAL.transfer_ms(100 * 1000)
+    # token 0 leaves with the prefill reply, before the KV transfer (as pdserve emits it)
+    ttft = CAL.prefill_ms(100, 100 ** 2)
     assert r.ttft_ms() == pytest.approx(ttft)
-    # tokens 1 and 2 come from two decode steps (batch 1)
+    # then the transfer, and tokens 1 and 2 from two decode steps (batch 1): TPOT pays it
     step1 = CAL.decode_step_ms(1, 101)
     step2 = CAL.decode_step_ms(1, 102)
-    assert r.e2el_ms() == pytest.approx(ttft + step1 + step2)
+    xfer = CAL.transfer_ms(100 * 1000)
+    assert r.e2el_ms() == pytest.approx(ttft + xfer + step1 + step2)
+    assert r.tpot_ms() == pytest.approx((xfer + step1 + step2) / 2)
     c, = simulate(CAL, 0, 0, 1, [0.0], [(100, 3)])
     assert c.ttft_ms() == pytest.approx(CAL.prefill_ms(100, 100 ** 2))
 
@@ -72,8 +75,8 @@ def test_conditional_setup_routes_by_prompt_length() -> None:
     # the short prompt is prefilled on the decode worker (no transfer), the long one P/D
     assert out[0].local and not out[1].local
     assert out[0].ttft_ms() == pytest.approx(CAL.prefill_ms(50, 50 ** 2))
-    assert out[1].ttft_ms() == pytest.approx(CAL.prefill_ms(500, 500 ** 2)
-                                             + CAL.transfer_ms(500 * CAL.kv_bytes_per_token))
+    assert out[1].ttft_ms() == pytest.approx(CAL.prefill_ms(500, 500 ** 2))
+    assert out[1].end - out[1].first > CAL.transfer_ms(500 * CAL.kv_bytes_per_token) / 1e3
     assert [r.prompt for r in out] == [50, 500]
     plain = simulate_setup(CAL, Setup(1, 1, 0), [0.0, 0.0], ls)
     assert plain[0].ttft_ms() > out[0].ttft_ms()  # it queued behind nothing, no transfer
@@ -145,7 +148,8 @@ def test_calibration_fit_recovers_linear_profiles(tmp_path) -> None:
     results = []
     for i in range(40):
         n = 50 + 10 * i
-        r = RequestResult(float(i), n, chunks=[(i + 0.5, 1), (i + 0.6, 1), (i + 0.7, 1)])
+        r = RequestResult(float(i), n, chunks=[(i + 0.5, 1), (i + 0.6, 1), (i + 0.7, 1),
+                                                         (i + 0.8, 1)])
         r.server = {"prefill_ms": 5.0 + 0.2 * n, "kv_bytes": 2048 * n,
                     "transfer_ms": 0.5 + 1e-5 * 2048 * n, "decode_worker": "d0"}
         results.append(r)
