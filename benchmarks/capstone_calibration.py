@@ -207,19 +207,23 @@ def samples(runs: Sequence[Sequence[RequestResult]]) -> dict[str, list[list[floa
 UNQUEUED_OCCUPANCY = 0.15  # a decode worker's receiver busy less than this: few transfers wait
 
 
-def unqueued_transfer_points(res: dict) -> list[tuple[str, float, float]]:
-    """(run label, mean KV bytes, mean transfer ms) of the P/D runs whose transfers rarely
-    queued: per decode worker, arrival rate x mean transfer time < UNQUEUED_OCCUPANCY (the
-    chance that a transfer finds the receiver busy with another)."""
+def unqueued_transfer_points(rows: Sequence[dict], occupancy: float = UNQUEUED_OCCUPANCY
+                             ) -> list[tuple[str, float, float]]:
+    """(run label, mean KV bytes, mean transfer ms) of the P/D runs (results.json rows)
+    whose transfers rarely queued: per sender (prefill worker) and per receiver (decode
+    worker), arrival rate x mean transfer time < UNQUEUED_OCCUPANCY (the chance that a
+    transfer finds the sender or the receiver busy with another)."""
     out = []
-    for r in res["runs"]:
-        m = re.fullmatch(r"(\d+)P(\d+)D", r["setup"])
+    for r in rows:
+        m = re.fullmatch(r"(\d+)P(\d+)D", str(r["setup"]))
         xfer, kvb = r.get("mean_transfer_ms", math.nan), r.get("mean_kv_bytes", math.nan)
-        if not m or math.isnan(xfer) or math.isnan(kvb) or not xfer > 0:
+        if not m or r["request_rate"] == "inf" or xfer is None or kvb is None \
+                or math.isnan(xfer) or math.isnan(kvb) or not xfer > 0:
             continue
-        if r["request_rate"] / int(m.group(2)) * xfer / 1e3 < UNQUEUED_OCCUPANCY:
-            out.append((f"{r['setup']} {r['workload'].split(':')[0]} @ {r['request_rate']:.3g}",
-                        float(kvb), float(xfer)))
+        per_worker = float(r["request_rate"]) / min(int(m.group(1)), int(m.group(2)))
+        if per_worker * xfer / 1e3 < occupancy:
+            out.append((f"{r['setup']} {str(r['workload']).split(':')[0]} @ "
+                        f"{float(r['request_rate']):.3g}", float(kvb), float(xfer)))
     return out
 
 
@@ -251,13 +255,13 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
         cal.decode = decode_from_summaries(pts)
     except ValueError:
         return cal
-    xfer = unqueued_transfer_points(res)
+    cal.source["decode"] = (f"refitted from {len(pts)} lowest-rate P/D run summaries "
+                            "(TPOT less the KV transfer per token; batch by Little's law)")
+    xfer = unqueued_transfer_points(res["runs"])
     if len(xfer) >= 3:
         c = nonneg_lstsq(_design(np.array([b for _, b, _ in xfer]), 1),
                          np.array([t for _, _, t in xfer]))
         cal.transfer = {"c0": c[0], "ms_per_byte": c[1]}
         cal.source["transfer"] = (f"refitted from {len(xfer)} run summaries whose transfers "
                                   "rarely queued (the simulator queues them itself)")
-    cal.source["decode"] = (f"refitted from {len(pts)} lowest-rate P/D run summaries "
-                            "(TPOT less the KV transfer per token; batch by Little's law)")
     return cal

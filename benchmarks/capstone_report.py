@@ -44,6 +44,7 @@ class SetupResult:
     by_workload: dict[str, WorkloadRuns] = field(default_factory=dict)
     gpu: dict[int, list[tuple[float, float, float]]] = field(default_factory=dict)
     gpu_note: str = ""
+    gpu_rows: list[dict] = field(default_factory=list)  # gpu_summary as recorded (re-render)
 
     @property
     def kind(self) -> str:
@@ -106,6 +107,8 @@ def miss_counts(results: Sequence[RequestResult], slos: dict[str, float],
 
 
 def gpu_summary(s: SetupResult) -> list[dict]:
+    if not s.gpu and s.gpu_rows:  # re-rendered from results.json without the samples
+        return list(s.gpu_rows)
     rows = []
     for role, gpus in s.pools.items():
         pts = [p for g in gpus for p in s.gpu.get(g, [])]
@@ -165,6 +168,10 @@ def _pd_vs_colocated(setups: Sequence[SetupResult], wname: str, ctx: Context) ->
         fails = [r for r in runs if not r.summary["slo_attainment"] >= ctx.target]
         if fails:
             worst = min(fails, key=lambda r: r.rate)
+            if not worst.results:
+                lines.append(f"- {s.setup} first fails at {worst.rate:.3g} req/s (which SLO it "
+                             "misses: per-request data not recorded)")
+                continue
             miss = miss_counts(worst.results, ctx.slos, ctx.window)
             key = max(miss, key=miss.get)
             lines.append(f"- {s.setup} first fails at {worst.rate:.3g} req/s, mostly on "

@@ -113,6 +113,8 @@ class _Decoder:
         if self.running:
             ctx = sum(r.prompt + r.generated for r in self.running)
             ms += cal.decode_step_ms(len(self.running), ctx)
+            if prefilled:  # one forward: its fixed cost is paid once
+                ms -= min(cal.prefill["c0"], cal.decode["c0"])
         if not self.running and not prefilled:
             self.busy = False
             return
