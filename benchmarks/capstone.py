@@ -277,10 +277,17 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
                 pngs[key + " (as the run drew it)"] = os.path.join(out, rel)
     plan_lines: list[str] = []
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
+        import json
+
         from pdserve.benchmarks import plan
+        from pdserve.benchmarks.capstone_calibration import run_calibration
 
         per_run, per_search = plan.validate(out)
-        plan_lines = ["", "### Planner validation", "", *plan.validation_lines(per_run, per_search)]
+        with open(os.path.join(out, "results.json")) as f:
+            used = run_calibration(out, json.load(f))
+        plan_lines = ["", "### Planner validation", "", "Profiles the simulator used: "
+                      + "; ".join(f"{k}: {v}" for k, v in used.source.items()) + ".", "",
+                      *plan.validation_lines(per_run, per_search)]
         if args.extrapolate:
             plan_lines += ["", "### Extrapolation", "",
                            *plan.extrapolation_lines(per_search, args.extrapolate)]

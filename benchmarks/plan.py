@@ -35,6 +35,7 @@ from pdserve.benchmarks.planner_sim import (
     Setup,
     parse_setup,
     sim_attainment,
+    sim_means,
     sim_summary,
     simulate_setup,
 )
@@ -154,16 +155,20 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
                 ls = [lengths[i % len(lengths)] for i in range(n)]
                 times = arrival_times(n, rate, burst, random.Random(seed + 7919))
                 horizon = run_time_limit_s(m, ls, slos, bool(search.get("budget_s")))
-                att, good = sim_summary(simulate_setup(cal, setup, times, ls, horizon), slos,
-                                        win.get("warmup", 0.1), win.get("cooldown", 0.1),
-                                        horizon)
+                wu, cd = win.get("warmup", 0.1), win.get("cooldown", 0.1)
+                sim = simulate_setup(cal, setup, times, ls, horizon)
+                att, good = sim_summary(sim, slos, wu, cd, horizon)
+                means = sim_means(sim, wu, cd)
                 got = m.get("steady_goodput", m["request_goodput"])
                 per_run.append({"setup": s["setup"], "workload": wname, "rate": rate,
                                 "measured_goodput_rps": got,
                                 "predicted_goodput_rps": good,
                                 "error": validation_error(good, got),
                                 "measured_attainment": m["slo_attainment"],
-                                "predicted_attainment": att})
+                                "predicted_attainment": att,
+                                "ttft/tpot/transfer_ms": " / ".join(
+                                    f"{m.get(f'mean_{k}_ms', math.nan):.3g} vs {means[k]:.3g}"
+                                    for k in ("ttft", "tpot", "transfer"))})
             durs = [d for d in w.get("send_durations_s", []) if d]
             sized = bool(search.get("run_duration_s") or search.get("budget_s"))
             pred = predict(cal, setup, lengths, slos, res["target"], burst, seed,
@@ -190,7 +195,10 @@ def validation_lines(per_run: Sequence[dict], per_search: Sequence[dict]) -> lis
     """Markdown: both tables and the mean absolute errors."""
     from pdserve.benchmarks import plotting
 
-    return ["Goodput at each measured rate (same requests and arrivals, simulated):", "",
+    return ["Goodput at each measured rate (same requests and arrivals, same window and time "
+            "limit, simulated); the last column: mean TTFT, TPOT and KV transfer in ms, "
+            "measured vs simulated (a measured transfer is the prefill worker's end of "
+            "forward to last layer landed; a simulated one, token 0 to the KV landing):", "",
             plotting.markdown_table(per_run, floatfmt=".3g"), "",
             f"Mean |error| of goodput: {mean_abs_error(per_run):.1%} over {len(per_run)} runs.",
             "", "Max rate at target attainment (same search procedure on the simulator):", "",

@@ -46,6 +46,7 @@ class SimReq:
     end: float = math.nan
     generated: int = 0
     last: float = math.nan  # when its latest token was made
+    landed: float = math.nan  # when its KV reached the decode worker (xPyD)
     local: bool = False  # prefilled on its decode worker (conditional disaggregation)
     dec: _Decoder | None = None  # decode worker reserved at arrival (xPyD)
 
@@ -184,6 +185,7 @@ class _Prefiller:
             self.send_free_s = dec.recv_free_s = land_s
 
             def land(r: SimReq = r, dec: _Decoder = dec) -> None:
+                r.landed = self.loop.now
                 dec.reserved -= 1
                 dec.add(r)
             self.loop.at(land_s, land)
@@ -252,6 +254,21 @@ def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 
     _, goodput = steady_rates(sel[0].arrival, sel[-1].arrival,
                               ((r.end, ok(r)) for r in reqs if not math.isnan(r.end)))
     return good / len(sel), goodput
+
+
+def sim_means(reqs: Sequence[SimReq], warmup: float = 0.1,
+              cooldown: float = 0.1) -> dict[str, float]:
+    """Mean TTFT, TPOT and KV transfer (token 0 to the KV landing) in ms of the windowed
+    requests that finished, as capstone_metrics.summarize computes them."""
+    order = sorted(reqs, key=lambda r: r.arrival)
+    lo, hi = math.floor(len(order) * warmup), len(order) - math.floor(len(order) * cooldown)
+    done = [r for r in (order[lo:hi] if hi > lo else order) if not math.isnan(r.end)]
+
+    def mean(xs: list[float]) -> float:
+        xs = [x for x in xs if not math.isnan(x)]
+        return sum(xs) / len(xs) if xs else math.nan
+    return {"ttft": mean([r.ttft_ms() for r in done]), "tpot": mean([r.tpot_ms() for r in done]),
+            "transfer": mean([(r.landed - r.first) * 1e3 for r in done])}
 
 
 def sim_attainment(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
