@@ -5,15 +5,18 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   (running, waiting and reserved) when the request arrives, then queues the prompt FIFO at
   the prefill worker with the fewest queued tokens; a prefill step takes queued prompts up
   to `prefill_token_budget` tokens and lasts prefill_ms(T, sum of squares). Token 0 reaches
-  the client when the step ends (pdserve emits it while the KV moves); then the KV goes to
-  the decode worker: transfer_ms(prompt * kv_bytes_per_token), one transfer at a time per
-  prefill worker (its sender) and per decode worker (its receiver). Decode workers run
+  the client when the step ends (pdserve emits it while the KV moves); the KV push starts
+  with the step when the step has >= 1024 tokens (layer-wise: layers go out as computed),
+  else after it, and holds the decode worker's receiver, one transfer at a time, for the
+  prompt's share of the forward (when layer-wise) plus transfer_ms(prompt *
+  kv_bytes_per_token), the time after the forward. Decode workers run
   continuous batching: each step lasts decode_step_ms(B, context) and gives every running
   sequence one token; a landed request joins at the next step boundary; beyond
   `max_batch` it waits. So a request's TPOT includes its transfer and the wait for a step.
 - colocated (`Nboth`): a step runs the waiting prompts (up to the budget) and every
-  running sequence together; it lasts prefill_ms + decode_step_ms (prefill stalls decode:
-  the interference disaggregation removes). Requests go to the worker with the fewest
+  running sequence together; it lasts prefill_ms + decode_step_ms less the smaller fixed
+  part (one forward pays it once); prefill stalls decode: the interference that
+  disaggregation removes. Requests go to the worker with the fewest
   sequences.
 - conditional (`xPyD-condT`, the coordinator's --pd-threshold-tokens T): a prompt under T
   tokens goes straight to the decode worker with the fewest sequences, which prefills it
@@ -142,13 +145,15 @@ class _Decoder:
         self._step()
 
 
+LAYERWISE_MIN_TOKENS = 1024  # kvtransfer's TransferConfig.layerwise_min_tokens (default)
+
+
 class _Prefiller:
     def __init__(self, loop: _Loop, cal: Calibration) -> None:
         self.loop, self.cal = loop, cal
         self.queue: deque[SimReq] = deque()
         self.queued_tokens = 0
         self.busy = False
-        self.send_free_s = 0.0  # when its sender is free for the next transfer
 
     def add(self, r: SimReq) -> None:
         self.queue.append(r)
@@ -167,10 +172,18 @@ class _Prefiller:
             tokens, sq = tokens + r.prompt, sq + r.prompt ** 2
         self.queued_tokens -= tokens
         self.busy = True
-        end = self.loop.now + self.cal.prefill_ms(tokens, sq) / 1e3
-        self.loop.at(end, lambda: self._done(batch))
+        start = self.loop.now
+        end = start + self.cal.prefill_ms(tokens, sq) / 1e3
+        layerwise = tokens >= LAYERWISE_MIN_TOKENS
+        self.loop.at(end, lambda: self._done(batch, start if layerwise else end))
 
-    def _done(self, batch: list[SimReq]) -> None:
+    def _done(self, batch: list[SimReq], push_from: float) -> None:
+        """Token 0 of every prompt leaves now; its KV push started at `push_from` (the
+        step's start when layer-wise: its layers go out as the forward computes them), and
+        holds the decode worker's receiver (one progress thread and staging pool, the scatter
+        on the decode GPU: kvtransfer/receiver.py) for its share of the forward (the prefill
+        profile's per-token part) plus the transfer after the forward (`transfer_ms`). The
+        sender is not a queue: its sends to different receivers overlap."""
         now = self.loop.now
         for r in batch:
             r.first, r.generated = now, 1  # token 0 leaves with the prefill reply
@@ -180,9 +193,12 @@ class _Prefiller:
                 r.end = now
                 dec.reserved -= 1
                 continue
-            start = max(now, self.send_free_s, dec.recv_free_s)
-            land_s = start + self.cal.transfer_ms(r.prompt * self.cal.kv_bytes_per_token) / 1e3
-            self.send_free_s = dec.recv_free_s = land_s
+            start = max(push_from, dec.recv_free_s)
+            tail_s = self.cal.transfer_ms(r.prompt * self.cal.kv_bytes_per_token) / 1e3
+            fwd_s = (self.cal.prefill_ms(r.prompt, r.prompt ** 2) - self.cal.prefill["c0"]) / 1e3 \
+                if push_from < now else 0.0
+            land_s = max(start + fwd_s, now) + tail_s
+            dec.recv_free_s = land_s
 
             def land(r: SimReq = r, dec: _Decoder = dec) -> None:
                 r.landed = self.loop.now

@@ -172,3 +172,21 @@ def test_nonneg_lstsq_drops_negative_terms() -> None:
     y = 100 - 0.0 * np.arange(20.0) + np.linspace(0, -1, 20)  # slightly decreasing
     c = calib.nonneg_lstsq(x, y)
     assert c[1] == 0.0 and c[0] > 0
+
+
+def test_layerwise_transfers_queue_at_the_decode_workers_receiver() -> None:
+    import dataclasses
+
+    cal = dataclasses.replace(CAL, prefill_token_budget=4096)
+    # the first prompt has the worker to itself; the next two share a step of 2400 tokens,
+    # pushed layer by layer
+    ls = [(1200, 4)] * 3
+    one = simulate(cal, 1, 1, 0, [0.0] * 3, ls)
+    fwd = cal.prefill_ms(1200, 1200 ** 2) - cal.prefill["c0"]  # a prompt's share of the step
+    tail = cal.transfer_ms(1200 * cal.kv_bytes_per_token)
+    assert one[1].first == one[2].first  # token 0 of both with their step
+    # one receiver: the third push waits for the second
+    assert (one[2].landed - one[1].landed) * 1e3 == pytest.approx(fwd + tail)
+    two = simulate(cal, 1, 2, 0, [0.0] * 3, ls)  # the two share no receiver
+    assert two[1].landed == pytest.approx(two[2].landed)
+    assert two[2].landed < one[2].landed
