@@ -76,7 +76,7 @@ def bench_reference(root: str | None = None) -> str:
         fit = re.search(r"fit kvtransfer: time = (.*?)\n", text)
         dev = re.search(r"- device: (.*?)\n", text)
         if fit:
-            return (f"`pdserve bench transfer` ({os.path.relpath(path, os.path.dirname(root))}"
+            return (f"`pdserve bench transfer` (benchmarks/results/transfer/{os.path.basename(path)}"
                     f", {dev.group(1) if dev else 'device not stated'}): {fit.group(1)}")
     return "`pdserve bench transfer`: no committed result found"
 
