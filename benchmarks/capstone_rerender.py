@@ -50,8 +50,8 @@ def write_requests(out_dir: str, setups) -> str:
 
 def _compact(r: RequestResult, t0: float) -> dict:
     d = r.to_json()
-    d["t_send"] = round(r.t_send - t0, 6)  # seconds from the run's first send
-    d["chunks"] = [[round(t - t0, 6), k] for t, k in r.chunks]
+    d["t_send"] = round(r.t_send - t0, 5)  # seconds from the run's first send (10 us)
+    d["chunks"] = [[round(t - t0, 5), k] for t, k in r.chunks]
     return d
 
 

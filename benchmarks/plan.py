@@ -34,7 +34,6 @@ from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, p
 from pdserve.benchmarks.planner_sim import (
     Setup,
     parse_setup,
-    sim_attainment,
     sim_means,
     sim_summary,
     simulate_setup,
@@ -62,18 +61,21 @@ def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
             slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
             seed: int = 0, max_runs: int = 10, min_duration_s: float = 0.0,
             start_rate: float | None = None, rel_tol: float = 0.05,
-            min_requests: int = 0, max_requests: int = 0) -> SearchResult:
+            min_requests: int = 0, max_requests: int = 0, grace_s: float = 0.0) -> SearchResult:
     """Predicted max rate at >= target attainment for one setup and a list of (in, out).
     With `min_duration_s`, a run at rate r simulates max(min_requests or len(lengths),
     r * min_duration_s) requests (the lengths in turn), so a high rate is a sustained load,
-    not one burst."""
+    not one burst. With `grace_s`, a run is cut that long after its last arrival (a
+    budgeted capstone run's time limit)."""
 
     def measure(rate: float) -> float:
         n = max(min_requests or len(lengths), math.ceil(rate * min_duration_s))
         n = min(n, max_requests) if max_requests else n
         ls = [lengths[i % len(lengths)] for i in range(n)]
         times = arrival_times(n, rate, burstiness, random.Random(seed + 7919))
-        return sim_attainment(simulate_setup(cal, setup, times, ls), slos)
+        horizon = times[-1] + grace_s if grace_s else math.inf
+        return sim_summary(simulate_setup(cal, setup, times, ls, horizon), slos,
+                           horizon_s=horizon)[0]
 
     start = start_rate or rough_capacity(cal, lengths, setup) / 2
     return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=rel_tol)
@@ -113,10 +115,16 @@ def run_time_limit_s(m: dict, lengths: Sequence[tuple[int, int]], slos: dict[str
         return float(m["time_limit_s"])
     if not budgeted or not m.get("send_duration_s"):
         return math.inf
+    return float(m["send_duration_s"]) + budget_grace_s(lengths, slos)
+
+
+def budget_grace_s(lengths: Sequence[tuple[int, int]], slos: dict[str, float]) -> float:
+    """The smallest grace capstone_budget.RunSizer.stop_at gives a run after its last send:
+    max(2 x drain, 5 s), the drain estimated from the SLOs as capstone_sweep does."""
     mean_out = sum(o for _, o in lengths) / max(1, len(lengths))
     drain = min(slos.get("ttft", 1000.0) + mean_out * slos.get("tpot", 50.0),
                 slos.get("e2el", math.inf)) / 1e3
-    return float(m["send_duration_s"]) + max(2 * drain, 5.0)
+    return max(2 * drain, 5.0)
 
 
 def validation_error(predicted: float, measured: float) -> float:
@@ -176,7 +184,9 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
                            max_runs=len(w.get("search_runs") or []) or search.get("max_runs", 6),
                            start_rate=search.get("start_rate"), rel_tol=search.get("rel_tol", 0.15),
                            min_duration_s=sum(durs) / len(durs) if sized and durs else 0.0,
-                           min_requests=res["num_prompts"] if sized else 0)
+                           min_requests=res["num_prompts"] if sized else 0,
+                           grace_s=budget_grace_s(lengths, slos) if search.get("budget_s")
+                           else 0.0)
             per_search.append({"setup": s["setup"], "workload": wname,
                                "measured_max_rate": w["max_rate"],
                                "predicted_max_rate": pred.max_rate,
