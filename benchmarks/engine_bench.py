@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pdserve.benchmarks import plotting
-from pdserve.engine.config import ModelConfig
+from pdserve.engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.loader import load_model
 from pdserve.engine.model_runner import (
     NUM_PAD_BLOCKS,
@@ -30,8 +30,10 @@ from pdserve.engine.model_runner import (
     kv_block_bytes,
 )
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
+from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from pdserve.engine.sequence import Sequence as EngineSeq
 from pdserve.engine.sequence import new_block_table_id
+from pdserve.engine.step_pipeline import StepPipeline
 from pdserve.kernels.attention import get_backend
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20, ignore_eos=True)
@@ -237,6 +239,47 @@ def measure_step(bench: Bench, out: SchedulerOutput, iters: int, warmup: int) ->
     step = median(time_ms(lambda: bench.runner.execute(out), iters, warmup, bench.device))
     fwd = median(time_ms(forward_only(bench, out), iters, warmup, bench.device))
     return {"step_ms": step, "fwd_ms": fwd}
+
+
+def engine_step_extra_tokens(steps: int, warmup: int) -> int:
+    """Tokens past `ctx` that engine_step_ms's sequences may reach (pool and graph sizing)."""
+    return warmup + steps + 8
+
+
+def engine_step_ms(bench: Bench, batch: int, ctx: int, steps: int, warmup: int,
+                   overlap: bool, seed: int = 0) -> float:
+    """ms per decode step of the engine's own step loop (StepPipeline: scheduler, runner,
+    token hand-back), `steps` steps back to back over `batch` sequences placed as a decode
+    worker admits them (reserve_remote + admit_remote, over the pool's random data), sized
+    so that the timed steps' context is `ctx` on average. With overlap, step N+1 is
+    launched before step N's tokens are read, so the host's per-step work hides behind the
+    GPU. Wall time over the timed steps; the pool is left free."""
+    cfg = SchedulerConfig(max_num_batched_tokens=max(batch, 8192), max_num_seqs=batch)
+    cache = CacheConfig(block_size=bench.block_size, num_blocks=bench.num_blocks,
+                        enable_prefix_caching=False)
+    extra = warmup + steps + 8  # outputs past the prompt; none ends inside the timed steps
+    prompt = max(1, ctx - 1 - warmup - steps // 2)
+    sched = Scheduler(cfg, cache, bench.num_blocks, prompt + extra, eos_token_ids=())
+    params = SamplingParams(temperature=0.0, max_tokens=extra, ignore_eos=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(batch):
+        ids = torch.randint(1, 250, (prompt,), generator=gen).tolist()
+        seq = EngineSeq(f"s{i}", ids, params)
+        assert sched.reserve_remote(seq) is not None, "pool too small for this decode batch"
+        sched.admit_remote(seq.seq_id, 1 + i % 200)
+    pipe = StepPipeline(sched, bench.runner, overlap, on_result=lambda out, res: None)
+    for _ in range(warmup):
+        pipe.advance()
+    sync(bench.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        pipe.advance()  # returns once one step's tokens are on the host
+    ms = (time.perf_counter() - t0) * 1e3 / steps
+    pipe.finish()
+    for i in range(batch):
+        sched.abort(f"s{i}")
+    sync(bench.device)
+    return ms
 
 
 # ---- output ---------------------------------------------------------------------------------------

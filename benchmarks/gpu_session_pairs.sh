@@ -18,15 +18,15 @@ CAP=$!
   export CUDA_VISIBLE_DEVICES=2,3 PYTHONPATH=/tmp/xfer_suite:/tmp/site
   cd /tmp || exit 1
   echo "=== variant: whole staging buffers as messages (--min-message-mib 64)"
-  timeout 60 python3 -m pdserve.cli bench transfer --device cuda --geometry llama-3.1-8b \
+  timeout 45 python3 -m pdserve.cli bench transfer --device cuda --geometry llama-3.1-8b \
     --iters 8 --backend nccl --input-lens 512,2048,8192 --min-message-mib 64 \
     --out "$OUT/variant" 2>&1 | grep -aE "^\| (input_len|[0-9])"
   echo "=== decode step, overlap off/on (GPU 2)"
-  CUDA_VISIBLE_DEVICES=2 timeout 150 python3 -m pdserve.benchmarks.decode \
+  CUDA_VISIBLE_DEVICES=2 timeout 120 python3 -m pdserve.benchmarks.decode \
     --batch-sizes 1,8,64 --contexts 512,2048 --out "$OUT/decode" >"$OUT/decode/decode.log" 2>&1
   grep -aE "^\| (batch|[0-9])" "$OUT/decode/decode.log" || tail -20 "$OUT/decode/decode.log"
   echo "=== demo (tiny model) on GPUs 2,3: warm start"
-  timeout 150 python3 -m pdserve.cli demo --model tiny --devices 0,1 >"$OUT/demo/demo.log" 2>&1
+  timeout 100 python3 -m pdserve.cli demo --model tiny --devices 0,1 >"$OUT/demo/demo.log" 2>&1
   grep -aE "warm start|PASS|FAIL|TTFT" "$OUT/demo/demo.log" | tail -6
 } >"$OUT/pair23.log" 2>&1
 wait $CAP

@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--staging-mib", type=float, default=64.0, help="staging buffer = largest message")
     p.add_argument("--num-staging", type=int, default=4, help="staging buffers per side")
-    p.add_argument("--min-message-mib", type=float, default=16.0,
+    p.add_argument("--min-message-mib", type=float, default=64.0,
                    help="first/last message size of a coalesced run")
     p.add_argument("--copy-ctas", type=int, default=None,
                    help="CUDA gather/scatter thread blocks (0: torch index ops; default: "

@@ -29,34 +29,16 @@ from typing import Any
 
 import grpc
 
+from pdserve.coordinator.client_errors import ClientError, _hint
 from pdserve.coordinator.client_logprobs import TokenLogprob, logprobs_override, response_logprobs
 from pdserve.coordinator.failover import Failover, should_fail_over
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import ROLE_NAME, sampling_to_proto
 from pdserve.proto.grpc_util import auth_metadata, new_channel, new_sync_channel
-from pdserve.proto.tls import TLSConfig, unavailable_hint
+from pdserve.proto.tls import TLSConfig
 
 __all__ = ["AsyncClient", "Chunk", "Client", "ClientError", "Result", "TokenLogprob"]
-
-
-class ClientError(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-    @classmethod
-    def from_rpc(cls, e: grpc.RpcError, tls: TLSConfig | None = None) -> ClientError:
-        """The error of a failed call; UNAVAILABLE says when TLS may be the reason."""
-        return cls(e.code(), (e.details() or "") + _hint(e, tls))
-
-
-def _hint(e: grpc.RpcError, tls: TLSConfig | None) -> str:
-    """For an UNAVAILABLE error: whether TLS may be the reason (proto/tls.py)."""
-    if e.code() != grpc.StatusCode.UNAVAILABLE:
-        return ""
-    return unavailable_hint(tls, e.details() or "")
 
 
 @dataclass(slots=True)

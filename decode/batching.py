@@ -10,7 +10,12 @@ The scheduler in engine/ has no phases; this module sets what makes it a decode 
   the front of the queue holding their blocks; when blocks run out the newest running
   request is preempted (recomputed later), never deadlocked;
 - **CUDA graphs** over padded batch sizes up to `max_num_seqs` (unless `enforce_eager`), since
-  a decode step is a few small, launch-bound kernels per layer.
+  a decode step is a few small, launch-bound kernels per layer;
+- **overlap scheduling** (on CUDA unless `--no-overlap`): while a step of an unchanged batch
+  runs, the next one is planned and launched, its input ids being this step's sampled
+  tokens on the device (engine/step_pipeline.py). Each admission (a `call` on the engine
+  thread) makes the step around it synchronous; a request that stops has its one extra
+  token discarded and its blocks freed as usual.
 """
 
 from __future__ import annotations

@@ -96,6 +96,10 @@ class EngineConfig:
     attention_backend: str = "auto"  # "torch" | "triton" | "auto"
     enforce_eager: bool = False  # no CUDA graphs
     max_logprobs: int = 20  # most top logprobs a request may ask for (vLLM's default)
+    # Overlap scheduling of steady decode steps (engine/step_pipeline.py): plan and launch
+    # step N+1 while step N runs. None: on for CUDA, off on CPU (nothing runs asynchronously
+    # there, so it would only delay each token by a step); True forces it (tests).
+    overlap: bool | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -201,14 +201,18 @@ class DecodeGraphs:
                 and all(c.num_tokens == 1 and len(c.block_ids) <= self.max_blocks
                         and c.start_pos < self.max_model_len for c in chunks))
 
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def run(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [len(chunks), H] of a decode batch (can_run must hold). The
-        result is a view of a static output: use it before the next run."""
+        result is a view of a static output: use it before the next run. input_ids: [n]
+        device tensor that replaces the chunks' token ids (overlap: the previous step's
+        sampled tokens), copied device-to-device after the host inputs."""
         bs = bucket_for(len(chunks), self.sizes)
         assert bs is not None
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copies have read the staging
         self._load(pad_decode_batch(chunks, bs, self.block_size, self.pad_block, self._tables))
+        if input_ids is not None:
+            self.input_ids[: len(chunks)].copy_(input_ids)
         self.num_runs += 1
         if self.use_cuda_graph:
             self.graphs[bs].replay()

@@ -2,6 +2,10 @@
 
 The scheduler and the KV pool are touched only from this thread, so they need no locks.
 `call(fn)` runs `fn()` between two steps and returns a concurrent Future with its result.
+
+Steps run through a StepPipeline (engine/step_pipeline.py). Calls run only while no step
+is in flight: a queued call stops the pipeline from launching ahead, so it runs within a
+step (overlap falls back to synchronous steps around every add, abort or admission).
 """
 
 from __future__ import annotations
@@ -15,10 +19,9 @@ from typing import Any
 
 from pdserve.engine.llm_engine import LLMEngine, StepResult
 from pdserve.engine.scheduler import SchedulerOutput
+from pdserve.engine.step_pipeline import LayerHook
 
 log = logging.getLogger(__name__)
-
-LayerHook = Callable[[int], None]
 
 
 class EngineLoop:
@@ -35,6 +38,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine-loop", daemon=True)
         self.error: BaseException | None = None
+        self.pipeline = engine.pipeline(on_result, before_run)
 
     def start(self) -> None:
         self._thread.start()
@@ -75,16 +79,14 @@ class EngineLoop:
             self._run_call(fn, fut)
 
     def _main(self) -> None:
+        pipe = self.pipeline
         try:
-            while not self._stop.is_set():
-                self._drain(block=False)
-                out = self.engine.schedule() if self.engine.has_unfinished() else None
-                if out is None or not out.chunks:
+            while not self._stop.is_set() or pipe.in_flight is not None:
+                if pipe.in_flight is None:
+                    self._drain(block=False)
+                ahead = self._calls.empty() and not self._stop.is_set()
+                if not pipe.advance(may_run_ahead=ahead):
                     self._drain(block=True)
-                    continue
-                hook = self.before_run(out) if self.before_run else None
-                result = self.engine.run(out, layer_hook=hook)
-                self.on_result(out, result)
         except BaseException as exc:
             log.exception("engine loop died")
             self.error = exc

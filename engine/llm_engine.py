@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
@@ -18,20 +18,14 @@ from pdserve.engine.model_runner import (
     allocate_kv_caches,
     decide_num_blocks,
 )
-from pdserve.engine.sampler import TokenLogprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import Sequence
+from pdserve.engine.step_pipeline import LayerHook, StepPipeline, StepResult, apply_step
 from pdserve.engine.tokenizer import get_tokenizer
 from pdserve.kernels.attention import get_backend
 
-
-@dataclass(slots=True)
-class StepResult:
-    new_tokens: dict[str, int] = field(default_factory=dict)  # seq id -> token sampled this step
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of those that asked
-    finished: list[Sequence] = field(default_factory=list)
-    num_batched_tokens: int = 0
+__all__ = ["LLMEngine", "StepResult"]
 
 
 class LLMEngine:
@@ -62,6 +56,7 @@ class LLMEngine:
         eos = tuple(sorted(set(self.model_cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
         self.eos_token_ids = eos
         self.scheduler = Scheduler(cfg.scheduler, cfg.cache, self.num_blocks, self.max_model_len, eos)
+        self.overlap = cfg.overlap if cfg.overlap is not None else cfg.device.startswith("cuda")
         self._ids = itertools.count()
 
     # -- requests -------------------------------------------------------------------------
@@ -101,14 +96,19 @@ class LLMEngine:
     def schedule(self) -> SchedulerOutput:
         return self.scheduler.schedule()
 
-    def run(self, out: SchedulerOutput, layer_hook: Callable[[int], None] | None = None) -> StepResult:
-        sampled = self.runner.execute(out, layer_hook=layer_hook)
-        finished = self.scheduler.update(out, sampled.tokens)
-        return StepResult(new_tokens=sampled.tokens, logprobs=sampled.logprobs, finished=finished,
-                          num_batched_tokens=out.num_batched_tokens)
+    def run(self, out: SchedulerOutput, layer_hook: LayerHook | None = None) -> StepResult:
+        """One step, synchronously."""
+        return apply_step(self.scheduler, self.runner.launch(out, layer_hook=layer_hook))
 
-    def step(self, layer_hook: Callable[[int], None] | None = None) -> StepResult:
+    def step(self, layer_hook: LayerHook | None = None) -> StepResult:
         return self.run(self.schedule(), layer_hook)
+
+    def pipeline(self, on_result: Callable[[SchedulerOutput, StepResult], None],
+                 before_run: Callable[[SchedulerOutput], LayerHook | None] | None = None,
+                 overlap: bool | None = None) -> StepPipeline:
+        """Steps with overlap scheduling as configured (or as `overlap` says)."""
+        return StepPipeline(self.scheduler, self.runner,
+                            self.overlap if overlap is None else overlap, on_result, before_run)
 
     def warm_up(self, prompt_lens: tuple[int, ...] = (1, 8, 40, 130, 400, 1200),
                 decode_steps: int = 2) -> int:

@@ -2,6 +2,10 @@
 
 Decode-only steps replay a CUDA graph (engine/cuda_graphs.py) when `capture_cuda_graphs`
 ran at start-up; every other step, and any step with a layer_hook, runs eagerly.
+
+`launch` queues a step and returns at once (engine/async_output.py): greedy tokens stay on
+the device, and a step whose inputs come from the previous one (overlap scheduling) reads
+them from that step's device tensor. `execute` is launch + wait.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pdserve.engine.async_output import LaunchedStep
 from pdserve.engine.config import CacheConfig, ModelConfig
 from pdserve.engine.cuda_graphs import DecodeGraphs, capture_sizes, graphs_unsupported
 from pdserve.engine.layers import set_fused_kernels
-from pdserve.engine.sampler import Sampler, SamplerOutput
+from pdserve.engine.sampler import Sampler, SamplerOutput, TokenLogprobs, wants_logprobs
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.kernels.attention import AttentionBackend, AttentionMetadata
 
@@ -151,43 +157,73 @@ class ModelRunner:
         return layer_hook is None and self.graphs is not None and self.graphs.can_run(out.chunks)
 
     @torch.inference_mode()
-    def forward(self, out: SchedulerOutput, layer_hook: Callable[[int], None] | None = None
-                ) -> tuple[torch.Tensor, list[str]]:
-        """Hidden states [N, H] of the N chunks that sample, and their seq ids in order."""
+    def forward(self, out: SchedulerOutput, layer_hook: Callable[[int], None] | None = None,
+                input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[str]]:
+        """Hidden states [N, H] of the N chunks that sample, and their seq ids in order.
+        input_ids: [T] device tensor replacing the chunks' token ids (overlap)."""
         if self.uses_graph(out, layer_hook):
-            hidden = self.graphs.run(out.chunks)  # (B, H), one row per chunk
+            hidden = self.graphs.run(out.chunks, input_ids)  # (B, H), one row per chunk
             rows = [i for i, c in enumerate(out.chunks) if c.sample]
             if len(rows) < len(out.chunks):
                 hidden = hidden[rows]
             return hidden, [out.chunks[i].seq_id for i in rows]
         b = self.prepare(out)
+        if input_ids is not None:
+            b.input_ids = input_ids
         hidden = self.model(b.input_ids, b.positions, self.kv_caches, b.meta, self.attn,
                             layer_hook=layer_hook)  # (T, H)
         rows = torch.tensor(b.sample_rows, dtype=torch.int64, device=self.device)
         return hidden.index_select(0, rows), b.sample_seq_ids
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
                 layer_hook: Callable[[int], None] | None = None) -> SamplerOutput:
-        """Run one step; return the sampled token (and logprobs, where asked) of every chunk
-        that samples. Any thread may call it: the step runs with this runner's device
-        current (Triton launches on the calling thread's current device, and an engine loop
-        thread starts on cuda:0)."""
+        """Run one step and wait; return the sampled token (and logprobs, where asked) of
+        every chunk that samples."""
+        step = self.launch(out, layer_hook)
+        return SamplerOutput(step.tokens(), step.logprobs)
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, layer_hook: Callable[[int], None] | None = None,
+               prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step; its tokens are read later (LaunchedStep.tokens). When
+        out.inputs_from_previous, `prev` is the step before, whose sampled tokens (on the
+        device) are this step's inputs, row for row. Any thread may call it: the step runs
+        with this runner's device current (Triton launches on the calling thread's current
+        device, and an engine loop thread starts on cuda:0)."""
         if not out.chunks:
-            return SamplerOutput()
+            return LaunchedStep(out, [], torch.empty(0, dtype=torch.int64))
         with self._device_guard():
-            return self._execute(out, layer_hook)
+            hidden, seq_ids = self.forward(out, layer_hook, self._inputs_from(out, prev))
+            if not seq_ids:
+                return LaunchedStep(out, [], torch.empty(0, dtype=torch.int64))
+            logits = self.model.compute_logits(hidden)  # (N, V) fp32
+            by_id = {c.seq_id: c for c in out.chunks}
+            params = [by_id[s].params for s in seq_ids]
+            indices = [by_id[s].output_index for s in seq_ids]
+            tokens, logprobs = self._sample(logits, params, indices, seq_ids)
+            return LaunchedStep(out, seq_ids, tokens, logprobs)
+
+    @staticmethod
+    def _inputs_from(out: SchedulerOutput, prev: LaunchedStep | None) -> torch.Tensor | None:
+        if not out.inputs_from_previous:
+            return None
+        ids = [c.seq_id for c in out.chunks]
+        if prev is None or prev.seq_ids != ids or any(c.num_tokens != 1 for c in out.chunks):
+            raise ValueError("a step whose inputs come from the previous one needs that step "
+                             "and one token per chunk, in the same row order")
+        return prev.token_ids
+
+    def _sample(self, logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
+                seq_ids: list[str]) -> tuple[torch.Tensor, dict[str, TokenLogprobs]]:
+        """Sampled ids [N] int64 on the logits' device, and the logprobs of the rows that ask.
+        An all-greedy batch without logprobs (the sampler's argmax) never leaves the device;
+        otherwise the sampler runs (it waits for the step) and its tokens are copied back,
+        so the next step can still read them there."""
+        if all(p.greedy for p in params) and not wants_logprobs(params):
+            return logits.argmax(dim=-1), {}
+        sampled = self.sampler.sample_output(logits, params, indices, seq_ids)
+        tokens = [sampled.tokens[s] for s in seq_ids]
+        return torch.tensor(tokens, dtype=torch.int64).to(logits.device), sampled.logprobs
 
     def _device_guard(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
-
-    def _execute(self, out: SchedulerOutput,
-                 layer_hook: Callable[[int], None] | None) -> SamplerOutput:
-        hidden, seq_ids = self.forward(out, layer_hook)
-        if not seq_ids:
-            return SamplerOutput()
-        logits = self.model.compute_logits(hidden)  # (N, V) fp32
-        by_id = {c.seq_id: c for c in out.chunks}
-        params = [by_id[s].params for s in seq_ids]
-        indices = [by_id[s].output_index for s in seq_ids]
-        return self.sampler.sample_output(logits, params, indices, seq_ids)

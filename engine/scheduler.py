@@ -8,6 +8,15 @@ recompute: its blocks are freed and it goes back to the FRONT of the waiting que
 num_computed_tokens = 0 (its outputs stay in token_ids, so recomputation covers them).
 No new sequence is admitted in a step that preempted.
 
+Overlap scheduling (`schedule_ahead`): while step N runs, step N+1 of an unchanged decode
+batch is planned from token counts alone; its input tokens are step N's sampled ones, still
+on the device (PLACEHOLDER_TOKEN here). It reserves each sequence's next slot one token
+ahead. A sequence that step N ends (EOS, stop token) runs once more in step N+1: `update`
+discards that token (the sequence is no longer running) and step N's update has already
+freed its blocks, the reserved slot with them (a sequence waiting for its running slot is
+admitted a step later than without overlap). Anything else (arrivals, finishes by length,
+preemption, prompts) makes it return None: that step is scheduled after N is applied.
+
 The model runner only sees `SchedulerOutput`. Pure Python; no torch.
 """
 
@@ -22,6 +31,8 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sequence import Sequence, SequenceStatus
 
 S = SequenceStatus
+
+PLACEHOLDER_TOKEN = -1  # an input token the previous step sampled, still on the device
 
 
 @dataclass(slots=True)
@@ -47,6 +58,9 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)  # seq ids preempted this step
     num_batched_tokens: int = 0
+    # Overlap: each chunk's one input token is the token the previous step sampled for that
+    # sequence, rows in the same order (token_ids hold PLACEHOLDER_TOKEN).
+    inputs_from_previous: bool = False
 
 
 class Scheduler:
@@ -213,6 +227,37 @@ class Scheduler:
         out.num_batched_tokens = self.cfg.max_num_batched_tokens - budget
         return out
 
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after `prev`, planned while `prev` runs: every earlier step is applied,
+        `prev` is not (its tokens are unknown). Only an unchanged decode batch qualifies:
+        every running sequence decodes one token in `prev`, none can end there by length,
+        nothing could be admitted (no waiting sequence, or max_num_seqs running: one waits
+        a step longer after a stop), and the pool holds each one's next slot (taken now).
+        Otherwise None."""
+        if self.waiting and len(self.running) < self.cfg.max_num_seqs:
+            return None
+        if self._finished_early or prev.preempted or not prev.chunks:
+            return None
+        if (len(prev.chunks) != len(self.running)
+                or len(prev.chunks) > self.cfg.max_num_batched_tokens):
+            return None
+        seqs = []
+        for c in prev.chunks:
+            seq = self.running.get(c.seq_id)
+            if (seq is None or seq.prefill_only or not c.sample or c.num_tokens != 1
+                    or seq.num_computed_tokens != c.start_pos or seq.num_tokens != c.start_pos + 1
+                    or seq.num_output_tokens + 1 >= seq.params.max_tokens
+                    or seq.num_tokens + 1 >= self.max_model_len):
+                return None
+            seqs.append(seq)
+        if not all(self.block_manager.ensure_slots(s, s.num_tokens + 1) for s in seqs):
+            return None  # blocks taken so far are the ones the next step needs anyway
+        chunks = [ScheduledChunk(s.seq_id, [PLACEHOLDER_TOKEN], s.num_tokens, list(s.block_ids),
+                                 True, s.params, s.num_output_tokens + 1, s.block_table_id)
+                  for s in seqs]
+        return SchedulerOutput(chunks=chunks, num_batched_tokens=len(chunks),
+                               inputs_from_previous=True)
+
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Move the head of the waiting queue to running with blocks for its first chunk
         (after prefix-cache hits); return the chunk length, or 0 if blocks are short."""
@@ -264,7 +309,8 @@ class Scheduler:
         """Apply a step's results: advance computed tokens, append sampled tokens, commit
         full blocks to the prefix cache, finish and free. Returns sequences finished now
         (a prefill_only sequence finishes with FINISHED_PREFILL and keeps its blocks).
-        Chunks of sequences aborted since schedule() are ignored."""
+        Chunks of sequences no longer running are ignored: aborted since schedule(), or
+        (overlap) ended by the step before this one, whose extra token is discarded."""
         finished, self._finished_early = self._finished_early, []
         for chunk in output.chunks:
             seq = self.running.get(chunk.seq_id)

@@ -40,12 +40,14 @@ class LLM:
                  block_size: int = 16, num_blocks: int | None = None,
                  max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 model_cache_dir: str | None = None, config: EngineConfig | None = None) -> None:
+                 model_cache_dir: str | None = None, overlap: bool | None = None,
+                 config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
                 model=model, device=device, dtype=dtype, seed=seed,
                 model_cache_dir=model_cache_dir,
                 attention_backend=attention_backend, enforce_eager=enforce_eager,
+                overlap=overlap,
                 cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                   enable_prefix_caching=enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
@@ -84,12 +86,14 @@ class LLM:
         logprobs: dict[str, list[TokenLogprobs]] = {
             s.seq_id: [] for s in seqs if s.params.logprobs is not None}
         bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
-        while self.engine.has_unfinished():
-            res = self.engine.step()
+        def on_result(out, res) -> None:
             for sid, lp in res.logprobs.items():
                 if sid in logprobs:
                     logprobs[sid].append(lp)
             bar.update(len(res.finished))
+        pipe = self.engine.pipeline(on_result)
+        while pipe.advance():  # overlap scheduling as the engine is configured
+            pass
         bar.close()
         return [RequestOutput(request_id=s.seq_id, prompt_token_ids=list(s.prompt_token_ids),
                               token_ids=list(s.output_token_ids),

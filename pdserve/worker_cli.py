@@ -37,6 +37,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"],
                    help="attention backend (auto: triton on cuda, torch on cpu)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="no overlap scheduling: plan each decode step after the previous one's "
+                        "tokens are read (default: overlap on CUDA)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     p.add_argument("--seed", type=int, default=0, help="seed of random preset weights")
 
@@ -53,6 +56,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model, device=args.device, dtype=dtype, seed=args.seed,
         model_cache_dir=model_cache_dir_from_args(args),
         attention_backend=args.attention, enforce_eager=args.enforce_eager,
+        overlap=False if args.no_overlap else None,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           memory_fraction=args.memory_fraction,
                           enable_prefix_caching=not args.no_prefix_caching),
