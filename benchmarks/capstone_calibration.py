@@ -15,7 +15,8 @@ File format (`calibration.json`, "format": "pdserve-calibration/1"); times in ms
 
 Where the points come from: prefill from the prefill worker's own `prefill_ms` of each
 request at the run's lowest rate (little queueing), transfer from `transfer_ms` vs
-`kv_bytes`, the decode step from each request's time per token after its second token
+`kv_bytes` of the requests whose transfer overlapped no other on the same worker
+(`unqueued_transfers`; the simulator queues transfers itself), the decode step from each request's time per token after its second token
 (token 0 comes from the prefill worker, before the KV transfer: its gap is the transfer,
 not a decode step) against the mean number of requests decoding on the same worker during
 its decode and their mean context. Fits are least squares, with negative coefficients
@@ -97,6 +98,24 @@ def nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:
     return [float(v) for v in coef]
 
 
+def unqueued_transfers(results: Sequence[RequestResult]) -> list[RequestResult]:
+    """The disaggregated requests of one run whose prefill and transfer (token 0 less
+    `prefill_ms` to token 0 plus `transfer_ms`, on the client's clock) overlapped no other
+    request's on the same decode worker or the same prefill worker: their `transfer_ms` is
+    the transfer's own time, without waiting for a busy sender or receiver."""
+    spans = []
+    for r in results:
+        sv = r.server
+        if r.ok and sv.get("kv_bytes") and sv.get("transfer_ms", 0) > 0 \
+                and sv.get("prefill_worker") != sv.get("decode_worker"):
+            t0 = r.chunks[0][0]  # token 0: the end of the prefill forward
+            spans.append((t0 - sv.get("prefill_ms", 0.0) / 1e3, t0 + sv["transfer_ms"] / 1e3, r))
+    return [r for a0, a1, r in spans if all(
+        b1 <= a0 or b0 >= a1 for b0, b1, o in spans if o is not r and (
+            o.server.get("decode_worker") == r.server.get("decode_worker")
+            or o.server.get("prefill_worker") == r.server.get("prefill_worker")))]
+
+
 def _token1_s(r: RequestResult) -> float:
     """When the request's second token arrived (the decode worker's first), NaN if none."""
     seen = 0
@@ -176,15 +195,21 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
         c = nonneg_lstsq(_design(t, 2), np.array([p[1] for p in pre]))
         cal.prefill = {"c0": c[0], "c_token": c[1], "c_token2": c[2]}
         cal.source["prefill"] = f"measured ({len(pre)} requests)"
-    xfer = [(r.server["kv_bytes"], r.server["transfer_ms"]) for r in reqs
-            if r.server.get("kv_bytes", 0) > 0 and r.server.get("transfer_ms", 0) > 0]
+    xfer = [(r.server["kv_bytes"], r.server["transfer_ms"]) for run in runs
+            for r in unqueued_transfers(run)]
+    queued = len(xfer) < 3  # too few alone: every transfer, queueing included
+    if queued:
+        xfer = [(r.server["kv_bytes"], r.server["transfer_ms"]) for r in reqs
+                if r.server.get("kv_bytes", 0) > 0 and r.server.get("transfer_ms", 0) > 0]
     if len(xfer) >= 3:
         b = np.array([p[0] for p in xfer], dtype=float)
         c = nonneg_lstsq(_design(b, 1), np.array([p[1] for p in xfer]))
         cal.transfer = {"c0": c[0], "ms_per_byte": c[1]}
         cal.kv_bytes_per_token = float(np.median([r.server["kv_bytes"] / r.prompt_tokens
                                                   for r in reqs if r.server.get("kv_bytes")]))
-        cal.source["transfer"] = f"measured ({len(xfer)} requests)"
+        cal.source["transfer"] = (f"measured ({len(xfer)} requests"
+                                  + (", queueing included)" if queued else
+                                     " whose transfer overlapped no other)"))
     dec = [p for run in (runs if decode_runs is None else decode_runs) for p in _decode_points(run)]
     dec = [p for p in dec if not math.isnan(p[2])]
     if len(dec) >= 3:

@@ -24,7 +24,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pdserve.benchmarks.capstone_calibration import nonneg_lstsq, unqueued_transfer_points
+from pdserve.benchmarks.capstone_calibration import (
+    nonneg_lstsq,
+    unqueued_transfer_points,
+    unqueued_transfers,
+)
 from pdserve.benchmarks.capstone_report import Context, SetupResult, run_row
 
 
@@ -43,28 +47,11 @@ def fit_fixed_bandwidth(pts: Sequence[tuple[float, float]]) -> tuple[float, floa
 
 
 def unqueued_requests(setups: Sequence[SetupResult]) -> list[tuple[float, float]]:
-    """(KV bytes, transfer ms) of requests whose prefill + transfer window overlapped no
-    other request's on the same decode or prefill worker."""
-    out = []
-    for s in setups:
-        for w in s.by_workload.values():
-            for run in w.runs:
-                spans = []
-                for r in run.results:
-                    sv = r.server
-                    if not (r.ok and sv.get("kv_bytes") and sv.get("transfer_ms", 0) > 0
-                            and sv.get("prefill_worker") != sv.get("decode_worker")):
-                        continue
-                    t0 = r.chunks[0][0]  # token 0: the end of the prefill forward
-                    spans.append((t0 - sv.get("prefill_ms", 0.0) / 1e3,
-                                  t0 + sv["transfer_ms"] / 1e3, sv))
-                for a0, a1, sv in spans:
-                    alone = all(b1 <= a0 or b0 >= a1 for b0, b1, o in spans if o is not sv and (
-                        o.get("decode_worker") == sv.get("decode_worker")
-                        or o.get("prefill_worker") == sv.get("prefill_worker")))
-                    if alone:
-                        out.append((float(sv["kv_bytes"]), float(sv["transfer_ms"])))
-    return out
+    """(KV bytes, transfer ms) of every run's requests whose transfer did not queue
+    (capstone_calibration.unqueued_transfers)."""
+    return [(float(r.server["kv_bytes"]), float(r.server["transfer_ms"]))
+            for s in setups for w in s.by_workload.values() for run in w.runs
+            for r in unqueued_transfers(run.results)]
 
 
 def bench_reference(root: str | None = None) -> str:

@@ -135,3 +135,16 @@ def test_requests_file_round_trips(tmp_path) -> None:
     for a, b in zip(reqs, got):  # times relative to the run's first send
         assert b.t_send == pytest.approx(a.t_send - t0, abs=1e-5)
         assert b.ttft_s == pytest.approx(a.ttft_s, abs=1e-5) and b.error == a.error
+
+
+def test_transfers_that_queued_are_left_out_of_the_fit() -> None:
+    from pdserve.benchmarks.capstone_calibration import unqueued_transfers
+
+    def req(t0: float, xfer_ms: float, dec: str) -> RequestResult:
+        return RequestResult(t0 - 0.05, 1000, chunks=[(t0, 1), (t0 + 0.2, 3)], server={
+            "kv_bytes": 1000, "transfer_ms": xfer_ms, "prefill_ms": 20.0,
+            "prefill_worker": f"p-{dec}", "decode_worker": dec})
+    alone = req(0.0, 10.0, "d0")
+    a, b = req(1.0, 50.0, "d1"), req(1.03, 80.0, "d1")  # b's prefill overlaps a's transfer
+    other = req(1.03, 10.0, "d2")  # the same time, another pair: not queued
+    assert unqueued_transfers([alone, a, b, other]) == [alone, other]
