@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks.capstone_metrics import RequestResult, Window
@@ -108,7 +109,7 @@ def rerender(args: argparse.Namespace) -> int:
     try:
         setups, ctx, workloads, have_requests = load(src)
     except (OSError, ValueError, KeyError) as e:
-        print(f"error: --report-from {src}: {e}")
+        print(f"error: --report-from {src}: {e}", file=sys.stderr)
         return 2
     out = args.out if args.out_given else src
     os.makedirs(out, exist_ok=True)
