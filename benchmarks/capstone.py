@@ -103,7 +103,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--window-warmup", type=float, default=0.1, help="fraction excluded at start")
     s.add_argument("--window-cooldown", type=float, default=0.1, help="fraction excluded at end")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=f"benchmarks/results/{NAME}", help="report directory")
+    o.add_argument("--out", default=None,
+                   help=f"report directory (default benchmarks/results/{NAME}; with "
+                        "--report-from: that directory)")
+    o.add_argument("--report-from", metavar="DIR",
+                   help="no measurement: write the report again from DIR's results.json, "
+                        "calibration.json and requests.json.gz (benchmarks/capstone_rerender.py)")
+    o.add_argument("--meta", action="append", metavar="KEY=VALUE",
+                   help="--report-from: set a line of the report's header (e.g. a commit the "
+                        "run could not record)")
     o.add_argument("--label", default="", help="a line for the report")
     o.add_argument("--no-plan", action="store_true", help="skip the planner validation")
     o.add_argument("--extrapolate", default="8,16,64", type=lambda v: [int(x) for x in v.split(",")
@@ -218,11 +226,20 @@ def load_workloads(args: argparse.Namespace) -> list[tuple[Workload, list | None
 
 
 def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
-                 ctx: report.Context, wls: list) -> list[str]:
+                 ctx: report.Context, wls: list, rerendered: str = "") -> list[str]:
+    """Everything of the report directory; `rerendered` (--report-from): results.json is
+    kept, and calibration.json too unless per-request data lets it be fitted again."""
+    from pdserve.benchmarks.capstone_rerender import write_requests
+
     out = plotting.ensure_dir(args.out)
     workloads = {wl.name: {"describe": wl.describe, "params": wl.params} for wl, _ in wls}
-    paths = [report.write_json(out, setups, ctx, workloads),
-             report.write_calibration(out, setups, ctx)]
+    have_requests = any(r.results for s in setups for w in s.by_workload.values() for r in w.runs)
+    paths = [] if rerendered else [report.write_json(out, setups, ctx, workloads),
+                                   write_requests(out, setups)]
+    if have_requests:
+        paths.append(report.write_calibration(out, setups, ctx))
+    if rerendered:
+        ctx.meta["report"] = f"re-rendered with `--report-from` ({rerendered})"
     pngs: dict[str, str] = {}
     map_text: dict[str, str] = {}
     title = " vs ".join(s.setup for s in setups) + f" ({ctx.meta.get('device', '')})"
@@ -231,7 +248,7 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
         if p:
             pngs["goodput vs achieved rate"] = p
         rate = ctx.start_rate if not concurrency_levels(args) else math.inf
-        for i, (wl, _) in enumerate(wls):
+        for i, (wl, _) in enumerate(wls if have_requests else []):
             # one folder per workload: at most 8 files per folder, whatever the workloads
             p = plots.latency_cdfs(os.path.join(out, f"w{i}", "cdf.png"), setups, wl.name, rate,
                                    ctx.window)
@@ -249,12 +266,28 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
                 pngs[key] = p
     except ImportError as e:
         print(f"note: no plots ({e}); pip install matplotlib", file=sys.stderr)
+    if rerendered and not have_requests:  # the run's own PNGs, where they exist
+        olds = {"transfer time vs input length": "transfer.png",
+                "GPU utilization per pool": "gpu.png"}
+        for i, (wl, _) in enumerate(wls):
+            olds[f"TTFT and ITL CDFs: {wl.name}"] = os.path.join(f"w{i}", "cdf.png")
+            olds[f"SLO attainment map: {wl.name}"] = os.path.join(f"w{i}", "slo_map.png")
+        for key, rel in olds.items():
+            if key not in pngs and os.path.exists(os.path.join(out, rel)):
+                pngs[key + " (as the run drew it)"] = os.path.join(out, rel)
     plan_lines: list[str] = []
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
+        import json
+
         from pdserve.benchmarks import plan
+        from pdserve.benchmarks.capstone_calibration import run_calibration
 
         per_run, per_search = plan.validate(out)
-        plan_lines = ["", "### Planner validation", "", *plan.validation_lines(per_run, per_search)]
+        with open(os.path.join(out, "results.json")) as f:
+            used = run_calibration(out, json.load(f))
+        plan_lines = ["", "### Planner validation", "", "Profiles the simulator used: "
+                      + "; ".join(f"{k}: {v}" for k, v in used.source.items()) + ".", "",
+                      *plan.validation_lines(per_run, per_search)]
         if args.extrapolate:
             plan_lines += ["", "### Extrapolation", "",
                            *plan.extrapolation_lines(per_search, args.extrapolate)]
@@ -269,6 +302,12 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.cluster import ClusterError
     from pdserve.proto.grpc_util import install_uvloop
 
+    if args.report_from:
+        from pdserve.benchmarks.capstone_rerender import rerender
+
+        args.out_given = args.out is not None
+        return rerender(args)
+    args.out = args.out or f"benchmarks/results/{NAME}"
     err = check_args(args)
     if err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,15 +15,21 @@ File format (`calibration.json`, "format": "pdserve-calibration/1"); times in ms
 
 Where the points come from: prefill from the prefill worker's own `prefill_ms` of each
 request at the run's lowest rate (little queueing), transfer from `transfer_ms` vs
-`kv_bytes`, the decode step from each request's TPOT against the mean number of requests
-decoding on the same worker during its decode and their mean context. Fits are
-least squares, with negative coefficients clamped to 0.
+`kv_bytes` of the requests whose transfer overlapped no other on the same worker
+(`unqueued_transfers`; the simulator queues transfers itself), the decode step from each request's time per token after its second token
+(token 0 comes from the prefill worker, before the KV transfer: its gap is the transfer,
+not a decode step) against the mean number of requests decoding on the same worker during
+its decode and their mean context. Fits are least squares, with negative coefficients
+clamped to 0. A run recorded without per-request data (results.json before requests.json.gz
+existed) can refit the decode step from its lowest-rate runs' summaries
+(`decode_from_summaries`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -92,11 +98,41 @@ def nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:
     return [float(v) for v in coef]
 
 
+def unqueued_transfers(results: Sequence[RequestResult]) -> list[RequestResult]:
+    """The disaggregated requests of one run whose prefill and transfer (token 0 less
+    `prefill_ms` to token 0 plus `transfer_ms`, on the client's clock) overlapped no other
+    request's on the same decode worker or the same prefill worker: their `transfer_ms` is
+    the transfer's own time, without waiting for a busy sender or receiver."""
+    spans = []
+    for r in results:
+        sv = r.server
+        if r.ok and sv.get("kv_bytes") and sv.get("transfer_ms", 0) > 0 \
+                and sv.get("prefill_worker") != sv.get("decode_worker"):
+            t0 = r.chunks[0][0]  # token 0: the end of the prefill forward
+            spans.append((t0 - sv.get("prefill_ms", 0.0) / 1e3, t0 + sv["transfer_ms"] / 1e3, r))
+    return [r for a0, a1, r in spans if all(
+        b1 <= a0 or b0 >= a1 for b0, b1, o in spans if o is not r and (
+            o.server.get("decode_worker") == r.server.get("decode_worker")
+            or o.server.get("prefill_worker") == r.server.get("prefill_worker")))]
+
+
+def _token1_s(r: RequestResult) -> float:
+    """When the request's second token arrived (the decode worker's first), NaN if none."""
+    seen = 0
+    for t, k in r.chunks:
+        seen += k
+        if seen >= 2:
+            return t if seen - k >= 1 else math.nan  # token 0 and 1 in one chunk: unknown
+    return math.nan
+
+
 def _decode_points(results: Sequence[RequestResult]) -> list[tuple[float, float, float]]:
-    """(mean batch, mean total context, TPOT ms) per request, with the batch counted over
-    requests decoding on the same worker (`decode_worker`) during its decode span."""
-    spans = [(r.chunks[0][0], r.t_end, r.prompt_tokens, r.output_tokens,
-              r.server.get("decode_worker", "")) for r in results if r.ok and r.output_tokens > 2]
+    """(mean batch, mean total context, ms per decode step) per request, from its second
+    token to its last, with the batch counted over requests decoding on the same worker
+    (`decode_worker`) during that span."""
+    spans = [(_token1_s(r), r.t_end, r.prompt_tokens, r.output_tokens,
+              r.server.get("decode_worker", "")) for r in results if r.ok and r.output_tokens > 3]
+    spans = [s for s in spans if not math.isnan(s[0])]
     out = []
     for a0, a1, _pin, nout, w in spans:
         if a1 <= a0:
@@ -108,8 +144,28 @@ def _decode_points(results: Sequence[RequestResult]) -> list[tuple[float, float,
                 frac = overlap / (a1 - a0)
                 batch += frac
                 ctx += frac * (bin_ + bout / 2)
-        out.append((batch, ctx, (a1 - a0) / (nout - 1) * 1e3))
+        out.append((batch, ctx, (a1 - a0) / (nout - 2) * 1e3))
     return out
+
+
+def decode_from_summaries(runs: Sequence[tuple[dict, int, float, float]]) -> dict[str, float]:
+    """The decode step profile from run summaries, for runs recorded without per-request
+    data: per run (summary, decode workers, mean input, mean output), the decode step is
+    its mean TPOT less its mean KV transfer spread over the output's tokens, and the batch
+    per decode worker comes from Little's law (steady throughput x decode time / workers).
+    Use each P/D setup's lowest-rate runs (least queueing), as `fit` does."""
+    pts = []
+    for s, workers, mean_in, mean_out in runs:
+        if mean_out <= 2 or workers < 1 or math.isnan(s.get("mean_tpot_ms", math.nan)):
+            continue
+        xfer = s.get("mean_transfer_ms", 0.0)
+        step_ms = s["mean_tpot_ms"] - (0.0 if math.isnan(xfer) else xfer) / (mean_out - 1)
+        batch = s["steady_throughput"] * mean_out * step_ms / 1e3 / workers
+        pts.append((1.0, batch, batch * (mean_in + mean_out / 2), step_ms))
+    if len(pts) < 3:
+        raise ValueError("need at least 3 runs with a TPOT to fit the decode step")
+    c = nonneg_lstsq(np.array([p[:3] for p in pts]), np.array([p[3] for p in pts]))
+    return {"c0": c[0], "c_seq": c[1], "c_ctx_token": c[2]}
 
 
 def _design(x: np.ndarray, degree: int) -> np.ndarray:
@@ -130,7 +186,7 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
     """A calibration from the per-request results of several runs (P/D runs carry the
     prefill and transfer timings; decode points come from `decode_runs`, default `runs`)."""
     cal = Calibration(max_batch=max_batch, prefill_token_budget=prefill_token_budget,
-                      meta=dict(meta or {}))
+                      meta={**(meta or {}), "decode_fit": "token1"})
     reqs = [r for run in runs for r in run if r.ok]
     pre = [(r.prompt_tokens, r.server["prefill_ms"]) for r in reqs
            if r.server.get("prefill_ms", 0) > 0]
@@ -139,15 +195,21 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
         c = nonneg_lstsq(_design(t, 2), np.array([p[1] for p in pre]))
         cal.prefill = {"c0": c[0], "c_token": c[1], "c_token2": c[2]}
         cal.source["prefill"] = f"measured ({len(pre)} requests)"
-    xfer = [(r.server["kv_bytes"], r.server["transfer_ms"]) for r in reqs
-            if r.server.get("kv_bytes", 0) > 0 and r.server.get("transfer_ms", 0) > 0]
+    xfer = [(r.server["kv_bytes"], r.server["transfer_ms"]) for run in runs
+            for r in unqueued_transfers(run)]
+    queued = len(xfer) < 3  # too few alone: every transfer, queueing included
+    if queued:
+        xfer = [(r.server["kv_bytes"], r.server["transfer_ms"]) for r in reqs
+                if r.server.get("kv_bytes", 0) > 0 and r.server.get("transfer_ms", 0) > 0]
     if len(xfer) >= 3:
         b = np.array([p[0] for p in xfer], dtype=float)
         c = nonneg_lstsq(_design(b, 1), np.array([p[1] for p in xfer]))
         cal.transfer = {"c0": c[0], "ms_per_byte": c[1]}
         cal.kv_bytes_per_token = float(np.median([r.server["kv_bytes"] / r.prompt_tokens
                                                   for r in reqs if r.server.get("kv_bytes")]))
-        cal.source["transfer"] = f"measured ({len(xfer)} requests)"
+        cal.source["transfer"] = (f"measured ({len(xfer)} requests"
+                                  + (", queueing included)" if queued else
+                                     " whose transfer overlapped no other)"))
     dec = [p for run in (runs if decode_runs is None else decode_runs) for p in _decode_points(run)]
     dec = [p for p in dec if not math.isnan(p[2])]
     if len(dec) >= 3:
@@ -165,3 +227,66 @@ def samples(runs: Sequence[Sequence[RequestResult]]) -> dict[str, list[list[floa
                         if r.server.get("prefill_ms", 0) > 0],
             "transfer": [[r.prompt_tokens, r.server["kv_bytes"], r.server["transfer_ms"]]
                          for r in reqs if r.server.get("kv_bytes", 0) > 0]}
+
+
+UNQUEUED_OCCUPANCY = 0.15  # a decode worker's receiver busy less than this: few transfers wait
+
+
+def unqueued_transfer_points(rows: Sequence[dict], occupancy: float = UNQUEUED_OCCUPANCY
+                             ) -> list[tuple[str, float, float]]:
+    """(run label, mean KV bytes, mean transfer ms) of the P/D runs (results.json rows)
+    whose transfers rarely queued: per sender (prefill worker) and per receiver (decode
+    worker), arrival rate x mean transfer time < UNQUEUED_OCCUPANCY (the chance that a
+    transfer finds the sender or the receiver busy with another)."""
+    out = []
+    for r in rows:
+        m = re.fullmatch(r"(\d+)P(\d+)D", str(r["setup"]))
+        xfer, kvb = r.get("mean_transfer_ms", math.nan), r.get("mean_kv_bytes", math.nan)
+        if not m or r["request_rate"] == "inf" or xfer is None or kvb is None \
+                or math.isnan(xfer) or math.isnan(kvb) or not xfer > 0:
+            continue
+        per_worker = float(r["request_rate"]) / min(int(m.group(1)), int(m.group(2)))
+        if per_worker * xfer / 1e3 < occupancy:
+            out.append((f"{r['setup']} {str(r['workload']).split(':')[0]} @ "
+                        f"{float(r['request_rate']):.3g}", float(kvb), float(xfer)))
+    return out
+
+
+def run_calibration(run_dir: str, res: dict) -> Calibration:
+    """The calibration a capstone run directory's validation uses: `calibration.json`,
+    with the decode step refitted from the lowest-rate runs' summaries when the run was
+    fitted by the old method (TPOT from token 0, which includes the KV transfer) and left no
+    per-request data to refit from (`decode_from_summaries`); the file is not changed."""
+    import os
+
+    cal = Calibration.load(os.path.join(run_dir, "calibration.json"))
+    if cal.meta.get("decode_fit") == "token1" or cal.source.get("decode") == "default":
+        return cal
+    lengths = {w: v["lengths"] for s in res["setups"] for w, v in s["by_workload"].items()
+               if v.get("lengths")}
+    low: dict[tuple[str, str], dict] = {}
+    for r in res["runs"]:
+        key = (r["setup"], r["workload"])
+        if key not in low or r["request_rate"] < low[key]["request_rate"]:
+            low[key] = r
+    pts = []
+    for (setup, wname), r in low.items():
+        m = re.fullmatch(r"(\d+)P(\d+)D", setup)
+        ls = lengths.get(wname, [])[:int(r.get("num_prompts") or 0)]
+        if m and ls:
+            pts.append((r, int(m.group(2)), sum(i for i, _ in ls) / len(ls),
+                        sum(o for _, o in ls) / len(ls)))
+    try:
+        cal.decode = decode_from_summaries(pts)
+    except ValueError:
+        return cal
+    cal.source["decode"] = (f"refitted from {len(pts)} lowest-rate P/D run summaries "
+                            "(TPOT less the KV transfer per token; batch by Little's law)")
+    xfer = unqueued_transfer_points(res["runs"])
+    if len(xfer) >= 3:
+        c = nonneg_lstsq(_design(np.array([b for _, b, _ in xfer]), 1),
+                         np.array([t for _, _, t in xfer]))
+        cal.transfer = {"c0": c[0], "ms_per_byte": c[1]}
+        cal.source["transfer"] = (f"refitted from {len(xfer)} run summaries whose transfers "
+                                  "rarely queued (the simulator queues them itself)")
+    return cal

@@ -32,50 +32,27 @@ def linear_fit(pts: Sequence[tuple[float, float]]) -> tuple[float, float, float]
     return a, b, (1 - ss_res / ss_tot) if ss_tot > 0 else math.nan
 
 
-def transfer_lines(setups: Sequence[SetupResult]) -> list[str]:
-    """Transfer time against input length, over every disaggregated request of the run."""
-    reqs = [r for s in setups for w in s.by_workload.values() for run in w.runs
-            for r in run.results if r.ok and r.server.get("transfer_ms", 0) > 0
-            and r.server.get("prefill_worker") != r.server.get("decode_worker")]
-    if len(reqs) < 3:
-        return ["- KV transfer: fewer than 3 disaggregated requests reported a transfer time; "
-                "no fit"]
-    a, b, r2 = linear_fit([(r.prompt_tokens, r.server["transfer_ms"]) for r in reqs])
-    lo, hi = min(r.prompt_tokens for r in reqs), max(r.prompt_tokens for r in reqs)
-    verdict = ("linear" if r2 >= 0.8 else "roughly linear" if r2 >= 0.5 else
-               "not well described by a line")
-    out = [f"- KV transfer time vs input length ({len(reqs)} requests, {lo}..{hi} tokens): "
-           f"{a:.3g} ms + {b * 1e3:.3g} ms per 1k tokens, R^2 {r2:.2f}: {verdict}."]
-    big = sorted(reqs, key=lambda r: r.prompt_tokens)[-max(1, len(reqs) // 4):]
-    with_bytes = [r for r in big if r.server.get("kv_bytes")]
-    if with_bytes:
-        kvb = sum(r.server["kv_bytes"] for r in with_bytes)
-        ms = sum(r.server["transfer_ms"] for r in with_bytes)
-        per_tok = kvb / sum(r.prompt_tokens for r in with_bytes)
-        fixed = a / (a + b * hi) if a > 0 and a + b * hi > 0 else 0.0
-        marginal = per_tok / b / 1e6 if b > 0 else math.nan  # bytes/token / (ms/token)
-        fixed = max(a, 0.0) / (max(a, 0.0) + b * hi) if b * hi > 0 else 1.0
-        limit = ("the fixed per-request part" if fixed > 0.5 else
-                 "the marginal rate of the link and the pack/unpack kernels")
-        out.append(
-            f"- What sets its bandwidth: {per_tok / 1024:.4g} KiB of KV per token; the slope "
-            f"is {marginal:.3g} GB/s marginal; whole requests in the longest quarter of "
-            f"prompts moved {kvb / ms / 1e6:.3g} GB/s effective; the fixed part "
-            f"({max(a, 0):.3g} ms: control message, per-layer launches) is {fixed:.0%} of "
-            f"the time at {hi} tokens, so {limit} sets it. (Transfer time as the prefill "
-            "worker reports it: from the end of its forward to the last layer landing.)")
-    return out
-
-
 def _runs_by(setups, wname):
     return [(s, s.by_workload[wname]) for s in setups if wname in s.by_workload
             and s.by_workload[wname].runs]
 
 
-def best_rate(w, slos: dict[str, float], target: float, window: Window) -> float:
-    """The highest measured rate whose runs met `slos` at >= target (0 if none)."""
-    return max((r.rate for r in w.runs if attainment(r.results, slos, window) >= target),
-               default=0.0)
+def best_rate(w, slos: dict[str, float], target: float, window: Window,
+              run_slos: dict[str, float] | None = None) -> float:
+    """The highest measured rate whose runs met `slos` at >= target (0 if none). A run
+    without per-request data (re-rendered from results.json) has only its attainment
+    under `run_slos`, the run's own SLOs: under other SLOs the answer is NaN."""
+    best = 0.0
+    for r in w.runs:
+        if r.results:
+            att = attainment(r.results, slos, window)
+        elif slos == run_slos:
+            att = r.summary.get("slo_attainment", math.nan)
+        else:
+            return math.nan
+        if att >= target:
+            best = max(best, r.rate)
+    return best
 
 
 def pd_vs_colocated_lines(setups: Sequence[SetupResult], wname: str, ctx: Context) -> list[str]:
@@ -90,10 +67,14 @@ def pd_vs_colocated_lines(setups: Sequence[SetupResult], wname: str, ctx: Contex
     loose = dict(tight, tpot=tight.get("tpot", 50.0) * LOOSE_TPOT_FACTOR)
     out = []
     for name, slos in (("tight", tight), ("loose", loose)):
-        bp = max(pd, key=lambda sw: best_rate(sw[1], slos, ctx.target, ctx.window))
-        bc = max(co, key=lambda sw: best_rate(sw[1], slos, ctx.target, ctx.window))
-        rp = best_rate(bp[1], slos, ctx.target, ctx.window)
-        rc = best_rate(bc[1], slos, ctx.target, ctx.window)
+        rate = lambda sw, slos=slos: best_rate(sw[1], slos, ctx.target, ctx.window,  # noqa: E731
+                                               ctx.slos)
+        if any(math.isnan(rate(sw)) for sw in pd + co):
+            out.append(f"- goodput with {name} TPOT (<= {slos.get('tpot', math.nan):g} ms): "
+                       "not known (needs per-request data, which this run did not record)")
+            continue
+        bp, bc = max(pd, key=rate), max(co, key=rate)
+        rp, rc = rate(bp), rate(bc)
         who = ("P/D" if rp > 1.1 * rc else "colocated" if rc > 1.1 * rp else "neither")
         out.append(f"- goodput with {name} TPOT (<= {slos.get('tpot', math.nan):g} ms): "
                    f"{bp[0].setup} holds {rp:.3g} req/s, {bc[0].setup} {rc:.3g} req/s at >= "
@@ -124,8 +105,8 @@ def conditional_lines(setups: Sequence[SetupResult], wname: str, ctx: Context) -
                      if b.kind == "P/D" and b.setup == s.setup.split("-cond")[0]), None)
         tail = ""
         if base is not None:
-            rb = best_rate(base.by_workload[wname], ctx.slos, ctx.target, ctx.window)
-            rs = best_rate(w, ctx.slos, ctx.target, ctx.window)
+            rb = best_rate(base.by_workload[wname], ctx.slos, ctx.target, ctx.window, ctx.slos)
+            rs = best_rate(w, ctx.slos, ctx.target, ctx.window, ctx.slos)
             tail = f"; holds {rs:.3g} req/s against {rb:.3g} for {base.setup} (always P/D)"
         share = f"{sum(fr) / len(fr):.0%}" if fr else "an unknown share"
         out.append(f"- conditional {s.setup}: {share} of requests were prefilled on their "
@@ -150,7 +131,9 @@ def gpu_lines(setups: Sequence[SetupResult]) -> list[str]:
 
 def findings(setups: Sequence[SetupResult], ctx: Context) -> list[str]:
     names = list(dict.fromkeys(w for s in setups for w in s.by_workload))
-    out = ["### Transfer", *transfer_lines(setups), "", "### GPU utilization per pool",
+    from pdserve.benchmarks.capstone_transfer import transfer_lines
+
+    out = ["### Transfer", *transfer_lines(setups, ctx), "", "### GPU utilization per pool",
            *gpu_lines(setups), ""]
     for wname in names:
         lines = pd_vs_colocated_lines(setups, wname, ctx) + conditional_lines(setups, wname, ctx)

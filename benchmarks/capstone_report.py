@@ -44,6 +44,7 @@ class SetupResult:
     by_workload: dict[str, WorkloadRuns] = field(default_factory=dict)
     gpu: dict[int, list[tuple[float, float, float]]] = field(default_factory=dict)
     gpu_note: str = ""
+    gpu_rows: list[dict] = field(default_factory=list)  # gpu_summary as recorded (re-render)
 
     @property
     def kind(self) -> str:
@@ -106,6 +107,8 @@ def miss_counts(results: Sequence[RequestResult], slos: dict[str, float],
 
 
 def gpu_summary(s: SetupResult) -> list[dict]:
+    if not s.gpu and s.gpu_rows:  # re-rendered from results.json without the samples
+        return list(s.gpu_rows)
     rows = []
     for role, gpus in s.pools.items():
         pts = [p for g in gpus for p in s.gpu.get(g, [])]
@@ -158,13 +161,19 @@ def _pd_vs_colocated(setups: Sequence[SetupResult], wname: str, ctx: Context) ->
                if a["p90_ttft_ms"] > b["p90_ttft_ms"] else "P/D's TTFT is not worse."))
         xfer, ttft = a.get("mean_transfer_ms", math.nan), a["mean_ttft_ms"]
         if not math.isnan(xfer) and ttft > 0:
-            lines.append(f"- KV transfer: mean {xfer:.3g} ms per request, {xfer / ttft:.0%} of "
-                         f"{bp.setup}'s mean TTFT")
+            lines.append(f"- KV transfer: mean {xfer:.3g} ms per request after the prefill "
+                         f"(pdserve sends token 0 first, so it delays the second token: "
+                         f"{xfer / max(1e-9, a['mean_tpot_ms']):.2g} mean TPOTs; {bp.setup}'s "
+                         f"mean TTFT is {ttft:.3g} ms)")
     for s in (bp, bc):
         runs = s.by_workload[wname].runs
         fails = [r for r in runs if not r.summary["slo_attainment"] >= ctx.target]
         if fails:
             worst = min(fails, key=lambda r: r.rate)
+            if not worst.results:
+                lines.append(f"- {s.setup} first fails at {worst.rate:.3g} req/s (which SLO it "
+                             "misses: per-request data not recorded)")
+                continue
             miss = miss_counts(worst.results, ctx.slos, ctx.window)
             key = max(miss, key=miss.get)
             lines.append(f"- {s.setup} first fails at {worst.rate:.3g} req/s, mostly on "

@@ -67,6 +67,8 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
             sizer.ran(time.monotonic() - t0, reqs[-1].at_s)
             summary = summarize(results, slos, window)
             summary["send_duration_s"] = reqs[-1].at_s
+            if not math.isinf(limit):  # the planner's validation cuts its runs there too
+                summary["time_limit_s"] = limit
             wr.runs.append(report.Run(rate, conc, results, summary))
             errors = [r.error for r in results if r.error]
             print(f"{desc}: {n} requests over {reqs[-1].at_s:.3g} s; "

@@ -31,7 +31,17 @@ set -u
 T0=$(date +%s)
 OUT=$(realpath -m "${1:?usage: gpu_capstone.sh OUT DEVICES}"); DEVICES=${2:?usage: gpu_capstone.sh OUT DEVICES}
 REPO=$(pwd)
-COMMIT=$(git -C "$REPO" log -1 --format='%h %s' 2>/dev/null | cut -c1-60 || true)
+# The commit of the code that runs: $PDSERVE_COMMIT when the caller sets it (a copied tree's
+# .git may be stale: set it from the machine that made the copy), else git's HEAD with
+# "+dirty" when tracked files differ from it (which a stale .git shows). Exported, so the
+# report's "commit" line (plotting.commit_id) says the same from the installed copy.
+if [ -z "${PDSERVE_COMMIT:-}" ]; then
+  PDSERVE_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [ -n "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    PDSERVE_COMMIT="$PDSERVE_COMMIT+dirty"
+  fi
+fi
+export PDSERVE_COMMIT
 PYTHON=${PYTHON:-python3}
 TMPD=${TMPD:-/tmp/pdserve-capstone}  # the installed copy (new/) and the wheels (site/)
 mkdir -p "$OUT"
@@ -92,7 +102,7 @@ timeout $(( WALL_S - ($(date +%s) - T0) - 5 )) $PYTHON -m pdserve.cli bench caps
   --start-rate "$START_RATE" --max-runs "${MAX_RUNS:-3}" --rel-tol 0.25 \
   --budget-s "$BUDGET" --run-duration "${RUN_DURATION:-20}" --num-requests 16 \
   --warmup-requests 2 --timeout 60 --start-timeout 240 \
-  --label "gpu_capstone.sh on $N GPUs ($DEVICES), budget $BUDGET s, commit ${COMMIT:-unknown}" \
+  --label "gpu_capstone.sh on $N GPUs ($DEVICES), budget $BUDGET s" \
   --out "$OUT" \
   >>"$LOG" 2>&1
 RC=$?

@@ -27,14 +27,14 @@ import random
 import sys
 from collections.abc import Sequence
 
-from pdserve.benchmarks.capstone_calibration import Calibration
+from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
 from pdserve.benchmarks.capstone_metrics import parse_goodput
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
 from pdserve.benchmarks.planner_sim import (
     Setup,
     parse_setup,
-    sim_attainment,
+    sim_means,
     sim_summary,
     simulate_setup,
 )
@@ -61,18 +61,21 @@ def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
             slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
             seed: int = 0, max_runs: int = 10, min_duration_s: float = 0.0,
             start_rate: float | None = None, rel_tol: float = 0.05,
-            min_requests: int = 0, max_requests: int = 0) -> SearchResult:
+            min_requests: int = 0, max_requests: int = 0, grace_s: float = 0.0) -> SearchResult:
     """Predicted max rate at >= target attainment for one setup and a list of (in, out).
     With `min_duration_s`, a run at rate r simulates max(min_requests or len(lengths),
     r * min_duration_s) requests (the lengths in turn), so a high rate is a sustained load,
-    not one burst."""
+    not one burst. With `grace_s`, a run is cut that long after its last arrival (a
+    budgeted capstone run's time limit)."""
 
     def measure(rate: float) -> float:
         n = max(min_requests or len(lengths), math.ceil(rate * min_duration_s))
         n = min(n, max_requests) if max_requests else n
         ls = [lengths[i % len(lengths)] for i in range(n)]
         times = arrival_times(n, rate, burstiness, random.Random(seed + 7919))
-        return sim_attainment(simulate_setup(cal, setup, times, ls), slos)
+        horizon = times[-1] + grace_s if grace_s else math.inf
+        return sim_summary(simulate_setup(cal, setup, times, ls, horizon), slos,
+                           horizon_s=horizon)[0]
 
     start = start_rate or rough_capacity(cal, lengths, setup) / 2
     return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=rel_tol)
@@ -101,6 +104,29 @@ def plan(cal: Calibration, gpus: int, lengths: Sequence[tuple[int, int]], slos: 
     return sorted(rows, key=lambda r: -r["predicted_goodput_rps"])
 
 
+def run_time_limit_s(m: dict, lengths: Sequence[tuple[int, int]], slos: dict[str, float],
+                     budgeted: bool) -> float:
+    """A measured run's time limit (seconds after its clock 0), after which the capstone
+    cut what was still running: recorded as `time_limit_s` by newer runs; else, under a
+    budget, its send span plus the smallest grace capstone_budget.RunSizer gives
+    (max(2 x estimated drain, 5 s), the drain estimated from the SLOs as
+    capstone_sweep.drain_estimate_s); without a budget, none."""
+    if m.get("time_limit_s"):
+        return float(m["time_limit_s"])
+    if not budgeted or not m.get("send_duration_s"):
+        return math.inf
+    return float(m["send_duration_s"]) + budget_grace_s(lengths, slos)
+
+
+def budget_grace_s(lengths: Sequence[tuple[int, int]], slos: dict[str, float]) -> float:
+    """The smallest grace capstone_budget.RunSizer.stop_at gives a run after its last send:
+    max(2 x drain, 5 s), the drain estimated from the SLOs as capstone_sweep does."""
+    mean_out = sum(o for _, o in lengths) / max(1, len(lengths))
+    drain = min(slos.get("ttft", 1000.0) + mean_out * slos.get("tpot", 50.0),
+                slos.get("e2el", math.inf)) / 1e3
+    return max(2 * drain, 5.0)
+
+
 def validation_error(predicted: float, measured: float) -> float:
     """Relative error of a prediction, (predicted - measured) / measured; NaN if measured is 0."""
     return (predicted - measured) / measured if measured > 0 else math.nan
@@ -114,7 +140,7 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
       (start rate, run budget, tolerance) on the simulator."""
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
-    cal = cal or Calibration.load(os.path.join(run_dir, "calibration.json"))
+    cal = cal or run_calibration(run_dir, res)
     slos, seed, burst = res["slos"], res["seed"], res["burstiness"]
     win = res.get("window", {})
     search = res.get("search", {})
@@ -136,15 +162,21 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
                 n = int(m.get("num_prompts") or len(lengths))  # the run's first n lengths
                 ls = [lengths[i % len(lengths)] for i in range(n)]
                 times = arrival_times(n, rate, burst, random.Random(seed + 7919))
-                att, good = sim_summary(simulate_setup(cal, setup, times, ls), slos,
-                                        win.get("warmup", 0.1), win.get("cooldown", 0.1))
+                horizon = run_time_limit_s(m, ls, slos, bool(search.get("budget_s")))
+                wu, cd = win.get("warmup", 0.1), win.get("cooldown", 0.1)
+                sim = simulate_setup(cal, setup, times, ls, horizon)
+                att, good = sim_summary(sim, slos, wu, cd, horizon)
+                means = sim_means(sim, wu, cd)
                 got = m.get("steady_goodput", m["request_goodput"])
                 per_run.append({"setup": s["setup"], "workload": wname, "rate": rate,
                                 "measured_goodput_rps": got,
                                 "predicted_goodput_rps": good,
                                 "error": validation_error(good, got),
                                 "measured_attainment": m["slo_attainment"],
-                                "predicted_attainment": att})
+                                "predicted_attainment": att,
+                                "ttft/tpot/transfer_ms": " / ".join(
+                                    f"{m.get(f'mean_{k}_ms', math.nan):.3g} vs {means[k]:.3g}"
+                                    for k in ("ttft", "tpot", "transfer"))})
             durs = [d for d in w.get("send_durations_s", []) if d]
             sized = bool(search.get("run_duration_s") or search.get("budget_s"))
             pred = predict(cal, setup, lengths, slos, res["target"], burst, seed,
@@ -152,7 +184,9 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
                            max_runs=len(w.get("search_runs") or []) or search.get("max_runs", 6),
                            start_rate=search.get("start_rate"), rel_tol=search.get("rel_tol", 0.15),
                            min_duration_s=sum(durs) / len(durs) if sized and durs else 0.0,
-                           min_requests=res["num_prompts"] if sized else 0)
+                           min_requests=res["num_prompts"] if sized else 0,
+                           grace_s=budget_grace_s(lengths, slos) if search.get("budget_s")
+                           else 0.0)
             per_search.append({"setup": s["setup"], "workload": wname,
                                "measured_max_rate": w["max_rate"],
                                "predicted_max_rate": pred.max_rate,
@@ -171,7 +205,10 @@ def validation_lines(per_run: Sequence[dict], per_search: Sequence[dict]) -> lis
     """Markdown: both tables and the mean absolute errors."""
     from pdserve.benchmarks import plotting
 
-    return ["Goodput at each measured rate (same requests and arrivals, simulated):", "",
+    return ["Goodput at each measured rate (same requests and arrivals, same window and time "
+            "limit, simulated); the last column: mean TTFT, TPOT and KV transfer in ms, "
+            "measured vs simulated (a measured transfer is the prefill worker's end of "
+            "forward to last layer landed; a simulated one, token 0 to the KV landing):", "",
             plotting.markdown_table(per_run, floatfmt=".3g"), "",
             f"Mean |error| of goodput: {mean_abs_error(per_run):.1%} over {len(per_run)} runs.",
             "", "Max rate at target attainment (same search procedure on the simulator):", "",

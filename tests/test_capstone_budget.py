@@ -124,11 +124,12 @@ def test_findings_are_computed_from_the_numbers() -> None:
     cond = _setup("1P1D-cond512", {4.0: (80, 12, 14)}, local=0.25)
     ctx = report.Context({"ttft": 500.0, "tpot": 20.0}, 0.9, Window(), 1.0, 0, 4.0, 20, {})
     text = "\n".join(cf.findings([pd, co, cond], ctx))
-    # transfer = 1 ms + 0.01 ms/token exactly: a line with R^2 1
-    assert "1 ms + 10 ms per 1k tokens, R^2 1.00: linear" in text
-    assert "0.1 GB/s marginal" in text  # 1000 B per token / 0.01 ms per token
-    assert "0.0947 GB/s effective" in text  # the 1 ms fixed part included
-    assert "so the marginal rate of the link" in text  # fixed part 5% at 2000 tokens
+    # transfer = 1 ms + 0.01 ms/token exactly (1000 B per token): a line with R^2 1, and
+    # no two transfers overlap, so every request counts as one that did not queue
+    assert "from 40 requests whose prefill and transfer overlapped no other" in text
+    assert "1 ms + bytes / (0.1 GB/s), fixed >= 0, R^2 1.00: linear" in text
+    assert "0.0952 GB/s effective" in text  # 2 MB in 21 ms: the 1 ms fixed part included
+    assert "the per-byte rate (0.1 GB/s) sets it" in text  # fixed part 5% at 2000 tokens
     # tight TPOT (20 ms): P/D holds 8 req/s, colocated none; loose (80 ms): both hold 8
     assert "tight TPOT (<= 20 ms): 1P1D holds 8 req/s, 2both 0 req/s" in text
     assert "loose TPOT (<= 80 ms): 1P1D holds 8 req/s, 2both 8 req/s" in text

@@ -90,6 +90,14 @@ def test_capstone_against_fake_coordinator(tmp_path) -> None:
     res = check_report(tmp_path, ["1P1D"])
     assert "Planner validation" in (tmp_path / "report.md").read_text()
     assert len(res["runs"]) == 2
+    # the report again from what the run recorded, per-request data included
+    again = tmp_path / "again"
+    assert capstone.run(parse("--report-from", str(tmp_path), "--out", str(again))) == 0
+    md = (again / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in md, section
+    assert "from results.json and requests.json.gz" in md
+    assert "not recorded" not in md  # every section had its data
 
 
 def test_capstone_base_url_fixed_concurrency(tmp_path) -> None:

@@ -50,12 +50,15 @@ def test_parse_setup() -> None:
 
 def test_single_request_latency_matches_the_profiles() -> None:
     r, = simulate(CAL, 1, 1, 0, [0.0], [(100, 3)])
-    ttft = CAL.prefill_ms(100, 100 ** 2) + CAL.transfer_ms(100 * 1000)
+    # token 0 leaves with the prefill reply, before the KV transfer (as pdserve emits it)
+    ttft = CAL.prefill_ms(100, 100 ** 2)
     assert r.ttft_ms() == pytest.approx(ttft)
-    # tokens 1 and 2 come from two decode steps (batch 1)
+    # then the transfer, and tokens 1 and 2 from two decode steps (batch 1): TPOT pays it
     step1 = CAL.decode_step_ms(1, 101)
     step2 = CAL.decode_step_ms(1, 102)
-    assert r.e2el_ms() == pytest.approx(ttft + step1 + step2)
+    xfer = CAL.transfer_ms(100 * 1000)
+    assert r.e2el_ms() == pytest.approx(ttft + xfer + step1 + step2)
+    assert r.tpot_ms() == pytest.approx((xfer + step1 + step2) / 2)
     c, = simulate(CAL, 0, 0, 1, [0.0], [(100, 3)])
     assert c.ttft_ms() == pytest.approx(CAL.prefill_ms(100, 100 ** 2))
 
@@ -72,11 +75,12 @@ def test_conditional_setup_routes_by_prompt_length() -> None:
     # the short prompt is prefilled on the decode worker (no transfer), the long one P/D
     assert out[0].local and not out[1].local
     assert out[0].ttft_ms() == pytest.approx(CAL.prefill_ms(50, 50 ** 2))
-    assert out[1].ttft_ms() == pytest.approx(CAL.prefill_ms(500, 500 ** 2)
-                                             + CAL.transfer_ms(500 * CAL.kv_bytes_per_token))
+    assert out[1].ttft_ms() == pytest.approx(CAL.prefill_ms(500, 500 ** 2))
+    assert out[1].end - out[1].first > CAL.transfer_ms(500 * CAL.kv_bytes_per_token) / 1e3
     assert [r.prompt for r in out] == [50, 500]
     plain = simulate_setup(CAL, Setup(1, 1, 0), [0.0, 0.0], ls)
-    assert plain[0].ttft_ms() > out[0].ttft_ms()  # it queued behind nothing, no transfer
+    assert plain[0].ttft_ms() == pytest.approx(out[0].ttft_ms())
+    assert plain[0].end > out[0].end  # P/D: its tokens wait for the transfer
 
 
 def test_attainment_falls_with_load_and_rises_with_gpus() -> None:
@@ -145,7 +149,8 @@ def test_calibration_fit_recovers_linear_profiles(tmp_path) -> None:
     results = []
     for i in range(40):
         n = 50 + 10 * i
-        r = RequestResult(float(i), n, chunks=[(i + 0.5, 1), (i + 0.6, 1), (i + 0.7, 1)])
+        r = RequestResult(float(i), n, chunks=[(i + 0.5, 1), (i + 0.6, 1), (i + 0.7, 1),
+                                                         (i + 0.8, 1)])
         r.server = {"prefill_ms": 5.0 + 0.2 * n, "kv_bytes": 2048 * n,
                     "transfer_ms": 0.5 + 1e-5 * 2048 * n, "decode_worker": "d0"}
         results.append(r)
@@ -167,3 +172,21 @@ def test_nonneg_lstsq_drops_negative_terms() -> None:
     y = 100 - 0.0 * np.arange(20.0) + np.linspace(0, -1, 20)  # slightly decreasing
     c = calib.nonneg_lstsq(x, y)
     assert c[1] == 0.0 and c[0] > 0
+
+
+def test_layerwise_transfers_queue_at_the_decode_workers_receiver() -> None:
+    import dataclasses
+
+    cal = dataclasses.replace(CAL, prefill_token_budget=4096)
+    # the first prompt has the worker to itself; the next two share a step of 2400 tokens,
+    # pushed layer by layer
+    ls = [(1200, 4)] * 3
+    one = simulate(cal, 1, 1, 0, [0.0] * 3, ls)
+    fwd = cal.prefill_ms(1200, 1200 ** 2) - cal.prefill["c0"]  # a prompt's share of the step
+    tail = cal.transfer_ms(1200 * cal.kv_bytes_per_token)
+    assert one[1].first == one[2].first  # token 0 of both with their step
+    # one receiver: the third push waits for the second
+    assert (one[2].landed - one[1].landed) * 1e3 == pytest.approx(fwd + tail)
+    two = simulate(cal, 1, 2, 0, [0.0] * 3, ls)  # the two share no receiver
+    assert two[1].landed == pytest.approx(two[2].landed)
+    assert two[2].landed < one[2].landed
