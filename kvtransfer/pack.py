@@ -119,36 +119,34 @@ class KVLayout:
     def gather(self, index: torch.Tensor, rect: Rect, out: torch.Tensor) -> None:
         """out[rows of rect] = pool rows (out: [rect.rows, W] staging view)."""
         if self.flat is not None:
-            rows = index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1)
-            if self.copy_ctas:
-                row_copy.gather(self.flat, rows, out, self.copy_ctas)
-            else:
-                torch.index_select(self.flat, 0, rows, out=out)
+            self._gather_rows(self.flat, index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1), out)
             return
         nb = rect.b1 - rect.b0
         ids = index[rect.b0:rect.b1]
         for k, layer in enumerate(range(rect.l0, rect.l1)):
-            if self.copy_ctas:
-                row_copy.gather(self.layers[layer], ids, out[k * nb:(k + 1) * nb], self.copy_ctas)
-            else:
-                torch.index_select(self.layers[layer], 0, ids, out=out[k * nb:(k + 1) * nb])
+            self._gather_rows(self.layers[layer], ids, out[k * nb:(k + 1) * nb])
 
     def scatter(self, index: torch.Tensor, rect: Rect, src: torch.Tensor) -> None:
         """Pool rows of rect = src ([rect.rows, W] staging view)."""
         if self.flat is not None:
-            rows = index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1)
-            if self.copy_ctas:
-                row_copy.scatter(self.flat, rows, src, self.copy_ctas)
-            else:
-                self.flat.index_copy_(0, rows, src)
+            self._scatter_rows(self.flat, index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1), src)
             return
         nb = rect.b1 - rect.b0
         ids = index[rect.b0:rect.b1]
         for k, layer in enumerate(range(rect.l0, rect.l1)):
-            if self.copy_ctas:
-                row_copy.scatter(self.layers[layer], ids, src[k * nb:(k + 1) * nb], self.copy_ctas)
-            else:
-                self.layers[layer].index_copy_(0, ids, src[k * nb:(k + 1) * nb])
+            self._scatter_rows(self.layers[layer], ids, src[k * nb:(k + 1) * nb])
+
+    def _gather_rows(self, pool: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
+        if self.copy_ctas:
+            row_copy.gather(pool, rows, out, self.copy_ctas)
+        else:
+            torch.index_select(pool, 0, rows, out=out)
+
+    def _scatter_rows(self, pool: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
+        if self.copy_ctas:
+            row_copy.scatter(pool, rows, src, self.copy_ctas)
+        else:
+            pool.index_copy_(0, rows, src)
 
 
 class StagingPool:

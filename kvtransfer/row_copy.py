@@ -57,9 +57,8 @@ def _launch(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor,
         return
     row_words = src.shape[1]
     block = min(2048, triton.next_power_of_2(row_words))
-    idx = src_idx if src_idx is not None else dst_idx
-    _copy_rows[(min(ctas, n_rows),)](src, src_idx if src_idx is not None else idx, dst,
-                                     dst_idx if dst_idx is not None else idx, n_rows, row_words,
+    idx = src_idx if src_idx is not None else dst_idx  # the kernel reads only this one
+    _copy_rows[(min(ctas, n_rows),)](src, idx, dst, idx, n_rows, row_words,
                                      INDEX_SRC=src_idx is not None, BLOCK=block, num_warps=8)
 
 

@@ -6,11 +6,10 @@ discarded and every block is freed."""
 from __future__ import annotations
 
 import random
-from array import array
 
 import pytest
 import torch
-import xxhash
+from test_scheduler import EOS, VOCAB, next_token, reference
 
 from pdserve.engine.async_output import LaunchedStep
 from pdserve.engine.sampling_params import SamplingParams
@@ -153,23 +152,7 @@ def test_a_full_batch_with_a_queue_still_overlaps_and_admits_after_a_stop() -> N
 
 
 # ---- randomized: the pipeline over a fake runner that reads its context through the tables --
-VOCAB, EOS = 40, 0
-
-
-def next_token(context: list[int]) -> int:
-    return xxhash.xxh32_intdigest(array("q", context).tobytes()) % VOCAB
-
-
-def reference(prompt: list[int], params: SamplingParams) -> list[int]:
-    ctx, out = list(prompt), []
-    while True:
-        t = next_token(ctx)
-        ctx.append(t)
-        out.append(t)
-        if (t == EOS and not params.ignore_eos) or t in params.stop_token_ids:
-            return out
-        if len(out) >= params.max_tokens:
-            return out
+# next_token / reference: the same fake model as the scheduler's own tests
 
 
 class FakeRunner:

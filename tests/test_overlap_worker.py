@@ -6,11 +6,10 @@ mid-stream leaves every block free."""
 from __future__ import annotations
 
 import asyncio
-import functools
 from dataclasses import replace
 
 import pytest
-from worker_fakes import FakeContext, FakeWire, ManualEngineLoop
+from worker_fakes import FakeContext, FakeWire, ManualEngineLoop, aio
 
 import pdserve.decode  # noqa: F401  (registers decode, both)
 import pdserve.prefill  # noqa: F401  (registers prefill)
@@ -33,13 +32,6 @@ SAMPLING = [
     {"max_tokens": 11, "temperature": 0.9, "top_k": 20, "seed": 4, "ignore_eos": True},
     {"max_tokens": 20, "temperature": 0.0, "ignore_eos": True},
 ]
-
-
-def aio(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-    return wrapper
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ steps and a fake KV wire: admission, abort, transfer failure and finish, and P/D
 from __future__ import annotations
 
 import asyncio
-import functools
 
 import grpc
 import pytest
-from worker_fakes import Aborted, FakeContext, FakeWire, ManualEngineLoop, pump_forever
+from worker_fakes import Aborted, FakeContext, FakeWire, ManualEngineLoop, aio, pump_forever
 
 import pdserve.decode  # noqa: F401  (registers decode, both)
 import pdserve.prefill  # noqa: F401  (registers prefill)
@@ -27,14 +26,6 @@ from pdserve.worker.state import ReqState
 
 PROMPT = [5, 17, 99, 3, 42, 8, 61, 7, 23, 11, 90, 14, 2, 33, 71, 19, 4, 58]  # 18: 2 blocks
 GREEDY = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
-
-
-def aio(fn):
-    """Run an async test in a fresh event loop (the suite has no asyncio plugin)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-    return wrapper
 
 
 @pytest.fixture(scope="module")

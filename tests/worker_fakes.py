@@ -4,11 +4,20 @@ and a KV wire that copies blocks between two engines' pools in the test's own th
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 import torch
+
+
+def aio(fn):
+    """Run an async test in a fresh event loop (the suite has no asyncio plugin)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+    return wrapper
 
 
 class Aborted(Exception):
