@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy-ctas", type=int, default=None,
                    help="CUDA gather/scatter thread blocks (0: torch index ops; default: "
                         "TransferOptions.copy_ctas)")
+    p.add_argument("--solo-copy-ctas", type=int, default=None,
+                   help="thread blocks of a gather/scatter with nothing else in flight (-1: 2 "
+                        "per SM; 0: --copy-ctas; default: TransferOptions.solo_copy_ctas)")
     p.add_argument("--poll-us", type=float, default=None,
                    help="progress-loop poll interval while busy (default 0 = spin on cuda, 100 on cpu)")
     p.add_argument("--ucx-progress", choices=["blocking", "polling"], default=None,

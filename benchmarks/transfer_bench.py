@@ -20,7 +20,9 @@ from pdserve.benchmarks.transfer_peer import (
     new_backend,
     p2p_copy_gbps,
 )
+from pdserve.engine.cpu_affinity import pin_to_gpu
 from pdserve.kvtransfer import KVGeometry, KVSender, TransferOptions
+from pdserve.kvtransfer.trace import mark
 
 Blocks = tuple[list[int], list[int]]  # (src block ids, dst block ids) of one request
 
@@ -54,6 +56,8 @@ class TransferBench:
                         "layerwise": args.layerwise}
         if args.copy_ctas is not None:
             self.options["copy_ctas"] = args.copy_ctas
+        if args.solo_copy_ctas is not None:
+            self.options["solo_copy_ctas"] = args.solo_copy_ctas
         self.cfg = {"rx_device": str(self.rx_dev), "geo": self.geo, "block_size": self.bs,
                     "seed": args.seed, "rx_blocks": self.num_blocks, "backend": args.backend,
                     "options": self.options, "max_bytes": self.max_bytes,
@@ -108,10 +112,13 @@ class TransferBench:
         self.seq += 1
         assert self.rpc("brecv", nbytes, self.seq) == "posted"
         t0 = time.perf_counter()
+        mark("base", "post", self.seq, nbytes)
         op = self.base.post_send(self.bpeer, self.sbuf[:nbytes], self.seq)
         while not self.base.poll(op):
             pass
+        mark("base", "send_done", self.seq)
         assert self._recv() == "bdone"
+        mark("base", "bdone", self.seq)
         return time.perf_counter() - t0
 
     def median(self, fn: Any, n: int) -> float:
@@ -121,11 +128,15 @@ class TransferBench:
         a = self.args
         if self.dev.type == "cuda":
             torch.cuda.set_device(self.dev)
+            cores = pin_to_gpu(self.dev)  # as a worker does (engine/cpu_affinity.py)
+            print(f"cpu affinity: {len(cores)} cores local to {self.dev}" if cores else
+                  "cpu affinity: unchanged", file=sys.stderr)
         self.pool = make_pool(self.geo, self.bs, self.num_blocks, self.dev, seed=a.seed)
         polling = self.cfg["ucx_polling"]
         self.tx = KVSender(self.pool, new_backend(a.backend, self.dev, polling),
                            TransferOptions(**self.options))
         self.base = new_backend(a.backend, self.dev, polling)
+        self.base.trace_role = "base"
         self.sbuf = torch.ones(max(self.max_bytes, 1), dtype=torch.uint8, device=self.dev)
         if self.dev.type == "cuda":
             torch.cuda.synchronize()

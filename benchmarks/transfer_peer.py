@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pdserve.engine.cpu_affinity import pin_to_gpu
 from pdserve.kvtransfer import Backend, KVGeometry, KVReceiver, TransferOptions, create_backend
+from pdserve.kvtransfer.trace import dump, mark
 
 GEOMETRIES: dict[str, dict[str, Any]] = {  # llama-3.1-8b: 128 KiB of KV per token
     "tiny": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float32"},
@@ -75,10 +77,12 @@ def receiver_main(conn: Any, cfg: dict[str, Any]) -> None:
     dev = torch.device(cfg["rx_device"])
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        pin_to_gpu(dev)  # as a worker does (engine/cpu_affinity.py)
     pool = make_pool(cfg["geo"], cfg["block_size"], cfg["rx_blocks"], dev, seed=cfg["seed"] + 1)
     rx = KVReceiver(pool, new_backend(cfg["backend"], dev, cfg["ucx_polling"]),
                     TransferOptions(**cfg["options"]))
     base = new_backend(cfg["backend"], dev, cfg["ucx_polling"])
+    base.trace_role = "base"
     rbuf = torch.empty(max(cfg["max_bytes"], 1), dtype=torch.uint8, device=dev)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -100,6 +104,7 @@ def receiver_main(conn: Any, cfg: dict[str, Any]) -> None:
                 conn.send("posted")
                 while not base.poll(op):
                     pass
+                mark("base", "recv_done", a[1])
                 conn.send("bdone")
             elif cmd == "ping":
                 conn.send("pong")
@@ -108,6 +113,7 @@ def receiver_main(conn: Any, cfg: dict[str, Any]) -> None:
             elif cmd == "quit":
                 rx.close()
                 base.close()
+                dump()
                 conn.send("bye")
                 return
         except Exception as e:

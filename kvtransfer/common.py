@@ -115,10 +115,14 @@ class TransferOptions:
     # CUDA gather/scatter: thread blocks of the bounded row-copy kernel (row_copy.py), so the
     # copy never takes the SMs the backend's next send/recv kernel needs; 0: torch index ops
     copy_ctas: int = 32
+    # a gather with no send in flight, or a scatter with no other receive in flight (a
+    # pipeline's fill and drain), runs on every SM: 2 programs per SM (-1), or this many
+    # thread blocks; 0: copy_ctas there too
+    solo_copy_ctas: int = -1
 
     def __post_init__(self) -> None:
-        if self.copy_ctas < 0:
-            raise ValueError("copy_ctas must be >= 0")
+        if self.copy_ctas < 0 or self.solo_copy_ctas < -1:
+            raise ValueError("copy_ctas must be >= 0 and solo_copy_ctas >= -1")
         if self.max_frame_bytes < 1024 or self.max_pending_handshakes < 1:
             raise ValueError("max_frame_bytes must be >= 1024 and max_pending_handshakes >= 1")
         if self.staging_bytes <= 0 or self.num_staging_buffers < 1:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from . import auth
+from . import auth, trace
 from .backend import Backend, create_backend
 from .common import ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn
@@ -73,7 +73,7 @@ class Endpoint:
                  on_fatal: FatalCallback | None = None) -> None:
         self.options = options or TransferOptions()
         self._secret = auth.secret_bytes(self.options.secret)
-        self.layout = KVLayout(kv_caches, self.options.copy_ctas)
+        self.layout = KVLayout(kv_caches, self.options.copy_ctas, self.options.solo_copy_ctas)
         self.geometry = self.layout.geometry
         self.device = self.layout.device
         self._cuda = self.device.type == "cuda"
@@ -159,6 +159,7 @@ class Endpoint:
         self._wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
+        trace.dump()
 
     def __enter__(self) -> Endpoint:
         return self

@@ -17,6 +17,7 @@ import torch
 from .backend import Backend, Op
 from .common import TransferError
 from .pynccl import NCCL_IN_PROGRESS, NCCL_SUCCESS, NcclLibrary, default_library
+from .trace import gpu_begin, gpu_end
 
 HIGH_PRIORITY = -1  # CUDA stream priority: lower is higher; -1 is valid on every device
 
@@ -45,6 +46,7 @@ class NcclBackend(Backend):
 
     name = "nccl"
     stream_ordered = True
+    trace_role = "nccl"  # how PDSERVE_KV_TRACE names this backend's ops (kvtransfer/trace.py)
 
     def __init__(self, device: torch.device, library: NcclLibrary | None = None) -> None:
         self.device = torch.device(device)
@@ -135,8 +137,10 @@ class NcclBackend(Backend):
                     peer.stream.wait_event(op.after)
                     op.after = None
                 fn = self.lib.send if op.is_send else self.lib.recv
+                g0 = gpu_begin(peer.stream)
                 res = fn(op.tensor.data_ptr(), op.nbytes, peer.other, peer.comm,
                          peer.stream.cuda_stream)
+                gpu_end(self.trace_role, "send" if op.is_send else "recv", op.nbytes, g0, peer.stream)
                 if res == NCCL_SUCCESS:
                     self._record(peer, op)
                 elif res == NCCL_IN_PROGRESS:

@@ -49,7 +49,8 @@ class Rect:
 class KVLayout:
     """Word views of a KV pool and the gather/scatter of message rectangles."""
 
-    def __init__(self, kv_caches: Sequence[torch.Tensor], copy_ctas: int = 0) -> None:
+    def __init__(self, kv_caches: Sequence[torch.Tensor], copy_ctas: int = 0,
+                 solo_copy_ctas: int = -1) -> None:
         self.geometry = KVGeometry.from_kv_caches(kv_caches)
         t0 = kv_caches[0]
         for i, t in enumerate(kv_caches):
@@ -60,6 +61,14 @@ class KVLayout:
         self.device = t0.device
         # thread blocks of the row-copy kernel (0 or no Triton: torch index ops)
         self.copy_ctas = copy_ctas if row_copy.available(self.device) else 0
+        # the row copy's grid when no transfer kernel competes for SMs (a pipeline's fill or
+        # drain): by default two programs per SM, the copy's fastest (transfer_micro.py)
+        if not self.copy_ctas:
+            self.full_ctas = 0
+        elif solo_copy_ctas < 0:
+            self.full_ctas = 2 * torch.cuda.get_device_properties(self.device).multi_processor_count
+        else:
+            self.full_ctas = solo_copy_ctas or self.copy_ctas
         self.num_blocks = int(t0.shape[0])
         self.row_nbytes = self.geometry.block_nbytes
         self.word = _word_dtype(self.row_nbytes)
@@ -67,13 +76,13 @@ class KVLayout:
         # [N, W] per layer, same memory as the pool
         self.layers = [t.view(self.num_blocks, -1).view(self.word) for t in kv_caches]
         self.flat = self._flat_view(kv_caches)  # [L * N, W] or None
-        # index(): host ids go through one persistent pinned buffer (no allocation, no torch
-        # CPU op per request); the [L, nb] flat rows are formed on the device.
+        # index(): the [L, nb] flat rows (or [nb] ids) are formed in numpy into one
+        # persistent pinned buffer and copied once: no allocation, no torch op but the copy
         self._layer_base = np.arange(len(kv_caches), dtype=np.int64)[:, None] * self.num_blocks
         if self.device.type == "cuda":
-            self._pinned = torch.empty(self.num_blocks, dtype=torch.int64, pin_memory=True)
+            rows = len(kv_caches) if self.flat is not None else 1
+            self._pinned = torch.empty(rows * self.num_blocks, dtype=torch.int64, pin_memory=True)
             self._pinned_free: torch.cuda.Event | None = None  # the last copy out of it
-            self._base_dev = torch.from_numpy(self._layer_base).to(self.device)
 
     def _flat_view(self, kv: Sequence[torch.Tensor]) -> torch.Tensor | None:
         layer_nbytes = self.num_blocks * self.row_nbytes
@@ -99,8 +108,8 @@ class KVLayout:
     def index(self, block_ids: Sequence[int], stream: torch.cuda.Stream | None = None) -> torch.Tensor:
         """Device index for a request: [L, nb] flat rows, or [nb] block ids (per-layer path).
 
-        On CUDA the copy and the add are queued on `stream` (the caller's stream if None);
-        the host work is one numpy conversion, whatever the request's size."""
+        On CUDA the copy is queued on `stream` (the caller's stream if None); the host work
+        is one numpy add into pinned memory, whatever the request's size."""
         ids = np.asarray(block_ids, dtype=np.int64)
         if self.device.type != "cuda":
             return torch.from_numpy(self._layer_base + ids if self.flat is not None else ids)
@@ -108,45 +117,59 @@ class KVLayout:
             raise ValueError(f"{len(ids)} block ids for a pool of {self.num_blocks} blocks")
         if self._pinned_free is not None:
             self._pinned_free.synchronize()  # a few KiB: the previous copy is long done
-        host = self._pinned[: len(ids)]
-        host.numpy()[:] = ids
+        if self.flat is not None:
+            host = self._pinned[: self.num_layers * len(ids)]
+            np.add(self._layer_base, ids, out=host.numpy().reshape(self.num_layers, len(ids)))
+        else:
+            host = self._pinned[: len(ids)]
+            host.numpy()[:] = ids
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             dev = host.to(self.device, non_blocking=True)
             self._pinned_free = torch.cuda.Event()
             self._pinned_free.record()
-            return self._base_dev + dev if self.flat is not None else dev
+        return dev.view(self.num_layers, len(ids)) if self.flat is not None else dev
 
-    def gather(self, index: torch.Tensor, rect: Rect, out: torch.Tensor) -> None:
-        """out[rows of rect] = pool rows (out: [rect.rows, W] staging view)."""
-        if self.flat is not None:
-            self._gather_rows(self.flat, index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1), out)
-            return
-        nb = rect.b1 - rect.b0
-        ids = index[rect.b0:rect.b1]
-        for k, layer in enumerate(range(rect.l0, rect.l1)):
-            self._gather_rows(self.layers[layer], ids, out[k * nb:(k + 1) * nb])
+    def gather(self, index: torch.Tensor, rect: Rect, out: torch.Tensor,
+               ctas: int | None = None) -> None:
+        """out[rows of rect] = pool rows (out: [rect.rows, W] staging view). ctas: thread
+        blocks of the row copy (default copy_ctas; full_ctas when nothing else runs)."""
+        self._copy(index, rect, out, ctas, gather=True)
 
-    def scatter(self, index: torch.Tensor, rect: Rect, src: torch.Tensor) -> None:
+    def scatter(self, index: torch.Tensor, rect: Rect, src: torch.Tensor,
+                ctas: int | None = None) -> None:
         """Pool rows of rect = src ([rect.rows, W] staging view)."""
+        self._copy(index, rect, src, ctas, gather=False)
+
+    def _copy(self, index: torch.Tensor, rect: Rect, buf: torch.Tensor, ctas: int | None,
+              gather: bool) -> None:
+        ctas = self.copy_ctas if ctas is None or not self.copy_ctas else ctas
+        n = rect.b1 - rect.b0
         if self.flat is not None:
-            self._scatter_rows(self.flat, index[rect.l0:rect.l1, rect.b0:rect.b1].reshape(-1), src)
+            # whole layers, or a piece of one layer (all next_rect cuts): the rect's rows are
+            # one range of the [L, nb] index, so one copy takes an offset, no sliced tensor
+            nb = index.shape[1]
+            if rect.l1 - rect.l0 == 1 or n == nb:
+                self._rows(self.flat, index, rect.l0 * nb + rect.b0, rect.rows, buf, ctas, gather)
+                return
+            for k, layer in enumerate(range(rect.l0, rect.l1)):
+                self._rows(self.flat, index, layer * nb + rect.b0, n, buf[k * n:(k + 1) * n],
+                           ctas, gather)
             return
-        nb = rect.b1 - rect.b0
-        ids = index[rect.b0:rect.b1]
         for k, layer in enumerate(range(rect.l0, rect.l1)):
-            self._scatter_rows(self.layers[layer], ids, src[k * nb:(k + 1) * nb])
+            self._rows(self.layers[layer], index, rect.b0, n, buf[k * n:(k + 1) * n], ctas,
+                       gather)
 
-    def _gather_rows(self, pool: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
-        if self.copy_ctas:
-            row_copy.gather(pool, rows, out, self.copy_ctas)
+    @staticmethod
+    def _rows(pool: torch.Tensor, index: torch.Tensor, off: int, n: int, buf: torch.Tensor,
+              ctas: int, gather: bool) -> None:
+        if ctas:
+            (row_copy.gather if gather else row_copy.scatter)(pool, index, buf, ctas, off, n)
+            return
+        rows = index.view(-1)[off:off + n]
+        if gather:
+            torch.index_select(pool, 0, rows, out=buf)
         else:
-            torch.index_select(pool, 0, rows, out=out)
-
-    def _scatter_rows(self, pool: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
-        if self.copy_ctas:
-            row_copy.scatter(pool, rows, src, self.copy_ctas)
-        else:
-            pool.index_copy_(0, rows, src)
+            pool.index_copy_(0, rows, buf)
 
 
 class StagingPool:

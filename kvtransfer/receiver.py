@@ -31,6 +31,7 @@ from .control import ControlConn, address_to_str, encode_address
 from .endpoint import Endpoint, FatalCallback, Peer, ResultCallback
 from .pack import Rect
 from .schema import RECEIVER_HANDSHAKE, RECEIVER_READY, ProtocolError
+from .trace import gpu_begin, gpu_end, mark
 
 log = logging.getLogger("pdserve.kvtransfer")
 
@@ -121,6 +122,7 @@ class KVReceiver(Endpoint):
         now = time.monotonic()
         req = _RxReq(req_id, dst, now + deadline_s, time.perf_counter())
         req.index = self.layout.index(dst, self._copy_stream)
+        mark("rx", "expect_index", req_id, len(dst))
         self._tombs.pop(req_id, None)
         self._reqs[req_id] = req
 
@@ -146,6 +148,7 @@ class KVReceiver(Endpoint):
 
     def _on_message(self, peer: Peer, msg: dict[str, Any]) -> None:
         t = msg["t"]
+        mark("rx", "rx_" + t, msg.get("req"))
         if not peer.ready:
             self._on_hello(peer, msg)
             return
@@ -258,6 +261,7 @@ class KVReceiver(Endpoint):
         m.buf = self.staging.acquire()
         view = self.staging.view(m.buf, m.rect.rows)
         m.op = self.backend.post_recv(m.peer.handle, view, m.tag)
+        mark("rx", "recv_posted", m.req.req_id if m.req else None, m.rect.rows)
         self._msgs.append(m)
 
     def _scatter(self, m: _RxMsg) -> None:
@@ -267,10 +271,15 @@ class KVReceiver(Endpoint):
         else:  # the progress thread's current stream is the copy stream (see Endpoint._run)
             if m.op.event is not None:
                 self._copy_stream.wait_event(m.op.event)
-            self.layout.scatter(m.req.index, m.rect, view)
+            g0 = gpu_begin()
+            # the only message in flight (a pipeline's drain): every SM copies
+            alone = len(self._msgs) <= 1 and not any(p.fifo for p in self._peers.values())
+            self.layout.scatter(m.req.index, m.rect, view, self.layout.full_ctas if alone else None)
+            gpu_end("rx", "scatter", m.req.req_id, g0)
             m.scatter_ev = torch.cuda.Event()
             m.scatter_ev.record(self._copy_stream)
         m.scattered = True
+        mark("rx", "scatter_launched", m.req.req_id, m.rect.rows)
 
     def _advance(self, m: _RxMsg) -> bool:
         """Move one message on; True once it is finished (buffer released)."""
@@ -287,6 +296,7 @@ class KVReceiver(Endpoint):
             self._scatter(m)
         if m.scatter_ev is not None and not m.scatter_ev.query():
             return False
+        mark("rx", "msg_done", m.req.req_id if m.req else None)
         self.staging.release(m.buf)
         if m.error is not None and m.peer.alive:  # the pair is broken: drop it (and its requests)
             self._peer_lost(m.peer, f"transfer backend failed: {m.error}")
@@ -311,6 +321,7 @@ class KVReceiver(Endpoint):
                 req.inflight -= 1
 
     def _finish(self, req: _RxReq, error: str | None) -> None:
+        mark("rx", "finish", req.req_id, error)
         del self._reqs[req.req_id]
         if req.peer is not None:
             req.peer.reqs.discard(req.req_id)

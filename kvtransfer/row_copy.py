@@ -27,22 +27,23 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _copy_rows(src_ptr, src_idx_ptr, dst_ptr, dst_idx_ptr, n_rows, row_words,
+    def _copy_rows(src_ptr, dst_ptr, idx_ptr, idx_off, n_rows, row_words,
                    INDEX_SRC: tl.constexpr, BLOCK: tl.constexpr):
-        """dst[dst_row(r)] = src[src_row(r)] for r in this program's share of [0, n_rows):
-        INDEX_SRC: src_row = src_idx[r], dst_row = r (gather); else src_row = r,
-        dst_row = dst_idx[r] (scatter)."""
+        """dst[dst_row(r)] = src[src_row(r)] for r in this program's share of [0, n_rows),
+        with pool row p(r) = idx[idx_off + r]:
+        INDEX_SRC: src_row = p(r), dst_row = r (gather); else src_row = r, dst_row = p(r)."""
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         cols = tl.arange(0, BLOCK)
         for r in range(pid, n_rows, nprog):
             r64 = r.to(tl.int64)
+            p = tl.load(idx_ptr + idx_off + r64)
             if INDEX_SRC:
-                s_row = tl.load(src_idx_ptr + r64)
+                s_row = p
                 d_row = r64
             else:
                 s_row = r64
-                d_row = tl.load(dst_idx_ptr + r64)
+                d_row = p
             s_base = src_ptr + s_row * row_words
             d_base = dst_ptr + d_row * row_words
             for off in range(0, row_words, BLOCK):
@@ -51,22 +52,27 @@ if triton is not None:
                 tl.store(d_base + c, tl.load(s_base + c, mask=m), mask=m)
 
 
-def _launch(src: torch.Tensor, src_idx: torch.Tensor | None, dst: torch.Tensor,
-            dst_idx: torch.Tensor | None, n_rows: int, ctas: int) -> None:
+def _launch(src: torch.Tensor, dst: torch.Tensor, idx: torch.Tensor, idx_off: int,
+            n_rows: int, ctas: int, gather: bool) -> None:
     if n_rows == 0:
         return
-    row_words = src.shape[1]
+    row_words = (src if gather else dst).shape[1]
     block = min(2048, triton.next_power_of_2(row_words))
-    idx = src_idx if src_idx is not None else dst_idx  # the kernel reads only this one
-    _copy_rows[(min(ctas, n_rows),)](src, idx, dst, idx, n_rows, row_words,
-                                     INDEX_SRC=src_idx is not None, BLOCK=block, num_warps=8)
+    _copy_rows[(min(ctas, n_rows),)](src, dst, idx, idx_off, n_rows, row_words,
+                                     INDEX_SRC=gather, BLOCK=block, num_warps=8)
 
 
-def gather(pool: torch.Tensor, index: torch.Tensor, out: torch.Tensor, ctas: int) -> None:
-    """out[r] = pool[index[r]]; pool [N, W], index [R] int64 (contiguous), out [R, W]."""
-    _launch(pool, index.contiguous(), out, None, index.numel(), ctas)
+def gather(pool: torch.Tensor, index: torch.Tensor, out: torch.Tensor, ctas: int,
+           offset: int = 0, n_rows: int | None = None) -> None:
+    """out[r] = pool[index[offset + r]] for r < n_rows (default: index.numel() - offset);
+    pool [N, W], index contiguous int64, out [>= n_rows, W]. Nothing is sliced or
+    allocated here: one launch per message (torch ops cost host time per call)."""
+    n = index.numel() - offset if n_rows is None else n_rows
+    _launch(pool, out, index, offset, n, ctas, True)
 
 
-def scatter(pool: torch.Tensor, index: torch.Tensor, src: torch.Tensor, ctas: int) -> None:
-    """pool[index[r]] = src[r]; pool [N, W], index [R] int64, src [R, W]."""
-    _launch(src, None, pool, index.contiguous(), index.numel(), ctas)
+def scatter(pool: torch.Tensor, index: torch.Tensor, src: torch.Tensor, ctas: int,
+            offset: int = 0, n_rows: int | None = None) -> None:
+    """pool[index[offset + r]] = src[r] for r < n_rows; as gather, the other way."""
+    n = index.numel() - offset if n_rows is None else n_rows
+    _launch(src, pool, index, offset, n, ctas, False)

@@ -25,6 +25,7 @@ from .control import ControlConn, FrameReader, address_bytes, decode_address, en
 from .endpoint import Endpoint, FatalCallback, Peer, ResultCallback
 from .pack import Rect, next_rect
 from .schema import SENDER_READY
+from .trace import gpu_begin, gpu_end, mark
 
 
 @dataclass(eq=False)
@@ -121,6 +122,7 @@ class KVSender(Endpoint):
         dst = None if dst_block_ids is None else [int(b) for b in dst_block_ids]
         if dst is not None and len(dst) != len(src):
             raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
+        mark("tx", "start", req_id, len(src))
         peer = self._peer_for(address)
         self._claim(req_id)
         lw = self.options.layerwise if layerwise is None else layerwise
@@ -176,7 +178,9 @@ class KVSender(Endpoint):
             return
         peer.reqs.add(req_id)
         peer.conn.send({"t": "begin", "req": req_id, "nblocks": len(src), "dst": dst})
+        mark("tx", "begin_sent", req_id)
         req.index = self.layout.index(src, self._copy_stream)  # H2D now, off the critical path
+        mark("tx", "index", req_id)
 
     def _do_ready(self, req_id: ReqId, layers: range, event: Any, aux: dict | None,
                   finished: bool) -> None:
@@ -192,6 +196,7 @@ class KVSender(Endpoint):
             req.ready_prefix += 1
         if finished:
             req.finished, req.aux = True, aux
+            mark("tx", "finish_cmd", req_id)
 
     def _do_ready_many(self, req_ids: list[ReqId], layers: range, event: Any) -> None:
         for rid in req_ids:
@@ -207,6 +212,7 @@ class KVSender(Endpoint):
         req = self._reqs.get(msg.get("req"))
         if req is None or req.peer is not peer:
             return
+        mark("tx", "rx_" + msg["t"], req.req_id)
         if msg["t"] == "done" and req.state == "ended":
             req.acked = True
         elif msg["t"] == "fail":
@@ -255,6 +261,7 @@ class KVSender(Endpoint):
             except ConnectionError:
                 pass  # _flush_all reports the lost peer
             self._msgs.append(_TxMsg(req, buf, self.backend.post_send(peer.handle, view, tag, after)))
+            mark("tx", "posted", req.req_id, rect.rows)
             req.inflight += 1
             req.k += 1
             req.nbytes += rect.rows * self.layout.row_nbytes
@@ -278,7 +285,12 @@ class KVSender(Endpoint):
             if ev is not None and id(ev) not in seen:
                 seen.add(id(ev))
                 self._copy_stream.wait_event(ev)
-        self.layout.gather(req.index, rect, view)
+        mark("tx", "gather_waited", req.req_id)
+        g0 = gpu_begin()
+        # alone on the GPU (no send in flight): every SM copies; else leave SMs to the wire
+        self.layout.gather(req.index, rect, view, None if self._msgs else self.layout.full_ctas)
+        gpu_end("tx", "gather", req.req_id, g0)
+        mark("tx", "gather_launched", req.req_id, rect.rows)
         done = torch.cuda.Event()
         done.record(self._copy_stream)
         return done
@@ -290,6 +302,7 @@ class KVSender(Endpoint):
             err = None
         except TransferError as e:
             err = str(e)
+        mark("tx", "send_done", m.req.req_id, err)
         self.staging.release(m.buf)
         m.req.inflight -= 1
         if err is not None:
@@ -308,6 +321,7 @@ class KVSender(Endpoint):
     def _finish(self, req: _TxReq, error: str | None) -> None:
         del self._reqs[req.req_id]
         req.peer.reqs.discard(req.req_id)
+        mark("tx", "finish", req.req_id, error)
         now = time.perf_counter()
         self._report(TransferResult(req.req_id, error is None, None, error, req.nbytes,
                                     now - req.t0, now, req.k))

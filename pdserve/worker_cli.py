@@ -122,6 +122,9 @@ async def serve(args: argparse.Namespace) -> int:
     from pdserve.worker.coordinator_link import RegistrationFailed, RegistrationRefused
     from pdserve.worker.server import WorkerServer
 
+    if args.device.startswith("cuda"):
+        from pdserve.engine.cpu_affinity import pin_to_gpu
+        pin_to_gpu(args.device)  # before the engine's and the transfer's threads start
     server = WorkerServer(config_from_args(args))
     try:
         port = await server.start()

@@ -69,3 +69,41 @@ def test_layout_rect_round_trip_with_row_copy(flat):
             assert torch.equal(dst[layer][d], src[layer][s])
     untouched = set(range(N)) - set(dst_ids[rect.b0:rect.b1])
     assert all(not dst[0][i].any() for i in untouched)  # layer 0 is outside the rect
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ctas", [5, 264])
+def test_gather_scatter_at_an_offset_of_the_index(ctas):
+    """A message's rows are a range of the request's index: the copy reads index[offset:
+    offset + n_rows] and touches nothing else."""
+    _needs_triton_cuda()
+    g = torch.Generator(device="cuda").manual_seed(ctas)
+    pool = torch.randint(-2**62, 2**62, (200, 64), device="cuda", generator=g)
+    idx = torch.randperm(200, device="cuda", generator=g)[:90]
+    out = torch.full((40, 64), 7, dtype=pool.dtype, device="cuda")
+    row_copy.gather(pool, idx, out, ctas, offset=25, n_rows=30)
+    assert torch.equal(out[:30], pool.index_select(0, idx[25:55]))
+    assert bool((out[30:] == 7).all())
+    dst = torch.zeros_like(pool)
+    row_copy.scatter(dst, idx, out, ctas, offset=25, n_rows=30)
+    touched = set(idx[25:55].tolist())
+    assert torch.equal(dst[idx[25:55]], out[:30])
+    assert all(not dst[i].any() for i in range(200) if i not in touched)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rect", [Rect(0, 4, 0, 20), Rect(2, 3, 7, 13), Rect(1, 3, 5, 17)])
+def test_layout_full_grid_equals_bounded_grid(rect):
+    """The drain/fill grid (full_ctas) moves the same rows as the bounded one."""
+    _needs_triton_cuda()
+    L, N = 4, 64
+    src = list(torch.randn(L, N, 2, 16, 2, 8, device="cuda").unbind(0))
+    a = KVLayout(src, copy_ctas=16)
+    assert a.full_ctas > a.copy_ctas
+    ids = torch.randperm(N)[:20].tolist()
+    index = a.index(ids)
+    one = torch.empty(rect.rows, a.row_words, dtype=a.word, device="cuda")
+    two = torch.empty_like(one)
+    a.gather(index, rect, one)
+    a.gather(index, rect, two, a.full_ctas)
+    assert torch.equal(one, two)
