@@ -67,6 +67,25 @@ class Calibration:
         t = self.transfer
         return t["c0"] + t["ms_per_byte"] * kv_bytes
 
+    def scaled(self, factor: float) -> Calibration:
+        """Every time of every profile (prefill, decode step, transfer) times `factor`: the
+        planner's sensitivity to an error of the profiles."""
+        import dataclasses
+
+        return dataclasses.replace(
+            self, prefill={k: v * factor for k, v in self.prefill.items()},
+            decode={k: v * factor for k, v in self.decode.items()},
+            transfer={k: v * factor for k, v in self.transfer.items()})
+
+    @property
+    def decode_max_batch(self) -> float:
+        """The largest decode batch per worker the decode profile was fitted on (NaN:
+        not recorded); past it the linear profile is an extrapolation."""
+        try:
+            return float(self.meta.get("decode_max_batch", "nan"))
+        except ValueError:
+            return math.nan
+
     def to_json(self) -> dict:
         return {"format": FORMAT, **asdict(self)}
 
@@ -153,7 +172,8 @@ def decode_from_summaries(runs: Sequence[tuple[dict, int, float, float]]) -> dic
     data: per run (summary, decode workers, mean input, mean output), the decode step is
     its mean TPOT less its mean KV transfer spread over the output's tokens, and the batch
     per decode worker comes from Little's law (steady throughput x decode time / workers).
-    Use each P/D setup's lowest-rate runs (least queueing), as `fit` does."""
+    Use P/D runs in a steady state (see `run_calibration`). The result carries
+    "max_batch": the largest batch among the points (the profiled range)."""
     pts = []
     for s, workers, mean_in, mean_out in runs:
         if mean_out <= 2 or workers < 1 or math.isnan(s.get("mean_tpot_ms", math.nan)):
@@ -165,7 +185,8 @@ def decode_from_summaries(runs: Sequence[tuple[dict, int, float, float]]) -> dic
     if len(pts) < 3:
         raise ValueError("need at least 3 runs with a TPOT to fit the decode step")
     c = nonneg_lstsq(np.array([p[:3] for p in pts]), np.array([p[3] for p in pts]))
-    return {"c0": c[0], "c_seq": c[1], "c_ctx_token": c[2]}
+    return {"c0": c[0], "c_seq": c[1], "c_ctx_token": c[2],
+            "max_batch": max(p[1] for p in pts)}
 
 
 def _design(x: np.ndarray, degree: int) -> np.ndarray:
@@ -254,9 +275,12 @@ def unqueued_transfer_points(rows: Sequence[dict], occupancy: float = UNQUEUED_O
 
 def run_calibration(run_dir: str, res: dict) -> Calibration:
     """The calibration a capstone run directory's validation uses: `calibration.json`,
-    with the decode step refitted from the lowest-rate runs' summaries when the run was
-    fitted by the old method (TPOT from token 0, which includes the KV transfer) and left no
-    per-request data to refit from (`decode_from_summaries`); the file is not changed."""
+    with the decode step refitted from run summaries when the run was fitted by the old
+    method (TPOT from token 0, which includes the KV transfer) and left no per-request data
+    to refit from (`decode_from_summaries`); the file is not changed. The summaries are
+    those of every P/D run that held the attainment target: in a steady state Little's law
+    gives the batch, and runs at several rates span a range of batch sizes (the lowest-rate
+    runs alone stopped at about 30 per worker while the runs went to 120 and more)."""
     import os
 
     cal = Calibration.load(os.path.join(run_dir, "calibration.json"))
@@ -264,24 +288,25 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
         return cal
     lengths = {w: v["lengths"] for s in res["setups"] for w, v in s["by_workload"].items()
                if v.get("lengths")}
-    low: dict[tuple[str, str], dict] = {}
-    for r in res["runs"]:
-        key = (r["setup"], r["workload"])
-        if key not in low or r["request_rate"] < low[key]["request_rate"]:
-            low[key] = r
+    target = res.get("target", 0.9)
     pts = []
-    for (setup, wname), r in low.items():
-        m = re.fullmatch(r"(\d+)P(\d+)D", setup)
-        ls = lengths.get(wname, [])[:int(r.get("num_prompts") or 0)]
-        if m and ls:
+    for r in res["runs"]:
+        m = re.fullmatch(r"(\d+)P(\d+)D", str(r["setup"]))
+        ls = lengths.get(r["workload"], [])[:int(r.get("num_prompts") or 0)]
+        # steady runs only (Little's law): those that held the attainment target
+        if m and ls and r.get("slo_attainment", 0.0) >= target:
             pts.append((r, int(m.group(2)), sum(i for i, _ in ls) / len(ls),
                         sum(o for _, o in ls) / len(ls)))
     try:
-        cal.decode = decode_from_summaries(pts)
+        fitted = decode_from_summaries(pts)
     except ValueError:
         return cal
-    cal.source["decode"] = (f"refitted from {len(pts)} lowest-rate P/D run summaries "
-                            "(TPOT less the KV transfer per token; batch by Little's law)")
+    cal.meta["decode_max_batch"] = f"{fitted.pop('max_batch'):.1f}"
+    cal.decode = fitted
+    cal.source["decode"] = (f"refitted from {len(pts)} P/D run summaries that held the "
+                            f"{target:.0%} target (TPOT less the KV transfer per token; batch "
+                            f"by Little's law; batches up to {cal.meta['decode_max_batch']} "
+                            "per decode worker)")
     xfer = unqueued_transfer_points(res["runs"])
     if len(xfer) >= 3:
         c = nonneg_lstsq(_design(np.array([b for _, b, _ in xfer]), 1),

@@ -23,7 +23,7 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   running sequence one token; a landed request joins at the next step boundary; beyond
   `max_batch` it waits. So a request's TPOT includes its transfer and the wait for a step.
   decode_step_ms is linear in B and context: past the batch sizes it was profiled on
-  (`SimRun.max_decode_batch` against the calibration's range) it is an extrapolation.
+  (`SimRun.mean_decode_batch` against the calibration's range) it is an extrapolation.
 - colocated (`Nboth`): a step runs prompt chunks and every running sequence together; it
   lasts prefill_ms + decode_step_ms less the smaller fixed part (one forward pays it
   once); prefill stalls decode: the interference that disaggregation removes. Requests go
@@ -65,6 +65,7 @@ class SimReq:
     dec: _Decoder | None = None  # decode worker reserved at arrival (xPyD)
     pre: _Prefiller | None = None  # prefill worker it was routed to (xPyD)
     computed: int = 0  # prompt tokens prefilled so far (a chunked prompt spans steps)
+    scheduled: float = math.nan  # when the step with its first chunk started (xPyD)
 
     def ttft_ms(self) -> float:
         return (self.first - self.arrival) * 1e3
@@ -144,7 +145,7 @@ class _Decoder:
         self.busy = False
         self.reserved: list[SimReq] = []  # xPyD requests routed here whose KV has not landed
         self.recv_free_s = 0.0  # when its receiver is free for the next transfer
-        self.max_running = 0  # largest decode batch it ran (against the profiled range)
+        self.batch_time = [0.0, 0.0]  # sum of decode batch x step time, sum of step time
 
     def route_key(self) -> tuple[int, int]:
         """The coordinator's order (coordinator/router.py, least_loaded): most free KV
@@ -180,11 +181,12 @@ class _Decoder:
         if chunks:
             ms += cal.prefill_ms(sum(c.tokens for c in chunks), sum(c.sq for c in chunks))
         if self.running:
-            self.max_running = max(self.max_running, len(self.running))
             ctx = sum(r.prompt + r.generated for r in self.running)
             ms += cal.decode_step_ms(len(self.running), ctx)
             if chunks:  # one forward: its fixed cost is paid once
                 ms -= min(cal.prefill["c0"], cal.decode["c0"])
+            self.batch_time[0] += len(self.running) * ms
+            self.batch_time[1] += ms
         self.busy = True
         end = self.loop.now + ms / 1e3
         self.loop.at(end, lambda: self._done(chunks, end))
@@ -250,6 +252,9 @@ class _Prefiller:
         self.steps.append((tokens, ms))
         self.busy = True
         start = self.loop.now
+        for c in chunks:
+            if math.isnan(c.req.scheduled):
+                c.req.scheduled = start
         end = start + ms / 1e3
         layerwise = tokens >= LAYERWISE_MIN_TOKENS  # prefill/role.py before_run
         var_ms = ms - self.cal.prefill["c0"]  # the forward past its fixed part
@@ -299,10 +304,12 @@ class _Prefiller:
 
 @dataclass(slots=True)
 class SimRun:
-    """What one simulation ran, beside its requests: the largest decode batch any decode
-    (or colocated) worker ran, and every prefill worker's steps (tokens, ms)."""
+    """What one simulation ran, beside its requests: the largest mean decode batch of a
+    decode (or colocated) worker (its batch averaged over the time it decoded: comparable
+    with the calibration's profiled range, which is one of mean batches), and every prefill
+    worker's steps (tokens, ms)."""
 
-    max_decode_batch: int = 0
+    mean_decode_batch: float = 0.0
     prefill_steps: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -344,7 +351,8 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
             loop.at(r.arrival, lambda r=r: arrive(r))
     loop.run(horizon_s)
     if info is not None:
-        info.max_decode_batch = max((d.max_running for d in decs), default=0)
+        info.mean_decode_batch = max((d.batch_time[0] / d.batch_time[1] for d in decs
+                                      if d.batch_time[1] > 0), default=0.0)
         info.prefill_steps = [s for p in pres for s in p.steps]
     return reqs
 
@@ -379,8 +387,11 @@ def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 
 
 def sim_means(reqs: Sequence[SimReq], warmup: float = 0.1,
               cooldown: float = 0.1) -> dict[str, float]:
-    """Mean TTFT, TPOT and KV transfer (token 0 to the KV landing) in ms of the windowed
-    requests that finished, as capstone_metrics.summarize computes them."""
+    """Mean TTFT, TPOT, KV transfer (token 0 to the KV landing) and prefill time in ms of the
+    windowed requests that finished, as capstone_metrics.summarize computes them: a
+    prefill time is the prefill worker's, from the start of the step with the prompt's
+    first chunk to the end of the step with its last (worker/core.py `timings`); a request
+    prefilled on its decode worker counts 0, as its worker reports none."""
     order = sorted(reqs, key=lambda r: r.arrival)
     lo, hi = math.floor(len(order) * warmup), len(order) - math.floor(len(order) * cooldown)
     done = [r for r in (order[lo:hi] if hi > lo else order) if not math.isnan(r.end)]
@@ -389,7 +400,9 @@ def sim_means(reqs: Sequence[SimReq], warmup: float = 0.1,
         xs = [x for x in xs if not math.isnan(x)]
         return sum(xs) / len(xs) if xs else math.nan
     return {"ttft": mean([r.ttft_ms() for r in done]), "tpot": mean([r.tpot_ms() for r in done]),
-            "transfer": mean([(r.landed - r.first) * 1e3 for r in done])}
+            "transfer": mean([(r.landed - r.first) * 1e3 for r in done]),
+            "prefill": mean([0.0 if r.local else (r.first - r.scheduled) * 1e3 for r in done
+                             if r.local or r.dec is not None])}
 
 
 def sim_attainment(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
