@@ -228,16 +228,18 @@ def write_json(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
 
 
 def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context) -> str:
-    """Fitted on each (setup, workload)'s lowest-rate run (least queueing); the decode
-    profile on P/D setups only when there are any (colocated steps include prefills)."""
+    """Fitted on every run: the prefill profile on the prefill workers' steps rebuilt from
+    the P/D runs (batched steps appear only under load, so every rate counts), the transfer
+    profile on the transfers that overlapped no other (queueing is the simulator's), the
+    decode step on the P/D setups' requests from their second token (colocated steps
+    include prefills), over every batch size the runs reached."""
     runs, pd_runs = [], []
     for s in setups:
         for w in s.by_workload.values():
-            if w.runs:
-                low = min(w.runs, key=lambda r: r.rate).results
-                runs.append(low)
+            for r in w.runs:
+                runs.append(r.results)
                 if s.kind == "P/D":
-                    pd_runs.append(low)
+                    pd_runs.append(r.results)
     cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs)
     return cal.save(os.path.join(out_dir, "calibration.json"))
 

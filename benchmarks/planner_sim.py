@@ -51,7 +51,7 @@ from pdserve.benchmarks.capstone_calibration import Calibration
 from pdserve.benchmarks.capstone_metrics import steady_rates
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: two requests may carry equal fields
 class SimReq:
     arrival: float  # seconds
     prompt: int
