@@ -62,7 +62,8 @@ def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
             slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
             seed: int = 0, max_runs: int = 10, min_duration_s: float = 0.0,
             start_rate: float | None = None, rel_tol: float = 0.05,
-            min_requests: int = 0, max_requests: int = 0, grace_s: float = 0.0) -> SearchResult:
+            min_requests: int = 0, max_requests: int = 0, grace_s: float = 0.0,
+            guess: float = 0.0) -> SearchResult:
     """Predicted max rate at >= target attainment for one setup and a list of (in, out).
     With `min_duration_s`, a run at rate r simulates max(min_requests or len(lengths),
     r * min_duration_s) requests (the lengths in turn), so a high rate is a sustained load,
@@ -79,7 +80,30 @@ def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
                            horizon_s=horizon)[0]
 
     start = start_rate or rough_capacity(cal, lengths, setup) / 2
-    return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=rel_tol)
+    return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=rel_tol,
+                         guess=guess)
+
+
+def guess_max_rates(cal: Calibration, setups: Sequence[str],
+                    workloads: Sequence[tuple[str, Sequence[tuple[int, int]]]],
+                    slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
+                    seed: int = 0, duration_s: float = 10.0, min_requests: int = 16,
+                    grace_s: float = 0.0) -> dict[str, dict[str, float]]:
+    """{setup: {workload: predicted max rate}}: what `pdserve bench capstone
+    --start-rate-from` steers each search with (a finer search than the measured one, on
+    runs of `duration_s` seconds of arrivals)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in setups:
+        try:
+            setup = parse_setup(name)
+        except ValueError:
+            continue
+        for wname, lengths in workloads:
+            res = predict(cal, setup, lengths, slos, target, burstiness, seed, max_runs=10,
+                          min_duration_s=duration_s, rel_tol=0.1, min_requests=min_requests,
+                          grace_s=grace_s)
+            out.setdefault(name, {})[wname] = res.max_rate
+    return out
 
 
 def splits(gpus: int, colocated: bool = True) -> list[Setup]:
@@ -214,6 +238,7 @@ def validate(run_dir: str, cal: Calibration | None = None,
             durs = [d for d in w.get("send_durations_s", []) if d]
             sized = bool(search.get("run_duration_s") or search.get("budget_s"))
             pred = predict(cal, setup, lengths, slos, res["target"], burst, seed,
+                           guess=float(w.get("search_guess") or 0.0),
                            # as many runs as the measured search made (a budget may cut it)
                            max_runs=len(w.get("search_runs") or []) or search.get("max_runs", 6),
                            start_rate=search.get("start_rate"), rel_tol=search.get("rel_tol", 0.15),
