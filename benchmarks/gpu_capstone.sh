@@ -5,8 +5,9 @@
 # Run from the repository root, with the runtime wheels carried in .whl (grpcio, protobuf,
 # msgpack, xxhash, uvloop) and matplotlib's in .mplwhl. It installs a copy of pdserve in
 # /tmp and runs it from /tmp (the repository's ./pdserve would shadow the installed tree).
-# OUT gets report.md, results.json, calibration.json, the PNGs (w0/, w1/, ...: one folder
-# per workload), capstone.log and gpu.txt: at most 8 files per folder, 2 levels deep.
+# OUT gets report.md, results.json, requests.json.gz, calibration.json, the PNGs (w0/, w1/,
+# ...: one folder per workload) and capstone.log (the GPUs, nvidia-smi's view, first):
+# at most 8 files per folder, 2 levels deep.
 #
 # Time (WALL_S, default 420 s on 2 GPUs, 560 s on 4: the call's 9.5 min less a margin):
 # the harness gets --budget-s = WALL_S - (seconds already spent installing) - 20 s, and
@@ -91,7 +92,7 @@ GOODPUT=${GOODPUT:-"ttft:750 tpot:20"}
   echo "gpu_capstone.sh $OUT $DEVICES: $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>&1
   nvidia-smi topo -m 2>&1 | head -6
-} >"$OUT/gpu.txt"
+} >"$LOG"  # the GPUs first: one file less (8 at most per folder come back)
 {
   if ls .whl/*.whl >/dev/null 2>&1; then
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -104,7 +105,7 @@ GOODPUT=${GOODPUT:-"ttft:750 tpot:20"}
   rm -rf "$TMPD/new"
   $PYTHON -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
     --target "$TMPD/new" . || echo "INSTALL FAILED"
-} >"$LOG" 2>&1
+} >>"$LOG" 2>&1
 export PYTHONPATH=$TMPD/new:$TMPD/site${PYTHONPATH:+:$PYTHONPATH}
 cd /tmp || exit 1
 if ! $PYTHON -c "import pdserve.benchmarks.capstone" >>"$LOG" 2>&1; then
