@@ -290,9 +290,9 @@ class GpuSampler:
                     mem = nv.nvmlDeviceGetMemoryInfo(h).used / 2**30
                 except Exception:  # noqa: BLE001
                     continue
-                out[g] = (util, mem, _nvml_or_nan(lambda: nv.nvmlDeviceGetClockInfo(
-                    h, nv.NVML_CLOCK_SM)), _nvml_or_nan(lambda: nv.nvmlDeviceGetPowerUsage(h)
-                                                          / 1e3))
+                clock = _nvml_or_nan(lambda h=h: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM))
+                watts = _nvml_or_nan(lambda h=h: nv.nvmlDeviceGetPowerUsage(h) / 1e3)
+                out[g] = (util, mem, clock, watts)
             return out
         import subprocess
         try:

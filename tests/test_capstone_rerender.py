@@ -161,3 +161,22 @@ def test_gpu_summary_states_clock_and_power_when_recorded() -> None:
     assert rows["prefill"]["busy_min_sm_mhz"] == 1500.0
     assert rows["prefill"]["busy_max_power_w"] == 690.0
     assert "busy_mean_sm_mhz" not in rows["decode"] and rows["decode"]["max_mem_gib"] == 5.0
+
+
+def test_gpu_sampler_reads_clock_and_power_through_nvml() -> None:
+    from types import SimpleNamespace
+
+    from pdserve.benchmarks.capstone_client import GpuSampler
+
+    def no_power(h):
+        raise RuntimeError("NVMLError_NotSupported")
+    nv = SimpleNamespace(
+        NVML_CLOCK_SM=1, nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=80),
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=2 * 2**30),
+        nvmlDeviceGetClockInfo=lambda h, kind: 1410 + h,
+        nvmlDeviceGetPowerUsage=lambda h: 650_000 if h == 0 else no_power(h))
+    s = GpuSampler([])
+    s.source, s._nvml, s._handles = "NVML", nv, {0: 0, 1: 1}
+    got = s._read()
+    assert got[0] == (80.0, 2.0, 1410.0, 650.0)
+    assert got[1][:3] == (80.0, 2.0, 1411.0) and math.isnan(got[1][3])
