@@ -169,8 +169,12 @@ class _Decoder:
         while self.landed and len(self.running) + len(self.prefilling) < cal.max_batch:
             self.running.append(self.landed.popleft())
         budget = cal.prefill_token_budget - len(self.running)  # decodes take 1 token each
-        chunks = fill_budget(budget, self.prefilling, self.waiting,
-                             lambda r: len(self.running) + len(self.prefilling) < cal.max_batch)
+        seqs = [len(self.running) + len(self.prefilling)]  # max_num_seqs caps admissions
+
+        def may_take(r: SimReq) -> bool:
+            seqs[0] += 1
+            return seqs[0] <= cal.max_batch
+        chunks = fill_budget(budget, self.prefilling, self.waiting, may_take)
         for c in chunks:
             if c.req not in self.prefilling:
                 self.prefilling.append(c.req)

@@ -318,3 +318,15 @@ def test_scaled_calibration_and_decode_range() -> None:
     info = SimRun()
     simulate(CAL, 1, 1, 0, [i * 0.01 for i in range(200)], [(100, 60)] * 200, info=info)
     assert 1 < info.mean_decode_batch <= CAL.max_batch
+
+
+def test_a_colocated_worker_runs_at_most_max_batch_sequences() -> None:
+    cal = calib.Calibration(prefill=CAL.prefill, decode=CAL.decode, transfer=CAL.transfer,
+                            kv_bytes_per_token=1.0, max_batch=4, prefill_token_budget=2048)
+    out = simulate(cal, 0, 0, 1, [0.0] + [0.001] * 9, [(50, 20)] * 10)
+    events = sorted([(r.first, 1) for r in out] + [(r.end, -1) for r in out])
+    live = peak = 0
+    for _, d in events:
+        live += d
+        peak = max(peak, live)
+    assert peak <= 4 and all(r.end > 0 for r in out)
