@@ -92,12 +92,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fixed-concurrency mode: levels '1,4,16' instead of the rate search")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--warmup-requests", type=int, default=2, help="sequential requests per setup")
+    w.add_argument("--warmup-burst", type=int, default=0, metavar="N",
+                   help="per setup, before measuring: a few prompts whose KV block tables "
+                        "are 16 and 80 blocks wide, then N requests of each workload at once "
+                        "(kernels that only batched steps use compile here, not in the "
+                        "first measured run; default 0: none)")
     w.add_argument("--timeout", type=float, default=300.0, help="per-request deadline (s)")
     s = p.add_argument_group("SLOs and search")
     s.add_argument("--goodput", nargs="+", default=["ttft:1000", "tpot:100"], metavar="KEY:MS",
                    help="SLOs as vLLM's --goodput: ttft:MS tpot:MS e2el:MS")
     s.add_argument("--target", type=float, default=0.9, help="SLO attainment target (0.9)")
     s.add_argument("--start-rate", type=float, default=2.0, help="first rate of every search")
+    s.add_argument("--start-rate-from", metavar="CALIBRATION",
+                   help="calibration.json (or a capstone run directory) of an earlier run "
+                        "on the same model and GPUs: the planner predicts each setup and "
+                        "workload's max rate from it, and each search's second run goes just "
+                        "past (or under) that prediction, so three runs can bracket it")
     s.add_argument("--max-runs", type=int, default=6, help="runs per search (6)")
     s.add_argument("--rel-tol", type=float, default=0.15, help="stop when hi/lo <= 1 + this")
     s.add_argument("--window-warmup", type=float, default=0.1, help="fraction excluded at start")
@@ -132,6 +142,10 @@ def check_args(args: argparse.Namespace) -> str | None:
     if not (0 <= args.window_warmup < 1 and 0 <= args.window_cooldown < 1
             and args.window_warmup + args.window_cooldown < 1):
         return "--window-warmup and --window-cooldown must be fractions summing to < 1"
+    if getattr(args, "start_rate_from", None) and not os.path.exists(args.start_rate_from):
+        return f"--start-rate-from {args.start_rate_from}: no such file or directory"
+    if getattr(args, "warmup_burst", 0) < 0:
+        return "--warmup-burst must be >= 0"
     for kind, _ in args.dataset or []:
         if kind != "sharegpt":
             return f"--dataset: only 'sharegpt' is supported, got {kind!r}"
@@ -297,6 +311,38 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
     return paths + list(pngs.values())
 
 
+def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
+                  slos: dict[str, float]) -> dict[str, dict[str, float]]:
+    """{setup: {workload: predicted max rate}} from `--start-rate-from` (none without it),
+    printed; the simulated runs are as long as the measured ones will be at most."""
+    if not getattr(args, "start_rate_from", None):
+        return {}
+    import json
+
+    from pdserve.benchmarks import plan
+    from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
+    from pdserve.benchmarks.capstone_workloads import length_pairs
+
+    path = args.start_rate_from
+    if os.path.isfile(os.path.join(path, "results.json")):  # a run: as its validation does
+        with open(os.path.join(path, "results.json")) as f:
+            cal = run_calibration(path, json.load(f))
+    else:
+        cal = Calibration.load(os.path.join(path, "calibration.json") if os.path.isdir(path)
+                               else path)
+    n = max(args.num_requests, 200)
+    workloads = [(wl.name, [(len(ids), o) for ids, o in pool][:n] if pool
+                  else length_pairs(wl, n, args.seed)) for wl, pool in wls]
+    t0 = time.monotonic()
+    out = plan.guess_max_rates(cal, names, workloads, slos, args.target, args.burstiness,
+                               args.seed, duration_s=min(args.run_duration or 15.0, 15.0),
+                               min_requests=args.num_requests)
+    print(f"predicted max rates from {path} (steering the searches; "
+          f"{time.monotonic() - t0:.1f} s): " + "; ".join(
+              f"{s} {w} {r:.3g}" for s, ws in out.items() for w, r in ws.items()), flush=True)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from pdserve.benchmarks.serve import device_description
     from pdserve.cluster import ClusterError
@@ -349,8 +395,9 @@ def run(args: argparse.Namespace) -> int:
                 gpus = [] if args.coordinator else [g for pool in info["pools"].values()
                                                     for g in pool]
                 with GpuSampler(gpus) as sampler:
+                    guesses = start_guesses(args, [info["label"]], wls, slos)
                     res = measure_setup(target, info, args, wls, slos, window, loop, budget,
-                                        deadline)
+                                        deadline, guesses.get(info["label"], {}))
                 res.gpu, res.gpu_note = sampler.samples, sampler.note or \
                     f"sampled with {sampler.source} every {sampler.period_s:g} s"
                 loop.run_until_complete(target.close())

@@ -3,8 +3,9 @@
 File format (`calibration.json`, "format": "pdserve-calibration/1"); times in ms:
 
     prefill_ms(T, sum_sq)   = c0 + c_token * T + c_token2 * sum_sq
-                              T: prompt tokens in the step, sum_sq: sum of squared prompt
-                              lengths (attention's quadratic term)
+                              T: prompt tokens in the step, sum_sq: attention's quadratic
+                              term (a whole prompt adds its square; a chunk of n tokens
+                              after s computed ones adds n (2 s + n))
     decode_step_ms(B, ctx)  = c0 + c_seq * B + c_ctx_token * ctx
                               B: sequences in the step, ctx: their total context tokens
     transfer_ms(bytes)      = c0 + ms_per_byte * bytes
@@ -12,17 +13,21 @@ File format (`calibration.json`, "format": "pdserve-calibration/1"); times in ms
     max_batch               most sequences one decode worker runs at once
     prefill_token_budget    most prompt tokens one prefill step takes
     source                  "measured" per profile, or "default" when the run had no data
+    meta                    the run's header, and the ranges fitted on: decode_max_batch
+                            (mean batch per decode worker), prefill_max_tokens (a step's)
 
-Where the points come from: prefill from the prefill worker's own `prefill_ms` of each
-request at the run's lowest rate (little queueing), transfer from `transfer_ms` vs
-`kv_bytes` of the requests whose transfer overlapped no other on the same worker
-(`unqueued_transfers`; the simulator queues transfers itself), the decode step from each request's time per token after its second token
-(token 0 comes from the prefill worker, before the KV transfer: its gap is the transfer,
-not a decode step) against the mean number of requests decoding on the same worker during
-its decode and their mean context. Fits are least squares, with negative coefficients
-clamped to 0. A run recorded without per-request data (results.json before requests.json.gz
-existed) can refit the decode step from its lowest-rate runs' summaries
-(`decode_from_summaries`).
+Where the points come from (every run of the sweep, so the profiles span the loads the
+runs reached): prefill from the prefill workers' steps, rebuilt from each request's
+`prefill_ms` and token-0 time (`prefill_steps`: batched and chunked steps up to the token
+budget; the workers expose no step times); transfer from `transfer_ms` vs `kv_bytes` of the
+requests whose transfer overlapped no other on the same worker (`unqueued_transfers`; the
+simulator queues transfers itself); the decode step from each P/D request's time per token
+after its second token (token 0 comes from the prefill worker, before the KV transfer: its
+gap is the transfer, not a decode step) against the mean number of requests decoding on the
+same worker during its decode and their mean context. Fits are least squares, with negative
+coefficients clamped to 0. A run recorded without per-request data (results.json before
+requests.json.gz existed) refits the decode step from the summaries of its P/D runs that
+held the target (`decode_from_summaries`, `run_calibration`).
 """
 
 from __future__ import annotations
@@ -66,6 +71,25 @@ class Calibration:
     def transfer_ms(self, kv_bytes: float) -> float:
         t = self.transfer
         return t["c0"] + t["ms_per_byte"] * kv_bytes
+
+    def scaled(self, factor: float) -> Calibration:
+        """Every time of every profile (prefill, decode step, transfer) times `factor`: the
+        planner's sensitivity to an error of the profiles."""
+        import dataclasses
+
+        return dataclasses.replace(
+            self, prefill={k: v * factor for k, v in self.prefill.items()},
+            decode={k: v * factor for k, v in self.decode.items()},
+            transfer={k: v * factor for k, v in self.transfer.items()})
+
+    @property
+    def decode_max_batch(self) -> float:
+        """The largest decode batch per worker the decode profile was fitted on (NaN:
+        not recorded); past it the linear profile is an extrapolation."""
+        try:
+            return float(self.meta.get("decode_max_batch", "nan"))
+        except ValueError:
+            return math.nan
 
     def to_json(self) -> dict:
         return {"format": FORMAT, **asdict(self)}
@@ -153,7 +177,8 @@ def decode_from_summaries(runs: Sequence[tuple[dict, int, float, float]]) -> dic
     data: per run (summary, decode workers, mean input, mean output), the decode step is
     its mean TPOT less its mean KV transfer spread over the output's tokens, and the batch
     per decode worker comes from Little's law (steady throughput x decode time / workers).
-    Use each P/D setup's lowest-rate runs (least queueing), as `fit` does."""
+    Use P/D runs in a steady state (see `run_calibration`). The result carries
+    "max_batch": the largest batch among the points (the profiled range)."""
     pts = []
     for s, workers, mean_in, mean_out in runs:
         if mean_out <= 2 or workers < 1 or math.isnan(s.get("mean_tpot_ms", math.nan)):
@@ -165,7 +190,8 @@ def decode_from_summaries(runs: Sequence[tuple[dict, int, float, float]]) -> dic
     if len(pts) < 3:
         raise ValueError("need at least 3 runs with a TPOT to fit the decode step")
     c = nonneg_lstsq(np.array([p[:3] for p in pts]), np.array([p[3] for p in pts]))
-    return {"c0": c[0], "c_seq": c[1], "c_ctx_token": c[2]}
+    return {"c0": c[0], "c_seq": c[1], "c_ctx_token": c[2],
+            "max_batch": max(p[1] for p in pts)}
 
 
 def _design(x: np.ndarray, degree: int) -> np.ndarray:
@@ -180,17 +206,102 @@ def _design(x: np.ndarray, degree: int) -> np.ndarray:
     return np.stack(cols, 1)
 
 
+STEP_TOL_MS = 0.5  # prompts of one prefill step report the same prefill_ms within this
+START_TOL_S = 0.010  # ... and token 0 less prefill_ms (the step's start) within this
+
+
+def prefill_steps(results: Sequence[RequestResult], budget: int = 8192
+                  ) -> list[tuple[int, float, float]]:
+    """The prefill workers' steps of one run, (prompt tokens, attention term sum_sq, ms),
+    rebuilt from per-request timings (no worker exposes step times: its Stats RPC gives
+    only its load). A prefill worker reports each prompt's prefill_ms from the start of the
+    step with its first chunk to the end of the step with its last (worker/core.py
+    `timings`); the prompts of one step share both, so on one worker they report the same
+    prefill_ms and their token 0 less prefill_ms (the step's start, on the client's clock)
+    agrees within the delivery jitter. A prompt chunked over two steps (the scheduler fills
+    the token budget, engine/scheduler.py) shares the start of the earlier step but reports
+    a longer time: the earlier step was full (`budget` tokens) and its rest ran first in
+    the step that ended at its token 0. Steps that only continued a chunked prompt are
+    left out (their length is known only with the next step's start)."""
+    reqs = []
+    for r in results:
+        sv = r.server
+        pm = sv.get("prefill_ms", 0.0)
+        if r.ok and pm > 0 and sv.get("prefill_worker") \
+                and sv.get("prefill_worker") != sv.get("decode_worker"):
+            reqs.append((sv["prefill_worker"], r.chunks[0][0] - pm / 1e3, pm, r.prompt_tokens))
+    out = []
+    for w in sorted({q[0] for q in reqs}):
+        mine = sorted((q for q in reqs if q[0] == w), key=lambda q: (q[1], q[2]))
+        groups: list[list[tuple]] = []  # requests whose first chunk ran in one step
+        for q in mine:
+            if groups and q[1] - groups[-1][0][1] <= START_TOL_S:
+                groups[-1].append(q)
+            else:
+                groups.append([q])
+        carry, carry_sq = 0, 0.0  # a chunked prompt's tokens still to run, their attention
+        carry_end = -math.inf  # when that prompt's last chunk ended (its token 0)
+        for g in groups:
+            dur = min(q[2] for q in g)
+            whole = [q for q in g if q[2] <= dur + STEP_TOL_MS]
+            chunked = [q for q in g if q[2] > dur + STEP_TOL_MS]
+            start, end = g[0][1], g[0][1] + dur / 1e3
+            tokens, sq = sum(q[3] for q in whole), float(sum(q[3] ** 2 for q in whole))
+            if carry and abs(carry_end - end) <= START_TOL_S:  # its rest ran first here
+                tokens, sq = tokens + carry, sq + carry_sq
+            carry, carry_sq = 0, 0.0  # (else its rest ran in a step not observed)
+            if chunked:
+                first = max(0, budget - tokens)
+                total = sum(q[3] for q in chunked)
+                rest = max(0, total - first)
+                tokens, sq = tokens + first, sq + first * first
+                carry, carry_sq = rest, float(rest * (2 * first + rest))
+                carry_end = max(start + q[2] / 1e3 for q in chunked)
+            out.append((tokens, sq, dur))
+    return out
+
+
+def fit_prefill_steps(steps: Sequence[tuple[int, float, float]], outlier: float = 3.0
+                      ) -> tuple[dict[str, float], int]:
+    """prefill_ms = c0 + c_token T + c_token2 sum_sq fitted on steps; one pass leaves out
+    the steps that took more than `outlier` x the first fit (stalls: a kernel compiled on
+    first use, a host hiccup) and refits. Returns the profile and how many were left out."""
+    x = np.array([[1.0, t, q] for t, q, _ in steps])
+    y = np.array([ms for _, _, ms in steps])
+    if len({t for t, _, _ in steps}) < 3:
+        x[:, 2] = 0.0
+    c = nonneg_lstsq(x, y)
+    keep = y <= outlier * np.maximum(x @ np.array(c), 1e-9)
+    if keep.sum() >= 3 and not keep.all():
+        c = nonneg_lstsq(x[keep], y[keep])
+    return {"c0": c[0], "c_token": c[1], "c_token2": c[2]}, int((~keep).sum())
+
+
 def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = None,
         max_batch: int = 256, prefill_token_budget: int = 8192,
         decode_runs: Sequence[Sequence[RequestResult]] | None = None) -> Calibration:
     """A calibration from the per-request results of several runs (P/D runs carry the
-    prefill and transfer timings; decode points come from `decode_runs`, default `runs`)."""
+    prefill and transfer timings; decode points come from `decode_runs`, default `runs`).
+    The prefill profile is fitted on the prefill workers' steps (`prefill_steps`: batched
+    steps up to the token budget when the runs loaded the workers), else, when no step can
+    be rebuilt, on each request's prefill time against its prompt. The calibration's meta
+    records the ranges the profiles were fitted on (decode_max_batch, prefill_max_tokens)."""
     cal = Calibration(max_batch=max_batch, prefill_token_budget=prefill_token_budget,
                       meta={**(meta or {}), "decode_fit": "token1"})
     reqs = [r for run in runs for r in run if r.ok]
+    steps = [s for run in runs for s in prefill_steps(run, prefill_token_budget)]
     pre = [(r.prompt_tokens, r.server["prefill_ms"]) for r in reqs
            if r.server.get("prefill_ms", 0) > 0]
-    if len(pre) >= 3:
+    if len(steps) >= 3 and len({t for t, _, _ in steps}) >= 2:
+        cal.prefill, dropped = fit_prefill_steps(steps)
+        cal.meta["prefill_fit"] = "steps"
+        cal.meta["prefill_max_tokens"] = str(max(t for t, _, _ in steps))
+        batched = sum(1 for t, _, _ in steps if t > max(p for p, _ in pre or [(0, 0)]))
+        cal.source["prefill"] = (f"measured ({len(steps)} prefill steps rebuilt from "
+                                 f"{len(pre)} requests, up to {cal.meta['prefill_max_tokens']} "
+                                 f"tokens, {batched} longer than any one prompt; {dropped} "
+                                 "taking > 3x the fit left out)")
+    elif len(pre) >= 3:
         t = np.array([p[0] for p in pre], dtype=float)
         c = nonneg_lstsq(_design(t, 2), np.array([p[1] for p in pre]))
         cal.prefill = {"c0": c[0], "c_token": c[1], "c_token2": c[2]}
@@ -216,7 +327,9 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
         x = np.array([[1.0, b, c] for b, c, _ in dec])
         c = nonneg_lstsq(x, np.array([p[2] for p in dec]))
         cal.decode = {"c0": c[0], "c_seq": c[1], "c_ctx_token": c[2]}
-        cal.source["decode"] = f"measured ({len(dec)} requests)"
+        cal.meta["decode_max_batch"] = f"{max(b for b, _, _ in dec):.1f}"
+        cal.source["decode"] = (f"measured ({len(dec)} requests; batches up to "
+                                f"{cal.meta['decode_max_batch']} per decode worker)")
     return cal
 
 
@@ -254,9 +367,12 @@ def unqueued_transfer_points(rows: Sequence[dict], occupancy: float = UNQUEUED_O
 
 def run_calibration(run_dir: str, res: dict) -> Calibration:
     """The calibration a capstone run directory's validation uses: `calibration.json`,
-    with the decode step refitted from the lowest-rate runs' summaries when the run was
-    fitted by the old method (TPOT from token 0, which includes the KV transfer) and left no
-    per-request data to refit from (`decode_from_summaries`); the file is not changed."""
+    with the decode step refitted from run summaries when the run was fitted by the old
+    method (TPOT from token 0, which includes the KV transfer) and left no per-request data
+    to refit from (`decode_from_summaries`); the file is not changed. The summaries are
+    those of every P/D run that held the attainment target: in a steady state Little's law
+    gives the batch, and runs at several rates span a range of batch sizes (the lowest-rate
+    runs alone stopped at about 30 per worker while the runs went to 120 and more)."""
     import os
 
     cal = Calibration.load(os.path.join(run_dir, "calibration.json"))
@@ -264,24 +380,25 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
         return cal
     lengths = {w: v["lengths"] for s in res["setups"] for w, v in s["by_workload"].items()
                if v.get("lengths")}
-    low: dict[tuple[str, str], dict] = {}
-    for r in res["runs"]:
-        key = (r["setup"], r["workload"])
-        if key not in low or r["request_rate"] < low[key]["request_rate"]:
-            low[key] = r
+    target = res.get("target", 0.9)
     pts = []
-    for (setup, wname), r in low.items():
-        m = re.fullmatch(r"(\d+)P(\d+)D", setup)
-        ls = lengths.get(wname, [])[:int(r.get("num_prompts") or 0)]
-        if m and ls:
+    for r in res["runs"]:
+        m = re.fullmatch(r"(\d+)P(\d+)D", str(r["setup"]))
+        ls = lengths.get(r["workload"], [])[:int(r.get("num_prompts") or 0)]
+        # steady runs only (Little's law): those that held the attainment target
+        if m and ls and r.get("slo_attainment", 0.0) >= target:
             pts.append((r, int(m.group(2)), sum(i for i, _ in ls) / len(ls),
                         sum(o for _, o in ls) / len(ls)))
     try:
-        cal.decode = decode_from_summaries(pts)
+        fitted = decode_from_summaries(pts)
     except ValueError:
         return cal
-    cal.source["decode"] = (f"refitted from {len(pts)} lowest-rate P/D run summaries "
-                            "(TPOT less the KV transfer per token; batch by Little's law)")
+    cal.meta["decode_max_batch"] = f"{fitted.pop('max_batch'):.1f}"
+    cal.decode = fitted
+    cal.source["decode"] = (f"refitted from {len(pts)} P/D run summaries that held the "
+                            f"{target:.0%} target (TPOT less the KV transfer per token; batch "
+                            f"by Little's law; batches up to {cal.meta['decode_max_batch']} "
+                            "per decode worker)")
     xfer = unqueued_transfer_points(res["runs"])
     if len(xfer) >= 3:
         c = nonneg_lstsq(_design(np.array([b for _, b, _ in xfer]), 1),

@@ -233,14 +233,31 @@ async def run_load(target: Target, requests: Sequence[Request], timeout_s: float
     return results
 
 
+def _nvml_or_nan(read) -> float:
+    try:
+        return float(read())
+    except Exception:  # noqa: BLE001 - NVMLError_NotSupported and the like
+        return math.nan
+
+
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:  # "[N/A]", ""
+        return math.nan
+
+
 class GpuSampler:
-    """Samples utilization (%) and memory used (GiB) of the given GPU indices every
-    `period_s` on a thread: through NVML (pynvml), else by running `nvidia-smi --query-gpu`.
+    """Samples utilization (%), memory used (GiB), SM clock (MHz) and power (W) of the given
+    GPU indices every `period_s` on a thread: through NVML (pynvml), else by running
+    `nvidia-smi --query-gpu`. The clock and the power say whether a busy GPU ran slower
+    (power or thermal capping), which profiles measured at low load do not show.
     `available` is False (with `note`) without either, or without GPUs."""
 
     def __init__(self, gpus: Sequence[int], period_s: float = 0.25) -> None:
         self.gpus, self.period_s = list(gpus), period_s
-        self.samples: dict[int, list[tuple[float, float, float]]] = {g: [] for g in self.gpus}
+        # (time, util %, memory GiB, SM clock MHz, power W); NaN where not read
+        self.samples: dict[int, list[tuple[float, ...]]] = {g: [] for g in self.gpus}
         self.available, self.note, self.source = False, "", ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -263,21 +280,24 @@ class GpuSampler:
                 self.note = (f"NVML not available ({type(e).__name__}: {e}) and no nvidia-smi; "
                              "pip install nvidia-ml-py")
 
-    def _read(self) -> dict[int, tuple[float, float]]:
-        """{gpu: (util %, memory GiB)} now."""
+    def _read(self) -> dict[int, tuple[float, ...]]:
+        """{gpu: (util %, memory GiB, SM clock MHz, power W)} now."""
         if self.source == "NVML":
             nv, out = self._nvml, {}
             for g, h in self._handles.items():
                 try:
-                    out[g] = (float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
-                              nv.nvmlDeviceGetMemoryInfo(h).used / 2**30)
+                    util = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
+                    mem = nv.nvmlDeviceGetMemoryInfo(h).used / 2**30
                 except Exception:  # noqa: BLE001
                     continue
+                clock = _nvml_or_nan(lambda h=h: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM))
+                watts = _nvml_or_nan(lambda h=h: nv.nvmlDeviceGetPowerUsage(h) / 1e3)
+                out[g] = (util, mem, clock, watts)
             return out
         import subprocess
         try:
             text = subprocess.run(
-                [self._smi, "--query-gpu=index,utilization.gpu,memory.used",
+                [self._smi, "--query-gpu=index,utilization.gpu,memory.used,clocks.sm,power.draw",
                  "--format=csv,noheader,nounits", "-i", ",".join(map(str, self.gpus))],
                 capture_output=True, text=True, timeout=5).stdout
         except (OSError, subprocess.TimeoutExpired):
@@ -286,7 +306,8 @@ class GpuSampler:
         for line in text.splitlines():
             parts = [p.strip() for p in line.split(",")]
             try:
-                out[int(parts[0])] = (float(parts[1]), float(parts[2]) / 1024)  # MiB -> GiB
+                extra = tuple(_float_or_nan(x) for x in (parts[3:5] + ["", ""])[:2])
+                out[int(parts[0])] = (float(parts[1]), float(parts[2]) / 1024) + extra  # GiB
             except (ValueError, IndexError):
                 continue
         return out
@@ -294,9 +315,9 @@ class GpuSampler:
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
             now = time.perf_counter()
-            for g, (util, mem) in self._read().items():
+            for g, vals in self._read().items():
                 if g in self.samples:
-                    self.samples[g].append((now, util, mem))
+                    self.samples[g].append((now, *vals))
 
     def __enter__(self) -> GpuSampler:
         if self.available:

@@ -113,9 +113,18 @@ def gpu_summary(s: SetupResult) -> list[dict]:
     for role, gpus in s.pools.items():
         pts = [p for g in gpus for p in s.gpu.get(g, [])]
         if pts:
-            rows.append({"setup": s.setup, "pool": role, "gpus": ",".join(map(str, gpus)),
-                         "mean_util_pct": sum(p[1] for p in pts) / len(pts),
-                         "max_mem_gib": max(p[2] for p in pts)})
+            row = {"setup": s.setup, "pool": role, "gpus": ",".join(map(str, gpus)),
+                   "mean_util_pct": sum(p[1] for p in pts) / len(pts),
+                   "max_mem_gib": max(p[2] for p in pts)}
+            # SM clock and power (samples from runs that recorded them): a GPU capped by
+            # power or heat runs its kernels slower than the profiles measured at low load
+            for i, key in ((3, "sm_mhz"), (4, "power_w")):
+                busy = [p[i] for p in pts if len(p) > i and p[1] >= 50 and p[i] == p[i]]
+                if busy:
+                    row[f"busy_mean_{key}"] = sum(busy) / len(busy)
+                    row[f"busy_min_{key}" if key == "sm_mhz" else f"busy_max_{key}"] = \
+                        (min if key == "sm_mhz" else max)(busy)
+            rows.append(row)
     return rows
 
 
@@ -216,6 +225,7 @@ def write_json(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
                 "search_runs": w.search.runs if w.search else [],
                 "bracketed": bool(w.search and w.search.bracketed),
                 "cut": bool(w.search and w.search.cut),
+                "search_guess": w.search.guess if w.search else 0.0,
                 "send_durations_s": [r.summary.get("send_duration_s") for r in w.runs],
                 # the same for every run of this workload (one seed): only arrivals change
                 "lengths": [[r.prompt_tokens, r.target_tokens or r.output_tokens]
@@ -228,16 +238,18 @@ def write_json(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
 
 
 def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context) -> str:
-    """Fitted on each (setup, workload)'s lowest-rate run (least queueing); the decode
-    profile on P/D setups only when there are any (colocated steps include prefills)."""
+    """Fitted on every run: the prefill profile on the prefill workers' steps rebuilt from
+    the P/D runs (batched steps appear only under load, so every rate counts), the transfer
+    profile on the transfers that overlapped no other (queueing is the simulator's), the
+    decode step on the P/D setups' requests from their second token (colocated steps
+    include prefills), over every batch size the runs reached."""
     runs, pd_runs = [], []
     for s in setups:
         for w in s.by_workload.values():
-            if w.runs:
-                low = min(w.runs, key=lambda r: r.rate).results
-                runs.append(low)
+            for r in w.runs:
+                runs.append(r.results)
                 if s.kind == "P/D":
-                    pd_runs.append(low)
+                    pd_runs.append(r.results)
     cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs)
     return cal.save(os.path.join(out_dir, "calibration.json"))
 

@@ -94,7 +94,8 @@ def load(run_dir: str) -> tuple[list[report.SetupResult], report.Context, dict, 
             if w.get("search_runs"):
                 wr.search = SearchResult(w["max_rate"], res["target"],
                                          [tuple(x) for x in w["search_runs"]],
-                                         bool(w.get("bracketed")), bool(w.get("cut")))
+                                         bool(w.get("bracketed")), bool(w.get("cut")),
+                                         float(w.get("search_guess") or 0.0))
             s.by_workload[wname] = wr
         setups.append(s)
     return setups, ctx, res.get("workloads", {}), bool(per_req["runs"])

@@ -7,6 +7,13 @@ brackets: from `start_rate` it doubles while the target holds, or halves while i
 then it bisects (geometrically) between the highest passing and the lowest failing rate
 until they are within `rel_tol` or `max_runs` measurements were made. The answer is the
 highest rate measured to pass (0 if none did): a measured point, never an interpolation.
+
+With a `guess` (a predicted max rate, e.g. the planner's from an earlier calibration), the
+first step after `start_rate` goes just past it (`GUESS_MARGIN` x the guess, when the
+start held) or just under it (when the start failed) instead of doubling or halving: a
+guess that is right, or too high (the simulator's usual error near saturation), brackets
+the max rate in two runs, where doubling from a low common start rate often ran out of
+runs first; doubling, halving and geometric bisection go on from there.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ class SearchResult:
     runs: list[tuple[float, float]] = field(default_factory=list)  # (rate, attainment) in order
     bracketed: bool = False  # a failing rate above max_rate was measured
     cut: bool = False  # stopped early by the time budget (can_run said no)
+    guess: float = 0.0  # the predicted max rate that steered it (0: none)
 
     def describe(self) -> str:
         if not self.runs:
@@ -36,19 +44,34 @@ class SearchResult:
                    default=math.nan)
         tail = f", fails at {fail:.3g}" if not math.isnan(fail) else ""
         cut = "; cut by the time budget" if self.cut else ""
+        guided = f"; steered by a predicted {self.guess:.3g} req/s" if self.guess else ""
         return (f"{self.max_rate:.3g} req/s holds >= {self.target:.0%}{tail}; "
-                f"{len(self.runs)} runs{bound}{cut}")
+                f"{len(self.runs)} runs{bound}{cut}{guided}")
+
+
+GUESS_MARGIN = 1.25  # a guided step lands this far past (or short of) the guess
+GUESS_MAX_STEP = 16.0  # ... and at most this factor from the rate before it
+
+
+def guided_step(rate: float, held: bool, guess: float) -> float:
+    """The rate after `rate` toward `guess`: past it when `rate` held (at least 1.25 x
+    `rate`), under it when it failed (at most `rate` / 1.25), never more than
+    GUESS_MAX_STEP x away."""
+    if held:
+        return min(max(guess * GUESS_MARGIN, rate * GUESS_MARGIN), rate * GUESS_MAX_STEP)
+    return max(min(guess / GUESS_MARGIN, rate / GUESS_MARGIN), rate / GUESS_MAX_STEP)
 
 
 def find_max_rate(measure: Callable[[float], float], start_rate: float, target: float = 0.9,
                   max_runs: int = 7, rel_tol: float = 0.1, min_rate: float = 1e-3,
                   max_rate: float = 1e6,
-                  can_run: Callable[[], bool] | None = None) -> SearchResult:
+                  can_run: Callable[[], bool] | None = None,
+                  guess: float = 0.0) -> SearchResult:
     """`can_run()` (optional) is asked before every run but the first; False ends the
-    search there (a time budget), with `cut` set."""
+    search there (a time budget), with `cut` set. `guess` > 0: see the module docstring."""
     if not start_rate > 0 or max_runs < 1 or not 0 < target <= 1:
         raise ValueError("need start_rate > 0, max_runs >= 1 and 0 < target <= 1")
-    res = SearchResult(0.0, target)
+    res = SearchResult(0.0, target, guess=guess if guess > 0 else 0.0)
     lo, hi = 0.0, math.inf  # highest pass, lowest fail
 
     class _Cut(Exception):
@@ -65,19 +88,24 @@ def find_max_rate(measure: Callable[[float], float], start_rate: float, target: 
     try:
         rate = start_rate
         while len(res.runs) < max_runs and math.isinf(hi):  # bracket
-            if probe(rate):
+            held = probe(rate)
+            steer = res.guess > 0 and len(res.runs) == 1
+            if held:
                 lo = rate
-                if rate * 2 > max_rate:
+                nxt = guided_step(rate, True, res.guess) if steer else rate * 2
+                if nxt > max_rate:
                     break
-                rate *= 2
+                rate = nxt
             else:
                 hi = rate
-                if lo > 0 or rate / 2 < min_rate:
+                nxt = guided_step(rate, False, res.guess) if steer else rate / 2
+                if lo > 0 or nxt < min_rate:
                     break
-                rate /= 2
+                rate = nxt
         if lo == 0 and not math.isinf(hi):  # everything so far failed: keep halving
             while len(res.runs) < max_runs and rate / 2 >= min_rate and lo == 0:
-                rate = hi / 2
+                rate = hi / 2 if len(res.runs) > 1 or res.guess <= 0 else \
+                    guided_step(hi, False, res.guess)
                 if probe(rate):
                     lo = rate
                 else:

@@ -30,17 +30,43 @@ def drain_estimate_s(wl: Workload, pool: list | None, slos: dict[str, float], se
     return min(est, slos.get("e2el", math.inf)) / 1e3
 
 
+WARMUP_SHAPES = (255, 256, 1279, 1280)  # block tables 16 and 80 wide whatever the rounding,
+# under and past the prefill attention's 1024-token tile switch (kernels/prefill_attention.py)
+
+
+def warmup_requests(args: argparse.Namespace, info: dict, wls: list) -> list[list[Request]]:
+    """What a setup runs before its measured runs, each list sent as one load: the
+    sequential `--warmup-requests`, then with `--warmup-burst N`: one prompt of each of
+    WARMUP_SHAPES alone (the engine's own warm-up gives no block table whose width is a
+    multiple of 16, which Triton specialises on, so the first such step compiled a kernel
+    inside the first measured run), and N requests of each workload sent at once (batched
+    and chunked prefill steps, mixed steps, larger allocations)."""
+    vocab = info["vocab"]
+    warm = [[Request(0.0, [(7 * i + j) % (vocab - 1) + 1 for j in range(16)], 4)]
+            for i in range(args.warmup_requests)]
+    n = getattr(args, "warmup_burst", 0)
+    if n > 0:
+        cap = (info.get("max_len") or 4096) - 8
+        warm += [[Request(0.0, [(5 * k + j) % (vocab - 1) + 1 for j in range(min(k, cap))], 2)]
+                 for k in WARMUP_SHAPES]
+        for wl, pool in wls:
+            reqs = make_requests(wl, n, 1e9, args.seed + 104729, vocab, 1.0, info["max_len"],
+                                 pool)
+            warm.append([Request(0.0, r.prompt, min(r.output_len, 8)) for r in reqs])
+    return warm
+
+
 def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos: dict,
                   window: Window, loop: asyncio.AbstractEventLoop, budget,
-                  deadline_s: float = math.inf) -> report.SetupResult:
-    """Every workload on one setup, by `deadline_s` (monotonic; inf: no budget)."""
+                  deadline_s: float = math.inf,
+                  guesses: dict[str, float] | None = None) -> report.SetupResult:
+    """Every workload on one setup, by `deadline_s` (monotonic; inf: no budget);
+    `guesses`: {workload: predicted max rate} steering each search (capstone_search)."""
     from pdserve.benchmarks.capstone import concurrency_levels
 
     res = report.SetupResult(info["label"], info["workers"], info["pools"])
-    warm = [Request(0.0, [(7 * i + j) % (info["vocab"] - 1) + 1 for j in range(16)], 4)
-            for i in range(args.warmup_requests)]
-    for req in warm:
-        loop.run_until_complete(run_load(target, [req], args.timeout))
+    for load in warmup_requests(args, info, wls):
+        loop.run_until_complete(run_load(target, load, args.timeout))
     levels = concurrency_levels(args)
     for k, (wl, pool) in enumerate(wls):
         wr = report.WorkloadRuns(wl.name, wl.describe)
@@ -86,7 +112,8 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
                 one(math.inf, c)
             continue
         wr.search = find_max_rate(one, args.start_rate, args.target, args.max_runs,
-                                  args.rel_tol, can_run=sizer.can_run)
+                                  args.rel_tol, can_run=sizer.can_run,
+                                  guess=(guesses or {}).get(wl.name, 0.0))
         if wr.search.cut:
             budget.cut(f"{res.setup} / {wl.name}: search stopped after {len(wr.search.runs)} "
                        f"of {args.max_runs} runs")

@@ -5,28 +5,45 @@
 # Run from the repository root, with the runtime wheels carried in .whl (grpcio, protobuf,
 # msgpack, xxhash, uvloop) and matplotlib's in .mplwhl. It installs a copy of pdserve in
 # /tmp and runs it from /tmp (the repository's ./pdserve would shadow the installed tree).
-# OUT gets report.md, results.json, calibration.json, the PNGs (w0/, w1/, ...: one folder
-# per workload), capstone.log and gpu.txt: at most 8 files per folder, 2 levels deep.
+# OUT gets report.md, results.json, requests.json.gz, calibration.json, the PNGs (w0/, w1/,
+# ...: one folder per workload) and capstone.log (the GPUs, nvidia-smi's view, first):
+# at most 8 files per folder, 2 levels deep.
 #
-# Time (WALL_S, default 560 s: the call's 9.5 min less a margin): the harness gets
-# --budget-s = WALL_S - (seconds already spent installing) - 20 s, and divides it itself
-# (benchmarks/capstone_budget.py): equal shares per setup, start-up included, then per
-# workload, then per run (each run sends for its share less the drain it measured).
-# Arithmetic, 2 GPUs: install ~15-25 s; each setup's start (llama-3.1-8b random weights,
-# warm-up ladder, CUDA graphs, the coordinator's P/D warm-up) ~20-40 s, so 3 setups
-# ~100 s; the report (plots + planner validation, simulated) ~10-30 s (REPORT_RESERVE_S
-# 30 s kept). That leaves ~380 s for 3 setups x 3 workloads = 9 searches of ~42 s: 2-3 runs
-# of 10-20 s of arrivals each (decode-heavy runs drain ~4 s after the last send:
-# TTFT + 192 tokens x 20 ms). 4 GPUs: 5 setups ~150 s of starts, 2 workloads: 10 searches
-# of ~35 s, 2-3 runs each. Measured on CPU with the tiny model (SMOKE=1 WALL_S=240, 3
-# setups x 2 workloads, on a shared, loaded machine): install 7-17 s, a setup's start
+# Time (WALL_S, default 420 s on 2 GPUs, 560 s on 4: the call's 9.5 min less a margin):
+# the harness gets --budget-s = WALL_S - (seconds already spent installing) - 20 s, and
+# divides it itself (benchmarks/capstone_budget.py): equal shares per setup, start-up
+# included, then per workload, then per run (each run sends for its share less the drain
+# it measured). Arithmetic, 2 GPUs at 420 s: install ~5-25 s; the planner's predictions
+# ~5 s; each setup's start (llama-3.1-8b random weights, warm-up ladder, CUDA graphs, the
+# coordinator's P/D warm-up) ~12-26 s and the harness's warm-up (--warmup-burst: 4 shaped
+# prompts, then 16 requests of each workload at once) ~3-6 s, so 3 setups ~60-100 s; the
+# report (plots, planner validation with its +-5% band, simulated) ~15-30 s
+# (REPORT_RESERVE_S 30 s kept). That leaves ~250-290 s for 3 setups x 3 workloads = 9
+# searches of ~30 s: 3 runs of ~10 s, 6-9 s of arrivals each (decode-heavy runs drain ~4 s
+# after the last send). 4 GPUs at 560 s: 5 setups ~150 s of starts, 2 workloads: 10
+# searches of ~35 s, 3 runs each. Measured on CPU with the tiny model (SMOKE=1 WALL_S=240,
+# 3 setups x 2 workloads, on a shared, loaded machine): install 7-17 s, a setup's start
 # 19-26 s, the report (plots, validation, extrapolation) 13 s; the script ended after 230 s
 # of its 240, the harness after 194 s of its 203 s budget, 3 searches cut after 1-2 runs.
 # What the budget cut is listed in report.md ("cut by the time budget").
 #
+# Searches that bracket: each search starts at START_RATE (the same for every setup, so
+# the CDFs and the SLO map compare setups at one rate), and with START_FROM (default: the
+# committed report of the same GPU count, benchmarks/results/capstone-<N>gpu) its second
+# run goes just past the max rate the planner predicts from that report's calibration
+# (under it when the start failed) instead of doubling: the 4-GPU run, doubling from 16,
+# left 5 of its 10 searches unbracketed.
+#
+# What the run records for the planner: requests.json.gz (every request's timeline and
+# server timings: the prefill steps are rebuilt from them, as the workers expose no step
+# times; the decode step from token times; transfers per receiver), the GPU samples with
+# SM clock and power, each run's time limit and each search's guess.
+#
 # Knobs (environment): WALL_S, MODEL (llama-3.1-8b), COND (512), WORKLOADS (space-separated
-# specs), GOODPUT ("ttft:750 tpot:20"), START_RATE, MAX_RUNS (3), RUN_DURATION (20 s, the
-# longest run), PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script).
+# specs), GOODPUT ("ttft:750 tpot:20"), START_RATE (16 on 2 GPUs, 16 on 4), START_FROM (a
+# calibration.json or run directory; "none": plain doubling), WARMUP_BURST (16), MAX_RUNS
+# (3), RUN_DURATION (20 s, the longest run), PYTHON (python3), SMOKE=1 (tiny model on CPU,
+# a check of this script).
 set -u
 T0=$(date +%s)
 OUT=$(realpath -m "${1:?usage: gpu_capstone.sh OUT DEVICES}"); DEVICES=${2:?usage: gpu_capstone.sh OUT DEVICES}
@@ -60,19 +77,22 @@ MODEL=${MODEL:-llama-3.1-8b}
 case $N in
   2) CONFIGS=${CONFIGS:-1P1D,2both,1P1D-cond$COND}
      WORKLOADS=${WORKLOADS:-"prefill-heavy:in=256-2048,out=8-32 decode-heavy:in=16-64,out=128-256 sharegpt-synth"}
-     START_RATE=${START_RATE:-8} ;;
+     START_RATE=${START_RATE:-16} WALL_S=${WALL_S:-420} ;;
   4) CONFIGS=${CONFIGS:-1P3D,2P2D,3P1D,4both,2P2D-cond$COND}
      WORKLOADS=${WORKLOADS:-"prefill-heavy:in=256-2048,out=8-32 decode-heavy:in=16-64,out=128-256"}
-     START_RATE=${START_RATE:-16} ;;
+     START_RATE=${START_RATE:-16} WALL_S=${WALL_S:-560} ;;
   *) echo "DEVICES: give 2 or 4 GPUs (0,1 or 0,1,2,3), got '$DEVICES'" >&2; exit 2 ;;
 esac
+START_FROM=${START_FROM:-$REPO/benchmarks/results/capstone-${N}gpu}
+[[ ${SMOKE:-0} == 1 && $START_FROM == "$REPO/benchmarks/results/capstone-${N}gpu" ]] && START_FROM=none
+GUIDE=(); if [[ $START_FROM != none && -e $START_FROM ]]; then GUIDE=(--start-rate-from "$(realpath "$START_FROM")"); fi
 GOODPUT=${GOODPUT:-"ttft:750 tpot:20"}
 
 {
   echo "gpu_capstone.sh $OUT $DEVICES: $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader 2>&1
   nvidia-smi topo -m 2>&1 | head -6
-} >"$OUT/gpu.txt"
+} >"$LOG"  # the GPUs first: one file less (8 at most per folder come back)
 {
   if ls .whl/*.whl >/dev/null 2>&1; then
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -85,21 +105,21 @@ GOODPUT=${GOODPUT:-"ttft:750 tpot:20"}
   rm -rf "$TMPD/new"
   $PYTHON -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
     --target "$TMPD/new" . || echo "INSTALL FAILED"
-} >"$LOG" 2>&1
+} >>"$LOG" 2>&1
 export PYTHONPATH=$TMPD/new:$TMPD/site${PYTHONPATH:+:$PYTHONPATH}
 cd /tmp || exit 1
 if ! $PYTHON -c "import pdserve.benchmarks.capstone" >>"$LOG" 2>&1; then
   echo "cannot import the installed pdserve (see $LOG)"; tail -20 "$LOG"; exit 2
 fi
 
-WALL_S=${WALL_S:-560}
 BUDGET=$(( WALL_S - ($(date +%s) - T0) - 20 ))
 echo "installed in $(( $(date +%s) - T0 )) s; budget $BUDGET s for $CONFIGS on $DEVICES" | tee -a "$LOG"
 WL_ARGS=(); for w in $WORKLOADS; do WL_ARGS+=(--workload "$w"); done
 # shellcheck disable=SC2086
 timeout $(( WALL_S - ($(date +%s) - T0) - 5 )) $PYTHON -m pdserve.cli bench capstone --model "$MODEL" \
   --devices "$DEVICES" --configs "$CONFIGS" "${WL_ARGS[@]}" --goodput $GOODPUT \
-  --start-rate "$START_RATE" --max-runs "${MAX_RUNS:-3}" --rel-tol 0.25 \
+  --start-rate "$START_RATE" "${GUIDE[@]}" --max-runs "${MAX_RUNS:-3}" --rel-tol 0.25 \
+  --warmup-burst "${WARMUP_BURST:-16}" \
   --budget-s "$BUDGET" --run-duration "${RUN_DURATION:-20}" --num-requests 16 \
   --warmup-requests 2 --timeout 60 --start-timeout 240 \
   --label "gpu_capstone.sh on $N GPUs ($DEVICES), budget $BUDGET s" \
@@ -108,7 +128,7 @@ timeout $(( WALL_S - ($(date +%s) - T0) - 5 )) $PYTHON -m pdserve.cli bench caps
 RC=$?
 cd "$REPO" || true
 echo "capstone rc=$RC after $(( $(date +%s) - T0 )) s"
-grep -E "^(starting|error|wrote)|ready after|req/s holds|no measured rate|cut by" "$LOG" | grep -v "it/s]" | tail -n 30
+grep -E "^(starting|error|wrote|predicted max rates)|ready after|req/s holds|no measured rate|cut by" "$LOG" | grep -v "it/s]" | tail -n 30
 if [[ -f $OUT/report.md ]]; then
   echo "=== report.md (summary)"
   sed -n '/^## Where P\/D wins and loses/,/^## Plots/p' "$OUT/report.md" | head -n 100

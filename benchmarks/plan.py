@@ -33,6 +33,7 @@ from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
 from pdserve.benchmarks.planner_sim import (
     Setup,
+    SimRun,
     parse_setup,
     sim_means,
     sim_summary,
@@ -61,7 +62,8 @@ def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
             slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
             seed: int = 0, max_runs: int = 10, min_duration_s: float = 0.0,
             start_rate: float | None = None, rel_tol: float = 0.05,
-            min_requests: int = 0, max_requests: int = 0, grace_s: float = 0.0) -> SearchResult:
+            min_requests: int = 0, max_requests: int = 0, grace_s: float = 0.0,
+            guess: float = 0.0) -> SearchResult:
     """Predicted max rate at >= target attainment for one setup and a list of (in, out).
     With `min_duration_s`, a run at rate r simulates max(min_requests or len(lengths),
     r * min_duration_s) requests (the lengths in turn), so a high rate is a sustained load,
@@ -78,7 +80,30 @@ def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
                            horizon_s=horizon)[0]
 
     start = start_rate or rough_capacity(cal, lengths, setup) / 2
-    return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=rel_tol)
+    return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=rel_tol,
+                         guess=guess)
+
+
+def guess_max_rates(cal: Calibration, setups: Sequence[str],
+                    workloads: Sequence[tuple[str, Sequence[tuple[int, int]]]],
+                    slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
+                    seed: int = 0, duration_s: float = 10.0, min_requests: int = 16,
+                    grace_s: float = 0.0) -> dict[str, dict[str, float]]:
+    """{setup: {workload: predicted max rate}}: what `pdserve bench capstone
+    --start-rate-from` steers each search with (a finer search than the measured one, on
+    runs of `duration_s` seconds of arrivals)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in setups:
+        try:
+            setup = parse_setup(name)
+        except ValueError:
+            continue
+        for wname, lengths in workloads:
+            res = predict(cal, setup, lengths, slos, target, burstiness, seed, max_runs=10,
+                          min_duration_s=duration_s, rel_tol=0.1, min_requests=min_requests,
+                          grace_s=grace_s)
+            out.setdefault(name, {})[wname] = res.max_rate
+    return out
 
 
 def splits(gpus: int, colocated: bool = True) -> list[Setup]:
@@ -132,10 +157,28 @@ def validation_error(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured if measured > 0 else math.nan
 
 
-def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], list[dict]]:
+SENSITIVITY = 0.05  # +-5%: about the largest residual of the decode profile's fits
+
+
+def edge_note(good: float, band: tuple[float, float], tol: float = 0.15) -> str:
+    """'edge' when a `SENSITIVITY` error of the profiles moves the predicted goodput by more
+    than `tol`: the prediction sits on a knife edge (a queue near saturation, an SLO near
+    the mean), and its error says little about the model."""
+    lo, hi = band
+    if not good > 0:
+        return "edge" if hi > 0 else ""
+    return "edge" if max(good - lo, hi - good) > tol * good else ""
+
+
+def validate(run_dir: str, cal: Calibration | None = None,
+             sensitivity: float = SENSITIVITY) -> tuple[list[dict], list[dict]]:
     """Predicted vs measured, for every (setup, workload) of a capstone run, on the run's
     own requests (same lengths, same arrival times, same window):
-    - per run: goodput (req/s meeting every SLO) and attainment at each measured rate;
+    - per run: goodput (req/s meeting every SLO) and attainment at each measured rate,
+      with the band the predictions span when every profile's times are scaled by
+      1 -+ `sensitivity` (`edge` when that moves the goodput by more than 15%), the means
+      of TTFT, TPOT, prefill and KV transfer measured and simulated, and the largest decode
+      batch the simulation ran when it exceeds the profiled range;
     - per search: the max rate at target attainment, found by the same search procedure
       (start rate, run budget, tolerance) on the simulator."""
     with open(os.path.join(run_dir, "results.json")) as f:
@@ -164,22 +207,38 @@ def validate(run_dir: str, cal: Calibration | None = None) -> tuple[list[dict], 
                 times = arrival_times(n, rate, burst, random.Random(seed + 7919))
                 horizon = run_time_limit_s(m, ls, slos, bool(search.get("budget_s")))
                 wu, cd = win.get("warmup", 0.1), win.get("cooldown", 0.1)
-                sim = simulate_setup(cal, setup, times, ls, horizon)
+                info = SimRun()
+                sim = simulate_setup(cal, setup, times, ls, horizon, info)
                 att, good = sim_summary(sim, slos, wu, cd, horizon)
                 means = sim_means(sim, wu, cd)
+                band = [sim_summary(simulate_setup(cal.scaled(f), setup, times, ls, horizon),
+                                    slos, wu, cd, horizon) for f in
+                        (1 - sensitivity, 1 + sensitivity)] if sensitivity else [(att, good)]
+                g_band = (min(good, *(g for _, g in band)), max(good, *(g for _, g in band)))
+                a_band = (min(att, *(a for a, _ in band)), max(att, *(a for a, _ in band)))
                 got = m.get("steady_goodput", m["request_goodput"])
+                notes = [edge_note(good, g_band)]
+                if info.mean_decode_batch > cal.decode_max_batch:
+                    notes.append(f"decode batch {info.mean_decode_batch:.0f} > profiled "
+                                 f"{cal.decode_max_batch:.0f}")
                 per_run.append({"setup": s["setup"], "workload": wname, "rate": rate,
                                 "measured_goodput_rps": got,
                                 "predicted_goodput_rps": good,
                                 "error": validation_error(good, got),
+                                f"band_{sensitivity:.0%}": f"{g_band[0]:.3g}-{g_band[1]:.3g}",
                                 "measured_attainment": m["slo_attainment"],
                                 "predicted_attainment": att,
-                                "ttft/tpot/transfer_ms": " / ".join(
+                                f"attainment_band_{sensitivity:.0%}":
+                                    f"{a_band[0]:.2f}-{a_band[1]:.2f}",
+                                "ttft/tpot/prefill/transfer_ms": " / ".join(
                                     f"{m.get(f'mean_{k}_ms', math.nan):.3g} vs {means[k]:.3g}"
-                                    for k in ("ttft", "tpot", "transfer"))})
+                                    for k in ("ttft", "tpot", "prefill", "transfer")),
+                                "note": "; ".join(x for x in notes if x),
+                                "band": g_band})
             durs = [d for d in w.get("send_durations_s", []) if d]
             sized = bool(search.get("run_duration_s") or search.get("budget_s"))
             pred = predict(cal, setup, lengths, slos, res["target"], burst, seed,
+                           guess=float(w.get("search_guess") or 0.0),
                            # as many runs as the measured search made (a budget may cut it)
                            max_runs=len(w.get("search_runs") or []) or search.get("max_runs", 6),
                            start_rate=search.get("start_rate"), rel_tol=search.get("rel_tol", 0.15),
@@ -201,16 +260,29 @@ def mean_abs_error(rows: Sequence[dict]) -> float:
     return sum(errs) / len(errs) if errs else math.nan
 
 
-def validation_lines(per_run: Sequence[dict], per_search: Sequence[dict]) -> list[str]:
-    """Markdown: both tables and the mean absolute errors."""
+def validation_lines(per_run: Sequence[dict], per_search: Sequence[dict],
+                     sensitivity: float = SENSITIVITY) -> list[str]:
+    """Markdown: both tables, the mean absolute errors and the knife edges."""
     from pdserve.benchmarks import plotting
 
+    cols = [c for c in plotting.columns_of(per_run) if c != "band"]
+    edges = [r for r in per_run if "edge" in r.get("note", "")]
     return ["Goodput at each measured rate (same requests and arrivals, same window and time "
-            "limit, simulated); the last column: mean TTFT, TPOT and KV transfer in ms, "
-            "measured vs simulated (a measured transfer is the prefill worker's end of "
-            "forward to last layer landed; a simulated one, token 0 to the KV landing):", "",
-            plotting.markdown_table(per_run, floatfmt=".3g"), "",
-            f"Mean |error| of goodput: {mean_abs_error(per_run):.1%} over {len(per_run)} runs.",
+            f"limit, simulated). band_{sensitivity:.0%} and attainment_band_{sensitivity:.0%}: "
+            f"what the simulator predicts with every profiled time (prefill, decode step, "
+            f"transfer) scaled by {1 - sensitivity:g} and {1 + sensitivity:g}; note `edge`: "
+            "that moves the goodput by more than 15%, so the prediction sits on a knife edge "
+            "(a queue near saturation, or the SLO near most requests' latency) and its error "
+            "says little about the model; `decode batch N > profiled M`: the simulation ran "
+            "decode batches past the profiled range, where the decode step is extrapolated "
+            "linearly. Last column: mean TTFT, TPOT, prefill and KV transfer in ms, measured "
+            "vs simulated (a prefill time is the prefill worker's, first chunk's step start to "
+            "token 0, 0 for a prompt prefilled on its decode worker; a measured transfer is the "
+            "prefill worker's end of forward to last layer landed, a simulated one token 0 to "
+            "the KV landing; the simulator leaves out the coordinator's own 10-15 ms of TTFT):",
+            "", plotting.markdown_table(per_run, cols, floatfmt=".3g"), "",
+            f"Mean |error| of goodput: {mean_abs_error(per_run):.1%} over {len(per_run)} runs; "
+            f"{len(edges)} on a knife edge (`edge`).",
             "", "Max rate at target attainment (same search procedure on the simulator):", "",
             plotting.markdown_table(per_search, floatfmt=".3g"), "",
             f"Mean |error| of max rate: {mean_abs_error(per_search):.1%} over "
@@ -218,7 +290,8 @@ def validation_lines(per_run: Sequence[dict], per_search: Sequence[dict]) -> lis
 
 
 def within_lines(per_run: Sequence[dict], tol: float = 0.15) -> list[str]:
-    """Per setup: the largest |error| of predicted goodput over its runs, against `tol`."""
+    """Per setup: how many runs' predicted goodput is within `tol` of the measured one, and
+    the largest |error|; then every run outside it, with its note."""
     out = []
     for setup in dict.fromkeys(r["setup"] for r in per_run):
         rows = [r for r in per_run if r["setup"] == setup and not math.isnan(r["error"])]
@@ -234,6 +307,16 @@ def within_lines(per_run: Sequence[dict], tol: float = 0.15) -> list[str]:
                    f"({worst['workload']} at {worst['rate']:.3g} req/s: predicted "
                    f"{worst['predicted_goodput_rps']:.3g}, measured "
                    f"{worst['measured_goodput_rps']:.3g} req/s)")
+    misses = [r for r in per_run if not math.isnan(r["error"]) and abs(r["error"]) > tol]
+    n = sum(not math.isnan(r["error"]) for r in per_run)
+    out += ["", f"Within {tol:.0%}: {n - len(misses)} of {n} runs. Outside:"
+            if misses else f"Within {tol:.0%}: every one of {n} runs."]
+    out += [f"- {r['setup']} {r['workload']} at {r['rate']:.3g} req/s: predicted "
+            f"{r['predicted_goodput_rps']:.3g} (band {r['band'][0]:.3g}-{r['band'][1]:.3g}"
+            + (", the measured value inside it" if r["band"][0] * 0.98 <= r["measured_goodput_rps"]
+               <= r["band"][1] * 1.02 else "")
+            + f"), measured {r['measured_goodput_rps']:.3g} req/s ({r['error']:+.0%})"
+            + (f"; {r['note']}" if r.get("note") else "") for r in misses if "band" in r]
     return out
 
 

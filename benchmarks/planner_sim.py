@@ -1,30 +1,41 @@
 """Discrete-event simulator of a pdserve deployment, driven by a `Calibration`.
 
 Model (each worker is one GPU; times from the calibrated profiles), as pdserve runs it:
-- xPyD: the coordinator reserves KV blocks on the decode worker with the fewest sequences
-  (running, waiting and reserved) when the request arrives, then queues the prompt FIFO at
-  the prefill worker with the fewest queued tokens; a prefill step takes queued prompts up
-  to `prefill_token_budget` tokens and lasts prefill_ms(T, sum of squares). Token 0 reaches
-  the client when the step ends (pdserve emits it while the KV moves); the KV push starts
-  with the step when the step has >= 1024 tokens (layer-wise: layers go out as computed),
-  else after it, and holds the decode worker's receiver, one transfer at a time, for the
-  prompt's share of the forward (when layer-wise) plus transfer_ms(prompt *
-  kv_bytes_per_token), the time after the forward. Decode workers run
-  continuous batching: each step lasts decode_step_ms(B, context) and gives every running
-  sequence one token; a landed request joins at the next step boundary; beyond
+- steps are built as engine/scheduler.py builds them: the token budget
+  (`prefill_token_budget`, max_num_batched_tokens) goes first to running sequences (one
+  token per decoding sequence, the rest of a chunked prompt), then to waiting prompts in
+  FCFS order, the last one chunked to fit what is left (long_prefill_threshold 0); a
+  prompt's token 0 comes from the step that computes its last chunk. A step's prompt part
+  lasts prefill_ms(T, sum_sq): T its prompt tokens, sum_sq the attention term (a chunk of n
+  tokens after s computed ones adds n (2 s + n), so a whole prompt adds its square).
+- xPyD: the coordinator (coordinator/router.py, least_loaded) reserves KV blocks on the
+  decode worker with the most free blocks (the fewest KV tokens held by running, waiting
+  and reserved requests; then the fewest sequences) when the request arrives, then sends
+  the prompt to the prefill worker with the fewest prompt tokens in flight (counted until
+  the KV landed, as the coordinator counts them). A prefill worker runs steps of queued
+  prompts (prefill/batching.py). Token 0 reaches the client when its step ends (pdserve
+  emits it while the KV moves); the KV push starts with the step when the step has >= 1024
+  tokens (layer-wise: layers go out as computed), else after it, and holds the decode
+  worker's receiver, one transfer at a time, for the prompt's share of the forward (its
+  tokens' part of the step past the fixed cost, when layer-wise) plus
+  transfer_ms(prompt * kv_bytes_per_token), the time after the forward. Decode workers
+  run continuous batching: each step lasts decode_step_ms(B, context) and gives every
+  running sequence one token; a landed request joins at the next step boundary; beyond
   `max_batch` it waits. So a request's TPOT includes its transfer and the wait for a step.
-- colocated (`Nboth`): a step runs the waiting prompts (up to the budget) and every
-  running sequence together; it lasts prefill_ms + decode_step_ms less the smaller fixed
-  part (one forward pays it once); prefill stalls decode: the interference that
-  disaggregation removes. Requests go to the worker with the fewest
-  sequences.
+  decode_step_ms is linear in B and context: past the batch sizes it was profiled on
+  (`SimRun.mean_decode_batch` against the calibration's range) it is an extrapolation.
+- colocated (`Nboth`): a step runs prompt chunks and every running sequence together; it
+  lasts prefill_ms + decode_step_ms less the smaller fixed part (one forward pays it
+  once); prefill stalls decode: the interference that disaggregation removes. Requests go
+  to the worker with the most free KV blocks, as for decode.
 - conditional (`xPyD-condT`, the coordinator's --pd-threshold-tokens T): a prompt under T
-  tokens goes straight to the decode worker with the fewest sequences, which prefills it
-  in its own step as a colocated worker does (no prefill worker, no transfer); the rest
+  tokens goes straight to the decode worker the coordinator picks, which prefills it in
+  its own steps as a colocated worker does (no prefill worker, no transfer); the rest
   take the xPyD path.
 - a finite run (`horizon_s`): requests not finished by then are cut, as the capstone's
   time limit cuts them (judged on what was seen, see `sim_summary`).
-The simulator ignores the coordinator's own latency, preemption and prefix caching.
+The simulator ignores the coordinator's own latency (its RPCs: about 10-15 ms of TTFT on
+the GPU runs), preemption and prefix caching.
 """
 
 from __future__ import annotations
@@ -34,13 +45,13 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.benchmarks.capstone_calibration import Calibration
 from pdserve.benchmarks.capstone_metrics import steady_rates
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: two requests may carry equal fields
 class SimReq:
     arrival: float  # seconds
     prompt: int
@@ -52,6 +63,9 @@ class SimReq:
     landed: float = math.nan  # when its KV reached the decode worker (xPyD)
     local: bool = False  # prefilled on its decode worker (conditional disaggregation)
     dec: _Decoder | None = None  # decode worker reserved at arrival (xPyD)
+    pre: _Prefiller | None = None  # prefill worker it was routed to (xPyD)
+    computed: int = 0  # prompt tokens prefilled so far (a chunked prompt spans steps)
+    scheduled: float = math.nan  # when the step with its first chunk started (xPyD)
 
     def ttft_ms(self) -> float:
         return (self.first - self.arrival) * 1e3
@@ -78,55 +92,110 @@ class _Loop:
             fn()
 
 
+@dataclass(slots=True)
+class _Chunk:
+    """Prompt tokens of one request in one step, as engine/scheduler.py schedules them."""
+
+    req: SimReq
+    tokens: int
+
+    @property
+    def completes(self) -> bool:  # the chunk that reaches the prompt's end samples token 0
+        return self.req.computed + self.tokens >= self.req.prompt
+
+    @property
+    def sq(self) -> float:
+        """Its share of the attention term: sum over its tokens of the context they attend
+        to, x 2: n (2 s + n) for n tokens after s computed ones (a whole prompt: T^2)."""
+        s, n = self.req.computed, self.tokens
+        return n * (2 * s + n)
+
+
+def fill_budget(budget: int, partial: Sequence[SimReq], waiting: deque[SimReq],
+                may_take: Callable[[SimReq], bool] = lambda r: True) -> list[_Chunk]:
+    """The prompt chunks of one step (engine/scheduler.py `schedule`): the budget goes first
+    to prompts already started (a chunked one continues), then to waiting prompts in FCFS
+    order; a prompt longer than what is left is chunked to fit (long_prefill_threshold 0).
+    Taken prompts leave `waiting`; `may_take(r)` False stops the admission (a running cap)."""
+    out = []
+    for r in partial:
+        if budget <= 0:
+            break
+        n = min(r.prompt - r.computed, budget)
+        out.append(_Chunk(r, n))
+        budget -= n
+    while waiting and budget > 0 and may_take(waiting[0]):
+        r = waiting.popleft()
+        n = min(r.prompt - r.computed, budget)
+        out.append(_Chunk(r, n))
+        budget -= n
+    return out
+
+
 class _Decoder:
-    """A decode (or colocated) worker: continuous batching; colocated also prefills."""
+    """A decode (or colocated) worker: continuous batching; colocated and local requests
+    are prefilled here too, in the same steps (the engine's mixed batches)."""
 
     def __init__(self, loop: _Loop, cal: Calibration, colocated: bool) -> None:
         self.loop, self.cal, self.colocated = loop, cal, colocated
-        self.running: list[SimReq] = []
-        self.waiting: deque[SimReq] = deque()
+        self.running: list[SimReq] = []  # decoding, one token per step
+        self.prefilling: list[SimReq] = []  # admitted prompts with chunks left (running too)
+        self.waiting: deque[SimReq] = deque()  # prompts to prefill here, FCFS
+        self.landed: deque[SimReq] = deque()  # xPyD: KV arrived, joins at the next step
         self.busy = False
-        self.reserved = 0  # xPyD requests routed here whose KV has not landed yet
+        self.reserved: list[SimReq] = []  # xPyD requests routed here whose KV has not landed
         self.recv_free_s = 0.0  # when its receiver is free for the next transfer
+        self.batch_time = [0.0, 0.0]  # sum of decode batch x step time, sum of step time
 
-    @property
-    def load(self) -> int:
-        return len(self.running) + len(self.waiting) + self.reserved
+    def route_key(self) -> tuple[int, int]:
+        """The coordinator's order (coordinator/router.py, least_loaded): most free KV
+        blocks, i.e. fewest KV tokens held (running, prefilling, waiting, reserved), then
+        fewest sequences."""
+        held = sum(r.prompt + r.generated for r in self.running) + \
+            sum(r.prompt for q in (self.prefilling, self.waiting, self.landed, self.reserved)
+                for r in q)
+        n = len(self.running) + len(self.prefilling) + len(self.waiting) + len(self.landed) + \
+            len(self.reserved)
+        return held, n
 
     def add(self, r: SimReq) -> None:
-        self.waiting.append(r)
+        (self.waiting if self.colocated or r.local else self.landed).append(r)
         if not self.busy:
             self._step()
 
     def _step(self) -> None:
-        cal, now = self.cal, self.loop.now
-        prefilled: list[SimReq] = []
+        cal = self.cal
+        # admit_remote: a landed request decodes from this step on (up to max_num_seqs)
+        while self.landed and len(self.running) + len(self.prefilling) < cal.max_batch:
+            self.running.append(self.landed.popleft())
+        budget = cal.prefill_token_budget - len(self.running)  # decodes take 1 token each
+        seqs = [len(self.running) + len(self.prefilling)]  # max_num_seqs caps admissions
+
+        def may_take(r: SimReq) -> bool:
+            seqs[0] += 1
+            return seqs[0] <= cal.max_batch
+        chunks = fill_budget(budget, self.prefilling, self.waiting, may_take)
+        for c in chunks:
+            if c.req not in self.prefilling:
+                self.prefilling.append(c.req)
+        if not self.running and not chunks:
+            self.busy = False
+            return
         ms = 0.0
-        tokens, sq = 0, 0.0
-        while self.waiting and len(self.running) + len(prefilled) < cal.max_batch:
-            r = self.waiting[0]
-            if not (self.colocated or r.local):  # its KV arrived: it decodes from this step
-                self.running.append(self.waiting.popleft())
-                continue
-            if prefilled and tokens + r.prompt > cal.prefill_token_budget:
-                break
-            prefilled.append(self.waiting.popleft())
-            tokens, sq = tokens + r.prompt, sq + r.prompt ** 2
-        if prefilled:
-            ms += cal.prefill_ms(tokens, sq)
+        if chunks:
+            ms += cal.prefill_ms(sum(c.tokens for c in chunks), sum(c.sq for c in chunks))
         if self.running:
             ctx = sum(r.prompt + r.generated for r in self.running)
             ms += cal.decode_step_ms(len(self.running), ctx)
-            if prefilled:  # one forward: its fixed cost is paid once
+            if chunks:  # one forward: its fixed cost is paid once
                 ms -= min(cal.prefill["c0"], cal.decode["c0"])
-        if not self.running and not prefilled:
-            self.busy = False
-            return
+            self.batch_time[0] += len(self.running) * ms
+            self.batch_time[1] += ms
         self.busy = True
-        end = now + ms / 1e3
-        self.loop.at(end, lambda: self._done(prefilled, end))
+        end = self.loop.now + ms / 1e3
+        self.loop.at(end, lambda: self._done(chunks, end))
 
-    def _done(self, prefilled: list[SimReq], t: float) -> None:
+    def _done(self, chunks: list[_Chunk], t: float) -> None:
         still = []
         for r in self.running:
             r.generated += 1
@@ -136,8 +205,14 @@ class _Decoder:
             else:
                 still.append(r)
         self.running = still
-        for r in prefilled:  # colocated or local: the prefill step made token 0
-            r.first, r.generated = t, 1
+        for c in chunks:
+            r = c.req
+            done = c.completes
+            r.computed += c.tokens
+            if not done:
+                continue
+            self.prefilling.remove(r)
+            r.first, r.last, r.generated = t, t, 1  # this step made token 0
             if r.output <= 1:
                 r.end = t
             else:
@@ -149,98 +224,140 @@ LAYERWISE_MIN_TOKENS = 1024  # kvtransfer's TransferConfig.layerwise_min_tokens 
 
 
 class _Prefiller:
+    """A prefill worker (prefill/batching.py): steps of whole prompts up to the token
+    budget, the last one chunked to fill it."""
+
     def __init__(self, loop: _Loop, cal: Calibration) -> None:
         self.loop, self.cal = loop, cal
         self.queue: deque[SimReq] = deque()
-        self.queued_tokens = 0
+        self.partial: list[SimReq] = []  # a chunked prompt, continued first
+        self.inflight_tokens = 0  # the coordinator's count: prompts routed, KV not landed
         self.busy = False
+        self.steps: list[tuple[int, float]] = []  # (tokens, ms) of every step it ran
+
+    def route_key(self) -> int:
+        """coordinator/router.py: fewest queued prompt tokens, which the coordinator counts
+        from a Prefill call's start to its last reply (the KV landed)."""
+        return self.inflight_tokens
 
     def add(self, r: SimReq) -> None:
         self.queue.append(r)
-        self.queued_tokens += r.prompt
+        self.inflight_tokens += r.prompt
         if not self.busy:
             self._step()
 
     def _step(self) -> None:
-        if not self.queue:
+        chunks = fill_budget(self.cal.prefill_token_budget, self.partial, self.queue)
+        if not chunks:
             self.busy = False
             return
-        batch, tokens, sq = [], 0, 0.0
-        while self.queue and (not batch or tokens + self.queue[0].prompt <= self.cal.prefill_token_budget):
-            r = self.queue.popleft()
-            batch.append(r)
-            tokens, sq = tokens + r.prompt, sq + r.prompt ** 2
-        self.queued_tokens -= tokens
+        tokens = sum(c.tokens for c in chunks)
+        ms = self.cal.prefill_ms(tokens, sum(c.sq for c in chunks))
+        self.steps.append((tokens, ms))
         self.busy = True
         start = self.loop.now
-        end = start + self.cal.prefill_ms(tokens, sq) / 1e3
-        layerwise = tokens >= LAYERWISE_MIN_TOKENS
-        self.loop.at(end, lambda: self._done(batch, start if layerwise else end))
+        for c in chunks:
+            if math.isnan(c.req.scheduled):
+                c.req.scheduled = start
+        end = start + ms / 1e3
+        layerwise = tokens >= LAYERWISE_MIN_TOKENS  # prefill/role.py before_run
+        var_ms = ms - self.cal.prefill["c0"]  # the forward past its fixed part
 
-    def _done(self, batch: list[SimReq], push_from: float) -> None:
-        """Token 0 of every prompt leaves now; its KV push started at `push_from` (the
-        step's start when layer-wise: its layers go out as the forward computes them), and
-        holds the decode worker's receiver (one progress thread and staging pool, the scatter
-        on the decode GPU: kvtransfer/receiver.py) for its share of the forward (the prefill
-        profile's per-token part) plus the transfer after the forward (`transfer_ms`). The
-        sender is not a queue: its sends to different receivers overlap."""
+        def done() -> None:
+            finished = []
+            for c in chunks:
+                if c.completes:
+                    finished.append((c.req, var_ms * c.tokens / tokens))
+                c.req.computed += c.tokens
+            self.partial = [c.req for c in chunks if c.req.computed < c.req.prompt]
+            self._done(finished, start if layerwise else end)
+        self.loop.at(end, done)
+
+    def _done(self, finished: list[tuple[SimReq, float]], push_from: float) -> None:
+        """Token 0 of every prompt completed in the step leaves now; its KV push started
+        at `push_from` (the step's start when layer-wise: its layers go out as the forward
+        computes them), and holds the decode worker's receiver (one progress thread and
+        staging pool, the scatter on the decode GPU: kvtransfer/receiver.py) for its share
+        of the forward (its tokens' part of the step past the fixed cost) plus the transfer
+        after the forward (`transfer_ms`). The sender is not a queue: its sends to
+        different receivers overlap."""
         now = self.loop.now
-        for r in batch:
-            r.first, r.generated = now, 1  # token 0 leaves with the prefill reply
+        for r, share_ms in finished:
+            r.first, r.last, r.generated = now, now, 1  # token 0 leaves with the prefill reply
             dec = r.dec
             assert dec is not None
             if r.output <= 1:
                 r.end = now
-                dec.reserved -= 1
+                dec.reserved.remove(r)
+                self.inflight_tokens -= r.prompt
                 continue
             start = max(push_from, dec.recv_free_s)
             tail_s = self.cal.transfer_ms(r.prompt * self.cal.kv_bytes_per_token) / 1e3
-            fwd_s = (self.cal.prefill_ms(r.prompt, r.prompt ** 2) - self.cal.prefill["c0"]) / 1e3 \
-                if push_from < now else 0.0
+            fwd_s = share_ms / 1e3 if push_from < now else 0.0
             land_s = max(start + fwd_s, now) + tail_s
             dec.recv_free_s = land_s
 
             def land(r: SimReq = r, dec: _Decoder = dec) -> None:
                 r.landed = self.loop.now
-                dec.reserved -= 1
+                dec.reserved.remove(r)
+                self.inflight_tokens -= r.prompt
                 dec.add(r)
             self.loop.at(land_s, land)
         self._step()
 
 
+@dataclass(slots=True)
+class SimRun:
+    """What one simulation ran, beside its requests: the largest mean decode batch of a
+    decode (or colocated) worker (its batch averaged over the time it decoded: comparable
+    with the calibration's profiled range, which is one of mean batches), and every prefill
+    worker's steps (tokens, ms)."""
+
+    mean_decode_batch: float = 0.0
+    prefill_steps: list[tuple[int, float]] = field(default_factory=list)
+
+
 def simulate(cal: Calibration, prefill: int, decode: int, both: int,
              arrivals: Sequence[float], lengths: Sequence[tuple[int, int]],
-             cond_tokens: int = 0, horizon_s: float = math.inf) -> list[SimReq]:
+             cond_tokens: int = 0, horizon_s: float = math.inf,
+             info: SimRun | None = None) -> list[SimReq]:
     """Every request's first-token and finish time on the given setup; with `cond_tokens`,
     prompts under it are prefilled on their decode worker. Events after `horizon_s` (the
     run's time limit, seconds from the first arrival's clock 0) do not happen: requests
-    still running then keep NaN for what they did not reach, and `cut_s` is set."""
+    still running then keep NaN for what they did not reach. `info`, when given, gets what
+    the workers ran (SimRun)."""
     if both and (prefill or decode):
         raise ValueError("simulate either xPyD or Nboth, not a mix")
     if not both and (prefill < 1 or decode < 1):
         raise ValueError("xPyD needs at least one prefill and one decode worker")
     loop = _Loop()
     reqs = [SimReq(t, max(1, i), max(1, o)) for t, (i, o) in zip(arrivals, lengths)]
+    pres: list[_Prefiller] = []
     if both:
-        workers = [_Decoder(loop, cal, colocated=True) for _ in range(both)]
+        decs = [_Decoder(loop, cal, colocated=True) for _ in range(both)]
         for r in reqs:
-            loop.at(r.arrival, lambda r=r: min(workers, key=lambda w: w.load).add(r))
+            loop.at(r.arrival, lambda r=r: min(decs, key=_Decoder.route_key).add(r))
     else:
         decs = [_Decoder(loop, cal, colocated=False) for _ in range(decode)]
         pres = [_Prefiller(loop, cal) for _ in range(prefill)]
 
         def arrive(r: SimReq) -> None:
-            dec = min(decs, key=lambda d: d.load)
+            dec = min(decs, key=_Decoder.route_key)
             if r.local:
                 dec.add(r)
                 return
             r.dec = dec
-            dec.reserved += 1
-            min(pres, key=lambda p: p.queued_tokens).add(r)
+            dec.reserved.append(r)
+            r.pre = min(pres, key=_Prefiller.route_key)
+            r.pre.add(r)
         for r in reqs:
             r.local = r.prompt < cond_tokens
             loop.at(r.arrival, lambda r=r: arrive(r))
     loop.run(horizon_s)
+    if info is not None:
+        info.mean_decode_batch = max((d.batch_time[0] / d.batch_time[1] for d in decs
+                                      if d.batch_time[1] > 0), default=0.0)
+        info.prefill_steps = [s for p in pres for s in p.steps]
     return reqs
 
 
@@ -274,8 +391,11 @@ def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 
 
 def sim_means(reqs: Sequence[SimReq], warmup: float = 0.1,
               cooldown: float = 0.1) -> dict[str, float]:
-    """Mean TTFT, TPOT and KV transfer (token 0 to the KV landing) in ms of the windowed
-    requests that finished, as capstone_metrics.summarize computes them."""
+    """Mean TTFT, TPOT, KV transfer (token 0 to the KV landing) and prefill time in ms of the
+    windowed requests that finished, as capstone_metrics.summarize computes them: a
+    prefill time is the prefill worker's, from the start of the step with the prompt's
+    first chunk to the end of the step with its last (worker/core.py `timings`); a request
+    prefilled on its decode worker counts 0, as its worker reports none."""
     order = sorted(reqs, key=lambda r: r.arrival)
     lo, hi = math.floor(len(order) * warmup), len(order) - math.floor(len(order) * cooldown)
     done = [r for r in (order[lo:hi] if hi > lo else order) if not math.isnan(r.end)]
@@ -284,7 +404,9 @@ def sim_means(reqs: Sequence[SimReq], warmup: float = 0.1,
         xs = [x for x in xs if not math.isnan(x)]
         return sum(xs) / len(xs) if xs else math.nan
     return {"ttft": mean([r.ttft_ms() for r in done]), "tpot": mean([r.tpot_ms() for r in done]),
-            "transfer": mean([(r.landed - r.first) * 1e3 for r in done])}
+            "transfer": mean([(r.landed - r.first) * 1e3 for r in done]),
+            "prefill": mean([0.0 if r.local else (r.first - r.scheduled) * 1e3 for r in done
+                             if r.local or r.dec is not None])}
 
 
 def sim_attainment(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
@@ -339,11 +461,11 @@ def parse_setup(name: str) -> Setup:
 
 
 def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
-                   lengths: Sequence[tuple[int, int]],
-                   horizon_s: float = math.inf) -> list[SimReq]:
+                   lengths: Sequence[tuple[int, int]], horizon_s: float = math.inf,
+                   info: SimRun | None = None) -> list[SimReq]:
     """`simulate` for any Setup."""
     return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths,
-                    setup.cond_tokens, horizon_s)
+                    setup.cond_tokens, horizon_s, info)
 
 
 def setup_name(prefill: int, decode: int, both: int) -> str:

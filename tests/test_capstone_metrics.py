@@ -112,3 +112,21 @@ def test_rate_search_is_bounded_and_reports_failure() -> None:
     assert 0.2 <= res.max_rate < 0.3 and res.bracketed
     with pytest.raises(ValueError):
         find_max_rate(lambda r: 1.0, start_rate=0.0)
+
+
+def test_a_guess_brackets_the_max_rate_where_doubling_runs_out() -> None:
+    def knee(at: float):
+        return lambda r: 1.0 if r <= at else 0.2
+    for true in (40.0, 25.0, 60.0):  # the guess right, too high, a little low
+        plain = find_max_rate(knee(true), start_rate=8.0, max_runs=3, rel_tol=0.25)
+        steered = find_max_rate(knee(true), start_rate=8.0, max_runs=3, rel_tol=0.25,
+                                guess=46.0)
+        assert steered.bracketed and (plain.bracketed == (true < 32))
+        assert steered.runs[0][0] == 8.0  # the common start rate first
+        assert steered.runs[1][0] == pytest.approx(46.0 * 1.25)  # then just past the guess
+        assert steered.max_rate <= true and steered.guess == 46.0
+        assert "steered by a predicted 46" in steered.describe()
+    # the start fails: the next run goes under the guess, not just halves
+    res = find_max_rate(knee(5.0), start_rate=16.0, max_runs=3, rel_tol=0.25, guess=6.0)
+    assert res.runs[1][0] == pytest.approx(6.0 / 1.25) and res.bracketed
+    assert res.max_rate == pytest.approx(4.8)

@@ -148,3 +148,35 @@ def test_transfers_that_queued_are_left_out_of_the_fit() -> None:
     a, b = req(1.0, 50.0, "d1"), req(1.03, 80.0, "d1")  # b's prefill overlaps a's transfer
     other = req(1.03, 10.0, "d2")  # the same time, another pair: not queued
     assert unqueued_transfers([alone, a, b, other]) == [alone, other]
+
+
+def test_gpu_summary_states_clock_and_power_when_recorded() -> None:
+    s = report.SetupResult("1P1D", "w", {"prefill": [0], "decode": [1]})
+    # (time, util %, memory GiB, SM clock MHz, power W): busy samples (util >= 50) count
+    s.gpu = {0: [(0.0, 10.0, 9.0, 1980.0, 120.0), (1.0, 95.0, 10.0, 1500.0, 690.0),
+                 (2.0, 90.0, 10.0, 1700.0, 650.0)],
+             1: [(0.0, 60.0, 5.0)]}  # an older run: no clock, no power
+    rows = {r["pool"]: r for r in report.gpu_summary(s)}
+    assert rows["prefill"]["busy_mean_sm_mhz"] == pytest.approx(1600.0)
+    assert rows["prefill"]["busy_min_sm_mhz"] == 1500.0
+    assert rows["prefill"]["busy_max_power_w"] == 690.0
+    assert "busy_mean_sm_mhz" not in rows["decode"] and rows["decode"]["max_mem_gib"] == 5.0
+
+
+def test_gpu_sampler_reads_clock_and_power_through_nvml() -> None:
+    from types import SimpleNamespace
+
+    from pdserve.benchmarks.capstone_client import GpuSampler
+
+    def no_power(h):
+        raise RuntimeError("NVMLError_NotSupported")
+    nv = SimpleNamespace(
+        NVML_CLOCK_SM=1, nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=80),
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=2 * 2**30),
+        nvmlDeviceGetClockInfo=lambda h, kind: 1410 + h,
+        nvmlDeviceGetPowerUsage=lambda h: 650_000 if h == 0 else no_power(h))
+    s = GpuSampler([])
+    s.source, s._nvml, s._handles = "NVML", nv, {0: 0, 1: 1}
+    got = s._read()
+    assert got[0] == (80.0, 2.0, 1410.0, 650.0)
+    assert got[1][:3] == (80.0, 2.0, 1411.0) and math.isnan(got[1][3])

@@ -80,16 +80,29 @@ FAST = ["--workload", "uniform:in=4-12,out=3-6", "--num-requests", "10", "--max-
 
 
 def test_capstone_against_fake_coordinator(tmp_path) -> None:
+    from pdserve.benchmarks.capstone_calibration import Calibration
+
+    guide = Calibration(prefill={"c0": 5.0, "c_token": 0.5, "c_token2": 0.0})
+    guide.save(str(tmp_path / "guide.json"))
+    out = tmp_path / "out"
     lt, cluster = fake_cluster()
     try:
-        rc = capstone.run(parse("--coordinator", cluster.address, *FAST, "--out", str(tmp_path)))
+        # the searches steered by a planner prediction, and the warm-up burst before them
+        rc = capstone.run(parse("--coordinator", cluster.address, *FAST, "--out", str(out),
+                                "--start-rate-from", str(tmp_path / "guide.json"),
+                                "--warmup-burst", "2"))
     finally:
         cluster.stop()
         lt.close()
     assert rc == 0
+    tmp_path = out
     res = check_report(tmp_path, ["1P1D"])
-    assert "Planner validation" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "Planner validation" in md and "band_5%" in md
     assert len(res["runs"]) == 2
+    (w,) = res["setups"][0]["by_workload"].values()
+    assert w["search_guess"] > 0 and "steered by a predicted" in w["search"]
+    assert "--start-rate-from" in capstone.check_args(parse("--start-rate-from", "/no/such"))
     # the report again from what the run recorded, per-request data included
     again = tmp_path / "again"
     assert capstone.run(parse("--report-from", str(tmp_path), "--out", str(again))) == 0

@@ -17,6 +17,7 @@ from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_workloads import arrival_times
 from pdserve.benchmarks.planner_sim import (
     Setup,
+    SimRun,
     parse_setup,
     setup_name,
     sim_attainment,
@@ -190,3 +191,142 @@ def test_layerwise_transfers_queue_at_the_decode_workers_receiver() -> None:
     two = simulate(cal, 1, 2, 0, [0.0] * 3, ls)  # the two share no receiver
     assert two[1].landed == pytest.approx(two[2].landed)
     assert two[2].landed < one[2].landed
+
+
+# -- prefill batching as prefill/batching.py and engine/scheduler.py do it --------------------
+def test_batching_shares_one_step_as_the_profile_says() -> None:
+    # four prompts that arrive while the worker runs a step run together in the next one,
+    # of their total tokens: each costs a quarter of it, less than a step of its own (the
+    # fixed part is paid once)
+    out = simulate(CAL, 1, 1, 0, [0.0] + [0.001] * 4, [(400, 2)] * 5)
+    alone, step = CAL.prefill_ms(400, 400 ** 2), CAL.prefill_ms(1600, 4 * 400 ** 2)
+    assert out[0].ttft_ms() == pytest.approx(alone)
+    assert [r.ttft_ms() for r in out[1:]] == pytest.approx([alone - 1 + step] * 4)
+    assert step / 4 < alone
+
+
+def test_a_prompt_past_the_budget_is_chunked_and_its_token0_waits_for_its_last_chunk() -> None:
+    # two prompts queued behind a short one; budget 2048: the next step = 1500 + the first
+    # 548 tokens of the second prompt, the one after = its other 952, which attend to the
+    # 548 before them (n (2 s + n))
+    _, a, b = simulate(CAL, 1, 1, 0, [0.0, 0.001, 0.001], [(100, 2), (1500, 2), (1500, 2)])
+    s0 = CAL.prefill_ms(100, 100 ** 2)
+    s1 = CAL.prefill_ms(2048, 1500 ** 2 + 548 ** 2)
+    s2 = CAL.prefill_ms(952, 952 * (2 * 548 + 952))
+    assert a.ttft_ms() == pytest.approx(s0 - 1 + s1)
+    assert b.ttft_ms() == pytest.approx(s0 - 1 + s1 + s2)
+
+
+def test_a_single_prefill_worker_saturates_where_the_profile_says() -> None:
+    # full steps of 2048 tokens: 2048 / prefill_ms(2048) tokens per second, whatever the
+    # prompts (chunking fills every step); past that rate the queue (and TTFT) grows
+    p = 256
+    cap = 2048 / (CAL.prefill_ms(2048, 8 * p ** 2) / 1e3) / p  # prompts per second
+    cal = calib.Calibration(prefill=CAL.prefill,
+                            decode={"c0": 0.1, "c_seq": 0.0, "c_ctx_token": 0.0},
+                            transfer={"c0": 0.0, "ms_per_byte": 0.0}, kv_bytes_per_token=1.0,
+                            max_batch=1024, prefill_token_budget=2048)
+    n = 4000
+
+    def served(rate: float) -> tuple[float, float]:
+        times = [i / rate for i in range(n)]
+        out = simulate(cal, 1, 1, 0, times, [(p, 2)] * n)
+        last = max(r.first for r in out)
+        return n / last, out[-1].ttft_ms()
+    under, ttft_under = served(0.9 * cap)
+    over, ttft_over = served(1.2 * cap)
+    assert under == pytest.approx(0.9 * cap, rel=0.01) and ttft_under < 1000
+    assert over == pytest.approx(cap, rel=0.02)  # served at the profile's capacity
+    assert ttft_over > 10 * ttft_under  # and the rest queues
+    # one-prompt steps would serve fewer: batching is what reaches `cap`
+    assert 1e3 / CAL.prefill_ms(p, p ** 2) < 0.8 * cap
+
+
+def test_colocated_steps_share_the_budget_with_decodes() -> None:
+    # budget 2048, 48 sequences decoding: a 2048-token prompt gets 2000 tokens in that step
+    cal = calib.Calibration(prefill=CAL.prefill, decode=CAL.decode, transfer=CAL.transfer,
+                            kv_bytes_per_token=1.0, max_batch=256, prefill_token_budget=2048)
+    ls = [(16, 400)] * 48 + [(2048, 2)]
+    out = simulate(cal, 0, 0, 1, [0.0] * 48 + [1.0], ls)
+    long = out[-1]
+    assert long.ttft_ms() > cal.prefill_ms(2000, 2000 ** 2)  # two steps: 2000, then 48
+    steps_2 = simulate(cal, 0, 0, 1, [1.0], [(2048, 2)])[0]
+    assert steps_2.ttft_ms() == pytest.approx(cal.prefill_ms(2048, 2048 ** 2))
+
+
+def sim_as_run(cal: calib.Calibration, setup: Setup, times, ls) -> tuple[list, SimRun]:
+    """A simulated run recorded as the capstone records one: token 0 and the last token on
+    the client's clock, prefill_ms and the workers as the coordinator reports them."""
+    info = SimRun()
+    reqs = simulate_setup(cal, setup, times, ls, info=info)
+    names: dict[int, str] = {}
+    out = []
+    for r in reqs:
+        rr = RequestResult(r.arrival, r.prompt, chunks=[(r.first, 1)] + (
+            [(r.end, r.output - 1)] if r.output > 1 else []), target_tokens=r.output)
+        pre = names.setdefault(id(r.pre), f"p{len(names)}")
+        rr.server = {"prefill_ms": (r.first - r.scheduled) * 1e3, "prefill_worker": pre,
+                     "decode_worker": f"d{id(r.dec)}", "kv_bytes": 1000 * r.prompt,
+                     "transfer_ms": (r.landed - r.first) * 1e3}
+        out.append(rr)
+    return out, info
+
+
+def test_prefill_steps_are_rebuilt_from_per_request_timings_and_fitted() -> None:
+    cal = calib.Calibration(prefill={"c0": 20.0, "c_token": 0.02, "c_token2": 2e-6},
+                            decode=CAL.decode, transfer=CAL.transfer, kv_bytes_per_token=1000.0,
+                            max_batch=256, prefill_token_budget=4096)
+    rng = random.Random(3)
+    ls = [(rng.randint(256, 2048), 4) for _ in range(600)]
+    times = arrival_times(len(ls), 40.0, 1.0, random.Random(4))  # loaded: batched, chunked
+    results, info = sim_as_run(cal, Setup(2, 2, 0), times, ls)
+    steps = calib.prefill_steps(results, budget=4096)
+    assert max(t for t, _, _ in steps) == 4096  # full, chunked steps were seen
+    simulated = sorted((t, round(ms, 6)) for t, ms in info.prefill_steps)
+    rebuilt = sorted((t, round(ms, 6)) for t, _, ms in steps)
+    assert set(rebuilt) <= set(simulated) and len(rebuilt) >= 0.9 * len(simulated)
+    for t, sq, ms in steps:  # the attention term too
+        assert ms == pytest.approx(cal.prefill_ms(t, sq), rel=1e-6)
+    fitted = calib.fit([results], prefill_token_budget=4096)
+    for k, v in cal.prefill.items():
+        assert fitted.prefill[k] == pytest.approx(v, rel=1e-3)
+    assert fitted.meta["prefill_fit"] == "steps" and fitted.meta["prefill_max_tokens"] == "4096"
+
+
+def test_a_stalled_step_is_left_out_of_the_prefill_fit() -> None:
+    steps = [(t, float(t * t), 10 + 0.01 * t + 1e-6 * t * t) for t in range(100, 4000, 50)]
+    steps.append((1024, 1024.0 ** 2, 1500.0))  # a kernel compiled on first use
+    prof, dropped = calib.fit_prefill_steps(steps)
+    assert dropped == 1 and prof["c_token"] == pytest.approx(0.01, rel=1e-3)
+
+
+# -- validation: the sensitivity band and the profiled range -----------------------------------
+def test_edge_note_flags_predictions_that_a_small_profile_error_moves() -> None:
+    assert plan.edge_note(30.0, (29.0, 31.0)) == ""
+    assert plan.edge_note(30.0, (12.0, 31.0)) == "edge"
+    assert plan.edge_note(0.0, (0.0, 0.0)) == "" and plan.edge_note(0.0, (0.0, 2.0)) == "edge"
+
+
+def test_scaled_calibration_and_decode_range() -> None:
+    slow = CAL.scaled(1.1)
+    assert slow.prefill_ms(100, 1e4) == pytest.approx(1.1 * CAL.prefill_ms(100, 1e4))
+    assert slow.decode_step_ms(8, 800) == pytest.approx(1.1 * CAL.decode_step_ms(8, 800))
+    assert slow.transfer_ms(1e6) == pytest.approx(1.1 * CAL.transfer_ms(1e6))
+    assert math.isnan(CAL.decode_max_batch)
+    cal = calib.Calibration(meta={"decode_max_batch": "30.5"})
+    assert cal.decode_max_batch == 30.5
+    info = SimRun()
+    simulate(CAL, 1, 1, 0, [i * 0.01 for i in range(200)], [(100, 60)] * 200, info=info)
+    assert 1 < info.mean_decode_batch <= CAL.max_batch
+
+
+def test_a_colocated_worker_runs_at_most_max_batch_sequences() -> None:
+    cal = calib.Calibration(prefill=CAL.prefill, decode=CAL.decode, transfer=CAL.transfer,
+                            kv_bytes_per_token=1.0, max_batch=4, prefill_token_budget=2048)
+    out = simulate(cal, 0, 0, 1, [0.0] + [0.001] * 9, [(50, 20)] * 10)
+    events = sorted([(r.first, 1) for r in out] + [(r.end, -1) for r in out])
+    live = peak = 0
+    for _, d in events:
+        live += d
+        peak = max(peak, live)
+    assert peak <= 4 and all(r.end > 0 for r in out)
