@@ -111,11 +111,14 @@ class LLMEngine:
         return StepPipeline(self.scheduler, self.runner,
                             self.overlap if overlap is None else overlap, on_result, before_run)
 
-    def warm_up(self, prompt_lens: tuple[int, ...] = (1, 8, 40, 130, 400, 1200),
+    def warm_up(self, prompt_lens: tuple[int, ...] = (1, 8, 40, 130, 256, 400, 1200, 1280),
                 decode_steps: int = 2) -> int:
         """Run throw-away requests so that kernels are compiled before the first real one:
         each prompt length alone (the prefill kernels specialise on the step's longest
-        query), then all together (a mixed batch, then batched decode steps). Leaves the pool
+        query, and Triton on integer arguments divisible by 16: 256 and 1280 tokens give
+        block tables 16 and 80 wide; without them the first such step of a GPU run
+        compiled in the middle of serving, benchmarks/results/capstone-2gpu/README.md),
+        then all together (a mixed batch, then batched decode steps). Leaves the pool
         as it found it (the prefix cache aside). Call before any request is added. Returns
         the steps run."""
         vocab = self.model_cfg.vocab_size
