@@ -269,3 +269,24 @@ async def test_roles_without_prefill_refuse_set_kv_target(engines) -> None:  # n
         with pytest.raises(Aborted) as err:
             await role.set_kv_target(pb.KvTarget(request_id="x"), FakeContext())
         assert err.value.code == C.FAILED_PRECONDITION
+
+
+@pytest.mark.gpu
+def test_a_replayed_event_fires_with_its_mark_not_after_later_work() -> None:
+    import torch
+
+    dev = torch.device("cuda:0")
+    stream = EngineStream("cuda:0")
+    torch.cuda._sleep(1 << 20)  # a layer's kernels, on the engine's stream
+    mark = stream.mark()
+    torch.cuda._sleep(1 << 29)  # the layers after it, queued before the target came
+    got: list = []
+
+    def as_the_sender_does() -> None:  # KVSender records on the caller's current stream
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(dev))
+        got.append(ev)
+    stream.after(mark, as_the_sender_does)
+    got[0].synchronize()
+    assert not torch.cuda.current_stream(dev).query()  # the later layers still run
+    torch.cuda.synchronize()
