@@ -13,7 +13,9 @@ starts in `begin` and forwards every call at once, as before.
 
 Threads: `begin`, `layer_done` and `finish` run on the engine thread; `set_target` and
 `close` on the asyncio loop. One lock per request orders them, so the sender sees `start()`
-before any `layer_ready()`, and nothing once the request was aborted (`close`).
+before any `layer_ready()`, and nothing once the request was aborted (`close`). The replay
+runs after the lock is released, so the engine thread's layer hook never waits for it: the
+sender takes layer readiness in any order, and a `finish()` marks every layer ready.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ class KvPush:
             if self.target is not None:
                 return "already has a KV target"
             self.target, self.target_s = target, time.monotonic()
-            self._start()
+            replay = self._start()
+        for call in replay:
+            call()
         return None
 
     def close(self) -> None:
@@ -109,9 +113,12 @@ class KvPush:
     def begin(self, src_block_ids: list[int]) -> None:
         """The step that completes the prompt starts; these blocks hold its KV."""
         with self._lock:
-            if not self.closed:
-                self._src = src_block_ids
-                self._start()
+            if self.closed:
+                return
+            self._src = src_block_ids
+            replay = self._start()
+        for call in replay:
+            call()
 
     def layer_done(self, layer: int) -> None:
         """The model wrote layer `layer`'s KV (the layer hook)."""
@@ -134,15 +141,18 @@ class KvPush:
                 self._token0 = (aux, self._stream.mark())
 
     # -- under the lock -------------------------------------------------------------------
-    def _start(self) -> None:
+    def _start(self) -> list[Callable[[], None]]:
+        """Start the transfer once both the blocks and the target are known; returns the
+        replay of what came before, to run after the lock is released."""
         if self.started or self.target is None or self._src is None:
-            return
+            return []
         self.started = True
-        rid, link, t = self.req_id, self._link, self.target
+        rid, link, stream, t = self.req_id, self._link, self._stream, self.target
         link.start(rid, t.address, self._src, t.dst_block_ids, self.deadline_s, self._on_sent)
-        for layer, mark in self._layers:
-            self._stream.after(mark, lambda layer=layer: link.layer_ready(rid, layer))
-        self._layers.clear()
+        replay = [lambda layer=layer, mark=mark: stream.after(
+            mark, lambda: link.layer_ready(rid, layer)) for layer, mark in self._layers]
         if self._token0 is not None:
             aux, mark = self._token0
-            self._stream.after(mark, lambda: link.finish(rid, aux))
+            replay.append(lambda: stream.after(mark, lambda: link.finish(rid, aux)))
+        self._layers, self._token0 = [], None
+        return replay
