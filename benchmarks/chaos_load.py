@@ -149,6 +149,7 @@ def _odd_messages(rng: random.Random, service: str, method: str) -> object | Non
                                              num_output_tokens=rng.choice([0, 1, 2**31])),
         "Prefill": lambda: pb.PrefillRequest(request_id=rid, prompt_token_ids=ids,
                                              sampling=_odd_sampling(rng), dst_block_ids=[2**31]),
+        "SetKvTarget": lambda: pb.KvTarget(request_id=rid, dst_block_ids=[2**31]),
         "DecodeStream": lambda: pb.DecodeRequest(request_id=rid),
         "Generate": lambda: pb.GenerateWorkerRequest(request_id=rid, prompt_token_ids=ids,
                                                      sampling=_odd_sampling(rng)),
@@ -160,8 +161,8 @@ def _odd_messages(rng: random.Random, service: str, method: str) -> object | Non
 _METHODS = {
     "Coordinator": {"Generate": True, "Abort": False, "ListWorkers": False, "Stats": False,
                     "Register": False, "Heartbeat": False},
-    "Worker": {"Reserve": False, "Prefill": True, "DecodeStream": True, "Generate": True,
-               "Abort": False, "Stats": False},
+    "Worker": {"Reserve": False, "Prefill": True, "SetKvTarget": False, "DecodeStream": True,
+               "Generate": True, "Abort": False, "Stats": False},
 }
 
 

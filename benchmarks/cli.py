@@ -30,9 +30,9 @@ KNOWN: dict[str, str] = {
 }
 
 # helpers beside the benchmarks (`plan` is the top-level `pdserve plan`)
-_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload", "engine_bench", "fake_workers", "cpu_sample",
-                   "plan", "planner_sim", "capstone_workloads", "capstone_metrics",
-                   "capstone_search", "capstone_client", "capstone_calibration", "capstone_report",
+_NOT_BENCHMARKS = {"cli", "plotting", "serve_workload", "engine_bench", "fake_workers",
+                   "fake_model", "cpu_sample", "plan", "planner_sim", "capstone_workloads",
+                   "capstone_metrics", "capstone_search", "capstone_client", "capstone_calibration", "capstone_report",
                    "capstone_plots", "chaos_load"}
 
 

@@ -2,7 +2,8 @@
 
 The fake "model": output token 0 = (last prompt token + 1) % vocab, then each next token is
 (previous + 1) % vocab; `fake_outputs()` gives the expected ids. KV "transfer" between a fake
-prefill and a fake decode worker is a direct call looked up by kv_address, so a prefill and
+prefill and a fake decode worker is a direct call looked up by kv_address (given in the
+Prefill, or later by SetKvTarget, as the engine's prefill role takes it), so a prefill and
 the decode worker it pushes to must live in the same process. Block counts are real enough
 for leak checks (Stats: free == total when idle). Knobs inject refusal, slowness and death.
 
@@ -27,6 +28,13 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdserve.benchmarks.fake_model import (  # noqa: F401 - the fake workers' API
+    EOS,
+    VOCAB,
+    FakeTokenizer,
+    fake_logprobs,
+    fake_outputs,
+)
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import cluster_secret
 from pdserve.proto import pdserve_pb2 as pb
@@ -37,37 +45,7 @@ from pdserve.proto.grpc_util import WORKER_SERVICE, add_standard_services
 from pdserve.proto.guard import WORKER_PLANES, Guard
 from pdserve.worker.coordinator_link import CoordinatorLink
 
-VOCAB = 1000
-EOS = 999
 _ENDPOINTS: dict[bytes, FakeWorker] = {}  # fake transfer addresses -> decode workers
-
-
-def fake_outputs(prompt: list[int], max_tokens: int, stop_ids=(), ignore_eos=False,
-                 eos: int | None = EOS) -> tuple[list[int], str]:
-    out, t = [], prompt[-1]
-    while len(out) < max_tokens:
-        t = (t + 1) % VOCAB
-        out.append(t)
-        if t in stop_ids or (t == eos and not ignore_eos):
-            return out, "stop"
-    return out, "length"
-
-
-def fake_logprobs(token: int, k: int) -> pb.TokenLogprobs:
-    """The fake model's logprobs: the sampled token is the most likely one (-0.1), then
-    token + 1, token + 2, ... (-0.2, -0.3, ...)."""
-    return pb.TokenLogprobs(logprob=-0.1, top_ids=[(token + j) % VOCAB for j in range(k)],
-                            top_logprobs=[-0.1 * (j + 1) for j in range(k)])
-
-
-class FakeTokenizer:
-    """id i <-> character chr(32 + i % 90); text encodes char by char."""
-
-    def encode(self, text: str) -> list[int]:
-        return [(ord(c) - 32) % 90 for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(chr(32 + i % 90) for i in ids)
 
 
 @dataclass
@@ -80,6 +58,9 @@ class Knobs:
     die_after_chunks: int = 0  # > 0: stop the server after streaming this many chunks
     stall_after_chunks: int = 0  # > 0: a stream goes silent (alive) after this many chunks
     bad_kv_address: bool = False  # decode: Reserve answers a KV endpoint nobody can reach
+    reserve_delay_s: float = 0.0  # decode: Reserve answers after this long
+    fail_reserve: bool = False  # decode: Reserve fails (INTERNAL)
+    target_timeout_s: float = 5.0  # prefill: a KV target that does not come ends the Prefill
     extra_queued_tokens: int = 0  # reported in heartbeats (steers least_loaded)
 
 
@@ -93,6 +74,7 @@ class _Req:
         self.logprobs = sp.logprobs  # None, or k
         self.kv_ready = asyncio.Event()
         self.aborted = asyncio.Event()
+        self.kv_target: asyncio.Future | None = None  # prefill: (kv_address, reachable)
 
     def logprobs_of(self, tokens: list[int]) -> list[pb.TokenLogprobs]:
         return [] if self.logprobs is None else [fake_logprobs(t, self.logprobs) for t in tokens]
@@ -174,6 +156,10 @@ class FakeWorker(pb_grpc.WorkerServicer):
     # -- Worker service ---------------------------------------------------------------
     async def Reserve(self, request, context):
         self.calls.append(("Reserve", request.request_id))
+        if self.knobs.reserve_delay_s:
+            await asyncio.sleep(self.knobs.reserve_delay_s)
+        if self.knobs.fail_reserve:
+            await context.abort(grpc.StatusCode.INTERNAL, "fake: Reserve failed")
         if self.knobs.refuse_reserve:
             return pb.ReserveReply(accepted=False, reason="fake: refusing reservations")
         k = request.num_output_tokens
@@ -203,10 +189,13 @@ class FakeWorker(pb_grpc.WorkerServicer):
         r = self._alloc(rid, prompt, request.sampling, len(prompt), request.num_output_tokens)
         if r is None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "fake: no prefill blocks")
-        if request.kv_address not in _ENDPOINTS:  # as the engine's prefill role answers
+        address = request.kv_address
+        if not address:  # the target comes later, in a SetKvTarget
+            r.kv_target = asyncio.get_running_loop().create_future()
+        elif address not in _ENDPOINTS:  # as the engine's prefill role answers
             self._release(rid)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot reach the decode worker's "
-                                f"KV endpoint {request.kv_address!r}", trailing_metadata=PEER)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _unreachable(address),
+                                trailing_metadata=PEER)
         try:
             if self.knobs.prefill_delay_s:
                 await asyncio.wait_for(r.aborted.wait(), self.knobs.prefill_delay_s)
@@ -220,7 +209,9 @@ class FakeWorker(pb_grpc.WorkerServicer):
             for lp in r.logprobs_of(r.outputs[:1]):
                 reply.first_logprobs.CopyFrom(lp)
             yield reply  # token 0 first, as the engine's prefill role does
-            dst = _ENDPOINTS.get(request.kv_address)
+            if r.kv_target is not None:
+                address = await self._kv_target(rid, r, context)
+            dst = _ENDPOINTS.get(address)
             if dst is None or not dst.deliver_kv(rid, r.outputs[0]):
                 await context.abort(grpc.StatusCode.ABORTED, "fake transfer: destination gone")
             reply.kv_done, reply.kv_bytes = True, len(prompt) * 64
@@ -228,6 +219,45 @@ class FakeWorker(pb_grpc.WorkerServicer):
             yield reply
         finally:
             self._release(rid)
+
+    async def _kv_target(self, rid: str, r: _Req, context) -> bytes:
+        """The KV address a SetKvTarget gives (or the Prefill ends, as the engine's does)."""
+        aborted = asyncio.ensure_future(r.aborted.wait())
+        try:
+            await asyncio.wait([r.kv_target, aborted], timeout=self.knobs.target_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            aborted.cancel()
+        if r.aborted.is_set():
+            await context.abort(grpc.StatusCode.CANCELLED, f"request {rid} aborted")
+        if not r.kv_target.done():
+            await context.abort(grpc.StatusCode.ABORTED, "KV transfer failed: no KV target "
+                                f"(SetKvTarget) came within {self.knobs.target_timeout_s:g} s")
+        address, reachable = r.kv_target.result()
+        if not reachable:  # SetKvTarget could not connect
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _unreachable(address),
+                                trailing_metadata=PEER)
+        return address
+
+    async def SetKvTarget(self, request, context):
+        rid = request.request_id
+        self.calls.append(("SetKvTarget", rid))
+        for _ in range(100):  # the Prefill may be handled second
+            r = self.reqs.get(rid)
+            if r is not None:
+                break
+            await asyncio.sleep(0.01)
+        if r is None or r.kv_target is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no Prefill of request {rid!r}")
+        if r.kv_target.done():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"request {rid!r} already has a KV target")
+        reachable = request.kv_address in _ENDPOINTS  # as the engine's role connects here
+        r.kv_target.set_result((request.kv_address, reachable))
+        if not reachable:  # the Prefill ends the same way
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _unreachable(request.kv_address),
+                                trailing_metadata=PEER)
+        return pb.KvTargetReply()
 
     async def _stream(self, rid: str, r: _Req, tokens: list[int], context):
         k = max(1, self.knobs.chunk_tokens)
@@ -290,6 +320,10 @@ class FakeWorker(pb_grpc.WorkerServicer):
 
     async def Stats(self, request, context):
         return pb.WorkerStatsReply(load=self.load(), worker_id=self.worker_id)
+
+
+def _unreachable(address: bytes) -> str:
+    return f"cannot reach the decode worker's KV endpoint {address!r}"
 
 
 # -- a process of fake workers -------------------------------------------------------------

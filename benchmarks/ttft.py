@@ -6,14 +6,20 @@ sequential requests and reports, as medians over the requests:
   ttft_ms      client-side time to the first token; baseline_ttft_ms for the colocated run
   hops_ms      client <-> coordinator: client TTFT minus the coordinator's own TTFT (from
                accepting the request to building token 0's response)
-  queue_ms     time queued in the coordinator for decode KV blocks
+  queue_ms     time queued in the coordinator for decode KV blocks (only when every decode
+               worker refused the reservation: the request then runs sequentially)
   prefill_ms   the prefill forward (first token sampled), reported by the prefill worker
   tail_ms      KV transfer still running after the last layer's compute (transfer tail)
   rest_ms      what is left: ttft - (hops + queue + prefill + tail), per request. It holds
-               the coordinator -> prefill worker RPC and its reply, the decode worker's
-               reservation, and the prefill worker's own queue and admission. When token 0
-               reaches the client before the transfer tail ends, the tail is not in the
-               TTFT and rest_ms goes negative by up to tail_ms.
+               the coordinator -> prefill worker RPC and its reply, and the prefill worker's
+               own queue and admission. The decode worker's reservation is no longer before
+               the prefill: the coordinator sends Reserve and Prefill at once, and the
+               reservation is in the TTFT only where token 0 waited for it at the
+               coordinator (reserve_wait_ms, a part of rest_ms). When token 0 reaches the
+               client before the transfer tail ends, the tail is not in the TTFT and
+               rest_ms goes negative by up to tail_ms.
+  reserve_wait_ms  token 0 held at the coordinator until the decode worker's reservation
+               came (0 when the Reserve answered before token 0 was sampled)
   decode1_ms   first decode step: client-side gap between token 0 and token 1 (a tail
                that token 0 no longer waits for shows up here)
 """
@@ -27,8 +33,9 @@ import time
 
 from tqdm import tqdm
 
-COLUMNS = ["input_len", "ttft_ms", "hops_ms", "queue_ms", "prefill_ms", "tail_ms", "rest_ms",
-           "decode1_ms", "kv_mib", "baseline_ttft_ms", "ttft_ratio", "target_ms"]
+PARTS = ["ttft_ms", "hops_ms", "queue_ms", "prefill_ms", "tail_ms", "rest_ms", "reserve_wait_ms",
+         "decode1_ms"]  # per request; a row holds their medians
+COLUMNS = ["input_len", *PARTS, "kv_mib", "baseline_ttft_ms", "ttft_ratio", "target_ms"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +65,7 @@ def breakdown(client_ttft_ms: float, decode1_ms: float | None, metrics: dict) ->
     parts = {"ttft_ms": client_ttft_ms, "hops_ms": client_ttft_ms - server_ttft,
              "queue_ms": metrics.get("queue_ms", 0.0), "prefill_ms": metrics.get("prefill_ms", 0.0),
              "tail_ms": metrics.get("transfer_ms", 0.0),
+             "reserve_wait_ms": metrics.get("reserve_wait_ms", 0.0),
              "kv_bytes": float(metrics.get("kv_bytes", 0))}
     parts["rest_ms"] = client_ttft_ms - sum(parts[k] for k in ("hops_ms", "queue_ms", "prefill_ms",
                                                                "tail_ms"))
@@ -68,8 +76,7 @@ def breakdown(client_ttft_ms: float, decode1_ms: float | None, metrics: dict) ->
 
 def medians(records: list[dict[str, float]]) -> dict[str, float]:
     """Per-column median over the requests (a column no request has: nan)."""
-    keys = ("ttft_ms", "hops_ms", "queue_ms", "prefill_ms", "tail_ms", "rest_ms", "decode1_ms",
-            "kv_bytes")
+    keys = (*PARTS, "kv_bytes")
     return {k: statistics.median(v) if (v := [r[k] for r in records if k in r]) else float("nan")
             for k in keys}
 
@@ -104,7 +111,7 @@ def _measure(address: str, lens: list[int], iters: int, max_tokens: int, label: 
 
 def make_row(n: int, d: dict[str, float], baseline_ttft_ms: float) -> dict[str, float]:
     b = baseline_ttft_ms
-    return {"input_len": n, **{k: d[k] for k in COLUMNS[1:8]},
+    return {"input_len": n, **{k: d[k] for k in PARTS},
             "kv_mib": d["kv_bytes"] / 2**20, "baseline_ttft_ms": b,
             "ttft_ratio": d["ttft_ms"] / b if b == b else float("nan"), "target_ms": 1.02 * b + 0.5}
 
@@ -145,7 +152,8 @@ def _write(out_dir: str, rows: list[dict], title: str) -> None:
                             notes=["```", (__doc__ or "").strip(), "```"])
     print(plotting.markdown_table(rows, COLUMNS, floatfmt=".2f"))
     x = [r["input_len"] for r in rows]
-    shown = ("ttft_ms", "baseline_ttft_ms", "prefill_ms", "tail_ms", "rest_ms", "decode1_ms")
+    shown = ("ttft_ms", "baseline_ttft_ms", "prefill_ms", "tail_ms", "rest_ms", "reserve_wait_ms",
+             "decode1_ms")
     plotting.plot_lines(stem + ".png", {k: (x, [r[k] for r in rows]) for k in shown},
                         xlabel="input tokens", ylabel="ms", logx=True,
                         title=f"{title}\n{meta['device']}; {meta['date'][:10]}; {meta['commit']}")

@@ -1,14 +1,17 @@
 """How a validated request is run on workers: disaggregated (P + D) or colocated (`both`).
 
-Disaggregated (docs/architecture.md, "Request life cycle"): pick D, Reserve on D (on refusal
-try the next D; when all refuse, wait in the coordinator queue until capacity appears or the
-deadline), open D.DecodeStream, call P.Prefill with D's kv_address and block ids, emit the
-first token from P's first PrefillReply as soon as it arrives (before the KV transfer ends),
-wait for P's second reply (the transfer is complete), then emit D's tokens (D never repeats
-the first token). Whenever an attempt ends without a clean finish, both workers get
-Abort(request id) so they free every block. Failures (coordinator/migration.py): the
-request is retried or migrated on another pair; every worker call is bounded (a deadline,
-or a stall watch on streams), so no attempt waits forever.
+Disaggregated (docs/architecture.md, "Request life cycle"; one attempt is a PdAttempt,
+coordinator/pd_attempt.py): Prefill on P and Reserve on D are sent at once, and P gets D's
+reservation (SetKvTarget) as soon as D answers, so the reservation's round trip overlaps the
+prefill. Token 0 goes to the client from P's first PrefillReply (once the reservation is in
+hand), before the KV transfer ends; D's tokens follow P's second reply (the transfer is
+complete; D never repeats the first token). When every D refuses, P is aborted and the
+request waits in the coordinator queue for a reservation (until capacity appears or the
+deadline), then runs sequentially: Reserve, DecodeStream, Prefill with D's kv_address and
+block ids. Whenever an attempt ends without a clean finish, its workers get Abort(request
+id) so they free every block. Failures (coordinator/migration.py): the request is retried
+or migrated on another pair; every worker call is bounded (a deadline, or a stall watch on
+streams), so no attempt waits forever.
 
 Conditional disaggregation (coordinator/pd_decider.py): with a P/D pool registered, a
 prompt under the decider's threshold is prefilled by the chosen decode worker itself
@@ -27,6 +30,7 @@ from pdserve.coordinator.config import FailureConfig
 from pdserve.coordinator.health import StallWatch
 from pdserve.coordinator.metrics import NoMetrics
 from pdserve.coordinator.migration import Attribution, run_attempts
+from pdserve.coordinator.pd_attempt import PdAttempt
 from pdserve.coordinator.pd_decider import COLOCATED, LOCAL_PREFILL, PATHS, PdDecider
 from pdserve.coordinator.registry import Registry, WorkerHandle
 from pdserve.coordinator.request import RequestError, RequestState, WorkerFailure
@@ -37,22 +41,6 @@ log = logging.getLogger("pdserve.coordinator")
 Code = grpc.StatusCode
 RpcError = grpc.aio.AioRpcError
 ABORT_TIMEOUT_S = 5.0
-
-
-def _cap(remaining: float | None, cap: float) -> float:
-    return cap if remaining is None else min(remaining, cap)
-
-
-def _transfer_cause(e: RpcError) -> str:
-    """Why a Prefill RPC failed in its KV transfer ('' if it was not the transfer): the
-    prefill worker answers ABORTED "KV transfer failed: ..." or UNAVAILABLE "cannot reach
-    the decode worker's KV endpoint" (prefill/role.py)."""
-    detail = (e.details() or "").lower()
-    if e.code() == Code.ABORTED or "kv transfer" in detail:
-        return "transfer_aborted"
-    if "kv endpoint" in detail:
-        return "kv_endpoint_unreachable"
-    return ""
 
 
 class Dispatcher:
@@ -98,18 +86,13 @@ class Dispatcher:
         await run_attempts(st, flow, self.cfg, on_retry, self.registry.wait_changed)
 
     # -- pieces ------------------------------------------------------------------------
-    def _failure(self, st: RequestState, w: WorkerHandle, role: str, e: RpcError,
-                 peer: WorkerHandle | None = None) -> RequestError | WorkerFailure:
+    def failure(self, st: RequestState, w: WorkerHandle, role: str, e: RpcError,
+                peer: WorkerHandle | None = None) -> RequestError | WorkerFailure:
         """The attribution's verdict on a failed worker call, counted in the metrics."""
         f = self.attr.failure(st, w, role, e, peer=peer)
         if isinstance(f, WorkerFailure):
             self.metrics.worker_failure(role, e.code().name)
         return f
-
-    @staticmethod
-    def _continuation(st: RequestState) -> tuple[list[int], int]:
-        """The prompt of the next attempt and how many of its tokens are outputs."""
-        return st.prompt + st.output, len(st.output)
 
     def abort_later(self, targets: list[tuple[WorkerHandle, str]]) -> None:
         """Fire-and-forget Worker.Abort so both ends free the request's blocks."""
@@ -130,7 +113,7 @@ class Dispatcher:
         finally:
             self.registry.notify()
 
-    def _check_fits(self, st: RequestState, ds: list[WorkerHandle]) -> None:
+    def check_fits(self, st: RequestState, ds: list[WorkerHandle]) -> None:
         sizes = [(w.info.total_blocks, w.info.kv.block_size) for w in ds]
         if not all(total and bs for total, bs in sizes):
             return
@@ -140,56 +123,67 @@ class Dispatcher:
                 f"prompt + max_tokens = {n_tokens} tokens needs more KV blocks than any decode "
                 f"worker has (largest: {max(t * b for t, b in sizes)} tokens)"))
 
-    async def _reserve(self, st: RequestState, wid: str,
-                       excluded: set[str]) -> tuple[WorkerHandle, pb.ReserveReply]:
-        prompt, n_out = self._continuation(st)
-        req = pb.ReserveRequest(request_id=wid, prompt_token_ids=prompt, sampling=st.sampling,
-                                num_output_tokens=n_out)
+    async def try_reserve(self, st: RequestState, req: pb.ReserveRequest,
+                          excluded: set[str]) -> tuple[WorkerHandle, pb.ReserveReply] | list[str]:
+        """One round: Reserve on each routable decode worker, best first, until one accepts.
+        Returns that worker and its reply, or why each one refused or failed."""
+        ds = self.registry.routable(pb.ROLE_DECODE, excluded)
+        if not ds:
+            raise RequestError(Code.UNAVAILABLE, "no decode worker available")
+        self.check_fits(st, ds)
+        reasons = []
+        for d in self.policy.order_decode(ds, st.attempt_prompt()):
+            if not d.alive:
+                continue
+            try:
+                r = await self.attr.guarded(d, "decode", d.stub.Reserve(
+                    req, timeout=st.timeout(self.cfg.rpc_timeout_s)))
+            except BaseException as e:
+                self.abort_later([(d, req.request_id)])  # it may have reserved before we gave up
+                if isinstance(e, WorkerFailure):
+                    reasons.append(f"{d.worker_id}: {e}")
+                    continue
+                if not isinstance(e, RpcError):
+                    raise
+                f = self.failure(st, d, "decode", e)
+                if isinstance(f, RequestError):
+                    raise f from None
+                reasons.append(f"{d.worker_id}: {e.code().name}")
+                continue
+            if r.accepted:
+                d.reserved_since_hb += len(r.block_ids)
+                d.routed += 1
+                return d, r
+            reasons.append(f"{d.worker_id}: {r.reason or 'refused'}")
+        return reasons
+
+    async def reserve(self, st: RequestState, wid: str, excluded: set[str],
+                      refused: list[str] | None = None) -> tuple[WorkerHandle, pb.ReserveReply]:
+        """A reservation for this attempt's prompt; while every decode worker refuses, wait
+        in the coordinator queue (until capacity appears or the deadline). `refused`: the
+        reasons of a round just tried (the request queues at once)."""
+        req = st.worker_request(pb.ReserveRequest, wid)
         queued_at: float | None = None
         backoff = 0.01
         loop = asyncio.get_running_loop()
         try:
             while True:
-                ds = self.registry.routable(pb.ROLE_DECODE, excluded)
-                if not ds:
-                    raise RequestError(Code.UNAVAILABLE, "no decode worker available")
-                self._check_fits(st, ds)
-                reasons = []
-                for d in self.policy.order_decode(ds, prompt):
-                    if not d.alive:
-                        continue
-                    try:
-                        r = await self.attr.guarded(d, "decode", d.stub.Reserve(
-                            req, timeout=_cap(st.remaining(), self.cfg.rpc_timeout_s)))
-                    except BaseException as e:
-                        self.abort_later([(d, wid)])  # it may have reserved before we gave up
-                        if isinstance(e, WorkerFailure):
-                            reasons.append(f"{d.worker_id}: {e}")
-                            continue
-                        if not isinstance(e, RpcError):
-                            raise
-                        f = self._failure(st, d, "decode", e)
-                        if isinstance(f, RequestError):
-                            raise f from None
-                        reasons.append(f"{d.worker_id}: {e.code().name}")
-                        continue
-                    if r.accepted:
-                        d.reserved_since_hb += len(r.block_ids)
-                        d.routed += 1
-                        return d, r
-                    reasons.append(f"{d.worker_id}: {r.reason or 'refused'}")
+                got = refused if refused is not None else await self.try_reserve(st, req, excluded)
+                refused = None
+                if not isinstance(got, list):
+                    return got
                 if queued_at is None:
                     if self.queued >= self.max_queue:
                         raise RequestError(Code.RESOURCE_EXHAUSTED, (
                             f"coordinator queue is full ({self.max_queue} requests already wait "
-                            f"for decode KV blocks); decode workers refused: {'; '.join(reasons)}"))
+                            f"for decode KV blocks); decode workers refused: {'; '.join(got)}"))
                     self.queued += 1
                     queued_at = loop.time()
                 rem = st.remaining()
                 if rem is not None and rem <= 0:
                     raise RequestError(Code.DEADLINE_EXCEEDED, (
                         "deadline exceeded while queued for decode KV blocks; decode workers "
-                        f"refused: {'; '.join(reasons)}"))
+                        f"refused: {'; '.join(got)}"))
                 await self.registry.wait_changed(backoff if rem is None else min(backoff, rem))
                 backoff = min(backoff * 2, 0.25)
         finally:
@@ -197,7 +191,7 @@ class Dispatcher:
                 self.queued -= 1
                 st.queue_ms += (loop.time() - queued_at) * 1e3
 
-    async def _stream(self, st: RequestState, w: WorkerHandle, role: str, call) -> bool:
+    async def stream(self, st: RequestState, w: WorkerHandle, role: str, call) -> bool:
         """Emit a worker's token stream; True once it finished. The stall watch cancels a
         stream silent for stall_timeout_s (then: WorkerFailure, the request migrates)."""
         watched = self.watch.watch(call, w.worker_id)
@@ -214,7 +208,7 @@ class Dispatcher:
                         st.prefill_ms = chunk.timings.prefill_ms
                     return True
         except RpcError as e:
-            raise self._failure(st, w, role, e) from None
+            raise self.failure(st, w, role, e) from None
         except WorkerFailure as f:
             if watched.stalled:
                 raise WorkerFailure([w], f"{role} worker {w.worker_id} made no progress for "
@@ -225,7 +219,7 @@ class Dispatcher:
         self.attr.charge(w, "stream ended unfinished")
         raise WorkerFailure([w], f"{role} worker {w.worker_id} ended its stream unfinished")
 
-    async def _prefill_reply(self, p: WorkerHandle, call) -> pb.PrefillReply:
+    async def prefill_reply(self, p: WorkerHandle, call) -> pb.PrefillReply:
         """The next reply of a Prefill stream (token 0 first, then the transfer's end)."""
         reply = await self.attr.guarded(p, "prefill", call.read())
         if reply is grpc.aio.EOF:
@@ -235,72 +229,12 @@ class Dispatcher:
         return reply
 
     # -- flows -------------------------------------------------------------------------
-    async def _disaggregated(self, st: RequestState, wid: str, excluded: set[str]) -> None:
-        d, res = await self._reserve(st, wid, excluded)
-        prompt, n_out = self._continuation(st)
-        targets = [(d, wid)]
-        done = False
-        dcall = pcall = None
-        d.inflight += 1
-        try:
-            ps = self.registry.routable(pb.ROLE_PREFILL, excluded)
-            if not ps:
-                raise RequestError(Code.UNAVAILABLE, "no prefill worker available")
-            p = self.policy.order_prefill(ps, prompt)[0]
-            p.routed += 1
-            targets.append((p, wid))
-            st.prefill_worker, st.decode_worker = p.worker_id, d.worker_id
-            if not d.alive:  # dropped while we reserved: its channel is closed
-                raise WorkerFailure([d], f"decode worker {d.worker_id} was dropped "
-                                    f"({d.drop_reason})")
-            dcall = d.stub.DecodeStream(pb.DecodeRequest(request_id=wid), timeout=st.remaining())
-            preq = pb.PrefillRequest(
-                request_id=wid, prompt_token_ids=prompt, sampling=st.sampling,
-                kv_address=res.kv_address, dst_block_ids=res.block_ids,
-                decode_worker_id=d.worker_id, num_output_tokens=n_out)
-            n = len(prompt)
-            p.inflight += 1
-            p.inflight_prefill_tokens += n
-            pcall = p.stub.Prefill(preq, timeout=_cap(st.remaining(), self.cfg.prefill_timeout_s))
-            try:
-                first = await self._prefill_reply(p, pcall)
-                # token 0 goes to the client now, while the transfer may still run
-                st.emit([first.first_token], first.finished, first.finish_reason,
-                        [first.first_logprobs] if first.HasField("first_logprobs") else [])
-                if first.finished:
-                    return  # D finishes by itself too; the Abort below makes sure it frees
-                reply = first if first.kv_done else await self._prefill_reply(p, pcall)
-            except RpcError as e:
-                cause = _transfer_cause(e)
-                if cause:
-                    self.metrics.transfer_failure(cause)
-                if dcall.done() and await dcall.code() != Code.OK:  # the decode side broke first
-                    self.attr.charge(d, "decode stream failed during prefill")
-                    self.metrics.worker_failure("decode", (await dcall.code()).name)
-                    raise WorkerFailure([d], f"decode worker {d.worker_id} failed during "
-                                        f"prefill: {e.details()}") from None
-                raise self._failure(st, p, "prefill", e, peer=d) from None
-            finally:
-                p.inflight -= 1
-                p.inflight_prefill_tokens -= n
-            st.prefill_ms, st.transfer_ms = reply.timings.prefill_ms, reply.timings.transfer_ms
-            st.kv_bytes = reply.kv_bytes
-            done = await self._stream(st, d, "decode", dcall)
-        finally:
-            d.inflight -= 1
-            if not done:
-                for call in (dcall, pcall):
-                    if call is not None:
-                        call.cancel()
-                self.abort_later(targets)
-
     async def _pd_pool(self, st: RequestState, wid: str, excluded: set[str]) -> None:
         """One attempt on the P/D pool: the decider picks the path from this attempt's prompt."""
-        prompt, _ = self._continuation(st)
-        if self.decider.path(len(prompt)) == LOCAL_PREFILL:
+        if self.decider.path(len(st.prompt) + len(st.output)) == LOCAL_PREFILL:
             await self._generate_on(st, wid, excluded, pb.ROLE_DECODE)
         else:
-            await self._disaggregated(st, wid, excluded)
+            await PdAttempt(self, st, wid, excluded).run()
 
     async def _colocated(self, st: RequestState, wid: str, excluded: set[str]) -> None:
         await self._generate_on(st, wid, excluded, pb.ROLE_BOTH)
@@ -314,19 +248,18 @@ class Dispatcher:
         if not ws:
             raise RequestError(Code.UNAVAILABLE, "no decode worker available" if local
                                else "no 'both' worker available")
-        prompt, n_out = self._continuation(st)
         if local:
-            self._check_fits(st, ws)
-        w = (self.policy.order_decode if local else self.policy.order_both)(ws, prompt)[0]
+            self.check_fits(st, ws)
+        order = self.policy.order_decode if local else self.policy.order_both
+        w = order(ws, st.attempt_prompt())[0]
         w.routed += 1
         st.prefill_worker = st.decode_worker = w.worker_id
-        req = pb.GenerateWorkerRequest(request_id=wid, prompt_token_ids=prompt,
-                                       sampling=st.sampling, num_output_tokens=n_out)
+        req = st.worker_request(pb.GenerateWorkerRequest, wid)
         done = False
         w.inflight += 1
         call = w.stub.Generate(req, timeout=st.remaining())
         try:
-            done = await self._stream(st, w, "decode" if local else "colocated", call)
+            done = await self.stream(st, w, "decode" if local else "colocated", call)
         finally:
             w.inflight -= 1
             if not done:

@@ -20,7 +20,12 @@ import grpc
 
 from pdserve.coordinator.config import FailureConfig
 from pdserve.coordinator.registry import Registry, WorkerHandle
-from pdserve.coordinator.request import RequestError, RequestState, WorkerFailure
+from pdserve.coordinator.request import (
+    RequestError,
+    RequestState,
+    WorkerFailure,
+    worker_request_id,
+)
 from pdserve.proto.faults import FAULT_PEER, fault_of
 
 log = logging.getLogger("pdserve.coordinator")
@@ -60,7 +65,7 @@ async def run_attempts(st: RequestState, attempt: Attempt, cfg: FailureConfig,
             backoff = min(backoff * 2, 1.0)
         st.attempts = n + 1
         try:
-            await attempt(st, st.rid if n == 0 else f"{st.rid}-a{n}", excluded)
+            await attempt(st, st.rid if n == 0 else worker_request_id(st.rid, f"-a{n}"), excluded)
             return
         except WorkerFailure as f:
             excluded.update(f.worker_ids)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
 from pdserve.coordinator.registry import WorkerHandle
 from pdserve.coordinator.tokens import IncrementalDetokenizer
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto.convert import MAX_REQUEST_ID_CHARS
 
 
 class RequestError(Exception):
@@ -32,6 +35,9 @@ class WorkerFailure(Exception):
         self.worker_ids = [w.worker_id for w in workers]
         self.message = message
 
+
+WorkerRequest = TypeVar("WorkerRequest", pb.ReserveRequest, pb.PrefillRequest,
+                        pb.GenerateWorkerRequest)
 
 # What the producer (flows) hands the consumer (the client stream): token ids, finished,
 # finish_reason, their logprobs (one per id when asked, else empty); or a RequestError that
@@ -63,11 +69,50 @@ class RequestState:
     prefill_ms: float = 0.0
     transfer_ms: float = 0.0
     kv_bytes: int = 0
+    reserve_wait_ms: float = 0.0  # token 0 waited this long for the decode reservation
     prefill_worker: str = ""
     decode_worker: str = ""
+    # The prompt as a protobuf repeated field: the client's own when it sent token ids
+    # (else built on first use), and this attempt's (the prompt + the tokens streamed so
+    # far) with the output count it was built for. See wire_prompt().
+    prompt_wire: pb.TokenIds | None = None
+    _attempt_wire: tuple[int, pb.TokenIds] | None = None
+
+    def attempt_prompt(self) -> list[int]:
+        """This attempt's prompt: the prompt + the tokens already streamed (a migration's
+        continuation), whose last len(self.output) tokens are outputs."""
+        return self.prompt + self.output if self.output else self.prompt
+
+    def wire_prompt(self) -> pb.TokenIds:
+        """This attempt's prompt as a protobuf repeated field, built once per continuation.
+        Worker requests copy it with `MergeFrom` (a memcpy): building a repeated field from
+        a Python list costs about 1 ms per 32k tokens, and a P/D request needs two."""
+        n = len(self.output)
+        if self._attempt_wire is None or self._attempt_wire[0] != n:
+            if self.prompt_wire is None:
+                self.prompt_wire = pb.TokenIds(ids=self.prompt)
+            wire = self.prompt_wire
+            if n:
+                wire = pb.TokenIds()
+                wire.ids.MergeFrom(self.prompt_wire.ids)
+                wire.ids.extend(self.output)
+            self._attempt_wire = (n, wire)
+        return self._attempt_wire[1]
+
+    def worker_request(self, cls: type[WorkerRequest], wid: str, **fields) -> WorkerRequest:
+        """A Reserve, Prefill or Generate request of this attempt's prompt for a worker."""
+        req = cls(request_id=wid, sampling=self.sampling, num_output_tokens=len(self.output),
+                  **fields)
+        req.prompt_token_ids.MergeFrom(self.wire_prompt().ids)
+        return req
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def timeout(self, cap_s: float) -> float:
+        """A worker call's timeout: the client's remaining time, at most cap_s."""
+        rem = self.remaining()
+        return cap_s if rem is None else min(rem, cap_s)
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -86,4 +131,14 @@ class RequestState:
             queue_ms=self.queue_ms, prefill_ms=self.prefill_ms, transfer_ms=self.transfer_ms,
             kv_bytes=self.kv_bytes, prefill_worker=self.prefill_worker,
             decode_worker=self.decode_worker, prompt_tokens=len(self.prompt),
-            completion_tokens=self.sent)
+            completion_tokens=self.sent, reserve_wait_ms=self.reserve_wait_ms)
+
+
+def worker_request_id(base: str, suffix: str) -> str:
+    """`base + suffix` as a worker request id, which may hold MAX_REQUEST_ID_CHARS: a base too
+    long for the suffix keeps its head and a hash of the whole (ids stay distinct)."""
+    rid = base + suffix
+    if len(rid) <= MAX_REQUEST_ID_CHARS:
+        return rid
+    digest = hashlib.blake2b(base.encode(), digest_size=8).hexdigest()
+    return f"{base[:MAX_REQUEST_ID_CHARS - len(suffix) - 17]}~{digest}{suffix}"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from pdserve.engine.config import EngineConfig
@@ -60,17 +61,28 @@ class LLMEngine:
         self._ids = itertools.count()
 
     # -- requests -------------------------------------------------------------------------
-    def validate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
-        ids = list(map(int, prompt_token_ids))  # C-speed: a 32k prompt is on the TTFT path
-        if not ids:
-            raise ValueError("prompt is empty: give at least one token")
+    def validate_prompt(self, prompt_token_ids: Iterable[int]) -> list[int]:
+        """The prompt as a new list of ints in [0, vocab_size), or ValueError. Read through
+        numpy: one copy for a protobuf repeated field (its `__array__`) or an array, one C
+        loop for a list; a 32k prompt is on the TTFT path (about 0.3 ms, against 3 ms for
+        Python-level conversion and range checks)."""
         vocab = self.model_cfg.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            bad = [t for t in ids if not 0 <= t < vocab]
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        return ids
+        try:
+            ids = np.asarray(prompt_token_ids)
+            if ids.size and ids.dtype.kind not in "iu":  # bools, floats, strings: as int() reads them
+                ids = np.asarray(list(map(int, prompt_token_ids)), dtype=np.int64)
+        except OverflowError:
+            raise ValueError(f"prompt token ids out of range [0, {vocab})") from None
+        if ids.size == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        if ids.ndim != 1:
+            raise ValueError(f"prompt must be a flat list of token ids, got shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = ids[(ids < 0) | (ids >= vocab)][:5].tolist()
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad}")
+        return ids.tolist()
 
-    def make_sequence(self, prompt_token_ids: list[int], params: SamplingParams,
+    def make_sequence(self, prompt_token_ids: Iterable[int], params: SamplingParams,
                       seq_id: str | None = None, prefill_only: bool = False,
                       output_offset: int = 0) -> Sequence:
         """output_offset: see Sequence (a migrated request's earlier outputs)."""

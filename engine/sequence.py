@@ -90,12 +90,14 @@ class Sequence:
         self.block_table_id = new_block_table_id()
 
     def __post_init__(self) -> None:
+        """The token ids are taken as they are: `LLMEngine.make_sequence` builds every
+        sequence from a checked list of ints (`validate_prompt`); converting and checking
+        32k ids again here cost about 2 ms on the TTFT path."""
         self.block_table_id = new_block_table_id()
-        self.prompt_token_ids = list(map(int, self.prompt_token_ids))
+        if not isinstance(self.prompt_token_ids, list):
+            self.prompt_token_ids = list(self.prompt_token_ids)
         if not self.prompt_token_ids:
             raise ValueError(f"sequence {self.seq_id!r}: the prompt is empty")
-        if min(self.prompt_token_ids) < 0:
-            raise ValueError(f"sequence {self.seq_id!r}: token ids must be non-negative")
         if not 0 <= self.output_offset < len(self.prompt_token_ids):
             raise ValueError(f"sequence {self.seq_id!r}: output_offset {self.output_offset} must "
                              f"be in [0, {len(self.prompt_token_ids)}) (tokens before the prompt's end)")

@@ -87,7 +87,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., skip_text: _Optional[bool] = ...) -> None: ...
 
 class RequestMetrics(_message.Message):
-    __slots__ = ("ttft_ms", "tpot_ms", "queue_ms", "prefill_ms", "transfer_ms", "kv_bytes", "prefill_worker", "decode_worker", "prompt_tokens", "completion_tokens")
+    __slots__ = ("ttft_ms", "tpot_ms", "queue_ms", "prefill_ms", "transfer_ms", "kv_bytes", "prefill_worker", "decode_worker", "prompt_tokens", "completion_tokens", "reserve_wait_ms")
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class RequestMetrics(_message.Message):
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     ttft_ms: float
     tpot_ms: float
     queue_ms: float
@@ -108,7 +109,8 @@ class RequestMetrics(_message.Message):
     decode_worker: str
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    reserve_wait_ms: float
+    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., reserve_wait_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finished", "finish_reason", "metrics", "logprobs")
@@ -339,6 +341,22 @@ class PrefillRequest(_message.Message):
     decode_worker_id: str
     num_output_tokens: int
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., kv_address: _Optional[bytes] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., decode_worker_id: _Optional[str] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
+
+class KvTarget(_message.Message):
+    __slots__ = ("request_id", "kv_address", "dst_block_ids", "decode_worker_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DST_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    kv_address: bytes
+    dst_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    decode_worker_id: str
+    def __init__(self, request_id: _Optional[str] = ..., kv_address: _Optional[bytes] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., decode_worker_id: _Optional[str] = ...) -> None: ...
+
+class KvTargetReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class PrefillReply(_message.Message):
     __slots__ = ("first_token", "kv_bytes", "timings", "finished", "finish_reason", "kv_done", "first_logprobs")

@@ -331,6 +331,11 @@ class WorkerStub:
                 request_serializer=pdserve_dot_proto_dot_pdserve__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.PrefillReply.FromString,
                 _registered_method=True)
+        self.SetKvTarget = channel.unary_unary(
+                '/pdserve.v1.Worker/SetKvTarget',
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.KvTarget.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.KvTargetReply.FromString,
+                _registered_method=True)
         self.DecodeStream = channel.unary_stream(
                 '/pdserve.v1.Worker/DecodeStream',
                 request_serializer=pdserve_dot_proto_dot_pdserve__pb2.DecodeRequest.SerializeToString,
@@ -363,6 +368,12 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Prefill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetKvTarget(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -404,6 +415,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.PrefillRequest.FromString,
                     response_serializer=pdserve_dot_proto_dot_pdserve__pb2.PrefillReply.SerializeToString,
+            ),
+            'SetKvTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKvTarget,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.KvTarget.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.KvTargetReply.SerializeToString,
             ),
             'DecodeStream': grpc.unary_stream_rpc_method_handler(
                     servicer.DecodeStream,
@@ -480,6 +496,33 @@ class Worker:
             '/pdserve.v1.Worker/Prefill',
             pdserve_dot_proto_dot_pdserve__pb2.PrefillRequest.SerializeToString,
             pdserve_dot_proto_dot_pdserve__pb2.PrefillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKvTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Worker/SetKvTarget',
+            pdserve_dot_proto_dot_pdserve__pb2.KvTarget.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.KvTargetReply.FromString,
             options,
             channel_credentials,
             insecure,

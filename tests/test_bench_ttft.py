@@ -16,6 +16,15 @@ def test_rest_is_ttft_minus_the_known_parts():
     assert parts["decode1_ms"] == 6.5 and parts["tail_ms"] == 4.0
 
 
+def test_reserve_wait_is_a_part_of_rest():
+    # Reserve runs beside the prefill; token 0 waited 2 ms for it at the coordinator
+    m = {"ttft_ms": 40.0, "prefill_ms": 30.0, "transfer_ms": 1.0, "reserve_wait_ms": 2.0}
+    parts = breakdown(41.0, None, m)
+    assert parts["reserve_wait_ms"] == 2.0
+    assert parts["rest_ms"] == pytest.approx(41.0 - 1.0 - 30.0 - 1.0)  # holds the 2 ms
+    assert breakdown(41.0, None, {"ttft_ms": 40.0})["reserve_wait_ms"] == 0.0
+
+
 def test_rest_goes_negative_when_token0_does_not_wait_for_the_tail():
     # token 0 sent as soon as it is sampled: the 4 ms tail is not in the TTFT
     parts = breakdown(35.0, 10.0, {"ttft_ms": 33.0, "prefill_ms": 30.0, "transfer_ms": 4.0})

@@ -68,6 +68,7 @@ def test_two_credentials(make_cluster):
     # every Worker RPC needs the secret; refused calls leave nothing behind
     reqs = {"Reserve": pb.ReserveRequest(request_id="r1", prompt_token_ids=[1]),
             "Prefill": pb.PrefillRequest(request_id="r2", prompt_token_ids=[1]),
+            "SetKvTarget": pb.KvTarget(request_id="r2"),
             "DecodeStream": pb.DecodeRequest(request_id="r3"),
             "Generate": pb.GenerateWorkerRequest(request_id="r4", prompt_token_ids=[1]),
             "Abort": pb.AbortRequest(request_id="r5"), "Stats": pb.WorkerStatsRequest()}

@@ -102,8 +102,8 @@ def test_transfer_failure_and_retry(make_cluster):
 
     t = threading.Thread(target=go)
     t.start()
-    wait_until(lambda: any(w.calls for w in c.workers if w.role == "prefill"),
-               what="prefill started")
+    wait_until(lambda: any(rpc == "SetKvTarget" for w in c.workers if w.role == "prefill"
+                           for rpc, _ in w.calls), what="prefill started, its KV target known")
     victim = next(w for w in ds if w.calls)
     c.lt.run(victim.kill())  # its KV endpoint goes away while the prompt runs
     t.join(10)

@@ -45,7 +45,7 @@ def test_services_have_the_documented_methods():
     assert {m.name for m in coord.methods} == {
         "Generate", "Abort", "ListWorkers", "Stats", "Register", "Heartbeat"}
     assert {m.name for m in worker.methods} == {
-        "Reserve", "Prefill", "DecodeStream", "Generate", "Abort", "Stats"}
+        "Reserve", "Prefill", "SetKvTarget", "DecodeStream", "Generate", "Abort", "Stats"}
     assert coord.methods_by_name["Generate"].server_streaming
     assert worker.methods_by_name["DecodeStream"].server_streaming
     assert worker.methods_by_name["Generate"].server_streaming

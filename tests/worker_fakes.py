@@ -23,14 +23,14 @@ def aio(fn):
 class Aborted(Exception):
     """What FakeContext.abort raises (grpc.aio raises AbortError the same way)."""
 
-    def __init__(self, code: Any, details: str) -> None:
+    def __init__(self, code: Any, details: str, trailing_metadata=()) -> None:
         super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
+        self.code, self.details, self.trailing_metadata = code, details, tuple(trailing_metadata)
 
 
 class FakeContext:
     async def abort(self, code, details: str, trailing_metadata=()):
-        raise Aborted(code, details)
+        raise Aborted(code, details, trailing_metadata)
 
 
 class ManualEngineLoop:
@@ -85,6 +85,7 @@ class FakeWire:
         self.sending: dict[str, tuple[list[int], list[int], Callable]] = {}
         self.aborted: list[str] = []
         self.layers_ready: dict[str, set[int]] = {}
+        self.calls: list[tuple] = []  # the sender calls in order: ("start"|"layer"|"finish", ...)
         self.fail_next: str | None = None  # error of the next finished transfer
 
     # -- sender link surface (prefill role) ---------------------------------------------
@@ -93,13 +94,16 @@ class FakeWire:
             raise ConnectionError(f"no KV endpoint at {address!r}")
 
     def start(self, req_id, address, src, dst, deadline_s, on_done) -> None:
+        self.calls.append(("start", req_id))
         self.sending[req_id] = (list(src), list(dst), on_done)
 
     def layer_ready(self, req_id: str, layer: int) -> None:
+        self.calls.append(("layer", req_id, layer))
         self.layers_ready.setdefault(req_id, set()).add(layer)
 
     def finish(self, req_id: str, aux: dict) -> None:
         """Every layer is ready (as KVSender.finish says), then the transfer ends."""
+        self.calls.append(("finish", req_id))
         if self.src is not None:
             self.layers_ready.setdefault(req_id, set()).update(range(len(self.src)))
         src, dst, on_done = self.sending.pop(req_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -84,19 +84,21 @@ class WorkerCore:
         return await asyncio.wrap_future(self.engine_loop.call(fn))
 
     # -- the one admission path: new_sequence, then admit ------------------------------------
-    async def new_sequence(self, context, request_id: str, prompt: list[int],
+    async def new_sequence(self, context, request_id: str, prompt: Iterable[int],
                            sampling: pb.SamplingParams, prefill_only: bool = False,
                            check: Callable[[Sequence], str | None] | None = None,
                            output_offset: int = 0) -> Sequence:
         """Validate a request into a Sequence, or end the RPC with INVALID_ARGUMENT.
-        `check(seq)` may name a role's own reason to refuse; `output_offset`: the request's
+        `prompt`: the request's repeated field as it is (the engine reads it through numpy,
+        one copy; `list()` of a 32k-token field alone costs about 1 ms). `check(seq)` may
+        name a role's own reason to refuse; `output_offset`: the request's
         `num_output_tokens` (a migrated continuation, see Sequence)."""
         try:
             if len(request_id) > MAX_REQUEST_ID_CHARS:  # the KV control channel refuses it
                 raise ValueError(f"request_id has {len(request_id)} characters; at most "
                                  f"{MAX_REQUEST_ID_CHARS}")
             params = SamplingParams(**sampling_fields(sampling))
-            seq = self.engine.make_sequence(list(prompt), params, seq_id=request_id,
+            seq = self.engine.make_sequence(prompt, params, seq_id=request_id,
                                             prefill_only=prefill_only,
                                             output_offset=output_offset)
             problem = check(seq) if check is not None else None
@@ -130,16 +132,17 @@ class WorkerCore:
 
     # -- abort and streaming ----------------------------------------------------------------
     async def abort_request(self, req_id: str, code=grpc.StatusCode.CANCELLED,
-                            message: str = "aborted") -> bool:
-        """Free everything of req_id (engine blocks, transfers) and end its RPCs."""
+                            message: str = "aborted", trailing_metadata: tuple = ()) -> bool:
+        """Free everything of req_id (engine blocks, transfers) and end its RPCs (with this
+        status; `trailing_metadata` goes with it, e.g. proto.faults.PEER)."""
         st = self.table.get(req_id)
         if self.role is not None:
             self.role.abort(req_id)
         found = await self.on_engine(lambda: self.engine.abort(req_id))
         if st is not None:
             self.table.deliver([(st, StreamEnd("abort", (code, message)))])
-            self.table.resolve(st, error=RequestAborted(code, message))
-            self.table.pop(req_id)
+            self.table.resolve(st, error=RequestAborted(code, message, trailing_metadata))
+            self.table.discard(st)
         return bool(found or st is not None)
 
     async def stream_tokens(self, st: ReqState, context) -> AsyncIterator[pb.TokenChunk]:
@@ -169,7 +172,7 @@ class WorkerCore:
         finally:
             if not ok:  # caller went away: free the request's blocks
                 await self.abort_request(st.req_id)
-            self.table.pop(st.req_id)
+            self.table.discard(st)
 
     # -- load -------------------------------------------------------------------------------
     def load(self) -> pb.WorkerLoad:

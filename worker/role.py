@@ -5,8 +5,9 @@ with `Role.engine_config(cfg)` (each pool sizes its batching to its phase), then
 Worker RPC to the role, and calls the role's engine-thread hooks around each step.
 
 Where each method runs:
-- gRPC handlers (`reserve`, `decode_stream`, `prefill`, `generate`): the server's asyncio
-  loop. A role serves the RPCs it overrides; the others end FAILED_PRECONDITION.
+- gRPC handlers (`reserve`, `decode_stream`, `prefill`, `set_kv_target`, `generate`): the
+  server's asyncio loop. A role serves the RPCs it overrides; the others end
+  FAILED_PRECONDITION.
 - `before_run`, `on_token`: the engine thread, between schedule() and the next step.
   They must not block; they may touch the scheduler and the KV pool.
 - `abort`, `close`: any thread; they only hand work on (transfer endpoints are thread-safe).
@@ -76,6 +77,9 @@ class Role:
     async def prefill(self, request, context):
         await self._refuse(context, "Prefill")
         yield  # pragma: no cover - an async generator like the real one
+
+    async def set_kv_target(self, request, context):
+        await self._refuse(context, "SetKvTarget")
 
     async def decode_stream(self, request, context):
         await self._refuse(context, "DecodeStream")

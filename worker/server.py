@@ -140,6 +140,10 @@ class WorkerServer(pb_grpc.WorkerServicer):
         async for reply in self.role.prefill(request, context):
             yield reply
 
+    async def SetKvTarget(self, request, context):
+        await self._refuse_if_failed(context)
+        return await self.role.set_kv_target(request, context)
+
     async def DecodeStream(self, request, context):
         async for chunk in self.role.decode_stream(request, context):
             yield chunk

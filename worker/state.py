@@ -13,11 +13,12 @@ from typing import Any
 
 
 class RequestAborted(Exception):
-    """A request ended early; carries the gRPC status code its RPC should end with."""
+    """A request ended early; carries the gRPC status its RPC should end with (code, message,
+    and trailing metadata such as proto.faults.PEER)."""
 
-    def __init__(self, code: Any, message: str) -> None:
+    def __init__(self, code: Any, message: str, trailing_metadata: tuple = ()) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.trailing_metadata = code, message, trailing_metadata
 
 
 @dataclass
@@ -45,14 +46,12 @@ class ReqState:
     done: asyncio.Future | None = None  # prefill: resolved once the KV transfer completed
     first: asyncio.Future | None = None  # prefill: resolved once token 0 is sampled
     # prefill side
-    dst_address: bytes = b""
-    dst_block_ids: list[int] = field(default_factory=list)
+    kv_push: Any = None  # prefill.kv_push.KvPush: the KV destination and the push to it
     first_token: int | None = None
     first_logprobs: Any = None  # engine.sampler.TokenLogprobs of first_token, when asked
     first_finishes: bool = False
     finish_reason: str = ""
     kv_bytes: int = 0
-    pushed_per_layer: bool = False  # the transfer started with per-layer readiness
     # timings (monotonic seconds)
     scheduled_s: float | None = None
     computed_s: float | None = None
@@ -78,6 +77,11 @@ class StateTable:
 
     def pop(self, req_id: str) -> ReqState | None:
         return self.states.pop(req_id, None)
+
+    def discard(self, st: ReqState) -> None:
+        """Remove st if it is still the entry of its id (not a later request's)."""
+        if self.states.get(st.req_id) is st:
+            del self.states[st.req_id]
 
     def deliver(self, items: list[tuple[ReqState, Any]]) -> None:
         """From any thread: put (state, token-or-StreamEnd) items into their queues."""
