@@ -27,6 +27,7 @@ from pdserve.benchmarks import plotting
 from pdserve.benchmarks.capstone_budget import Budget
 from pdserve.benchmarks.capstone_client import GpuSampler, GrpcTarget, OpenAITarget
 from pdserve.benchmarks.capstone_findings import findings
+from pdserve.benchmarks.capstone_guess import start_guesses  # noqa: F401
 from pdserve.benchmarks.capstone_metrics import Window, parse_goodput
 from pdserve.benchmarks.capstone_sweep import measure_setup
 from pdserve.benchmarks.capstone_workloads import Workload, load_sharegpt, parse_workload
@@ -309,39 +310,6 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
     paths.append(report.write_markdown(out, setups, ctx, workloads, pngs, map_text, plan_lines,
                                        answers))
     return paths + list(pngs.values())
-
-
-def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
-                  slos: dict[str, float]) -> dict[str, dict[str, float]]:
-    """{setup: {workload: predicted max rate}} from `--start-rate-from` (none without it),
-    printed; the simulated runs are as long as the measured ones will be at most."""
-    if not getattr(args, "start_rate_from", None):
-        return {}
-    import json
-
-    from pdserve.benchmarks import plan
-    from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
-    from pdserve.benchmarks.capstone_workloads import length_pairs
-
-    path = args.start_rate_from
-    if os.path.isfile(os.path.join(path, "results.json")):  # a run: as its validation does
-        with open(os.path.join(path, "results.json")) as f:
-            cal = run_calibration(path, json.load(f))
-    else:
-        cal = Calibration.load(os.path.join(path, "calibration.json") if os.path.isdir(path)
-                               else path)
-    n = max(args.num_requests, 200)
-    workloads = [(wl.name, [(len(ids), o) for ids, o in pool][:n] if pool
-                  else length_pairs(wl, n, args.seed)) for wl, pool in wls]
-    t0 = time.monotonic()
-    out = plan.guess_max_rates(cal, names, workloads, slos, args.target, args.burstiness,
-                               args.seed, duration_s=min(args.run_duration or 15.0, 15.0),
-                               min_requests=args.num_requests)
-    print(f"predicted max rates from {path} (steering the searches; "
-          f"{time.monotonic() - t0:.1f} s): " + "; ".join(
-              f"{s} {w} {r:.3g}" for s, ws in out.items() for w, r in ws.items()), flush=True)
-    return out
-
 
 def run(args: argparse.Namespace) -> int:
     from pdserve.benchmarks.serve import device_description

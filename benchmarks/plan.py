@@ -31,6 +31,13 @@ from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
 from pdserve.benchmarks.capstone_metrics import parse_goodput
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
+from pdserve.benchmarks.plan_report import (  # noqa: F401
+    SENSITIVITY,
+    extrapolation_lines,
+    mean_abs_error,
+    validation_lines,
+    within_lines,
+)
 from pdserve.benchmarks.planner_sim import (
     Setup,
     SimRun,
@@ -157,7 +164,6 @@ def validation_error(predicted: float, measured: float) -> float:
     return (predicted - measured) / measured if measured > 0 else math.nan
 
 
-SENSITIVITY = 0.05  # +-5%: about the largest residual of the decode profile's fits
 
 
 def edge_note(good: float, band: tuple[float, float], tol: float = 0.15) -> str:
@@ -254,101 +260,6 @@ def validate(run_dir: str, cal: Calibration | None = None,
                                "measured search not bracketed (a lower bound)"})
     return per_run, per_search
 
-
-def mean_abs_error(rows: Sequence[dict]) -> float:
-    errs = [abs(r["error"]) for r in rows if not math.isnan(r["error"])]
-    return sum(errs) / len(errs) if errs else math.nan
-
-
-def validation_lines(per_run: Sequence[dict], per_search: Sequence[dict],
-                     sensitivity: float = SENSITIVITY) -> list[str]:
-    """Markdown: both tables, the mean absolute errors and the knife edges."""
-    from pdserve.benchmarks import plotting
-
-    cols = [c for c in plotting.columns_of(per_run) if c != "band"]
-    edges = [r for r in per_run if "edge" in r.get("note", "")]
-    return ["Goodput at each measured rate (same requests and arrivals, same window and time "
-            f"limit, simulated). band_{sensitivity:.0%} and attainment_band_{sensitivity:.0%}: "
-            f"what the simulator predicts with every profiled time (prefill, decode step, "
-            f"transfer) scaled by {1 - sensitivity:g} and {1 + sensitivity:g}; note `edge`: "
-            "that moves the goodput by more than 15%, so the prediction sits on a knife edge "
-            "(a queue near saturation, or the SLO near most requests' latency) and its error "
-            "says little about the model; `decode batch N > profiled M`: the simulation ran "
-            "decode batches past the profiled range, where the decode step is extrapolated "
-            "linearly. Last column: mean TTFT, TPOT, prefill and KV transfer in ms, measured "
-            "vs simulated (a prefill time is the prefill worker's, first chunk's step start to "
-            "token 0, 0 for a prompt prefilled on its decode worker; a measured transfer is the "
-            "prefill worker's end of forward to last layer landed, a simulated one token 0 to "
-            "the KV landing; the simulator leaves out the coordinator's own 10-15 ms of TTFT):",
-            "", plotting.markdown_table(per_run, cols, floatfmt=".3g"), "",
-            f"Mean |error| of goodput: {mean_abs_error(per_run):.1%} over {len(per_run)} runs; "
-            f"{len(edges)} on a knife edge (`edge`).",
-            "", "Max rate at target attainment (same search procedure on the simulator):", "",
-            plotting.markdown_table(per_search, floatfmt=".3g"), "",
-            f"Mean |error| of max rate: {mean_abs_error(per_search):.1%} over "
-            f"{len(per_search)} searches.", "", *within_lines(per_run)]
-
-
-def within_lines(per_run: Sequence[dict], tol: float = 0.15) -> list[str]:
-    """Per setup: how many runs' predicted goodput is within `tol` of the measured one, and
-    the largest |error|; then every run outside it, with its note."""
-    out = []
-    for setup in dict.fromkeys(r["setup"] for r in per_run):
-        rows = [r for r in per_run if r["setup"] == setup and not math.isnan(r["error"])]
-        if not rows:
-            out.append(f"- {setup}: no run with a measured goodput > 0 to compare")
-            continue
-        worst = max(rows, key=lambda r: abs(r["error"]))
-        ok = abs(worst["error"]) <= tol
-        out.append(f"- {setup}: predicted goodput within {tol:.0%} of measured in "
-                   f"{sum(abs(r['error']) <= tol for r in rows)} of {len(rows)} runs "
-                   f"({'every run' if ok else 'NOT every run'}); largest |error| "
-                   f"{abs(worst['error']):.1%} "
-                   f"({worst['workload']} at {worst['rate']:.3g} req/s: predicted "
-                   f"{worst['predicted_goodput_rps']:.3g}, measured "
-                   f"{worst['measured_goodput_rps']:.3g} req/s)")
-    misses = [r for r in per_run if not math.isnan(r["error"]) and abs(r["error"]) > tol]
-    n = sum(not math.isnan(r["error"]) for r in per_run)
-    out += ["", f"Within {tol:.0%}: {n - len(misses)} of {n} runs. Outside:"
-            if misses else f"Within {tol:.0%}: every one of {n} runs."]
-    out += [f"- {r['setup']} {r['workload']} at {r['rate']:.3g} req/s: predicted "
-            f"{r['predicted_goodput_rps']:.3g} (band {r['band'][0]:.3g}-{r['band'][1]:.3g}"
-            + (", the measured value inside it" if r["band"][0] * 0.98 <= r["measured_goodput_rps"]
-               <= r["band"][1] * 1.02 else "")
-            + f"), measured {r['measured_goodput_rps']:.3g} req/s ({r['error']:+.0%})"
-            + (f"; {r['note']}" if r.get("note") else "") for r in misses if "band" in r]
-    return out
-
-
-def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int]) -> list[str]:
-    """Goodput on N GPUs as N / g replicas of each validated g-GPU setup (its predicted and
-    its measured max rate times the replicas), best first per workload and N; then the
-    assumptions. Replicas need no new simulation, so this costs nothing at 64 GPUs."""
-    from pdserve.benchmarks import plotting
-
-    rows = []
-    for wname in dict.fromkeys(r["workload"] for r in per_search):
-        for n in gpu_counts:
-            cands = []
-            for r in per_search:
-                g = parse_setup(r["setup"]).gpus
-                if r["workload"] == wname and n % g == 0:
-                    k = n // g
-                    cands.append({"workload": wname, "gpus": n, "setup": f"{k} x {r['setup']}",
-                                  "predicted_goodput_rps": k * r["predicted_max_rate"],
-                                  "from_measured_rps": k * r["measured_max_rate"]})
-            rows += sorted(cands, key=lambda c: -c["predicted_goodput_rps"])
-    if not rows:
-        return ["No setup of this run divides the GPU counts asked for."]
-    return ["Goodput on N GPUs as N / g independent replicas of each g-GPU setup measured "
-            "here (the planner's predicted max rate x replicas, and the measured one x "
-            "replicas), best first:", "", plotting.markdown_table(rows, floatfmt=".3g"), "",
-            ASSUMPTIONS.strip() + " Replicas share no load: one larger pool would multiplex "
-            "requests better, so these are lower bounds in that respect; splits that no "
-            "measured setup replicates (e.g. 5P3D) need `pdserve plan --gpus N`.", ""]
-
-
-# -- command line ----------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", help="calibration.json (or a capstone run directory)")
     p.add_argument("--gpus", default="4", help="GPU counts, comma-separated (default 4)")

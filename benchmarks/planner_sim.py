@@ -48,7 +48,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pdserve.benchmarks.capstone_calibration import Calibration
-from pdserve.benchmarks.capstone_metrics import steady_rates
+from pdserve.benchmarks.planner_metrics import sim_attainment, sim_means, sim_summary  # noqa: F401
+from pdserve.benchmarks.planner_setups import Setup, parse_setup, setup_name  # noqa: F401
 
 
 @dataclass(slots=True, eq=False)  # identity: two requests may carry equal fields
@@ -360,113 +361,9 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
         info.prefill_steps = [s for p in pres for s in p.steps]
     return reqs
 
-
-def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
-                cooldown: float = 0.1, horizon_s: float = math.inf) -> tuple[float, float]:
-    """(attainment, goodput req/s) with the capstone's definitions (capstone_metrics):
-    attainment over the requests between the first `warmup` and the last `cooldown`
-    fraction of arrivals, a request cut at `horizon_s` judged on what was seen (no first
-    token: a miss); goodput = finished SLO-meeting requests finishing within those
-    requests' arrival span, per second of it (capstone_metrics.steady_rates)."""
-    order = sorted(reqs, key=lambda r: r.arrival)
-    lo, hi = math.floor(len(order) * warmup), len(order) - math.floor(len(order) * cooldown)
-    sel = order[lo:hi] if hi > lo else order
-    if not sel:
-        return math.nan, math.nan
-
-    def ok(r: SimReq) -> bool:
-        if math.isnan(r.first):
-            return False
-        if math.isnan(r.end):  # cut after its first token: TPOT so far
-            tpot = (r.last - r.first) / (r.generated - 1) * 1e3 if r.generated > 1 else math.nan
-            vals = {"ttft": r.ttft_ms(), "tpot": tpot, "e2el": (horizon_s - r.arrival) * 1e3}
-        else:
-            vals = {"ttft": r.ttft_ms(), "tpot": r.tpot_ms(), "e2el": r.e2el_ms()}
-        return all(math.isnan(vals[k]) or vals[k] <= v for k, v in slos.items())
-    good = sum(ok(r) for r in sel)
-    _, goodput = steady_rates(sel[0].arrival, sel[-1].arrival,
-                              ((r.end, ok(r)) for r in reqs if not math.isnan(r.end)))
-    return good / len(sel), goodput
-
-
-def sim_means(reqs: Sequence[SimReq], warmup: float = 0.1,
-              cooldown: float = 0.1) -> dict[str, float]:
-    """Mean TTFT, TPOT, KV transfer (token 0 to the KV landing) and prefill time in ms of the
-    windowed requests that finished, as capstone_metrics.summarize computes them: a
-    prefill time is the prefill worker's, from the start of the step with the prompt's
-    first chunk to the end of the step with its last (worker/core.py `timings`); a request
-    prefilled on its decode worker counts 0, as its worker reports none."""
-    order = sorted(reqs, key=lambda r: r.arrival)
-    lo, hi = math.floor(len(order) * warmup), len(order) - math.floor(len(order) * cooldown)
-    done = [r for r in (order[lo:hi] if hi > lo else order) if not math.isnan(r.end)]
-
-    def mean(xs: list[float]) -> float:
-        xs = [x for x in xs if not math.isnan(x)]
-        return sum(xs) / len(xs) if xs else math.nan
-    return {"ttft": mean([r.ttft_ms() for r in done]), "tpot": mean([r.tpot_ms() for r in done]),
-            "transfer": mean([(r.landed - r.first) * 1e3 for r in done]),
-            "prefill": mean([0.0 if r.local else (r.first - r.scheduled) * 1e3 for r in done
-                             if r.local or r.dec is not None])}
-
-
-def sim_attainment(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 0.1,
-                   cooldown: float = 0.1) -> float:
-    """Fraction of the windowed requests (by arrival) that meet every SLO (ms)."""
-    return sim_summary(reqs, slos, warmup, cooldown)[0]
-
-
-@dataclass(frozen=True, slots=True)
-class Setup:
-    """xPyD (disaggregated), Nboth (colocated), or xPyD-condT: conditional disaggregation,
-    xPyD where the coordinator (--pd-threshold-tokens T) has prompts under T tokens
-    prefilled on their decode worker."""
-
-    prefill: int
-    decode: int
-    both: int
-    cond_tokens: int = 0
-
-    @property
-    def name(self) -> str:
-        if self.cond_tokens:
-            return f"{self.prefill}P{self.decode}D-cond{self.cond_tokens}"
-        return setup_name(self.prefill, self.decode, self.both)
-
-    @property
-    def kind(self) -> str:
-        return "conditional" if self.cond_tokens else "colocated" if self.both else "P/D"
-
-    @property
-    def gpus(self) -> int:
-        return self.prefill + self.decode + self.both
-
-
-def parse_setup(name: str) -> Setup:
-    """'1P3D' -> Setup(1, 3, 0); '4both' -> Setup(0, 0, 4); '1P1D-cond512' ->
-    Setup(1, 1, 0, 512)."""
-    import re
-
-    s = name.strip()
-    m = re.fullmatch(r"(\d+)P(\d+)D(?:-cond(\d+))?", s, re.IGNORECASE)
-    if m:
-        p, d, t = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
-        if p < 1 or d < 1 or (m.group(3) is not None and t < 1):
-            raise ValueError(f"setup {name!r}: xPyD needs x, y >= 1 (and -condT T >= 1)")
-        return Setup(p, d, 0, t)
-    m = re.fullmatch(r"(\d+)both", s, re.IGNORECASE)
-    if m and int(m.group(1)) >= 1:
-        return Setup(0, 0, int(m.group(1)))
-    raise ValueError(f"setup {name!r}: expected xPyD (1P3D), Nboth (2both) or xPyD-condT "
-                     "(1P1D-cond512: prompts under T tokens prefilled on the decode worker)")
-
-
 def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
                    lengths: Sequence[tuple[int, int]], horizon_s: float = math.inf,
                    info: SimRun | None = None) -> list[SimReq]:
     """`simulate` for any Setup."""
     return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths,
                     setup.cond_tokens, horizon_s, info)
-
-
-def setup_name(prefill: int, decode: int, both: int) -> str:
-    return f"{both}both" if both else f"{prefill}P{decode}D"
