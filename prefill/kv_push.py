@@ -21,7 +21,6 @@ sender takes layer readiness in any order, and a `finish()` marks every layer re
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +81,6 @@ class KvPush:
         self._link, self._stream = link, stream
         self.req_id, self.deadline_s, self._on_sent = req_id, deadline_s, on_sent
         self.target = target
-        self.target_s: float | None = None  # when a late target arrived (time.monotonic)
         self._src: list[int] | None = None  # the prompt's blocks, once its last step began
         self._layers: list[tuple[int, Any]] = []  # (layer, mark) written before the start
         self._token0: tuple[dict, Any] | None = None  # finish's aux and mark, before the start
@@ -98,7 +96,7 @@ class KvPush:
                 return "has ended"
             if self.target is not None:
                 return "already has a KV target"
-            self.target, self.target_s = target, time.monotonic()
+            self.target = target
             replay = self._start()
         for call in replay:
             call()
