@@ -27,11 +27,11 @@ from pdserve.benchmarks import plotting
 from pdserve.benchmarks.capstone_budget import Budget
 from pdserve.benchmarks.capstone_client import GpuSampler, GrpcTarget, OpenAITarget
 from pdserve.benchmarks.capstone_findings import findings
-from pdserve.benchmarks.capstone_guess import start_guesses  # noqa: F401
+from pdserve.benchmarks.capstone_guess import start_guesses
 from pdserve.benchmarks.capstone_metrics import Window, parse_goodput
 from pdserve.benchmarks.capstone_sweep import measure_setup
 from pdserve.benchmarks.capstone_workloads import Workload, load_sharegpt, parse_workload
-from pdserve.benchmarks.planner_sim import parse_setup, setup_name
+from pdserve.benchmarks.planner_setups import parse_setup, setup_name
 
 NAME = "capstone"
 REPORT_RESERVE_S = 30.0  # of a --budget-s, kept for the report (plots, planner validation)
@@ -294,7 +294,7 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
         import json
 
-        from pdserve.benchmarks import plan
+        from pdserve.benchmarks import plan, plan_report
         from pdserve.benchmarks.capstone_calibration import run_calibration
 
         per_run, per_search = plan.validate(out)
@@ -302,10 +302,11 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
             used = run_calibration(out, json.load(f))
         plan_lines = ["", "### Planner validation", "", "Profiles the simulator used: "
                       + "; ".join(f"{k}: {v}" for k, v in used.source.items()) + ".", "",
-                      *plan.validation_lines(per_run, per_search)]
+                      *plan_report.validation_lines(per_run, per_search)]
         if args.extrapolate:
             plan_lines += ["", "### Extrapolation", "",
-                           *plan.extrapolation_lines(per_search, args.extrapolate)]
+                           *plan_report.extrapolation_lines(per_search, args.extrapolate,
+                                                            plan.ASSUMPTIONS)]
     answers = findings(setups, ctx) if setups[0].setup != "external" else []
     paths.append(report.write_markdown(out, setups, ctx, workloads, pngs, map_text, plan_lines,
                                        answers))

@@ -41,13 +41,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pdserve.benchmarks.capstone_metrics import RequestResult
-from pdserve.benchmarks.capstone_steps import (  # noqa: F401
-    START_TOL_S,
-    STEP_TOL_MS,
-    fit_prefill_steps,
-    nonneg_lstsq,
-    prefill_steps,
-)
+from pdserve.benchmarks.capstone_steps import fit_prefill_steps, nonneg_lstsq, prefill_steps
 
 FORMAT = "pdserve-calibration/1"
 

@@ -49,7 +49,7 @@ class SetupResult:
     @property
     def kind(self) -> str:
         """"P/D", "colocated", "conditional", or "external" (not a setup name)."""
-        from pdserve.benchmarks.planner_sim import parse_setup
+        from pdserve.benchmarks.planner_setups import parse_setup
 
         try:
             return parse_setup(self.setup).kind

@@ -25,11 +25,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from pdserve.benchmarks.capstone_calibration import (
-    nonneg_lstsq,
     unqueued_transfer_points,
     unqueued_transfers,
 )
 from pdserve.benchmarks.capstone_report import Context, SetupResult, run_row
+from pdserve.benchmarks.capstone_steps import nonneg_lstsq
 
 
 def fit_fixed_bandwidth(pts: Sequence[tuple[float, float]]) -> tuple[float, float, float]:

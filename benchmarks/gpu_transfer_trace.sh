@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Profile of the transfer path on two GPUs: bench transfer (nccl) with PDSERVE_KV_TRACE on,
-# at 512/2k/32k and 8 x 2k, then the per-step timelines (transfer_trace.py) and the
-# per-message GPU/host costs (transfer_micro.py).
+# at 512/2k/32k and 8 x 2k, then the per-step timelines (transfer_trace.py), the row-copy
+# GPU tests and one 512-token request event by event. Per-message GPU and host costs:
+# `python -m pdserve.benchmarks.transfer_micro` (one GPU).
 #   bash benchmarks/gpu_transfer_trace.sh OUTDIR
 set -u
 OUT=$(realpath -m "${1:?usage: gpu_transfer_trace.sh OUTDIR}")
@@ -27,7 +28,8 @@ run() {  # run NAME ARGS...
 run one --input-lens 512,2048,32768 --iters 8 --warmup 2 ${EXTRA:-}
 run c8 --input-lens 2048 --concurrency 8 --iters 6 --warmup 2 ${EXTRA:-}
 echo "=== gpu tests ($SECONDS s)"
-PYTHONPATH=$PP timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
-  tests/test_kvtransfer_row_copy.py 2>&1 | tail -3
+REPO=$PWD  # pytest from /tmp: the repository's ./pdserve would shadow the installed tree
+(cd /tmp && PYTHONPATH=$PP timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  "$REPO/tests/test_kvtransfer_row_copy.py" 2>&1 | tail -3)
 (cd /tmp && PYTHONPATH=$PP python3 -m pdserve.benchmarks.transfer_trace "$OUT/one/tr" --window 32)
 echo "done in $SECONDS s"

@@ -31,21 +31,10 @@ from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
 from pdserve.benchmarks.capstone_metrics import parse_goodput
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
-from pdserve.benchmarks.plan_report import (  # noqa: F401
-    SENSITIVITY,
-    extrapolation_lines,
-    mean_abs_error,
-    validation_lines,
-    within_lines,
-)
-from pdserve.benchmarks.planner_sim import (
-    Setup,
-    SimRun,
-    parse_setup,
-    sim_means,
-    sim_summary,
-    simulate_setup,
-)
+from pdserve.benchmarks.plan_report import SENSITIVITY, validation_lines
+from pdserve.benchmarks.planner_metrics import sim_means, sim_summary
+from pdserve.benchmarks.planner_setups import Setup, parse_setup
+from pdserve.benchmarks.planner_sim import SimRun, simulate_setup
 
 ASSUMPTIONS = (__doc__ or "").split("Assumptions when extrapolating")[1].split("\n\n")[0]
 ASSUMPTIONS = "Assumptions when extrapolating" + ASSUMPTIONS

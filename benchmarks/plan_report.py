@@ -75,7 +75,8 @@ def within_lines(per_run: Sequence[dict], tol: float = 0.15) -> list[str]:
     return out
 
 
-def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int]) -> list[str]:
+def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int],
+                        assumptions: str) -> list[str]:
     """Goodput on N GPUs as N / g replicas of each validated g-GPU setup (its predicted and
     its measured max rate times the replicas), best first per workload and N; then the
     assumptions. Replicas need no new simulation, so this costs nothing at 64 GPUs."""
@@ -97,14 +98,9 @@ def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int]) -
     return ["Goodput on N GPUs as N / g independent replicas of each g-GPU setup measured "
             "here (the planner's predicted max rate x replicas, and the measured one x "
             "replicas), best first:", "", plotting.markdown_table(rows, floatfmt=".3g"), "",
-            assumptions().strip() + " Replicas share no load: one larger pool would multiplex "
+            assumptions.strip() + " Replicas share no load: one larger pool would multiplex "
             "requests better, so these are lower bounds in that respect; splits that no "
             "measured setup replicates (e.g. 5P3D) need `pdserve plan --gpus N`.", ""]
 
 
 # -- command line ----------------------------------------------------------------------------
-
-
-def assumptions() -> str:
-    from pdserve.benchmarks.plan import ASSUMPTIONS  # plan.py's docstring holds them
-    return ASSUMPTIONS

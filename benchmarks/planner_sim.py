@@ -33,7 +33,7 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   its own steps as a colocated worker does (no prefill worker, no transfer); the rest
   take the xPyD path.
 - a finite run (`horizon_s`): requests not finished by then are cut, as the capstone's
-  time limit cuts them (judged on what was seen, see `sim_summary`).
+  time limit cuts them (judged on what was seen, see `planner_metrics.sim_summary`).
 The simulator ignores the coordinator's own latency (its RPCs: about 10-15 ms of TTFT on
 the GPU runs), preemption and prefix caching.
 """
@@ -48,8 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pdserve.benchmarks.capstone_calibration import Calibration
-from pdserve.benchmarks.planner_metrics import sim_attainment, sim_means, sim_summary  # noqa: F401
-from pdserve.benchmarks.planner_setups import Setup, parse_setup, setup_name  # noqa: F401
+from pdserve.benchmarks.planner_setups import Setup
 
 
 @dataclass(slots=True, eq=False)  # identity: two requests may carry equal fields

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from pdserve.benchmarks import capstone, plan
+from pdserve.benchmarks import capstone, plan, plan_report
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks import capstone_rerender as rr
 from pdserve.benchmarks.capstone_calibration import Calibration
@@ -89,7 +89,7 @@ def test_validation_reproduces_a_recorded_run(tmp_path) -> None:
     for r in per_run:  # the same arrivals, window, time limit and goodput definition
         assert r["predicted_goodput_rps"] == pytest.approx(r["measured_goodput_rps"], rel=0.15)
         assert r["predicted_attainment"] == pytest.approx(r["measured_attainment"], abs=0.05)
-    assert "within 15% of measured in 3 of 3 runs" in "\n".join(plan.within_lines(per_run))
+    assert "within 15% of measured in 3 of 3 runs" in "\n".join(plan_report.within_lines(per_run))
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -13,13 +13,12 @@ from test_worker_roles import (
     GREEDY,
     PROMPT,
     all_free,
-    drain,
     engines,  # noqa: F401  (fixture)
     generate_request,
     make,
     run_pd,
 )
-from worker_fakes import FakeContext, FakeWire, pump_forever
+from worker_fakes import FakeContext, FakeWire, drain, pump_forever
 
 from pdserve.coordinator import cli as coordinator_cli
 from pdserve.coordinator.client import Client

@@ -9,8 +9,8 @@ import asyncio
 
 import grpc
 import pytest
-from test_worker_roles import GREEDY, PROMPT, all_free, drain, engines, make  # noqa: F401
-from worker_fakes import Aborted, FakeContext, FakeWire, aio, pump_forever
+from test_worker_roles import GREEDY, PROMPT, all_free, engines, make  # noqa: F401
+from worker_fakes import Aborted, FakeContext, FakeWire, aio, drain, pump_forever
 
 from pdserve.decode.both import BothRole
 from pdserve.decode.role import DecodeRole

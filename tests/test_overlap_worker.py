@@ -9,7 +9,7 @@ import asyncio
 from dataclasses import replace
 
 import pytest
-from worker_fakes import FakeContext, FakeWire, ManualEngineLoop, aio
+from worker_fakes import FakeContext, FakeWire, ManualEngineLoop, aio, drain
 
 import pdserve.decode  # noqa: F401  (registers decode, both)
 import pdserve.prefill  # noqa: F401  (registers prefill)
@@ -58,14 +58,6 @@ async def free(core: WorkerCore) -> bool:
         s = core.engine.kv_stats()
         return s["free_blocks"] == s["total_blocks"] and s["running"] == s["waiting"] == 0
     return await core.on_engine(check)
-
-
-async def drain(agen) -> tuple[list[int], str]:
-    toks, reason = [], ""
-    async for chunk in agen:
-        toks += chunk.token_ids
-        reason = chunk.finish_reason or reason
-    return toks, reason
 
 
 async def generate_all(core: WorkerCore, role: BothRole, tag: str) -> list[tuple[list[int], str]]:

@@ -12,19 +12,12 @@ import numpy as np
 import pytest
 
 from pdserve.benchmarks import capstone_calibration as calib
-from pdserve.benchmarks import plan
+from pdserve.benchmarks import plan, plan_report
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_workloads import arrival_times
-from pdserve.benchmarks.planner_sim import (
-    Setup,
-    SimRun,
-    parse_setup,
-    setup_name,
-    sim_attainment,
-    sim_summary,
-    simulate,
-    simulate_setup,
-)
+from pdserve.benchmarks.planner_metrics import sim_attainment, sim_summary
+from pdserve.benchmarks.planner_setups import Setup, parse_setup, setup_name
+from pdserve.benchmarks.planner_sim import SimRun, simulate, simulate_setup
 
 CAL = calib.Calibration(prefill={"c0": 10.0, "c_token": 0.1, "c_token2": 0.0},
                         decode={"c0": 10.0, "c_seq": 0.2, "c_ctx_token": 0.0},
@@ -118,7 +111,7 @@ def test_validation_error() -> None:
     assert plan.validation_error(8.0, 10.0) == pytest.approx(-0.2)
     assert math.isnan(plan.validation_error(1.0, 0.0))
     rows = [{"error": 0.1}, {"error": -0.3}, {"error": math.nan}]
-    assert plan.mean_abs_error(rows) == pytest.approx(0.2)
+    assert plan_report.mean_abs_error(rows) == pytest.approx(0.2)
 
 
 def test_validate_against_a_run_directory(tmp_path) -> None:
@@ -142,7 +135,7 @@ def test_validate_against_a_run_directory(tmp_path) -> None:
     assert len(per_run) == len(search.runs)
     assert all(r["error"] == pytest.approx(0.0) for r in per_run if not math.isnan(r["error"]))
     assert per_search[0]["error"] == pytest.approx(0.0)
-    text = "\n".join(plan.validation_lines(per_run, per_search))
+    text = "\n".join(plan_report.validation_lines(per_run, per_search))
     assert "Mean |error| of goodput: 0.0%" in text
 
 

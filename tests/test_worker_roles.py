@@ -7,7 +7,7 @@ import asyncio
 
 import grpc
 import pytest
-from worker_fakes import Aborted, FakeContext, FakeWire, ManualEngineLoop, aio, pump_forever
+from worker_fakes import Aborted, FakeContext, FakeWire, ManualEngineLoop, aio, drain, pump_forever
 
 import pdserve.decode  # noqa: F401  (registers decode, both)
 import pdserve.prefill  # noqa: F401  (registers prefill)
@@ -47,14 +47,6 @@ def all_free(engine: LLMEngine) -> bool:
     s = engine.kv_stats()
     engine.scheduler.check_invariants()
     return s["free_blocks"] == s["total_blocks"] and s["running"] == s["waiting"] == 0
-
-
-async def drain(agen) -> tuple[list[int], str]:
-    toks, reason = [], ""
-    async for chunk in agen:
-        toks += chunk.token_ids
-        reason = chunk.finish_reason or reason
-    return toks, reason
 
 
 async def drain_prefill(agen) -> list[pb.PrefillReply]:

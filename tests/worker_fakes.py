@@ -20,6 +20,15 @@ def aio(fn):
     return wrapper
 
 
+async def drain(agen) -> tuple[list[int], str]:
+    """A worker token stream's tokens, and its last finish reason."""
+    toks, reason = [], ""
+    async for chunk in agen:
+        toks += chunk.token_ids
+        reason = chunk.finish_reason or reason
+    return toks, reason
+
+
 class Aborted(Exception):
     """What FakeContext.abort raises (grpc.aio raises AbortError the same way)."""
 
