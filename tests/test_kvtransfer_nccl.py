@@ -155,6 +155,7 @@ def test_nccl_kv_transfer_two_gpus(stacked):
 @pytest.mark.gpu2
 @pytest.mark.timeout(300)
 def test_ucx_kv_transfer_two_gpus():
+    pytest.importorskip("ucxx", reason="the ucx extra (ucxx) is not installed")
     _two_gpu_transfer("ucx", stacked=True)
 
 
