@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # The KV transfer reference measurement on two GPUs of one host, in under 5 minutes:
 #   bash benchmarks/gpu_transfer_suite.sh OUTDIR [GPU_PAIR]        (GPU_PAIR default 0,1)
-# 1. bench transfer, nccl, llama-3.1-8b at 512/2k/8k/32k: constrained fit of pdserve and of
-#    the raw NCCL send, and the physical line (peer-to-peer copy_ measured in the same run)
-# 2. the same with --concurrency 8 at 2k (aggregate vs one raw send of all 8 requests' bytes)
-# 3. bench transfer, ucx on cuda (ucxx device memory), same lengths; skipped with the reason
-#    when ucxx does not import; UCX's protocol choice (UCX_PROTO_INFO) goes to ucx/proto.txt
-# 4. bench ttft at 512/2k/8k/32k (P/D against colocated) in what is left of BUDGET_S
+# 1. bench transfer, llama-3.1-8b at 512/2k/8k/32k, as workers move KV on one host (peer
+#    copy: CUDA IPC into the receiver's pool), against one raw NCCL send of the same bytes;
+#    constrained fits and the physical line (peer-to-peer copy_ measured in the same run)
+# 2. the same through NCCL with staging (--no-peer-copy): what goes between hosts
+# 3. both with --concurrency 8 at 2k (aggregate vs one raw send of all 8 requests' bytes)
+# 4. bench transfer, ucx on cuda (ucxx device memory, staged), same lengths; skipped with
+#    the reason when ucxx does not import; UCX's protocol choice goes to ucx/proto.txt
+# 5. bench ttft at 512/2k/8k/32k (P/D against colocated) in what is left of BUDGET_S
 #    (at least 120 s); SKIP_TTFT=1 leaves it out
 # Runs this tree installed into /tmp (so ./pdserve does not shadow it) with the runtime
 # wheels of .whl, the ucxx-cu13 set of .ucxwhl and, without matplotlib, .mplwhl.
-# Writes OUTDIR/{nccl,nccl_c8,ucx,ttft}/ (each NAME.log + csv/md/png) and OUTDIR/env.txt,
+# Writes OUTDIR/{peercopy,peercopy_c8,nccl,nccl_c8,ucx,ttft}/ (each NAME.log + csv/md/png) and OUTDIR/env.txt,
 # and prints every table.
 set -u
 OUT=$(realpath -m "${1:?usage: gpu_transfer_suite.sh OUTDIR [GPU_PAIR]}")
 PAIR=${2:-0,1}
 BUDGET_S=${BUDGET_S:-290}  # the whole suite; bench ttft gets what is left of it (>= 120 s)
-mkdir -p "$OUT"/{nccl,nccl_c8,ucx,ttft}
+mkdir -p "$OUT"/{peercopy,peercopy_c8,nccl,nccl_c8,ucx,ttft}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n CUDA_VISIBLE_DEVICES=$PAIR
 wheels() {  # wheels DIR TARGET: install DIR/*.whl into TARGET (no index, no deps)
@@ -51,10 +53,13 @@ step() {  # step NAME TIMEOUT_S PYTHONPATH ARGS...: one benchmark into OUT/NAME/
 }
 XFER="bench transfer --device cuda --geometry llama-3.1-8b --iters 8 --warmup 2"
 LENS=512,2048,8192,32768
-step nccl 60 "$PP" $XFER --backend nccl --input-lens $LENS
-step nccl_c8 45 "$PP" $XFER --backend nccl --input-lens 2048 --concurrency 8
+step peercopy 60 "$PP" $XFER --backend nccl --input-lens $LENS
+step nccl 60 "$PP" $XFER --backend nccl --input-lens $LENS --no-peer-copy
+step peercopy_c8 45 "$PP" $XFER --backend nccl --input-lens 2048 --concurrency 8
+step nccl_c8 45 "$PP" $XFER --backend nccl --input-lens 2048 --concurrency 8 --no-peer-copy
 if [ $UCX_OK = 1 ]; then
-  UCX_PROTO_INFO=y step ucx 60 "$PP:/tmp/ucxsite" $XFER --backend ucx --input-lens $LENS
+  UCX_PROTO_INFO=y step ucx 60 "$PP:/tmp/ucxsite" $XFER --backend ucx --input-lens $LENS \
+    --no-peer-copy
   grep -aiE "ucp_context|cuda_ipc|cuda_copy|zero-copy|rendezvous|rndv" "$OUT/ucx/ucx.log" \
     | head -n 60 >"$OUT/ucx/proto.txt"
   echo "UCX protocols chosen (ucx/proto.txt):"; head -n 12 "$OUT/ucx/proto.txt"

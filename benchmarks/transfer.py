@@ -37,7 +37,7 @@ from pdserve.benchmarks.transfer_peer import GEOMETRIES, receiver_main
 from pdserve.benchmarks.transfer_plot import plot_transfer
 
 KEYS = ["input_len", "bytes", "p50_ms", "p90_ms", "gbps", "baseline_gbps", "ratio", "verified"]
-TABLE = KEYS + ["baseline_p50_ms", "messages", "fit_ms", "resid_pct", "in_fit",
+TABLE = KEYS + ["baseline_p50_ms", "via", "messages", "fit_ms", "resid_pct", "in_fit",
                 "raw_resid_pct", "phys_ms"]
 CONCURRENT = ["concurrency", "baseline1_gbps", "ratio1"]
 
@@ -45,7 +45,8 @@ CONCURRENT = ["concurrency", "baseline1_gbps", "ratio1"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__
-    p.add_argument("--backend", choices=["ucx", "nccl"], default="ucx")
+    p.add_argument("--backend", choices=["ucx", "nccl"], default="ucx",
+                   help="connects the pair, and carries the data with --no-peer-copy")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--geometry", choices=list(GEOMETRIES), default="tiny")
     p.add_argument("--input-lens", default="128,512,2048,8192,32768",
@@ -74,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="progress-loop poll interval while busy (default 0 = spin on cuda, 100 on cpu)")
     p.add_argument("--ucx-progress", choices=["blocking", "polling"], default=None,
                    help="ucx progress thread mode (default: polling on cuda, blocking on cpu)")
+    p.add_argument("--no-peer-copy", action="store_true",
+                   help="stage and send through --backend even though both ends share a host "
+                        "(default: the sender writes into the receiver's pool directly, CUDA "
+                        "IPC between GPUs, as workers do; the backend then only connects)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -142,11 +147,13 @@ def write_outputs(args: argparse.Namespace, bench: TransferBench, rows: list[dic
                   cols: list[str], lines: list[str], fit: LineFit, raw_fit: LineFit) -> None:
     stem = (f"transfer_{args.backend}_{args.device}_{args.geometry}"
             + ("_layerwise" if args.layerwise else "")
+            + ("" if args.no_peer_copy else "_peercopy")
             + (f"_c{bench.conc}" if bench.conc > 1 else ""))
     out = plotting.ensure_dir(args.out)
     meta = {**plotting.run_metadata(args.device), "backend": args.backend,
             "geometry": args.geometry, "block_size": args.block_size, "layerwise": args.layerwise,
             "concurrency": bench.conc, "iters": args.iters, "options": bench.options,
+            "via": ", ".join(sorted({r["via"] for r in rows})),
             "fit_pdserve": f"fixed {fit.fixed_us:.1f} us, {fit.gbps:.2f} GB/s",
             f"fit_raw_{args.backend}": f"fixed {raw_fit.fixed_us:.1f} us, {raw_fit.gbps:.2f} GB/s",
             "physical_gbps": f"{bench.phys_gbps:.2f}" if bench.phys_gbps else "none"}

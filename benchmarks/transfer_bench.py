@@ -53,7 +53,7 @@ class TransferBench:
                         "num_staging_buffers": args.num_staging,
                         "min_message_bytes": int(args.min_message_mib * (1 << 20)),
                         "poll_interval_s": poll_us * 1e-6, "deadline_s": 120.0,
-                        "layerwise": args.layerwise}
+                        "layerwise": args.layerwise, "peer_copy": not args.no_peer_copy}
         if args.copy_ctas is not None:
             self.options["copy_ctas"] = args.copy_ctas
         if args.solo_copy_ctas is not None:
@@ -92,8 +92,8 @@ class TransferBench:
             ev = torch.cuda.Event()
             ev.record()
         t0 = time.perf_counter()
-        for rid, (src, _) in zip(rids, reqs):
-            self.tx.start(rid, self.rx_addr, src, layerwise=self.args.layerwise)
+        for rid, (src, dst) in zip(rids, reqs):
+            self.tx.start(rid, self.rx_addr, src, dst, layerwise=self.args.layerwise)
             if self.args.layerwise:
                 for layer in range(self.nl):
                     self.tx.layer_ready(rid, layer, ev)
@@ -105,6 +105,7 @@ class TransferBench:
             raise RuntimeError(f"transfer failed: {why}")
         self.rids += rids
         self.num_messages = sum(r.num_messages for r in results)
+        self.via = "+".join(sorted({r.via for r in results}))
         return max(r.done_at for r in results) - t0
 
     def baseline(self, nbytes: int) -> float:
@@ -210,7 +211,8 @@ class TransferBench:
                "gbps": nbytes / p50 / 1e9, "baseline_gbps": nbytes / b50 / 1e9, "ratio": b50 / p50,
                "verified": verified, "baseline_p50_ms": b50 * 1e3,
                "raw_p50_ms": float(np.median(raw)) * 1e3, "empty_rtt_ms": self.empty_rtt * 1e3,
-               "pipe_rtt_ms": self.pipe_rtt * 1e3, "messages": self.num_messages}
+               "pipe_rtt_ms": self.pipe_rtt * 1e3, "messages": self.num_messages,
+               "via": self.via}
         if self.conc > 1:
             row |= {"concurrency": self.conc, "baseline1_p50_ms": b1 * 1e3,
                     "baseline1_gbps": one / b1 / 1e9, "ratio1": (nbytes / p50) / (one / b1)}

@@ -8,6 +8,7 @@ Both report `TransferResult`s through poll()/wait()/a callback. Backends: "ucx",
 
 from __future__ import annotations
 
+from . import peer_pool
 from .backend import Backend, Op, backend_names, create_backend, register_backend
 from .common import (
     SCHEMA_VERSION,
@@ -26,5 +27,5 @@ __all__ = [
     "Backend", "Op", "backend_names", "create_backend", "register_backend",
     "SCHEMA_VERSION", "GeometryMismatchError", "KVGeometry", "ReqId", "TransferError",
     "TransferOptions", "TransferResult", "address_to_str", "decode_address",
-    "KVReceiver", "KVSender",
+    "KVReceiver", "KVSender", "peer_pool",
 ]

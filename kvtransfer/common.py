@@ -119,6 +119,10 @@ class TransferOptions:
     # pipeline's fill and drain), runs on every SM: 2 programs per SM (-1), or this many
     # thread blocks; 0: copy_ctas there too
     solo_copy_ctas: int = -1
+    # on one host, write a request's blocks straight into the receiver's pool (CUDA IPC on
+    # GPU, shared memory on CPU: peer_pool.py) when both pools are flat and the sender knows
+    # the destination blocks; else (or False) stage and send through the backend
+    peer_copy: bool = True
 
     def __post_init__(self) -> None:
         if self.copy_ctas < 0 or self.solo_copy_ctas < -1:
@@ -148,6 +152,7 @@ class TransferResult:
     elapsed_s: float = 0.0  # from start/expect to the result, on this side's clock
     done_at: float = 0.0  # time.perf_counter() when the result was produced
     num_messages: int = 0  # payload messages moved for this request
+    via: str = ""  # how the blocks moved: "peer_copy" or the backend's name
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +167,7 @@ class TransferConfig:
     # transfer takes (measured: docs/architecture.md, "Transfer findings").
     layerwise_min_tokens: int = 1024
     staging_bytes: int = 64 << 20  # per staging buffer
+    peer_copy: bool = True  # same host: copy into the receiver's pool (TransferOptions)
     secret: bytes | str | None = field(default=None, repr=False)  # cluster secret (None: none)
 
     def __post_init__(self) -> None:

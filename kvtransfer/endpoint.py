@@ -55,6 +55,8 @@ class Peer:
         self.reqs: set[ReqId] = set()
         self.fifo: deque[Any] = deque()  # receiver: data headers waiting for staging, in order
         self.key: bytes | None = None  # sender: the address it was opened with
+        self.pool: torch.Tensor | None = None  # sender: the receiver's pool, mapped (peer copy)
+        self.pool_blocks = 0  # blocks a layer in that pool
         self.close_when_flushed = False
         self.mask = selectors.EVENT_READ
         self.opened_at = time.monotonic()

@@ -24,6 +24,7 @@ def _options(cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str,
     staging = max(layer_block_bytes, min(cfg.staging_bytes, pool_bytes // 4))
     return TransferOptions(staging_bytes=staging, layerwise=cfg.layerwise,
                            deadline_s=cfg.timeout_s, host=host, secret=cfg.secret,
+                           peer_copy=cfg.peer_copy,
                            advertise_host=advertise_host)
 
 

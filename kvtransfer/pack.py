@@ -81,7 +81,9 @@ class KVLayout:
         self._layer_base = np.arange(len(kv_caches), dtype=np.int64)[:, None] * self.num_blocks
         if self.device.type == "cuda":
             rows = len(kv_caches) if self.flat is not None else 1
-            self._pinned = torch.empty(rows * self.num_blocks, dtype=torch.int64, pin_memory=True)
+            # x2: index_pair() puts a peer copy's source and destination rows side by side
+            self._pinned = torch.empty(2 * rows * self.num_blocks, dtype=torch.int64,
+                                       pin_memory=True)
             self._pinned_free: torch.cuda.Event | None = None  # the last copy out of it
 
     def _flat_view(self, kv: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -111,23 +113,61 @@ class KVLayout:
         On CUDA the copy is queued on `stream` (the caller's stream if None); the host work
         is one numpy add into pinned memory, whatever the request's size."""
         ids = np.asarray(block_ids, dtype=np.int64)
-        if self.device.type != "cuda":
-            return torch.from_numpy(self._layer_base + ids if self.flat is not None else ids)
         if len(ids) > self.num_blocks:
             raise ValueError(f"{len(ids)} block ids for a pool of {self.num_blocks} blocks")
+        if self.flat is None:
+            return self._to_device([ids], stream)[0]
+        return self._to_device([self._layer_base + ids], stream)[0]
+
+    def index_pair(self, src: Sequence[int], dst: Sequence[int], dst_num_blocks: int,
+                   stream: torch.cuda.Stream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat [L, nb] rows of a peer copy: src in this pool, dst in a peer's pool of
+        dst_num_blocks blocks a layer (same geometry), both on this device, one H2D copy."""
+        assert self.flat is not None, "a peer copy needs a flat pool"
+        s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+        if len(s) > self.num_blocks or len(d) != len(s):
+            raise ValueError(f"{len(s)} source and {len(d)} destination block ids for a pool "
+                             f"of {self.num_blocks} blocks")
+        dst_base = np.arange(self.num_layers, dtype=np.int64)[:, None] * dst_num_blocks
+        si, di = self._to_device([self._layer_base + s, dst_base + d], stream)
+        return si, di
+
+    def _to_device(self, arrays: list[np.ndarray], stream: torch.cuda.Stream | None
+                   ) -> list[torch.Tensor]:
+        """The arrays as int64 tensors on the pool's device (one copy on CUDA)."""
+        if self.device.type != "cuda":
+            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         if self._pinned_free is not None:
             self._pinned_free.synchronize()  # a few KiB: the previous copy is long done
-        if self.flat is not None:
-            host = self._pinned[: self.num_layers * len(ids)]
-            np.add(self._layer_base, ids, out=host.numpy().reshape(self.num_layers, len(ids)))
-        else:
-            host = self._pinned[: len(ids)]
-            host.numpy()[:] = ids
+        sizes = [a.size for a in arrays]
+        host = self._pinned[: sum(sizes)]
+        flat = host.numpy()
+        pos = 0
+        for a, n in zip(arrays, sizes):
+            flat[pos:pos + n] = a.reshape(-1)
+            pos += n
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             dev = host.to(self.device, non_blocking=True)
             self._pinned_free = torch.cuda.Event()
             self._pinned_free.record()
-        return dev.view(self.num_layers, len(ids)) if self.flat is not None else dev
+        out, pos = [], 0
+        for a, n in zip(arrays, sizes):
+            out.append(dev[pos:pos + n].view(a.shape))
+            pos += n
+        return out
+
+    def peer_copy(self, src_index: torch.Tensor, dst_index: torch.Tensor, dst: torch.Tensor,
+                  l0: int, l1: int, ctas: int | None = None) -> None:
+        """Layers [l0, l1) of a request from this pool into `dst`, a peer's flat pool as
+        open_pool() mapped it; indexes from index_pair()."""
+        nb = src_index.shape[1]
+        off, n = l0 * nb, (l1 - l0) * nb
+        if self.copy_ctas:
+            row_copy.copy_pairs(self.flat, dst, src_index, dst_index, off, n,
+                                ctas or self.full_ctas)
+            return
+        rows = self.flat.index_select(0, src_index.view(-1)[off:off + n])
+        dst.index_copy_(0, dst_index.view(-1)[off:off + n].to(dst.device), rows.to(dst.device))
 
     def gather(self, index: torch.Tensor, rect: Rect, out: torch.Tensor,
                ctas: int | None = None) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import auth
+from . import auth, peer_pool
 from .backend import Backend, Op
 from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn, address_to_str, encode_address
@@ -52,6 +52,7 @@ class _RxReq:
     aux: dict | None = None
     error: str | None = None
     failed_at: float = 0.0
+    direct: bool = False  # the sender writes into our blocks itself (peer copy)
 
 
 @dataclass(eq=False)
@@ -172,6 +173,8 @@ class KVReceiver(Endpoint):
                 live.inflight += 1
         elif t == "begin":
             self._on_begin(peer, msg, req)
+        elif t == "end" and req is not None and req.direct:
+            self._on_direct_end(req, msg)
         elif t == "end" and req is not None and req.state == "active":
             req.ended, req.aux = True, msg.get("aux")
         elif t == "abort" and req is not None:
@@ -220,7 +223,14 @@ class KVReceiver(Endpoint):
         peer.max_rows = min(self.staging.rows, int(msg.get("max_rows", self.staging.rows)))
         peer.ready = True
         peer.conn.accept = RECEIVER_READY
-        peer.conn.send({"t": "welcome", "conn": peer.conn_id, "max_rows": self.staging.rows})
+        welcome = {"t": "welcome", "conn": peer.conn_id, "max_rows": self.staging.rows}
+        if self.options.peer_copy and self.layout.flat is not None \
+                and msg.get("host") == peer_pool.host_id():
+            try:
+                welcome["pool"] = peer_pool.offer(self.layout.flat)
+            except Exception as e:  # the backend path still works
+                log.warning("kv receiver: cannot share the pool with peer %d: %s", peer.id, e)
+        peer.conn.send(welcome)
 
     def _on_begin(self, peer: Peer, msg: dict[str, Any], req: _RxReq | None) -> None:
         rid = msg["req"]
@@ -235,6 +245,23 @@ class KVReceiver(Endpoint):
             self._fail(req, f"sender has {msg['nblocks']} blocks, receiver reserved {len(req.dst)}")
         elif msg.get("dst") is not None and list(msg["dst"]) != req.dst:
             self._fail(req, "sender's destination block ids differ from the reserved ones")
+        elif msg.get("direct"):
+            # from `go` on, our blocks are the sender's to write until its `end`
+            req.direct = True
+            req.inflight += 1
+            peer.conn.send({"t": "go", "req": rid})
+
+    def _on_direct_end(self, req: _RxReq, msg: dict[str, Any]) -> None:
+        """A peer copy's `end`: every block is written (or, halted, none is being written)."""
+        if req.inflight == 0:
+            return  # a second end
+        req.inflight -= 1
+        if msg.get("halted"):
+            self._fail(req, "the sender stopped the peer copy", notify=False)
+        elif req.state == "active":
+            req.ended, req.aux = True, msg.get("aux")
+            req.rows_done = len(req.dst) * self.layout.num_layers
+            req.msgs_done = msg.get("msgs", 1)
 
     # ---- progress -------------------------------------------------------------------------------
     def _progress(self) -> None:
@@ -334,7 +361,8 @@ class KVReceiver(Endpoint):
         nbytes = req.rows_done * self.layout.row_nbytes
         now = time.perf_counter()
         self._report(TransferResult(req.req_id, error is None, req.aux if error is None else None,
-                                    error, nbytes, now - req.t0, now, req.msgs_done))
+                                    error, nbytes, now - req.t0, now, req.msgs_done,
+                                    "peer_copy" if req.direct else self.backend.name))
 
     def _on_peer_lost(self, peer: Peer, why: str) -> None:
         for m in peer.fifo:  # never posted: nothing to release, no longer in flight
@@ -345,6 +373,8 @@ class KVReceiver(Endpoint):
             req = self._reqs.get(rid)
             if req is not None:
                 self._fail(req, f"sender lost: {why}", notify=False)
+                if req.direct:  # no `end` will come; its last copy ends within milliseconds
+                    req.inflight = 0
 
     def _busy(self) -> bool:
         return bool(self._msgs) or any(p.fifo for p in self._peers.values())

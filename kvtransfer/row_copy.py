@@ -52,6 +52,24 @@ if triton is not None:
                 tl.store(d_base + c, tl.load(s_base + c, mask=m), mask=m)
 
 
+    @triton.jit
+    def _copy_pairs(src_ptr, dst_ptr, sidx_ptr, didx_ptr, off, n_rows, row_words,
+                    BLOCK: tl.constexpr):
+        """dst[didx[off + r]] = src[sidx[off + r]] for r in this program's share of [0, n_rows)
+        (peer copy: dst may be another GPU's pool, mapped through CUDA IPC)."""
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK)
+        for r in range(pid, n_rows, nprog):
+            r64 = r.to(tl.int64) + off
+            s_base = src_ptr + tl.load(sidx_ptr + r64) * row_words
+            d_base = dst_ptr + tl.load(didx_ptr + r64) * row_words
+            for o in range(0, row_words, BLOCK):
+                c = o + cols
+                m = c < row_words
+                tl.store(d_base + c, tl.load(s_base + c, mask=m), mask=m)
+
+
 def _launch(src: torch.Tensor, dst: torch.Tensor, idx: torch.Tensor, idx_off: int,
             n_rows: int, ctas: int, gather: bool) -> None:
     if n_rows == 0:
@@ -69,6 +87,17 @@ def gather(pool: torch.Tensor, index: torch.Tensor, out: torch.Tensor, ctas: int
     allocated here: one launch per message (torch ops cost host time per call)."""
     n = index.numel() - offset if n_rows is None else n_rows
     _launch(pool, out, index, offset, n, ctas, True)
+
+
+def copy_pairs(src: torch.Tensor, dst: torch.Tensor, src_index: torch.Tensor,
+               dst_index: torch.Tensor, offset: int, n_rows: int, ctas: int) -> None:
+    """dst[dst_index[offset + r]] = src[src_index[offset + r]] for r < n_rows; src and dst
+    [N, W] (dst may live on a peer GPU), both indexes contiguous int64 on src's device."""
+    if n_rows == 0:
+        return
+    block = min(2048, triton.next_power_of_2(src.shape[1]))
+    _copy_pairs[(min(ctas, n_rows),)](src, dst, src_index, dst_index, offset, n_rows,
+                                      src.shape[1], BLOCK=block, num_warps=8)
 
 
 def scatter(pool: torch.Tensor, index: torch.Tensor, src: torch.Tensor, ctas: int,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from . import peer_pool
 from .common import TransferError
 
 MAX_ID_CHARS = 256  # request ids
@@ -51,6 +52,10 @@ def _block_ids(v: Any) -> bool:
                          and all(type(b) is int and 0 <= b <= _U32 for b in v))
 
 
+def _bool(v: Any) -> bool:
+    return type(v) is bool
+
+
 def _aux(v: Any) -> bool:  # the serving layer's data: a small map with str keys (or nothing)
     return v is None or (type(v) is dict and all(type(k) is str for k in v))
 
@@ -78,16 +83,21 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
     "auth": {"nonce": (_NONCE, True), "mac": (_MAC, False)},  # and receiver -> sender (mac)
     "hello": {"geometry": (_geometry, True), "backend": (_str(32), True),
               "addr": (_bytes(MAX_ADDR_BYTES), True), "token": (_bytes(MAX_TOKEN_BYTES), True),
-              "max_rows": (_ROWS, False), "mac": (_MAC, False)},
-    "begin": {"req": (_req, True), "nblocks": (_BLOCK, True), "dst": (_block_ids, False)},
+              "max_rows": (_ROWS, False), "mac": (_MAC, False),
+              "host": (_str(MAX_TEXT_CHARS), False)},  # peer copy offered on the same host
+    "begin": {"req": (_req, True), "nblocks": (_BLOCK, True), "dst": (_block_ids, False),
+              "direct": (_bool, False)},  # the sender writes into the pool itself
     "data": {"req": (_req, True), "tag": (_int(0, _U64), True), "l0": (_LAYER, True),
              "l1": (_LAYER, True), "b0": (_BLOCK, True), "b1": (_BLOCK, True)},
-    "end": {"req": (_req, True), "aux": (_aux, False)},
+    "end": {"req": (_req, True), "aux": (_aux, False), "msgs": (_int(0, _U32), False),
+            "halted": (_bool, False)},  # halted: a failed peer copy writes no more
     "abort": {"req": (_req, True), "why": (_WHY, False)},
     # receiver -> sender
-    "welcome": {"conn": (_int(1, _U32), True), "max_rows": (_ROWS, True)},
+    "welcome": {"conn": (_int(1, _U32), True), "max_rows": (_ROWS, True),
+                "pool": (peer_pool.check, False)},
     "error": {"kind": (_str(32), False), "why": (_WHY, False)},
     "done": {"req": (_req, True)},
+    "go": {"req": (_req, True)},  # a peer copy may write into the reserved blocks now
     "fail": {"req": (_req, True), "why": (_WHY, False)},
 }
 
@@ -95,7 +105,7 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
 RECEIVER_HANDSHAKE = frozenset({"auth", "hello"})
 RECEIVER_READY = frozenset({"begin", "data", "end", "abort"})
 SENDER_HANDSHAKE = frozenset({"auth", "welcome", "error"})
-SENDER_READY = frozenset({"done", "fail"})
+SENDER_READY = frozenset({"done", "fail", "go"})
 
 
 def validate(msg: dict[str, Any], accept: frozenset[str]) -> dict[str, Any]:

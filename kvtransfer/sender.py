@@ -11,54 +11,25 @@ block in place ("done") and our sends have completed.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .backend import Backend, Op
+from . import peer_pool
+from .backend import Backend
 from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn, FrameReader, address_bytes, decode_address, encode, handshake
 from .endpoint import Endpoint, FatalCallback, Peer, ResultCallback
 from .pack import Rect, next_rect
 from .schema import SENDER_READY
+from .sender_state import TxMsg, TxReq
 from .trace import gpu_begin, gpu_end, mark
 
-
-@dataclass(eq=False)
-class _TxReq:
-    req_id: ReqId
-    peer: Peer
-    src: list[int]
-    dst: list[int] | None
-    deadline: float
-    t0: float
-    layerwise: bool
-    ready: list[bool]
-    events: dict[int, Any] = field(default_factory=dict)
-    index: torch.Tensor | None = None
-    ready_prefix: int = 0
-    layer_pos: int = 0
-    block_pos: int = 0
-    k: int = 0  # messages cut so far
-    inflight: int = 0
-    finished: bool = False
-    aux: dict | None = None
-    state: str = "active"  # active -> ended (end sent) -> acked/reported | failed
-    acked: bool = False
-    error: str | None = None
-    failed_at: float = 0.0
-    nbytes: int = 0
-
-
-@dataclass(eq=False)
-class _TxMsg:
-    req: _TxReq
-    buf: int
-    op: Op
+log = logging.getLogger("pdserve.kvtransfer")
 
 
 class KVSender(Endpoint):
@@ -71,8 +42,8 @@ class KVSender(Endpoint):
                  on_result: ResultCallback | None = None,
                  on_fatal: FatalCallback | None = None) -> None:
         super().__init__(kv_caches, backend, options, on_result, on_fatal)
-        self._reqs: dict[ReqId, _TxReq] = {}
-        self._msgs: list[_TxMsg] = []
+        self._reqs: dict[ReqId, TxReq] = {}
+        self._msgs: list[TxMsg] = []
         self._by_addr: dict[bytes, Peer] = {}
         self._connect_lock = threading.Lock()
         self._min_rows = max(1, self.options.min_message_bytes // self.layout.row_nbytes)
@@ -100,6 +71,8 @@ class KVSender(Endpoint):
             token = self.backend.new_token()
             hello = {"t": "hello", "geometry": self.geometry.to_dict(), "backend": self.backend.name,
                      "addr": self.backend.address(), "token": token, "max_rows": self.staging.rows}
+            if self.options.peer_copy and self.layout.flat is not None:
+                hello["host"] = peer_pool.host_id()  # the receiver then offers its pool
             sock, reader, reply = handshake(info["host"], info["port"], hello,
                                             self.options.connect_timeout_s, self._secret,
                                             self.options.max_frame_bytes)
@@ -165,21 +138,42 @@ class KVSender(Endpoint):
         peer.handle = self.backend.connect(info.get("addr", b""), token, True)
         peer.conn_id = int(reply["conn"])
         peer.max_rows = min(self.staging.rows, int(reply["max_rows"]))
+        if "pool" in reply:
+            self._open_peer_pool(peer, reply["pool"])
         peer.ready = True
         return peer
 
+    def _open_peer_pool(self, peer: Peer, offer: dict) -> None:
+        try:
+            peer.pool = peer_pool.open_pool(offer, self.layout.word, self.layout.row_words)
+            peer.pool_blocks = int(offer["rows"]) // self.layout.num_layers
+        except Exception as e:  # the backend path still works: say why once, per pair
+            log.warning("kv sender: no peer copy to %s, using the %s backend: %s",
+                        decode_address(peer.key)["host"], self.backend.name, e)
+
     def _do_start(self, req_id: ReqId, peer: Peer, src: list[int], dst: list[int] | None,
                   deadline_s: float, layerwise: bool) -> None:
-        req = _TxReq(req_id, peer, src, dst, time.monotonic() + deadline_s, time.perf_counter(),
+        req = TxReq(req_id, peer, src, dst, time.monotonic() + deadline_s, time.perf_counter(),
                      layerwise, [False] * self.layout.num_layers)
         self._reqs[req_id] = req
         if not peer.alive:
             self._fail(req, "the receiver connection is closed", notify=False)
             return
         peer.reqs.add(req_id)
-        peer.conn.send({"t": "begin", "req": req_id, "nblocks": len(src), "dst": dst})
+        direct = peer.pool is not None and bool(dst)  # (no blocks: nothing to hold)
+        if direct and dst and max(dst) >= peer.pool_blocks:
+            self._fail(req, f"destination block id {max(dst)} is out of the receiver's pool "
+                            f"of {peer.pool_blocks} blocks")
+            return
+        peer.conn.send({"t": "begin", "req": req_id, "nblocks": len(src), "dst": dst,
+                        "direct": direct})
         mark("tx", "begin_sent", req_id)
-        req.index = self.layout.index(src, self._copy_stream)  # H2D now, off the critical path
+        # H2D now, off the critical path
+        if direct:
+            req.index, req.dindex = self.layout.index_pair(src, dst, peer.pool_blocks,
+                                                           self._copy_stream)
+        else:
+            req.index = self.layout.index(src, self._copy_stream)
         mark("tx", "index", req_id)
 
     def _do_ready(self, req_id: ReqId, layers: range, event: Any, aux: dict | None,
@@ -215,6 +209,8 @@ class KVSender(Endpoint):
         mark("tx", "rx_" + msg["t"], req.req_id)
         if msg["t"] == "done" and req.state == "ended":
             req.acked = True
+        elif msg["t"] == "go":
+            req.go = True
         elif msg["t"] == "fail":
             self._fail(req, f"receiver: {msg.get('why')}", notify=False)
 
@@ -238,10 +234,13 @@ class KVSender(Endpoint):
                     self._peer_lost(req.peer, f"in-flight data of failed request {req.req_id!r} "
                                               f"did not drain in {self.options.drain_timeout_s} s")
 
-    def _pump(self, req: _TxReq) -> bool:
+    def _pump(self, req: TxReq) -> bool:
         """Cut, gather and post every message that is ready; False if staging ran out."""
         peer, nl, nb = req.peer, self.layout.num_layers, len(req.src)
         ready = req.ready_prefix if (req.layerwise or req.ready_prefix == nl) else 0
+        if req.dindex is not None:
+            self._pump_direct(req, ready)
+            return True
         while True:
             rect = next_rect(nl, nb, req.layer_pos, req.block_pos, ready, peer.max_rows,
                              self._min_rows, req.k)
@@ -260,7 +259,7 @@ class KVSender(Endpoint):
                 peer.conn.flush()
             except ConnectionError:
                 pass  # _flush_all reports the lost peer
-            self._msgs.append(_TxMsg(req, buf, self.backend.post_send(peer.handle, view, tag, after)))
+            self._msgs.append(TxMsg(req, buf, self.backend.post_send(peer.handle, view, tag, after)))
             mark("tx", "posted", req.req_id, rect.rows)
             req.inflight += 1
             req.k += 1
@@ -274,28 +273,61 @@ class KVSender(Endpoint):
             req.state = "ended"
         return True
 
-    def _gather(self, req: _TxReq, rect: Rect, view: torch.Tensor) -> torch.cuda.Event | None:
-        if self._copy_stream is None:
-            self.layout.gather(req.index, rect, view)
-            return None
-        # the progress thread's current stream is the copy stream (see Endpoint._run)
-        seen: set[int] = set()
-        for layer in range(rect.l0, rect.l1):
-            ev = req.events.get(layer)
-            if ev is not None and id(ev) not in seen:
-                seen.add(id(ev))
-                self._copy_stream.wait_event(ev)
-        mark("tx", "gather_waited", req.req_id)
-        g0 = gpu_begin()
+    def _pump_direct(self, req: TxReq, ready: int) -> None:
+        """Peer copy: every ready layer in one copy into the receiver's pool; `end` once
+        all copies landed (the receiver reads nothing before it)."""
+        nl, nb = self.layout.num_layers, len(req.src)
+        if not req.go:
+            return  # never write into blocks the receiver has not confirmed
+        if req.layer_pos < ready and nb:
+            copied = self._copy_direct(req, req.layer_pos, ready)
+            self._msgs.append(TxMsg(req, -1, copied=copied))
+            mark("tx", "peer_copy", req.req_id, (ready - req.layer_pos) * nb)
+            req.inflight += 1
+            req.k += 1
+            req.nbytes += (ready - req.layer_pos) * nb * self.layout.row_nbytes
+            req.layer_pos = ready
+        if req.finished and (nb == 0 or req.layer_pos >= nl) and req.inflight == 0:
+            req.peer.conn.send({"t": "end", "req": req.req_id, "aux": req.aux, "msgs": req.k})
+            req.state = "ended"
+
+    def _copy_direct(self, req: TxReq, l0: int, l1: int) -> torch.cuda.Event | None:
+        # while the model still computes (layer-wise), leave it most SMs
+        ctas = self.layout.copy_ctas if l1 < self.layout.num_layers else None
+        return self._launch(req, l0, l1, "peer_copy", lambda: self.layout.peer_copy(
+            req.index, req.dindex, req.peer.pool, l0, l1, ctas))
+
+    def _gather(self, req: TxReq, rect: Rect, view: torch.Tensor) -> torch.cuda.Event | None:
         # alone on the GPU (no send in flight): every SM copies; else leave SMs to the wire
-        self.layout.gather(req.index, rect, view, None if self._msgs else self.layout.full_ctas)
-        gpu_end("tx", "gather", req.req_id, g0)
-        mark("tx", "gather_launched", req.req_id, rect.rows)
+        ctas = None if self._msgs else self.layout.full_ctas
+        return self._launch(req, rect.l0, rect.l1, "gather",
+                            lambda: self.layout.gather(req.index, rect, view, ctas))
+
+    def _launch(self, req: TxReq, l0: int, l1: int, name: str,
+                copy: Callable[[], None]) -> torch.cuda.Event | None:
+        """copy() once layers [l0, l1) of req are written: on the GPU queued on the copy
+        stream (the progress thread's current stream, see Endpoint._run) behind their
+        events; returns the event of its end (None on CPU, where it is done)."""
+        if self._copy_stream is None:
+            copy()
+            return None
+        for ev in {id(e): e for e in (req.events.get(x) for x in range(l0, l1)) if e}.values():
+            self._copy_stream.wait_event(ev)
+        g0 = gpu_begin()
+        copy()
+        gpu_end("tx", name, req.req_id, g0)
+        mark("tx", name + "_launched", req.req_id)
         done = torch.cuda.Event()
         done.record(self._copy_stream)
         return done
 
-    def _advance(self, m: _TxMsg) -> bool:
+    def _advance(self, m: TxMsg) -> bool:
+        if m.buf < 0:  # a peer copy: nothing to release, nothing can fail after the launch
+            if m.copied is not None and not m.copied.query():
+                return False
+            m.req.inflight -= 1
+            mark("tx", "peer_copy_done", m.req.req_id)
+            return True
         try:
             if not self.backend.poll(m.op):
                 return False
@@ -311,20 +343,24 @@ class KVSender(Endpoint):
                 self._peer_lost(m.req.peer, f"transfer backend failed: {err}")
         return True
 
-    def _fail(self, req: _TxReq, why: str, notify: bool = True) -> None:
+    def _fail(self, req: TxReq, why: str, notify: bool = True) -> None:
         if req.state == "failed":
             return
         req.state, req.error, req.failed_at = "failed", why, time.monotonic()
         if notify and req.peer.alive:
             req.peer.conn.send({"t": "abort", "req": req.req_id, "why": why})
 
-    def _finish(self, req: _TxReq, error: str | None) -> None:
+    def _finish(self, req: TxReq, error: str | None) -> None:
         del self._reqs[req.req_id]
         req.peer.reqs.discard(req.req_id)
+        if error is not None and req.dindex is not None and req.peer.alive:
+            # the receiver keeps its blocks until no copy of ours can still write into them
+            req.peer.conn.send({"t": "end", "req": req.req_id, "halted": True})
         mark("tx", "finish", req.req_id, error)
         now = time.perf_counter()
         self._report(TransferResult(req.req_id, error is None, None, error, req.nbytes,
-                                    now - req.t0, now, req.k))
+                                    now - req.t0, now, req.k,
+                                    "peer_copy" if req.dindex is not None else self.backend.name))
 
     def _on_peer_lost(self, peer: Peer, why: str) -> None:
         if peer.key is not None and self._by_addr.get(peer.key) is peer:

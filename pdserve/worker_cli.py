@@ -71,7 +71,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         role=args.role, engine=engine_config_from_args(args),
         transfer=TransferConfig(backend=args.transfer, timeout_s=args.transfer_timeout,
                                 layerwise=not args.no_layerwise,
-                                layerwise_min_tokens=args.layerwise_min_tokens, secret=secret),
+                                layerwise_min_tokens=args.layerwise_min_tokens,
+                                peer_copy=not args.no_peer_copy, secret=secret),
         host=args.host, advertise_host=net.advertise_host(args.host, args.advertise_host),
         port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
         heartbeat_s=args.heartbeat, auth_token=args.auth_token, cluster_secret=secret,
@@ -105,6 +106,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layerwise-min-tokens", type=int, default=1024,
                    help="prefill steps of fewer tokens push their KV after the forward, not "
                         "layer by layer (short forwards are launch-bound)")
+    p.add_argument("--no-peer-copy", action="store_true",
+                   help="always move KV through --transfer (default: a prefill worker on the "
+                        "decode worker's host writes into its KV pool directly, CUDA IPC "
+                        "between GPUs, and --transfer carries KV between hosts)")
     p.add_argument("--no-layerwise", action="store_true",
                    help="push KV after the whole prompt instead of layer by layer")
     p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")

@@ -64,16 +64,18 @@ def test_plot_written(tmp_path, phys):
         assert f.read(8) == PNG
 
 
-def test_concurrent_requests_end_to_end_on_cpu(tmp_path, capsys):
+@pytest.mark.parametrize("peer_copy", [True, False])
+def test_concurrent_requests_end_to_end_on_cpu(tmp_path, capsys, peer_copy):
+    """Peer copy (shared memory on CPU) by default, the backend with --no-peer-copy."""
     pytest.importorskip("ucxx")
     args = _args("--backend", "ucx", "--device", "cpu", "--geometry", "tiny",
                  "--input-lens", "64,256,1024", "--concurrency", "3", "--iters", "2",
-                 "--warmup", "1", "--out", str(tmp_path))
+                 "--warmup", "1", "--out", str(tmp_path), *([] if peer_copy else ["--no-peer-copy"]))
     assert transfer.run(args) == 0  # 0: every request of every length verified
     out = capsys.readouterr().out
     assert "fit pdserve: time =" in out and "fit raw ucx: time =" in out
     assert "no physical line on cpu" in out
-    stem = tmp_path / "transfer_ucx_cpu_tiny_c3"
+    stem = tmp_path / ("transfer_ucx_cpu_tiny_peercopy_c3" if peer_copy else "transfer_ucx_cpu_tiny_c3")
     with open(f"{stem}.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["input_len"]) for r in rows] == [64, 256, 1024]
@@ -82,6 +84,7 @@ def test_concurrent_requests_end_to_end_on_cpu(tmp_path, capsys):
         n_blocks = -(-int(r["input_len"]) // 16)
         assert int(r["bytes"]) == 3 * n_blocks * one_block  # all three requests' bytes
         assert r["verified"] == "True" and int(r["concurrency"]) == 3
+        assert r["via"] == ("peer_copy" if peer_copy else "ucx")
         assert float(r["fit_ms"]) >= 0 and r["in_fit"] in ("yes", "no")
         assert float(r["baseline1_gbps"]) > 0 and float(r["ratio1"]) > 0
     md = open(f"{stem}.md").read()

@@ -107,8 +107,10 @@ def test_disjoint_requests_helper():
     assert [len(s) for s, _ in reqs.values()] == [1, 7, 20, 40]
 
 
-def _two_gpu_transfer(backend: str, stacked: bool) -> None:
-    opts = {"staging_bytes": 1 << 20, "min_message_bytes": 256 << 10, "deadline_s": 30.0}
+def _two_gpu_transfer(backend: str, stacked: bool, peer_copy: bool = False) -> None:
+    """peer_copy: the sender knows the destination blocks and may write them itself."""
+    opts = {"staging_bytes": 1 << 20, "min_message_bytes": 256 << 10, "deadline_s": 30.0,
+            "peer_copy": peer_copy}
     geo = {"num_layers": 4, "block_size": 16, "num_kv_heads": 8, "head_dim": 128}
     rx_proc = PeerProc()
     torch.cuda.set_device(0)
@@ -121,7 +123,7 @@ def _two_gpu_transfer(backend: str, stacked: bool) -> None:
         reqs = _disjoint_requests(random.Random(3), [1, 7, 20, 40], 64, 80)
         for rid, (src, dst) in reqs.items():
             rx_proc.engine("rx", "expect", rid, dst)
-            tx.start(rid, addr, src)
+            tx.start(rid, addr, src, dst if peer_copy else None)
         for layer in range(geo["num_layers"]):
             ev = torch.cuda.Event()
             ev.record()
@@ -131,8 +133,11 @@ def _two_gpu_transfer(backend: str, stacked: bool) -> None:
             tx.finish(rid, {"rid": rid})
         res = tx.wait(60, list(reqs))
         assert len(res) == len(reqs) and all(r.ok for r in res), res
+        via = "peer_copy" if peer_copy and stacked else backend
+        assert all(r.via == via for r in res), res
         got = rx_proc.engine("rx", "wait", 60, list(reqs), timeout_s=90)
-        assert all(r["ok"] and r["aux"] == {"rid": r["req_id"]} for r in got), got
+        assert all(r["ok"] and r["aux"] == {"rid": r["req_id"]} and r["via"] == via
+                   for r in got), got
         for rid, (src, dst) in reqs.items():
             assert rx_proc.call("blocks", "rx", dst) == block_bytes(pool, src), rid
         c = rx_proc.call("counters", "rx")
@@ -149,6 +154,15 @@ def _two_gpu_transfer(backend: str, stacked: bool) -> None:
 @pytest.mark.parametrize("stacked", [True, False])
 def test_nccl_kv_transfer_two_gpus(stacked):
     _two_gpu_transfer("nccl", stacked)
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu2
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stacked", [True, False])
+def test_peer_copy_two_gpus(stacked):
+    """CUDA IPC into the other GPU's pool (a per-layer pool keeps the NCCL path)."""
+    _two_gpu_transfer("nccl", stacked, peer_copy=True)
 
 
 @pytest.mark.gpu

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from pdserve.benchmarks import transfer, transfer_trace
 from pdserve.kvtransfer import trace
 
+STEPS = {"staged": ("tx.start", "tx.posted", "rx.recv_posted", "rx.finish", "tx.rx_done"),
+         "peer_copy": ("tx.start", "tx.rx_go", "tx.peer_copy", "tx.peer_copy_done", "rx.rx_end",
+                       "rx.finish", "tx.rx_done")}
 
-def test_bench_transfer_writes_a_timeline_of_both_sides(tmp_path, monkeypatch, capsys):
+
+@pytest.mark.parametrize("path", list(STEPS))
+def test_bench_transfer_writes_a_timeline_of_both_sides(tmp_path, monkeypatch, capsys, path):
     prefix = str(tmp_path / "tr")
     monkeypatch.setenv("PDSERVE_KV_TRACE", prefix)  # the receiver process reads it at import
     monkeypatch.setattr(trace, "PREFIX", prefix)
@@ -17,13 +24,14 @@ def test_bench_transfer_writes_a_timeline_of_both_sides(tmp_path, monkeypatch, c
     p = argparse.ArgumentParser()
     transfer.add_arguments(p)
     args = p.parse_args(["--input-lens", "64", "--iters", "2", "--warmup", "0",
-                         "--out", str(tmp_path / "out")])
+                         "--out", str(tmp_path / "out")]
+                        + (["--no-peer-copy"] if path == "staged" else []))
     assert transfer.run(args) == 0
     trace.dump()
     events = transfer_trace.load(prefix)
     assert {e["role"] for e in events} >= {"tx", "rx", "base"}
     steps = transfer_trace.timelines(events)[4]  # 64 tokens: 4 blocks of 16
-    for name in ("tx.start", "tx.posted", "rx.recv_posted", "rx.finish", "tx.rx_done"):
+    for name in STEPS[path]:
         assert len(steps[name]) >= 2, name  # both timed requests
     assert min(steps["tx.rx_done"]) > 0
     assert transfer_trace.main([prefix]) == 0

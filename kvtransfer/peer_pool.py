@@ -1,0 +1,106 @@
+"""Peer copy: on one host, the sender writes a request's blocks straight into the receiver's
+pool. No staging buffer, no backend message, one copy per group of ready layers.
+
+The receiver shares its pool's memory in the handshake (`offer`): a CUDA IPC handle on GPU
+(the copy then runs over NVLink or PCIe, as UCX's cuda_ipc transport and Mooncake's NVLink
+transport do), a shared-memory file on CPU. The sender maps it (`open_pool`) when both run
+on the same host (`host_id`: host name and kernel boot id) and it can; otherwise it keeps
+the backend path. Both are torch's own sharing primitives (those of torch.multiprocessing),
+called directly: nothing is unpickled from a peer.
+
+Trust: a sender that maps the pool can write anywhere in it, so only a peer that passed the
+handshake gets an offer (with a cluster secret, the challenge-response of auth.py).
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+MAX_OFFER_BYTES = 4096
+
+
+@lru_cache(maxsize=1)
+def host_id() -> str:
+    """Same value in every process of one running host, different across hosts or reboots."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "no-boot-id"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _uuid(device: torch.device) -> str:
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def offer(flat: torch.Tensor) -> dict[str, Any]:
+    """What a peer on this host needs to map `flat` (a contiguous [rows, W] pool view).
+
+    Call once per peer: on CUDA each offer carries its own IPC reference count."""
+    if not flat.is_contiguous():
+        raise ValueError("only a contiguous pool can be shared")
+    storage = flat.untyped_storage()
+    o: dict[str, Any] = {"host": host_id(), "offset": flat.data_ptr() - storage.data_ptr(),
+                         "rows": int(flat.shape[0]), "row_bytes": int(flat.shape[1] * flat.element_size())}
+    if flat.is_cuda:
+        _dev, handle, size, soff, rc, rc_off, ev, ev_sync = storage._share_cuda_()
+        o.update(kind="cuda", uuid=_uuid(flat.device), handle=handle, size=size, soff=soff,
+                 rc=rc, rc_off=rc_off, ev=ev or b"", ev_sync=bool(ev_sync))
+    else:
+        storage.share_memory_()  # in place: every view of the pool follows
+        manager, name, size = storage._share_filename_cpu_()
+        o.update(kind="shm", manager=manager, name=name, size=size)
+    return o
+
+
+def _local_device(uuid: str) -> int:
+    for i in range(torch.cuda.device_count()):
+        if _uuid(torch.device("cuda", i)) == uuid:
+            return i
+    raise RuntimeError(f"the receiver's GPU {uuid} is not visible in this process "
+                       "(CUDA_VISIBLE_DEVICES)")
+
+
+def open_pool(o: dict[str, Any], word: torch.dtype, row_words: int) -> torch.Tensor:
+    """Map a peer's offer as a [rows, row_words] tensor of `word`; raises with the reason
+    when this process cannot (another host, another GPU set, a bad offer)."""
+    if o.get("host") != host_id():
+        raise RuntimeError("the receiver runs on another host")
+    elem = torch.empty((), dtype=word).element_size()
+    rows, offset = int(o["rows"]), int(o["offset"])
+    if int(o["row_bytes"]) != row_words * elem or offset % elem or rows <= 0 or offset < 0:
+        raise RuntimeError(f"the receiver's pool layout differs: {o['row_bytes']} bytes a row "
+                           f"(here {row_words * elem}), offset {offset}")
+    if o["kind"] == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("the receiver's pool is on a GPU and this process has no CUDA")
+        storage = torch.UntypedStorage._new_shared_cuda(
+            _local_device(o["uuid"]), o["handle"], o["size"], o["soff"], o["rc"], o["rc_off"],
+            o["ev"], o["ev_sync"])
+    elif o["kind"] == "shm":
+        storage = torch.UntypedStorage._new_shared_filename_cpu(o["manager"], o["name"], o["size"])
+    else:
+        raise RuntimeError(f"unknown pool kind {o['kind']!r}")
+    if offset + rows * row_words * elem > storage.nbytes():
+        raise RuntimeError("the receiver's pool offer is larger than the memory it shares")
+    return torch.empty(0, dtype=word, device=storage.device).set_(
+        storage, offset // elem, (rows, row_words), (row_words, 1))
+
+
+def check(o: Any) -> bool:
+    """Schema check of an offer as it arrives from a peer (types and sizes only)."""
+    if type(o) is not dict or o.get("kind") not in ("cuda", "shm"):
+        return False
+    ints = ("offset", "rows", "row_bytes", "size") + (("soff", "rc_off") if o["kind"] == "cuda" else ())
+    if not all(type(o.get(k)) is int and 0 <= o[k] < 1 << 62 for k in ints):
+        return False
+    strs = ("host", "uuid") if o["kind"] == "cuda" else ("host",)
+    byts = ("handle", "rc", "ev") if o["kind"] == "cuda" else ("manager", "name")
+    return (all(type(o.get(k)) is str and len(o[k]) <= MAX_OFFER_BYTES for k in strs)
+            and all(type(o.get(k)) is bytes and len(o[k]) <= MAX_OFFER_BYTES for k in byts)
+            and (o["kind"] != "cuda" or type(o.get("ev_sync")) is bool))

@@ -1,0 +1,197 @@
+"""Peer copy between processes on one host (CPU: the receiver's pool in shared memory):
+byte-exact, refused where it must be, and safe for the receiver's blocks on every failure."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+from kvtransfer_peer import PeerProc, block_bytes, make_pool
+
+from pdserve.kvtransfer import KVSender, TransferOptions, peer_pool
+
+NB = 64
+OPTS = {"staging_bytes": 3 * 8192, "min_message_bytes": 8192, "num_staging_buffers": 2,
+        "deadline_s": 20.0, "drain_timeout_s": 2.0}
+
+
+@pytest.fixture(scope="module")
+def rx_proc():
+    p = PeerProc()
+    yield p
+    p.stop()
+
+
+def _pool_kw(seed: int, **kw):
+    return {"num_blocks": NB, "seed": seed, "stacked": True, **kw}
+
+
+def _counters_free(c: dict) -> bool:
+    return c["num_inflight"] == 0 and c["staging_free"] == c["staging_total"]
+
+
+def _send(tx: KVSender, addr: bytes, reqs: dict, rng: random.Random, layers: int,
+          with_dst: bool = True) -> None:
+    for rid, (src, dst) in reqs.items():
+        tx.start(rid, addr, src, dst if with_dst else None, layerwise=rng.random() < 0.7)
+    marks = [(rid, layer) for rid in reqs for layer in range(layers)]
+    rng.shuffle(marks)
+    for rid, layer in marks[: len(marks) // 2]:
+        tx.layer_ready(rid, layer)
+    for rid in reqs:
+        tx.finish(rid, {"rid": rid})
+
+
+def _requests(rng: random.Random, sizes: list[int]) -> dict:
+    src, dst = rng.sample(range(NB), sum(sizes)), rng.sample(range(NB), sum(sizes))
+    out, pos = {}, 0
+    for i, n in enumerate(sizes):
+        out[f"p{i}"] = (src[pos:pos + n], dst[pos:pos + n])
+        pos += n
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_peer_copy_is_byte_exact_and_uses_no_staging(rx_proc):
+    addr = rx_proc.call("receiver", "pc1", _pool_kw(1, num_layers=3), "ucx", OPTS)
+    pool = make_pool(NB, seed=2, num_layers=3, stacked=True)
+    tx = KVSender(pool, "ucx", TransferOptions(**OPTS))
+    rng = random.Random(0)
+    try:
+        reqs = _requests(rng, [1, 5, 12, 0, 20])
+        for rid, (_, dst) in reqs.items():
+            rx_proc.engine("pc1", "expect", rid, dst)
+        _send(tx, addr, reqs, rng, 3)
+        res = tx.wait(20, list(reqs))
+        got = rx_proc.engine("pc1", "wait", 20, list(reqs))
+        assert len(res) == len(got) == len(reqs)
+        via = {rid: "peer_copy" if src else "ucx" for rid, (src, _) in reqs.items()}  # 0 blocks
+        assert all(r.ok and r.via == via[r.req_id] for r in res), res
+        assert all(r["ok"] and r["via"] == via[r["req_id"]] and r["aux"] == {"rid": r["req_id"]}
+                   for r in got), got
+        for rid, (src, dst) in reqs.items():
+            assert rx_proc.call("blocks", "pc1", dst) == block_bytes(pool, src), rid
+            assert next(r for r in res if r.req_id == rid).nbytes == \
+                len(src) * 3 * pool[0][0].numel() * 4
+        assert _counters_free(rx_proc.call("counters", "pc1"))
+        assert tx.num_inflight == 0 and tx.staging_free == tx.staging_total
+    finally:
+        tx.close()
+        rx_proc.call("close", "pc1")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["sender_off", "receiver_off", "no_dst", "per_layer_pool"])
+def test_backend_path_where_peer_copy_does_not_apply(rx_proc, case):
+    """Either side may turn it off; without destination blocks or a flat pool it cannot run."""
+    rx_opts = {**OPTS, "peer_copy": case != "receiver_off"}
+    stacked = case != "per_layer_pool"
+    addr = rx_proc.call("receiver", "pc2", {**_pool_kw(3), "stacked": stacked}, "ucx", rx_opts)
+    pool = make_pool(NB, seed=4, stacked=stacked)
+    tx = KVSender(pool, "ucx", TransferOptions(**OPTS, peer_copy=case != "sender_off"))
+    rng = random.Random(1)
+    try:
+        reqs = _requests(rng, [3, 9])
+        for rid, (_, dst) in reqs.items():
+            rx_proc.engine("pc2", "expect", rid, dst)
+        _send(tx, addr, reqs, rng, 2, with_dst=case != "no_dst")
+        res = tx.wait(20, list(reqs))
+        assert len(res) == 2 and all(r.ok and r.via == "ucx" for r in res), res
+        for rid, (src, dst) in reqs.items():
+            assert rx_proc.call("blocks", "pc2", dst) == block_bytes(pool, src), rid
+    finally:
+        tx.close()
+        rx_proc.call("close", "pc2")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("side", ["sender", "receiver"])
+def test_abort_mid_copy_frees_everything(rx_proc, side):
+    addr = rx_proc.call("receiver", "pc3", _pool_kw(5, num_layers=4), "ucx", OPTS)
+    tx = KVSender(make_pool(NB, seed=6, num_layers=4, stacked=True), "ucx", TransferOptions(**OPTS))
+    try:
+        rx_proc.engine("pc3", "expect", "a", list(range(10)))
+        rx_proc.engine("pc3", "expect", "ok", [40, 41])
+        tx.start("a", addr, list(range(10)), list(range(10)))
+        tx.start("ok", addr, [50, 51], [40, 41])
+        tx.layer_ready("a", 0)  # partial: the rest never becomes ready
+        time.sleep(0.2)
+        if side == "sender":
+            tx.abort("a")
+        else:
+            rx_proc.engine("pc3", "abort", "a")
+        tx.finish("ok", {"x": 1})
+        res = {r.req_id: r for r in tx.wait(10, ["a", "ok"])}
+        rres = {r["req_id"]: r for r in rx_proc.engine("pc3", "wait", 10, ["a", "ok"])}
+        assert res["ok"].ok and rres["ok"]["ok"] and rres["ok"]["via"] == "peer_copy"
+        assert not res["a"].ok and not rres["a"]["ok"]
+        assert _counters_free(rx_proc.call("counters", "pc3")) and tx.num_inflight == 0
+    finally:
+        tx.close()
+        rx_proc.call("close", "pc3")
+
+
+@pytest.mark.timeout(60)
+def test_never_writes_blocks_the_receiver_gave_up(rx_proc):
+    """A request the receiver no longer expects (aborted before the sender began) fails, and
+    its former blocks keep their bytes: the sender writes only after the receiver's `go`."""
+    addr = rx_proc.call("receiver", "pc4", _pool_kw(7), "ucx", OPTS)
+    pool = make_pool(NB, seed=8, stacked=True)
+    tx = KVSender(pool, "ucx", TransferOptions(**OPTS))
+    try:
+        dst = [5, 6, 7]
+        before = rx_proc.call("blocks", "pc4", dst)
+        rx_proc.engine("pc4", "expect", "gone", dst)
+        rx_proc.engine("pc4", "abort", "gone")
+        assert not rx_proc.engine("pc4", "wait", 5, ["gone"])[0]["ok"]
+        tx.start("gone", addr, [1, 2, 3], dst)
+        tx.finish("gone")
+        res = tx.wait(10, ["gone"])
+        assert len(res) == 1 and not res[0].ok and "aborted" in res[0].error
+        assert rx_proc.call("blocks", "pc4", dst) == before
+    finally:
+        tx.close()
+        rx_proc.call("close", "pc4")
+
+
+@pytest.mark.timeout(60)
+def test_destination_outside_the_receivers_pool_is_a_clear_error(rx_proc):
+    addr = rx_proc.call("receiver", "pc5", _pool_kw(9, num_blocks=16), "ucx", OPTS)
+    tx = KVSender(make_pool(NB, seed=10, stacked=True), "ucx", TransferOptions(**OPTS))
+    try:
+        tx.start("far", addr, [1, 2], [3, 40])
+        tx.finish("far")
+        res = tx.wait(10, ["far"])
+        assert len(res) == 1 and not res[0].ok and "out of the receiver's pool" in res[0].error
+    finally:
+        tx.close()
+        rx_proc.call("close", "pc5")
+
+
+def test_offer_maps_the_same_memory_and_is_refused_elsewhere():
+    pool = make_pool(8, seed=11, stacked=True)
+    flat = torch.as_strided(pool[0].view(8, -1), (16, pool[0][0].numel()), (pool[0][0].numel(), 1))
+    o = peer_pool.offer(flat)
+    assert peer_pool.check(o)
+    mapped = peer_pool.open_pool(o, torch.float32, flat.shape[1])
+    mapped[3].fill_(7.0)  # writes land in the offering pool
+    assert torch.equal(pool[0][3].reshape(-1), torch.full_like(mapped[3], 7.0))
+    with pytest.raises(RuntimeError, match="another host"):
+        peer_pool.open_pool({**o, "host": "elsewhere/0"}, torch.float32, flat.shape[1])
+    with pytest.raises(RuntimeError, match="layout differs"):
+        peer_pool.open_pool(o, torch.float32, flat.shape[1] * 2)
+    with pytest.raises(RuntimeError, match="larger than the memory"):
+        peer_pool.open_pool({**o, "rows": 10**6}, torch.float32, flat.shape[1])
+
+
+@pytest.mark.parametrize("bad", [None, [], {"kind": "nfs"}, {"kind": "shm", "rows": -1},
+                                 {"kind": "shm", "host": "h", "offset": 0, "rows": 1,
+                                  "row_bytes": 8, "size": 8, "manager": "s", "name": b"n"},
+                                 {"kind": "cuda", "host": "h", "offset": 0, "rows": 1,
+                                  "row_bytes": 8, "size": 8, "soff": 0, "rc_off": 0,
+                                  "uuid": "u", "handle": b"x" * 5000, "rc": b"", "ev": b"",
+                                  "ev_sync": False}])
+def test_hostile_offers_fail_the_schema(bad):
+    assert not peer_pool.check(bad)
