@@ -58,17 +58,22 @@ def offer(flat: torch.Tensor) -> dict[str, Any]:
     return o
 
 
-def _local_device(uuid: str) -> int:
+def _check_peer_access(local: torch.device, uuid: str) -> None:
     for i in range(torch.cuda.device_count()):
-        if _uuid(torch.device("cuda", i)) == uuid:
-            return i
-    raise RuntimeError(f"the receiver's GPU {uuid} is not visible in this process "
-                       "(CUDA_VISIBLE_DEVICES)")
+        if _uuid(torch.device("cuda", i)) == uuid and i != local.index \
+                and not torch.cuda.can_device_access_peer(local.index, i):
+            raise RuntimeError(f"{local} cannot access the receiver's GPU (cuda:{i}) as a peer")
 
 
-def open_pool(o: dict[str, Any], word: torch.dtype, row_words: int) -> torch.Tensor:
-    """Map a peer's offer as a [rows, row_words] tensor of `word`; raises with the reason
-    when this process cannot (another host, another GPU set, a bad offer)."""
+def open_pool(o: dict[str, Any], word: torch.dtype, row_words: int,
+              device: torch.device) -> torch.Tensor:
+    """Map a peer's offer as a [rows, row_words] tensor of `word` that kernels on `device`
+    (this process's pool device) can write; raises with the reason when this process cannot
+    (another host, no peer access, a bad offer).
+
+    On CUDA the handle is opened in `device`'s context, as NCCL opens its peers' buffers:
+    the mapping then belongs to the device whose kernels write it, with peer access enabled
+    on first use. The tensor says `device` although the memory lies on the receiver's GPU."""
     if o.get("host") != host_id():
         raise RuntimeError("the receiver runs on another host")
     elem = torch.empty((), dtype=word).element_size()
@@ -79,8 +84,9 @@ def open_pool(o: dict[str, Any], word: torch.dtype, row_words: int) -> torch.Ten
     if o["kind"] == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("the receiver's pool is on a GPU and this process has no CUDA")
+        _check_peer_access(device, o["uuid"])
         storage = torch.UntypedStorage._new_shared_cuda(
-            _local_device(o["uuid"]), o["handle"], o["size"], o["soff"], o["rc"], o["rc_off"],
+            device.index, o["handle"], o["size"], o["soff"], o["rc"], o["rc_off"],
             o["ev"], o["ev_sync"])
     elif o["kind"] == "shm":
         storage = torch.UntypedStorage._new_shared_filename_cpu(o["manager"], o["name"], o["size"])

@@ -145,7 +145,8 @@ class KVSender(Endpoint):
 
     def _open_peer_pool(self, peer: Peer, offer: dict) -> None:
         try:
-            peer.pool = peer_pool.open_pool(offer, self.layout.word, self.layout.row_words)
+            peer.pool = peer_pool.open_pool(offer, self.layout.word, self.layout.row_words,
+                                           self.device)
             peer.pool_blocks = int(offer["rows"]) // self.layout.num_layers
         except Exception as e:  # the backend path still works: say why once, per pair
             log.warning("kv sender: no peer copy to %s, using the %s backend: %s",
@@ -280,7 +281,14 @@ class KVSender(Endpoint):
         if not req.go:
             return  # never write into blocks the receiver has not confirmed
         if req.layer_pos < ready and nb:
-            copied = self._copy_direct(req, req.layer_pos, ready)
+            try:
+                copied = self._copy_direct(req, req.layer_pos, ready)
+            except Exception as e:  # e.g. a GPU that cannot reach the peer's memory
+                log.warning("kv sender: peer copy failed, the backend carries this pair "
+                            "from now on: %s", e)
+                req.peer.pool = None
+                self._fail(req, f"peer copy failed: {e}")
+                return
             self._msgs.append(TxMsg(req, -1, copied=copied))
             mark("tx", "peer_copy", req.req_id, (ready - req.layer_pos) * nb)
             req.inflight += 1

@@ -13,6 +13,7 @@ from kvtransfer_peer import PeerProc, block_bytes, make_pool
 from pdserve.kvtransfer import KVSender, TransferOptions, peer_pool
 
 NB = 64
+CPU = torch.device("cpu")
 OPTS = {"staging_bytes": 3 * 8192, "min_message_bytes": 8192, "num_staging_buffers": 2,
         "deadline_s": 20.0, "drain_timeout_s": 2.0}
 
@@ -175,15 +176,15 @@ def test_offer_maps_the_same_memory_and_is_refused_elsewhere():
     flat = torch.as_strided(pool[0].view(8, -1), (16, pool[0][0].numel()), (pool[0][0].numel(), 1))
     o = peer_pool.offer(flat)
     assert peer_pool.check(o)
-    mapped = peer_pool.open_pool(o, torch.float32, flat.shape[1])
+    mapped = peer_pool.open_pool(o, torch.float32, flat.shape[1], CPU)
     mapped[3].fill_(7.0)  # writes land in the offering pool
     assert torch.equal(pool[0][3].reshape(-1), torch.full_like(mapped[3], 7.0))
     with pytest.raises(RuntimeError, match="another host"):
-        peer_pool.open_pool({**o, "host": "elsewhere/0"}, torch.float32, flat.shape[1])
+        peer_pool.open_pool({**o, "host": "elsewhere/0"}, torch.float32, flat.shape[1], CPU)
     with pytest.raises(RuntimeError, match="layout differs"):
-        peer_pool.open_pool(o, torch.float32, flat.shape[1] * 2)
+        peer_pool.open_pool(o, torch.float32, flat.shape[1] * 2, CPU)
     with pytest.raises(RuntimeError, match="larger than the memory"):
-        peer_pool.open_pool({**o, "rows": 10**6}, torch.float32, flat.shape[1])
+        peer_pool.open_pool({**o, "rows": 10**6}, torch.float32, flat.shape[1], CPU)
 
 
 @pytest.mark.parametrize("bad", [None, [], {"kind": "nfs"}, {"kind": "shm", "rows": -1},
