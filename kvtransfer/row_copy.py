@@ -90,14 +90,16 @@ def gather(pool: torch.Tensor, index: torch.Tensor, out: torch.Tensor, ctas: int
 
 
 def copy_pairs(src: torch.Tensor, dst: torch.Tensor, src_index: torch.Tensor,
-               dst_index: torch.Tensor, offset: int, n_rows: int, ctas: int) -> None:
+               dst_index: torch.Tensor, offset: int, n_rows: int, ctas: int,
+               block: int = 2048, num_warps: int = 8) -> None:
     """dst[dst_index[offset + r]] = src[src_index[offset + r]] for r < n_rows; src and dst
-    [N, W] (dst may live on a peer GPU), both indexes contiguous int64 on src's device."""
+    [N, W] (dst may live on a peer GPU), both indexes contiguous int64 on src's device.
+    block (words a step) and num_warps: see benchmarks/peer_copy_micro.py."""
     if n_rows == 0:
         return
-    block = min(2048, triton.next_power_of_2(src.shape[1]))
+    block = min(block, triton.next_power_of_2(src.shape[1]))
     _copy_pairs[(min(ctas, n_rows),)](src, dst, src_index, dst_index, offset, n_rows,
-                                      src.shape[1], BLOCK=block, num_warps=8)
+                                      src.shape[1], BLOCK=block, num_warps=num_warps)
 
 
 def scatter(pool: torch.Tensor, index: torch.Tensor, src: torch.Tensor, ctas: int,
