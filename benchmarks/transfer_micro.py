@@ -39,6 +39,24 @@ def _host_us(fn, iters: int = 200) -> float:
     return dt
 
 
+def _index_host(dev: torch.device) -> None:
+    """Host time of a request's index (KVLayout.index / index_pair) and of a peer copy's
+    launch, for a Llama-3.1-8B pool of 4096 blocks."""
+    from pdserve.kvtransfer.pack import KVLayout
+
+    pool = torch.empty(32, 4096, 2, 16, 8, 128, dtype=torch.bfloat16, device=dev).unbind(0)
+    lay = KVLayout(pool, copy_ctas=32)
+    stream = torch.cuda.Stream(dev)
+    parts = []
+    for nb in (0, 32, 2048):
+        ids = list(range(nb))
+        parts.append(f"index {nb} blocks {_host_us(lambda i=ids: lay.index(i, stream)):.1f} us")
+        parts.append(f"index_pair {_host_us(lambda i=ids: lay.index_pair(i, i, 4096, stream)):.1f} us")
+    si, di = lay.index_pair(list(range(32)), list(range(64, 96)), 4096, stream)
+    parts.append(f"peer_copy launch {_host_us(lambda: lay.peer_copy(si, di, lay.flat, 0, 32)):.1f} us")
+    print("host: " + ", ".join(parts))
+
+
 def main() -> None:
     dev = torch.device("cuda:0")
     torch.cuda.set_device(dev)
@@ -62,6 +80,7 @@ def main() -> None:
     print(f"host launch: row_copy.gather {_host_us(lambda: row_copy.gather(pool, idx, out, 32)):.1f} us, "
           f"index_select {_host_us(lambda: torch.index_select(pool, 0, idx, out=out)):.1f} us, "
           f"slice+reshape {_host_us(lambda: idx[0:512].reshape(-1)):.1f} us")
+    _index_host(dev)
     ev = torch.cuda.Event()
     print(f"host: Event()+record {_host_us(lambda: torch.cuda.Event().record()):.1f} us, "
           f"query {_host_us(ev.query):.1f} us, "

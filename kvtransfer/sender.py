@@ -166,8 +166,8 @@ class KVSender(Endpoint):
             self._fail(req, f"destination block id {max(dst)} is out of the receiver's pool "
                             f"of {peer.pool_blocks} blocks")
             return
-        peer.conn.send({"t": "begin", "req": req_id, "nblocks": len(src), "dst": dst,
-                        "direct": direct})
+        self._send_now(peer, {"t": "begin", "req": req_id, "nblocks": len(src), "dst": dst,
+                              "direct": direct})  # its `go` comes back while we index
         mark("tx", "begin_sent", req_id)
         # H2D now, off the critical path
         if direct:
@@ -254,12 +254,9 @@ class KVSender(Endpoint):
             after = self._gather(req, rect, view)
             tag = (peer.conn_id << 32) | (peer.seq & 0xFFFFFFFF)
             peer.seq += 1
-            peer.conn.send({"t": "data", "req": req.req_id, "tag": tag, "l0": rect.l0,
-                            "l1": rect.l1, "b0": rect.b0, "b1": rect.b1})
-            try:  # the receiver can post its receive while we gather the next message
-                peer.conn.flush()
-            except ConnectionError:
-                pass  # _flush_all reports the lost peer
+            # the receiver can post its receive while we gather the next message
+            self._send_now(peer, {"t": "data", "req": req.req_id, "tag": tag, "l0": rect.l0,
+                                  "l1": rect.l1, "b0": rect.b0, "b1": rect.b1})
             self._msgs.append(TxMsg(req, buf, self.backend.post_send(peer.handle, view, tag, after)))
             mark("tx", "posted", req.req_id, rect.rows)
             req.inflight += 1
@@ -273,6 +270,14 @@ class KVSender(Endpoint):
             peer.conn.send({"t": "end", "req": req.req_id, "aux": req.aux})
             req.state = "ended"
         return True
+
+    @staticmethod
+    def _send_now(peer: Peer, msg: dict) -> None:
+        peer.conn.send(msg)
+        try:
+            peer.conn.flush()
+        except ConnectionError:
+            pass  # _flush_all reports the lost peer
 
     def _pump_direct(self, req: TxReq, ready: int) -> None:
         """Peer copy: every ready layer in one copy into the receiver's pool; `end` once
@@ -296,7 +301,8 @@ class KVSender(Endpoint):
             req.nbytes += (ready - req.layer_pos) * nb * self.layout.row_nbytes
             req.layer_pos = ready
         if req.finished and (nb == 0 or req.layer_pos >= nl) and req.inflight == 0:
-            req.peer.conn.send({"t": "end", "req": req.req_id, "aux": req.aux, "msgs": req.k})
+            self._send_now(req.peer, {"t": "end", "req": req.req_id, "aux": req.aux,
+                                      "msgs": req.k})
             req.state = "ended"
 
     def _copy_direct(self, req: TxReq, l0: int, l1: int) -> torch.cuda.Event | None:
