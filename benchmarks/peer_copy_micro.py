@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in lens:
         k = n // 16
         rng = random.Random(n)
+        s_ids = torch.tensor(rng.sample(range(num_blocks), k), device="cuda:0")
+        d_ids = torch.tensor(rng.sample(range(num_blocks), k), device="cuda:0")
         base = torch.arange(LAYERS, device="cuda:0")[:, None] * num_blocks
-        s_idx = (base + torch.tensor(rng.sample(range(num_blocks), k), device="cuda:0")).contiguous()
-        d_idx = (base + torch.tensor(rng.sample(range(num_blocks), k), device="cuda:0")).contiguous()
         nbytes = LAYERS * k * ROW_WORDS * 8
         rows = LAYERS * k
         flat_src = local[:rows]
@@ -77,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         for ctas in (sms, 2 * sms, 4 * sms):
             for warps in (4, 8, 16):
                 for block in (1024, 2048, 4096):
-                    ms = _gpu_ms(partial(row_copy.copy_pairs, local, remote, s_idx, d_idx, 0,
-                                         rows, ctas, block, warps), args.iters)
+                    ms = _gpu_ms(partial(row_copy.copy_pairs, local, remote, s_ids, d_ids, 0,
+                                         LAYERS, num_blocks, num_blocks, ctas, block, warps),
+                                 args.iters)
                     gbps = nbytes / (ms * 1e6)
                     print(f"| {n} | {nbytes >> 20} | {ctas} | {warps} | {block} | {gbps:.0f} "
                           f"| {gbps / ce:.2f} |", flush=True)
-        ok = torch.equal(remote[d_idx.view(-1)].to("cuda:0"), local[s_idx.view(-1)])
+        ok = torch.equal(remote[(base + d_ids).view(-1)].to("cuda:0"),
+                         local[(base + s_ids).view(-1)])
         print(f"rows landed byte for byte ({n} tokens): {ok}")
     conn.send("done")
     proc.join(10)

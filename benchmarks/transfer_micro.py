@@ -51,9 +51,10 @@ def _index_host(dev: torch.device) -> None:
     for nb in (0, 32, 2048):
         ids = list(range(nb))
         parts.append(f"index {nb} blocks {_host_us(lambda i=ids: lay.index(i, stream)):.1f} us")
-        parts.append(f"index_pair {_host_us(lambda i=ids: lay.index_pair(i, i, 4096, stream)):.1f} us")
-    si, di = lay.index_pair(list(range(32)), list(range(64, 96)), 4096, stream)
-    parts.append(f"peer_copy launch {_host_us(lambda: lay.peer_copy(si, di, lay.flat, 0, 32)):.1f} us")
+        parts.append(f"index_pair {_host_us(lambda i=ids: lay.index_pair(i, i, stream)):.1f} us")
+    si, di = lay.index_pair(list(range(32)), list(range(64, 96)), stream)
+    parts.append("peer_copy launch "
+                 f"{_host_us(lambda: lay.peer_copy(si, di, lay.flat, 4096, 0, 32)):.1f} us")
     print("host: " + ", ".join(parts))
 
 

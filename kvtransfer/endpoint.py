@@ -344,6 +344,10 @@ class Endpoint:
             self._fail_all(why)
         except Exception:
             log.exception("kv %s: failing requests at shutdown", self._role)
+        with self._cond:  # claimed, but their start()/expect() was still queued: no result yet
+            orphans = list(self._ids)
+        for rid in orphans:
+            self._report(TransferResult(rid, False, error=why))
         for peer in list(self._peers.values()):
             peer.alive = False
             peer.conn.close()

@@ -102,10 +102,15 @@ class KVLayout:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def check_block_ids(self, block_ids: Sequence[int], what: str) -> None:
-        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
-        if bad:
-            raise ValueError(f"{what} block ids out of range [0, {self.num_blocks}): {bad[:8]}")
+    def check_block_ids(self, block_ids: Sequence[int], what: str) -> list[int]:
+        """block_ids as a list of ints (one numpy pass: requests have thousands of blocks);
+        ValueError naming the first bad ones if any lies outside the pool."""
+        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= self.num_blocks)]
+        if bad.size:
+            raise ValueError(f"{what} block ids out of range [0, {self.num_blocks}): "
+                             f"{bad[:8].tolist()}")
+        return ids.tolist()
 
     def index(self, block_ids: Sequence[int], stream: torch.cuda.Stream | None = None) -> torch.Tensor:
         """Device index for a request: [L, nb] flat rows, or [nb] block ids (per-layer path).
@@ -119,17 +124,16 @@ class KVLayout:
             return self._to_device([ids], stream)[0]
         return self._to_device([self._layer_base + ids], stream)[0]
 
-    def index_pair(self, src: Sequence[int], dst: Sequence[int], dst_num_blocks: int,
+    def index_pair(self, src: Sequence[int], dst: Sequence[int],
                    stream: torch.cuda.Stream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat [L, nb] rows of a peer copy: src in this pool, dst in a peer's pool of
-        dst_num_blocks blocks a layer (same geometry), both on this device, one H2D copy."""
+        """A peer copy's block ids, src in this pool and dst in the peer's, as two [nb]
+        int64 tensors on this device (one H2D copy); rows are formed in the copy kernel."""
         assert self.flat is not None, "a peer copy needs a flat pool"
         s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
         if len(s) > self.num_blocks or len(d) != len(s):
             raise ValueError(f"{len(s)} source and {len(d)} destination block ids for a pool "
                              f"of {self.num_blocks} blocks")
-        dst_base = np.arange(self.num_layers, dtype=np.int64)[:, None] * dst_num_blocks
-        si, di = self._to_device([self._layer_base + s, dst_base + d], stream)
+        si, di = self._to_device([s, d], stream)
         return si, di
 
     def _to_device(self, arrays: list[np.ndarray], stream: torch.cuda.Stream | None
@@ -156,18 +160,18 @@ class KVLayout:
             pos += n
         return out
 
-    def peer_copy(self, src_index: torch.Tensor, dst_index: torch.Tensor, dst: torch.Tensor,
-                  l0: int, l1: int, ctas: int | None = None) -> None:
-        """Layers [l0, l1) of a request from this pool into `dst`, a peer's flat pool as
-        open_pool() mapped it; indexes from index_pair()."""
-        nb = src_index.shape[1]
-        off, n = l0 * nb, (l1 - l0) * nb
+    def peer_copy(self, src_ids: torch.Tensor, dst_ids: torch.Tensor, dst: torch.Tensor,
+                  dst_blocks: int, l0: int, l1: int, ctas: int | None = None) -> None:
+        """Layers [l0, l1) of a request from this pool into `dst`, a peer's flat pool of
+        dst_blocks blocks a layer as open_pool() mapped it; ids from index_pair()."""
         if self.copy_ctas:
-            row_copy.copy_pairs(self.flat, dst, src_index, dst_index, off, n,
-                                ctas or self.full_ctas)
+            row_copy.copy_pairs(self.flat, dst, src_ids, dst_ids, l0, l1, self.num_blocks,
+                                dst_blocks, ctas or self.full_ctas)
             return
-        rows = self.flat.index_select(0, src_index.view(-1)[off:off + n])
-        dst.index_copy_(0, dst_index.view(-1)[off:off + n].to(dst.device), rows.to(dst.device))
+        layers = torch.arange(l0, l1, device=src_ids.device)[:, None]
+        rows = self.flat.index_select(0, (layers * self.num_blocks + src_ids).view(-1))
+        d_rows = (layers * dst_blocks + dst_ids).view(-1)
+        dst.index_copy_(0, d_rows.to(dst.device), rows.to(dst.device))
 
     def gather(self, index: torch.Tensor, rect: Rect, out: torch.Tensor,
                ctas: int | None = None) -> None:

@@ -107,8 +107,7 @@ class KVReceiver(Endpoint):
     # ---- public API ------------------------------------------------------------------------
     def expect(self, req_id: ReqId, block_ids: Sequence[int], deadline_s: float | None = None) -> None:
         """Reserve-side call: blocks block_ids (in request order) will receive req_id's KV."""
-        dst = [int(b) for b in block_ids]
-        self.layout.check_block_ids(dst, "destination")
+        dst = self.layout.check_block_ids(block_ids, "destination")
         if len(set(dst)) != len(dst):
             raise ValueError("destination block ids must be distinct")
         self._claim(req_id)

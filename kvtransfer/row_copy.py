@@ -53,17 +53,19 @@ if triton is not None:
 
 
     @triton.jit
-    def _copy_pairs(src_ptr, dst_ptr, sidx_ptr, didx_ptr, off, n_rows, row_words,
-                    BLOCK: tl.constexpr):
-        """dst[didx[off + r]] = src[sidx[off + r]] for r in this program's share of [0, n_rows)
+    def _copy_pairs(src_ptr, dst_ptr, sid_ptr, did_ptr, nb, l0, n_rows, row_words,
+                    src_blocks, dst_blocks, BLOCK: tl.constexpr):
+        """Rows r of layers l0.. of one request, r = (layer - l0) * nb + b, b < nb:
+        dst[layer * dst_blocks + did[b]] = src[layer * src_blocks + sid[b]]
         (peer copy: dst may be another GPU's pool, mapped through CUDA IPC)."""
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         cols = tl.arange(0, BLOCK)
         for r in range(pid, n_rows, nprog):
-            r64 = r.to(tl.int64) + off
-            s_base = src_ptr + tl.load(sidx_ptr + r64) * row_words
-            d_base = dst_ptr + tl.load(didx_ptr + r64) * row_words
+            layer = (l0 + r // nb).to(tl.int64)
+            b = r % nb
+            s_base = src_ptr + (layer * src_blocks + tl.load(sid_ptr + b)) * row_words
+            d_base = dst_ptr + (layer * dst_blocks + tl.load(did_ptr + b)) * row_words
             for o in range(0, row_words, BLOCK):
                 c = o + cols
                 m = c < row_words
@@ -89,17 +91,21 @@ def gather(pool: torch.Tensor, index: torch.Tensor, out: torch.Tensor, ctas: int
     _launch(pool, out, index, offset, n, ctas, True)
 
 
-def copy_pairs(src: torch.Tensor, dst: torch.Tensor, src_index: torch.Tensor,
-               dst_index: torch.Tensor, offset: int, n_rows: int, ctas: int,
-               block: int = 2048, num_warps: int = 8) -> None:
-    """dst[dst_index[offset + r]] = src[src_index[offset + r]] for r < n_rows; src and dst
-    [N, W] (dst may live on a peer GPU), both indexes contiguous int64 on src's device.
+def copy_pairs(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor,
+               dst_ids: torch.Tensor, l0: int, l1: int, src_blocks: int, dst_blocks: int,
+               ctas: int, block: int = 2048, num_warps: int = 8) -> None:
+    """Layers [l0, l1) of one request's blocks: for every block position b,
+    dst[layer * dst_blocks + dst_ids[b]] = src[layer * src_blocks + src_ids[b]]. src, dst:
+    flat [layers * blocks, W] pools (dst may live on a peer GPU); ids contiguous int64 on
+    src's device, one per block of the request (no per-layer index to build or copy).
     block (words a step) and num_warps: see benchmarks/peer_copy_micro.py."""
+    nb = src_ids.numel()
+    n_rows = (l1 - l0) * nb
     if n_rows == 0:
         return
     block = min(block, triton.next_power_of_2(src.shape[1]))
-    _copy_pairs[(min(ctas, n_rows),)](src, dst, src_index, dst_index, offset, n_rows,
-                                      src.shape[1], BLOCK=block, num_warps=num_warps)
+    _copy_pairs[(min(ctas, n_rows),)](src, dst, src_ids, dst_ids, nb, l0, n_rows, src.shape[1],
+                                      src_blocks, dst_blocks, BLOCK=block, num_warps=num_warps)
 
 
 def scatter(pool: torch.Tensor, index: torch.Tensor, src: torch.Tensor, ctas: int,

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import peer_pool
@@ -90,9 +91,8 @@ class KVSender(Endpoint):
               dst_block_ids: Sequence[int] | None = None, deadline_s: float | None = None,
               layerwise: bool | None = None) -> None:
         """Begin pushing req_id's blocks src_block_ids (request order) to the receiver."""
-        src = [int(b) for b in src_block_ids]
-        self.layout.check_block_ids(src, "source")
-        dst = None if dst_block_ids is None else [int(b) for b in dst_block_ids]
+        src = self.layout.check_block_ids(src_block_ids, "source")
+        dst = None if dst_block_ids is None else np.asarray(dst_block_ids, dtype=np.int64).tolist()
         if dst is not None and len(dst) != len(src):
             raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
         mark("tx", "start", req_id, len(src))
@@ -171,8 +171,7 @@ class KVSender(Endpoint):
         mark("tx", "begin_sent", req_id)
         # H2D now, off the critical path
         if direct:
-            req.index, req.dindex = self.layout.index_pair(src, dst, peer.pool_blocks,
-                                                           self._copy_stream)
+            req.index, req.dindex = self.layout.index_pair(src, dst, self._copy_stream)
         else:
             req.index = self.layout.index(src, self._copy_stream)
         mark("tx", "index", req_id)
@@ -309,7 +308,7 @@ class KVSender(Endpoint):
         # while the model still computes (layer-wise), leave it most SMs
         ctas = self.layout.copy_ctas if l1 < self.layout.num_layers else None
         return self._launch(req, l0, l1, "peer_copy", lambda: self.layout.peer_copy(
-            req.index, req.dindex, req.peer.pool, l0, l1, ctas))
+            req.index, req.dindex, req.peer.pool, req.peer.pool_blocks, l0, l1, ctas))
 
     def _gather(self, req: TxReq, rect: Rect, view: torch.Tensor) -> torch.cuda.Event | None:
         # alone on the GPU (no send in flight): every SM copies; else leave SMs to the wire
