@@ -51,7 +51,7 @@ step() {  # step NAME TIMEOUT_S PYTHONPATH ARGS...: one benchmark into OUT/NAME/
   grep -aE "^\| (input_len|[0-9])|^fit |^physical|^no physical|^fitted" "$OUT/$name/$name.log" \
     || tail -n 15 "$OUT/$name/$name.log"
 }
-XFER="bench transfer --device cuda --geometry llama-3.1-8b --iters 8 --warmup 2"
+XFER="bench transfer --device cuda --geometry llama-3.1-8b --iters 20 --warmup 3"
 LENS=512,2048,8192,32768
 step peercopy 60 "$PP" $XFER --backend nccl --input-lens $LENS
 step nccl 60 "$PP" $XFER --backend nccl --input-lens $LENS --no-peer-copy
@@ -69,7 +69,7 @@ fi
 left=$((BUDGET_S - SECONDS)); [ $left -lt 120 ] && left=120  # two cluster starts need it
 if [ "${SKIP_TTFT:-0}" = 0 ]; then
   step ttft $left "$PP" bench ttft --model llama-3.1-8b --devices 0,1 --transfer nccl \
-    --input-lens $LENS --iters 3
+    --input-lens $LENS --iters 8
 else
   echo "=== ttft skipped (SKIP_TTFT)" | tee "$OUT/ttft/ttft.log"
 fi

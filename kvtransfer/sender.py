@@ -279,12 +279,15 @@ class KVSender(Endpoint):
             pass  # _flush_all reports the lost peer
 
     def _pump_direct(self, req: TxReq, ready: int) -> None:
-        """Peer copy: every ready layer in one copy into the receiver's pool; `end` once
-        all copies landed (the receiver reads nothing before it)."""
+        """Peer copy: ready layers in one copy into the receiver's pool, a quarter of the
+        model at a time while it computes (the copy runs at wire speed; each launch costs the
+        model's launch-bound forward GIL time); `end` once all copies landed (the receiver
+        reads nothing before it)."""
         nl, nb = self.layout.num_layers, len(req.src)
         if not req.go:
             return  # never write into blocks the receiver has not confirmed
-        if req.layer_pos < ready and nb:
+        group = nl if req.finished else max(1, nl // 4)
+        if req.layer_pos < ready and nb and (ready - req.layer_pos >= group or ready == nl):
             try:
                 copied = self._copy_direct(req, req.layer_pos, ready)
             except Exception as e:  # e.g. a GPU that cannot reach the peer's memory
