@@ -2,10 +2,15 @@
 
 File format (`calibration.json`, "format": "pdserve-calibration/1"); times in ms:
 
-    prefill_ms(T, sum_sq)   = c0 + c_token * T + c_token2 * sum_sq
+    prefill_ms(T, sum_sq)   = c0 + c_token * max(0, T - knee_tokens) + c_token2 * sum_sq
                               T: prompt tokens in the step, sum_sq: attention's quadratic
                               term (a whole prompt adds its square; a chunk of n tokens
-                              after s computed ones adds n (2 s + n))
+                              after s computed ones adds n (2 s + n)); knee_tokens (0 when
+                              absent): below it a step costs its fixed c0 whatever its
+                              tokens (launch- and host-bound), above it the forward is
+                              compute-bound (capstone_steps.fit_prefill_steps);
+                              mixed_c0: what short prompts add to a colocated decode
+                              step (`Calibration.mixed_fixed_ms`)
     decode_step_ms(B, ctx)  = c0 + c_seq * B + c_ctx_token * ctx
                               B: sequences in the step, ctx: their total context tokens
     transfer_ms(bytes)      = c0 + ms_per_byte * bytes
@@ -41,9 +46,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pdserve.benchmarks.capstone_metrics import RequestResult
-from pdserve.benchmarks.capstone_steps import fit_prefill_steps, nonneg_lstsq, prefill_steps
+from pdserve.benchmarks.capstone_steps import (
+    fit_prefill_steps,
+    mixed_step_extras,
+    nonneg_lstsq,
+    prefill_steps,
+)
 
 FORMAT = "pdserve-calibration/1"
+MIN_MIXED_STEPS = 20  # colocated steps with short prompts needed to fit mixed_c0
 
 
 @dataclass(slots=True)
@@ -63,7 +74,17 @@ class Calibration:
 
     def prefill_ms(self, tokens: int, sum_sq: float) -> float:
         p = self.prefill
-        return p["c0"] + p["c_token"] * tokens + p["c_token2"] * sum_sq
+        return (p["c0"] + p["c_token"] * max(0.0, tokens - p.get("knee_tokens", 0.0))
+                + p["c_token2"] * sum_sq)
+
+    @property
+    def mixed_fixed_ms(self) -> float:
+        """What prompt chunks add to a decode step on top of their tokens' share (a
+        colocated worker's mixed step: decode_step_ms + prefill_ms - c0 + this): the
+        measured `mixed_c0` when the runs had colocated steps to fit it on, else the
+        prefill's fixed cost less the smaller of both (one forward pays it once)."""
+        p, d = self.prefill, self.decode
+        return p.get("mixed_c0", p["c0"] - min(p["c0"], d["c0"]))
 
     def decode_step_ms(self, batch: int, ctx_tokens: float) -> float:
         d = self.decode
@@ -79,7 +100,8 @@ class Calibration:
         import dataclasses
 
         return dataclasses.replace(
-            self, prefill={k: v * factor for k, v in self.prefill.items()},
+            self, prefill={k: v if k == "knee_tokens" else v * factor
+                           for k, v in self.prefill.items()},
             decode={k: v * factor for k, v in self.decode.items()},
             transfer={k: v * factor for k, v in self.transfer.items()})
 
@@ -194,18 +216,29 @@ def _design(x: np.ndarray, degree: int) -> np.ndarray:
 
 def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = None,
         max_batch: int = 256, prefill_token_budget: int = 8192,
-        decode_runs: Sequence[Sequence[RequestResult]] | None = None) -> Calibration:
+        decode_runs: Sequence[Sequence[RequestResult]] | None = None,
+        warm: Sequence[int] | None = None,
+        mixed_runs: Sequence[Sequence[RequestResult]] = ()) -> Calibration:
     """A calibration from the per-request results of several runs (P/D runs carry the
     prefill and transfer timings; decode points come from `decode_runs`, default `runs`).
     The prefill profile is fitted on the prefill workers' steps (`prefill_steps`: batched
     steps up to the token budget when the runs loaded the workers), else, when no step can
-    be rebuilt, on each request's prefill time against its prompt. The calibration's meta
-    records the ranges the profiles were fitted on (decode_max_batch, prefill_max_tokens)."""
+    be rebuilt, on each request's prefill time against its prompt. `warm` (per run, see
+    capstone_steps.warm_counts): its first requests resend earlier prompts and may have hit
+    the prefix cache, so they are left out of the prefill profile, a cold one.
+    `mixed_runs` (colocated runs): what short prompts add to a decode step
+    (`capstone_steps.mixed_step_extras`, the median), once the decode step is fitted. The
+    calibration's meta records the ranges the profiles were fitted on (decode_max_batch,
+    prefill_max_tokens)."""
     cal = Calibration(max_batch=max_batch, prefill_token_budget=prefill_token_budget,
                       meta={**(meta or {}), "decode_fit": "token1"})
     reqs = [r for run in runs for r in run if r.ok]
-    steps = [s for run in runs for s in prefill_steps(run, prefill_token_budget)]
-    pre = [(r.prompt_tokens, r.server["prefill_ms"]) for r in reqs
+    cal.meta["prefill_cold"] = "1" if warm is not None else "0"  # cache hits left out
+    warm = list(warm or [0] * len(runs))
+    steps = [s for run, n in zip(runs, warm) for s in prefill_steps(run, prefill_token_budget, n)]
+    cold = [r for run, n in zip(runs, warm)
+            for r in sorted(run, key=lambda x: x.t_send)[n:] if r.ok]
+    pre = [(r.prompt_tokens, r.server["prefill_ms"]) for r in cold
            if r.server.get("prefill_ms", 0) > 0]
     if len(steps) >= 3 and len({t for t, _, _ in steps}) >= 2:
         cal.prefill, dropped = fit_prefill_steps(steps)
@@ -215,7 +248,10 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
         cal.source["prefill"] = (f"measured ({len(steps)} prefill steps rebuilt from "
                                  f"{len(pre)} requests, up to {cal.meta['prefill_max_tokens']} "
                                  f"tokens, {batched} longer than any one prompt; {dropped} "
-                                 "taking > 3x the fit left out)")
+                                 "taking over 3x or under 1/3 of the fit left out"
+                                 + (f"; {sum(warm)} requests resending an earlier run's "
+                                    "prompts (prefix-cache hits) left out" if any(warm) else "")
+                                 + ")")
     elif len(pre) >= 3:
         t = np.array([p[0] for p in pre], dtype=float)
         c = nonneg_lstsq(_design(t, 2), np.array([p[1] for p in pre]))
@@ -245,6 +281,13 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
         cal.meta["decode_max_batch"] = f"{max(b for b, _, _ in dec):.1f}"
         cal.source["decode"] = (f"measured ({len(dec)} requests; batches up to "
                                 f"{cal.meta['decode_max_batch']} per decode worker)")
+    knee = cal.prefill.get("knee_tokens", 0.0)
+    extras = [e for run in mixed_runs for e in mixed_step_extras(run, cal.decode_step_ms, knee)]
+    if len(extras) >= MIN_MIXED_STEPS:
+        cal.prefill["mixed_c0"] = max(0.0, float(np.median(extras)))
+        cal.source["prefill"] += (f"; a colocated step with prompts under {knee:.0f} tokens: "
+                                  f"decode step + {cal.prefill['mixed_c0']:.3g} ms (median of "
+                                  f"{len(extras)} such steps)")
     return cal
 
 

@@ -15,6 +15,7 @@ from pdserve.benchmarks import capstone_calibration as calib
 from pdserve.benchmarks import plotting
 from pdserve.benchmarks.capstone_metrics import RequestResult, Window, meets
 from pdserve.benchmarks.capstone_search import SearchResult
+from pdserve.benchmarks.capstone_steps import warm_counts
 
 
 @dataclass(slots=True)
@@ -239,18 +240,25 @@ def write_json(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
 
 def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context) -> str:
     """Fitted on every run: the prefill profile on the prefill workers' steps rebuilt from
-    the P/D runs (batched steps appear only under load, so every rate counts), the transfer
+    the P/D runs (batched steps appear only under load, so every rate counts; requests
+    resending an earlier run's prompts left out), the transfer
     profile on the transfers that overlapped no other (queueing is the simulator's), the
     decode step on the P/D setups' requests from their second token (colocated steps
     include prefills), over every batch size the runs reached."""
-    runs, pd_runs = [], []
+    runs, pd_runs, keyed, colocated = [], [], [], []
     for s in setups:
         for w in s.by_workload.values():
             for r in w.runs:
                 runs.append(r.results)
+                keyed.append((f"{s.setup}|{w.workload}", r.results))
                 if s.kind == "P/D":
                     pd_runs.append(r.results)
-    cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs)
+                # steady colocated runs only: past saturation the client's token times
+                # lag the steps (a step rebuilt from them is not the worker's)
+                if s.kind == "colocated" and r.summary.get("slo_attainment", 0.0) >= ctx.target:
+                    colocated.append(r.results)
+    cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs, warm=warm_counts(keyed),
+                    mixed_runs=colocated)
     return cal.save(os.path.join(out_dir, "calibration.json"))
 
 

@@ -4,7 +4,7 @@ fitted on them (batched and chunked steps included, stalls left out)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -28,7 +28,7 @@ STEP_TOL_MS = 0.5  # prompts of one prefill step report the same prefill_ms with
 START_TOL_S = 0.010  # ... and token 0 less prefill_ms (the step's start) within this
 
 
-def prefill_steps(results: Sequence[RequestResult], budget: int = 8192
+def prefill_steps(results: Sequence[RequestResult], budget: int = 8192, warm: int = 0
                   ) -> list[tuple[int, float, float]]:
     """The prefill workers' steps of one run, (prompt tokens, attention term sum_sq, ms),
     rebuilt from per-request timings (no worker exposes step times: its Stats RPC gives
@@ -40,14 +40,22 @@ def prefill_steps(results: Sequence[RequestResult], budget: int = 8192
     the token budget, engine/scheduler.py) shares the start of the earlier step but reports
     a longer time: the earlier step was full (`budget` tokens) and its rest ran first in
     the step that ended at its token 0. Steps that only continued a chunked prompt are
-    left out (their length is known only with the next step's start)."""
+    left out (their length is known only with the next step's start).
+
+    `warm`: the first `warm` requests (in send order) resend prompts that an earlier run of
+    the same setup sent (`warm_counts`), so their worker may have found them in its prefix
+    cache and computed only a few tokens; steps holding any of them are left out (a cold
+    profile: the simulator models the cache itself, planner_cache.py)."""
+    order = sorted(range(len(results)), key=lambda i: results[i].t_send)
+    hot = {id(results[i]) for i in order[:warm]}
     reqs = []
     for r in results:
         sv = r.server
         pm = sv.get("prefill_ms", 0.0)
         if r.ok and pm > 0 and sv.get("prefill_worker") \
                 and sv.get("prefill_worker") != sv.get("decode_worker"):
-            reqs.append((sv["prefill_worker"], r.chunks[0][0] - pm / 1e3, pm, r.prompt_tokens))
+            reqs.append((sv["prefill_worker"], r.chunks[0][0] - pm / 1e3, pm, r.prompt_tokens,
+                         id(r) in hot))
     out = []
     for w in sorted({q[0] for q in reqs}):
         mine = sorted((q for q in reqs if q[0] == w), key=lambda q: (q[1], q[2]))
@@ -75,21 +83,106 @@ def prefill_steps(results: Sequence[RequestResult], budget: int = 8192
                 tokens, sq = tokens + first, sq + first * first
                 carry, carry_sq = rest, float(rest * (2 * first + rest))
                 carry_end = max(start + q[2] / 1e3 for q in chunked)
-            out.append((tokens, sq, dur))
+            if not any(q[4] for q in g):
+                out.append((tokens, sq, dur))
     return out
+
+
+KNEE_QUANTILES = tuple(q / 20 for q in range(19))  # candidate knees: quantiles of T
+
+
+def _fit_knee(t: np.ndarray, q: np.ndarray, y: np.ndarray) -> tuple[list[float], float, float]:
+    """(c0, c_token, c_token2), knee, squared error: the knee among the candidates whose
+    least-squares fit of y ~ c0 + c_token max(0, T - knee) + c_token2 sum_sq errs least."""
+    best: tuple[list[float], float, float] = ([0.0, 0.0, 0.0], 0.0, math.inf)
+    if len(set(t.tolist())) < 3:
+        q = np.zeros_like(q)
+    for knee in sorted({0.0, *np.quantile(t, KNEE_QUANTILES).tolist()}):
+        x = np.stack([np.ones_like(t), np.maximum(0.0, t - knee), q], 1)
+        c = nonneg_lstsq(x, y)
+        err = float(((x @ np.array(c) - y) ** 2).sum())
+        if err < best[2]:
+            best = (c, float(knee), err)
+    return best
 
 
 def fit_prefill_steps(steps: Sequence[tuple[int, float, float]], outlier: float = 3.0
                       ) -> tuple[dict[str, float], int]:
-    """prefill_ms = c0 + c_token T + c_token2 sum_sq fitted on steps; one pass leaves out
-    the steps that took more than `outlier` x the first fit (stalls: a kernel compiled on
-    first use, a host hiccup) and refits. Returns the profile and how many were left out."""
-    x = np.array([[1.0, t, q] for t, q, _ in steps])
-    y = np.array([ms for _, _, ms in steps])
-    if len({t for t, _, _ in steps}) < 3:
-        x[:, 2] = 0.0
-    c = nonneg_lstsq(x, y)
-    keep = y <= outlier * np.maximum(x @ np.array(c), 1e-9)
-    if keep.sum() >= 3 and not keep.all():
-        c = nonneg_lstsq(x[keep], y[keep])
-    return {"c0": c[0], "c_token": c[1], "c_token2": c[2]}, int((~keep).sum())
+    """prefill_ms = c0 + c_token max(0, T - knee_tokens) + c_token2 sum_sq fitted on steps:
+    a small step costs about the same whatever its tokens (host- and launch-bound: on
+    2 x H200, 13-17 ms from 16 to 500 tokens), a large one grows with its tokens
+    (compute-bound: 0.024 ms a token up to the 8192-token budget); one line through both
+    underestimated the full steps by a quarter. The knee is the candidate (0 or a
+    quantile of the steps' tokens) that fits best. One pass leaves out the steps that
+    took more than `outlier` x the fit (stalls: a kernel compiled on first use, a host
+    hiccup) and refits, then one leaves out those under 1 / `outlier` of it (a step
+    rebuilt from prompts that did not share it) and refits. Returns the profile and how many were left out."""
+    t = np.array([s[0] for s in steps], dtype=float)
+    q = np.array([s[1] for s in steps], dtype=float)
+    y = np.array([s[2] for s in steps], dtype=float)
+    keep = np.ones(len(y), dtype=bool)
+    for too_far in (lambda p: y > outlier * p, lambda p: y < p / outlier):  # stalls first
+        c, knee, _ = _fit_knee(t[keep], q[keep], y[keep])
+        out = too_far(np.maximum(c[0] + c[1] * np.maximum(0.0, t - knee) + c[2] * q, 1e-9))
+        if (keep & ~out).sum() >= 3:
+            keep &= ~out
+    c, knee, _ = _fit_knee(t[keep], q[keep], y[keep])
+    return ({"c0": c[0], "c_token": c[1], "c_token2": c[2], "knee_tokens": knee},
+            int((~keep).sum()))
+
+
+def warm_counts(runs: Sequence[tuple[str, Sequence[RequestResult]]]) -> list[int]:
+    """Per run, in the order the runs ran, keyed by what shares prompts (setup and
+    workload: one seed gives request i the same token ids at every rate): how many of its
+    first requests an earlier run with the same key already sent (the most any earlier
+    one sent), i.e. the requests that may hit a worker's prefix cache."""
+    sent: dict[str, int] = {}
+    out = []
+    for key, results in runs:
+        out.append(min(sent.get(key, 0), len(results)))
+        sent[key] = max(sent.get(key, 0), len(results))
+    return out
+
+
+STEP_GAP_S = 0.002  # tokens of one worker's step reach the client within this of each other
+
+
+def worker_steps(results: Sequence[RequestResult]) -> dict[str, list[tuple[float, list]]]:
+    """Per worker (`decode_worker`), its steps as the client saw them: (end, [(request,
+    token index)]), the tokens of one step arriving within STEP_GAP_S of the first."""
+    ev: dict[str, list[tuple[float, int, int]]] = {}
+    for i, r in enumerate(results):
+        k = 0
+        for t, n in r.chunks:
+            for _ in range(n):
+                ev.setdefault(r.server.get("decode_worker", ""), []).append((t, i, k))
+                k += 1
+    out: dict[str, list[tuple[float, list]]] = {}
+    for w, e in ev.items():
+        steps: list[tuple[float, list]] = []
+        for t, i, k in sorted(e):
+            if steps and t - steps[-1][0] <= STEP_GAP_S:
+                steps[-1][1].append((i, k))
+            else:
+                steps.append((t, [(i, k)]))
+        out[w] = steps
+    return out
+
+
+def mixed_step_extras(results: Sequence[RequestResult], decode_ms: Callable[[int, float], float],
+                      knee_tokens: float) -> list[float]:
+    """What adding short prompts (together at most `knee_tokens`, so the prefill part is
+    its fixed cost only) to a colocated worker's decode batch cost a step, ms: the step's
+    time (from the previous step's end on the same worker) less `decode_ms(B, context)` of
+    its decoding sequences. Only steps where a prompt's token 0 came out beside >= 1
+    decoding sequence, in runs where every request was prefilled where it decoded."""
+    out = []
+    for steps in worker_steps(results).values():
+        for (t0, _), (t1, toks) in zip(steps, steps[1:]):
+            firsts = [i for i, k in toks if k == 0]
+            dec = [(i, k) for i, k in toks if k >= 1]
+            tokens = sum(results[i].prompt_tokens for i in firsts)
+            if firsts and dec and tokens <= knee_tokens:
+                ctx = sum(results[i].prompt_tokens + k for i, k in dec)
+                out.append((t1 - t0) * 1e3 - decode_ms(len(dec), ctx))
+    return out

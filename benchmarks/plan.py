@@ -32,6 +32,7 @@ from pdserve.benchmarks.capstone_metrics import parse_goodput
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
 from pdserve.benchmarks.plan_report import SENSITIVITY, validation_lines
+from pdserve.benchmarks.planner_cache import PrefixCaches
 from pdserve.benchmarks.planner_metrics import sim_means, sim_summary
 from pdserve.benchmarks.planner_setups import Setup, parse_setup
 from pdserve.benchmarks.planner_sim import SimRun, simulate_setup
@@ -189,6 +190,9 @@ def validate(run_dir: str, cal: Calibration | None = None,
             setup = parse_setup(s["setup"])
         except ValueError:  # "external": nothing to simulate
             continue
+        # the setup's workers keep their prefix caches from run to run; modelled only when
+        # the prefill profile is a cold one (an older calibration was fitted with the hits)
+        caches = PrefixCaches() if cal.meta.get("prefill_cold") == "1" else None
         for wname, w in s["by_workload"].items():
             lengths = [tuple(x) for x in w["lengths"]]
             if not lengths:
@@ -203,10 +207,14 @@ def validate(run_dir: str, cal: Calibration | None = None,
                 horizon = run_time_limit_s(m, ls, slos, bool(search.get("budget_s")))
                 wu, cd = win.get("warmup", 0.1), win.get("cooldown", 0.1)
                 info = SimRun()
-                sim = simulate_setup(cal, setup, times, ls, horizon, info)
+                keys = [(wname, i) for i in range(n)]  # request i: the same prompt every run
+                before = caches.copy() if caches else None
+                sim = simulate_setup(cal, setup, times, ls, horizon, info, keys, caches)
                 att, good = sim_summary(sim, slos, wu, cd, horizon)
                 means = sim_means(sim, wu, cd)
-                band = [sim_summary(simulate_setup(cal.scaled(f), setup, times, ls, horizon),
+                band = [sim_summary(simulate_setup(cal.scaled(f), setup, times, ls, horizon,
+                                                   keys=keys,
+                                                   caches=before.copy() if before else None),
                                     slos, wu, cd, horizon) for f in
                         (1 - sensitivity, 1 + sensitivity)] if sensitivity else [(att, good)]
                 g_band = (min(good, *(g for _, g in band)), max(good, *(g for _, g in band)))

@@ -9,8 +9,9 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   lasts prefill_ms(T, sum_sq): T its prompt tokens, sum_sq the attention term (a chunk of n
   tokens after s computed ones adds n (2 s + n), so a whole prompt adds its square).
 - xPyD: the coordinator (coordinator/router.py, least_loaded) reserves KV blocks on the
-  decode worker with the most free blocks (the fewest KV tokens held by running, waiting
-  and reserved requests; then the fewest sequences) when the request arrives, then sends
+  decode worker with the most free blocks as the coordinator sees them (`route_key`: the
+  worker's load at its last heartbeat, every HEARTBEAT_S, plus what was reserved on it
+  since; then the fewest sequences) when the request arrives, then sends
   the prompt to the prefill worker with the fewest prompt tokens in flight (counted until
   the KV landed, as the coordinator counts them). A prefill worker runs steps of queued
   prompts (prefill/batching.py). Token 0 reaches the client when its step ends (pdserve
@@ -25,29 +26,37 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   decode_step_ms is linear in B and context: past the batch sizes it was profiled on
   (`SimRun.mean_decode_batch` against the calibration's range) it is an extrapolation.
 - colocated (`Nboth`): a step runs prompt chunks and every running sequence together; it
-  lasts prefill_ms + decode_step_ms less the smaller fixed part (one forward pays it
-  once); prefill stalls decode: the interference that disaggregation removes. Requests go
-  to the worker with the most free KV blocks, as for decode.
+  lasts decode_step_ms + prefill_ms less the prefill's fixed part plus what prompts add to
+  a decode step (`Calibration.mixed_fixed_ms`: measured on colocated steps, the prefill
+  worker's own fixed cost being mostly its host work); prefill stalls decode: the interference that disaggregation removes. Requests go
+  to the worker with the most free KV blocks, as for decode; nothing is reserved on a
+  colocated worker, so between two heartbeats its view does not change and every request
+  goes to the same worker (on 2 x H200, runs of 30-50 requests at 41 req/s), which the
+  colocated runs' TTFT and TPOT show.
 - conditional (`xPyD-condT`, the coordinator's --pd-threshold-tokens T): a prompt under T
   tokens goes straight to the decode worker the coordinator picks, which prefills it in
   its own steps as a colocated worker does (no prefill worker, no transfer); the rest
   take the xPyD path.
 - a finite run (`horizon_s`): requests not finished by then are cut, as the capstone's
   time limit cuts them (judged on what was seen, see `planner_metrics.sim_summary`).
+- prefix caching (`caches`, planner_cache.py): a request with a `key` that its worker
+  prefilled before (in this run or, as the capstone resends a search's prompts, in an
+  earlier one) computes only what the cache does not hold; without `caches` (or keys)
+  every prompt is computed whole.
 The simulator ignores the coordinator's own latency (its RPCs: about 10-15 ms of TTFT on
-the GPU runs), preemption and prefix caching.
+the GPU runs) and preemption.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from pdserve.benchmarks.capstone_calibration import Calibration
+from pdserve.benchmarks.planner_batching import Chunk, Loop, fill_budget
+from pdserve.benchmarks.planner_cache import PrefixCaches
 from pdserve.benchmarks.planner_setups import Setup
 
 
@@ -66,6 +75,7 @@ class SimReq:
     pre: _Prefiller | None = None  # prefill worker it was routed to (xPyD)
     computed: int = 0  # prompt tokens prefilled so far (a chunked prompt spans steps)
     scheduled: float = math.nan  # when the step with its first chunk started (xPyD)
+    key: Hashable | None = None  # the prompt's identity for prefix caching (None: unique)
 
     def ttft_ms(self) -> float:
         return (self.first - self.arrival) * 1e3
@@ -77,67 +87,14 @@ class SimReq:
         return (self.end - self.arrival) * 1e3
 
 
-class _Loop:
-    def __init__(self) -> None:
-        self._q: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
-        self.now = 0.0
-
-    def at(self, t: float, fn: Callable[[], None]) -> None:
-        heapq.heappush(self._q, (t, next(self._seq), fn))
-
-    def run(self, horizon_s: float = math.inf) -> None:
-        while self._q and self._q[0][0] <= horizon_s:
-            self.now, _, fn = heapq.heappop(self._q)
-            fn()
-
-
-@dataclass(slots=True)
-class _Chunk:
-    """Prompt tokens of one request in one step, as engine/scheduler.py schedules them."""
-
-    req: SimReq
-    tokens: int
-
-    @property
-    def completes(self) -> bool:  # the chunk that reaches the prompt's end samples token 0
-        return self.req.computed + self.tokens >= self.req.prompt
-
-    @property
-    def sq(self) -> float:
-        """Its share of the attention term: sum over its tokens of the context they attend
-        to, x 2: n (2 s + n) for n tokens after s computed ones (a whole prompt: T^2)."""
-        s, n = self.req.computed, self.tokens
-        return n * (2 * s + n)
-
-
-def fill_budget(budget: int, partial: Sequence[SimReq], waiting: deque[SimReq],
-                may_take: Callable[[SimReq], bool] = lambda r: True) -> list[_Chunk]:
-    """The prompt chunks of one step (engine/scheduler.py `schedule`): the budget goes first
-    to prompts already started (a chunked one continues), then to waiting prompts in FCFS
-    order; a prompt longer than what is left is chunked to fit (long_prefill_threshold 0).
-    Taken prompts leave `waiting`; `may_take(r)` False stops the admission (a running cap)."""
-    out = []
-    for r in partial:
-        if budget <= 0:
-            break
-        n = min(r.prompt - r.computed, budget)
-        out.append(_Chunk(r, n))
-        budget -= n
-    while waiting and budget > 0 and may_take(waiting[0]):
-        r = waiting.popleft()
-        n = min(r.prompt - r.computed, budget)
-        out.append(_Chunk(r, n))
-        budget -= n
-    return out
-
-
 class _Decoder:
     """A decode (or colocated) worker: continuous batching; colocated and local requests
     are prefilled here too, in the same steps (the engine's mixed batches)."""
 
-    def __init__(self, loop: _Loop, cal: Calibration, colocated: bool) -> None:
+    def __init__(self, loop: Loop, cal: Calibration, colocated: bool, name: str = "",
+                 caches: PrefixCaches | None = None) -> None:
         self.loop, self.cal, self.colocated = loop, cal, colocated
+        self.name, self.caches = name, caches
         self.running: list[SimReq] = []  # decoding, one token per step
         self.prefilling: list[SimReq] = []  # admitted prompts with chunks left (running too)
         self.waiting: deque[SimReq] = deque()  # prompts to prefill here, FCFS
@@ -146,20 +103,38 @@ class _Decoder:
         self.reserved: list[SimReq] = []  # xPyD requests routed here whose KV has not landed
         self.recv_free_s = 0.0  # when its receiver is free for the next transfer
         self.batch_time = [0.0, 0.0]  # sum of decode batch x step time, sum of step time
+        self.hb_held = self.hb_seqs = 0  # KV tokens held and sequences at the last heartbeat
+        self.since_hb = 0  # KV tokens reserved here since that heartbeat
+        self.inflight = self.routed = 0  # requests routed here not finished / ever
 
-    def route_key(self) -> tuple[int, int]:
-        """The coordinator's order (coordinator/router.py, least_loaded): most free KV
-        blocks, i.e. fewest KV tokens held (running, prefilling, waiting, reserved), then
-        fewest sequences."""
-        held = sum(r.prompt + r.generated for r in self.running) + \
-            sum(r.prompt for q in (self.prefilling, self.waiting, self.landed, self.reserved)
-                for r in q)
-        n = len(self.running) + len(self.prefilling) + len(self.waiting) + len(self.landed) + \
-            len(self.reserved)
-        return held, n
+    def heartbeat(self) -> None:
+        """The load the worker reports (worker/coordinator_link.py): blocks held by its
+        running and prefilling sequences and by reservations, and its sequences."""
+        self.hb_held = sum(r.prompt + r.generated for r in self.running) + \
+            sum(r.prompt for q in (self.prefilling, self.landed, self.reserved) for r in q)
+        self.hb_seqs = len(self.running) + len(self.prefilling) + len(self.waiting) + \
+            len(self.landed)
+        self.since_hb = 0
+
+    def route_key(self) -> tuple[int, int, int]:
+        """The coordinator's order (coordinator/router.py `_decode_key`, registry.py): most
+        free KV blocks as of the last heartbeat less those reserved since (a Reserve counts
+        them, a colocated Generate does not), then the most of the reported and the
+        in-flight sequences, then the fewest routed."""
+        return self.hb_held + self.since_hb, max(self.hb_seqs, self.inflight), self.routed
+
+    def route(self, r: SimReq, reserve: bool) -> None:
+        """The coordinator picked this worker for `r` (`reserve`: a P/D Reserve)."""
+        self.routed += 1
+        self.inflight += 1
+        if reserve:
+            self.since_hb += r.prompt + 1
 
     def add(self, r: SimReq) -> None:
-        (self.waiting if self.colocated or r.local else self.landed).append(r)
+        prefills = self.colocated or r.local
+        if prefills and self.caches is not None:
+            r.computed = self.caches.hit_tokens(self.name, r.key, r.prompt)
+        (self.waiting if prefills else self.landed).append(r)
         if not self.busy:
             self._step()
 
@@ -187,21 +162,22 @@ class _Decoder:
         if self.running:
             ctx = sum(r.prompt + r.generated for r in self.running)
             ms += cal.decode_step_ms(len(self.running), ctx)
-            if chunks:  # one forward: its fixed cost is paid once
-                ms -= min(cal.prefill["c0"], cal.decode["c0"])
+            if chunks:  # one forward: the prompts add their tokens and a measured fixed part
+                ms += cal.mixed_fixed_ms - cal.prefill["c0"]
             self.batch_time[0] += len(self.running) * ms
             self.batch_time[1] += ms
         self.busy = True
         end = self.loop.now + ms / 1e3
         self.loop.at(end, lambda: self._done(chunks, end))
 
-    def _done(self, chunks: list[_Chunk], t: float) -> None:
+    def _done(self, chunks: list[Chunk], t: float) -> None:
         still = []
         for r in self.running:
             r.generated += 1
             r.last = t
             if r.generated >= r.output:
                 r.end = t
+                self.inflight -= 1
             else:
                 still.append(r)
         self.running = still
@@ -212,23 +188,28 @@ class _Decoder:
             if not done:
                 continue
             self.prefilling.remove(r)
+            if self.caches is not None:
+                self.caches.add(self.name, r.key, r.prompt)
             r.first, r.last, r.generated = t, t, 1  # this step made token 0
             if r.output <= 1:
                 r.end = t
+                self.inflight -= 1
             else:
                 self.running.append(r)
         self._step()
 
 
 LAYERWISE_MIN_TOKENS = 1024  # kvtransfer's TransferConfig.layerwise_min_tokens (default)
+HEARTBEAT_S = 1.0  # worker/config.py heartbeat_s (default): how often a worker reports its load
 
 
 class _Prefiller:
     """A prefill worker (prefill/batching.py): steps of whole prompts up to the token
     budget, the last one chunked to fill it."""
 
-    def __init__(self, loop: _Loop, cal: Calibration) -> None:
-        self.loop, self.cal = loop, cal
+    def __init__(self, loop: Loop, cal: Calibration, name: str = "",
+                 caches: PrefixCaches | None = None) -> None:
+        self.loop, self.cal, self.name, self.caches = loop, cal, name, caches
         self.queue: deque[SimReq] = deque()
         self.partial: list[SimReq] = []  # a chunked prompt, continued first
         self.inflight_tokens = 0  # the coordinator's count: prompts routed, KV not landed
@@ -241,6 +222,8 @@ class _Prefiller:
         return self.inflight_tokens
 
     def add(self, r: SimReq) -> None:
+        if self.caches is not None:
+            r.computed = self.caches.hit_tokens(self.name, r.key, r.prompt)
         self.queue.append(r)
         self.inflight_tokens += r.prompt
         if not self.busy:
@@ -268,6 +251,8 @@ class _Prefiller:
             for c in chunks:
                 if c.completes:
                     finished.append((c.req, var_ms * c.tokens / tokens))
+                    if self.caches is not None:
+                        self.caches.add(self.name, c.req.key, c.req.prompt)
                 c.req.computed += c.tokens
             self.partial = [c.req for c in chunks if c.req.computed < c.req.prompt]
             self._done(finished, start if layerwise else end)
@@ -288,6 +273,7 @@ class _Prefiller:
             assert dec is not None
             if r.output <= 1:
                 r.end = now
+                dec.inflight -= 1
                 dec.reserved.remove(r)
                 self.inflight_tokens -= r.prompt
                 continue
@@ -320,29 +306,40 @@ class SimRun:
 def simulate(cal: Calibration, prefill: int, decode: int, both: int,
              arrivals: Sequence[float], lengths: Sequence[tuple[int, int]],
              cond_tokens: int = 0, horizon_s: float = math.inf,
-             info: SimRun | None = None) -> list[SimReq]:
+             info: SimRun | None = None, keys: Sequence[Hashable] | None = None,
+             caches: PrefixCaches | None = None) -> list[SimReq]:
     """Every request's first-token and finish time on the given setup; with `cond_tokens`,
     prompts under it are prefilled on their decode worker. Events after `horizon_s` (the
     run's time limit, seconds from the first arrival's clock 0) do not happen: requests
     still running then keep NaN for what they did not reach. `info`, when given, gets what
-    the workers ran (SimRun)."""
+    the workers ran (SimRun). `keys` name the prompts (equal keys: equal token ids) for the
+    workers' prefix caches `caches`, which the run reads and updates (pass the same object
+    to the next run of the same setup)."""
     if both and (prefill or decode):
         raise ValueError("simulate either xPyD or Nboth, not a mix")
     if not both and (prefill < 1 or decode < 1):
         raise ValueError("xPyD needs at least one prefill and one decode worker")
-    loop = _Loop()
+    loop = Loop()
     reqs = [SimReq(t, max(1, i), max(1, o)) for t, (i, o) in zip(arrivals, lengths)]
+    for r, k in zip(reqs, keys or ()):
+        r.key = k
     pres: list[_Prefiller] = []
     if both:
-        decs = [_Decoder(loop, cal, colocated=True) for _ in range(both)]
+        decs = [_Decoder(loop, cal, True, f"both-{j}", caches) for j in range(both)]
+
+        def place(r: SimReq) -> None:
+            dec = min(decs, key=_Decoder.route_key)
+            dec.route(r, reserve=False)
+            dec.add(r)
         for r in reqs:
-            loop.at(r.arrival, lambda r=r: min(decs, key=_Decoder.route_key).add(r))
+            loop.at(r.arrival, lambda r=r: place(r))
     else:
-        decs = [_Decoder(loop, cal, colocated=False) for _ in range(decode)]
-        pres = [_Prefiller(loop, cal) for _ in range(prefill)]
+        decs = [_Decoder(loop, cal, False, f"decode-{j}", caches) for j in range(decode)]
+        pres = [_Prefiller(loop, cal, f"prefill-{j}", caches) for j in range(prefill)]
 
         def arrive(r: SimReq) -> None:
             dec = min(decs, key=_Decoder.route_key)
+            dec.route(r, reserve=not r.local)
             if r.local:
                 dec.add(r)
                 return
@@ -353,6 +350,12 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
         for r in reqs:
             r.local = r.prompt < cond_tokens
             loop.at(r.arrival, lambda r=r: arrive(r))
+    last = max((r.arrival for r in reqs), default=0.0)
+    for j, d in enumerate(decs):  # heartbeats, staggered, while requests still arrive
+        t = HEARTBEAT_S * j / len(decs)
+        while t <= last:
+            loop.at(t, d.heartbeat)
+            t += HEARTBEAT_S
     loop.run(horizon_s)
     if info is not None:
         info.mean_decode_batch = max((d.batch_time[0] / d.batch_time[1] for d in decs
@@ -362,7 +365,8 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
 
 def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
                    lengths: Sequence[tuple[int, int]], horizon_s: float = math.inf,
-                   info: SimRun | None = None) -> list[SimReq]:
+                   info: SimRun | None = None, keys: Sequence[Hashable] | None = None,
+                   caches: PrefixCaches | None = None) -> list[SimReq]:
     """`simulate` for any Setup."""
     return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths,
-                    setup.cond_tokens, horizon_s, info)
+                    setup.cond_tokens, horizon_s, info, keys, caches)

@@ -1,0 +1,72 @@
+"""The planner simulator's event loop, and how one step's token budget is filled with
+prompt chunks as engine/scheduler.py fills it (planner_sim.py runs the workers)."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pdserve.benchmarks.planner_sim import SimReq
+
+
+class Loop:
+    """Events in time order (seconds); run() stops before the first one past `horizon_s`."""
+
+    def __init__(self) -> None:
+        self._q: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self.now = 0.0
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._q, (t, next(self._seq), fn))
+
+    def run(self, horizon_s: float = math.inf) -> None:
+        while self._q and self._q[0][0] <= horizon_s:
+            self.now, _, fn = heapq.heappop(self._q)
+            fn()
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Prompt tokens of one request in one step, as engine/scheduler.py schedules them."""
+
+    req: SimReq
+    tokens: int
+
+    @property
+    def completes(self) -> bool:  # the chunk that reaches the prompt's end samples token 0
+        return self.req.computed + self.tokens >= self.req.prompt
+
+    @property
+    def sq(self) -> float:
+        """Its share of the attention term: sum over its tokens of the context they attend
+        to, x 2: n (2 s + n) for n tokens after s computed ones (a whole prompt: T^2)."""
+        s, n = self.req.computed, self.tokens
+        return n * (2 * s + n)
+
+
+def fill_budget(budget: int, partial: Sequence[SimReq], waiting: deque[SimReq],
+                may_take: Callable[[SimReq], bool] = lambda r: True) -> list[Chunk]:
+    """The prompt chunks of one step (engine/scheduler.py `schedule`): the budget goes first
+    to prompts already started (a chunked one continues), then to waiting prompts in FCFS
+    order; a prompt longer than what is left is chunked to fit (long_prefill_threshold 0).
+    Taken prompts leave `waiting`; `may_take(r)` False stops the admission (a running cap)."""
+    out = []
+    for r in partial:
+        if budget <= 0:
+            break
+        n = min(r.prompt - r.computed, budget)
+        out.append(Chunk(r, n))
+        budget -= n
+    while waiting and budget > 0 and may_take(waiting[0]):
+        r = waiting.popleft()
+        n = min(r.prompt - r.computed, budget)
+        out.append(Chunk(r, n))
+        budget -= n
+    return out
