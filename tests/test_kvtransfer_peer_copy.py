@@ -196,3 +196,33 @@ def test_offer_maps_the_same_memory_and_is_refused_elsewhere():
                                   "ev_sync": False}])
 def test_hostile_offers_fail_the_schema(bad):
     assert not peer_pool.check(bad)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_copy_fails_its_request_and_the_pair_falls_back(rx_proc):
+    """The copy cannot run (e.g. no peer access): that request fails on both sides, the
+    receiver's blocks are freed, and the next request of the pair goes through the backend."""
+    addr = rx_proc.call("receiver", "pc6", _pool_kw(12), "ucx", OPTS)
+    pool = make_pool(NB, seed=13, stacked=True)
+    tx = KVSender(pool, "ucx", TransferOptions(**OPTS))
+
+    def broken(*a, **kw):
+        raise RuntimeError("no peer access")
+    tx.layout.peer_copy = broken
+    try:
+        for rid, dst in (("bad", [1, 2]), ("next", [3, 4])):
+            rx_proc.engine("pc6", "expect", rid, dst)
+            tx.start(rid, addr, [5, 6], dst)
+            tx.finish(rid)
+            (res,) = tx.wait(10, [rid])
+            (rres,) = rx_proc.engine("pc6", "wait", 10, [rid])
+            if rid == "bad":
+                assert not res.ok and "no peer access" in res.error
+                assert not rres["ok"] and "peer copy failed" in rres["error"]
+            else:
+                assert res.ok and res.via == "ucx" and rres["ok"]
+                assert rx_proc.call("blocks", "pc6", dst) == block_bytes(pool, [5, 6])
+        assert _counters_free(rx_proc.call("counters", "pc6")) and tx.num_inflight == 0
+    finally:
+        tx.close()
+        rx_proc.call("close", "pc6")
