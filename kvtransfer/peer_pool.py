@@ -14,6 +14,7 @@ handshake gets an offer (with a cluster secret, the challenge-response of auth.p
 
 from __future__ import annotations
 
+import logging
 import socket
 from functools import lru_cache
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 
 MAX_OFFER_BYTES = 4096
+
+log = logging.getLogger("pdserve.kvtransfer")
 
 
 @lru_cache(maxsize=1)
@@ -38,6 +41,18 @@ def _uuid(device: torch.device) -> str:
     return str(torch.cuda.get_device_properties(device).uuid)
 
 
+def share_cpu_pool(flat: torch.Tensor) -> bool:
+    """Move a CPU pool into shared memory in place (every view follows), before it serves:
+    moved at a sender's first handshake, it would race with a step writing into it. False
+    (and a warning) when it cannot be, e.g. /dev/shm is too small."""
+    try:
+        flat.untyped_storage().share_memory_()
+        return True
+    except RuntimeError as e:
+        log.warning("kv receiver: no peer copy, the pool cannot be shared: %s", e)
+        return False
+
+
 def offer(flat: torch.Tensor) -> dict[str, Any]:
     """What a peer on this host needs to map `flat` (a contiguous [rows, W] pool view).
 
@@ -52,7 +67,7 @@ def offer(flat: torch.Tensor) -> dict[str, Any]:
         o.update(kind="cuda", uuid=_uuid(flat.device), handle=handle, size=size, soff=soff,
                  rc=rc, rc_off=rc_off, ev=ev or b"", ev_sync=bool(ev_sync))
     else:
-        storage.share_memory_()  # in place: every view of the pool follows
+        storage.share_memory_()  # a no-op after share_cpu_pool()
         manager, name, size = storage._share_filename_cpu_()
         o.update(kind="shm", manager=manager, name=name, size=size)
     return o

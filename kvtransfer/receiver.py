@@ -19,7 +19,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -98,6 +98,9 @@ class KVReceiver(Endpoint):
         self._tombs: OrderedDict[ReqId, str] = OrderedDict()  # recently failed: why
         self._msgs: list[_RxMsg] = []
         self._next_conn = 1
+        if o.peer_copy and self.layout.flat is not None and not self._cuda \
+                and not peer_pool.share_cpu_pool(self.layout.flat):  # now, before it serves
+            self.options = replace(o, peer_copy=False)
         self._thread.start()
 
     @property

@@ -226,3 +226,28 @@ def test_a_failed_copy_fails_its_request_and_the_pair_falls_back(rx_proc):
     finally:
         tx.close()
         rx_proc.call("close", "pc6")
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_that_cannot_be_shared_keeps_the_backend(monkeypatch):
+    """/dev/shm too small (say): the receiver offers nothing and serves over the backend."""
+    from pdserve.kvtransfer import KVReceiver
+
+    def no_room(self):
+        raise RuntimeError("No space left on device")
+    monkeypatch.setattr(torch.UntypedStorage, "share_memory_", no_room)
+    rx_pool = make_pool(NB, seed=14, stacked=True)
+    rx = KVReceiver(rx_pool, "ucx", TransferOptions(**OPTS))
+    pool = make_pool(NB, seed=15, stacked=True)
+    tx = KVSender(pool, "ucx", TransferOptions(**OPTS))
+    try:
+        assert rx.options.peer_copy is False
+        rx.expect("r", [7, 8])
+        tx.start("r", rx.address, [1, 2], [7, 8])
+        tx.finish("r")
+        (res,) = tx.wait(10, ["r"])
+        assert res.ok and res.via == "ucx" and rx.wait(10, ["r"])[0].ok
+        assert block_bytes(rx_pool, [7, 8]) == block_bytes(pool, [1, 2])
+    finally:
+        tx.close()
+        rx.close()
