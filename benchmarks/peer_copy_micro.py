@@ -19,6 +19,7 @@ from functools import partial
 
 import torch
 
+from pdserve.benchmarks.transfer_micro import gpu_ms
 from pdserve.kvtransfer import peer_pool, row_copy
 
 LAYERS, ROW_WORDS = 32, 8192  # llama-3.1-8b: one block of 16 tokens, K and V, 64 KiB a row
@@ -29,17 +30,6 @@ def _owner(conn, num_blocks: int) -> None:
     pool = torch.zeros((LAYERS * num_blocks, ROW_WORDS), dtype=torch.int64, device="cuda:1")
     conn.send(peer_pool.offer(pool))
     conn.recv()  # keep the pool alive until the parent is done
-
-
-def _gpu_ms(fn, iters: int) -> float:
-    fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / iters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,13 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = LAYERS * k
         flat_src = local[:rows]
         flat_dst = torch.empty_like(flat_src, device="cuda:1")
-        ce = nbytes / (_gpu_ms(partial(flat_dst.copy_, flat_src, non_blocking=True),
+        ce = nbytes / (gpu_ms(partial(flat_dst.copy_, flat_src, non_blocking=True),
                                args.iters) * 1e6)
         print(f"| {n} | {nbytes >> 20} | copy_ | - | - | {ce:.0f} | 1.00 |")
         for ctas in (sms, 2 * sms, 4 * sms):
             for warps in (4, 8, 16):
                 for block in (1024, 2048, 4096):
-                    ms = _gpu_ms(partial(row_copy.copy_pairs, local, remote, s_ids, d_ids, 0,
+                    ms = gpu_ms(partial(row_copy.copy_pairs, local, remote, s_ids, d_ids, 0,
                                          LAYERS, num_blocks, num_blocks, ctas, block, warps),
                                  args.iters)
                     gbps = nbytes / (ms * 1e6)

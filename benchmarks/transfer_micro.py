@@ -17,7 +17,7 @@ import torch
 from pdserve.kvtransfer import row_copy
 
 
-def _gpu_ms(fn, iters: int = 20) -> float:
+def gpu_ms(fn, iters: int = 20) -> float:
     fn()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
@@ -69,11 +69,11 @@ def main() -> None:
         mib = rows * 64 // 1024
         line = [f"{mib:4d} MiB"]
         for ctas in (16, 32, 64, 132, 264):
-            ms = _gpu_ms(lambda i=idx, o=out, c=ctas: row_copy.gather(pool, i, o, c))
+            ms = gpu_ms(lambda i=idx, o=out, c=ctas: row_copy.gather(pool, i, o, c))
             line.append(f"ctas {ctas}: {ms * 1e3:7.1f} us")
-        ms = _gpu_ms(lambda i=idx, o=out: torch.index_select(pool, 0, i, out=o))
+        ms = gpu_ms(lambda i=idx, o=out: torch.index_select(pool, 0, i, out=o))
         line.append(f"index_select: {ms * 1e3:7.1f} us")
-        ms = _gpu_ms(lambda o=out, r=rows: o.copy_(pool[:r]))
+        ms = gpu_ms(lambda o=out, r=rows: o.copy_(pool[:r]))
         line.append(f"copy_: {ms * 1e3:7.1f} us")
         print("gather GPU time", " | ".join(line))
     idx = torch.randperm(pool.shape[0], device=dev)[:1024].contiguous()
