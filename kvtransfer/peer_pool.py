@@ -15,6 +15,7 @@ handshake gets an offer (with a cluster secret, the challenge-response of auth.p
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from functools import lru_cache
 from typing import Any
@@ -28,13 +29,16 @@ log = logging.getLogger("pdserve.kvtransfer")
 
 @lru_cache(maxsize=1)
 def host_id() -> str:
-    """Same value in every process of one running host, different across hosts or reboots."""
+    """Same value in every process of one running host and network namespace; different
+    across hosts, reboots and network namespaces (containers, or the simulated hosts of
+    tests/netns.py: they share a kernel, but their KV is meant to cross the network)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
+        netns = os.readlink("/proc/self/ns/net")
     except OSError:
-        boot = "no-boot-id"
-    return f"{socket.gethostname()}/{boot}"
+        boot, netns = "no-boot-id", ""
+    return f"{socket.gethostname()}/{boot}/{netns}"
 
 
 def _uuid(device: torch.device) -> str:
@@ -42,11 +46,15 @@ def _uuid(device: torch.device) -> str:
 
 
 def share_cpu_pool(flat: torch.Tensor) -> bool:
-    """Move a CPU pool into shared memory in place (every view follows), before it serves:
-    moved at a sender's first handshake, it would race with a step writing into it. False
-    (and a warning) when it cannot be, e.g. /dev/shm is too small."""
+    """Move a CPU pool into a named shared-memory file in place (every view follows),
+    before it serves: moved at a sender's first handshake, it would race with a step
+    writing into it. False (and a warning) when it cannot be, e.g. /dev/shm is too small.
+
+    Only ever `_share_filename_cpu_`, never `share_memory_()`: the latter moves a
+    file-shared storage again (to a descriptor-shared one), and every peer that mapped the
+    old file would write where the pool no longer is."""
     try:
-        flat.untyped_storage().share_memory_()
+        flat.untyped_storage()._share_filename_cpu_()
         return True
     except RuntimeError as e:
         log.warning("kv receiver: no peer copy, the pool cannot be shared: %s", e)
@@ -67,7 +75,7 @@ def offer(flat: torch.Tensor) -> dict[str, Any]:
         o.update(kind="cuda", uuid=_uuid(flat.device), handle=handle, size=size, soff=soff,
                  rc=rc, rc_off=rc_off, ev=ev or b"", ev_sync=bool(ev_sync))
     else:
-        storage.share_memory_()  # a no-op after share_cpu_pool()
+        # the same file every time once share_cpu_pool() moved the pool (see there)
         manager, name, size = storage._share_filename_cpu_()
         o.update(kind="shm", manager=manager, name=name, size=size)
     return o

@@ -174,8 +174,10 @@ def test_destination_outside_the_receivers_pool_is_a_clear_error(rx_proc):
 def test_offer_maps_the_same_memory_and_is_refused_elsewhere():
     pool = make_pool(8, seed=11, stacked=True)
     flat = torch.as_strided(pool[0].view(8, -1), (16, pool[0][0].numel()), (pool[0][0].numel(), 1))
+    assert peer_pool.share_cpu_pool(flat)
     o = peer_pool.offer(flat)
-    assert peer_pool.check(o)
+    assert peer_pool.check(o) and peer_pool.offer(flat)["name"] == o["name"]  # never moved again
+    assert peer_pool.offer(flat)["offset"] == o["offset"]
     mapped = peer_pool.open_pool(o, torch.float32, flat.shape[1], CPU)
     mapped[3].fill_(7.0)  # writes land in the offering pool
     assert torch.equal(pool[0][3].reshape(-1), torch.full_like(mapped[3], 7.0))
@@ -235,7 +237,7 @@ def test_a_pool_that_cannot_be_shared_keeps_the_backend(monkeypatch):
 
     def no_room(self):
         raise RuntimeError("No space left on device")
-    monkeypatch.setattr(torch.UntypedStorage, "share_memory_", no_room)
+    monkeypatch.setattr(torch.UntypedStorage, "_share_filename_cpu_", no_room)
     rx_pool = make_pool(NB, seed=14, stacked=True)
     rx = KVReceiver(rx_pool, "ucx", TransferOptions(**OPTS))
     pool = make_pool(NB, seed=15, stacked=True)
@@ -251,3 +253,27 @@ def test_a_pool_that_cannot_be_shared_keeps_the_backend(monkeypatch):
     finally:
         tx.close()
         rx.close()
+
+
+@pytest.mark.timeout(60)
+def test_every_senders_mapping_stays_valid_as_more_senders_connect(rx_proc):
+    """Each handshake offers the pool again; it must never move: a sender that mapped it
+    first still writes where the receiver reads after others connected."""
+    addr = rx_proc.call("receiver", "pc7", _pool_kw(16), "ucx", OPTS)
+    pools = [make_pool(NB, seed=17 + i, stacked=True) for i in range(2)]
+    txs = [KVSender(p, "ucx", TransferOptions(**OPTS)) for p in pools]
+    try:
+        for rnd, order in enumerate(([0, 1], [0, 1])):
+            for i in order:
+                rid, dst = f"s{i}-{rnd}", [10 * i + rnd, 10 * i + rnd + 30]
+                rx_proc.engine("pc7", "expect", rid, dst)
+                txs[i].start(rid, addr, [1, 2], dst)
+                txs[i].finish(rid)
+                (res,) = txs[i].wait(10, [rid])
+                assert res.ok and res.via == "peer_copy"
+                assert rx_proc.engine("pc7", "wait", 10, [rid])[0]["ok"]
+                assert rx_proc.call("blocks", "pc7", dst) == block_bytes(pools[i], [1, 2]), rid
+    finally:
+        for tx in txs:
+            tx.close()
+        rx_proc.call("close", "pc7")
