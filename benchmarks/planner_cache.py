@@ -19,7 +19,9 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-BLOCK_SIZE = 16  # engine/config.py CacheConfig.block_size (default)
+from pdserve.engine.config import CacheConfig
+
+BLOCK_SIZE = CacheConfig().block_size  # the engine's default
 
 
 @dataclass(slots=True)

@@ -145,6 +145,15 @@ class ControlConn:
                 msg = {**msg, "why": msg["why"][:MAX_TEXT_CHARS]}
             self._out += frame(msg)
 
+    def send_now(self, msg: dict[str, Any]) -> None:
+        """send() and write at once, for a message the peer waits on; a lost peer is left
+        to the progress loop's flush, which reports it."""
+        self.send(msg)
+        try:
+            self.flush()
+        except ConnectionError:
+            pass
+
     @property
     def wants_write(self) -> bool:
         return bool(self._out) and not self.closed

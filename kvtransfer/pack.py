@@ -80,10 +80,9 @@ class KVLayout:
         # persistent pinned buffer and copied once: no allocation, no torch op but the copy
         self._layer_base = np.arange(len(kv_caches), dtype=np.int64)[:, None] * self.num_blocks
         if self.device.type == "cuda":
-            rows = len(kv_caches) if self.flat is not None else 1
-            # x2: index_pair() puts a peer copy's source and destination rows side by side
-            self._pinned = torch.empty(2 * rows * self.num_blocks, dtype=torch.int64,
-                                       pin_memory=True)
+            # index(): [L, nb] rows (flat) or nb ids; index_pair(): 2 x nb ids (flat only)
+            rows = max(2, len(kv_caches)) if self.flat is not None else 1
+            self._pinned = torch.empty(rows * self.num_blocks, dtype=torch.int64, pin_memory=True)
             self._pinned_free: torch.cuda.Event | None = None  # the last copy out of it
 
     def _flat_view(self, kv: Sequence[torch.Tensor]) -> torch.Tensor | None:

@@ -251,11 +251,7 @@ class KVReceiver(Endpoint):
             # from `go` on, our blocks are the sender's to write until its `end`
             req.direct = True
             req.inflight += 1
-            peer.conn.send({"t": "go", "req": rid})
-            try:
-                peer.conn.flush()  # the sender waits for it
-            except ConnectionError:
-                pass  # _flush_all reports the lost peer
+            peer.conn.send_now({"t": "go", "req": rid})  # the sender waits for it
 
     def _on_direct_end(self, req: _RxReq, msg: dict[str, Any]) -> None:
         """A peer copy's `end`: every block is written (or, halted, none is being written)."""

@@ -162,12 +162,12 @@ class KVSender(Endpoint):
             return
         peer.reqs.add(req_id)
         direct = peer.pool is not None and bool(dst)  # (no blocks: nothing to hold)
-        if direct and dst and max(dst) >= peer.pool_blocks:
+        if direct and max(dst) >= peer.pool_blocks:
             self._fail(req, f"destination block id {max(dst)} is out of the receiver's pool "
                             f"of {peer.pool_blocks} blocks")
             return
-        self._send_now(peer, {"t": "begin", "req": req_id, "nblocks": len(src), "dst": dst,
-                              "direct": direct})  # its `go` comes back while we index
+        peer.conn.send_now({"t": "begin", "req": req_id, "nblocks": len(src), "dst": dst,
+                            "direct": direct})  # its `go` comes back while we index
         mark("tx", "begin_sent", req_id)
         # H2D now, off the critical path
         if direct:
@@ -254,8 +254,8 @@ class KVSender(Endpoint):
             tag = (peer.conn_id << 32) | (peer.seq & 0xFFFFFFFF)
             peer.seq += 1
             # the receiver can post its receive while we gather the next message
-            self._send_now(peer, {"t": "data", "req": req.req_id, "tag": tag, "l0": rect.l0,
-                                  "l1": rect.l1, "b0": rect.b0, "b1": rect.b1})
+            peer.conn.send_now({"t": "data", "req": req.req_id, "tag": tag, "l0": rect.l0,
+                                "l1": rect.l1, "b0": rect.b0, "b1": rect.b1})
             self._msgs.append(TxMsg(req, buf, self.backend.post_send(peer.handle, view, tag, after)))
             mark("tx", "posted", req.req_id, rect.rows)
             req.inflight += 1
@@ -269,14 +269,6 @@ class KVSender(Endpoint):
             peer.conn.send({"t": "end", "req": req.req_id, "aux": req.aux})
             req.state = "ended"
         return True
-
-    @staticmethod
-    def _send_now(peer: Peer, msg: dict) -> None:
-        peer.conn.send(msg)
-        try:
-            peer.conn.flush()
-        except ConnectionError:
-            pass  # _flush_all reports the lost peer
 
     def _pump_direct(self, req: TxReq, ready: int) -> None:
         """Peer copy: ready layers in one copy into the receiver's pool, a quarter of the
@@ -303,8 +295,8 @@ class KVSender(Endpoint):
             req.nbytes += (ready - req.layer_pos) * nb * self.layout.row_nbytes
             req.layer_pos = ready
         if req.finished and (nb == 0 or req.layer_pos >= nl) and req.inflight == 0:
-            self._send_now(req.peer, {"t": "end", "req": req.req_id, "aux": req.aux,
-                                      "msgs": req.k})
+            req.peer.conn.send_now({"t": "end", "req": req.req_id, "aux": req.aux,
+                                    "msgs": req.k})
             req.state = "ended"
 
     def _copy_direct(self, req: TxReq, l0: int, l1: int) -> torch.cuda.Event | None:

@@ -45,6 +45,17 @@ def _send(tx: KVSender, addr: bytes, reqs: dict, rng: random.Random, layers: int
         tx.finish(rid, {"rid": rid})
 
 
+def _move_one(tx: KVSender, rx_proc, name: str, addr: bytes, rid: str, src: list[int],
+              dst: list[int]) -> tuple:
+    """One request from expect() to both sides' results: (sender result, receiver result)."""
+    rx_proc.engine(name, "expect", rid, dst)
+    tx.start(rid, addr, src, dst)
+    tx.finish(rid)
+    (res,) = tx.wait(10, [rid])
+    (rres,) = rx_proc.engine(name, "wait", 10, [rid])
+    return res, rres
+
+
 def _requests(rng: random.Random, sizes: list[int]) -> dict:
     src, dst = rng.sample(range(NB), sum(sizes)), rng.sample(range(NB), sum(sizes))
     out, pos = {}, 0
@@ -213,11 +224,7 @@ def test_a_failed_copy_fails_its_request_and_the_pair_falls_back(rx_proc):
     tx.layout.peer_copy = broken
     try:
         for rid, dst in (("bad", [1, 2]), ("next", [3, 4])):
-            rx_proc.engine("pc6", "expect", rid, dst)
-            tx.start(rid, addr, [5, 6], dst)
-            tx.finish(rid)
-            (res,) = tx.wait(10, [rid])
-            (rres,) = rx_proc.engine("pc6", "wait", 10, [rid])
+            res, rres = _move_one(tx, rx_proc, "pc6", addr, rid, [5, 6], dst)
             if rid == "bad":
                 assert not res.ok and "no peer access" in res.error
                 assert not rres["ok"] and "peer copy failed" in rres["error"]
@@ -266,12 +273,9 @@ def test_every_senders_mapping_stays_valid_as_more_senders_connect(rx_proc):
         for rnd, order in enumerate(([0, 1], [0, 1])):
             for i in order:
                 rid, dst = f"s{i}-{rnd}", [10 * i + rnd, 10 * i + rnd + 30]
-                rx_proc.engine("pc7", "expect", rid, dst)
-                txs[i].start(rid, addr, [1, 2], dst)
-                txs[i].finish(rid)
-                (res,) = txs[i].wait(10, [rid])
+                res, rres = _move_one(txs[i], rx_proc, "pc7", addr, rid, [1, 2], dst)
                 assert res.ok and res.via == "peer_copy"
-                assert rx_proc.engine("pc7", "wait", 10, [rid])[0]["ok"]
+                assert rres["ok"]
                 assert rx_proc.call("blocks", "pc7", dst) == block_bytes(pools[i], [1, 2]), rid
     finally:
         for tx in txs:
