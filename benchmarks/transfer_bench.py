@@ -87,6 +87,9 @@ class TransferBench:
             self.seq += 1
             rids.append(f"b{self.seq}")
             assert self.rpc("expect", rids[-1], dst) == "ok"
+        # ... and its grants (peer copy) reached us, as during a prefill (Reserve and the
+        # prompt's forward run at once; a forward takes milliseconds, a grant ~0.1 ms)
+        time.sleep(0.002)
         ev = None
         if self.dev.type == "cuda":  # "the layers were written by now", as a model would say
             ev = torch.cuda.Event()

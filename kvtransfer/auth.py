@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from typing import Any
 
+from .common import TransferError
 from .schema import NONCE_BYTES
 
 _RECEIVER = b"pdserve-kv/1/receiver\0"
@@ -50,3 +52,24 @@ def sender_proof(secret: bytes, sender_nonce: bytes, receiver_nonce: bytes, addr
 
 def check(expected: bytes, got: bytes | None) -> bool:
     return got is not None and hmac.compare_digest(expected, got)
+
+
+def receiver_step(secret: bytes | None, peer: Any, msg: dict[str, Any]) -> bool:
+    """The receiver's side, one message at a time (peer keeps the nonces): True once the
+    hello proved the secret (or there is none). Raises TransferError on a wrong or missing
+    proof, so a peer that fails is refused before any of its data is used."""
+    if secret is None:
+        if msg["t"] == "auth":
+            raise TransferError("this KV receiver has no cluster secret, the sender has one")
+        return True
+    if msg["t"] == "auth" and peer.nonce is None:
+        peer.peer_nonce, peer.nonce = msg["nonce"], new_nonce()
+        peer.conn.send({"t": "auth", "nonce": peer.nonce,
+                        "mac": receiver_proof(secret, peer.peer_nonce, peer.nonce)})
+        return False
+    if msg["t"] != "hello" or peer.nonce is None:
+        raise TransferError("authentication required: this KV receiver has a cluster secret")
+    proof = sender_proof(secret, peer.peer_nonce, peer.nonce, msg["addr"], msg["token"])
+    if not check(proof, msg.get("mac")):
+        raise TransferError("authentication failed: wrong cluster secret")
+    return True

@@ -32,36 +32,13 @@ from .backend import Backend, create_backend
 from .common import ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn
 from .pack import KVLayout, StagingPool
+from .peer import Peer, fine_timers
 from .schema import ProtocolError, validate
 
 log = logging.getLogger("pdserve.kvtransfer")
 
 ResultCallback = Callable[[TransferResult], None]
 FatalCallback = Callable[[str], None]
-
-
-class Peer:
-    """One control connection to another endpoint, and the backend connection beside it."""
-
-    def __init__(self, pid: int, conn: ControlConn) -> None:
-        self.id = pid
-        self.conn = conn
-        self.handle: Any = None  # backend peer
-        self.alive = True
-        self.ready = False  # handshake done
-        self.conn_id = 0  # tag prefix of this pair (assigned by the receiver)
-        self.seq = 0  # messages sent on this pair (tag suffix)
-        self.max_rows = 0  # largest message both sides can stage
-        self.reqs: set[ReqId] = set()
-        self.fifo: deque[Any] = deque()  # receiver: data headers waiting for staging, in order
-        self.key: bytes | None = None  # sender: the address it was opened with
-        self.pool: torch.Tensor | None = None  # sender: the receiver's pool, mapped (peer copy)
-        self.pool_blocks = 0  # blocks a layer in that pool
-        self.close_when_flushed = False
-        self.mask = selectors.EVENT_READ
-        self.opened_at = time.monotonic()
-        self.nonce: bytes | None = None  # receiver: this side's handshake nonce
-        self.peer_nonce: bytes | None = None  # receiver: the sender's handshake nonce
 
 
 class Endpoint:
@@ -239,6 +216,7 @@ class Endpoint:
         self._on_peer_lost(peer, why)
 
     def _run(self) -> None:
+        fine_timers()
         if self._cuda:  # this thread's copies (gather/scatter) all go on the copy stream
             torch.cuda.set_device(self.device)
             torch.cuda.set_stream(self._copy_stream)

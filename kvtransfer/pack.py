@@ -15,7 +15,6 @@ index_copy_ (scatter). Otherwise it is one call per layer of the message.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +29,12 @@ def _word_dtype(row_nbytes: int) -> torch.dtype:
         if row_nbytes % size == 0:
             return dt
     return torch.uint8
+
+
+def ids_to_bytes(ids: np.ndarray) -> bytes:
+    """Block ids on the wire: little-endian uint32 each (ids are checked non-negative and
+    below 2**32 before), so a peer checks and compares them without a Python loop."""
+    return ids.astype("<u4").tobytes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,8 @@ class KVLayout:
             rows = max(2, len(kv_caches)) if self.flat is not None else 1
             self._pinned = torch.empty(rows * self.num_blocks, dtype=torch.int64, pin_memory=True)
             self._pinned_free: torch.cuda.Event | None = None  # the last copy out of it
+            # those copies' own stream: one never waits behind a row copy queued before it
+            self._h2d = torch.cuda.Stream(self.device)
 
     def _flat_view(self, kv: Sequence[torch.Tensor]) -> torch.Tensor | None:
         layer_nbytes = self.num_blocks * self.row_nbytes
@@ -101,21 +108,24 @@ class KVLayout:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def check_block_ids(self, block_ids: Sequence[int], what: str) -> list[int]:
-        """block_ids as a list of ints (one numpy pass: requests have thousands of blocks);
-        ValueError naming the first bad ones if any lies outside the pool."""
+    def check_block_ids(self, block_ids: Sequence[int], what: str,
+                        limit: int | None = None) -> np.ndarray:
+        """block_ids as one int64 array (requests have thousands of blocks: numpy, never a
+        Python loop); ValueError naming the first bad ones if any lies outside [0, limit)
+        (default: this pool)."""
+        limit = self.num_blocks if limit is None else limit
         ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
-        bad = ids[(ids < 0) | (ids >= self.num_blocks)]
+        bad = ids[(ids < 0) | (ids >= limit)]
         if bad.size:
-            raise ValueError(f"{what} block ids out of range [0, {self.num_blocks}): "
-                             f"{bad[:8].tolist()}")
-        return ids.tolist()
+            raise ValueError(f"{what} block ids out of range [0, {limit}): {bad[:8].tolist()}")
+        return ids
 
     def index(self, block_ids: Sequence[int], stream: torch.cuda.Stream | None = None) -> torch.Tensor:
         """Device index for a request: [L, nb] flat rows, or [nb] block ids (per-layer path).
 
-        On CUDA the copy is queued on `stream` (the caller's stream if None); the host work
-        is one numpy add into pinned memory, whatever the request's size."""
+        On CUDA the copy runs on its own stream and `stream` (the caller's stream if None)
+        waits for it; the host work is one numpy add into pinned memory, whatever the
+        request's size."""
         ids = np.asarray(block_ids, dtype=np.int64)
         if len(ids) > self.num_blocks:
             raise ValueError(f"{len(ids)} block ids for a pool of {self.num_blocks} blocks")
@@ -141,7 +151,7 @@ class KVLayout:
         if self.device.type != "cuda":
             return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         if self._pinned_free is not None:
-            self._pinned_free.synchronize()  # a few KiB: the previous copy is long done
+            self._pinned_free.synchronize()  # the previous index copy: alone on its stream
         sizes = [a.size for a in arrays]
         host = self._pinned[: sum(sizes)]
         flat = host.numpy()
@@ -149,10 +159,13 @@ class KVLayout:
         for a, n in zip(arrays, sizes):
             flat[pos:pos + n] = a.reshape(-1)
             pos += n
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        with torch.cuda.stream(self._h2d):
             dev = host.to(self.device, non_blocking=True)
             self._pinned_free = torch.cuda.Event()
             self._pinned_free.record()
+        user = stream if stream is not None else torch.cuda.current_stream(self.device)
+        user.wait_event(self._pinned_free)  # what `user` runs from now on sees the index
+        dev.record_stream(user)  # and its memory is not reused before that work ends
         out, pos = [], 0
         for a, n in zip(arrays, sizes):
             out.append(dev[pos:pos + n].view(a.shape))

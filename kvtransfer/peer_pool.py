@@ -133,3 +133,33 @@ def check(o: Any) -> bool:
     return (all(type(o.get(k)) is str and len(o[k]) <= MAX_OFFER_BYTES for k in strs)
             and all(type(o.get(k)) is bytes and len(o[k]) <= MAX_OFFER_BYTES for k in byts)
             and (o["kind"] != "cuda" or type(o.get("ev_sync")) is bool))
+
+
+EVENTS = 32  # interprocess events a pair shares: requests whose copy may run after its `end`
+MAX_EVENT_HANDLE = 128  # bytes (a CUDA IPC event handle is 64)
+
+
+class EventRing:
+    """The sender's interprocess CUDA events, shared with the receiver in the handshake.
+
+    A request's last copy is followed by one of them, and its `end` names it and leaves at
+    once: the receiver polls that event on its side rather than wait for the sender to see
+    the copy end and say so (one hop less on every request's tail). A slot is taken from
+    that `end` until the request's result; should a slot be recorded again while a receiver
+    still polls it, the new record lies later on the same stream, so that receiver waits
+    longer, never too little. With every slot taken, `end` waits for the copy (as on CPU)."""
+
+    def __init__(self, device: torch.device, n: int = EVENTS) -> None:
+        with torch.cuda.device(device):
+            self.events = [torch.cuda.Event(interprocess=True) for _ in range(n)]
+            self.handles = [e.ipc_handle() for e in self.events]
+        self.free = list(range(n))
+
+
+def open_events(handles: list[bytes], device: torch.device) -> list[torch.cuda.Event]:
+    """The receiver's view of a sender's EventRing; raises if this process cannot use them."""
+    with torch.cuda.device(device):
+        events = [torch.cuda.Event.from_ipc_handle(device, h) for h in handles]
+        for e in events:
+            e.query()
+    return events

@@ -19,56 +19,27 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import auth, peer_pool
-from .backend import Backend, Op
+from .backend import Backend
 from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn, address_to_str, encode_address
 from .endpoint import Endpoint, FatalCallback, Peer, ResultCallback
-from .pack import Rect
+from .pack import Rect, ids_to_bytes
+from .receiver_direct import DirectReceive
+from .receiver_state import RxMsg, RxReq
 from .schema import RECEIVER_HANDSHAKE, RECEIVER_READY, ProtocolError
 from .trace import gpu_begin, gpu_end, mark
 
 log = logging.getLogger("pdserve.kvtransfer")
 
 
-@dataclass(eq=False)
-class _RxReq:
-    req_id: ReqId
-    dst: list[int]
-    deadline: float
-    t0: float
-    index: torch.Tensor | None = None
-    peer: Peer | None = None
-    state: str = "expected"  # expected -> active -> (reported) | failed
-    rows_done: int = 0
-    msgs_done: int = 0
-    inflight: int = 0
-    ended: bool = False
-    aux: dict | None = None
-    error: str | None = None
-    failed_at: float = 0.0
-    direct: bool = False  # the sender writes into our blocks itself (peer copy)
-
-
-@dataclass(eq=False)
-class _RxMsg:
-    peer: Peer
-    req: _RxReq | None  # None: drained (unknown/failed request)
-    tag: int
-    rect: Rect
-    buf: int = -1
-    op: Op | None = None
-    scatter_ev: torch.cuda.Event | None = None
-    scattered: bool = False
-    error: str | None = None
-
-
-class KVReceiver(Endpoint):
+class KVReceiver(DirectReceive, Endpoint):
     """Decode side. Give `address` to senders; call expect() before a sender starts."""
 
     _role = "receiver"
@@ -94,9 +65,9 @@ class KVReceiver(Endpoint):
         self.address: bytes = encode_address(host, self.port, self.backend.name,
                                              self.backend.address())
         self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
-        self._reqs: dict[ReqId, _RxReq] = {}
+        self._reqs: dict[ReqId, RxReq] = {}
         self._tombs: OrderedDict[ReqId, str] = OrderedDict()  # recently failed: why
-        self._msgs: list[_RxMsg] = []
+        self._msgs: list[RxMsg] = []
         self._next_conn = 1
         if o.peer_copy and self.layout.flat is not None and not self._cuda \
                 and not peer_pool.share_cpu_pool(self.layout.flat):  # now, before it serves
@@ -111,19 +82,29 @@ class KVReceiver(Endpoint):
     def expect(self, req_id: ReqId, block_ids: Sequence[int], deadline_s: float | None = None) -> None:
         """Reserve-side call: blocks block_ids (in request order) will receive req_id's KV."""
         dst = self.layout.check_block_ids(block_ids, "destination")
-        if len(set(dst)) != len(dst):
+        if len(np.unique(dst)) != len(dst):
             raise ValueError("destination block ids must be distinct")
         self._claim(req_id)
-        self._submit(self._do_expect, req_id, dst, deadline_s or self.options.deadline_s)
+        self._submit(self._do_expect, req_id, dst, ids_to_bytes(dst),
+                     deadline_s or self.options.deadline_s)
 
     def abort(self, req_id: ReqId, reason: str = "aborted by the receiver") -> None:
         """Give a request up; its sender is told; the result (ok=False) follows."""
         self._submit(self._do_abort, req_id, reason)
 
     # ---- commands ---------------------------------------------------------------------------
-    def _do_expect(self, req_id: ReqId, dst: list[int], deadline_s: float) -> None:
+    def _do_expect(self, req_id: ReqId, dst: np.ndarray, dst_bytes: bytes,
+                   deadline_s: float) -> None:
         now = time.monotonic()
-        req = _RxReq(req_id, dst, now + deadline_s, time.perf_counter())
+        req = RxReq(req_id, dst, dst_bytes, now + deadline_s, time.perf_counter())
+        if len(dst):
+            # every peer that may copy into our pool may begin writing as soon as it begins
+            # this request: no `go` round trip on its critical path. Each settles its grant
+            # (its begin, or `unused` when we take it back); until then the blocks stay ours.
+            for peer in self._peers.values():
+                if peer.offered and peer.alive:
+                    peer.conn.send_now({"t": "grant", "req": req_id})
+                    req.granted.add(peer.id)
         req.index = self.layout.index(dst, self._copy_stream)
         mark("rx", "expect_index", req_id, len(dst))
         self._tombs.pop(req_id, None)
@@ -159,6 +140,16 @@ class KVReceiver(Endpoint):
         if req is None and t == "begin":
             self._run_commands()  # an expect() that returned before the sender started
             req = self._reqs.get(msg.get("req"))
+        if t == "begin":
+            self._on_begin(peer, msg, req)
+            return
+        if t == "unused":
+            if req is not None:
+                req.granted.discard(peer.id)
+            return
+        if t == "end" and req is not None and peer.id in req.writers:
+            self._on_direct_end(peer, req, msg)
+            return
         if req is not None and req.peer is not None and req.peer is not peer:
             req = None  # another pair's request: never touch it
         if t == "data":
@@ -170,41 +161,17 @@ class KVReceiver(Endpoint):
                     and rect.rows <= self.staging.rows
                     and (live is None or rect.b1 <= len(live.dst))):
                 raise ValueError(f"data header out of bounds: {msg}")
-            peer.fifo.append(_RxMsg(peer, live, msg["tag"], rect))
+            peer.fifo.append(RxMsg(peer, live, msg["tag"], rect))
             if live is not None:
                 live.inflight += 1
-        elif t == "begin":
-            self._on_begin(peer, msg, req)
-        elif t == "end" and req is not None and req.direct:
-            self._on_direct_end(req, msg)
         elif t == "end" and req is not None and req.state == "active":
-            req.ended, req.aux = True, msg.get("aux")
+            req.ended, req.aux, req.ended_at = True, msg.get("aux"), time.monotonic()
         elif t == "abort" and req is not None:
             self._fail(req, f"aborted by the sender: {msg.get('why')}", notify=False)
 
-    def _authenticate(self, peer: Peer, msg: dict[str, Any]) -> bool:
-        """The challenge-response of auth.py; True once the hello proved the secret. A peer
-        that fails is refused before any of its data is used."""
-        secret = self._secret
-        if secret is None:
-            if msg["t"] == "auth":
-                raise TransferError("this KV receiver has no cluster secret, the sender has one")
-            return True
-        if msg["t"] == "auth" and peer.nonce is None:
-            peer.peer_nonce, peer.nonce = msg["nonce"], auth.new_nonce()
-            peer.conn.send({"t": "auth", "nonce": peer.nonce,
-                            "mac": auth.receiver_proof(secret, peer.peer_nonce, peer.nonce)})
-            return False
-        if msg["t"] != "hello" or peer.nonce is None:
-            raise TransferError("authentication required: this KV receiver has a cluster secret")
-        proof = auth.sender_proof(secret, peer.peer_nonce, peer.nonce, msg["addr"], msg["token"])
-        if not auth.check(proof, msg.get("mac")):
-            raise TransferError("authentication failed: wrong cluster secret")
-        return True
-
     def _on_hello(self, peer: Peer, msg: dict[str, Any]) -> None:
         try:
-            if not self._authenticate(peer, msg):
+            if not auth.receiver_step(self._secret, peer, msg):
                 return
             if msg["t"] != "hello":
                 raise TransferError(f"expected hello, got {msg['t']!r}")
@@ -230,40 +197,16 @@ class KVReceiver(Endpoint):
                 and msg.get("host") == peer_pool.host_id():
             try:
                 welcome["pool"] = peer_pool.offer(self.layout.flat)
+                peer.offered = True
             except Exception as e:  # the backend path still works
                 log.warning("kv receiver: cannot share the pool with peer %d: %s", peer.id, e)
+        if peer.offered and self._cuda and msg.get("events"):
+            try:
+                peer.events = peer_pool.open_events(msg["events"], self.device)
+                welcome["events"] = True
+            except Exception as e:  # its `end` then waits for its copies
+                log.warning("kv receiver: cannot use peer %d's copy events: %s", peer.id, e)
         peer.conn.send(welcome)
-
-    def _on_begin(self, peer: Peer, msg: dict[str, Any], req: _RxReq | None) -> None:
-        rid = msg["req"]
-        if req is None or req.state != "expected":
-            why = self._tombs.get(rid) or (f"request {rid!r} is not expected by this receiver"
-                                           if req is None else f"request {rid!r} already begun")
-            peer.conn.send({"t": "fail", "req": rid, "why": why})
-            return
-        req.peer, req.state = peer, "active"
-        peer.reqs.add(rid)
-        if msg["nblocks"] != len(req.dst):
-            self._fail(req, f"sender has {msg['nblocks']} blocks, receiver reserved {len(req.dst)}")
-        elif msg.get("dst") is not None and list(msg["dst"]) != req.dst:
-            self._fail(req, "sender's destination block ids differ from the reserved ones")
-        elif msg.get("direct"):
-            # from `go` on, our blocks are the sender's to write until its `end`
-            req.direct = True
-            req.inflight += 1
-            peer.conn.send_now({"t": "go", "req": rid})  # the sender waits for it
-
-    def _on_direct_end(self, req: _RxReq, msg: dict[str, Any]) -> None:
-        """A peer copy's `end`: every block is written (or, halted, none is being written)."""
-        if req.inflight == 0:
-            return  # a second end
-        req.inflight -= 1
-        if msg.get("halted"):
-            self._fail(req, "the sender stopped the peer copy", notify=False)
-        elif req.state == "active":
-            req.ended, req.aux = True, msg.get("aux")
-            req.rows_done = len(req.dst) * self.layout.num_layers
-            req.msgs_done = msg.get("msgs", 1)
 
     # ---- progress -------------------------------------------------------------------------------
     def _progress(self) -> None:
@@ -276,24 +219,37 @@ class KVReceiver(Endpoint):
         for req in list(self._reqs.values()):
             if req.state in ("expected", "active") and now > req.deadline:
                 self._fail(req, "deadline exceeded: the KV did not arrive in time")
-            if req.state == "active" and req.ended and req.inflight == 0 and \
+            if req.landing is not None and self._landed(req):
+                req.landing = None
+            held = req.granted | req.writers  # peers that may still write into our blocks
+            if req.landing is not None:
+                continue
+            if req.state == "active" and req.ended and req.inflight == 0 and not held and \
                     req.rows_done == len(req.dst) * self.layout.num_layers:
                 self._finish(req, None)
-            elif req.state == "failed":
-                if req.inflight == 0:
-                    self._finish(req, req.error)
-                elif req.peer is not None and now > req.failed_at + self.options.drain_timeout_s:
-                    self._peer_lost(req.peer, f"in-flight data of failed request {req.req_id!r} "
-                                              f"did not drain in {self.options.drain_timeout_s} s")
+            elif req.state == "failed" and req.inflight == 0 and not held:
+                self._finish(req, req.error)
+            elif req.state == "failed" and now > req.failed_at + self.options.drain_timeout_s:
+                self._drop(held | ({req.peer.id} if req.inflight and req.peer else set()), req)
+            elif req.ended and req.granted and now > req.ended_at + self.options.drain_timeout_s:
+                self._drop(req.granted, req)
 
-    def _post(self, m: _RxMsg) -> None:
+    def _drop(self, peer_ids: set[int], req: RxReq) -> None:
+        """Peers that did not settle what they owe of req in drain_timeout_s: the pair is
+        broken (its data or its answer is lost); dropping it frees what it held."""
+        for pid in list(peer_ids):
+            if pid in self._peers:
+                self._peer_lost(self._peers[pid], f"in-flight data or grant of request "
+                                f"{req.req_id!r} did not settle in {self.options.drain_timeout_s} s")
+
+    def _post(self, m: RxMsg) -> None:
         m.buf = self.staging.acquire()
         view = self.staging.view(m.buf, m.rect.rows)
         m.op = self.backend.post_recv(m.peer.handle, view, m.tag)
         mark("rx", "recv_posted", m.req.req_id if m.req else None, m.rect.rows)
         self._msgs.append(m)
 
-    def _scatter(self, m: _RxMsg) -> None:
+    def _scatter(self, m: RxMsg) -> None:
         view = self.staging.view(m.buf, m.rect.rows)
         if self._copy_stream is None:
             self.layout.scatter(m.req.index, m.rect, view)
@@ -310,7 +266,7 @@ class KVReceiver(Endpoint):
         m.scattered = True
         mark("rx", "scatter_launched", m.req.req_id, m.rect.rows)
 
-    def _advance(self, m: _RxMsg) -> bool:
+    def _advance(self, m: RxMsg) -> bool:
         """Move one message on; True once it is finished (buffer released)."""
         live = m.req is not None and m.req.state == "active"
         if live and not m.scattered and self.backend.stream_ordered and m.op.event is not None:
@@ -338,18 +294,19 @@ class KVReceiver(Endpoint):
                 m.req.msgs_done += 1
         return True
 
-    def _fail(self, req: _RxReq, why: str, notify: bool = True) -> None:
+    def _fail(self, req: RxReq, why: str, notify: bool = True) -> None:
         if req.state == "failed":
             return
         req.state, req.error, req.failed_at = "failed", why, time.monotonic()
         if notify and req.peer is not None and req.peer.alive:
             req.peer.conn.send({"t": "fail", "req": req.req_id, "why": why})
+        self._revoke(req, why)
         for m in list(req.peer.fifo) if req.peer is not None else ():
             if m.req is req:  # not posted yet: will be drained, no longer counted
                 m.req = None
                 req.inflight -= 1
 
-    def _finish(self, req: _RxReq, error: str | None) -> None:
+    def _finish(self, req: RxReq, error: str | None) -> None:
         mark("rx", "finish", req.req_id, error)
         del self._reqs[req.req_id]
         if req.peer is not None:
@@ -375,11 +332,15 @@ class KVReceiver(Endpoint):
             req = self._reqs.get(rid)
             if req is not None:
                 self._fail(req, f"sender lost: {why}", notify=False)
-                if req.direct:  # no `end` will come; its last copy ends within milliseconds
-                    req.inflight = 0
+        for req in self._reqs.values():  # no `end` or `unused` will come from it; a copy it
+            req.granted.discard(peer.id)  # launched ends within milliseconds
+            req.writers.discard(peer.id)
+            if req.peer is peer:
+                req.landing = None  # its event dies with it
 
     def _busy(self) -> bool:
-        return bool(self._msgs) or any(p.fifo for p in self._peers.values())
+        return bool(self._msgs) or any(p.fifo for p in self._peers.values()) or \
+            any(r.landing is not None for r in self._reqs.values())
 
     def _next_deadline(self) -> float | None:
         live = [r.deadline for r in self._reqs.values() if r.state in ("expected", "active")]

@@ -47,9 +47,13 @@ def _req(v: Any) -> bool:
     return (type(v) is int and -_I64 - 1 <= v <= _I64) or (type(v) is str and len(v) <= MAX_ID_CHARS)
 
 
-def _block_ids(v: Any) -> bool:
-    return v is None or (type(v) is list and len(v) <= MAX_BLOCKS
-                         and all(type(b) is int and 0 <= b <= _U32 for b in v))
+def _block_ids(v: Any) -> bool:  # little-endian uint32 each (pack.ids_to_bytes): O(1) to check
+    return v is None or (type(v) is bytes and len(v) <= 4 * MAX_BLOCKS and len(v) % 4 == 0)
+
+
+def _handles(v: Any) -> bool:  # a sender's interprocess events (peer_pool.EventRing)
+    return type(v) is list and len(v) <= peer_pool.EVENTS and all(
+        type(h) is bytes and len(h) <= peer_pool.MAX_EVENT_HANDLE for h in v)
 
 
 def _bool(v: Any) -> bool:
@@ -84,28 +88,33 @@ SCHEMAS: dict[str, dict[str, tuple[Check, bool]]] = {
     "hello": {"geometry": (_geometry, True), "backend": (_str(32), True),
               "addr": (_bytes(MAX_ADDR_BYTES), True), "token": (_bytes(MAX_TOKEN_BYTES), True),
               "max_rows": (_ROWS, False), "mac": (_MAC, False),
-              "host": (_str(MAX_TEXT_CHARS), False)},  # peer copy offered on the same host
+              "host": (_str(MAX_TEXT_CHARS), False),  # peer copy offered on the same host
+              "events": (_handles, False)},  # ... and `end` may name one of these
     "begin": {"req": (_req, True), "nblocks": (_BLOCK, True), "dst": (_block_ids, False),
-              "direct": (_bool, False)},  # the sender writes into the pool itself
+              "direct": (_bool, False),  # the sender writes into the pool itself
+              "granted": (_bool, False)},  # ... already, under the receiver's grant
+    "unused": {"req": (_req, True)},  # a grant this sender did not use and never will
     "data": {"req": (_req, True), "tag": (_int(0, _U64), True), "l0": (_LAYER, True),
              "l1": (_LAYER, True), "b0": (_BLOCK, True), "b1": (_BLOCK, True)},
     "end": {"req": (_req, True), "aux": (_aux, False), "msgs": (_int(0, _U32), False),
-            "halted": (_bool, False)},  # halted: a failed peer copy writes no more
+            "halted": (_bool, False),  # halted: a failed peer copy writes no more
+            "ev": (_int(0, peer_pool.EVENTS - 1), False)},  # ... once this event fired
     "abort": {"req": (_req, True), "why": (_WHY, False)},
     # receiver -> sender
     "welcome": {"conn": (_int(1, _U32), True), "max_rows": (_ROWS, True),
-                "pool": (peer_pool.check, False)},
+                "pool": (peer_pool.check, False), "events": (_bool, False)},
     "error": {"kind": (_str(32), False), "why": (_WHY, False)},
     "done": {"req": (_req, True)},
     "go": {"req": (_req, True)},  # a peer copy may write into the reserved blocks now
+    "grant": {"req": (_req, True)},  # ... may, once its sender begins it (sent at expect())
     "fail": {"req": (_req, True), "why": (_WHY, False)},
 }
 
 # What each side accepts, before and after its handshake.
 RECEIVER_HANDSHAKE = frozenset({"auth", "hello"})
-RECEIVER_READY = frozenset({"begin", "data", "end", "abort"})
+RECEIVER_READY = frozenset({"begin", "data", "end", "abort", "unused"})
 SENDER_HANDSHAKE = frozenset({"auth", "welcome", "error"})
-SENDER_READY = frozenset({"done", "fail", "go"})
+SENDER_READY = frozenset({"done", "fail", "go", "grant"})
 
 
 def validate(msg: dict[str, Any], accept: frozenset[str]) -> dict[str, Any]:

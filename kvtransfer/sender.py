@@ -25,15 +25,18 @@ from .backend import Backend
 from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions, TransferResult
 from .control import ControlConn, FrameReader, address_bytes, decode_address, encode, handshake
 from .endpoint import Endpoint, FatalCallback, Peer, ResultCallback
-from .pack import Rect, next_rect
+from .pack import Rect, ids_to_bytes, next_rect
 from .schema import SENDER_READY
+from .sender_direct import DirectCopy
 from .sender_state import TxMsg, TxReq
 from .trace import gpu_begin, gpu_end, mark
 
 log = logging.getLogger("pdserve.kvtransfer")
 
+MAX_GRANTS = 1 << 16  # a receiver's grants kept for requests not begun yet, per pair
 
-class KVSender(Endpoint):
+
+class KVSender(DirectCopy, Endpoint):
     """Prefill side. Addresses come from KVReceiver.address (bytes, or its str form)."""
 
     _role = "sender"
@@ -72,8 +75,12 @@ class KVSender(Endpoint):
             token = self.backend.new_token()
             hello = {"t": "hello", "geometry": self.geometry.to_dict(), "backend": self.backend.name,
                      "addr": self.backend.address(), "token": token, "max_rows": self.staging.rows}
+            ring = None
             if self.options.peer_copy and self.layout.flat is not None:
                 hello["host"] = peer_pool.host_id()  # the receiver then offers its pool
+                if self._cuda:
+                    ring = peer_pool.EventRing(self.device)
+                    hello["events"] = ring.handles
             sock, reader, reply = handshake(info["host"], info["port"], hello,
                                             self.options.connect_timeout_s, self._secret,
                                             self.options.max_frame_bytes)
@@ -83,7 +90,7 @@ class KVSender(Endpoint):
                 if reply.get("kind") == "geometry":
                     raise GeometryMismatchError(why)
                 raise TransferError(f"KV receiver refused the connection: {why}")
-            peer = self._call(self._do_connect, sock, reader, key, info, token, reply)
+            peer = self._call(self._do_connect, sock, reader, key, info, token, reply, ring)
             self._by_addr[key] = peer
         return peer
 
@@ -92,7 +99,8 @@ class KVSender(Endpoint):
               layerwise: bool | None = None) -> None:
         """Begin pushing req_id's blocks src_block_ids (request order) to the receiver."""
         src = self.layout.check_block_ids(src_block_ids, "source")
-        dst = None if dst_block_ids is None else np.asarray(dst_block_ids, dtype=np.int64).tolist()
+        dst = None if dst_block_ids is None else \
+            self.layout.check_block_ids(dst_block_ids, "destination", 1 << 32)
         if dst is not None and len(dst) != len(src):
             raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
         mark("tx", "start", req_id, len(src))
@@ -132,7 +140,7 @@ class KVSender(Endpoint):
 
     # ---- commands (progress thread) ------------------------------------------------------------
     def _do_connect(self, sock: Any, reader: FrameReader, key: bytes, info: dict, token: bytes,
-                    reply: dict) -> Peer:
+                    reply: dict, ring: peer_pool.EventRing | None) -> Peer:
         peer = self._add_peer(ControlConn(sock, SENDER_READY, reader))
         peer.key = key
         peer.handle = self.backend.connect(info.get("addr", b""), token, True)
@@ -140,19 +148,11 @@ class KVSender(Endpoint):
         peer.max_rows = min(self.staging.rows, int(reply["max_rows"]))
         if "pool" in reply:
             self._open_peer_pool(peer, reply["pool"])
+            peer.ring = ring if reply.get("events") else None
         peer.ready = True
         return peer
 
-    def _open_peer_pool(self, peer: Peer, offer: dict) -> None:
-        try:
-            peer.pool = peer_pool.open_pool(offer, self.layout.word, self.layout.row_words,
-                                           self.device)
-            peer.pool_blocks = int(offer["rows"]) // self.layout.num_layers
-        except Exception as e:  # the backend path still works: say why once, per pair
-            log.warning("kv sender: no peer copy to %s, using the %s backend: %s",
-                        decode_address(peer.key)["host"], self.backend.name, e)
-
-    def _do_start(self, req_id: ReqId, peer: Peer, src: list[int], dst: list[int] | None,
+    def _do_start(self, req_id: ReqId, peer: Peer, src: np.ndarray, dst: np.ndarray | None,
                   deadline_s: float, layerwise: bool) -> None:
         req = TxReq(req_id, peer, src, dst, time.monotonic() + deadline_s, time.perf_counter(),
                      layerwise, [False] * self.layout.num_layers)
@@ -161,13 +161,21 @@ class KVSender(Endpoint):
             self._fail(req, "the receiver connection is closed", notify=False)
             return
         peer.reqs.add(req_id)
-        direct = peer.pool is not None and bool(dst)  # (no blocks: nothing to hold)
-        if direct and max(dst) >= peer.pool_blocks:
-            self._fail(req, f"destination block id {max(dst)} is out of the receiver's pool "
-                            f"of {peer.pool_blocks} blocks")
+        # the receiver's grant (sent at its expect()): our begin settles it, used or not
+        granted = peer.grants.pop(req_id, 0) is None
+        direct = peer.pool is not None and dst is not None and len(dst) > 0  # else nothing to hold
+        if direct and int(dst.max()) >= peer.pool_blocks:
+            if granted:
+                peer.conn.send({"t": "unused", "req": req_id})
+            self._fail(req, f"destination block id {int(dst.max())} is out of the receiver's "
+                            f"pool of {peer.pool_blocks} blocks")
             return
-        peer.conn.send_now({"t": "begin", "req": req_id, "nblocks": len(src), "dst": dst,
-                            "direct": direct})  # its `go` comes back while we index
+        req.go = granted and direct  # write as soon as layers are ready, no round trip
+        begin = {"t": "begin", "req": req_id, "nblocks": len(src), "direct": direct,
+                 "granted": req.go}
+        if dst is not None:
+            begin["dst"] = ids_to_bytes(dst)
+        peer.conn.send_now(begin)  # without a grant, its `go` comes back while we index
         mark("tx", "begin_sent", req_id)
         # H2D now, off the critical path
         if direct:
@@ -191,6 +199,7 @@ class KVSender(Endpoint):
         if finished:
             req.finished, req.aux = True, aux
             mark("tx", "finish_cmd", req_id)
+        self._pump(req)  # now, not after the rest of the queued commands
 
     def _do_ready_many(self, req_ids: list[ReqId], layers: range, event: Any) -> None:
         for rid in req_ids:
@@ -203,15 +212,27 @@ class KVSender(Endpoint):
 
     # ---- control messages --------------------------------------------------------------------------
     def _on_message(self, peer: Peer, msg: dict[str, Any]) -> None:
-        req = self._reqs.get(msg.get("req"))
-        if req is None or req.peer is not peer:
+        t, rid = msg["t"], msg["req"]
+        req = self._reqs.get(rid)
+        if req is not None and req.peer is not peer:
+            req = None
+        mark("tx", "rx_" + t, rid)
+        if req is None:
+            if t == "grant" and rid not in peer.grants:
+                peer.grants[rid] = None  # for a start() to come
+                if len(peer.grants) > MAX_GRANTS:  # a begin without one waits for `go`
+                    peer.grants.popitem(last=False)
+            elif t == "fail":  # a grant taken back (or a request we never began)
+                peer.grants.pop(rid, None)
+                peer.conn.send({"t": "unused", "req": rid})
             return
-        mark("tx", "rx_" + msg["t"], req.req_id)
-        if msg["t"] == "done" and req.state == "ended":
+        if t == "done" and req.state == "ended":
             req.acked = True
-        elif msg["t"] == "go":
+        elif t in ("go", "grant"):  # a grant that crossed our begin is as good as its go
             req.go = True
-        elif msg["t"] == "fail":
+            if req.state == "active":
+                self._pump(req)
+        elif t == "fail":
             self._fail(req, f"receiver: {msg.get('why')}", notify=False)
 
     # ---- progress ------------------------------------------------------------------------------------
@@ -270,41 +291,6 @@ class KVSender(Endpoint):
             req.state = "ended"
         return True
 
-    def _pump_direct(self, req: TxReq, ready: int) -> None:
-        """Peer copy: ready layers in one copy into the receiver's pool, a quarter of the
-        model at a time while it computes (the copy runs at wire speed; each launch costs the
-        model's launch-bound forward GIL time); `end` once all copies landed (the receiver
-        reads nothing before it)."""
-        nl, nb = self.layout.num_layers, len(req.src)
-        if not req.go:
-            return  # never write into blocks the receiver has not confirmed
-        group = nl if req.finished else max(1, nl // 4)
-        if req.layer_pos < ready and nb and (ready - req.layer_pos >= group or ready == nl):
-            try:
-                copied = self._copy_direct(req, req.layer_pos, ready)
-            except Exception as e:  # e.g. a GPU that cannot reach the peer's memory
-                log.warning("kv sender: peer copy failed, the backend carries this pair "
-                            "from now on: %s", e)
-                req.peer.pool = None
-                self._fail(req, f"peer copy failed: {e}")
-                return
-            self._msgs.append(TxMsg(req, -1, copied=copied))
-            mark("tx", "peer_copy", req.req_id, (ready - req.layer_pos) * nb)
-            req.inflight += 1
-            req.k += 1
-            req.nbytes += (ready - req.layer_pos) * nb * self.layout.row_nbytes
-            req.layer_pos = ready
-        if req.finished and (nb == 0 or req.layer_pos >= nl) and req.inflight == 0:
-            req.peer.conn.send_now({"t": "end", "req": req.req_id, "aux": req.aux,
-                                    "msgs": req.k})
-            req.state = "ended"
-
-    def _copy_direct(self, req: TxReq, l0: int, l1: int) -> torch.cuda.Event | None:
-        # while the model still computes (layer-wise), leave it most SMs
-        ctas = self.layout.copy_ctas if l1 < self.layout.num_layers else None
-        return self._launch(req, l0, l1, "peer_copy", lambda: self.layout.peer_copy(
-            req.index, req.dindex, req.peer.pool, req.peer.pool_blocks, l0, l1, ctas))
-
     def _gather(self, req: TxReq, rect: Rect, view: torch.Tensor) -> torch.cuda.Event | None:
         # alone on the GPU (no send in flight): every SM copies; else leave SMs to the wire
         ctas = None if self._msgs else self.layout.full_ctas
@@ -360,6 +346,8 @@ class KVSender(Endpoint):
 
     def _finish(self, req: TxReq, error: str | None) -> None:
         del self._reqs[req.req_id]
+        if req.slot is not None:
+            req.peer.ring.free.append(req.slot)
         req.peer.reqs.discard(req.req_id)
         if error is not None and req.dindex is not None and req.peer.alive:
             # the receiver keeps its blocks until no copy of ours can still write into them
@@ -379,7 +367,11 @@ class KVSender(Endpoint):
                 self._fail(req, f"receiver lost: {why}", notify=False)
 
     def _busy(self) -> bool:
-        return bool(self._msgs)
+        # copies or sends in flight, or an answer due within a round trip (done, go): poll,
+        # rather than sleep, so that answer is read the moment it lands
+        return bool(self._msgs) or any(
+            r.state == "ended" or (r.finished and not r.go and r.dindex is not None)
+            for r in self._reqs.values())
 
     def _next_deadline(self) -> float | None:
         live = [r.deadline for r in self._reqs.values() if r.state in ("active", "ended")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .backend import Op
@@ -16,8 +17,8 @@ from .endpoint import Peer
 class TxReq:
     req_id: ReqId
     peer: Peer
-    src: list[int]
-    dst: list[int] | None
+    src: np.ndarray  # int64 block ids
+    dst: np.ndarray | None
     deadline: float
     t0: float
     layerwise: bool
@@ -25,7 +26,7 @@ class TxReq:
     events: dict[int, Any] = field(default_factory=dict)
     index: torch.Tensor | None = None
     dindex: torch.Tensor | None = None  # peer copy: destination rows in the peer's pool
-    go: bool = False  # peer copy: the receiver holds the blocks for us (its `go`)
+    go: bool = False  # peer copy: the receiver holds the blocks for us (grant or `go`)
     ready_prefix: int = 0
     layer_pos: int = 0
     block_pos: int = 0
@@ -38,6 +39,7 @@ class TxReq:
     error: str | None = None
     failed_at: float = 0.0
     nbytes: int = 0
+    slot: int | None = None  # peer copy: the pair's event its `end` named (peer_pool.EventRing)
 
 
 @dataclass(eq=False)

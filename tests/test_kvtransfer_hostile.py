@@ -175,6 +175,11 @@ def test_schema_checks():
             validate(msg, RECEIVER_READY)
     with pytest.raises(ProtocolError, match="unexpected"):
         validate(good, RECEIVER_HANDSHAKE)
+    begin = {"v": 2, "t": "begin", "req": "r", "nblocks": 2, "dst": b"\x01\0\0\0\x02\0\0\0"}
+    assert validate(begin, RECEIVER_READY) is begin
+    for dst in ([1, 2], b"\x01\0\0", "12"):  # block ids travel as uint32 bytes only
+        with pytest.raises(ProtocolError, match="dst"):
+            validate({**begin, "dst": dst}, RECEIVER_READY)
     reader = FrameReader(max_frame_bytes=1024)
     with pytest.raises(ProtocolError, match="exceeds"):
         reader.feed((2048).to_bytes(4, "big"))

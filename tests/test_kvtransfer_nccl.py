@@ -168,6 +168,46 @@ def test_peer_copy_two_gpus(stacked):
 @pytest.mark.gpu
 @pytest.mark.gpu2
 @pytest.mark.timeout(300)
+def test_peer_copy_end_before_the_copy_lands():
+    """The sender's `end` leaves once its copy is launched, naming an interprocess event;
+    the receiver reports the request only once that event fired. The copy is held back
+    behind a long GPU sleep: a receiver that did not wait would read the old bytes."""
+    opts = {"staging_bytes": 1 << 20, "deadline_s": 30.0}
+    geo = {"num_layers": 4, "block_size": 16, "num_kv_heads": 8, "head_dim": 128}
+    rx_proc = PeerProc()
+    torch.cuda.set_device(0)
+    pool = make_pool(64, seed=1, device="cuda:0", dtype=torch.bfloat16, stacked=True, **geo)
+    tx = KVSender(pool, "nccl", TransferOptions(**opts))
+    side = torch.cuda.Stream()
+    try:
+        addr = rx_proc.call("receiver", "rx", {"num_blocks": 64, "seed": 2, "device": "cuda:1",
+                                               "dtype": torch.bfloat16, "stacked": True, **geo},
+                            "nccl", opts, timeout_s=120)
+        tx.connect(addr)
+        assert all(p.ring is not None for p in tx._by_addr.values())  # events were accepted
+        for k in range(3):
+            src, dst = list(range(8 * k, 8 * k + 8)), list(range(40 - 8 * k, 48 - 8 * k))
+            rid = f"late{k}"
+            rx_proc.engine("rx", "expect", rid, dst)
+            tx.start(rid, addr, src, dst)
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(400_000_000)  # ~0.2-0.3 s of GPU time before the copy
+                ev = torch.cuda.Event()
+                ev.record(side)
+            tx.finish(rid, {"k": k}, ev)
+            (got,) = rx_proc.engine("rx", "wait", 30, [rid], timeout_s=60)
+            assert got["ok"] and got["via"] == "peer_copy", got
+            assert rx_proc.call("blocks", "rx", dst) == block_bytes(pool, src), rid
+            (res,) = tx.wait(30, [rid])
+            assert res.ok
+    finally:
+        tx.close()
+        rx_proc.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu2
+@pytest.mark.timeout(300)
 def test_ucx_kv_transfer_two_gpus():
     pytest.importorskip("ucxx", reason="the ucx extra (ucxx) is not installed")
     _two_gpu_transfer("ucx", stacked=True)

@@ -11,7 +11,7 @@ from pdserve.benchmarks import transfer, transfer_trace
 from pdserve.kvtransfer import trace
 
 STEPS = {"staged": ("tx.start", "tx.posted", "rx.recv_posted", "rx.finish", "tx.rx_done"),
-         "peer_copy": ("tx.start", "tx.rx_go", "tx.peer_copy", "tx.peer_copy_done", "rx.rx_end",
+         "peer_copy": ("tx.start", "tx.rx_grant", "tx.peer_copy", "tx.peer_copy_done", "rx.rx_end",
                        "rx.finish", "tx.rx_done")}
 
 
