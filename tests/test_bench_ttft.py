@@ -38,7 +38,9 @@ def test_row_of_medians_has_every_column():
     med = medians(recs)
     assert med["ttft_ms"] == 22.0 and med["decode1_ms"] == 6.5  # decode1 of two requests
     assert med["rest_ms"] == pytest.approx(3.0)  # t - 1 hop - (t - 5) prefill - 1 tail
-    row = make_row(2048, med, baseline_ttft_ms=20.0)
+    row = make_row(2048, med, {"ttft_ms": 20.0, "hops_ms": 1.5, "prefill_ms": 17.0})
     assert list(row) == COLUMNS
     assert row["kv_mib"] == 1.0 and row["ttft_ratio"] == pytest.approx(1.1)
-    assert math.isnan(make_row(2048, med, float("nan"))["ttft_ratio"])
+    assert row["base_prefill_ms"] == 17.0 and row["target_ms"] == pytest.approx(21.6)
+    empty = make_row(2048, med, {})
+    assert math.isnan(empty["ttft_ratio"]) and math.isnan(empty["base_hops_ms"])
