@@ -187,3 +187,19 @@ def test_e2e_local_prefill_equals_colocated_and_migrates() -> None:
             assert got == want[len(MIG_PROMPT)]
             assert cl.stats()["requests_migrated"] == 1
             assert cluster_free(cl, n_workers=2)
+
+
+def test_a_colocated_generate_reports_its_prefill_time(engines) -> None:  # noqa: F811
+    """A local prefill's last chunk says how long the prompt took (bench ttft's colocated
+    columns read it), as a prefill worker's reply does."""
+    async def go():
+        core, role = make(BothRole, engines["both"], None)
+        pump = asyncio.create_task(pump_forever(core.engine_loop))
+        try:
+            return [c async for c in role.generate(generate_request("t", **GREEDY), FakeContext())]
+        finally:
+            pump.cancel()
+    chunks = asyncio.run(go())
+    last = chunks[-1]
+    assert last.finished and last.timings.prefill_ms > 0
+    assert all(not c.HasField("timings") for c in chunks[:-1])

@@ -200,9 +200,12 @@ class WorkerCore:
 
     def _on_result(self, out: SchedulerOutput, res: StepResult) -> None:
         items: list[tuple[ReqState, object]] = []
+        now = time.monotonic()
         for sid, tok in res.new_tokens.items():
             st = self.table.get(sid)
             lp = res.logprobs.get(sid)
+            if st is not None and st.computed_s is None:
+                st.computed_s = now  # token 0 of a local prefill: its prefill_ms ends here
             if st is not None and not (self.role is not None and self.role.on_token(st, tok, lp)):
                 items.append((st, tok if lp is None else Sampled(tok, lp)))
         for seq in res.finished:
