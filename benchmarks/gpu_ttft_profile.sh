@@ -23,13 +23,13 @@ PP=/tmp/ttft_prof:/tmp/site
 (cd /tmp && PYTHONPATH=$PP python3 -m pdserve.cli bench ttft --model llama-3.1-8b --devices 0,1 \
   --transfer nccl --input-lens "$LEN" --iters "$ITERS" --out "$OUT/ttft" >"$OUT/ttft/log" 2>&1) &
 BENCH=$!
-sample() {  # sample ROLE LABEL: once LABEL's progress bar moved, record ROLE's worker 2.5 s
+sample() {  # sample ROLE LABEL: once LABEL's progress bar moved, record ROLE's worker 3 s
   for _ in $(seq 600); do
     grep -aq "$2: *[0-9]*%.*| *[1-9][0-9]*/" "$OUT/ttft/log" 2>/dev/null && break
     kill -0 $BENCH 2>/dev/null || return; sleep 0.2
   done
   local pid; pid=$(pgrep -f "pdserve.cli worker --role $1" | head -1)
-  [ -n "$pid" ] && $SPY record --gil --threads --full-filenames -r 1000 -d 2.5 -f raw -o "$OUT/$1.raw" \
+  [ -n "$pid" ] && $SPY record --gil --threads --full-filenames -r 1000 -d 3 -f raw -o "$OUT/$1.raw" \
     -p "$pid" >"$OUT/$1.spy.log" 2>&1
 }
 sample prefill disaggregated
