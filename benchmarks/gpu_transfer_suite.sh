@@ -9,16 +9,18 @@
 # 4. bench transfer, ucx on cuda (ucxx device memory, staged), same lengths; skipped with
 #    the reason when ucxx does not import; UCX's protocol choice goes to ucx/proto.txt
 # 5. bench ttft at 512/2k/8k/32k (P/D against colocated) in what is left of BUDGET_S
-#    (at least 120 s); SKIP_TTFT=1 leaves it out
+#    (at least 120 s), then at 512 and 2k again with SHORT_ITERS requests (default 100:
+#    their TTFT is launch-bound and moves with the host, medians of few requests are noise);
+#    SKIP_TTFT=1 leaves both out
 # Runs this tree installed into /tmp (so ./pdserve does not shadow it) with the runtime
 # wheels of .whl, the ucxx-cu13 set of .ucxwhl and, without matplotlib, .mplwhl.
-# Writes OUTDIR/{peercopy,peercopy_c8,nccl,nccl_c8,ucx,ttft}/ (each NAME.log + csv/md/png) and OUTDIR/env.txt,
+# Writes OUTDIR/{peercopy,peercopy_c8,nccl,nccl_c8,ucx,ttft,ttft_short}/ (each NAME.log + csv/md/png) and OUTDIR/env.txt,
 # and prints every table.
 set -u
 OUT=$(realpath -m "${1:?usage: gpu_transfer_suite.sh OUTDIR [GPU_PAIR]}")
 PAIR=${2:-0,1}
 BUDGET_S=${BUDGET_S:-290}  # the whole suite; bench ttft gets what is left of it (>= 120 s)
-mkdir -p "$OUT"/{peercopy,peercopy_c8,nccl,nccl_c8,ucx,ttft}
+mkdir -p "$OUT"/{peercopy,peercopy_c8,nccl,nccl_c8,ucx,ttft,ttft_short}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n CUDA_VISIBLE_DEVICES=$PAIR
 wheels() {  # wheels DIR TARGET: install DIR/*.whl into TARGET (no index, no deps)
@@ -70,6 +72,8 @@ left=$((BUDGET_S - SECONDS)); [ $left -lt 120 ] && left=120  # two cluster start
 if [ "${SKIP_TTFT:-0}" = 0 ]; then
   step ttft $left "$PP" bench ttft --model llama-3.1-8b --devices 0,1 --transfer nccl \
     --input-lens $LENS --iters 8
+  step ttft_short 150 "$PP" bench ttft --model llama-3.1-8b --devices 0,1 --transfer nccl \
+    --input-lens 512,2048 --iters "${SHORT_ITERS:-100}"
 else
   echo "=== ttft skipped (SKIP_TTFT)" | tee "$OUT/ttft/ttft.log"
 fi

@@ -59,6 +59,10 @@ class SenderLink:
         """Open the pair ahead of time (blocks for the handshake; raises on mismatch)."""
         self.sender.connect(address)
 
+    def connected(self, address: bytes) -> bool:
+        """The pair to `address` is open (connect() would return at once)."""
+        return self.sender.connected(address)
+
     def start(self, req_id: str, address: bytes, src: list[int], dst: list[int],
               deadline_s: float, on_done: Callable[[str, str | None, int], None]) -> None:
         """on_done(req_id, error or None, bytes sent) runs once, on the progress thread."""

@@ -61,6 +61,11 @@ class KVSender(DirectCopy, Endpoint):
         """
         self._peer_for(address)
 
+    def connected(self, address: bytes | str) -> bool:
+        """The pair to `address` is open: connect() and start() need no handshake."""
+        peer = self._by_addr.get(address_bytes(address))
+        return peer is not None and peer.alive
+
     def _peer_for(self, address: bytes | str) -> Peer:
         self._check_open()
         key = address_bytes(address)

@@ -93,8 +93,8 @@ class PrefillRole(Role):
         seq = await core.new_sequence(context, rid, request.prompt_token_ids, request.sampling,
                                       prefill_only=True, check=check,
                                       output_offset=request.num_output_tokens)
-        if target is not None:
-            try:
+        if target is not None and not self.sender.connected(target.address):
+            try:  # a handshake blocks: off the loop (an open pair costs nothing here)
                 await asyncio.to_thread(self.sender.connect, target.address)
             except Exception as exc:
                 # fault "peer": this worker is fine, the decode worker is not (the
@@ -163,7 +163,7 @@ class PrefillRole(Role):
         status: tuple = ()
         if problem:
             status = (grpc.StatusCode.INVALID_ARGUMENT, problem, ())
-        else:
+        elif not self.sender.connected(target.address):
             try:
                 await asyncio.to_thread(self.sender.connect, target.address)
             except Exception as exc:

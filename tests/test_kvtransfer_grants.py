@@ -172,3 +172,14 @@ def test_a_peer_that_never_settles_its_grant_is_dropped(rx):
         assert not rres.ok and _all_free(r)
     finally:
         deaf.close()
+
+
+def test_connected_says_whether_a_handshake_is_needed(rx):
+    r, _ = rx
+    tx, _ = _sender(9)
+    try:
+        assert not tx.connected(r.address)
+        tx.connect(r.address)
+        assert tx.connected(r.address) and tx.connected(r.address_str)
+    finally:
+        tx.close()

@@ -102,6 +102,9 @@ class FakeWire:
         if address != self.address:
             raise ConnectionError(f"no KV endpoint at {address!r}")
 
+    def connected(self, address: bytes) -> bool:
+        return False  # every request goes through connect(), which checks the address
+
     def start(self, req_id, address, src, dst, deadline_s, on_done) -> None:
         self.calls.append(("start", req_id))
         self.sending[req_id] = (list(src), list(dst), on_done)
