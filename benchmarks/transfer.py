@@ -10,6 +10,12 @@ scattered at random. All times are taken on the sender's clock:
   data movement, including gather, every message, scatter and the receiver's detection.
   With --concurrency N, N requests (each its own random src/dst blocks) start together and
   the time runs from the first start() to the last request's done; bytes are all N's.
+- rx: from the sender's start() call to the receiver's own result (every block in place,
+  known on the decode side: perf_counter is CLOCK_MONOTONIC, one time axis for the two
+  processes of a host), nothing subtracted: what a decode worker waits from the moment the
+  prefill side starts the transfer; rx_ratio is the baseline's time over it. The
+  empty-request subtraction of `transfer` over-corrects where a request's `end` overlaps
+  its copy (peer copy on GPU), so there `ratio` can pass 1; rx_ratio never hides a hop.
 - baseline: ONE contiguous send of the same byte count on a separate connection of the same
   backend, receive pre-posted: from post_send to the receiver process seeing its receive
   complete and telling us over a pipe, minus half the pipe's median round trip. With
@@ -37,8 +43,8 @@ from pdserve.benchmarks.transfer_peer import GEOMETRIES, receiver_main
 from pdserve.benchmarks.transfer_plot import plot_transfer
 
 KEYS = ["input_len", "bytes", "p50_ms", "p90_ms", "gbps", "baseline_gbps", "ratio", "verified"]
-TABLE = KEYS + ["baseline_p50_ms", "via", "messages", "fit_ms", "resid_pct", "in_fit",
-                "raw_resid_pct", "phys_ms"]
+TABLE = KEYS + ["rx_p50_ms", "rx_ratio", "baseline_p50_ms", "via", "messages", "fit_ms",
+                "resid_pct", "in_fit", "raw_resid_pct", "phys_ms"]
 CONCURRENT = ["concurrency", "baseline1_gbps", "ratio1"]
 
 
@@ -158,7 +164,8 @@ def write_outputs(args: argparse.Namespace, bench: TransferBench, rows: list[dic
             f"fit_raw_{args.backend}": f"fixed {raw_fit.fixed_us:.1f} us, {raw_fit.gbps:.2f} GB/s",
             "physical_gbps": f"{bench.phys_gbps:.2f}" if bench.phys_gbps else "none"}
     notes = [f"- {line}" for line in lines] + [
-        "- transfer: sender start() -> receiver's done ack, minus an empty request's round trip"
+        "- transfer: sender start() -> receiver's done ack, minus an empty request's round trip; "
+        "rx: sender start() -> the receiver's result, nothing subtracted"
         + (f"; {bench.conc} requests at once, first start -> last done" if bench.conc > 1 else ""),
         "- baseline: one contiguous send of the same bytes, same backend, receive pre-posted",
         "- fit_ms / resid_pct: the constrained fit (fixed >= 0) and (p50 - fit) / fit; in_fit: "

@@ -65,6 +65,8 @@ class TransferBench:
         self.rng = random.Random(args.seed)
         self.seq = 0
         self.rids: list[str] = []
+        self.starts: list[tuple[float, list[str]]] = []  # (t0, request ids) per transfer()
+        self.rx_times: list[float] = []  # per transfer() of the last length: t0 -> receiver
         self.phys_gbps: float | None = None
         self.phys_note = "no physical line on cpu: no NVLink (UCX over loopback)"
 
@@ -107,6 +109,7 @@ class TransferBench:
             why = bad[0].error if bad else f"{len(rids) - len(results)} without a result in 120 s"
             raise RuntimeError(f"transfer failed: {why}")
         self.rids += rids
+        self.starts.append((t0, rids))
         self.num_messages = sum(r.num_messages for r in results)
         self.via = "+".join(sorted({r.via for r in results}))
         return max(r.done_at for r in results) - t0
@@ -195,7 +198,10 @@ class TransferBench:
         bad = [d for d in drained if not d[1]]
         if bad or len(drained) != len(self.rids):
             raise RuntimeError(f"receiver reported failures: {bad[:3]}")
-        self.rids = []
+        # the receiver's results carry perf_counter() (CLOCK_MONOTONIC: one axis per host)
+        done_at = {d[0]: d[3] for d in drained}
+        self.rx_times = [max(done_at[r] for r in rids) - t0 for t0, rids in self.starts]
+        self.rids, self.starts = [], []
         return all(checksum(self.pool, src) == self.rpc("checksum", dst) for src, dst in reqs)
 
     def _ping(self) -> float:
@@ -210,12 +216,14 @@ class TransferBench:
         p50, p90 = float(np.percentile(t, 50)), float(np.percentile(t, 90))
         b50 = float(np.percentile(np.maximum(np.array(base) - self.pipe_rtt / 2, 1e-7), 50))
         b1 = float(np.percentile(np.maximum(np.array(base1) - self.pipe_rtt / 2, 1e-7), 50))
+        rx = np.array(self.rx_times[self.args.warmup:])  # the timed ones, as `raw`
+        rx50 = float(np.median(rx)) if rx.size else float("nan")
         row = {"input_len": n, "bytes": nbytes, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3,
                "gbps": nbytes / p50 / 1e9, "baseline_gbps": nbytes / b50 / 1e9, "ratio": b50 / p50,
                "verified": verified, "baseline_p50_ms": b50 * 1e3,
                "raw_p50_ms": float(np.median(raw)) * 1e3, "empty_rtt_ms": self.empty_rtt * 1e3,
                "pipe_rtt_ms": self.pipe_rtt * 1e3, "messages": self.num_messages,
-               "via": self.via}
+               "via": self.via, "rx_p50_ms": rx50 * 1e3, "rx_ratio": b50 / rx50}
         if self.conc > 1:
             row |= {"concurrency": self.conc, "baseline1_p50_ms": b1 * 1e3,
                     "baseline1_gbps": one / b1 / 1e9, "ratio1": (nbytes / p50) / (one / b1)}

@@ -95,7 +95,7 @@ def receiver_main(conn: Any, cfg: dict[str, Any]) -> None:
                 rx.expect(a[0], a[1], deadline_s=120.0)
                 conn.send("ok")
             elif cmd == "drain":
-                conn.send([(r.req_id, r.ok, r.error) for r in rx.wait(120.0, a[0])])
+                conn.send([(r.req_id, r.ok, r.error, r.done_at) for r in rx.wait(120.0, a[0])])
             elif cmd == "bconnect":
                 bpeer = base.connect(a[1], a[0], False)
                 conn.send("ok")

@@ -87,6 +87,10 @@ def test_concurrent_requests_end_to_end_on_cpu(tmp_path, capsys, peer_copy):
         assert r["via"] == ("peer_copy" if peer_copy else "ucx")
         assert float(r["fit_ms"]) >= 0 and r["in_fit"] in ("yes", "no")
         assert float(r["baseline1_gbps"]) > 0 and float(r["ratio1"]) > 0
+        # start() -> the receiver's own result, on the host's one monotonic clock
+        assert 0 < float(r["rx_p50_ms"]) < 60_000
+        assert float(r["rx_ratio"]) == pytest.approx(
+            float(r["baseline_p50_ms"]) / float(r["rx_p50_ms"]), rel=1e-3)
     md = open(f"{stem}.md").read()
     assert "| phys_ms | concurrency | baseline1_gbps | ratio1 |" in md
     assert "fit pdserve" in md and "3 requests at once" in md
