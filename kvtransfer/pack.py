@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import row_copy
+from .index_ring import IndexRing
 from .common import KVGeometry
 
 
@@ -84,6 +85,7 @@ class KVLayout:
         # index(): the [L, nb] flat rows (or [nb] ids) are formed in numpy into one
         # persistent pinned buffer and copied once: no allocation, no torch op but the copy
         self._layer_base = np.arange(len(kv_caches), dtype=np.int64)[:, None] * self.num_blocks
+        self.ring: IndexRing | None = None
         if self.device.type == "cuda":
             # index(): [L, nb] rows (flat) or nb ids; index_pair(): 2 x nb ids (flat only)
             rows = max(2, len(kv_caches)) if self.flat is not None else 1
@@ -91,6 +93,9 @@ class KVLayout:
             self._pinned_free: torch.cuda.Event | None = None  # the last copy out of it
             # those copies' own stream: one never waits behind a row copy queued before it
             self._h2d = torch.cuda.Stream(self.device)
+            # index_pair()'s ids, per request, up to 4096 blocks (64k tokens of 16)
+            self.ring = IndexRing(self.device, 2 * min(self.num_blocks, 4096)) \
+                if self.flat is not None else None
 
     def _flat_view(self, kv: Sequence[torch.Tensor]) -> torch.Tensor | None:
         layer_nbytes = self.num_blocks * self.row_nbytes
@@ -136,14 +141,28 @@ class KVLayout:
     def index_pair(self, src: Sequence[int], dst: Sequence[int],
                    stream: torch.cuda.Stream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A peer copy's block ids, src in this pool and dst in the peer's, as two [nb]
-        int64 tensors on this device (one H2D copy); rows are formed in the copy kernel."""
+        int64 tensors on this device (one H2D copy); rows are formed in the copy kernel.
+
+        On CUDA, with `stream` the current one (the progress thread's copy stream), they
+        come from the index ring when they fit: give them back with release(src_ids) once
+        the request's copies completed."""
         assert self.flat is not None, "a peer copy needs a flat pool"
         s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
         if len(s) > self.num_blocks or len(d) != len(s):
             raise ValueError(f"{len(s)} source and {len(d)} destination block ids for a pool "
                              f"of {self.num_blocks} blocks")
+        if self.ring is not None and (stream is None
+                                      or stream == torch.cuda.current_stream(self.device)):
+            got = self.ring.put([s, d])
+            if got is not None:
+                return got[0], got[1]
         si, di = self._to_device([s, d], stream)
         return si, di
+
+    def release(self, src_ids: torch.Tensor | None) -> None:
+        """The request of index_pair()'s src_ids ended and no copy of it runs any more."""
+        if self.ring is not None:
+            self.ring.give_back(src_ids)
 
     def _to_device(self, arrays: list[np.ndarray], stream: torch.cuda.Stream | None
                    ) -> list[torch.Tensor]:

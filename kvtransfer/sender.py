@@ -351,6 +351,8 @@ class KVSender(DirectCopy, Endpoint):
 
     def _finish(self, req: TxReq, error: str | None) -> None:
         del self._reqs[req.req_id]
+        if req.dindex is not None:  # no copy of it runs any more (inflight == 0)
+            self.layout.release(req.index)
         if req.slot is not None:
             req.peer.ring.free.append(req.slot)
         req.peer.reqs.discard(req.req_id)
