@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from . import row_copy
-from .index_ring import IndexRing
 from .common import KVGeometry
+from .index_ring import IndexRing
 
 
 def _word_dtype(row_nbytes: int) -> torch.dtype:
