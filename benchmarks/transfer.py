@@ -110,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
             proc.kill()
     fit, raw_fit = add_fits(rows, bench.phys_gbps)
     lines = summary_lines(args.backend, fit, raw_fit, bench.phys_gbps, bench.phys_note)
+    if len(rows) > 1 and all(r["rx_p50_ms"] == r["rx_p50_ms"] for r in rows):  # no nan
+        rx_fit = fit_line([r["bytes"] for r in rows], [r["rx_p50_ms"] / 1e3 for r in rows],
+                          [r["input_len"] for r in rows])
+        lines.insert(1, rx_fit.describe("pdserve rx (start() -> the receiver's result)"))
     cols = TABLE + (CONCURRENT if bench.conc > 1 else [])
     out = sys.stderr if args.json else sys.stdout
     if args.json:

@@ -74,6 +74,7 @@ def test_concurrent_requests_end_to_end_on_cpu(tmp_path, capsys, peer_copy):
     assert transfer.run(args) == 0  # 0: every request of every length verified
     out = capsys.readouterr().out
     assert "fit pdserve: time =" in out and "fit raw ucx: time =" in out
+    assert "fit pdserve rx (start() -> the receiver's result): time =" in out
     assert "no physical line on cpu" in out
     stem = tmp_path / ("transfer_ucx_cpu_tiny_peercopy_c3" if peer_copy else "transfer_ucx_cpu_tiny_c3")
     with open(f"{stem}.csv") as f:
