@@ -22,7 +22,9 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   transfer_ms(prompt * kv_bytes_per_token), the time after the forward. Decode workers
   run continuous batching: each step lasts decode_step_ms(B, context) and gives every
   running sequence one token; a landed request joins at the next step boundary; beyond
-  `max_batch` it waits. So a request's TPOT includes its transfer and the wait for a step.
+  `max_batch` it waits at the front of the waiting queue (engine/scheduler.py
+  admit_remote), so the newest landed request is admitted first and the oldest may wait
+  for seconds. So a request's TPOT includes its transfer and the wait for a step.
   decode_step_ms is linear in B and context: past the batch sizes it was profiled on
   (`SimRun.mean_decode_batch` against the calibration's range) it is an extrapolation.
 - colocated (`Nboth`): a step runs prompt chunks and every running sequence together; it
@@ -99,6 +101,7 @@ class _Decoder:
         self.prefilling: list[SimReq] = []  # admitted prompts with chunks left (running too)
         self.waiting: deque[SimReq] = deque()  # prompts to prefill here, FCFS
         self.landed: deque[SimReq] = deque()  # xPyD: KV arrived, joins at the next step
+        self.held: deque[SimReq] = deque()  # landed past max_num_seqs: newest first (LIFO)
         self.busy = False
         self.reserved: list[SimReq] = []  # xPyD requests routed here whose KV has not landed
         self.recv_free_s = 0.0  # when its receiver is free for the next transfer
@@ -111,9 +114,10 @@ class _Decoder:
         """The load the worker reports (worker/coordinator_link.py): blocks held by its
         running and prefilling sequences and by reservations, and its sequences."""
         self.hb_held = sum(r.prompt + r.generated for r in self.running) + \
-            sum(r.prompt for q in (self.prefilling, self.landed, self.reserved) for r in q)
+            sum(r.prompt for q in (self.prefilling, self.landed, self.held, self.reserved)
+                for r in q)
         self.hb_seqs = len(self.running) + len(self.prefilling) + len(self.waiting) + \
-            len(self.landed)
+            len(self.landed) + len(self.held)
         self.since_hb = 0
 
     def route_key(self) -> tuple[int, int, int]:
@@ -140,9 +144,17 @@ class _Decoder:
 
     def _step(self) -> None:
         cal = self.cal
-        # admit_remote: a landed request decodes from this step on (up to max_num_seqs)
-        while self.landed and len(self.running) + len(self.prefilling) < cal.max_batch:
-            self.running.append(self.landed.popleft())
+        # admit_remote (engine/scheduler.py): a landed request decodes from this step on
+        # while fewer than max_num_seqs run; past that it waits at the FRONT of the waiting
+        # queue, so the newest waits least (LIFO) and the oldest may starve
+        while self.landed:
+            r = self.landed.popleft()
+            if len(self.running) + len(self.prefilling) < cal.max_batch:
+                self.running.append(r)
+            else:
+                self.held.appendleft(r)
+        while self.held and len(self.running) + len(self.prefilling) < cal.max_batch:
+            self.running.append(self.held.popleft())
         budget = cal.prefill_token_budget - len(self.running)  # decodes take 1 token each
         seqs = [len(self.running) + len(self.prefilling)]  # max_num_seqs caps admissions
 

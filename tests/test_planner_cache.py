@@ -94,3 +94,18 @@ def test_colocated_requests_between_heartbeats_go_to_one_worker() -> None:
     simulate(CAL, 0, 0, 2, times, lengths, keys=list(range(41)), caches=caches)
     assert set(caches.held["both-0"]) == {0}  # the long one, reported at 1.0 s
     assert set(caches.held["both-1"]) == set(range(1, 41))  # 4000 tokens, still unreported
+
+
+def test_landed_requests_past_max_num_seqs_wait_newest_first() -> None:
+    """engine/scheduler.py admit_remote: KV that lands while max_num_seqs run puts its
+    request at the FRONT of the waiting queue, so the newest is admitted first and the
+    oldest waits longest (what the 2 x H200 1P1D decode-heavy run at 103 req/s shows: some
+    requests' token 1 waited seconds while later ones decoded at once)."""
+    cal = calib.Calibration(prefill=CAL.prefill, decode=CAL.decode, transfer=CAL.transfer,
+                            kv_bytes_per_token=1.0, max_batch=2, prefill_token_budget=2048)
+    # two long requests fill the batch; three short ones land one after another meanwhile
+    out = simulate(cal, 1, 1, 0, [0.0, 0.0, 0.1, 0.2, 0.3], [(100, 60)] * 2 + [(100, 5)] * 3)
+    first, second, third = out[2:]
+    assert all(r.landed < out[0].end for r in out[2:])  # all three landed while full
+    assert third.end < first.end and second.end < first.end  # newest two ran first
+    assert first.end > max(out[0].end, out[1].end) + 4 * cal.decode_step_ms(1, 100) / 1e3
