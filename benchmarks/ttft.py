@@ -53,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=5, help="requests per input length")
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--no-baseline", action="store_true", help="skip the colocated prefill-only run")
+    p.add_argument("--interleave", action="store_true",
+                   help="run the colocated worker beside the P/D cluster (on the first device, "
+                        "both with --num-blocks for one request at a time unless given) and "
+                        "alternate requests between them: the comparison then sees one host "
+                        "state, not two runs minutes apart")
     p.add_argument("--worker-arg", action="append", default=[],
                    help="extra worker flag (repeatable), e.g. --worker-arg=--enforce-eager")
     p.add_argument("--out", default="benchmarks/results/ttft")
@@ -85,32 +90,44 @@ def medians(records: list[dict[str, float]]) -> dict[str, float]:
             for k in keys}
 
 
-def _measure(address: str, lens: list[int], iters: int, max_tokens: int, label: str) -> dict:
+def _one(cl, n: int, salt: int, max_tokens: int) -> dict[str, float]:
+    """One request of n prompt tokens: its breakdown."""
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    metrics: dict = {}
+    for ch in cl.stream(_prompt(n, salt), max_tokens=max_tokens, temperature=0.0,
+                        ignore_eos=True, skip_text=True):
+        stamps += [time.perf_counter()] * len(ch.token_ids)
+        if ch.finished:
+            metrics = ch.metrics or {}
+    d1 = (stamps[1] - stamps[0]) * 1e3 if len(stamps) > 1 else None
+    return breakdown((stamps[0] - t0) * 1e3, d1, metrics)
+
+
+def _measure(addresses: dict[str, str], lens: list[int], iters: int,
+             max_tokens: int) -> dict[str, dict[int, dict[str, float]]]:
+    """{label: {length: medians}}. With several clusters the requests alternate between
+    them (ABBA: each pair's order flips), so both see the same host over the same seconds."""
+    from contextlib import ExitStack
+
     from pdserve.coordinator.client import Client
 
-    out: dict[int, dict[str, float]] = {}
-    with Client(address, timeout_s=600) as cl:
-        cl.generate(_prompt(64, 0), max_tokens=2, temperature=0.0, ignore_eos=True)  # warm-up
-        bar = tqdm(total=len(lens) * (iters + 1), desc=label)
+    with ExitStack() as stack:
+        clients = {k: stack.enter_context(Client(a, timeout_s=600)) for k, a in addresses.items()}
+        for cl in clients.values():
+            cl.generate(_prompt(64, 0), max_tokens=2, temperature=0.0, ignore_eos=True)  # warm-up
+        recs: dict[str, dict[int, list]] = {k: {n: [] for n in lens} for k in clients}
+        bar = tqdm(total=len(lens) * (iters + 1) * len(clients), desc=" + ".join(clients))
         for n in lens:
-            records = []
             for it in range(iters + 1):  # the first one of each length warms it up
-                t0 = time.perf_counter()
-                stamps: list[float] = []
-                metrics: dict = {}
-                for ch in cl.stream(_prompt(n, it + 1), max_tokens=max_tokens, temperature=0.0,
-                                    ignore_eos=True, skip_text=True):
-                    stamps += [time.perf_counter()] * len(ch.token_ids)
-                    if ch.finished:
-                        metrics = ch.metrics or {}
-                bar.update()
-                if it == 0:
-                    continue
-                d1 = (stamps[1] - stamps[0]) * 1e3 if len(stamps) > 1 else None
-                records.append(breakdown((stamps[0] - t0) * 1e3, d1, metrics))
-            out[n] = medians(records)
+                order = list(clients) if it % 2 == 0 else list(clients)[::-1]
+                for k in order:
+                    r = _one(clients[k], n, it + 1, max_tokens)
+                    bar.update()
+                    if it:
+                        recs[k][n].append(r)
         bar.close()
-    return out
+    return {k: {n: medians(v) for n, v in per.items()} for k, per in recs.items()}
 
 
 def make_row(n: int, d: dict[str, float], base: dict[str, float]) -> dict[str, float]:
@@ -129,17 +146,35 @@ def run(args: argparse.Namespace) -> int:
 
     lens = [int(x) for x in args.input_lens.split(",") if x]
     devs = args.devices
-    with LocalCluster(args.model, prefill=1, decode=1, devices=devs, transfer=args.transfer,
-                      worker_args=args.worker_arg, start_timeout_s=600) as c:
-        c.wait_ready(600)
-        disagg = _measure(c.address, lens, args.iters, args.max_tokens, "disaggregated")
-    base = {}
-    if not args.no_baseline:
-        first = devs.split(",")[0] if devs != "cpu" else "cpu"
-        with LocalCluster(args.model, prefill=0, decode=0, both=1, devices=first,
-                          worker_args=args.worker_arg, start_timeout_s=600) as c:
+    first = devs.split(",")[0] if devs != "cpu" else "cpu"
+    pd = {"prefill": 1, "decode": 1, "devices": devs, "transfer": args.transfer}
+    colo = {"prefill": 0, "decode": 0, "both": 1, "devices": first}
+    wargs = list(args.worker_arg)
+    if args.interleave and not any(a.startswith("--num-blocks") for a in wargs):
+        # two workers share the first GPU: each takes what one request at a time needs
+        blocks = 2 * -(-(max(lens) + args.max_tokens) // 16) + 64
+        wargs.append(f"--num-blocks={blocks}")
+
+    def cluster(spec: dict) -> LocalCluster:
+        return LocalCluster(args.model, **spec, worker_args=wargs, start_timeout_s=600)
+    base: dict = {}
+    if args.interleave and not args.no_baseline:
+        with cluster(pd) as c1, cluster(colo) as c2:
+            c1.wait_ready(600)
+            c2.wait_ready(600)
+            got = _measure({"disaggregated": c1.address, "colocated": c2.address}, lens,
+                           args.iters, args.max_tokens)
+        disagg, base = got["disaggregated"], got["colocated"]
+    else:
+        with cluster(pd) as c:
             c.wait_ready(600)
-            base = _measure(c.address, lens, args.iters, args.max_tokens, "prefill-only")
+            disagg = _measure({"disaggregated": c.address}, lens, args.iters,
+                              args.max_tokens)["disaggregated"]
+        if not args.no_baseline:
+            with cluster(colo) as c:
+                c.wait_ready(600)
+                base = _measure({"prefill-only": c.address}, lens, args.iters,
+                                args.max_tokens)["prefill-only"]
     rows = []
     for n in lens:
         rows.append(make_row(n, disagg[n], base.get(n, {})))

@@ -44,3 +44,42 @@ def test_row_of_medians_has_every_column():
     assert row["base_prefill_ms"] == 17.0 and row["target_ms"] == pytest.approx(21.6)
     empty = make_row(2048, med, {})
     assert math.isnan(empty["ttft_ratio"]) and math.isnan(empty["base_hops_ms"])
+
+
+def test_interleaved_requests_alternate_between_clusters(monkeypatch):
+    """--interleave: one request to each cluster in turn, the pair's order flipping (ABBA),
+    the first of each length a warm-up; medians kept per cluster."""
+    from types import SimpleNamespace
+
+    from pdserve.benchmarks import ttft
+    from pdserve.coordinator import client as client_mod
+
+    calls: list[tuple[str, int]] = []
+
+    class FakeClient:
+        def __init__(self, address, timeout_s):
+            self.address = address
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def generate(self, *a, **kw):
+            return None
+
+        def stream(self, prompt, **kw):
+            calls.append((self.address, len(prompt)))
+            ms = 10.0 if self.address == "pd" else 8.0
+            yield SimpleNamespace(token_ids=[1], finished=False, metrics=None)
+            yield SimpleNamespace(token_ids=[2], finished=True,
+                                  metrics={"ttft_ms": ms, "prefill_ms": ms - 1})
+
+    monkeypatch.setattr(client_mod, "Client", FakeClient)
+    out = ttft._measure({"disaggregated": "pd", "colocated": "co"}, [16, 32], iters=3,
+                        max_tokens=2)
+    assert [a for a, _ in calls[:8]] == ["pd", "co", "co", "pd", "pd", "co", "co", "pd"]
+    assert [n for _, n in calls] == [16] * 8 + [32] * 8
+    assert out["disaggregated"][16]["prefill_ms"] == 9.0
+    assert out["colocated"][32]["prefill_ms"] == 7.0
