@@ -53,6 +53,15 @@ def rx():
     r.close()
 
 
+@pytest.fixture()
+def two():
+    """Two senders (and their pools), closed after the test."""
+    (a, apool), (b, bpool) = _sender(3), _sender(4)
+    yield a, apool, b, bpool
+    a.close()
+    b.close()
+
+
 def _sender(seed: int, **kw) -> tuple[Spy, list]:
     pool = make_pool(NB, seed=seed, num_layers=3, stacked=True)
     return Spy(pool, "ucx", TransferOptions(**OPTS), **kw), pool
@@ -86,28 +95,24 @@ def test_a_granted_request_is_written_without_a_go(rx):
 
 
 @pytest.mark.timeout(60)
-def test_the_other_senders_grants_are_taken_back(rx):
+def test_the_other_senders_grants_are_taken_back(rx, two):
     r, rpool = rx
-    (a, apool), (b, _) = _sender(3), _sender(4)
-    try:
-        a.connect(r.address)
-        b.connect(r.address)
-        r.expect("x", [1, 2, 3])
-        assert _until(lambda: a.got("grant", "x") and b.got("grant", "x"))
-        a.start("x", r.address, [5, 6, 7], [1, 2, 3])
-        a.finish("x")
-        assert a.wait(10, ["x"])[0].ok and r.wait(10, ["x"])[0].ok
-        assert b.got("fail", "x")  # taken back; b answered `unused`, so x could end
-        assert not any(p.grants for p in b._by_addr.values())
-        assert block_bytes(rpool, [1, 2, 3]) == block_bytes(apool, [5, 6, 7])
-        r.expect("y", [9])  # b still serves
-        b.start("y", r.address, [0], [9])
-        b.finish("y")
-        assert b.wait(10, ["y"])[0].ok and r.wait(10, ["y"])[0].ok
-        assert _all_free(a, b, r)
-    finally:
-        a.close()
-        b.close()
+    a, apool, b, _ = two
+    a.connect(r.address)
+    b.connect(r.address)
+    r.expect("x", [1, 2, 3])
+    assert _until(lambda: a.got("grant", "x") and b.got("grant", "x"))
+    a.start("x", r.address, [5, 6, 7], [1, 2, 3])
+    a.finish("x")
+    assert a.wait(10, ["x"])[0].ok and r.wait(10, ["x"])[0].ok
+    assert b.got("fail", "x")  # taken back; b answered `unused`, so x could end
+    assert not any(p.grants for p in b._by_addr.values())
+    assert block_bytes(rpool, [1, 2, 3]) == block_bytes(apool, [5, 6, 7])
+    r.expect("y", [9])  # b still serves
+    b.start("y", r.address, [0], [9])
+    b.finish("y")
+    assert b.wait(10, ["y"])[0].ok and r.wait(10, ["y"])[0].ok
+    assert _all_free(a, b, r)
 
 
 @pytest.mark.timeout(60)
@@ -132,31 +137,27 @@ def test_an_aborted_granted_request_is_never_written(rx):
 
 
 @pytest.mark.timeout(60)
-def test_two_senders_of_one_request_never_hang_or_mix(rx):
+def test_two_senders_of_one_request_never_hang_or_mix(rx, two):
     """A caller's bug: both senders begin the same request. Whatever interleaving happens,
     both get a result, and the receiver reports it whole from one sender or not at all."""
     r, rpool = rx
-    (a, apool), (b, bpool) = _sender(6), _sender(7)
-    try:
-        for rnd in range(5):
-            rid, dst = f"d{rnd}", [10 + rnd, 20 + rnd]
-            a.connect(r.address)
-            b.connect(r.address)
-            r.expect(rid, dst)
-            assert _until(lambda rid=rid: a.got("grant", rid) and b.got("grant", rid))
-            for tx in (a, b):
-                tx.start(rid, r.address, [1, 2], dst)
-                tx.finish(rid)
-            res = a.wait(10, [rid]) + b.wait(10, [rid])
-            (rres,) = r.wait(10, [rid])
-            assert len(res) == 2
-            if rres.ok:
-                assert block_bytes(rpool, dst) in (block_bytes(apool, [1, 2]),
-                                                   block_bytes(bpool, [1, 2]))
-            assert _until(lambda: _all_free(a, b, r))
-    finally:
-        a.close()
-        b.close()
+    a, apool, b, bpool = two
+    for rnd in range(5):
+        rid, dst = f"d{rnd}", [10 + rnd, 20 + rnd]
+        a.connect(r.address)
+        b.connect(r.address)
+        r.expect(rid, dst)
+        assert _until(lambda rid=rid: a.got("grant", rid) and b.got("grant", rid))
+        for tx in (a, b):
+            tx.start(rid, r.address, [1, 2], dst)
+            tx.finish(rid)
+        res = a.wait(10, [rid]) + b.wait(10, [rid])
+        (rres,) = r.wait(10, [rid])
+        assert len(res) == 2
+        if rres.ok:
+            assert block_bytes(rpool, dst) in (block_bytes(apool, [1, 2]),
+                                               block_bytes(bpool, [1, 2]))
+        assert _until(lambda: _all_free(a, b, r))
 
 
 @pytest.mark.timeout(60)
