@@ -28,7 +28,9 @@ from pdserve.benchmarks.capstone_budget import Budget
 from pdserve.benchmarks.capstone_client import GpuSampler, GrpcTarget, OpenAITarget
 from pdserve.benchmarks.capstone_findings import findings
 from pdserve.benchmarks.capstone_guess import start_guesses
+from pdserve.benchmarks.capstone_heartbeats import HeartbeatRecorder
 from pdserve.benchmarks.capstone_metrics import Window, parse_goodput
+from pdserve.benchmarks.capstone_rerender import write_records
 from pdserve.benchmarks.capstone_sweep import measure_setup
 from pdserve.benchmarks.capstone_workloads import Workload, load_sharegpt, parse_workload
 from pdserve.benchmarks.planner_setups import parse_setup, setup_name
@@ -212,6 +214,7 @@ def _infos(address: str) -> Iterator[list[dict]]:
 def _pdserve_setup(address: str, name: str, args: argparse.Namespace):
     with _infos(address) as infos:
         info = _describe(infos, name)
+    info["coordinator"] = address  # for the heartbeat records
     yield GrpcTarget(address), info
 
 
@@ -244,13 +247,10 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
                  ctx: report.Context, wls: list, rerendered: str = "") -> list[str]:
     """Everything of the report directory; `rerendered` (--report-from): results.json is
     kept, and calibration.json too unless per-request data lets it be fitted again."""
-    from pdserve.benchmarks.capstone_rerender import write_requests
-
     out = plotting.ensure_dir(args.out)
     workloads = {wl.name: {"describe": wl.describe, "params": wl.params} for wl, _ in wls}
     have_requests = any(r.results for s in setups for w in s.by_workload.values() for r in w.runs)
-    paths = [] if rerendered else [report.write_json(out, setups, ctx, workloads),
-                                   write_requests(out, setups)]
+    paths = [] if rerendered else write_records(out, setups, ctx, wls)
     if have_requests:
         paths.append(report.write_calibration(out, setups, ctx))
     if rerendered:
@@ -363,14 +363,17 @@ def run(args: argparse.Namespace) -> int:
                 # GPUs seen from this host: only for setups launched here
                 gpus = [] if args.coordinator else [g for pool in info["pools"].values()
                                                     for g in pool]
-                with GpuSampler(gpus) as sampler:
+                with GpuSampler(gpus) as sampler, \
+                        HeartbeatRecorder(info.get("coordinator")) as beats:
                     guesses = start_guesses(args, [info["label"]], wls, slos)
                     res = measure_setup(target, info, args, wls, slos, window, loop, budget,
                                         deadline, guesses.get(info["label"], {}))
                 res.gpu, res.gpu_note = sampler.samples, sampler.note or \
                     f"sampled with {sampler.source} every {sampler.period_s:g} s"
+                res.heartbeats = beats
                 loop.run_until_complete(target.close())
                 results.append(res)
+                write_records(args.out, results, ctx, wls)
         except (ClusterError, TimeoutError, RuntimeError, OSError, ValueError) as e:
             # keep what the other setups measured: report them, exit non-zero at the end
             print(f"error: {name}: {type(e).__name__}: {e}", file=sys.stderr)

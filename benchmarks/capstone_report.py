@@ -46,6 +46,7 @@ class SetupResult:
     gpu: dict[int, list[tuple[float, float, float]]] = field(default_factory=dict)
     gpu_note: str = ""
     gpu_rows: list[dict] = field(default_factory=list)  # gpu_summary as recorded (re-render)
+    heartbeats: object = None  # capstone_heartbeats.HeartbeatRecorder of the setup, if any
 
     @property
     def kind(self) -> str:

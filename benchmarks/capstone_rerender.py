@@ -5,8 +5,9 @@ to an old run).
 
 What it reads: `results.json` (settings, every run's summary, the search, the request
 lengths, GPU summaries), `calibration.json`, and `requests.json.gz` when the run wrote it
-(every request's send time, chunk timeline and server timings per run, and the GPU
-samples; runs before it existed did not record them). Without `requests.json.gz` the
+(every request's send time, chunk timeline and server timings per run, the heartbeats
+the coordinator received during each run (capstone_heartbeats.py; runs before branch hb
+did not record them), and the GPU samples; runs before it existed did not record them). Without `requests.json.gz` the
 sections that need per-request data (latency CDFs, SLO map, transfer scatter, GPU trace,
 misses per SLO, the loose-TPOT goodput) say so, and PNGs already in DIR2 are linked as
 the run drew them.
@@ -33,19 +34,40 @@ def run_key(setup: str, workload: str, rate: float, concurrency: int) -> str:
     return f"{setup}|{workload}|{rate!r}|{concurrency}"
 
 
+def write_records(out: str, setups, ctx: report.Context, wls: list) -> list[str]:
+    """results.json and requests.json.gz: after every setup and with the report, so a sweep
+    cut short (killed, or its report failed) keeps what it measured for --report-from."""
+    workloads = {wl.name: {"describe": wl.describe, "params": wl.params} for wl, _ in wls}
+    os.makedirs(out, exist_ok=True)
+    return [report.write_json(out, setups, ctx, workloads), write_requests(out, setups)]
+
+
 def write_requests(out_dir: str, setups) -> str:
-    """Every run's per-request data and every setup's GPU samples, gzipped JSON."""
-    doc: dict = {"runs": {}, "gpu": {}}
+    """Every run's per-request data, its workers' heartbeats as the coordinator received
+    them (capstone_heartbeats, when recorded) and every setup's GPU samples, gzipped JSON.
+    Written after each setup too (benchmarks/capstone.py), so a sweep cut short keeps them."""
+    from pdserve.benchmarks.capstone_heartbeats import run_record
+
+    doc: dict = {"runs": {}, "gpu": {}, "heartbeats": {}}
     for s in setups:
         doc["gpu"][s.setup] = {str(g): pts for g, pts in s.gpu.items()}
+        hb = s.heartbeats
         for w in s.by_workload.values():
             for r in w.runs:
                 t0 = min((x.t_send for x in r.results), default=0.0)
-                doc["runs"][run_key(s.setup, w.workload, r.rate, r.concurrency)] = [
-                    _compact(x, t0) for x in r.results]
+                key = run_key(s.setup, w.workload, r.rate, r.concurrency)
+                doc["runs"][key] = [_compact(x, t0) for x in r.results]
+                if hb is not None and hb.beats:
+                    t_end = max((t for x in r.results for t in [x.t_send] + [c for c, _ in
+                                                                            x.chunks]),
+                                default=t0)
+                    doc["heartbeats"][key] = run_record(hb.beats, hb.roles, hb.period_s, t0,
+                                                        t_end)
     path = os.path.join(out_dir, REQUESTS_FILE)
-    with gzip.open(path, "wt") as f:
+    tmp = path + ".tmp"
+    with gzip.open(tmp, "wt", compresslevel=6) as f:
         json.dump(doc, f, separators=(",", ":"))
+    os.replace(tmp, path)  # a sweep killed while writing keeps the previous file
     return path
 
 

@@ -37,7 +37,10 @@
 # What the run records for the planner: requests.json.gz (every request's timeline and
 # server timings: the prefill steps are rebuilt from them, as the workers expose no step
 # times; the decode step from token times; transfers per receiver), the GPU samples with
-# SM clock and power, each run's time limit and each search's guess.
+# SM clock and power, each run's time limit and each search's guess, and per run when the
+# coordinator received each worker's heartbeat (requests.json.gz "heartbeats": the planner
+# replays them; benchmarks/capstone_heartbeats.py). results.json and requests.json.gz are
+# written after every setup, so a sweep cut by `timeout` keeps them for --report-from.
 #
 # Knobs (environment): WALL_S, MODEL (llama-3.1-8b), COND (512), WORKLOADS (space-separated
 # specs), GOODPUT ("ttft:750 tpot:20"), START_RATE (16 on 2 GPUs, 16 on 4), START_FROM (a

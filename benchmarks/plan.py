@@ -28,7 +28,9 @@ import sys
 from collections.abc import Sequence
 
 from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
+from pdserve.benchmarks.capstone_heartbeats import load_records, routed_times
 from pdserve.benchmarks.capstone_metrics import parse_goodput
+from pdserve.benchmarks.capstone_rerender import run_key
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
 from pdserve.benchmarks.plan_report import SENSITIVITY, validation_lines
@@ -184,6 +186,7 @@ def validate(run_dir: str, cal: Calibration | None = None,
     win = res.get("window", {})
     search = res.get("search", {})
     measured = {(r["setup"], r["workload"], r["request_rate"]): r for r in res["runs"]}
+    beats = load_records(run_dir)  # {run key: heartbeats received}, where the run recorded them
     per_run, per_search = [], []
     for s in res["setups"]:
         try:
@@ -209,11 +212,15 @@ def validate(run_dir: str, cal: Calibration | None = None,
                 info = SimRun()
                 keys = [(wname, i) for i in range(n)]  # request i: the same prompt every run
                 before = caches.copy() if caches else None
-                sim = simulate_setup(cal, setup, times, ls, horizon, info, keys, caches)
+                # the routed workers' heartbeats as the coordinator received them (else
+                # evenly spread phases), as the prefix caches replay what the run left
+                hb = routed_times(beats.get(run_key(s["setup"], wname, float(rate), 0)),
+                                  "both" if setup.both else "decode", setup.both or setup.decode)
+                sim = simulate_setup(cal, setup, times, ls, horizon, info, keys, caches, hb)
                 att, good = sim_summary(sim, slos, wu, cd, horizon)
                 means = sim_means(sim, wu, cd)
                 band = [sim_summary(simulate_setup(cal.scaled(f), setup, times, ls, horizon,
-                                                   keys=keys,
+                                                   keys=keys, heartbeats=hb,
                                                    caches=before.copy() if before else None),
                                     slos, wu, cd, horizon) for f in
                         (1 - sensitivity, 1 + sensitivity)] if sensitivity else [(att, good)]
@@ -237,6 +244,7 @@ def validate(run_dir: str, cal: Calibration | None = None,
                                     f"{m.get(f'mean_{k}_ms', math.nan):.3g} vs {means[k]:.3g}"
                                     for k in ("ttft", "tpot", "prefill", "transfer")),
                                 "note": "; ".join(x for x in notes if x),
+                                "heartbeats": "recorded" if hb else "staggered",
                                 "band": g_band})
             durs = [d for d in w.get("send_durations_s", []) if d]
             sized = bool(search.get("run_duration_s") or search.get("budget_s"))

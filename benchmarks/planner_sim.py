@@ -34,7 +34,9 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   to the worker with the most free KV blocks, as for decode; nothing is reserved on a
   colocated worker, so between two heartbeats its view does not change and every request
   goes to the same worker (on 2 x H200, runs of 30-50 requests at 41 req/s), which the
-  colocated runs' TTFT and TPOT show.
+  colocated runs' TTFT and TPOT show. Heartbeats come every HEARTBEAT_S, the workers'
+  phases evenly spread, or at the times given (`heartbeats`: a run's recorded ones,
+  benchmarks/capstone_heartbeats.py), then every HEARTBEAT_S after the last given one.
 - conditional (`xPyD-condT`, the coordinator's --pd-threshold-tokens T): a prompt under T
   tokens goes straight to the decode worker the coordinator picks, which prefills it in
   its own steps as a colocated worker does (no prefill worker, no transfer); the rest
@@ -78,6 +80,7 @@ class SimReq:
     computed: int = 0  # prompt tokens prefilled so far (a chunked prompt spans steps)
     scheduled: float = math.nan  # when the step with its first chunk started (xPyD)
     key: Hashable | None = None  # the prompt's identity for prefix caching (None: unique)
+    worker: str = ""  # the decode (or colocated) worker the coordinator routed it to
 
     def ttft_ms(self) -> float:
         return (self.first - self.arrival) * 1e3
@@ -131,6 +134,7 @@ class _Decoder:
         """The coordinator picked this worker for `r` (`reserve`: a P/D Reserve)."""
         self.routed += 1
         self.inflight += 1
+        r.worker = self.name
         if reserve:
             self.since_hb += r.prompt + 1
 
@@ -319,14 +323,17 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
              arrivals: Sequence[float], lengths: Sequence[tuple[int, int]],
              cond_tokens: int = 0, horizon_s: float = math.inf,
              info: SimRun | None = None, keys: Sequence[Hashable] | None = None,
-             caches: PrefixCaches | None = None) -> list[SimReq]:
+             caches: PrefixCaches | None = None,
+             heartbeats: Sequence[Sequence[float]] | None = None) -> list[SimReq]:
     """Every request's first-token and finish time on the given setup; with `cond_tokens`,
     prompts under it are prefilled on their decode worker. Events after `horizon_s` (the
     run's time limit, seconds from the first arrival's clock 0) do not happen: requests
     still running then keep NaN for what they did not reach. `info`, when given, gets what
     the workers ran (SimRun). `keys` name the prompts (equal keys: equal token ids) for the
     workers' prefix caches `caches`, which the run reads and updates (pass the same object
-    to the next run of the same setup)."""
+    to the next run of the same setup). `heartbeats`: per decode (or colocated) worker, the
+    times (same clock as `arrivals`) its load reaches the coordinator (None: evenly
+    staggered phases)."""
     if both and (prefill or decode):
         raise ValueError("simulate either xPyD or Nboth, not a mix")
     if not both and (prefill < 1 or decode < 1):
@@ -363,8 +370,13 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
             r.local = r.prompt < cond_tokens
             loop.at(r.arrival, lambda r=r: arrive(r))
     last = max((r.arrival for r in reqs), default=0.0)
-    for j, d in enumerate(decs):  # heartbeats, staggered, while requests still arrive
-        t = HEARTBEAT_S * j / len(decs)
+    if heartbeats is not None and len(heartbeats) != len(decs):
+        raise ValueError(f"heartbeats for {len(heartbeats)} workers, the setup has {len(decs)}")
+    for j, d in enumerate(decs):  # heartbeats while requests still arrive
+        given = sorted(t for t in (heartbeats[j] if heartbeats else ()) if 0 <= t <= last)
+        for t in given:
+            loop.at(t, d.heartbeat)
+        t = given[-1] + HEARTBEAT_S if given else HEARTBEAT_S * j / len(decs)
         while t <= last:
             loop.at(t, d.heartbeat)
             t += HEARTBEAT_S
@@ -378,7 +390,8 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
 def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
                    lengths: Sequence[tuple[int, int]], horizon_s: float = math.inf,
                    info: SimRun | None = None, keys: Sequence[Hashable] | None = None,
-                   caches: PrefixCaches | None = None) -> list[SimReq]:
+                   caches: PrefixCaches | None = None,
+                   heartbeats: Sequence[Sequence[float]] | None = None) -> list[SimReq]:
     """`simulate` for any Setup."""
     return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths,
-                    setup.cond_tokens, horizon_s, info, keys, caches)
+                    setup.cond_tokens, horizon_s, info, keys, caches, heartbeats)

@@ -130,10 +130,11 @@ def test_capstone_base_url_fixed_concurrency(tmp_path) -> None:
 
 def test_capstone_cpu_smoke_tiny_model(tmp_path) -> None:
     """The real thing on CPU: tiny model, 1P1D-cond20 (2 workers; the coordinator prefills
-    prompts under 20 tokens on the decode worker, the rest go P/D), a few requests."""
+    prompts under 20 tokens on the decode worker, the rest go P/D), a few requests over 2 s
+    (so the heartbeat records, every 1 s, hold at least two per worker)."""
     rc = capstone.run(parse("--configs", "1P1D-cond20", "--devices", "cpu", "--model", "tiny",
                             "--workload", "uniform:in=8-32,out=4-8", "--num-requests", "8",
-                            "--run-duration", "1", "--max-runs", "1", "--start-rate", "8",
+                            "--run-duration", "2", "--max-runs", "1", "--start-rate", "8",
                             "--warmup-requests", "1", "--timeout", "60",
                             "--start-timeout", "120", "--extrapolate", "8",
                             "--out", str(tmp_path)))
@@ -148,6 +149,36 @@ def test_capstone_cpu_smoke_tiny_model(tmp_path) -> None:
     assert "no GPU" in md and "## The questions, answered from the measurements" in md
     assert "### Transfer" in md and "prefilled on their decode worker" in md
     assert "### Extrapolation" in md and "Assumptions when extrapolating" in md
+    check_heartbeats(tmp_path, {"prefill", "decode"})
+    assert "Heartbeats: 1 of 1 runs replay" in md  # the validation used them
+
+
+def check_heartbeats(out, roles: set[str]) -> None:
+    """requests.json.gz holds, per run, when the coordinator received each worker's
+    heartbeats (benchmarks/capstone_heartbeats.py), on the per-request records' clock."""
+    import gzip
+
+    from pdserve.benchmarks.capstone_heartbeats import MARGIN_AFTER_S, MARGIN_BEFORE_S
+
+    with gzip.open(out / "requests.json.gz", "rt") as f:
+        doc = json.load(f)
+    assert doc["runs"] and set(doc["heartbeats"]) == set(doc["runs"])
+    for key, rec in doc["heartbeats"].items():
+        reqs = doc["runs"][key]
+        end = max(c[0] for r in reqs for c in r["chunks"])
+        assert 0 < rec["poll_s"] < 1
+        assert {w["role"] for w in rec["workers"].values()} == roles
+        # the workers the requests went to are the ones recorded
+        assert {r["server"]["decode_worker"] for r in reqs if r["server"]} <= set(rec["workers"])
+        for wid, w in rec["workers"].items():
+            ts = [b[0] for b in w["beats"]]
+            assert len(ts) >= 2 and ts == sorted(ts), (wid, ts)
+            assert -MARGIN_BEFORE_S - 1 <= ts[0] and ts[-1] <= end + MARGIN_AFTER_S + 1
+            gaps = sorted(b - a for a, b in zip(ts, ts[1:]))
+            assert 0.5 < gaps[len(gaps) // 2] < 2.5, gaps  # every heartbeat_s (1 s)
+            for _, half_width, free, running, waiting, queued in w["beats"]:
+                assert 0 <= half_width < 0.5 and free > 0
+                assert min(running, waiting, queued) >= 0
 
 
 @pytest.mark.slow
