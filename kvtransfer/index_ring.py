@@ -18,6 +18,23 @@ import numpy as np
 import torch
 
 
+def pack_into(host: np.ndarray, arrays: list[np.ndarray]) -> None:
+    """The arrays one after another, flattened, at the start of `host`."""
+    pos = 0
+    for a in arrays:
+        host[pos:pos + a.size] = a.reshape(-1)
+        pos += a.size
+
+
+def unpack(dev: torch.Tensor, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+    """Views of `dev` (what pack_into laid out) in the arrays' shapes."""
+    out, pos = [], 0
+    for a in arrays:
+        out.append(dev[pos:pos + a.size].view(a.shape))
+        pos += a.size
+    return out
+
+
 class IndexRing:
     """`slots` slots of `slot_elems` int64 each, in pinned host memory and on `device`."""
 
@@ -41,16 +58,10 @@ class IndexRing:
             return None
         slot = self._free.pop()
         lo = slot * self.slot_elems
-        pos = lo
-        for a in arrays:
-            self._host_np[pos:pos + a.size] = a.reshape(-1)
-            pos += a.size
+        pack_into(self._host_np[lo:lo + n], arrays)
         dev = self._dev[lo:lo + n]
         dev.copy_(self._host[lo:lo + n], non_blocking=True)
-        out, pos = [], 0
-        for a in arrays:
-            out.append(dev[pos:pos + a.size].view(a.shape))
-            pos += a.size
+        out = unpack(dev, arrays)
         self._by_ptr[out[0].data_ptr()] = slot
         return out
 

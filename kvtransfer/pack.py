@@ -22,7 +22,7 @@ import torch
 
 from . import row_copy
 from .common import KVGeometry
-from .index_ring import IndexRing
+from .index_ring import IndexRing, pack_into, unpack
 
 
 def _word_dtype(row_nbytes: int) -> torch.dtype:
@@ -171,13 +171,8 @@ class KVLayout:
             return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         if self._pinned_free is not None:
             self._pinned_free.synchronize()  # the previous index copy: alone on its stream
-        sizes = [a.size for a in arrays]
-        host = self._pinned[: sum(sizes)]
-        flat = host.numpy()
-        pos = 0
-        for a, n in zip(arrays, sizes):
-            flat[pos:pos + n] = a.reshape(-1)
-            pos += n
+        host = self._pinned[: sum(a.size for a in arrays)]
+        pack_into(host.numpy(), arrays)
         with torch.cuda.stream(self._h2d):
             dev = host.to(self.device, non_blocking=True)
             self._pinned_free = torch.cuda.Event()
@@ -185,11 +180,7 @@ class KVLayout:
         user = stream if stream is not None else torch.cuda.current_stream(self.device)
         user.wait_event(self._pinned_free)  # what `user` runs from now on sees the index
         dev.record_stream(user)  # and its memory is not reused before that work ends
-        out, pos = [], 0
-        for a, n in zip(arrays, sizes):
-            out.append(dev[pos:pos + n].view(a.shape))
-            pos += n
-        return out
+        return unpack(dev, arrays)
 
     def peer_copy(self, src_ids: torch.Tensor, dst_ids: torch.Tensor, dst: torch.Tensor,
                   dst_blocks: int, l0: int, l1: int, ctas: int | None = None) -> None:

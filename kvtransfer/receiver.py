@@ -219,11 +219,11 @@ class KVReceiver(DirectReceive, Endpoint):
         for req in list(self._reqs.values()):
             if req.state in ("expected", "active") and now > req.deadline:
                 self._fail(req, "deadline exceeded: the KV did not arrive in time")
-            if req.landing is not None and self._landed(req):
+            if req.landing is not None:  # a peer copy that may still be writing
+                if not self._landed(req):
+                    continue
                 req.landing = None
             held = req.granted | req.writers  # peers that may still write into our blocks
-            if req.landing is not None:
-                continue
             if req.state == "active" and req.ended and req.inflight == 0 and not held and \
                     req.rows_done == len(req.dst) * self.layout.num_layers:
                 self._finish(req, None)

@@ -167,7 +167,8 @@ class KVSender(DirectCopy, Endpoint):
             return
         peer.reqs.add(req_id)
         # the receiver's grant (sent at its expect()): our begin settles it, used or not
-        granted = peer.grants.pop(req_id, 0) is None
+        granted = req_id in peer.grants
+        peer.grants.pop(req_id, None)
         direct = peer.pool is not None and dst is not None and len(dst) > 0  # else nothing to hold
         if direct and int(dst.max()) >= peer.pool_blocks:
             if granted:
