@@ -247,7 +247,38 @@ def _float_or_nan(text: str) -> float:
         return math.nan
 
 
-class GpuSampler:
+class BackgroundPoller:
+    """A context manager running `_loop` on a daemon thread while the block runs, when
+    `_active()`; `_loop` ends once `_stop` is set (`period_s` is its pace)."""
+
+    join_s = 5.0
+    thread_name = "poller"
+    period_s: float
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _active(self) -> bool:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        if self._active():
+            self._thread = threading.Thread(target=self._loop, daemon=True,
+                                            name=self.thread_name)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=self.join_s)
+
+
+class GpuSampler(BackgroundPoller):
     """Samples utilization (%), memory used (GiB), SM clock (MHz) and power (W) of the given
     GPU indices every `period_s` on a thread: through NVML (pynvml), else by running
     `nvidia-smi --query-gpu`. The clock and the power say whether a busy GPU ran slower
@@ -259,8 +290,7 @@ class GpuSampler:
         # (time, util %, memory GiB, SM clock MHz, power W); NaN where not read
         self.samples: dict[int, list[tuple[float, ...]]] = {g: [] for g in self.gpus}
         self.available, self.note, self.source = False, "", ""
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         if not self.gpus:
             self.note = "no GPU in this run (devices cpu): GPU utilization not measured"
             return
@@ -319,13 +349,7 @@ class GpuSampler:
                 if g in self.samples:
                     self.samples[g].append((now, *vals))
 
-    def __enter__(self) -> GpuSampler:
-        if self.available:
-            self._thread = threading.Thread(target=self._loop, daemon=True, name="gpu-sampler")
-            self._thread.start()
-        return self
+    thread_name = "gpu-sampler"
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
+    def _active(self) -> bool:
+        return self.available

@@ -28,16 +28,17 @@ after the run's last chunk.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Sequence
+
+from pdserve.benchmarks.capstone_client import BackgroundPoller
 
 MARGIN_BEFORE_S = 2.0  # the snapshot the first requests were routed on, and the phase
 MARGIN_AFTER_S = 1.0
 LOAD_KEYS = ("free_blocks", "running", "waiting", "queued_prefill_tokens")
 
 
-class HeartbeatRecorder:
+class HeartbeatRecorder(BackgroundPoller):
     """Polls a pdserve coordinator's ListWorkers; `beats`: {worker_id: [[lo, hi, *load]]}
     (perf_counter seconds: when the coordinator received the heartbeat, at the earliest and
     at the latest), `roles`: {worker_id: role}. `note` says why nothing was recorded."""
@@ -47,8 +48,7 @@ class HeartbeatRecorder:
         self.beats: dict[str, list[list[float]]] = {}
         self.roles: dict[str, str] = {}
         self.polls, self.note = 0, "" if address else "not a pdserve coordinator"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     def observe(self, sent: float, replied: float, workers: Sequence[dict]) -> None:
         """One ListWorkers reply (coordinator/client.py `list_workers` dicts)."""
@@ -85,16 +85,10 @@ class HeartbeatRecorder:
         except Exception as e:  # noqa: BLE001 - recording is best effort
             self.note = f"not recorded ({type(e).__name__}: {e})"[:200]
 
-    def __enter__(self) -> HeartbeatRecorder:
-        if self.address:
-            self._thread = threading.Thread(target=self._loop, daemon=True, name="heartbeats")
-            self._thread.start()
-        return self
+    join_s, thread_name = 10.0, "heartbeats"
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
+    def _active(self) -> bool:
+        return bool(self.address)
 
 
 def run_record(beats: dict[str, list[list[float]]], roles: dict[str, str], poll_s: float,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -27,6 +28,19 @@ def rx_proc():
 
 def _pool_kw(seed: int, **kw):
     return {"num_blocks": NB, "seed": seed, "stacked": True, **kw}
+
+
+@contextmanager
+def _pair(rx_proc, name: str, rx_kw: dict, pool, rx_opts: dict = OPTS, **tx_opts):
+    """A receiver `name` in rx_proc and a sender on `pool`: (its address, the sender),
+    both closed after the block."""
+    addr = rx_proc.call("receiver", name, rx_kw, "ucx", rx_opts)
+    tx = KVSender(pool, "ucx", TransferOptions(**OPTS, **tx_opts))
+    try:
+        yield addr, tx
+    finally:
+        tx.close()
+        rx_proc.call("close", name)
 
 
 def _counters_free(c: dict) -> bool:
@@ -67,11 +81,9 @@ def _requests(rng: random.Random, sizes: list[int]) -> dict:
 
 @pytest.mark.timeout(60)
 def test_peer_copy_is_byte_exact_and_uses_no_staging(rx_proc):
-    addr = rx_proc.call("receiver", "pc1", _pool_kw(1, num_layers=3), "ucx", OPTS)
     pool = make_pool(NB, seed=2, num_layers=3, stacked=True)
-    tx = KVSender(pool, "ucx", TransferOptions(**OPTS))
     rng = random.Random(0)
-    try:
+    with _pair(rx_proc, "pc1", _pool_kw(1, num_layers=3), pool) as (addr, tx):
         reqs = _requests(rng, [1, 5, 12, 0, 20])
         for rid, (_, dst) in reqs.items():
             rx_proc.engine("pc1", "expect", rid, dst)
@@ -89,9 +101,6 @@ def test_peer_copy_is_byte_exact_and_uses_no_staging(rx_proc):
                 len(src) * 3 * pool[0][0].numel() * 4
         assert _counters_free(rx_proc.call("counters", "pc1"))
         assert tx.num_inflight == 0 and tx.staging_free == tx.staging_total
-    finally:
-        tx.close()
-        rx_proc.call("close", "pc1")
 
 
 @pytest.mark.timeout(60)
@@ -100,11 +109,10 @@ def test_backend_path_where_peer_copy_does_not_apply(rx_proc, case):
     """Either side may turn it off; without destination blocks or a flat pool it cannot run."""
     rx_opts = {**OPTS, "peer_copy": case != "receiver_off"}
     stacked = case != "per_layer_pool"
-    addr = rx_proc.call("receiver", "pc2", {**_pool_kw(3), "stacked": stacked}, "ucx", rx_opts)
     pool = make_pool(NB, seed=4, stacked=stacked)
-    tx = KVSender(pool, "ucx", TransferOptions(**OPTS, peer_copy=case != "sender_off"))
     rng = random.Random(1)
-    try:
+    with _pair(rx_proc, "pc2", {**_pool_kw(3), "stacked": stacked}, pool, rx_opts,
+               peer_copy=case != "sender_off") as (addr, tx):
         reqs = _requests(rng, [3, 9])
         for rid, (_, dst) in reqs.items():
             rx_proc.engine("pc2", "expect", rid, dst)
@@ -113,17 +121,13 @@ def test_backend_path_where_peer_copy_does_not_apply(rx_proc, case):
         assert len(res) == 2 and all(r.ok and r.via == "ucx" for r in res), res
         for rid, (src, dst) in reqs.items():
             assert rx_proc.call("blocks", "pc2", dst) == block_bytes(pool, src), rid
-    finally:
-        tx.close()
-        rx_proc.call("close", "pc2")
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("side", ["sender", "receiver"])
 def test_abort_mid_copy_frees_everything(rx_proc, side):
-    addr = rx_proc.call("receiver", "pc3", _pool_kw(5, num_layers=4), "ucx", OPTS)
-    tx = KVSender(make_pool(NB, seed=6, num_layers=4, stacked=True), "ucx", TransferOptions(**OPTS))
-    try:
+    with _pair(rx_proc, "pc3", _pool_kw(5, num_layers=4),
+               make_pool(NB, seed=6, num_layers=4, stacked=True)) as (addr, tx):
         rx_proc.engine("pc3", "expect", "a", list(range(10)))
         rx_proc.engine("pc3", "expect", "ok", [40, 41])
         tx.start("a", addr, list(range(10)), list(range(10)))
@@ -140,19 +144,13 @@ def test_abort_mid_copy_frees_everything(rx_proc, side):
         assert res["ok"].ok and rres["ok"]["ok"] and rres["ok"]["via"] == "peer_copy"
         assert not res["a"].ok and not rres["a"]["ok"]
         assert _counters_free(rx_proc.call("counters", "pc3")) and tx.num_inflight == 0
-    finally:
-        tx.close()
-        rx_proc.call("close", "pc3")
 
 
 @pytest.mark.timeout(60)
 def test_never_writes_blocks_the_receiver_gave_up(rx_proc):
     """A request the receiver no longer expects (aborted before the sender began) fails, and
     its former blocks keep their bytes: the sender writes only after the receiver's `go`."""
-    addr = rx_proc.call("receiver", "pc4", _pool_kw(7), "ucx", OPTS)
-    pool = make_pool(NB, seed=8, stacked=True)
-    tx = KVSender(pool, "ucx", TransferOptions(**OPTS))
-    try:
+    with _pair(rx_proc, "pc4", _pool_kw(7), make_pool(NB, seed=8, stacked=True)) as (addr, tx):
         dst = [5, 6, 7]
         before = rx_proc.call("blocks", "pc4", dst)
         rx_proc.engine("pc4", "expect", "gone", dst)
@@ -163,23 +161,16 @@ def test_never_writes_blocks_the_receiver_gave_up(rx_proc):
         res = tx.wait(10, ["gone"])
         assert len(res) == 1 and not res[0].ok and "aborted" in res[0].error
         assert rx_proc.call("blocks", "pc4", dst) == before
-    finally:
-        tx.close()
-        rx_proc.call("close", "pc4")
 
 
 @pytest.mark.timeout(60)
 def test_destination_outside_the_receivers_pool_is_a_clear_error(rx_proc):
-    addr = rx_proc.call("receiver", "pc5", _pool_kw(9, num_blocks=16), "ucx", OPTS)
-    tx = KVSender(make_pool(NB, seed=10, stacked=True), "ucx", TransferOptions(**OPTS))
-    try:
+    with _pair(rx_proc, "pc5", _pool_kw(9, num_blocks=16),
+               make_pool(NB, seed=10, stacked=True)) as (addr, tx):
         tx.start("far", addr, [1, 2], [3, 40])
         tx.finish("far")
         res = tx.wait(10, ["far"])
         assert len(res) == 1 and not res[0].ok and "out of the receiver's pool" in res[0].error
-    finally:
-        tx.close()
-        rx_proc.call("close", "pc5")
 
 
 def test_offer_maps_the_same_memory_and_is_refused_elsewhere():
@@ -215,14 +206,12 @@ def test_hostile_offers_fail_the_schema(bad):
 def test_a_failed_copy_fails_its_request_and_the_pair_falls_back(rx_proc):
     """The copy cannot run (e.g. no peer access): that request fails on both sides, the
     receiver's blocks are freed, and the next request of the pair goes through the backend."""
-    addr = rx_proc.call("receiver", "pc6", _pool_kw(12), "ucx", OPTS)
     pool = make_pool(NB, seed=13, stacked=True)
-    tx = KVSender(pool, "ucx", TransferOptions(**OPTS))
 
     def broken(*a, **kw):
         raise RuntimeError("no peer access")
-    tx.layout.peer_copy = broken
-    try:
+    with _pair(rx_proc, "pc6", _pool_kw(12), pool) as (addr, tx):
+        tx.layout.peer_copy = broken
         for rid, dst in (("bad", [1, 2]), ("next", [3, 4])):
             res, rres = _move_one(tx, rx_proc, "pc6", addr, rid, [5, 6], dst)
             if rid == "bad":
@@ -232,9 +221,6 @@ def test_a_failed_copy_fails_its_request_and_the_pair_falls_back(rx_proc):
                 assert res.ok and res.via == "ucx" and rres["ok"]
                 assert rx_proc.call("blocks", "pc6", dst) == block_bytes(pool, [5, 6])
         assert _counters_free(rx_proc.call("counters", "pc6")) and tx.num_inflight == 0
-    finally:
-        tx.close()
-        rx_proc.call("close", "pc6")
 
 
 @pytest.mark.timeout(60)
