@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 from pdserve.benchmarks import capstone_plots as plots
 from pdserve.benchmarks import capstone_report as report
+from pdserve.benchmarks import capstone_transfer_step as transfer_step
 from pdserve.benchmarks import plotting
 from pdserve.benchmarks.capstone_budget import Budget
 from pdserve.benchmarks.capstone_client import GpuSampler, GrpcTarget, OpenAITarget
@@ -71,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab", type=int, default=1000,
                    help="--base-url: random prompt ids are drawn from [1, VOCAB) (default 1000, "
                         "valid for any real tokenizer)")
+    transfer_step.add_arguments(p.add_argument_group("dedicated transfer step"))
     w = p.add_argument_group("workload")
     w.add_argument("--workload", action="append", metavar="SPEC",
                    help="fixed:in=N,out=N | uniform:in=LO-HI,out=LO-HI | sharegpt-synth | "
@@ -149,6 +151,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--start-rate-from {args.start_rate_from}: no such file or directory"
     if getattr(args, "warmup_burst", 0) < 0:
         return "--warmup-burst must be >= 0"
+    if err := transfer_step.check(args):
+        return err
     for kind, _ in args.dataset or []:
         if kind != "sharegpt":
             return f"--dataset: only 'sharegpt' is supported, got {kind!r}"
@@ -274,7 +278,8 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
             if p:
                 pngs[f"SLO attainment map: {wl.name}"] = p
                 map_text[wl.name] = text
-        for key, fn in (("transfer time vs input length", plots.transfer_vs_input),
+        for key, fn in (("transfer time vs input length",  # the step's points first
+                         lambda p, s: plots.transfer_vs_input(p, s, ctx.transfer_step)),
                         ("GPU utilization per pool", plots.gpu_util)):
             p = fn(os.path.join(out, key.split()[0].lower() + ".png"), setups)
             if p:
@@ -348,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
     failed: list[str] = []
     budget = Budget(args.budget_s)
     names = setups_of(args)
+    # before any worker starts: bench transfer on the first P/D setup's GPUs (its share)
+    ctx.transfer_step = transfer_step.run_step(args, names, budget)
     for i, name in enumerate(names):
         # each setup not yet run gets an equal share of what is left (start-up included);
         # a few seconds stay for the report

@@ -154,25 +154,68 @@ def slo_map_png(path: str, setups: Sequence[SetupResult], wname: str, rate: floa
     return _save(fig, path), map_summary(winners)
 
 
-def transfer_vs_input(path: str, setups: Sequence[SetupResult]) -> str | None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    drawn = False
-    for s in setups:
-        pts = [(r.prompt_tokens, r.server["transfer_ms"]) for w in s.by_workload.values()
-               for run in w.runs for r in run.results
-               if r.ok and r.server.get("transfer_ms", 0) > 0]
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, alpha=0.5, label=s.setup)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
+def transfer_vs_input(path: str, setups: Sequence[SetupResult],
+                      step: dict | None = None) -> str | None:
+    """Left: the dedicated transfer step (receiver-side time, the bench's transfer time and
+    the raw send, p50 per length, with their fits; the peer-to-peer copy_ line on GPUs).
+    Right: the serving requests' worker-reported transfer_ms (the tail after the forward).
+    Either panel alone when the other has no data."""
+    rows = (step or {}).get("rows") or []
+    serving = {s.setup: [(r.prompt_tokens, r.server["transfer_ms"])
+                         for w in s.by_workload.values() for run in w.runs for r in run.results
+                         if r.ok and r.server.get("transfer_ms", 0) > 0] for s in setups}
+    serving = {k: v for k, v in serving.items() if v}
+    if not rows and not serving:
         return None
-    ax.set_xlabel("input length (tokens)")
-    ax.set_ylabel("KV transfer time (ms, worker-reported)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    plt = _plt()
+    n = int(bool(rows)) + int(bool(serving))
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.4), dpi=110, squeeze=False)
+    if rows:
+        _step_panel(axes[0, 0], rows, step)
+    if serving:
+        ax = axes[0, n - 1]
+        for name, pts in serving.items():
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, alpha=0.5, label=name)
+        ax.set_xlabel("input length (tokens)")
+        ax.set_ylabel("transfer_ms (ms, worker-reported)")
+        ax.set_title("serving: the part not hidden behind the forward", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _step_panel(ax, rows: Sequence[dict], step: dict) -> None:
+    import numpy as np
+
+    from pdserve.benchmarks.capstone_transfer import phys_gbps, step_fits
+
+    fits = step_fits(rows)
+    lens = np.array([r["input_len"] for r in rows], dtype=float)
+    per_token = rows[-1]["bytes"] / rows[-1]["input_len"]
+    dense = np.geomspace(lens.min() / 1.5, lens.max() * 1.5, 100)
+    series = (("rx", "rx_p50_ms", "o", "C0", "pdserve, receiver side (rx)"),
+              ("transfer", "p50_ms", "^", "C2", "pdserve, bench transfer time"),
+              ("raw", "baseline_p50_ms", "s", "C1", f"raw {step['backend']} send"))
+    for key, col, marker, color, name in series:
+        pts = [(r["input_len"], r[col]) for r in rows if r.get(col)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, color=color, label=name)
+        f = fits[key]
+        if f.ok and key != "transfer":
+            bw = f"{f.gbps:.3g} GB/s" if math.isfinite(f.gbps) else "inf"
+            ax.plot(dense, f.predict_s(dense * per_token) * 1e3, "-", color=color, alpha=0.7,
+                    label=f"fit: {f.fixed_us / 1e3:.3g} ms + B/{bw}")
+    phys = phys_gbps(rows)
+    if phys:
+        ax.plot(dense, dense * per_token / (phys * 1e9) * 1e3, "k--",
+                label=f"one copy_ between the GPUs: B/{phys:.3g} GB/s")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"input length (tokens; {per_token / 1024:.4g} KiB of KV each)")
+    ax.set_ylabel("transfer time p50 (ms)")
+    ax.set_title(f"dedicated step: {step['sender']} -> {step['receiver']}, {step['geometry']}",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def gpu_util(path: str, setups: Sequence[SetupResult]) -> str | None:

@@ -75,6 +75,7 @@ class Context:
     rel_tol: float = 0.15
     run_duration_s: float = 0.0  # --run-duration (0: a fixed request count)
     budget_s: float = 0.0  # --budget-s (0: none)
+    transfer_step: dict | None = None  # the dedicated transfer step (capstone_transfer_step)
 
     def run_sizes(self) -> str:
         if self.budget_s:
@@ -214,6 +215,8 @@ def write_json(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
            "window": {"warmup": ctx.window.warmup, "cooldown": ctx.window.cooldown,
                       "describe": ctx.window.describe()},
            "workloads": workloads, "runs": [], "setups": []}
+    if ctx.transfer_step is not None:
+        doc["transfer_step"] = ctx.transfer_step
     for s in setups:
         entry = {"setup": s.setup, "workers": s.workers, "pools": s.pools,
                  "gpu": gpu_summary(s), "gpu_note": s.gpu_note, "by_workload": {}}

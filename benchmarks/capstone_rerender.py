@@ -4,7 +4,7 @@ validation and extrapolation again (with today's code: a fixed simulator or repo
 to an old run).
 
 What it reads: `results.json` (settings, every run's summary, the search, the request
-lengths, GPU summaries), `calibration.json`, and `requests.json.gz` when the run wrote it
+lengths, GPU summaries, the dedicated transfer step's rows when the run made it), `calibration.json`, and `requests.json.gz` when the run wrote it
 (every request's send time, chunk timeline and server timings per run, the heartbeats
 the coordinator received during each run (capstone_heartbeats.py; runs before branch hb
 did not record them), and the GPU samples; runs before it existed did not record them). Without `requests.json.gz` the
@@ -93,7 +93,8 @@ def load(run_dir: str) -> tuple[list[report.SetupResult], report.Context, dict, 
                          res["burstiness"], res["seed"], search.get("start_rate", 2.0),
                          res["num_prompts"], dict(res.get("meta", {})),
                          search.get("max_runs", 6), search.get("rel_tol", 0.15),
-                         search.get("run_duration_s", 0.0), search.get("budget_s", 0.0))
+                         search.get("run_duration_s", 0.0), search.get("budget_s", 0.0),
+                         res.get("transfer_step"))  # None: a run from before the step
     summaries: dict[tuple[str, str], list[dict]] = {}
     for r in res["runs"]:
         summaries.setdefault((r["setup"], r["workload"]), []).append(r)

@@ -11,20 +11,30 @@
 #
 # Time (WALL_S, default 420 s on 2 GPUs, 560 s on 4: the call's 9.5 min less a margin):
 # the harness gets --budget-s = WALL_S - (seconds already spent installing) - 20 s, and
-# divides it itself (benchmarks/capstone_budget.py): equal shares per setup, start-up
-# included, then per workload, then per run (each run sends for its share less the drain
-# it measured). Arithmetic, 2 GPUs at 420 s: install ~5-25 s; the planner's predictions
-# ~5 s; each setup's start (llama-3.1-8b random weights, warm-up ladder, CUDA graphs, the
-# coordinator's P/D warm-up) ~12-26 s and the harness's warm-up (--warmup-burst: 4 shaped
-# prompts, then 16 requests of each workload at once) ~3-6 s, so 3 setups ~60-100 s; the
-# report (plots, planner validation with its +-5% band, simulated) ~15-30 s
-# (REPORT_RESERVE_S 30 s kept). That leaves ~250-290 s for 3 setups x 3 workloads = 9
-# searches of ~30 s: 3 runs of ~10 s, 6-9 s of arrivals each (decode-heavy runs drain ~4 s
-# after the last send). 4 GPUs at 560 s: 5 setups ~150 s of starts, 2 workloads: 10
-# searches of ~35 s, 3 runs each. Measured on CPU with the tiny model (SMOKE=1 WALL_S=240,
-# 3 setups x 2 workloads, on a shared, loaded machine): install 7-17 s, a setup's start
-# 19-26 s, the report (plots, validation, extrapolation) 13 s; the script ended after 230 s
-# of its 240, the harness after 194 s of its 203 s budget, 3 searches cut after 1-2 runs.
+# divides it itself (benchmarks/capstone_budget.py): first the dedicated transfer step
+# (benchmarks/capstone_transfer_step.py: `bench transfer` from the first P/D setup's
+# prefill GPU to its decode GPU, llama-3.1-8b's KV geometry, TRANSFER_LENS tokens, 5 timed
+# iterations each; stopped at min(40 s, 15% of the budget)), then equal shares of what is
+# left per setup, start-up included, then per workload, then per run (each run sends for
+# its share less the drain it measured). Arithmetic, 2 GPUs at 420 s: install ~5-25 s;
+# the transfer step ~15-40 s (two processes importing torch, CUDA and NCCL set-up, 8 GiB
+# pools per GPU; the transfers themselves, up to 4 GiB each, a few seconds); the
+# planner's predictions ~5 s; each setup's start (llama-3.1-8b random weights, warm-up
+# ladder, CUDA graphs, the coordinator's P/D warm-up) ~12-26 s and the harness's warm-up
+# (--warmup-burst: 4 shaped prompts, then 16 requests of each workload at once) ~3-6 s,
+# so 3 setups ~60-100 s; the report (plots, planner validation with its +-5% band,
+# simulated) ~15-30 s (REPORT_RESERVE_S 30 s kept). That leaves ~200-280 s (375-395 s of
+# budget less all that) for 3 setups x 3 workloads = 9 searches of ~22-31 s: 3 runs of
+# ~7-10 s, 4-8 s of arrivals each (decode-heavy runs drain ~4 s after the last send). 4
+# GPUs at 560 s: the transfer step ~15-40 s, 5 setups ~150 s of starts, 2 workloads: 10
+# searches of ~29-33 s, 3 runs each.
+# Measured on CPU with the tiny model (SMOKE=1 WALL_S=240, 3 setups x 2 workloads, 2
+# cores): install 3 s, the transfer step 21 s (limit 33 s: 15% of the 217 s budget), a
+# setup's start 8-9 s; the script ended after 198 s of its 240 (every search ran its 3
+# runs). Before the transfer step, on a shared, loaded machine: install 7-17 s, a setup's
+# start 19-26 s, the report (plots, validation, extrapolation) 13 s; the script ended
+# after 230 s of its 240, the harness after 194 s of its 203 s budget, 3 searches cut
+# after 1-2 runs.
 # What the budget cut is listed in report.md ("cut by the time budget").
 #
 # Searches that bracket: each search starts at START_RATE (the same for every setup, so
@@ -45,8 +55,9 @@
 # Knobs (environment): WALL_S, MODEL (llama-3.1-8b), COND (512), WORKLOADS (space-separated
 # specs), GOODPUT ("ttft:750 tpot:20"), START_RATE (16 on 2 GPUs, 16 on 4), START_FROM (a
 # calibration.json or run directory; "none": plain doubling), WARMUP_BURST (16), MAX_RUNS
-# (3), RUN_DURATION (20 s, the longest run), PYTHON (python3), SMOKE=1 (tiny model on CPU,
-# a check of this script).
+# (3), RUN_DURATION (20 s, the longest run), TRANSFER_LENS (the transfer step's prompt
+# lengths; default auto: 512,2048,8192,32768 on GPUs, 64,256,1024 on CPU; none: skip it),
+# PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script).
 set -u
 T0=$(date +%s)
 OUT=$(realpath -m "${1:?usage: gpu_capstone.sh OUT DEVICES}"); DEVICES=${2:?usage: gpu_capstone.sh OUT DEVICES}
@@ -122,7 +133,7 @@ WL_ARGS=(); for w in $WORKLOADS; do WL_ARGS+=(--workload "$w"); done
 timeout $(( WALL_S - ($(date +%s) - T0) - 5 )) $PYTHON -m pdserve.cli bench capstone --model "$MODEL" \
   --devices "$DEVICES" --configs "$CONFIGS" "${WL_ARGS[@]}" --goodput $GOODPUT \
   --start-rate "$START_RATE" "${GUIDE[@]}" --max-runs "${MAX_RUNS:-3}" --rel-tol 0.25 \
-  --warmup-burst "${WARMUP_BURST:-16}" \
+  --warmup-burst "${WARMUP_BURST:-16}" --transfer-lens "${TRANSFER_LENS:-auto}" \
   --budget-s "$BUDGET" --run-duration "${RUN_DURATION:-20}" --num-requests 16 \
   --warmup-requests 2 --timeout 60 --start-timeout 240 \
   --label "gpu_capstone.sh on $N GPUs ($DEVICES), budget $BUDGET s" \
@@ -131,7 +142,7 @@ timeout $(( WALL_S - ($(date +%s) - T0) - 5 )) $PYTHON -m pdserve.cli bench caps
 RC=$?
 cd "$REPO" || true
 echo "capstone rc=$RC after $(( $(date +%s) - T0 )) s"
-grep -E "^(starting|error|wrote|predicted max rates)|ready after|req/s holds|no measured rate|cut by" "$LOG" | grep -v "it/s]" | tail -n 30
+grep -E "^(starting|error|wrote|predicted max rates|transfer step)|ready after|req/s holds|no measured rate|cut by" "$LOG" | grep -v "it/s]" | tail -n 30
 if [[ -f $OUT/report.md ]]; then
   echo "=== report.md (summary)"
   sed -n '/^## Where P\/D wins and loses/,/^## Plots/p' "$OUT/report.md" | head -n 100

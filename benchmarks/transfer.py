@@ -39,7 +39,7 @@ from typing import Any
 from pdserve.benchmarks import plotting
 from pdserve.benchmarks.transfer_bench import TransferBench
 from pdserve.benchmarks.transfer_fit import LineFit, fit_line
-from pdserve.benchmarks.transfer_peer import GEOMETRIES, receiver_main
+from pdserve.benchmarks.transfer_peer import GEOMETRIES, geometry, receiver_main
 from pdserve.benchmarks.transfer_plot import plot_transfer
 
 KEYS = ["input_len", "bytes", "p50_ms", "p90_ms", "gbps", "baseline_gbps", "ratio", "verified"]
@@ -54,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["ucx", "nccl"], default="ucx",
                    help="connects the pair, and carries the data with --no-peer-copy")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--geometry", choices=list(GEOMETRIES), default="tiny")
+    p.add_argument("--geometry", type=_geometry, default="tiny",
+                   help=f"the KV's shape: {', '.join(GEOMETRIES)}, or any model's as "
+                        "LAYERSxKV_HEADSxHEAD_DIM:DTYPE, e.g. 32x8x128:bfloat16 (default tiny)")
     p.add_argument("--input-lens", default="128,512,2048,8192,32768",
                    help="comma-separated prompt lengths in tokens")
     p.add_argument("--concurrency", type=int, default=1,
@@ -86,6 +88,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the sender writes into the receiver's pool directly, CUDA "
                         "IPC between GPUs, as workers do; the backend then only connects)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _geometry(spec: str) -> str:
+    try:
+        geometry(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,7 +165,7 @@ def summary_lines(backend: str, fit: LineFit, raw_fit: LineFit, phys_gbps: float
 
 def write_outputs(args: argparse.Namespace, bench: TransferBench, rows: list[dict[str, Any]],
                   cols: list[str], lines: list[str], fit: LineFit, raw_fit: LineFit) -> None:
-    stem = (f"transfer_{args.backend}_{args.device}_{args.geometry}"
+    stem = (f"transfer_{args.backend}_{args.device}_{args.geometry.replace(':', '-')}"
             + ("_layerwise" if args.layerwise else "")
             + ("" if args.no_peer_copy else "_peercopy")
             + (f"_c{bench.conc}" if bench.conc > 1 else ""))

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from pdserve.benchmarks.transfer_peer import (
-    GEOMETRIES,
     checksum,
+    geometry,
     make_pool,
     new_backend,
     p2p_copy_gbps,
@@ -30,7 +30,7 @@ Blocks = tuple[list[int], list[int]]  # (src block ids, dst block ids) of one re
 class TransferBench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.geo = GEOMETRIES[args.geometry]
+        self.geo = geometry(args.geometry)
         self.lens = [int(x) for x in args.input_lens.split(",") if x.strip()]
         self.conc = max(1, args.concurrency)
         self.bs = args.block_size

@@ -3,6 +3,7 @@ block checksum, the receiver process, and the physical copy-engine bandwidth."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,26 @@ GEOMETRIES: dict[str, dict[str, Any]] = {  # llama-3.1-8b: 128 KiB of KV per tok
     "tiny": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "float32"},
     "llama-3.1-8b": {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"},
 }
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def geometry(spec: str) -> dict[str, Any]:
+    """A named geometry (GEOMETRIES), or any model's as LAYERSxKV_HEADSxHEAD_DIM:DTYPE
+    (e.g. 32x8x128:bfloat16, what `geometry_spec` writes)."""
+    if spec in GEOMETRIES:
+        return GEOMETRIES[spec]
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+):(\w+)", spec.strip())
+    if not m or m.group(4) not in DTYPES or 0 in (int(m.group(i)) for i in (1, 2, 3)):
+        raise ValueError(f"geometry {spec!r}: give {' or '.join(GEOMETRIES)}, or "
+                         f"LAYERSxKV_HEADSxHEAD_DIM:DTYPE with DTYPE one of {', '.join(DTYPES)} "
+                         "(e.g. 32x8x128:bfloat16)")
+    return {"num_layers": int(m.group(1)), "num_kv_heads": int(m.group(2)),
+            "head_dim": int(m.group(3)), "dtype": m.group(4)}
+
+
+def geometry_spec(num_layers: int, num_kv_heads: int, head_dim: int, dtype: str) -> str:
+    """The --geometry string of a model's KV: '32x8x128:bfloat16'."""
+    return f"{num_layers}x{num_kv_heads}x{head_dim}:{dtype}"
 
 
 def new_backend(name: str, device: torch.device, ucx_polling: bool) -> Backend:

@@ -137,9 +137,11 @@ def test_capstone_cpu_smoke_tiny_model(tmp_path) -> None:
                             "--run-duration", "2", "--max-runs", "1", "--start-rate", "8",
                             "--warmup-requests", "1", "--timeout", "60",
                             "--start-timeout", "120", "--extrapolate", "8",
-                            "--out", str(tmp_path)))
+                            "--transfer-lens", "64,1024", "--transfer-iters", "2",
+                            "--transfer-max-s", "240", "--out", str(tmp_path)))
     assert rc == 0
     res = check_report(tmp_path, ["1P1D-cond20"])
+    check_transfer_step(res, tmp_path)
     assert "transfer.png" in {p.name for p in tmp_path.iterdir()}
     (run,) = res["runs"]
     assert run["mean_transfer_ms"] is not None  # the long prompts were disaggregated
@@ -151,6 +153,28 @@ def test_capstone_cpu_smoke_tiny_model(tmp_path) -> None:
     assert "### Extrapolation" in md and "Assumptions when extrapolating" in md
     check_heartbeats(tmp_path, {"prefill", "decode"})
     assert "Heartbeats: 1 of 1 runs replay" in md  # the validation used them
+
+
+def check_transfer_step(res: dict, out) -> None:
+    """The dedicated transfer step ran before the setup, on its prefill and decode devices
+    with the model's KV geometry: `bench transfer`'s rows in results.json, and the report's
+    transfer section answers from them first, the serving tail second."""
+    st = res["transfer_step"]
+    assert (st["sender"], st["receiver"], st["backend"]) == ("cpu", "cpu", "ucx")
+    assert st["geometry"] == "2x2x16:float32" and st["note"] == ""
+    assert [r["input_len"] for r in st["rows"]] == [64, 1024]
+    for r in st["rows"]:
+        assert r["verified"] is True and r["via"]
+        assert min(r["p50_ms"], r["rx_p50_ms"], r["baseline_p50_ms"]) > 0
+        assert {"ratio", "rx_ratio", "bytes"} <= set(r)
+    assert st["rows"][1]["bytes"] == 16 * st["rows"][0]["bytes"]  # whole blocks of 16
+    md = (out / "report.md").read_text()
+    sec = md[md.index("### Transfer"):md.index("### GPU utilization per pool")]
+    assert sec.index("**Dedicated measurement**") < sec.index("**Serving: the part of the "
+                                                              "transfer not hidden")
+    for part in ("| input_len | MB | rx_p50_ms |", "- Linear in input length? The receiver "
+                 "side", "- The raw ucx send of the same bytes", "- What sets the bandwidth:"):
+        assert part in sec, part
 
 
 def check_heartbeats(out, roles: set[str]) -> None:
