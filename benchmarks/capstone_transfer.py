@@ -158,8 +158,9 @@ def _bandwidth(fits: dict[str, LineFit], rows: Sequence[dict], backend: str,
     if known:
         best_name, best = max(known.items(), key=lambda kv: kv[1])
         if rx.gbps > 1.25 * best:
-            text += (f"Faster than the fastest ({best_name}): pdserve's path ({via}) does not "
-                     "go through it, so that is not its ceiling; the copy itself sets it. ")
+            text += (f"Faster than the fastest measured path ({best_name}): pdserve's path "
+                     f"({via}) does not go through it, so it does not bound pdserve; no faster "
+                     "path was measured here to say what does. ")
         elif rx.gbps >= 0.8 * best:
             text += (f"Within 20% of the fastest ({best_name}): the link sets it, not "
                      "pdserve's own per-block work. ")
