@@ -10,7 +10,11 @@ File format (`calibration.json`, "format": "pdserve-calibration/1"); times in ms
                               tokens (launch- and host-bound), above it the forward is
                               compute-bound (capstone_steps.fit_prefill_steps);
                               mixed_c0: what short prompts add to a colocated decode
-                              step (`Calibration.mixed_fixed_ms`)
+                              step (`Calibration.mixed_fixed_ms`; older files)
+    mixed_ms(T)             = c0 + c_token * max(0, T - knee_tokens): what T prompt tokens
+                              add to a colocated worker's decode step (capstone_mixed.py;
+                              {} when no colocated run was fitted: then prefill_ms - c0 +
+                              mixed_fixed_ms)
     decode_step_ms(B, ctx)  = c0 + c_seq * B + c_ctx_token * ctx
                               B: sequences in the step, ctx: their total context tokens
     transfer_ms(bytes)      = c0 + ms_per_byte * bytes
@@ -46,15 +50,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pdserve.benchmarks.capstone_metrics import RequestResult
-from pdserve.benchmarks.capstone_steps import (
-    fit_prefill_steps,
-    mixed_step_extras,
-    nonneg_lstsq,
-    prefill_steps,
-)
+from pdserve.benchmarks.capstone_mixed import fit_mixed, steady_colocated_runs
+from pdserve.benchmarks.capstone_steps import fit_prefill_steps, nonneg_lstsq, prefill_steps
 
 FORMAT = "pdserve-calibration/1"
-MIN_MIXED_STEPS = 20  # colocated steps with short prompts needed to fit mixed_c0
 
 
 @dataclass(slots=True)
@@ -71,6 +70,7 @@ class Calibration:
                                                             "decode": "default",
                                                             "transfer": "default"})
     meta: dict[str, str] = field(default_factory=dict)
+    mixed: dict[str, float] = field(default_factory=dict)  # colocated steps (capstone_mixed)
 
     def prefill_ms(self, tokens: int, sum_sq: float) -> float:
         p = self.prefill
@@ -85,6 +85,16 @@ class Calibration:
         prefill's fixed cost less the smaller of both (one forward pays it once)."""
         p, d = self.prefill, self.decode
         return p.get("mixed_c0", p["c0"] - min(p["c0"], d["c0"]))
+
+    def mixed_ms(self, tokens: int, sum_sq: float) -> float:
+        """What prompt chunks of `tokens` tokens add to a colocated worker's decode step:
+        the mixed profile fitted on colocated steps, else the prefill profile less its
+        fixed part plus `mixed_fixed_ms`."""
+        m = self.mixed
+        if m:
+            return m["c0"] + m["c_token"] * max(0.0, tokens - m.get("knee_tokens", 0.0)) \
+                + m.get("c_token2", 0.0) * sum_sq
+        return self.prefill_ms(tokens, sum_sq) - self.prefill["c0"] + self.mixed_fixed_ms
 
     def decode_step_ms(self, batch: int, ctx_tokens: float) -> float:
         d = self.decode
@@ -103,7 +113,8 @@ class Calibration:
             self, prefill={k: v if k == "knee_tokens" else v * factor
                            for k, v in self.prefill.items()},
             decode={k: v * factor for k, v in self.decode.items()},
-            transfer={k: v * factor for k, v in self.transfer.items()})
+            transfer={k: v * factor for k, v in self.transfer.items()},
+            mixed={k: v if k == "knee_tokens" else v * factor for k, v in self.mixed.items()})
 
     @property
     def decode_max_batch(self) -> float:
@@ -218,7 +229,7 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
         max_batch: int = 256, prefill_token_budget: int = 8192,
         decode_runs: Sequence[Sequence[RequestResult]] | None = None,
         warm: Sequence[int] | None = None,
-        mixed_runs: Sequence[Sequence[RequestResult]] = ()) -> Calibration:
+        mixed_runs: Sequence[tuple[Sequence[RequestResult], int]] = ()) -> Calibration:
     """A calibration from the per-request results of several runs (P/D runs carry the
     prefill and transfer timings; decode points come from `decode_runs`, default `runs`).
     The prefill profile is fitted on the prefill workers' steps (`prefill_steps`: batched
@@ -226,8 +237,8 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
     be rebuilt, on each request's prefill time against its prompt. `warm` (per run, see
     capstone_steps.warm_counts): its first requests resend earlier prompts and may have hit
     the prefix cache, so they are left out of the prefill profile, a cold one.
-    `mixed_runs` (colocated runs): what short prompts add to a decode step
-    (`capstone_steps.mixed_step_extras`, the median), once the decode step is fitted. The
+    `mixed_runs` (colocated runs that held the target, each with its warm count): the
+    mixed profile (`capstone_mixed.fit_mixed`), once the decode step is fitted. The
     calibration's meta records the ranges the profiles were fitted on (decode_max_batch,
     prefill_max_tokens)."""
     cal = Calibration(max_batch=max_batch, prefill_token_budget=prefill_token_budget,
@@ -281,13 +292,7 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
         cal.meta["decode_max_batch"] = f"{max(b for b, _, _ in dec):.1f}"
         cal.source["decode"] = (f"measured ({len(dec)} requests; batches up to "
                                 f"{cal.meta['decode_max_batch']} per decode worker)")
-    knee = cal.prefill.get("knee_tokens", 0.0)
-    extras = [e for run in mixed_runs for e in mixed_step_extras(run, cal.decode_step_ms, knee)]
-    if len(extras) >= MIN_MIXED_STEPS:
-        cal.prefill["mixed_c0"] = max(0.0, float(np.median(extras)))
-        cal.source["prefill"] += (f"; a colocated step with prompts under {knee:.0f} tokens: "
-                                  f"decode step + {cal.prefill['mixed_c0']:.3g} ms (median of "
-                                  f"{len(extras)} such steps)")
+    fit_mixed(cal, mixed_runs)
     return cal
 
 
@@ -330,12 +335,22 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
     to refit from (`decode_from_summaries`); the file is not changed. The summaries are
     those of every P/D run that held the attainment target: in a steady state Little's law
     gives the batch, and runs at several rates span a range of batch sizes (the lowest-rate
-    runs alone stopped at about 30 per worker while the runs went to 120 and more)."""
+    runs alone stopped at about 30 per worker while the runs went to 120 and more). A file
+    without the mixed profile (fitted before it existed) gets one from the run's steady
+    colocated runs when the directory holds their per-request data
+    (`capstone_mixed.steady_colocated_runs`)."""
     import os
 
     cal = Calibration.load(os.path.join(run_dir, "calibration.json"))
-    if cal.meta.get("decode_fit") == "token1" or cal.source.get("decode") == "default":
-        return cal
+    if not (cal.meta.get("decode_fit") == "token1" or cal.source.get("decode") == "default"):
+        _refit_decode(cal, res)
+    if not cal.mixed and fit_mixed(cal, steady_colocated_runs(run_dir, res)):
+        cal.source["mixed"] += "; refitted from requests.json.gz, the file has none"
+    return cal
+
+
+def _refit_decode(cal: Calibration, res: dict) -> None:
+    """run_calibration's decode (and transfer) refit from the run summaries."""
     lengths = {w: v["lengths"] for s in res["setups"] for w, v in s["by_workload"].items()
                if v.get("lengths")}
     target = res.get("target", 0.9)
@@ -350,7 +365,7 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
     try:
         fitted = decode_from_summaries(pts)
     except ValueError:
-        return cal
+        return
     cal.meta["decode_max_batch"] = f"{fitted.pop('max_batch'):.1f}"
     cal.decode = fitted
     cal.source["decode"] = (f"refitted from {len(pts)} P/D run summaries that held the "
@@ -364,4 +379,3 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
         cal.transfer = {"c0": c[0], "ms_per_byte": c[1]}
         cal.source["transfer"] = (f"refitted from {len(xfer)} run summaries whose transfers "
                                   "rarely queued (the simulator queues them itself)")
-    return cal

@@ -260,9 +260,10 @@ def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context)
                 # steady colocated runs only: past saturation the client's token times
                 # lag the steps (a step rebuilt from them is not the worker's)
                 if s.kind == "colocated" and r.summary.get("slo_attainment", 0.0) >= ctx.target:
-                    colocated.append(r.results)
-    cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs, warm=warm_counts(keyed),
-                    mixed_runs=colocated)
+                    colocated.append(len(runs) - 1)
+    warm = warm_counts(keyed)
+    cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs, warm=warm,
+                    mixed_runs=[(runs[i], warm[i]) for i in colocated])
     return cal.save(os.path.join(out_dir, "calibration.json"))
 
 

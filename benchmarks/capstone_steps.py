@@ -4,7 +4,7 @@ fitted on them (batched and chunked steps included, stalls left out)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -166,23 +166,4 @@ def worker_steps(results: Sequence[RequestResult]) -> dict[str, list[tuple[float
             else:
                 steps.append((t, [(i, k)]))
         out[w] = steps
-    return out
-
-
-def mixed_step_extras(results: Sequence[RequestResult], decode_ms: Callable[[int, float], float],
-                      knee_tokens: float) -> list[float]:
-    """What adding short prompts (together at most `knee_tokens`, so the prefill part is
-    its fixed cost only) to a colocated worker's decode batch cost a step, ms: the step's
-    time (from the previous step's end on the same worker) less `decode_ms(B, context)` of
-    its decoding sequences. Only steps where a prompt's token 0 came out beside >= 1
-    decoding sequence, in runs where every request was prefilled where it decoded."""
-    out = []
-    for steps in worker_steps(results).values():
-        for (t0, _), (t1, toks) in zip(steps, steps[1:]):
-            firsts = [i for i, k in toks if k == 0]
-            dec = [(i, k) for i, k in toks if k >= 1]
-            tokens = sum(results[i].prompt_tokens for i in firsts)
-            if firsts and dec and tokens <= knee_tokens:
-                ctx = sum(results[i].prompt_tokens + k for i, k in dec)
-                out.append((t1 - t0) * 1e3 - decode_ms(len(dec), ctx))
     return out

@@ -28,9 +28,10 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   decode_step_ms is linear in B and context: past the batch sizes it was profiled on
   (`SimRun.mean_decode_batch` against the calibration's range) it is an extrapolation.
 - colocated (`Nboth`): a step runs prompt chunks and every running sequence together; it
-  lasts decode_step_ms + prefill_ms less the prefill's fixed part plus what prompts add to
-  a decode step (`Calibration.mixed_fixed_ms`: measured on colocated steps, the prefill
-  worker's own fixed cost being mostly its host work); prefill stalls decode: the interference that disaggregation removes. Requests go
+  lasts decode_step_ms + what its prompt tokens add to a decode step
+  (`Calibration.mixed_ms`: the mixed profile, fitted on colocated steps,
+  capstone_mixed.py), a step without decodes prefill_ms; prefill stalls decode: the
+  interference that disaggregation removes. Requests go
   to the worker with the most free KV blocks, as for decode; nothing is reserved on a
   colocated worker, so between two heartbeats its view does not change and every request
   goes to the same worker (on 2 x H200, runs of 30-50 requests at 41 req/s), which the
@@ -173,13 +174,12 @@ class _Decoder:
             self.busy = False
             return
         ms = 0.0
-        if chunks:
-            ms += cal.prefill_ms(sum(c.tokens for c in chunks), sum(c.sq for c in chunks))
+        if chunks:  # beside decodes, one forward: the prompts add the mixed profile's part
+            tokens, sq = sum(c.tokens for c in chunks), sum(c.sq for c in chunks)
+            ms += cal.mixed_ms(tokens, sq) if self.running else cal.prefill_ms(tokens, sq)
         if self.running:
             ctx = sum(r.prompt + r.generated for r in self.running)
             ms += cal.decode_step_ms(len(self.running), ctx)
-            if chunks:  # one forward: the prompts add their tokens and a measured fixed part
-                ms += cal.mixed_fixed_ms - cal.prefill["c0"]
             self.batch_time[0] += len(self.running) * ms
             self.batch_time[1] += ms
         self.busy = True
