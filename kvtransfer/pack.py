@@ -120,8 +120,8 @@ class KVLayout:
         (default: this pool)."""
         limit = self.num_blocks if limit is None else limit
         ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
-        bad = ids[(ids < 0) | (ids >= limit)]
-        if bad.size:
+        if ids.size and (ids.min() < 0 or ids.max() >= limit):  # two reductions, no temporaries
+            bad = ids[(ids < 0) | (ids >= limit)]
             raise ValueError(f"{what} block ids out of range [0, {limit}): {bad[:8].tolist()}")
         return ids
 

@@ -222,6 +222,7 @@ class KVReceiver(DirectReceive, Endpoint):
             if req.landing is not None:  # a peer copy that may still be writing
                 if not self._landed(req):
                     continue
+                mark("rx", "landed", req.req_id)
                 req.landing = None
             held = req.granted | req.writers  # peers that may still write into our blocks
             if req.state == "active" and req.ended and req.inflight == 0 and not held and \

@@ -12,6 +12,8 @@ and V of one layer: `row_words` machine words, contiguous in the pool and in sta
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 try:  # Triton ships with CUDA builds of torch only
@@ -52,7 +54,11 @@ if triton is not None:
                 tl.store(d_base + c, tl.load(s_base + c, mask=m), mask=m)
 
 
-    @triton.jit
+    # one specialization whatever the request (ids, layer range, sizes): the compiled kernel
+    # can then be launched directly (see _Direct); the pools' alignment and row_words (a
+    # layout constant: its divisibility gives the rows' vector loads) stay specialized
+    @triton.jit(do_not_specialize=["nb", "l0", "n_rows", "src_blocks", "dst_blocks"],
+                do_not_specialize_on_alignment=["sid_ptr", "did_ptr"])
     def _copy_pairs(src_ptr, dst_ptr, sid_ptr, did_ptr, nb, l0, n_rows, row_words,
                     src_blocks, dst_blocks, BLOCK: tl.constexpr):
         """Rows r of layers l0.. of one request, r = (layer - l0) * nb + b, b < nb:
@@ -104,8 +110,49 @@ def copy_pairs(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor,
     if n_rows == 0:
         return
     block = min(block, triton.next_power_of_2(src.shape[1]))
-    _copy_pairs[(min(ctas, n_rows),)](src, dst, src_ids, dst_ids, nb, l0, n_rows, src.shape[1],
-                                      src_blocks, dst_blocks, BLOCK=block, num_warps=num_warps)
+    _PAIRS.launch(min(ctas, n_rows), (src, dst, src_ids, dst_ids, nb, l0, n_rows, src.shape[1],
+                                      src_blocks, dst_blocks), block, num_warps)
+
+
+class _Direct:
+    """Launches of one Triton kernel without its JIT dispatch.
+
+    Why: a peer copy is one launch per request, on the transfer's critical path, and
+    `kernel[grid](...)` runs Triton's Python dispatch (argument binding, specialization,
+    cache key, hooks) each time: about 0.1 ms of host time per launch in the sender's
+    progress thread on an H100 host (benchmarks/results/transfer), 3-5x the launch itself.
+    The first launch of a key (device, BLOCK, num_warps, row_words, the pools' alignment,
+    whether every int fits 32 bits) goes through Triton and keeps the compiled kernel; later
+    ones call its launcher. That is safe because the kernel specializes on nothing else
+    (do_not_specialize above): the kernel compiled for the first call is the one Triton
+    would pick for every later call with the same key. Launch hooks (a profiler's), or a
+    current device other than the pool's, send the call through Triton."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.kernels: dict[tuple, Any] = {}
+
+    def launch(self, grid: int, args: tuple, block: int, num_warps: int) -> None:
+        src, dst, row_words = args[0], args[1], args[7]
+        ints = [a for a in args if type(a) is int]
+        key = (src.device.index, block, num_warps, row_words, src.data_ptr() % 16 == 0,
+               dst.data_ptr() % 16 == 0, all(-(1 << 31) <= a < 1 << 31 for a in ints))
+        k = self.kernels.get(key)
+        knobs = getattr(triton, "knobs", None)
+        if (k is None or knobs is None or knobs.runtime.launch_enter_hook is not None
+                or torch.cuda.current_device() != src.device.index):
+            k = self.fn[(grid,)](*args, BLOCK=block, num_warps=num_warps)
+            if hasattr(k, "result"):  # an asynchronous compile's future
+                k = k.result()
+            if knobs is not None and hasattr(k, "packed_metadata"):
+                self.kernels[key] = k
+            return
+        stream = torch.cuda.current_stream(src.device).cuda_stream
+        k.run(grid, 1, 1, stream, k.function, k.packed_metadata, None, None, None, *args, block)
+
+
+if triton is not None:
+    _PAIRS = _Direct(_copy_pairs)
 
 
 def scatter(pool: torch.Tensor, index: torch.Tensor, src: torch.Tensor, ctas: int,

@@ -69,6 +69,9 @@ class KVSender(DirectCopy, Endpoint):
     def _peer_for(self, address: bytes | str) -> Peer:
         self._check_open()
         key = address_bytes(address)
+        peer = self._by_addr.get(key)  # an open pair: no address to decode, no lock to take
+        if peer is not None and peer.alive:
+            return peer
         info = decode_address(key)
         with self._connect_lock:
             peer = self._by_addr.get(key)
@@ -195,6 +198,7 @@ class KVSender(DirectCopy, Endpoint):
         req = self._reqs.get(req_id)
         if req is None or req.state != "active":
             return
+        mark("tx", "ready_cmd", req_id)
         for layer in layers:
             if not req.ready[layer]:
                 req.ready[layer] = True
@@ -313,6 +317,7 @@ class KVSender(DirectCopy, Endpoint):
             return None
         for ev in {id(e): e for e in (req.events.get(x) for x in range(l0, l1)) if e}.values():
             self._copy_stream.wait_event(ev)
+        mark("tx", name + "_waited", req.req_id)
         g0 = gpu_begin()
         copy()
         gpu_end("tx", name, req.req_id, g0)

@@ -68,9 +68,11 @@ class DirectCopy:
                 req.slot = ring.free.pop()
                 ring.events[req.slot].record(torch.cuda.current_stream(self.device))
                 end["ev"] = req.slot
+                mark("tx", "ev_recorded", req.req_id)
             elif req.inflight:
                 return  # `end` once every copy is done
             req.peer.conn.send_now(end)
+            mark("tx", "end_sent", req.req_id)
             req.state = "ended"
 
     def _copy_direct(self, req: TxReq, l0: int, l1: int) -> torch.cuda.Event | None:

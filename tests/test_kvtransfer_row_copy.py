@@ -107,3 +107,29 @@ def test_layout_full_grid_equals_bounded_grid(rect):
     a.gather(index, rect, one)
     a.gather(index, rect, two, a.full_ctas)
     assert torch.equal(one, two)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("row_words", [96, 4096])
+def test_copy_pairs_direct_launches_equal_torch(row_words):
+    """copy_pairs launches its compiled kernel directly after the first call: every later
+    call (other block counts, layer ranges, id offsets, grids) must still copy exactly
+    the rows torch's index ops name, and nothing else."""
+    _needs_triton_cuda()
+    layers, blocks = 4, 64
+    g = torch.Generator(device="cuda").manual_seed(1)
+    src = torch.randint(-2**31, 2**31 - 1, (layers * blocks, row_words), device="cuda",
+                        dtype=torch.int64, generator=g)
+    ids = torch.randperm(blocks, device="cuda", generator=g)
+    for nb, l0, l1, ctas, off in [(5, 0, 4, 8, 0), (1, 2, 3, 1, 7), (16, 1, 4, 64, 3),
+                                  (33, 0, 1, 132, 1), (64, 0, 4, 16, 0)]:
+        dst = torch.zeros_like(src)
+        sid = ids[:nb].contiguous()
+        # ids at an odd element offset of their buffer (a ring slot's second array)
+        did = (torch.arange(nb + off, device="cuda") % blocks)[off:]
+        row_copy.copy_pairs(src, dst, sid, did, l0, l1, blocks, blocks, ctas)
+        want = torch.zeros_like(src)
+        lay = torch.arange(l0, l1, device="cuda")[:, None]
+        want[(lay * blocks + did).view(-1)] = src[(lay * blocks + sid).view(-1)]
+        assert torch.equal(dst, want), (nb, l0, l1, ctas, off)
+    assert len(row_copy._PAIRS.kernels) >= 1  # later calls took the direct launch
