@@ -15,8 +15,12 @@ File format (`calibration.json`, "format": "pdserve-calibration/1"); times in ms
                               add to a colocated worker's decode step (capstone_mixed.py;
                               {} when no colocated run was fitted: then prefill_ms - c0 +
                               mixed_fixed_ms)
-    decode_step_ms(B, ctx)  = c0 + c_seq * B + c_ctx_token * ctx
-                              B: sequences in the step, ctx: their total context tokens
+    decode_step_ms(B, ctx, sync) = c0 + c_seq * B + c_ctx_token * ctx
+                              + sync * (c_sync + c_sync_seq * B)
+                              B: sequences in the step, ctx: their total context tokens,
+                              sync: the step could not overlap the host's work for the one
+                              before (its batch changed; capstone_decode.py; older files
+                              have no c_sync, c_sync_seq: 0)
     transfer_ms(bytes)      = c0 + ms_per_byte * bytes
     kv_bytes_per_token      bytes of KV one prompt token carries (all layers, K and V)
     max_batch               most sequences one decode worker runs at once
@@ -33,7 +37,8 @@ requests whose transfer overlapped no other on the same worker (`unqueued_transf
 simulator queues transfers itself); the decode step from each P/D request's time per token
 after its second token (token 0 comes from the prefill worker, before the KV transfer: its
 gap is the transfer, not a decode step) against the mean number of requests decoding on the
-same worker during its decode and their mean context. Fits are least squares, with negative
+same worker during its decode, their mean context and the share of its steps whose batch
+changed (capstone_decode.py). Fits are least squares, with negative
 coefficients clamped to 0. A run recorded without per-request data (results.json before
 requests.json.gz existed) refits the decode step from the summaries of its P/D runs that
 held the target (`decode_from_summaries`, `run_calibration`).
@@ -49,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from pdserve.benchmarks.capstone_decode import DECODE_FIT, decode_points, fit_decode, pd_runs
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_mixed import fit_mixed, steady_colocated_runs
 from pdserve.benchmarks.capstone_steps import fit_prefill_steps, nonneg_lstsq, prefill_steps
@@ -96,9 +102,12 @@ class Calibration:
                 + m.get("c_token2", 0.0) * sum_sq
         return self.prefill_ms(tokens, sum_sq) - self.prefill["c0"] + self.mixed_fixed_ms
 
-    def decode_step_ms(self, batch: int, ctx_tokens: float) -> float:
+    def decode_step_ms(self, batch: int, ctx_tokens: float, sync: bool = False) -> float:
+        """A decode step of `batch` sequences; `sync`: planned after the step before it was
+        applied (its batch changed, or it carries a prompt: capstone_decode.py)."""
         d = self.decode
-        return d["c0"] + d["c_seq"] * batch + d["c_ctx_token"] * ctx_tokens
+        ms = d["c0"] + d["c_seq"] * batch + d["c_ctx_token"] * ctx_tokens
+        return ms + (d.get("c_sync", 0.0) + d.get("c_sync_seq", 0.0) * batch if sync else 0.0)
 
     def transfer_ms(self, kv_bytes: float) -> float:
         t = self.transfer
@@ -158,38 +167,6 @@ def unqueued_transfers(results: Sequence[RequestResult]) -> list[RequestResult]:
         b1 <= a0 or b0 >= a1 for b0, b1, o in spans if o is not r and (
             o.server.get("decode_worker") == r.server.get("decode_worker")
             or o.server.get("prefill_worker") == r.server.get("prefill_worker")))]
-
-
-def _token1_s(r: RequestResult) -> float:
-    """When the request's second token arrived (the decode worker's first), NaN if none."""
-    seen = 0
-    for t, k in r.chunks:
-        seen += k
-        if seen >= 2:
-            return t if seen - k >= 1 else math.nan  # token 0 and 1 in one chunk: unknown
-    return math.nan
-
-
-def _decode_points(results: Sequence[RequestResult]) -> list[tuple[float, float, float]]:
-    """(mean batch, mean total context, ms per decode step) per request, from its second
-    token to its last, with the batch counted over requests decoding on the same worker
-    (`decode_worker`) during that span."""
-    spans = [(_token1_s(r), r.t_end, r.prompt_tokens, r.output_tokens,
-              r.server.get("decode_worker", "")) for r in results if r.ok and r.output_tokens > 3]
-    spans = [s for s in spans if not math.isnan(s[0])]
-    out = []
-    for a0, a1, _pin, nout, w in spans:
-        if a1 <= a0:
-            continue
-        batch = ctx = 0.0
-        for b0, b1, bin_, bout, bw in spans:
-            overlap = min(a1, b1) - max(a0, b0)
-            if bw == w and overlap > 0:
-                frac = overlap / (a1 - a0)
-                batch += frac
-                ctx += frac * (bin_ + bout / 2)
-        out.append((batch, ctx, (a1 - a0) / (nout - 2) * 1e3))
-    return out
 
 
 def decode_from_summaries(runs: Sequence[tuple[dict, int, float, float]]) -> dict[str, float]:
@@ -283,17 +260,26 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
         cal.source["transfer"] = (f"measured ({len(xfer)} requests"
                                   + (", queueing included)" if queued else
                                      " whose transfer overlapped no other)"))
-    dec = [p for run in (runs if decode_runs is None else decode_runs) for p in _decode_points(run)]
-    dec = [p for p in dec if not math.isnan(p[2])]
-    if len(dec) >= 3:
-        x = np.array([[1.0, b, c] for b, c, _ in dec])
-        c = nonneg_lstsq(x, np.array([p[2] for p in dec]))
-        cal.decode = {"c0": c[0], "c_seq": c[1], "c_ctx_token": c[2]}
-        cal.meta["decode_max_batch"] = f"{max(b for b, _, _ in dec):.1f}"
-        cal.source["decode"] = (f"measured ({len(dec)} requests; batches up to "
-                                f"{cal.meta['decode_max_batch']} per decode worker)")
+    _fit_decode(cal, runs if decode_runs is None else decode_runs)
     fit_mixed(cal, mixed_runs)
     return cal
+
+
+def _fit_decode(cal: Calibration, runs: Sequence[Sequence[RequestResult]]) -> bool:
+    """cal.decode fitted on the P/D requests of `runs` (capstone_decode.py); False (cal
+    unchanged) with fewer than 3 points."""
+    dec = [p for run in runs for p in decode_points(run) if not math.isnan(p[3])]
+    if len(dec) < 3:
+        return False
+    fitted = fit_decode(dec)
+    cal.meta["decode_max_batch"] = f"{fitted.pop('max_batch'):.1f}"
+    cal.meta["decode_fit"] = DECODE_FIT
+    cal.decode = fitted
+    cal.source["decode"] = (f"measured ({len(dec)} requests; batches up to "
+                            f"{cal.meta['decode_max_batch']} per decode worker; a step whose "
+                            f"batch changed adds {fitted['c_sync']:.3g} ms + "
+                            f"{fitted['c_sync_seq']:.3g} ms a sequence)")
+    return True
 
 
 def samples(runs: Sequence[Sequence[RequestResult]]) -> dict[str, list[list[float]]]:
@@ -342,10 +328,18 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
     import os
 
     cal = Calibration.load(os.path.join(run_dir, "calibration.json"))
-    if not (cal.meta.get("decode_fit") == "token1" or cal.source.get("decode") == "default"):
-        _refit_decode(cal, res)
-    if not cal.mixed and fit_mixed(cal, steady_colocated_runs(run_dir, res)):
-        cal.source["mixed"] += "; refitted from requests.json.gz, the file has none"
+    had_mixed, refit = bool(cal.mixed), False
+    if cal.meta.get("decode_fit") != DECODE_FIT:
+        refit = _fit_decode(cal, pd_runs(run_dir, res))
+        if refit:
+            cal.source["decode"] += "; refitted from requests.json.gz (the file's has no sync part)"
+        elif not (cal.meta.get("decode_fit") == "token1" or cal.source.get("decode") == "default"):
+            _refit_decode(cal, res)
+    # the mixed profile is a step's time less the decode step: refitted with a new one
+    if (refit or not had_mixed) and fit_mixed(cal, steady_colocated_runs(run_dir, res)):
+        cal.source["mixed"] += ("; refitted from requests.json.gz"
+                                + (" on the refitted decode step" if had_mixed else
+                                   ", the file has none"))
     return cal
 
 

@@ -4,7 +4,7 @@ from per-request token times.
 
 A colocated step that computes T prompt tokens beside B decoding sequences lasts
 
-    decode_step_ms(B, ctx) + mixed_ms(T)
+    decode_step_ms(B, ctx, sync=True) + mixed_ms(T)
     mixed_ms(T) = c0 + c_token * max(0, T - knee_tokens)       (Calibration.mixed)
 
 the same knee form as the prefill profile, fitted on its own points: the decode step
@@ -90,12 +90,13 @@ def split_steps(steps: Sequence[tuple[float, list]]) -> set[int]:
     return out
 
 
-def mixed_steps(results: Sequence[RequestResult], decode_ms: Callable[[int, float], float],
+def mixed_steps(results: Sequence[RequestResult], decode_ms: Callable[[int, float, bool], float],
                 warm: int = 0) -> list[tuple[int, float, float]]:
     """(prompt tokens, their sum of squares, ms the prompts added) per colocated step that
     made token 0 of >= 1 prompt prefilled on this worker beside >= 1 decoding sequence: the
     step's time (from the previous step's end on the same worker) less `decode_ms(B,
-    context)` of its decoding sequences; the step and the one before it whole
+    context, True)` of its decoding sequences (a step with a prompt is planned after the one
+    before it is applied: a synchronous one, capstone_decode.py); the step and the one before it whole
     (`split_steps`). Steps with a token 0 of the first `warm` requests
     (in send order: prompts an earlier run sent, maybe prefix-cache hits) are left out."""
     order = sorted(range(len(results)), key=lambda i: results[i].t_send)
@@ -118,7 +119,7 @@ def mixed_steps(results: Sequence[RequestResult], decode_ms: Callable[[int, floa
             ctx = sum(results[i].prompt_tokens + k for i, k in dec)
             tokens = sum(results[i].prompt_tokens for i in firsts)
             sq = float(sum(results[i].prompt_tokens ** 2 for i in firsts))
-            out.append((tokens, sq, (t1 - t0) * 1e3 - decode_ms(len(dec), ctx)))
+            out.append((tokens, sq, (t1 - t0) * 1e3 - decode_ms(len(dec), ctx, True)))
     return out
 
 

@@ -1,4 +1,4 @@
-"""The planner simulator's event loop, and how one step's token budget is filled with
+"""The planner simulator's event loop, what a simulation ran (SimRun), and how one step's token budget is filled with
 prompt chunks as engine/scheduler.py fills it (planner_sim.py runs the workers)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -70,3 +70,14 @@ def fill_budget(budget: int, partial: Sequence[SimReq], waiting: deque[SimReq],
         out.append(Chunk(r, n))
         budget -= n
     return out
+
+
+@dataclass(slots=True)
+class SimRun:
+    """What one simulation ran, beside its requests: the largest mean decode batch of a
+    decode (or colocated) worker (its batch averaged over the time it decoded: comparable
+    with the calibration's profiled range, which is one of mean batches), and every prefill
+    worker's steps (tokens, ms)."""
+
+    mean_decode_batch: float = 0.0
+    prefill_steps: list[tuple[int, float]] = field(default_factory=list)

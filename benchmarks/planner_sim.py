@@ -20,8 +20,11 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   worker's receiver, one transfer at a time, for the prompt's share of the forward (its
   tokens' part of the step past the fixed cost, when layer-wise) plus
   transfer_ms(prompt * kv_bytes_per_token), the time after the forward. Decode workers
-  run continuous batching: each step lasts decode_step_ms(B, context) and gives every
-  running sequence one token; a landed request joins at the next step boundary; beyond
+  run continuous batching: each step lasts decode_step_ms(B, context, sync) and gives
+  every running sequence one token, sync when the batch changed since the step before (a
+  sequence joined or ended, or a prompt ran: engine/step_pipeline.py overlaps the host's
+  work with the GPU's only for an unchanged batch; capstone_decode.py); a landed request
+  joins at the next step boundary; beyond
   `max_batch` it waits at the front of the waiting queue (engine/scheduler.py
   admit_remote), so the newest landed request is admitted first and the oldest may wait
   for seconds. So a request's TPOT includes its transfer and the wait for a step.
@@ -57,10 +60,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.benchmarks.capstone_calibration import Calibration
-from pdserve.benchmarks.planner_batching import Chunk, Loop, fill_budget
+from pdserve.benchmarks.planner_batching import Chunk, Loop, SimRun, fill_budget
 from pdserve.benchmarks.planner_cache import PrefixCaches
 from pdserve.benchmarks.planner_setups import Setup
 
@@ -107,6 +110,7 @@ class _Decoder:
         self.landed: deque[SimReq] = deque()  # xPyD: KV arrived, joins at the next step
         self.held: deque[SimReq] = deque()  # landed past max_num_seqs: newest first (LIFO)
         self.busy = False
+        self.changed = False  # the batch changed in the last step: the next is synchronous
         self.reserved: list[SimReq] = []  # xPyD requests routed here whose KV has not landed
         self.recv_free_s = 0.0  # when its receiver is free for the next transfer
         self.batch_time = [0.0, 0.0]  # sum of decode batch x step time, sum of step time
@@ -152,6 +156,7 @@ class _Decoder:
         # admit_remote (engine/scheduler.py): a landed request decodes from this step on
         # while fewer than max_num_seqs run; past that it waits at the FRONT of the waiting
         # queue, so the newest waits least (LIFO) and the oldest may starve
+        joined = len(self.running)
         while self.landed:
             r = self.landed.popleft()
             if len(self.running) + len(self.prefilling) < cal.max_batch:
@@ -160,6 +165,7 @@ class _Decoder:
                 self.held.appendleft(r)
         while self.held and len(self.running) + len(self.prefilling) < cal.max_batch:
             self.running.append(self.held.popleft())
+        sync = self.changed or len(self.running) > joined
         budget = cal.prefill_token_budget - len(self.running)  # decodes take 1 token each
         seqs = [len(self.running) + len(self.prefilling)]  # max_num_seqs caps admissions
 
@@ -179,7 +185,7 @@ class _Decoder:
             ms += cal.mixed_ms(tokens, sq) if self.running else cal.prefill_ms(tokens, sq)
         if self.running:
             ctx = sum(r.prompt + r.generated for r in self.running)
-            ms += cal.decode_step_ms(len(self.running), ctx)
+            ms += cal.decode_step_ms(len(self.running), ctx, sync or bool(chunks))
             self.batch_time[0] += len(self.running) * ms
             self.batch_time[1] += ms
         self.busy = True
@@ -196,6 +202,7 @@ class _Decoder:
                 self.inflight -= 1
             else:
                 still.append(r)
+        self.changed = len(still) < len(self.running) or bool(chunks)
         self.running = still
         for c in chunks:
             r = c.req
@@ -306,17 +313,6 @@ class _Prefiller:
                 dec.add(r)
             self.loop.at(land_s, land)
         self._step()
-
-
-@dataclass(slots=True)
-class SimRun:
-    """What one simulation ran, beside its requests: the largest mean decode batch of a
-    decode (or colocated) worker (its batch averaged over the time it decoded: comparable
-    with the calibration's profiled range, which is one of mean batches), and every prefill
-    worker's steps (tokens, ms)."""
-
-    mean_decode_batch: float = 0.0
-    prefill_steps: list[tuple[int, float]] = field(default_factory=list)
 
 
 def simulate(cal: Calibration, prefill: int, decode: int, both: int,

@@ -1,0 +1,113 @@
+"""The decode step profile: a decode worker's step time against its batch, its context and
+whether the step could overlap the host's work for the step before it, fitted on each P/D
+request's time per token.
+
+    decode_step_ms(B, ctx, sync) = c0 + c_seq B + c_ctx_token ctx + sync (c_sync + c_sync_seq B)
+
+Why the `sync` part (engine/step_pipeline.py, Scheduler.schedule_ahead): the engine
+launches step N+1 before reading step N's tokens only for an unchanged decode batch: every
+running sequence decodes one token, none ends by length in step N, nothing waits to be
+admitted. Any other step (a sequence finished in the step before, a landed request admitted,
+a prompt chunk) is planned after the step before it is applied, so the host's work for that
+step (stop checks, streaming, freeing: per sequence) is not hidden behind the GPU's. On the
+2 x H100 run (capstone-2gpu) the steps rebuilt from token times show it within one run and
+batch range: 1P1D sharegpt-synth at 16 req/s, 16-32 sequences, 7.39 ms (278 steps) when the
+batch was the one before, 9.49 ms (27) when it was not; 32-64 sequences 7.59 against 10.07.
+It is also why a single line through every run over-charged the steady ones: the saturated
+run (decode-heavy at 103 req/s, 245 sequences) changes its batch in ~90% of its steps (a
+sequence ends in almost every one), the steady ones in 16-50%, so its 22 ms steps pulled the
+line's slope to 0.064 ms a sequence, against 0.022 for an unchanged batch.
+
+Points (`decode_points`): per P/D request, from its second token (the decode worker's first;
+token 0 is the prefill worker's) to its last: the mean step time, the mean number of
+requests decoding on the same worker (`decode_worker`) over that span and their mean
+context, and the share of its steps that were synchronous, estimated from the other
+requests that joined (second token) or left (last token) the worker's batch during the span:
+with n such events over s steps, 1 - exp(-n / s) of the steps (events falling on the same
+step count once). Fitted by least squares with non-negative coefficients on every P/D run
+(the saturated ones identify the per-sequence synchronous part; the steady ones the rest).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_steps import nonneg_lstsq
+
+DECODE_FIT = "token1-sync"  # meta["decode_fit"] of a profile with the synchronous-step part
+
+
+def token1_s(r: RequestResult) -> float:
+    """When the request's second token arrived (the decode worker's first), NaN if none."""
+    seen = 0
+    for t, k in r.chunks:
+        seen += k
+        if seen >= 2:
+            return t if seen - k >= 1 else math.nan  # token 0 and 1 in one chunk: unknown
+    return math.nan
+
+
+def decode_points(results: Sequence[RequestResult]) -> list[tuple[float, float, float, float]]:
+    """(mean batch, mean total context, share of synchronous steps, ms per decode step) per
+    request, from its second token to its last, with the batch counted over requests
+    decoding on the same worker (`decode_worker`) during that span (module docstring)."""
+    spans = [(token1_s(r), r.t_end, r.prompt_tokens, r.output_tokens,
+              r.server.get("decode_worker", "")) for r in results if r.ok and r.output_tokens > 3]
+    spans = [s for s in spans if not math.isnan(s[0])]
+    out = []
+    for a0, a1, _pin, nout, w in spans:
+        if a1 <= a0:
+            continue
+        batch = ctx = 0.0
+        events = 0
+        for b0, b1, bin_, bout, bw in spans:
+            if bw != w:
+                continue
+            overlap = min(a1, b1) - max(a0, b0)
+            if overlap > 0:
+                frac = overlap / (a1 - a0)
+                batch += frac
+                ctx += frac * (bin_ + bout / 2)
+            events += (a0 < b0 < a1) + (a0 < b1 < a1)  # joined, left during the span
+        steps = nout - 2
+        out.append((batch, ctx, 1.0 - math.exp(-events / steps), (a1 - a0) / steps * 1e3))
+    return out
+
+
+def fit_decode(points: Sequence[tuple[float, float, float, float]]) -> dict[str, float]:
+    """The profile's coefficients (c0, c_seq, c_ctx_token, c_sync, c_sync_seq) fitted on
+    `decode_points`; "max_batch": the largest mean batch among them (the profiled range)."""
+    if len(points) < 3:
+        raise ValueError("need at least 3 decode points")
+    x = np.array([[1.0, b, c, f, f * b] for b, c, f, _ in points])
+    c = nonneg_lstsq(x, np.array([p[3] for p in points]))
+    return {"c0": c[0], "c_seq": c[1], "c_ctx_token": c[2], "c_sync": c[3],
+            "c_sync_seq": c[4], "max_batch": max(p[0] for p in points)}
+
+
+def pd_runs(run_dir: str, res: dict) -> list[list[RequestResult]]:
+    """The P/D runs (xPyD setups, not conditional ones: their decode workers prefill too)
+    of a run directory's requests.json.gz, every rate; [] without per-request data."""
+    from pdserve.benchmarks.planner_setups import parse_setup
+
+    path = os.path.join(run_dir, "requests.json.gz")
+    if not os.path.exists(path):
+        return []
+    with gzip.open(path, "rt") as f:
+        per_run = json.load(f).get("runs", {})
+    out = []
+    for key, rows in per_run.items():
+        try:
+            kind = parse_setup(key.split("|")[0]).kind
+        except ValueError:
+            continue
+        if kind == "P/D":
+            out.append([RequestResult.from_json(x) for x in rows])
+    return out
