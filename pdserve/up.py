@@ -5,12 +5,13 @@
 
 Waits until every worker is registered and healthy, prints
 `pdserve up: ready at HOST:PORT (1 prefill, 1 decode)` and stays up. Ctrl-C or SIGTERM stops
-every child (SIGTERM, then SIGKILL after --grace seconds). A child that exits once the
-cluster is ready is restarted with backoff while the others keep serving
-(pdserve/supervisor.py); more than --restart-limit restarts of one child within
---restart-window seconds is a crash loop: `up` says so, stops the rest and exits 1 (a child
-that exits before the cluster is ready fails `up` at once). Children log to files under
---log-dir.
+every child (SIGTERM, then SIGKILL after --grace seconds); an `up` started with SIGINT
+ignored (a script's background job, `pdserve up &`) keeps ignoring it, as Python does: stop
+that one with SIGTERM. A child that exits once the cluster is ready is restarted with backoff
+while the others keep serving (pdserve/supervisor.py); more than --restart-limit restarts of
+one child within --restart-window seconds is a crash loop: `up` says so, stops the rest and
+exits 1 (a child that exits before the cluster is ready fails `up` at once). Children log to
+files under --log-dir.
 """
 
 from __future__ import annotations

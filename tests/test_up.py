@@ -174,7 +174,24 @@ def start_up(tmp_path: Path, *extra: str, worker_cmd: str | None = None) -> subp
             f"--worker-cmd={worker_cmd}", *extra]
     env = dict(os.environ, PDSERVE_TEST_MARKER=tmp_path.name)
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=_as_a_terminal_job)
+
+
+def _as_a_terminal_job() -> None:
+    """(In `up` before exec.) SIGINT as a terminal's foreground job has it: a background job
+    of a non-interactive shell (`./dev test &` in a CI script) starts with SIGINT ignored,
+    `up` inherits that through pytest, Python then keeps ignoring it (no KeyboardInterrupt),
+    and a test's Ctrl-C would never reach `up`."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def ignored_signals(pid: int) -> set[signal.Signals]:
+    """The signals process `pid` ignores (SigIgn in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return {s for s in signal.Signals if mask >> (s - 1) & 1}
+    return set()
 
 
 def children(up: subprocess.Popen, marker: str) -> list[int]:
@@ -209,6 +226,7 @@ def test_up_ready_then_signal_leaves_no_orphans(tmp_path, sig):
             assert len(client.list_workers()) == 2
         kids = children(up, tmp_path.name)
         assert len(kids) == 3  # coordinator + 2 workers
+        assert sig not in ignored_signals(up.pid)  # else it could only time out below
         up.send_signal(sig)
         out, err = up.communicate(timeout=30)
     finally:
