@@ -25,6 +25,7 @@ def _options(cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str,
     return TransferOptions(staging_bytes=staging, layerwise=cfg.layerwise,
                            deadline_s=cfg.timeout_s, host=host, secret=cfg.secret,
                            peer_copy=cfg.peer_copy,
+                           peer_copy_during_forward=cfg.peer_copy_during_forward,
                            advertise_host=advertise_host)
 
 

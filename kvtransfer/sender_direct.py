@@ -24,6 +24,7 @@ class DirectCopy:
     layout: Any
     backend: Any
     device: Any
+    options: Any
     _msgs: list[TxMsg]
 
     def _open_peer_pool(self, peer: Peer, offer: dict) -> None:
@@ -36,14 +37,17 @@ class DirectCopy:
                         decode_address(peer.key)["host"], self.backend.name, e)
 
     def _pump_direct(self, req: TxReq, ready: int) -> None:
-        """Peer copy: ready layers in one copy into the receiver's pool, a quarter of the
-        model at a time while it computes (the copy runs at wire speed; each launch costs the
-        model's launch-bound forward GIL time). `end` once all copies landed (the receiver
+        """Peer copy: ready layers in one copy into the receiver's pool: once, after the
+        forward (default), or with peer_copy_during_forward a quarter of the model at a time
+        while it computes (each launch costs the model's launch-bound forward GIL time, and
+        its thread blocks the model's SMs). `end` once all copies landed (the receiver
         reads nothing before it), or, on GPU, once the last is launched, naming the event
         that follows it."""
         nl, nb = self.layout.num_layers, len(req.src)
         if not req.go:
             return  # never write into blocks the receiver has not confirmed
+        if not (req.finished or self.options.peer_copy_during_forward):
+            return  # copy after the forward (TransferOptions.peer_copy_during_forward)
         group = nl if req.finished else max(1, nl // 4)
         if req.layer_pos < ready and nb and (ready - req.layer_pos >= group or ready == nl):
             try:

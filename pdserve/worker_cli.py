@@ -72,7 +72,9 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         transfer=TransferConfig(backend=args.transfer, timeout_s=args.transfer_timeout,
                                 layerwise=not args.no_layerwise,
                                 layerwise_min_tokens=args.layerwise_min_tokens,
-                                peer_copy=not args.no_peer_copy, secret=secret),
+                                peer_copy=not args.no_peer_copy,
+                                peer_copy_during_forward=args.peer_copy_during_forward,
+                                secret=secret),
         host=args.host, advertise_host=net.advertise_host(args.host, args.advertise_host),
         port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
         heartbeat_s=args.heartbeat, auth_token=args.auth_token, cluster_secret=secret,
@@ -112,6 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "between GPUs, and --transfer carries KV between hosts)")
     p.add_argument("--no-layerwise", action="store_true",
                    help="push KV after the whole prompt instead of layer by layer")
+    p.add_argument("--peer-copy-during-forward", action="store_true",
+                   help="let peer copies (one host) run layer by layer while the prompt "
+                        "computes, as staged transfers do (default: after the forward, on "
+                        "every SM; on NVLink that is faster than sharing SMs with the model)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     p.add_argument("--auth-token", default=None,
                    help="the coordinator's API key, for a coordinator without a cluster secret")

@@ -267,3 +267,31 @@ def test_every_senders_mapping_stays_valid_as_more_senders_connect(rx_proc):
         for tx in txs:
             tx.close()
         rx_proc.call("close", "pc7")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("during_forward", [False, True])
+def test_peer_copy_waits_for_the_forward_unless_told(rx_proc, during_forward):
+    """By default a layer-wise request's peer copy runs once, after finish() (on one host
+    that beats sharing the GPU with the model); with peer_copy_during_forward, ready layers
+    go while the rest compute. Either way the blocks arrive byte for byte."""
+    layers = 4
+    pool = make_pool(NB, seed=12, num_layers=layers, stacked=True)
+    with _pair(rx_proc, "pc9", _pool_kw(13, num_layers=layers), pool,
+               peer_copy_during_forward=during_forward) as (addr, tx):
+        src, dst = [3, 9, 27], [4, 8, 16]
+        before = rx_proc.call("blocks", "pc9", dst)
+        rx_proc.engine("pc9", "expect", "lw", dst)
+        time.sleep(0.1)  # the grant arrives: a copy may start at once
+        tx.start("lw", addr, src, dst, layerwise=True)
+        for layer in range(layers - 1):
+            tx.layer_ready("lw", layer)
+            time.sleep(0.05)
+        written = rx_proc.call("blocks", "pc9", dst) != before  # before the last layer
+        tx.finish("lw")
+        (res,) = tx.wait(10, ["lw"])
+        (rres,) = rx_proc.engine("pc9", "wait", 10, ["lw"])
+        assert res.ok and rres["ok"] and res.via == "peer_copy"
+        assert rx_proc.call("blocks", "pc9", dst) == block_bytes(pool, src)
+        assert written == during_forward
+        assert (res.num_messages > 1) == during_forward
