@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import math
 import os
 import sys
@@ -28,7 +29,7 @@ from pdserve.benchmarks import plotting
 from pdserve.benchmarks.capstone_budget import Budget
 from pdserve.benchmarks.capstone_client import GpuSampler, GrpcTarget, OpenAITarget
 from pdserve.benchmarks.capstone_findings import findings
-from pdserve.benchmarks.capstone_guess import start_guesses
+from pdserve.benchmarks.capstone_guess import kv_push_meta, start_guesses
 from pdserve.benchmarks.capstone_heartbeats import HeartbeatRecorder
 from pdserve.benchmarks.capstone_metrics import Window, parse_goodput
 from pdserve.benchmarks.capstone_rerender import write_records
@@ -297,16 +298,10 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
                 pngs[key + " (as the run drew it)"] = os.path.join(out, rel)
     plan_lines: list[str] = []
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
-        import json
-
         from pdserve.benchmarks import plan, plan_report
-        from pdserve.benchmarks.capstone_calibration import run_calibration
 
         per_run, per_search = plan.validate(out)
-        with open(os.path.join(out, "results.json")) as f:
-            used = run_calibration(out, json.load(f))
-        plan_lines = ["", "### Planner validation", "", "Profiles the simulator used: "
-                      + "; ".join(f"{k}: {v}" for k, v in used.source.items()) + ".", "",
+        plan_lines = ["", "### Planner validation", "", plan.simulated_with(out), "",
                       *plan_report.validation_lines(per_run, per_search)]
         if args.extrapolate:
             plan_lines += ["", "### Extrapolation", "",
@@ -341,9 +336,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = {"device": device_description(args), "model": args.model,
-            "commit": plotting.commit_id(), "load average at start": plotting.load_average()}
-    import datetime as dt
-    meta["date"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+            "commit": plotting.commit_id(), "load average at start": plotting.load_average(),
+            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            **kv_push_meta(args)}  # how its workers push KV, for the planner (KVPush)
     if args.label:
         meta = {"run": args.label, **meta}
     ctx = report.Context(slos, args.target, window, args.burstiness, args.seed,

@@ -1,10 +1,29 @@
-"""Start rates of the capstone's max-rate searches, from the planner's prediction."""
+"""Start rates of the capstone's max-rate searches, from the planner's prediction; how the
+workers a run starts push KV (`kv_push`, recorded in the run's meta for the planner)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import time
+
+from pdserve.benchmarks.planner_setups import KVPush
+
+
+def kv_push(args: argparse.Namespace) -> KVPush | None:
+    """How the workers this run starts push KV: LocalCluster starts them on one host, with
+    the --worker-arg flags, under the installed engine's defaults; None for a server the
+    run did not start (--coordinator, --base-url)."""
+    if getattr(args, "coordinator", None) or getattr(args, "base_url", None):
+        return None
+    return KVPush.current(getattr(args, "worker_arg", None) or [], one_host=True)
+
+
+def kv_push_meta(args: argparse.Namespace) -> dict[str, str]:
+    """`kv_push` as results.json and calibration.json record it ({} when not known:
+    the planner then assumes the old behaviour, KVPush's defaults)."""
+    push = kv_push(args)
+    return push.meta() if push else {}
 
 
 def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
@@ -32,7 +51,7 @@ def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
     t0 = time.monotonic()
     out = plan.guess_max_rates(cal, names, workloads, slos, args.target, args.burstiness,
                                args.seed, duration_s=min(args.run_duration or 15.0, 15.0),
-                               min_requests=args.num_requests)
+                               min_requests=args.num_requests, push=kv_push(args) or KVPush())
     print(f"predicted max rates from {path} (steering the searches; "
           f"{time.monotonic() - t0:.1f} s): " + "; ".join(
               f"{s} {w} {r:.3g}" for s, ws in out.items() for w, r in ws.items()), flush=True)

@@ -1,9 +1,12 @@
 """A P/D or colocated setup by name ('1P3D', '4both', '1P1D-cond512'), for the planner
-and the capstone."""
+and the capstone; how its workers push KV (`KVPush`), as a run records it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+LAYERWISE_MIN_TOKENS = 1024  # kvtransfer's TransferConfig.layerwise_min_tokens (default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +56,67 @@ def parse_setup(name: str) -> Setup:
 
 def setup_name(prefill: int, decode: int, both: int) -> str:
     return f"{both}both" if both else f"{prefill}P{decode}D"
+
+
+@dataclass(frozen=True, slots=True)
+class KVPush:
+    """When a prefill step's KV push starts, as the workers' TransferConfig decides it
+    (prefill/role.py, kvtransfer/sender_direct.py `_pump_direct`): a step of at least
+    `layerwise_min_tokens` tokens (0: never, --no-layerwise) pushes layer by layer while
+    the model computes, unless the workers share a host and copy into the decode worker's
+    pool (`peer_copy`) without `during_forward` (TransferConfig.peer_copy_during_forward):
+    then, as every shorter step, it pushes once after the forward. The defaults are what
+    the workers did before 9df90d7 (every committed capstone run: one host, copies during
+    the forward); `current()` is what the installed engine does by default."""
+
+    layerwise_min_tokens: int = LAYERWISE_MIN_TOKENS
+    peer_copy: bool = True
+    during_forward: bool = True
+
+    def layerwise(self, tokens: int) -> bool:
+        """Whether a step of `tokens` prompt tokens starts its push with the forward."""
+        return 0 < self.layerwise_min_tokens <= tokens and \
+            (self.during_forward or not self.peer_copy)
+
+    def describe(self) -> str:
+        if not self.layerwise(1 << 62):
+            how = "peer copy" if self.peer_copy else "staged"
+            return f"after the forward ({how}, every step)"
+        where = "one host, peer copy" if self.peer_copy else "staged"
+        return (f"{where}, layer by layer during the forward for steps of >= "
+                f"{self.layerwise_min_tokens} tokens, else after it")
+
+    def meta(self) -> dict[str, str]:
+        """A run's record (results.json "meta", calibration.json "meta")."""
+        return {"layerwise_min_tokens": str(self.layerwise_min_tokens),
+                "peer_copy": str(int(self.peer_copy)),
+                "peer_copy_during_forward": str(int(self.during_forward))}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, str]) -> KVPush:
+        """What a run recorded; a field it lacks (every run before branch plan6) is the
+        old behaviour: one host, peer copies during the forward."""
+        old = cls()
+        return cls(int(meta.get("layerwise_min_tokens", old.layerwise_min_tokens)),
+                   str(meta.get("peer_copy", "1")) == "1",
+                   str(meta.get("peer_copy_during_forward", "1")) == "1")
+
+    @classmethod
+    def current(cls, worker_args: Sequence[str] = (), one_host: bool = True) -> KVPush:
+        """The push of workers started with `worker_args` (pdserve/worker_cli.py flags; the
+        rest ignored) on one host (`one_host`, as LocalCluster starts them) or not, under
+        the installed engine's TransferConfig defaults."""
+        import argparse
+
+        from pdserve.kvtransfer.common import TransferConfig
+
+        d = TransferConfig()
+        p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        p.add_argument("--layerwise-min-tokens", type=int, default=d.layerwise_min_tokens)
+        for flag in ("--no-layerwise", "--no-peer-copy", "--peer-copy-during-forward"):
+            p.add_argument(flag, action="store_true")
+        a, _ = p.parse_known_args(list(worker_args))
+        layerwise = d.layerwise and not a.no_layerwise
+        return cls(a.layerwise_min_tokens if layerwise else 0,
+                   one_host and d.peer_copy and not a.no_peer_copy,
+                   d.peer_copy_during_forward or a.peer_copy_during_forward)

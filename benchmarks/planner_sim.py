@@ -19,7 +19,10 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   tokens (layer-wise: layers go out as computed), else after it, and holds the decode
   worker's receiver, one transfer at a time, for the prompt's share of the forward (its
   tokens' part of the step past the fixed cost, when layer-wise) plus
-  transfer_ms(prompt * kv_bytes_per_token), the time after the forward. Decode workers
+  transfer_ms(prompt * kv_bytes_per_token), the time after the forward. `push` (KVPush,
+  planner_setups.py) says which steps are layer-wise: on one host with peer copies after
+  the forward (the engine's default since 9df90d7) none is; its default is the old
+  behaviour, with which every committed capstone run was made. Decode workers
   run continuous batching: each step lasts decode_step_ms(B, context, sync) and gives
   every running sequence one token, sync when the batch changed since the step before (a
   sequence joined or ended, or a prompt ran: engine/step_pipeline.py overlaps the host's
@@ -65,7 +68,7 @@ from dataclasses import dataclass
 from pdserve.benchmarks.capstone_calibration import Calibration
 from pdserve.benchmarks.planner_batching import Chunk, Loop, SimRun, fill_budget
 from pdserve.benchmarks.planner_cache import PrefixCaches
-from pdserve.benchmarks.planner_setups import Setup
+from pdserve.benchmarks.planner_setups import KVPush, Setup
 
 
 @dataclass(slots=True, eq=False)  # identity: two requests may carry equal fields
@@ -222,7 +225,6 @@ class _Decoder:
         self._step()
 
 
-LAYERWISE_MIN_TOKENS = 1024  # kvtransfer's TransferConfig.layerwise_min_tokens (default)
 HEARTBEAT_S = 1.0  # worker/config.py heartbeat_s (default): how often a worker reports its load
 
 
@@ -231,8 +233,8 @@ class _Prefiller:
     budget, the last one chunked to fill it."""
 
     def __init__(self, loop: Loop, cal: Calibration, name: str = "",
-                 caches: PrefixCaches | None = None) -> None:
-        self.loop, self.cal, self.name, self.caches = loop, cal, name, caches
+                 caches: PrefixCaches | None = None, push: KVPush = KVPush()) -> None:
+        self.loop, self.cal, self.name, self.caches, self.push = loop, cal, name, caches, push
         self.queue: deque[SimReq] = deque()
         self.partial: list[SimReq] = []  # a chunked prompt, continued first
         self.inflight_tokens = 0  # the coordinator's count: prompts routed, KV not landed
@@ -266,7 +268,7 @@ class _Prefiller:
             if math.isnan(c.req.scheduled):
                 c.req.scheduled = start
         end = start + ms / 1e3
-        layerwise = tokens >= LAYERWISE_MIN_TOKENS  # prefill/role.py before_run
+        layerwise = self.push.layerwise(tokens)  # prefill/role.py, sender_direct.py
         var_ms = ms - self.cal.prefill["c0"]  # the forward past its fixed part
 
         def done() -> None:
@@ -284,10 +286,11 @@ class _Prefiller:
     def _done(self, finished: list[tuple[SimReq, float]], push_from: float) -> None:
         """Token 0 of every prompt completed in the step leaves now; its KV push started
         at `push_from` (the step's start when layer-wise: its layers go out as the forward
-        computes them), and holds the decode worker's receiver (one progress thread and
-        staging pool, the scatter on the decode GPU: kvtransfer/receiver.py) for its share
-        of the forward (its tokens' part of the step past the fixed cost) plus the transfer
-        after the forward (`transfer_ms`). The sender is not a queue: its sends to
+        computes them; else, a peer copy after the forward too, its end), and holds the
+        decode worker's receiver (one progress thread and staging pool, the scatter on the
+        decode GPU: kvtransfer/receiver.py) for its share of the forward (its tokens' part
+        of the step past the fixed cost, when layer-wise) plus the transfer after the
+        forward (`transfer_ms`). The sender is not a queue: its sends to
         different receivers overlap."""
         now = self.loop.now
         for r, share_ms in finished:
@@ -320,7 +323,8 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
              cond_tokens: int = 0, horizon_s: float = math.inf,
              info: SimRun | None = None, keys: Sequence[Hashable] | None = None,
              caches: PrefixCaches | None = None,
-             heartbeats: Sequence[Sequence[float]] | None = None) -> list[SimReq]:
+             heartbeats: Sequence[Sequence[float]] | None = None,
+             push: KVPush = KVPush()) -> list[SimReq]:
     """Every request's first-token and finish time on the given setup; with `cond_tokens`,
     prompts under it are prefilled on their decode worker. Events after `horizon_s` (the
     run's time limit, seconds from the first arrival's clock 0) do not happen: requests
@@ -329,7 +333,7 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
     workers' prefix caches `caches`, which the run reads and updates (pass the same object
     to the next run of the same setup). `heartbeats`: per decode (or colocated) worker, the
     times (same clock as `arrivals`) its load reaches the coordinator (None: evenly
-    staggered phases)."""
+    staggered phases). `push`: which prefill steps push KV layer by layer (KVPush)."""
     if both and (prefill or decode):
         raise ValueError("simulate either xPyD or Nboth, not a mix")
     if not both and (prefill < 1 or decode < 1):
@@ -350,7 +354,7 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
             loop.at(r.arrival, lambda r=r: place(r))
     else:
         decs = [_Decoder(loop, cal, False, f"decode-{j}", caches) for j in range(decode)]
-        pres = [_Prefiller(loop, cal, f"prefill-{j}", caches) for j in range(prefill)]
+        pres = [_Prefiller(loop, cal, f"prefill-{j}", caches, push) for j in range(prefill)]
 
         def arrive(r: SimReq) -> None:
             dec = min(decs, key=_Decoder.route_key)
@@ -387,7 +391,8 @@ def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
                    lengths: Sequence[tuple[int, int]], horizon_s: float = math.inf,
                    info: SimRun | None = None, keys: Sequence[Hashable] | None = None,
                    caches: PrefixCaches | None = None,
-                   heartbeats: Sequence[Sequence[float]] | None = None) -> list[SimReq]:
+                   heartbeats: Sequence[Sequence[float]] | None = None,
+                   push: KVPush = KVPush()) -> list[SimReq]:
     """`simulate` for any Setup."""
     return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths,
-                    setup.cond_tokens, horizon_s, info, keys, caches, heartbeats)
+                    setup.cond_tokens, horizon_s, info, keys, caches, heartbeats, push)
