@@ -110,11 +110,19 @@ H200 = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(H200, "requests.json.gz")),
                     reason="the 2 x H200 run directory is not in this checkout")
-def test_the_validation_refits_the_mixed_profile_of_an_older_file() -> None:
+def test_the_validation_refits_the_mixed_profile_of_an_older_file(tmp_path) -> None:
+    from test_planner_decode import _old_format
+
     with open(os.path.join(H200, "results.json")) as f:
         res = json.load(f)
-    assert calib.Calibration.load(os.path.join(H200, "calibration.json")).mixed == {}
-    cal = calib.run_calibration(H200, res)
+    # the file as the run fitted it, before the mixed profile and the decode step's sync
+    # part (a re-render refits both)
+    with open(os.path.join(H200, "calibration.json")) as f:
+        prefill = {**json.load(f)["prefill"], "mixed_c0": 8.239}
+    old = _old_format(H200, tmp_path, mixed=None, prefill=prefill, decode_fit="token1",
+                      decode={"c0": 4.586, "c_seq": 0.0563, "c_ctx_token": 0.0})
+    assert calib.Calibration.load(os.path.join(old, "calibration.json")).mixed == {}
+    cal = calib.run_calibration(old, res)
     m = cal.mixed
     # prompts under ~400 tokens add about 8 ms to a decode step, longer ones ~0.021 ms each
     assert 6.0 < m["c0"] < 11.0 and 0.015 < m["c_token"] < 0.03
