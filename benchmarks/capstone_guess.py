@@ -1,5 +1,6 @@
 """Start rates of the capstone's max-rate searches, from the planner's prediction; how the
-workers a run starts push KV (`kv_push`, recorded in the run's meta for the planner)."""
+workers a run starts push KV (`kv_push`) and order landed requests (`kv_push_meta`),
+recorded in the run's meta for the planner."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import os
 import time
 
-from pdserve.benchmarks.planner_setups import KVPush
+from pdserve.benchmarks.planner_setups import LANDED_ORDER, KVPush, landed_fifo
 
 
 def kv_push(args: argparse.Namespace) -> KVPush | None:
@@ -20,10 +21,12 @@ def kv_push(args: argparse.Namespace) -> KVPush | None:
 
 
 def kv_push_meta(args: argparse.Namespace) -> dict[str, str]:
-    """`kv_push` as results.json and calibration.json record it ({} when not known:
-    the planner then assumes the old behaviour, KVPush's defaults)."""
+    """`kv_push` as results.json and calibration.json record it, with the installed
+    engine's order of landed requests (`landed_order`); {} when not known (a server the
+    run did not start): the planner then assumes the old behaviour (KVPush's defaults,
+    newest first)."""
     push = kv_push(args)
-    return push.meta() if push else {}
+    return {**push.meta(), "landed_order": LANDED_ORDER} if push else {}
 
 
 def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
@@ -51,7 +54,8 @@ def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
     t0 = time.monotonic()
     out = plan.guess_max_rates(cal, names, workloads, slos, args.target, args.burstiness,
                                args.seed, duration_s=min(args.run_duration or 15.0, 15.0),
-                               min_requests=args.num_requests, push=kv_push(args) or KVPush())
+                               min_requests=args.num_requests, push=kv_push(args) or KVPush(),
+                               landed_fifo=landed_fifo(kv_push_meta(args)))
     print(f"predicted max rates from {path} (steering the searches; "
           f"{time.monotonic() - t0:.1f} s): " + "; ".join(
               f"{s} {w} {r:.3g}" for s, ws in out.items() for w, r in ws.items()), flush=True)

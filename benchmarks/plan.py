@@ -37,7 +37,7 @@ from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, p
 from pdserve.benchmarks.plan_report import SENSITIVITY, validation_lines
 from pdserve.benchmarks.planner_cache import PrefixCaches
 from pdserve.benchmarks.planner_metrics import sim_means, sim_summary
-from pdserve.benchmarks.planner_setups import KVPush, Setup, parse_setup
+from pdserve.benchmarks.planner_setups import LANDED_ORDER, KVPush, Setup, landed_fifo, parse_setup
 from pdserve.benchmarks.planner_sim import SimRun, simulate_setup
 
 ASSUMPTIONS = (__doc__ or "").split("Assumptions when extrapolating")[1].split("\n\n")[0]
@@ -63,12 +63,14 @@ def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
             seed: int = 0, max_runs: int = 10, min_duration_s: float = 0.0,
             start_rate: float | None = None, rel_tol: float = 0.05,
             min_requests: int = 0, max_requests: int = 0, grace_s: float = 0.0,
-            guess: float = 0.0, push: KVPush = KVPush()) -> SearchResult:
+            guess: float = 0.0, push: KVPush = KVPush(),
+            landed_fifo: bool = False) -> SearchResult:
     """Predicted max rate at >= target attainment for one setup and a list of (in, out).
     With `min_duration_s`, a run at rate r simulates max(min_requests or len(lengths),
     r * min_duration_s) requests (the lengths in turn), so a high rate is a sustained load,
     not one burst. With `grace_s`, a run is cut that long after its last arrival (a
-    budgeted capstone run's time limit). `push`: how the workers push KV (planner_sim)."""
+    budgeted capstone run's time limit). `push`: how the workers push KV, `landed_fifo`:
+    whether landed requests wait in landing order (else newest first; planner_sim)."""
 
     def measure(rate: float) -> float:
         n = max(min_requests or len(lengths), math.ceil(rate * min_duration_s))
@@ -76,8 +78,8 @@ def predict(cal: Calibration, setup: Setup, lengths: Sequence[tuple[int, int]],
         ls = [lengths[i % len(lengths)] for i in range(n)]
         times = arrival_times(n, rate, burstiness, random.Random(seed + 7919))
         horizon = times[-1] + grace_s if grace_s else math.inf
-        return sim_summary(simulate_setup(cal, setup, times, ls, horizon, push=push), slos,
-                           horizon_s=horizon)[0]
+        return sim_summary(simulate_setup(cal, setup, times, ls, horizon, push=push,
+                                          landed_fifo=landed_fifo), slos, horizon_s=horizon)[0]
 
     start = start_rate or rough_capacity(cal, lengths, setup) / 2
     return find_max_rate(measure, start, target=target, max_runs=max_runs, rel_tol=rel_tol,
@@ -88,10 +90,11 @@ def guess_max_rates(cal: Calibration, setups: Sequence[str],
                     workloads: Sequence[tuple[str, Sequence[tuple[int, int]]]],
                     slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
                     seed: int = 0, duration_s: float = 10.0, min_requests: int = 16,
-                    grace_s: float = 0.0, push: KVPush = KVPush()) -> dict[str, dict[str, float]]:
+                    grace_s: float = 0.0, push: KVPush = KVPush(),
+                    landed_fifo: bool = False) -> dict[str, dict[str, float]]:
     """{setup: {workload: predicted max rate}}: what `pdserve bench capstone
     --start-rate-from` steers each search with (a finer search than the measured one, on
-    runs of `duration_s` seconds of arrivals; `push`: the KV push of the run's workers)."""
+    runs of `duration_s` seconds of arrivals; `push`, `landed_fifo`: the run's workers)."""
     out: dict[str, dict[str, float]] = {}
     for name in setups:
         try:
@@ -101,7 +104,7 @@ def guess_max_rates(cal: Calibration, setups: Sequence[str],
         for wname, lengths in workloads:
             res = predict(cal, setup, lengths, slos, target, burstiness, seed, max_runs=10,
                           min_duration_s=duration_s, rel_tol=0.1, min_requests=min_requests,
-                          grace_s=grace_s, push=push)
+                          grace_s=grace_s, push=push, landed_fifo=landed_fifo)
             out.setdefault(name, {})[wname] = res.max_rate
     return out
 
@@ -118,12 +121,15 @@ def splits(gpus: int, colocated: bool = True) -> list[Setup]:
 def plan(cal: Calibration, gpus: int, lengths: Sequence[tuple[int, int]], slos: dict[str, float],
          target: float = 0.9, burstiness: float = 1.0, seed: int = 0,
          colocated: bool = True, min_duration_s: float = 0.0, max_runs: int = 10,
-         max_requests: int = 0, push: KVPush = KVPush()) -> list[dict]:
-    """One row per candidate setup, best predicted goodput first (`push`: planner_sim)."""
+         max_requests: int = 0, push: KVPush = KVPush(),
+         landed_fifo: bool = False) -> list[dict]:
+    """One row per candidate setup, best predicted goodput first (`push`, `landed_fifo`:
+    planner_sim)."""
     rows = []
     for s in splits(gpus, colocated):
         res = predict(cal, s, lengths, slos, target, burstiness, seed, max_runs=max_runs,
-                      min_duration_s=min_duration_s, max_requests=max_requests, push=push)
+                      min_duration_s=min_duration_s, max_requests=max_requests, push=push,
+                      landed_fifo=landed_fifo)
         rows.append({"gpus": gpus, "setup": s.name, "predicted_goodput_rps": res.max_rate,
                      "per_gpu_rps": res.max_rate / gpus, "search": res.describe()})
     return sorted(rows, key=lambda r: -r["predicted_goodput_rps"])
@@ -180,12 +186,12 @@ def validate(run_dir: str, cal: Calibration | None = None,
       batch the simulation ran when it exceeds the profiled range;
     - per search: the max rate at target attainment, found by the same search procedure
       (start rate, run budget, tolerance) on the simulator.
-    The KV push is the one the run recorded (`run_push`: the old behaviour for a run that
-    recorded none), whatever `cal`."""
+    The KV push and the order of landed requests are the ones the run recorded (`run_push`,
+    `run_landed_fifo`: the old behaviour for a run that recorded none), whatever `cal`."""
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     cal = cal or run_calibration(run_dir, res)
-    push = run_push(run_dir, res)
+    push, fifo = run_push(run_dir, res), run_landed_fifo(run_dir, res)
     slos, seed, burst = res["slos"], res["seed"], res["burstiness"]
     win = res.get("window", {})
     search = res.get("search", {})
@@ -221,11 +227,12 @@ def validate(run_dir: str, cal: Calibration | None = None,
                 hb = routed_times(beats.get(run_key(s["setup"], wname, float(rate), 0)),
                                   "both" if setup.both else "decode", setup.both or setup.decode)
                 sim = simulate_setup(cal, setup, times, ls, horizon, info, keys, caches, hb,
-                                     push)
+                                     push, fifo)
                 att, good = sim_summary(sim, slos, wu, cd, horizon)
                 means = sim_means(sim, wu, cd)
                 band = [sim_summary(simulate_setup(cal.scaled(f), setup, times, ls, horizon,
                                                    keys=keys, heartbeats=hb, push=push,
+                                                   landed_fifo=fifo,
                                                    caches=before.copy() if before else None),
                                     slos, wu, cd, horizon) for f in
                         (1 - sensitivity, 1 + sensitivity)] if sensitivity else [(att, good)]
@@ -261,7 +268,7 @@ def validate(run_dir: str, cal: Calibration | None = None,
                            min_duration_s=sum(durs) / len(durs) if sized and durs else 0.0,
                            min_requests=res["num_prompts"] if sized else 0,
                            grace_s=budget_grace_s(lengths, slos) if search.get("budget_s")
-                           else 0.0, push=push)
+                           else 0.0, push=push, landed_fifo=fifo)
             per_search.append({"setup": s["setup"], "workload": wname,
                                "measured_max_rate": w["max_rate"],
                                "predicted_max_rate": pred.max_rate,
@@ -271,17 +278,34 @@ def validate(run_dir: str, cal: Calibration | None = None,
     return per_run, per_search
 
 
+def _run_meta(run_dir: str, res: dict, key: str) -> dict[str, str]:
+    """A run's results.json "meta", with its calibration.json's "meta" under it when the
+    former lacks `key`."""
+    meta = dict(res.get("meta") or {})
+    path = os.path.join(run_dir, "calibration.json")
+    if key not in meta and os.path.exists(path):
+        with open(path) as f:
+            meta = {**json.load(f).get("meta", {}), **meta}
+    return meta
+
+
 def run_push(run_dir: str, res: dict) -> KVPush:
     """How a capstone run's workers pushed KV: as its results.json "meta" records it (the
     capstone records it since branch plan6), else its own calibration.json's "meta"; a run
     that recorded it in neither was made before 9df90d7: one host, peer copies during the
     forward (KVPush's defaults)."""
-    meta = dict(res.get("meta") or {})
-    path = os.path.join(run_dir, "calibration.json")
-    if "peer_copy_during_forward" not in meta and os.path.exists(path):
-        with open(path) as f:
-            meta = {**json.load(f).get("meta", {}), **meta}
-    return KVPush.from_meta(meta)
+    return KVPush.from_meta(_run_meta(run_dir, res, "peer_copy_during_forward"))
+
+
+def run_landed_fifo(run_dir: str, res: dict) -> bool:
+    """Whether a capstone run's decode workers admitted landed requests in landing order:
+    its "landed_order" (recorded since branch fifo), found as `run_push` finds the push; a
+    run that recorded none (every committed run) admitted them newest first."""
+    return landed_fifo(_run_meta(run_dir, res, "landed_order"))
+
+
+def landed_describe(fifo: bool) -> str:
+    return "in landing order (FIFO)" if fifo else "newest first"
 
 
 def simulated_with(run_dir: str) -> str:
@@ -292,7 +316,8 @@ def simulated_with(run_dir: str) -> str:
     used = run_calibration(run_dir, res)
     return ("Profiles the simulator used: " + "; ".join(f"{k}: {v}" for k, v in
                                                         used.source.items())
-            + f"; KV push: {run_push(run_dir, res).describe()}.")
+            + f"; KV push: {run_push(run_dir, res).describe()}; landed requests waiting "
+            f"for a slot: {landed_describe(run_landed_fifo(run_dir, res))}.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -331,8 +356,11 @@ def run(args: argparse.Namespace) -> int:
         if args.validate:
             cal = _calibration(args.calibration) if args.calibration else None
             with open(os.path.join(args.validate, "results.json")) as f:
-                push = run_push(args.validate, json.load(f))
+                res = json.load(f)
+            push, fifo = run_push(args.validate, res), run_landed_fifo(args.validate, res)
             print(f"KV push simulated (recorded by the run, else the old one): {push.describe()}")
+            print("landed requests waiting for a slot (recorded by the run, else newest first): "
+                  + landed_describe(fifo))
             for line in validation_lines(*validate(args.validate, cal)):
                 print(line)
             return 0
@@ -346,11 +374,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     push = KVPush.current()  # a new deployment: the installed engine's defaults
+    fifo = LANDED_ORDER == "fifo"  # and its admit_remote
     print(f"calibration: {cal.source}; workload {wl.name}: {wl.describe}; SLOs {slos}; "
-          f"target {args.target:.0%}; KV push: {push.describe()}")
+          f"target {args.target:.0%}; KV push: {push.describe()}; landed requests: "
+          f"{landed_describe(fifo)}")
     for g in gpu_counts:
         rows = plan(cal, g, length_pairs(wl, args.num_requests, args.seed), slos, args.target,
-                    args.burstiness, args.seed, not args.no_colocated, args.duration, push=push)
+                    args.burstiness, args.seed, not args.no_colocated, args.duration, push=push,
+                    landed_fifo=fifo)
         plotting.print_rows(rows, ["gpus", "setup", "predicted_goodput_rps", "per_gpu_rps",
                                    "search"], args.json)
         best = rows[0]

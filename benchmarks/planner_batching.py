@@ -1,5 +1,6 @@
 """The planner simulator's event loop, what a simulation ran (SimRun), and how one step's token budget is filled with
-prompt chunks as engine/scheduler.py fills it (planner_sim.py runs the workers)."""
+prompt chunks and landed requests join the batch as engine/scheduler.py does it
+(planner_sim.py runs the workers)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,26 @@ def fill_budget(budget: int, partial: Sequence[SimReq], waiting: deque[SimReq],
         out.append(Chunk(r, n))
         budget -= n
     return out
+
+
+def join_landed(landed: deque[SimReq], held: deque[SimReq], running: list[SimReq],
+                cap: int, fifo: bool) -> None:
+    """Requests whose KV landed since the last step (`landed`, in landing order) join
+    `running` while it holds fewer than `cap`; the rest wait in `held` (engine/scheduler.py
+    `admit_remote`). `fifo` (since branch fifo): they wait behind those already waiting and
+    join in landing order. Else (before it; every committed capstone run) each one that
+    finds the batch full goes to the FRONT (newest first) and may join before older ones."""
+    if fifo:
+        held.extend(landed)
+        landed.clear()
+    while landed:
+        r = landed.popleft()
+        if len(running) < cap:
+            running.append(r)
+        else:
+            held.appendleft(r)
+    while held and len(running) < cap:
+        running.append(held.popleft())
 
 
 @dataclass(slots=True)

@@ -1,5 +1,6 @@
 """A P/D or colocated setup by name ('1P3D', '4both', '1P1D-cond512'), for the planner
-and the capstone; how its workers push KV (`KVPush`), as a run records it."""
+and the capstone; how its workers push KV (`KVPush`) and in which order its decode workers
+admit landed requests (`landed_fifo`), as a run records them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 LAYERWISE_MIN_TOKENS = 1024  # kvtransfer's TransferConfig.layerwise_min_tokens (default)
+LANDED_ORDER = "fifo"  # the installed engine/scheduler.py admit_remote (since branch fifo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,14 @@ def parse_setup(name: str) -> Setup:
 
 def setup_name(prefill: int, decode: int, both: int) -> str:
     return f"{both}both" if both else f"{prefill}P{decode}D"
+
+
+def landed_fifo(meta: Mapping[str, str]) -> bool:
+    """Whether a run's decode workers admitted requests whose KV landed while the batch was
+    full in landing order (FIFO), as its meta's "landed_order" records it (the capstone
+    records it since branch fifo); a run without it (every run before) admitted them
+    newest first (admit_remote put each at the front of the waiting queue)."""
+    return str(meta.get("landed_order", "newest-first")) == "fifo"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,10 +27,10 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   every running sequence one token, sync when the batch changed since the step before (a
   sequence joined or ended, or a prompt ran: engine/step_pipeline.py overlaps the host's
   work with the GPU's only for an unchanged batch; capstone_decode.py); a landed request
-  joins at the next step boundary; beyond
-  `max_batch` it waits at the front of the waiting queue (engine/scheduler.py
-  admit_remote), so the newest landed request is admitted first and the oldest may wait
-  for seconds. So a request's TPOT includes its transfer and the wait for a step.
+  joins at the next step boundary; beyond `max_batch` it waits for a slot
+  (engine/scheduler.py admit_remote): in landing order (`landed_fifo`, since branch fifo),
+  else newest first as before (the oldest may wait for seconds; every committed capstone
+  run). So a request's TPOT includes its transfer and the wait for a step.
   decode_step_ms is linear in B and context: past the batch sizes it was profiled on
   (`SimRun.mean_decode_batch` against the calibration's range) it is an extrapolation.
 - colocated (`Nboth`): a step runs prompt chunks and every running sequence together; it
@@ -66,7 +66,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from pdserve.benchmarks.capstone_calibration import Calibration
-from pdserve.benchmarks.planner_batching import Chunk, Loop, SimRun, fill_budget
+from pdserve.benchmarks.planner_batching import Chunk, Loop, SimRun, fill_budget, join_landed
 from pdserve.benchmarks.planner_cache import PrefixCaches
 from pdserve.benchmarks.planner_setups import KVPush, Setup
 
@@ -104,14 +104,14 @@ class _Decoder:
     are prefilled here too, in the same steps (the engine's mixed batches)."""
 
     def __init__(self, loop: Loop, cal: Calibration, colocated: bool, name: str = "",
-                 caches: PrefixCaches | None = None) -> None:
+                 caches: PrefixCaches | None = None, landed_fifo: bool = False) -> None:
         self.loop, self.cal, self.colocated = loop, cal, colocated
-        self.name, self.caches = name, caches
+        self.name, self.caches, self.landed_fifo = name, caches, landed_fifo
         self.running: list[SimReq] = []  # decoding, one token per step
         self.prefilling: list[SimReq] = []  # admitted prompts with chunks left (running too)
         self.waiting: deque[SimReq] = deque()  # prompts to prefill here, FCFS
         self.landed: deque[SimReq] = deque()  # xPyD: KV arrived, joins at the next step
-        self.held: deque[SimReq] = deque()  # landed past max_num_seqs: newest first (LIFO)
+        self.held: deque[SimReq] = deque()  # landed past max_num_seqs: FIFO or newest first
         self.busy = False
         self.changed = False  # the batch changed in the last step: the next is synchronous
         self.reserved: list[SimReq] = []  # xPyD requests routed here whose KV has not landed
@@ -156,18 +156,9 @@ class _Decoder:
 
     def _step(self) -> None:
         cal = self.cal
-        # admit_remote (engine/scheduler.py): a landed request decodes from this step on
-        # while fewer than max_num_seqs run; past that it waits at the FRONT of the waiting
-        # queue, so the newest waits least (LIFO) and the oldest may starve
-        joined = len(self.running)
-        while self.landed:
-            r = self.landed.popleft()
-            if len(self.running) + len(self.prefilling) < cal.max_batch:
-                self.running.append(r)
-            else:
-                self.held.appendleft(r)
-        while self.held and len(self.running) + len(self.prefilling) < cal.max_batch:
-            self.running.append(self.held.popleft())
+        joined = len(self.running)  # admit_remote: the landed join while there is room
+        join_landed(self.landed, self.held, self.running, cal.max_batch - len(self.prefilling),
+                    self.landed_fifo)
         sync = self.changed or len(self.running) > joined
         budget = cal.prefill_token_budget - len(self.running)  # decodes take 1 token each
         seqs = [len(self.running) + len(self.prefilling)]  # max_num_seqs caps admissions
@@ -324,7 +315,7 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
              info: SimRun | None = None, keys: Sequence[Hashable] | None = None,
              caches: PrefixCaches | None = None,
              heartbeats: Sequence[Sequence[float]] | None = None,
-             push: KVPush = KVPush()) -> list[SimReq]:
+             push: KVPush = KVPush(), landed_fifo: bool = False) -> list[SimReq]:
     """Every request's first-token and finish time on the given setup; with `cond_tokens`,
     prompts under it are prefilled on their decode worker. Events after `horizon_s` (the
     run's time limit, seconds from the first arrival's clock 0) do not happen: requests
@@ -333,7 +324,8 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
     workers' prefix caches `caches`, which the run reads and updates (pass the same object
     to the next run of the same setup). `heartbeats`: per decode (or colocated) worker, the
     times (same clock as `arrivals`) its load reaches the coordinator (None: evenly
-    staggered phases). `push`: which prefill steps push KV layer by layer (KVPush)."""
+    staggered phases). `push`: which prefill steps push KV layer by layer (KVPush).
+    `landed_fifo`: landed requests wait for a slot in landing order (else newest first)."""
     if both and (prefill or decode):
         raise ValueError("simulate either xPyD or Nboth, not a mix")
     if not both and (prefill < 1 or decode < 1):
@@ -344,7 +336,8 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
         r.key = k
     pres: list[_Prefiller] = []
     if both:
-        decs = [_Decoder(loop, cal, True, f"both-{j}", caches) for j in range(both)]
+        decs = [_Decoder(loop, cal, True, f"both-{j}", caches, landed_fifo)
+                for j in range(both)]
 
         def place(r: SimReq) -> None:
             dec = min(decs, key=_Decoder.route_key)
@@ -353,7 +346,8 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
         for r in reqs:
             loop.at(r.arrival, lambda r=r: place(r))
     else:
-        decs = [_Decoder(loop, cal, False, f"decode-{j}", caches) for j in range(decode)]
+        decs = [_Decoder(loop, cal, False, f"decode-{j}", caches, landed_fifo)
+                for j in range(decode)]
         pres = [_Prefiller(loop, cal, f"prefill-{j}", caches, push) for j in range(prefill)]
 
         def arrive(r: SimReq) -> None:
@@ -392,7 +386,8 @@ def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
                    info: SimRun | None = None, keys: Sequence[Hashable] | None = None,
                    caches: PrefixCaches | None = None,
                    heartbeats: Sequence[Sequence[float]] | None = None,
-                   push: KVPush = KVPush()) -> list[SimReq]:
+                   push: KVPush = KVPush(), landed_fifo: bool = False) -> list[SimReq]:
     """`simulate` for any Setup."""
     return simulate(cal, setup.prefill, setup.decode, setup.both, arrivals, lengths,
-                    setup.cond_tokens, horizon_s, info, keys, caches, heartbeats, push)
+                    setup.cond_tokens, horizon_s, info, keys, caches, heartbeats, push,
+                    landed_fifo)

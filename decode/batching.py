@@ -6,9 +6,10 @@ The scheduler in engine/ has no phases; this module sets what makes it a decode 
   coordinator tries another decode worker or queues it), so admission never needs a block;
 - **admission**: a request joins the running batch only when its KV is complete
   (`Scheduler.admit_remote`); until then it costs blocks but no step time;
-- **batch caps**: at most `max_num_seqs` run at once; past that, admitted requests wait at
-  the front of the queue holding their blocks; when blocks run out the newest running
-  request is preempted (recomputed later), never deadlocked;
+- **batch caps**: at most `max_num_seqs` run at once; past that, admitted requests wait
+  holding their blocks, ahead of any prompt and in the order their KV landed (FIFO); when
+  blocks run out the newest running request is preempted (recomputed later), never
+  deadlocked;
 - **CUDA graphs** over padded batch sizes up to `max_num_seqs` (unless `enforce_eager`), since
   a decode step is a few small, launch-bound kernels per layer;
 - **overlap scheduling** (on CUDA unless `--no-overlap`): while a step of an unchanged batch

@@ -3,6 +3,9 @@
 A step fills a token budget (max_num_batched_tokens) and at most max_num_seqs running
 sequences: running ones first (1 token to decode, or the rest of a chunked prompt), then
 waiting ones in FCFS order, chunking a prompt that does not fit the remaining budget.
+Decode side: a request whose KV landed (`admit_remote`) while max_num_seqs run waits in
+`landed`, holding its blocks, and is admitted before anything in `waiting`, in the order
+the KV landed (FCFS among landed requests: none starves behind later ones).
 When blocks run out, the most recently admitted running sequence is preempted by
 recompute: its blocks are freed and it goes back to the FRONT of the waiting queue with
 num_computed_tokens = 0 (its outputs stay in token_ids, so recomputation covers them).
@@ -72,6 +75,9 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(num_blocks, cache_cfg.block_size, cache_cfg.enable_prefix_caching)
         self.waiting: OrderedDict[str, Sequence] = OrderedDict()  # FCFS; front = next
+        # decode side: KV landed, waiting for a running slot with its blocks; FCFS, and
+        # admitted before `waiting`
+        self.landed: OrderedDict[str, Sequence] = OrderedDict()
         self.running: dict[str, Sequence] = {}  # admission order; last = first victim
         self.remote: dict[str, Sequence] = {}  # decode side: WAITING_FOR_REMOTE_KVS
         self.held: dict[str, Sequence] = {}  # prefill side: FINISHED_PREFILL, blocks kept
@@ -80,17 +86,17 @@ class Scheduler:
     # ---- queries ------------------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.landed)
 
     @property
     def num_running(self) -> int:
         return len(self.running)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.remote)
+        return bool(self.waiting or self.landed or self.running or self.remote)
 
     def get(self, seq_id: str) -> Sequence | None:
-        for queue in (self.running, self.waiting, self.remote, self.held):
+        for queue in (self.running, self.landed, self.waiting, self.remote, self.held):
             if seq_id in queue:
                 return queue[seq_id]
         return None
@@ -126,7 +132,7 @@ class Scheduler:
 
     def abort(self, seq_id: str) -> bool:
         """Finish seq_id as aborted and free its blocks wherever it is; False if unknown."""
-        for queue in (self.running, self.waiting, self.remote, self.held):
+        for queue in (self.running, self.landed, self.waiting, self.remote, self.held):
             seq = queue.pop(seq_id, None)
             if seq is not None:
                 self.block_manager.free(seq)
@@ -150,9 +156,10 @@ class Scheduler:
 
     def admit_remote(self, seq_id: str, first_token: int) -> Sequence:
         """Decode side: every layer arrived. The sequence decodes from the next step on
-        (RUNNING, or at the front of the waiting queue holding its blocks when
-        max_num_seqs is reached). If first_token already ends it, it is finished and
-        freed here. KeyError if seq_id is not waiting for remote KV."""
+        (RUNNING), or, when max_num_seqs run or earlier landed sequences still wait, joins
+        the end of `landed` holding its blocks (admitted in landing order, before any
+        prompt). If first_token already ends it, it is finished and freed here. KeyError
+        if seq_id is not waiting for remote KV."""
         seq = self.remote.pop(seq_id)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.token_ids.append(int(first_token))
@@ -160,13 +167,12 @@ class Scheduler:
         if status is not None:
             seq.finish(status)
             self.block_manager.free(seq)
-        elif len(self.running) < self.cfg.max_num_seqs:
+        elif not self.landed and len(self.running) < self.cfg.max_num_seqs:
             seq.status = S.RUNNING
             self.running[seq_id] = seq
         else:
             seq.status = S.WAITING
-            self.waiting[seq_id] = seq
-            self.waiting.move_to_end(seq_id, last=False)
+            self.landed[seq_id] = seq
         return seq
 
     def release(self, seq_id: str) -> bool:
@@ -214,11 +220,13 @@ class Scheduler:
                 out.chunks.append(self._make_chunk(seq, n))
                 budget -= n
 
-        # 2. waiting sequences, FCFS, only in a step without preemption
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.cfg.max_num_seqs):
-            seq = self.waiting[next(iter(self.waiting))]
-            n = self._admit(seq, budget)
+        # 2. landed sequences, then waiting ones, each FCFS, only in a step without preemption
+        while budget > 0 and not out.preempted and len(self.running) < self.cfg.max_num_seqs:
+            queue = self.landed or self.waiting
+            if not queue:
+                break
+            seq = queue[next(iter(queue))]
+            n = self._admit(seq, queue, budget)
             if n == 0:
                 break
             out.chunks.append(self._make_chunk(seq, n))
@@ -234,7 +242,7 @@ class Scheduler:
         nothing could be admitted (no waiting sequence, or max_num_seqs running: one waits
         a step longer after a stop), and the pool holds each one's next slot (taken now).
         Otherwise None."""
-        if self.waiting and len(self.running) < self.cfg.max_num_seqs:
+        if (self.waiting or self.landed) and len(self.running) < self.cfg.max_num_seqs:
             return None
         if self._finished_early or prev.preempted or not prev.chunks:
             return None
@@ -258,9 +266,10 @@ class Scheduler:
         return SchedulerOutput(chunks=chunks, num_batched_tokens=len(chunks),
                                inputs_from_previous=True)
 
-    def _admit(self, seq: Sequence, budget: int) -> int:
-        """Move the head of the waiting queue to running with blocks for its first chunk
-        (after prefix-cache hits); return the chunk length, or 0 if blocks are short."""
+    def _admit(self, seq: Sequence, queue: OrderedDict[str, Sequence], budget: int) -> int:
+        """Move the head of `queue` (landed or waiting) to running with blocks for its
+        first chunk (after prefix-cache hits); return the chunk length, or 0 if blocks are
+        short (never for a landed sequence: its reservation covers its next slot)."""
         bm = self.block_manager
         fresh = not seq.block_ids  # an admitted remote seq already holds its blocks
         if fresh:
@@ -273,7 +282,7 @@ class Scheduler:
                 if bm.num_free_blocks == bm.num_total_blocks:  # never fits; validate() prevents it
                     self._drop_unfittable(seq)
             return 0
-        del self.waiting[seq.seq_id]
+        del queue[seq.seq_id]
         seq.status = S.RUNNING
         self.running[seq.seq_id] = seq
         return n
@@ -339,8 +348,8 @@ class Scheduler:
 
     # ---- checking -----------------------------------------------------------------------
     def check_invariants(self) -> None:
-        owners = [*self.running.values(), *self.waiting.values(), *self.remote.values(),
-                  *self.held.values()]
+        owners = [*self.running.values(), *self.landed.values(), *self.waiting.values(),
+                  *self.remote.values(), *self.held.values()]
         self.block_manager.check_invariants(owners)
         ids = [s.seq_id for s in owners]
         assert len(ids) == len(set(ids)), "a sequence is in two queues"
@@ -352,10 +361,11 @@ class Scheduler:
             assert len(seq.block_ids) * bs >= seq.num_computed_tokens, f"{seq.seq_id}: KV without blocks"
         for seq in self.waiting.values():
             assert seq.status in (S.WAITING, S.PREEMPTED), f"{seq.seq_id} waiting with {seq.status}"
-            if seq.block_ids:  # admitted remote sequence
-                assert seq.num_computed_tokens == seq.num_prompt_tokens, f"{seq.seq_id}: stray blocks"
-            else:
-                assert seq.num_computed_tokens == 0, f"{seq.seq_id}: computed tokens without blocks"
+            assert seq.num_computed_tokens == 0 and not seq.block_ids, f"{seq.seq_id}: stray KV"
+        for seq in self.landed.values():
+            assert seq.status is S.WAITING, f"{seq.seq_id} landed with {seq.status}"
+            assert seq.num_computed_tokens == seq.num_prompt_tokens == seq.num_tokens - 1
+            assert len(seq.block_ids) * bs >= seq.num_tokens, f"{seq.seq_id}: landed short of a slot"
         for seq in self.remote.values():
             assert seq.status is S.WAITING_FOR_REMOTE_KVS
             assert len(seq.block_ids) * bs >= seq.num_prompt_tokens + 1, f"{seq.seq_id}: short reserve"

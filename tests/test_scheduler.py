@@ -350,7 +350,7 @@ def test_remote_reserve_refuses_without_room_and_admit_edge_cases():
     for s in (a, d):  # the "transfer" of the prompts' KV
         model.write(s.block_ids, 0, s.prompt_token_ids)
     dec.admit_remote("a", 5)
-    dec.admit_remote("d", 5)  # max_num_seqs == 1: waits at the front, holding its blocks
+    dec.admit_remote("d", 5)  # max_num_seqs == 1: waits for a slot, holding its blocks
     assert a.status is SequenceStatus.RUNNING and d.status is SequenceStatus.WAITING
     dec.check_invariants()
     done = drain(dec, model)
