@@ -13,7 +13,7 @@ import pathlib
 from collections import deque
 
 import pytest
-from test_planner_push import CAL, _run_dir
+from test_planner_push import CAL, _run_dir, new_plan_predict_kwargs
 
 from pdserve.benchmarks import plan
 from pdserve.benchmarks.capstone_guess import kv_push_meta
@@ -77,18 +77,7 @@ def test_the_validation_simulates_the_order_the_run_recorded(tmp_path, monkeypat
 
 def test_a_new_plan_and_a_new_run_use_fifo(monkeypatch, capsys) -> None:
     assert LANDED_ORDER == "fifo"
-    seen: list[bool] = []
-    real = plan.predict
-
-    def spy(*a, **kw):
-        seen.append(kw["landed_fifo"])
-        return real(*a, **kw)
-    monkeypatch.setattr(plan, "predict", spy)
-    p = argparse.ArgumentParser()
-    plan.add_arguments(p)
-    args = p.parse_args(["--gpus", "2", "--num-requests", "20", "--duration", "1",
-                         "--no-colocated"])
-    assert plan.run(args) == 0
+    seen = new_plan_predict_kwargs(monkeypatch, "landed_fifo")
     assert seen == [True] and "landing order (FIFO)" in capsys.readouterr().out
     # the capstone records it for the workers it starts, nothing for a server it measures
     ns = argparse.Namespace(coordinator=None, base_url=None, worker_arg=[])

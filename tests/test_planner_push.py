@@ -153,21 +153,28 @@ def test_the_validation_simulates_the_push_the_run_recorded(tmp_path, monkeypatc
     assert ("during the forward" in plan.simulated_with(str(tmp_path))) is during
 
 
-def test_a_new_plan_uses_the_installed_defaults(monkeypatch, capsys) -> None:
-    seen: list[KVPush] = []
+def new_plan_predict_kwargs(monkeypatch, key: str) -> list:
+    """Run `pdserve plan` for 2 GPUs (P/D only); what each of its predict() calls got as
+    `key`."""
+    import argparse
+
+    seen: list = []
     real = plan.predict
 
     def spy(*a, **kw):
-        seen.append(kw["push"])
+        seen.append(kw[key])
         return real(*a, **kw)
     monkeypatch.setattr(plan, "predict", spy)
-    import argparse
-
     p = argparse.ArgumentParser()
     plan.add_arguments(p)
     args = p.parse_args(["--gpus", "2", "--num-requests", "20", "--duration", "1",
                          "--no-colocated"])
     assert plan.run(args) == 0
+    return seen
+
+
+def test_a_new_plan_uses_the_installed_defaults(monkeypatch, capsys) -> None:
+    seen = new_plan_predict_kwargs(monkeypatch, "push")
     assert seen == [KVPush.current()] and Setup(1, 1, 0).kind == "P/D"
     assert KVPush.current().describe() in capsys.readouterr().out
 
