@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import math
 import os
 import sys
@@ -300,8 +301,10 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
         from pdserve.benchmarks import plan, plan_report
 
-        per_run, per_search = plan.validate(out)
-        plan_lines = ["", "### Planner validation", "", plan.simulated_with(out), "",
+        with open(os.path.join(out, "results.json")) as f:
+            cal = plan.run_calibration(out, json.load(f))  # refitted once, used twice
+        per_run, per_search = plan.validate(out, cal)
+        plan_lines = ["", "### Planner validation", "", plan.simulated_with(out, cal), "",
                       *plan_report.validation_lines(per_run, per_search)]
         if args.extrapolate:
             plan_lines += ["", "### Extrapolation", "",

@@ -308,12 +308,12 @@ def landed_describe(fifo: bool) -> str:
     return "in landing order (FIFO)" if fifo else "newest first"
 
 
-def simulated_with(run_dir: str) -> str:
-    """The capstone report's line on what `validate(run_dir)` simulated with: the profiles
-    and the KV push."""
+def simulated_with(run_dir: str, cal: Calibration | None = None) -> str:
+    """The capstone report's line on what `validate(run_dir, cal)` simulated with: the
+    profiles (`cal`, else the run's, refitted as validate() refits them) and the KV push."""
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
-    used = run_calibration(run_dir, res)
+    used = cal or run_calibration(run_dir, res)
     return ("Profiles the simulator used: " + "; ".join(f"{k}: {v}" for k, v in
                                                         used.source.items())
             + f"; KV push: {run_push(run_dir, res).describe()}; landed requests waiting "
