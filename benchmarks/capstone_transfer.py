@@ -6,8 +6,9 @@ The dedicated step (capstone_transfer_step.py, results.json "transfer_step") is 
 bench transfer` on the run's prefill and decode GPUs with the model's KV geometry, at a
 few prompt lengths, nothing else running. Fitted (transfer_fit.fit_line: time = fixed +
 bytes / bandwidth, fixed >= 0, relative residuals, lengths off the line left out) with R^2:
-the receiver-side time (rx_p50_ms: start() to the decode side's own result, nothing
-subtracted), the bench's transfer time (p50_ms: start() to the receiver's done ack at the
+the receiver-side time (rx_p50_ms: the clock's start to the decode side's own result,
+nothing subtracted; the clock starts at finish() since `--start ahead`, at start() in older
+runs), the bench's transfer time (p50_ms: to the receiver's done ack at the
 sender, less an empty request's round trip) and the raw send of the same bytes measured in
 the same step (baseline_p50_ms); the bandwidth is compared with the raw send's and with
 one peer-to-peer copy_ (phys_ms, GPUs only).
@@ -122,6 +123,11 @@ def dedicated_lines(step: dict | None) -> tuple[list[str], LineFit | None]:
     backend, phys = step["backend"], phys_gbps(rows)
     ok = all(r["verified"] for r in rows)
     table = [{**r, "MB": r["bytes"] / 1e6} for r in rows]
+    # runs before `bench transfer --start` timed from start(); since, from finish() (start()
+    # called with the reservation, before the prompt's forward, as workers do)
+    clock = ("finish(), when the KV is whole (start() was called with the reservation, as "
+             "the prefill worker does before the prompt's forward)" if step.get("start") == "ahead"
+             else "start() (finish() right after it: the request's setup is timed too)")
     out = [f"{head}: `pdserve bench transfer` from {step['sender']} (the prefill side) to "
            f"{step['receiver']} (the decode side), {backend}, KV geometry {step['geometry']} "
            f"(layers x KV heads x head dim: dtype), block size {step['block_size']}, "
@@ -131,9 +137,10 @@ def dedicated_lines(step: dict | None) -> tuple[list[str], LineFit | None]:
               "arrived intact** (verified column).")
            + (f" Note: {step['note']}." if step.get("note") else ""), "",
            plotting.markdown_table(table, STEP_TABLE, floatfmt=".4g"), "",
-           "- Linear in input length? The receiver side (rx: start() to the decode side's own "
-           f"result, nothing subtracted): {_describe(fits['rx'], r2['rx'])}.",
-           "- The bench's transfer time (start() to the receiver's done ack at the sender, "
+           f"- The clock starts at {clock}.",
+           "- Linear in input length? The receiver side (rx: the clock's start to the decode "
+           f"side's own result, nothing subtracted): {_describe(fits['rx'], r2['rx'])}.",
+           "- The bench's transfer time (the clock's start to the receiver's done ack at the sender, "
            f"less an empty request's round trip): {_describe(fits['transfer'], r2['transfer'])}.",
            f"- The raw {backend} send of the same bytes in the same step (one contiguous "
            f"buffer, receive pre-posted): {_describe(fits['raw'], r2['raw'])}.",

@@ -135,8 +135,8 @@ def run_step(args: argparse.Namespace, setups: list[str], budget: Any) -> dict:
         return {**rec, "note": f"skipped: the budget leaves it {limit:.0f} s (< {MIN_S:g} s)"}
     cmd = ["bench", "transfer", "--backend", backend, "--device", "cuda" if on_gpu else "cpu",
            "--geometry", geo, "--input-lens", lens, "--iters", str(args.transfer_iters),
-           "--warmup", str(WARMUP), "--block-size", block, "--json"]
-    rec.update(sender=pair[0], receiver=pair[1], backend=backend, geometry=geo,
+           "--warmup", str(WARMUP), "--block-size", block, "--start", "ahead", "--json"]
+    rec.update(sender=pair[0], receiver=pair[1], backend=backend, geometry=geo, start="ahead",
                block_size=int(block), iters=args.transfer_iters, warmup=WARMUP,
                time_limit_s=limit, command="pdserve " + " ".join(cmd))
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")

@@ -4,6 +4,8 @@
 # 1. bench transfer, llama-3.1-8b at 512/2k/8k/32k, as workers move KV on one host (peer
 #    copy: CUDA IPC into the receiver's pool), against one raw NCCL send of the same bytes;
 #    constrained fits and the physical line (peer-to-peer copy_ measured in the same run)
+#    (the clock starts at finish(), start() called before, as workers do: --start ahead),
+#    and again with start() on the clock (--start with-finish)
 # 2. the same through NCCL with staging (--no-peer-copy): what goes between hosts
 # 3. both with --concurrency 8 at 2k (aggregate vs one raw send of all 8 requests' bytes)
 # 4. bench transfer, ucx on cuda (ucxx device memory, staged), same lengths; skipped with
@@ -14,13 +16,13 @@
 #    SKIP_TTFT=1 leaves both out
 # Runs this tree installed into /tmp (so ./pdserve does not shadow it) with the runtime
 # wheels of .whl, the ucxx-cu13 set of .ucxwhl and, without matplotlib, .mplwhl.
-# Writes OUTDIR/{peercopy,peercopy_c8,nccl,nccl_c8,ucx,ttft,ttft_short}/ (each NAME.log + csv/md/png) and OUTDIR/env.txt,
+# Writes OUTDIR/{peercopy,peercopy_start,peercopy_c8,nccl,nccl_c8,ucx,ttft,ttft_short}/ (each NAME.log + csv/md/png) and OUTDIR/env.txt,
 # and prints every table.
 set -u
 OUT=$(realpath -m "${1:?usage: gpu_transfer_suite.sh OUTDIR [GPU_PAIR]}")
 PAIR=${2:-0,1}
 BUDGET_S=${BUDGET_S:-290}  # the whole suite; bench ttft gets what is left of it (>= 120 s)
-mkdir -p "$OUT"/{peercopy,peercopy_c8,nccl,nccl_c8,ucx,ttft,ttft_short}
+mkdir -p "$OUT"/{peercopy,peercopy_start,peercopy_c8,nccl,nccl_c8,ucx,ttft,ttft_short}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 UCX_WARN_UNUSED_ENV_VARS=n CUDA_VISIBLE_DEVICES=$PAIR
 wheels() {  # wheels DIR TARGET: install DIR/*.whl into TARGET (no index, no deps)
@@ -56,6 +58,8 @@ step() {  # step NAME TIMEOUT_S PYTHONPATH ARGS...: one benchmark into OUT/NAME/
 XFER="bench transfer --device cuda --geometry llama-3.1-8b --iters 20 --warmup 3"
 LENS=512,2048,8192,32768
 step peercopy 60 "$PP" $XFER --backend nccl --input-lens $LENS
+# the same with start() timed too (called with finish(), not before the forward)
+step peercopy_start 60 "$PP" $XFER --backend nccl --input-lens $LENS --start with-finish
 step nccl 60 "$PP" $XFER --backend nccl --input-lens $LENS --no-peer-copy
 step peercopy_c8 45 "$PP" $XFER --backend nccl --input-lens 2048 --concurrency 8
 step nccl_c8 45 "$PP" $XFER --backend nccl --input-lens 2048 --concurrency 8 --no-peer-copy

@@ -4,13 +4,20 @@ The sender (this process, cuda:0 or cpu) pushes a request's blocks, scattered at
 its pool, to a receiver in a second process (cuda:1 or cpu) whose reserved blocks are also
 scattered at random. All times are taken on the sender's clock:
 
-- transfer: from the sender's start() call to the sender's progress thread receiving the
+- the clock: with --start ahead (the default), start() (the begin message, the block ids'
+  upload) is called with the decode side's reservation, before a 2 ms pause that stands
+  for the prompt's forward, and the clock starts at finish(), when every layer is written:
+  the prefill worker calls start() when the step that completes the prompt begins
+  (prefill/kv_push.py), so a request's KV waits only for what follows finish(). With
+  --start with-finish, start() and finish() are called back to back when the clock starts:
+  the request's setup is timed too. "start" below is the clock's start.
+- transfer: from the clock's start to the sender's progress thread receiving the
   receiver's "done" (every block scattered in place), minus the median of the same round
   trip for an empty request (begin/end header and done ack, no data): what is left is the
   data movement, including gather, every message, scatter and the receiver's detection.
   With --concurrency N, N requests (each its own random src/dst blocks) start together and
   the time runs from the first start() to the last request's done; bytes are all N's.
-- rx: from the sender's start() call to the receiver's own result (every block in place,
+- rx: from the clock's start to the receiver's own result (every block in place,
   known on the decode side: perf_counter is CLOCK_MONOTONIC, one time axis for the two
   processes of a host), nothing subtracted: what a decode worker waits from the moment the
   prefill side starts the transfer; rx_ratio is the baseline's time over it. The
@@ -62,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=1,
                    help="requests moved at once per length (aggregate bandwidth vs one raw send "
                         "of all their bytes)")
+    p.add_argument("--start", choices=["ahead", "with-finish"], default="ahead",
+                   help="when start() is called: with the reservation, before the forward, "
+                        "as workers do (the clock starts at finish()); or together with "
+                        "finish() (the clock starts at start(), setup timed too)")
     p.add_argument("--layerwise", action="store_true",
                    help="mark layers ready one by one (default: all ready at once, coalesced)")
     p.add_argument("--json", action="store_true", help="one JSON object per input length on stdout")
@@ -123,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     if len(rows) > 1 and all(r["rx_p50_ms"] == r["rx_p50_ms"] for r in rows):  # no nan
         rx_fit = fit_line([r["bytes"] for r in rows], [r["rx_p50_ms"] / 1e3 for r in rows],
                           [r["input_len"] for r in rows])
-        lines.insert(1, rx_fit.describe("pdserve rx (start() -> the receiver's result)"))
+        clock = "finish()" if args.start == "ahead" else "start()"
+        lines.insert(1, rx_fit.describe(f"pdserve rx ({clock} -> the receiver's result)"))
     cols = TABLE + (CONCURRENT if bench.conc > 1 else [])
     out = sys.stderr if args.json else sys.stdout
     if args.json:
@@ -168,18 +180,21 @@ def write_outputs(args: argparse.Namespace, bench: TransferBench, rows: list[dic
     stem = (f"transfer_{args.backend}_{args.device}_{args.geometry.replace(':', '-')}"
             + ("_layerwise" if args.layerwise else "")
             + ("" if args.no_peer_copy else "_peercopy")
-            + (f"_c{bench.conc}" if bench.conc > 1 else ""))
+            + (f"_c{bench.conc}" if bench.conc > 1 else "")
+            + ("" if args.start == "ahead" else "_startclock"))
     out = plotting.ensure_dir(args.out)
     meta = {**plotting.run_metadata(args.device), "backend": args.backend,
             "geometry": args.geometry, "block_size": args.block_size, "layerwise": args.layerwise,
+            "start": args.start,
             "concurrency": bench.conc, "iters": args.iters, "options": bench.options,
             "via": ", ".join(sorted({r["via"] for r in rows})),
             "fit_pdserve": f"fixed {fit.fixed_us:.1f} us, {fit.gbps:.2f} GB/s",
             f"fit_raw_{args.backend}": f"fixed {raw_fit.fixed_us:.1f} us, {raw_fit.gbps:.2f} GB/s",
             "physical_gbps": f"{bench.phys_gbps:.2f}" if bench.phys_gbps else "none"}
     notes = [f"- {line}" for line in lines] + [
-        "- transfer: sender start() -> receiver's done ack, minus an empty request's round trip; "
-        "rx: sender start() -> the receiver's result, nothing subtracted"
+        f"- clock: from the first {'finish() (start() called 2 ms before, with the reservation)' if args.start == 'ahead' else 'start() (finish() right after it)'}",
+        "- transfer: the clock's start -> receiver's done ack, minus an empty request's round trip; "
+        "rx: the clock's start -> the receiver's result, nothing subtracted"
         + (f"; {bench.conc} requests at once, first start -> last done" if bench.conc > 1 else ""),
         "- baseline: one contiguous send of the same bytes, same backend, receive pre-posted",
         "- fit_ms / resid_pct: the constrained fit (fixed >= 0) and (p50 - fit) / fit; in_fit: "

@@ -83,12 +83,17 @@ class TransferBench:
         return reply
 
     def transfer(self, reqs: list[Blocks]) -> float:
-        """Sender-clock seconds from the first start() to the last request's done ack."""
+        """Sender-clock seconds from the clock's start (the first finish() with --start
+        ahead, the first start() with --start with-finish) to the last request's done ack."""
         rids = []
         for _, dst in reqs:  # off the clock: the decode side reserved its blocks before
             self.seq += 1
             rids.append(f"b{self.seq}")
             assert self.rpc("expect", rids[-1], dst) == "ok"
+        ahead = self.args.start == "ahead"
+        if ahead:  # as the prefill worker does when the prompt's last step begins
+            for rid, (src, dst) in zip(rids, reqs):
+                self.tx.start(rid, self.rx_addr, src, dst, layerwise=self.args.layerwise)
         # ... and its grants (peer copy) reached us, as during a prefill (Reserve and the
         # prompt's forward run at once; a forward takes milliseconds, a grant ~0.1 ms)
         time.sleep(0.002)
@@ -98,7 +103,8 @@ class TransferBench:
             ev.record()
         t0 = time.perf_counter()
         for rid, (src, dst) in zip(rids, reqs):
-            self.tx.start(rid, self.rx_addr, src, dst, layerwise=self.args.layerwise)
+            if not ahead:
+                self.tx.start(rid, self.rx_addr, src, dst, layerwise=self.args.layerwise)
             if self.args.layerwise:
                 for layer in range(self.nl):
                     self.tx.layer_ready(rid, layer, ev)

@@ -1,5 +1,7 @@
 """Read the timelines written with PDSERVE_KV_TRACE=PREFIX (kvtransfer/trace.py) and print,
-per request size, the median time of each step from the sender's start() call:
+per request size, the median time of each step from the sender's start() call and, as a
+second column, from its finish() call (`bench transfer --start ahead` calls start() 2 ms
+before finish(): the clock starts at finish()):
 
     PDSERVE_KV_TRACE=/tmp/kv pdserve bench transfer ...   # both processes write PREFIX.<pid>.jsonl
     python -m pdserve.benchmarks.transfer_trace /tmp/kv
@@ -30,8 +32,9 @@ def load(prefix: str) -> list[dict]:
     return events
 
 
-def timelines(events: list[dict]) -> dict[int, dict[str, list[float]]]:
-    """{blocks: {step: [offset ms per request]}} for requests with a sender start()."""
+def timelines(events: list[dict], anchor: str = "start") -> dict[int, dict[str, list[float]]]:
+    """{blocks: {step: [offset ms per request]}} for requests with a sender start(); offsets
+    from the request's `anchor` event (start, or finish_call: the finish() call)."""
     by_req: dict[str, list[dict]] = defaultdict(list)
     for e in events:
         if e["req"] is not None:
@@ -39,7 +42,8 @@ def timelines(events: list[dict]) -> dict[int, dict[str, list[float]]]:
     out: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for evs in by_req.values():
         start = next((e for e in evs if e["role"] == "tx" and e["ev"] == "start"), None)
-        if start is None:
+        zero = next((e for e in evs if e["role"] == "tx" and e["ev"] == anchor), None)
+        if start is None or zero is None:
             continue
         seen: dict[str, int] = defaultdict(int)
         for e in sorted(evs, key=lambda e: (e["t"] == 0.0, e["t"])):
@@ -50,7 +54,7 @@ def timelines(events: list[dict]) -> dict[int, dict[str, list[float]]]:
                 if isinstance(e["d"], (int, float)):
                     out[start["d"]][name].append(float(e["d"]))
             elif e["t"]:
-                out[start["d"]][name].append((e["t"] - start["t"]) * 1e3)
+                out[start["d"]][name].append((e["t"] - zero["t"]) * 1e3)
     return out
 
 
@@ -89,12 +93,15 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     events = load(argv[0])
+    from_finish = timelines(events, "finish_call")
     for nb, steps in sorted(timelines(events).items()):
         n = max(len(v) for v in steps.values())
-        print(f"\n== {nb} blocks ({n} requests): median ms from tx.start")
+        fin = from_finish.get(nb, {})
+        print(f"\n== {nb} blocks ({n} requests): median ms from tx.start, from tx.finish_call")
         for name, vals in steps.items():
             if len(vals) >= n // 2:
-                print(f"  {name:28s} {np.median(vals):9.3f}   (n={len(vals)})")
+                f = f"{np.median(fin[name]):9.3f}" if fin.get(name) else " " * 9
+                print(f"  {name:28s} {np.median(vals):9.3f} {f}   (n={len(vals)})")
     ops: dict[tuple, list[float]] = defaultdict(list)
     for e in events:
         if e["role"] in ("nccl", "base") and e["ev"].startswith("gpu_") and \

@@ -132,6 +132,7 @@ class KVSender(DirectCopy, Endpoint):
                event: torch.cuda.Event | None = None) -> None:
         """Every layer is written; aux (small, msgpack-able) reaches the receiver's result."""
         encode({"aux": aux})  # fail here, in the caller, if aux cannot be sent
+        mark("tx", "finish_call", req_id)
         self._submit(self._do_ready, req_id, range(self.layout.num_layers), self._event(event),
                      aux, True)
 

@@ -66,17 +66,22 @@ def test_plot_written(tmp_path, phys):
 
 @pytest.mark.parametrize("peer_copy", [True, False])
 def test_concurrent_requests_end_to_end_on_cpu(tmp_path, capsys, peer_copy):
-    """Peer copy (shared memory on CPU) by default, the backend with --no-peer-copy."""
+    """Peer copy (shared memory on CPU) by default, the backend with --no-peer-copy; the
+    clock from finish() (start() ahead, the default) with peer copy, from start() (called
+    with finish()) without."""
     pytest.importorskip("ucxx")
     args = _args("--backend", "ucx", "--device", "cpu", "--geometry", "tiny",
                  "--input-lens", "64,256,1024", "--concurrency", "3", "--iters", "2",
-                 "--warmup", "1", "--out", str(tmp_path), *([] if peer_copy else ["--no-peer-copy"]))
+                 "--warmup", "1", "--out", str(tmp_path),
+                 *([] if peer_copy else ["--no-peer-copy", "--start", "with-finish"]))
     assert transfer.run(args) == 0  # 0: every request of every length verified
     out = capsys.readouterr().out
     assert "fit pdserve: time =" in out and "fit raw ucx: time =" in out
-    assert "fit pdserve rx (start() -> the receiver's result): time =" in out
+    clock = "finish()" if peer_copy else "start()"
+    assert f"fit pdserve rx ({clock} -> the receiver's result): time =" in out
     assert "no physical line on cpu" in out
-    stem = tmp_path / ("transfer_ucx_cpu_tiny_peercopy_c3" if peer_copy else "transfer_ucx_cpu_tiny_c3")
+    stem = tmp_path / ("transfer_ucx_cpu_tiny_peercopy_c3" if peer_copy
+                       else "transfer_ucx_cpu_tiny_c3_startclock")
     with open(f"{stem}.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["input_len"]) for r in rows] == [64, 256, 1024]

@@ -34,8 +34,11 @@ def test_bench_transfer_writes_a_timeline_of_both_sides(tmp_path, monkeypatch, c
     for name in STEPS[path]:
         assert len(steps[name]) >= 2, name  # both timed requests
     assert min(steps["tx.rx_done"]) > 0
+    # --start ahead (the default): start() 2 ms before the finish() call, the clock's start
+    fin = transfer_trace.timelines(events, "finish_call")[4]
+    assert max(fin["tx.start"]) < -1.0 and min(fin["tx.rx_done"]) > 0
     assert transfer_trace.main([prefix]) == 0
-    assert "median ms from tx.start" in capsys.readouterr().out
+    assert "median ms from tx.start, from tx.finish_call" in capsys.readouterr().out
 
 
 def test_off_by_default_records_nothing(monkeypatch):
