@@ -19,6 +19,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu2)
 
 
+@pytest.fixture(autouse=True)
+def _cuda_device_restored():
+    """A test that moved this process's current CUDA device (an engine built on cuda:1 sets
+    it) must not move the next test's kernels and streams: put it back, and give back the
+    blocks the caching allocator kept, after each test. Nothing happens without CUDA."""
+    before = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+    yield
+    if torch.cuda.is_initialized():
+        import gc
+        gc.collect()
+        torch.cuda.set_device(before)
+        torch.cuda.empty_cache()
+
+
 # -- coordinator tests: fake workers on one background event loop ---------------------------
 @pytest.fixture(scope="module")
 def lt():

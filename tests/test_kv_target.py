@@ -276,6 +276,7 @@ def test_a_replayed_event_fires_with_its_mark_not_after_later_work() -> None:
     import torch
 
     dev = torch.device("cuda:0")
+    torch.cuda.set_device(dev)  # _sleep runs on the current device's stream
     stream = EngineStream("cuda:0")
     torch.cuda._sleep(1 << 20)  # a layer's kernels, on the engine's stream
     mark = stream.mark()
