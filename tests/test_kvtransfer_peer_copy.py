@@ -284,10 +284,16 @@ def test_peer_copy_waits_for_the_forward_unless_told(rx_proc, during_forward):
         rx_proc.engine("pc9", "expect", "lw", dst)
         time.sleep(0.1)  # the grant arrives: a copy may start at once
         tx.start("lw", addr, src, dst, layerwise=True)
+        submitted = []
+        submit = tx._submit
+        tx._submit = lambda fn, *a: (submitted.append(fn.__name__), submit(fn, *a))
         for layer in range(layers - 1):
             tx.layer_ready("lw", layer)
+            tx.layer_ready(["lw"], layer)  # a batch's call: the same
             time.sleep(0.05)
         written = rx_proc.call("blocks", "pc9", dst) != before  # before the last layer
+        # after the forward, layer readiness reaches no thread: nothing to wake per layer
+        assert submitted == (["_do_ready_many"] * 2 * (layers - 1) if during_forward else [])
         tx.finish("lw")
         (res,) = tx.wait(10, ["lw"])
         (rres,) = rx_proc.engine("pc9", "wait", 10, ["lw"])
