@@ -58,6 +58,7 @@ class KVReceiver(DirectReceive, Endpoint):
         super().__init__(kv_caches, backend, options, on_result, on_fatal)
         o = self.options
         self._held: list[Held] = []
+        self._dropping: int | None = None  # the peer _drop is dropping (it may live on)
         self._on_release = on_release
         self.landings_timed_out = 0
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -253,8 +254,13 @@ class KVReceiver(DirectReceive, Endpoint):
         broken (its data or its answer is lost); dropping it frees what it held."""
         for pid in list(peer_ids):
             if pid in self._peers:
-                self._peer_lost(self._peers[pid], f"in-flight data or grant of request "
-                                f"{req.req_id!r} did not settle in {self.options.drain_timeout_s} s")
+                self._dropping = pid
+                try:
+                    self._peer_lost(self._peers[pid], f"in-flight data or grant of request "
+                                    f"{req.req_id!r} did not settle in "
+                                    f"{self.options.drain_timeout_s} s")
+                finally:
+                    self._dropping = None
 
     def _post(self, m: RxMsg) -> None:
         m.buf = self.staging.acquire()
@@ -346,12 +352,15 @@ class KVReceiver(DirectReceive, Endpoint):
             req = self._reqs.get(rid)
             if req is not None:
                 self._fail(req, f"sender lost: {why}", notify=False)
+        # its copies die with its process, but a sender we drop (stuck, say in a hung GPU
+        # call) may live on: an event of its that has not fired stays held until it fires
+        gone = self._dropping != peer.id
         for req in self._reqs.values():  # no `end` or `unused` will come from it; a copy it
             req.granted.discard(peer.id)  # launched ends within milliseconds
             req.writers.discard(peer.id)
-            if req.peer is peer:
+            if req.peer is peer and gone:
                 req.landing = None  # its event dies with it
-        self._poll_held(lost_peer=peer.id)
+        self._poll_held(lost_peer=peer.id if gone else None)
 
     def _busy(self) -> bool:
         return bool(self._msgs) or any(p.fifo for p in self._peers.values()) or \

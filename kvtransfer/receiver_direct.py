@@ -10,9 +10,11 @@ A landing that never fires (the sender's GPU or kernel hung after its `end`): th
 fails landing_timeout_s after that `end` (or at its deadline, or on abort) with a clear
 error, and its result is reported then; its blocks are *held* (`held_blocks()`), not the
 owner's, until the event fires or the pair ends (a sender whose process exits takes its
-copies with its CUDA context); `on_release(req_id, blocks)` then gives them back. A pair
-that ends while its process lives on with a hung copy cannot be told apart: the pair's end
-is taken as the end of its copies. If neither ever happens, the blocks stay held for the
+copies with its CUDA context); `on_release(req_id, blocks)` then gives them back. Not when
+this receiver drops the pair itself (a grant or data not settled in drain_timeout_s: its
+sender may be alive, stuck in the hung GPU): its events then have to fire. A sender that
+closes the pair, or breaks the protocol, while its process lives on with a hung copy cannot
+be told apart from one that exited. If neither ever happens, the blocks stay held for the
 receiver's life (its owner serves with that many fewer blocks); every hold is logged (a
 warning with the total held) and counted (`landings_timed_out`), and close() logs what it
 leaves held.

@@ -146,3 +146,35 @@ def test_close_reports_and_logs_blocks_it_leaves_held(tx, caplog):
     assert len(rx.results) == 1 and not rx.results[0][0].ok
     assert rx.results[0][1] == {"c": [1, 2]}
     assert "closed with 2 blocks of 1 requests still held" in caplog.text
+
+
+class Deaf(KVSender):
+    """A sender that ignores take-backs (`fail`): its grants never settle, so the receiver
+    drops the pair itself after drain_timeout_s, as it would a sender stuck in a hung GPU."""
+
+    def _on_message(self, peer, msg) -> None:
+        if msg["t"] != "fail":
+            super()._on_message(peer, msg)
+
+
+@pytest.mark.timeout(60)
+def test_a_pair_the_receiver_drops_itself_does_not_release_held_blocks():
+    """Its sender may live on with the copy still running: only the event releases them."""
+    rx = Hung(make_pool(NB, seed=5, num_layers=2, stacked=True), landing_timeout_s=0.5)
+    tx = Deaf(make_pool(NB, seed=6, num_layers=2, stacked=True), "ucx", TransferOptions(**OPTS))
+    try:
+        _start(rx, tx, "h", [3, 4])
+        (res,) = rx.wait(BOUND_S, ["h"])
+        assert not res.ok and "did not land" in res.error and rx.held_blocks() == {"h": [3, 4]}
+        rx.expect("g", [9])  # granted to the deaf sender, then taken back: never settled
+        time.sleep(0.2)
+        rx.abort("g")
+        (gres,) = rx.wait(BOUND_S, ["g"])  # once the pair was dropped
+        assert not gres.ok and _until(lambda: not tx.connected(rx.address))
+        time.sleep(0.3)
+        assert rx.released == [] and rx.held_blocks() == {"h": [3, 4]}
+        rx.event.fired = True
+        assert _until(lambda: rx.released == [("h", [3, 4])]) and rx.held_blocks() == {}
+    finally:
+        tx.close()
+        rx.close()
