@@ -3,7 +3,10 @@
     pdserve coordinator --port 50051 --routing least_loaded --http-port 8000
 
 Prints `coordinator listening on HOST:PORT` (and `http gateway on http://HOST:PORT`) once
-serving, so scripts can wait for that line. SIGINT/SIGTERM stop it gracefully.
+serving, so scripts can wait for that line. SIGINT/SIGTERM stop it gracefully, within
+--shutdown-grace seconds: should anything still hold the process then (a server stop that
+hangs, or a thread that asyncio.run or interpreter exit would wait for, such as a stuck
+executor call), it logs which threads are left and exits with status 1.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ import asyncio
 import logging
 import os
 import signal
+import sys
+import threading
 
 from pdserve.coordinator.config import CoordinatorConfig, FailureConfig
 from pdserve.proto import cluster_secret, tls
 
 ROUTING = ("least_loaded", "round_robin", "prefix_aware")
+SHUTDOWN_GRACE_S = 10.0
+log = logging.getLogger("pdserve.coordinator")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-prefix", default=d.etcd_prefix,
                         help=f"the cluster's key prefix in etcd (default {d.etcd_prefix})")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S,
+                        metavar="SECONDS",
+                        help="after SIGINT/SIGTERM, exit (status 1, with a log line) if the "
+                             "graceful stop has not ended the process within this long "
+                             f"(default {SHUTDOWN_GRACE_S:g})")
     tls.add_arguments(parser)
     add_failure_arguments(parser)
 
@@ -133,8 +145,28 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
                         failure=failure_config_from_args(args), tls=tls.from_args(args))
 
 
+def arm_exit_watchdog(grace_s: float) -> threading.Timer:
+    """From a stop signal on: if this process still runs grace_s later, log what is left
+    and exit at once (os._exit: no thread is waited for). A daemon timer: it never holds
+    the process up itself."""
+    def expire() -> None:
+        left = sorted(t.name for t in threading.enumerate()
+                      if t is not threading.current_thread() and t is not threading.main_thread()
+                      and not t.daemon)
+        log.warning("shutdown did not finish within %g s (non-daemon threads left: %s); "
+                    "exiting now", grace_s, ", ".join(left) or "none")
+        for h in logging.getLogger().handlers:
+            h.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    timer = threading.Timer(grace_s, expire)
+    timer.name, timer.daemon = "shutdown-watchdog", True
+    timer.start()
+    return timer
+
+
 async def serve(config: CoordinatorConfig, http_port: int | None = None,
-                http_host: str | None = None) -> None:
+                http_host: str | None = None, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
     from pdserve.coordinator.server import CoordinatorServer
 
     server = CoordinatorServer(config, http_port=http_port, http_host=http_host)
@@ -151,7 +183,8 @@ async def serve(config: CoordinatorConfig, http_port: int | None = None,
         except (NotImplementedError, RuntimeError):
             pass
     await stop.wait()
-    await server.stop(grace_s=2.0)
+    arm_exit_watchdog(shutdown_grace_s)
+    await server.stop(grace_s=min(2.0, shutdown_grace_s / 2))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
+    grace = getattr(args, "shutdown_grace", SHUTDOWN_GRACE_S)
+    if grace <= 0:
+        raise SystemExit("error: --shutdown-grace must be positive")
     install_uvloop()
-    asyncio.run(serve(config, args.http_port, args.http_host))
+    asyncio.run(serve(config, args.http_port, args.http_host, grace))
     return 0

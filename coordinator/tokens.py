@@ -3,7 +3,9 @@
 The coordinator learns the model from the first worker that registers and loads its tokenizer
 once, in a thread, with `pdserve.engine.tokenizer.get_tokenizer(model)` (or an injected
 factory / tokenizer, as tests do); the coordinator uses the engine's Tokenizer protocol
-(its `encode` and `decode`).
+(its `encode` and `decode`). That thread is a daemon of its own, not the event loop's
+executor: a load that never returns (a stuck download) cannot hold up shutdown, which
+joins the executor's threads (asyncio.run, and again at interpreter exit).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,33 @@ def default_tokenizer_factory(model: str, cache_dir: str | None = None) -> Token
     """The engine's tokenizer of `model` (a built-in model's from `cache_dir`)."""
     from pdserve.engine.tokenizer import get_tokenizer
     return get_tokenizer(model, cache_dir)
+
+
+async def in_daemon_thread(fn: Callable, *args, name: str = "pdserve-call"):
+    """fn(*args) in a daemon thread of its own, awaited; unlike asyncio.to_thread, a call
+    that never returns never keeps the process from exiting (it dies with it)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(result, exc) -> None:
+        if not fut.done():
+            if exc is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(exc)
+
+    def run() -> None:
+        try:
+            result, exc = fn(*args), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            result, exc = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await fut
 
 
 class TokenizerProvider:
@@ -46,7 +76,8 @@ class TokenizerProvider:
 
     async def _load(self, model: str) -> None:
         try:
-            self._tokenizer = await asyncio.to_thread(self._factory, model)
+            self._tokenizer = await in_daemon_thread(self._factory, model,
+                                                     name="tokenizer-load")
             log.info("loaded tokenizer of %s", model)
         except Exception as e:  # noqa: BLE001 - reported to clients that send text
             self.error = f"cannot load the tokenizer of model {model!r}: {type(e).__name__}: {e}"

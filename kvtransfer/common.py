@@ -102,6 +102,12 @@ class TransferOptions:
     deadline_s: float = 30.0  # default per-request deadline
     connect_timeout_s: float = 10.0
     drain_timeout_s: float = 5.0  # in-flight ops of a failed request; then the peer is aborted
+    # receiver: a peer copy's `end` may name the sender's CUDA event that follows its last
+    # copy; if it has not fired this long after that `end` (a hung sender GPU), the request
+    # fails with a clear error, but its blocks stay held until the event fires or the pair
+    # ends (KVReceiver.held_blocks / on_release). A copy takes milliseconds; 10 s also lies
+    # under the coordinator's stall timeout (15 s), so this error is the one reported.
+    landing_timeout_s: float = 10.0
     poll_interval_s: float = 1e-4  # loop sleep while ops are in flight (0: busy-poll)
     idle_interval_s: float = 0.05  # loop sleep when idle (sockets still wake it at once)
     host: str = "127.0.0.1"  # control listen address (receiver); "0.0.0.0" for all
@@ -139,7 +145,7 @@ class TransferOptions:
             raise ValueError("staging_bytes and num_staging_buffers must be positive")
         if self.min_message_bytes <= 0:
             raise ValueError("min_message_bytes must be positive")
-        for name in ("deadline_s", "connect_timeout_s", "drain_timeout_s"):
+        for name in ("deadline_s", "connect_timeout_s", "drain_timeout_s", "landing_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.poll_interval_s < 0 or self.idle_interval_s <= 0:

@@ -9,6 +9,10 @@ Data of unknown or failed requests is still received (and dropped): both sides s
 A new connection is a stranger until its handshake ends: with a cluster secret it must pass
 the challenge-response of auth.py first, and only then does its backend address reach the
 backend. Strangers are capped (max_pending_handshakes) and timed out (connect_timeout_s).
+
+A result is the moment the owner gets a request's blocks back, except for a failed request
+listed in held_blocks() then: a peer copy may still write those (receiver_direct.py), and
+on_release(req_id, blocks) says when they are the owner's.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from .common import GeometryMismatchError, ReqId, TransferError, TransferOptions
 from .control import ControlConn, address_to_str, encode_address
 from .endpoint import Endpoint, FatalCallback, Peer, ResultCallback
 from .pack import Rect, ids_to_bytes
-from .receiver_direct import DirectReceive
-from .receiver_state import RxMsg, RxReq
+from .receiver_direct import DirectReceive, ReleaseCallback
+from .receiver_state import Held, RxMsg, RxReq
 from .schema import RECEIVER_HANDSHAKE, RECEIVER_READY, ProtocolError
 from .trace import gpu_begin, gpu_end, mark
 
@@ -47,9 +51,16 @@ class KVReceiver(DirectReceive, Endpoint):
     def __init__(self, kv_caches: Sequence[torch.Tensor], backend: str | Backend = "ucx",
                  options: TransferOptions | None = None,
                  on_result: ResultCallback | None = None,
-                 on_fatal: FatalCallback | None = None) -> None:
+                 on_fatal: FatalCallback | None = None,
+                 on_release: ReleaseCallback | None = None) -> None:
+        """on_release(req_id, blocks): held blocks of a failed request are the owner's again
+        (progress thread, like on_result; see held_blocks())."""
         super().__init__(kv_caches, backend, options, on_result, on_fatal)
         o = self.options
+        self._held: list[Held] = []
+        self._dropping: int | None = None  # the peer _drop is dropping (it may live on)
+        self._on_release = on_release
+        self.landings_timed_out = 0
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -218,30 +229,38 @@ class KVReceiver(DirectReceive, Endpoint):
         now = time.monotonic()
         for req in list(self._reqs.values()):
             if req.state in ("expected", "active") and now > req.deadline:
-                self._fail(req, "deadline exceeded: the KV did not arrive in time")
+                self._fail(req, "deadline exceeded: the KV did not arrive in time" +
+                           (" (the sender's last peer copy did not land; its blocks stay held)"
+                            if req.landing is not None else ""))
             if req.landing is not None:  # a peer copy that may still be writing
-                if not self._landed(req):
-                    continue
-                mark("rx", "landed", req.req_id)
-                req.landing = None
+                self._check_landing(req, now)
             held = req.granted | req.writers  # peers that may still write into our blocks
             if req.state == "active" and req.ended and req.inflight == 0 and not held and \
-                    req.rows_done == len(req.dst) * self.layout.num_layers:
+                    req.landing is None and req.rows_done == len(req.dst) * self.layout.num_layers:
                 self._finish(req, None)
             elif req.state == "failed" and req.inflight == 0 and not held:
+                if req.landing is not None:  # reported now, its blocks held until it lands
+                    self._hold(req)
                 self._finish(req, req.error)
             elif req.state == "failed" and now > req.failed_at + self.options.drain_timeout_s:
                 self._drop(held | ({req.peer.id} if req.inflight and req.peer else set()), req)
             elif req.ended and req.granted and now > req.ended_at + self.options.drain_timeout_s:
                 self._drop(req.granted, req)
+        if self._held:
+            self._poll_held()
 
     def _drop(self, peer_ids: set[int], req: RxReq) -> None:
         """Peers that did not settle what they owe of req in drain_timeout_s: the pair is
         broken (its data or its answer is lost); dropping it frees what it held."""
         for pid in list(peer_ids):
             if pid in self._peers:
-                self._peer_lost(self._peers[pid], f"in-flight data or grant of request "
-                                f"{req.req_id!r} did not settle in {self.options.drain_timeout_s} s")
+                self._dropping = pid
+                try:
+                    self._peer_lost(self._peers[pid], f"in-flight data or grant of request "
+                                    f"{req.req_id!r} did not settle in "
+                                    f"{self.options.drain_timeout_s} s")
+                finally:
+                    self._dropping = None
 
     def _post(self, m: RxMsg) -> None:
         m.buf = self.staging.acquire()
@@ -333,11 +352,15 @@ class KVReceiver(DirectReceive, Endpoint):
             req = self._reqs.get(rid)
             if req is not None:
                 self._fail(req, f"sender lost: {why}", notify=False)
+        # its copies die with its process, but a sender we drop (stuck, say in a hung GPU
+        # call) may live on: an event of its that has not fired stays held until it fires
+        gone = self._dropping != peer.id
         for req in self._reqs.values():  # no `end` or `unused` will come from it; a copy it
             req.granted.discard(peer.id)  # launched ends within milliseconds
             req.writers.discard(peer.id)
-            if req.peer is peer:
+            if req.peer is peer and gone:
                 req.landing = None  # its event dies with it
+        self._poll_held(lost_peer=peer.id if gone else None)
 
     def _busy(self) -> bool:
         return bool(self._msgs) or any(p.fifo for p in self._peers.values()) or \
@@ -350,7 +373,13 @@ class KVReceiver(DirectReceive, Endpoint):
     def _fail_all(self, why: str) -> None:
         for req in list(self._reqs.values()):
             req.state, req.error = "failed", req.error or why
+            if req.landing is not None:
+                self._hold(req)
             self._finish(req, req.error)
+        if self._held:
+            log.warning("kv receiver closed with %d blocks of %d requests still held: their "
+                        "peer copies never landed", sum(len(h.blocks) for h in self._held),
+                        len({h.req_id for h in self._held}))
 
     def _close_sockets(self) -> None:
         self._listener.close()

@@ -1,8 +1,10 @@
-"""The receiver's state of one request (RxReq) and of one data message (RxMsg)."""
+"""The receiver's state of one request (RxReq), of one data message (RxMsg), and of the
+blocks of a failed request that a peer copy may still write (Held)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,3 +51,15 @@ class RxMsg:
     scatter_ev: torch.cuda.Event | None = None
     scattered: bool = False
     error: str | None = None
+
+
+@dataclass(eq=False)
+class Held:
+    """A reported (failed) request's blocks that the sender's last copy may still write:
+    not the owner's until `landing` fired or peer `peer_id` is gone (receiver_direct.py)."""
+
+    req_id: ReqId
+    blocks: list[int]
+    landing: Any  # the sender's event (anything with query())
+    peer_id: int
+    since: float  # time.monotonic() when it was held
