@@ -17,8 +17,11 @@ from typing import Any, Protocol
 from pdserve.benchmarks.capstone_metrics import CUT, RequestResult
 from pdserve.benchmarks.capstone_workloads import Request
 
+# reserve_wait_ms (since plan7): how long token 0 waited at the coordinator for the decode
+# worker's Reserve, the host-side wait in front of token 0 that the planner does not model
+# (docs/capstone.md, "What branch plan7 found"); absent from the runs recorded before it
 SERVER_KEYS = ("queue_ms", "prefill_ms", "transfer_ms", "kv_bytes", "prefill_worker",
-               "decode_worker")
+               "decode_worker", "reserve_wait_ms")
 
 
 class Target(Protocol):

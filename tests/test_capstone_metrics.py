@@ -130,3 +130,30 @@ def test_a_guess_brackets_the_max_rate_where_doubling_runs_out() -> None:
     res = find_max_rate(knee(5.0), start_rate=16.0, max_runs=3, rel_tol=0.25, guess=6.0)
     assert res.runs[1][0] == pytest.approx(6.0 / 1.25) and res.bracketed
     assert res.max_rate == pytest.approx(4.8)
+
+
+def test_grpc_target_keeps_the_reserve_wait() -> None:
+    """The capstone records how long token 0 waited for the decode worker's Reserve
+    (reserve_wait_ms), beside the other server timings, from the final chunk's metrics."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pdserve.benchmarks.capstone_client import SERVER_KEYS, GrpcTarget
+
+    assert "reserve_wait_ms" in SERVER_KEYS
+    metrics = {"queue_ms": 0.0, "prefill_ms": 20.0, "reserve_wait_ms": 310.5, "ttft_ms": 1.0}
+
+    class Client:
+        async def stream(self, **_kw):
+            yield SimpleNamespace(finished=False, metrics=None, token_ids=[1])
+            yield SimpleNamespace(finished=True, metrics=metrics, token_ids=[2, 3])
+
+    target = GrpcTarget.__new__(GrpcTarget)
+    target._client = Client()
+
+    async def run() -> list:
+        req = SimpleNamespace(prompt=[1, 2], output_len=3)
+        return [x async for x in target.stream(req, 1.0)]
+    got = asyncio.run(run())
+    assert got[0] == (1, None)
+    assert got[1] == (2, {"queue_ms": 0.0, "prefill_ms": 20.0, "reserve_wait_ms": 310.5})
