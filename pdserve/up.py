@@ -30,6 +30,15 @@ from pdserve.supervisor import Supervisor
 DEFAULT_PORT = 50051
 
 
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop `pdserve up`: SIGTERM, and SIGHUP (its terminal closed) unless
+    it was started ignoring SIGHUP (`nohup pdserve up &`): then it keeps running."""
+    sigs = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        sigs.append(signal.SIGHUP)
+    return sigs
+
+
 class _Terminate(Exception):
     """Raised by the SIGTERM/SIGHUP handler to unwind into the shutdown path."""
 
@@ -147,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     except (ImportError, OSError, RuntimeError, ValueError) as e:
         _say(f"error: model {args.model}: {e}", err=True)
         return 1
-    old = {s: signal.signal(s, _raise_terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, _raise_terminate) for s in stop_signals()}
     roles = role_counts(args.prefill, args.decode, args.both)
     devices = ", ".join(f"{s.name}={s.device}" for s in cluster.specs)
     rc = 0

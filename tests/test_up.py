@@ -360,3 +360,20 @@ def test_up_stops_on_a_crash_loop_and_says_so(tmp_path):
     assert re.search(r"pdserve up: error: crash loop: prefill-0 exited 3 times within 60 s", err), err
     assert "fake: crashing again" in err
     assert marked(tmp_path.name) == []
+
+
+def test_sighup_stops_up_unless_started_under_nohup():
+    """`pdserve up` stops on SIGTERM and on SIGHUP (its terminal closed); started ignoring
+    SIGHUP (`nohup pdserve up &`) it keeps ignoring it."""
+    import signal
+
+    from pdserve.up import stop_signals
+
+    old = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert stop_signals() == [signal.SIGTERM, signal.SIGHUP]
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup leaves to the program
+        assert stop_signals() == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGHUP, old)
