@@ -94,7 +94,12 @@ class EngineConfig:
     dtype: str = "float32"
     seed: int = 0  # seed of random preset weights
     attention_backend: str = "auto"  # "torch" | "triton" | "auto"
-    enforce_eager: bool = False  # no CUDA graphs
+    enforce_eager: bool = False  # no CUDA graphs at all
+    capture_decode_graphs: bool = True  # a prefill pool sets False: it never decodes
+    # Prompt chunks of up to max(...) tokens, alone in their step, replay a CUDA graph of the
+    # next size up (engine/prefill_graphs.py); () captures none. Sizes above
+    # max_num_batched_tokens are left out.
+    prefill_graph_tokens: tuple[int, ...] = (128, 256, 384, 512, 768, 1024)
     max_logprobs: int = 20  # most top logprobs a request may ask for (vLLM's default)
     # Overlap scheduling of steady decode steps (engine/step_pipeline.py): plan and launch
     # step N+1 while step N runs. None: on for CUDA, off on CPU (nothing runs asynchronously

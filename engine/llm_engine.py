@@ -19,6 +19,7 @@ from pdserve.engine.model_runner import (
     allocate_kv_caches,
     decide_num_blocks,
 )
+from pdserve.engine.prefill_graphs import graph_sizes
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import Sequence
@@ -51,9 +52,13 @@ class LLMEngine:
         self.attn = get_backend(cfg.attention_backend, cfg.device)
         self.runner = ModelRunner(self.model, self.model_cfg, self.attn, self.kv_caches,
                                   self.block_size, cfg.device)
-        if not cfg.enforce_eager:  # decode CUDA graphs (no-op off CUDA or with torch attention)
-            self.runner.capture_cuda_graphs(cfg.scheduler.max_num_seqs, self.max_model_len,
-                                            pad_block=self.num_blocks)
+        if not cfg.enforce_eager:  # CUDA graphs (no-op off CUDA or with torch attention)
+            if cfg.capture_decode_graphs:
+                self.runner.capture_cuda_graphs(cfg.scheduler.max_num_seqs, self.max_model_len,
+                                                pad_block=self.num_blocks)
+            sizes = graph_sizes(cfg.prefill_graph_tokens, cfg.scheduler.max_num_batched_tokens)
+            if sizes:
+                self.runner.capture_prefill_graphs(sizes, self.max_model_len)
         eos = tuple(sorted(set(self.model_cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
         self.eos_token_ids = eos
         self.scheduler = Scheduler(cfg.scheduler, cfg.cache, self.num_blocks, self.max_model_len, eos)

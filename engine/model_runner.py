@@ -22,6 +22,7 @@ from pdserve.engine.async_output import LaunchedStep
 from pdserve.engine.config import CacheConfig, ModelConfig
 from pdserve.engine.cuda_graphs import DecodeGraphs, capture_sizes, graphs_unsupported
 from pdserve.engine.layers import set_fused_kernels
+from pdserve.engine.prefill_graphs import PrefillGraphs
 from pdserve.engine.sampler import Sampler, SamplerOutput, TokenLogprobs, wants_logprobs
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import SchedulerOutput
@@ -93,6 +94,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.sampler = sampler or Sampler()
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         set_fused_kernels(model, attn.name == "triton")
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int, pad_block: int,
@@ -109,6 +111,25 @@ class ModelRunner:
                                    max_model_len, self.device)
         self.graphs.capture(progress)
         return True
+
+    def capture_prefill_graphs(self, sizes: list[int], max_model_len: int,
+                               progress: bool = True) -> bool:
+        """Capture graphs of one prompt chunk padded to each of `sizes` tokens
+        (engine/prefill_graphs.py); False where graphs are unsupported."""
+        reason = graphs_unsupported(self.device, self.attn)
+        if reason is not None:
+            log.info("prefill CUDA graphs off: %s", reason)
+            return False
+        self.prefill_graphs = PrefillGraphs(self.model, self.attn, self.kv_caches,
+                                            self.block_size, sizes, max_model_len, self.device)
+        self.prefill_graphs.capture(progress)
+        return True
+
+    def uses_prefill_graph(self, out: SchedulerOutput,
+                           layer_hook: Callable[[int], None] | None = None) -> bool:
+        """Whether this step replays a prefill graph."""
+        return (layer_hook is None and self.prefill_graphs is not None
+                and self.prefill_graphs.can_run(out.chunks))
 
     def prepare(self, out: SchedulerOutput) -> PreparedBatch:
         bs = self.block_size
@@ -161,6 +182,11 @@ class ModelRunner:
                 input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[str]]:
         """Hidden states [N, H] of the N chunks that sample, and their seq ids in order.
         input_ids: [T] device tensor replacing the chunks' token ids (overlap)."""
+        if input_ids is None and self.uses_prefill_graph(out, layer_hook):
+            c = out.chunks[0]
+            hidden = self.prefill_graphs.run(c)  # (n, H), a view of the graph's output
+            n = c.num_tokens if c.sample else 0
+            return hidden[n - 1:n] if n else hidden[:0], [c.seq_id] if n else []
         if self.uses_graph(out, layer_hook):
             hidden = self.graphs.run(out.chunks, input_ids)  # (B, H), one row per chunk
             rows = [i for i, c in enumerate(out.chunks) if c.sample]

@@ -6,8 +6,9 @@ The scheduler in engine/ has no phases; this module sets what makes it a prefill
 - **chunking**: a prompt longer than the budget is split into budget-sized chunks over
   several steps; `long_prefill_threshold` caps one prompt's share of a step, so a long prompt
   does not hold up short ones behind it;
-- **eager, no CUDA graphs**: a prefill worker never runs a decode step, so it captures none
-  (graphs pay off only for the small, launch-bound decode batches);
+- **no decode CUDA graphs**: a prefill worker never runs a decode step, so it captures
+  none; short prompts (engine/prefill_graphs.py) still replay prefill graphs, whose
+  forward the host would otherwise launch slower than the GPU runs it;
 - **prefill-only sequences**: each prompt finishes at its first token and keeps its blocks
   until the transfer has landed (`Scheduler.release`), so nothing is decoded here.
 """
@@ -23,7 +24,7 @@ from pdserve.engine.scheduler import ScheduledChunk
 
 def prefill_engine_config(cfg: EngineConfig) -> EngineConfig:
     """The user's engine settings, made a prefill pool's."""
-    return replace(cfg, enforce_eager=True)
+    return replace(cfg, capture_decode_graphs=False)
 
 
 def completes_prompt(chunk: ScheduledChunk) -> bool:

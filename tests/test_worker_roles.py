@@ -221,6 +221,9 @@ async def test_roles_refuse_rpcs_they_do_not_serve(engines) -> None:
 
 def test_phase_sized_engine_settings() -> None:
     base = EngineConfig(model="tiny", enforce_eager=False)
-    assert get_role("prefill").engine_config(base).enforce_eager  # no graphs on prefill
-    assert not get_role("decode").engine_config(base).enforce_eager
+    pre = get_role("prefill").engine_config(base)
+    assert not pre.capture_decode_graphs and not pre.enforce_eager  # prefill graphs only
+    assert pre.prefill_graph_tokens == base.prefill_graph_tokens
+    dec = get_role("decode").engine_config(base)
+    assert dec.capture_decode_graphs and not dec.enforce_eager
     assert get_role("both").engine_config(base) == base
