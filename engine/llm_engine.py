@@ -39,8 +39,13 @@ class LLMEngine:
         self.dtype = TORCH_DTYPES[cfg.dtype]
         if cfg.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(cfg.device))
-        check_fits(cfg.model, load_model_config(cfg.model, cfg.model_cache_dir), self.dtype,
-                   cfg.device)
+        mcfg = load_model_config(cfg.model, cfg.model_cache_dir)
+        limit = mcfg.max_position_embeddings
+        if cfg.scheduler.max_model_len is not None and cfg.scheduler.max_model_len > limit:
+            # rope's table has `limit` rows: later positions would read past it
+            raise ValueError(f"max_model_len {cfg.scheduler.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({limit}); use at most {limit}")
+        check_fits(cfg.model, mcfg, self.dtype, cfg.device)
         self.model, self.model_cfg = load_model(cfg.model, self.dtype, cfg.device, cfg.seed,
                                                 cfg.model_cache_dir)
         self.tokenizer = get_tokenizer(cfg.model, cfg.model_cache_dir)
