@@ -139,6 +139,9 @@ async def serve(args: argparse.Namespace) -> int:
     server = WorkerServer(config_from_args(args))
     try:
         port = await server.start()
+    except ValueError as exc:  # settings the model cannot take (e.g. --max-model-len)
+        print(f"pdserve worker: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except (RegistrationFailed, RegistrationRefused) as exc:
         print(f"pdserve worker: {exc}", file=sys.stderr, flush=True)
         await server.stop(grace_s=0)

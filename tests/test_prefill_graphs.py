@@ -146,3 +146,14 @@ def test_prefill_graph_hidden_close_to_eager_bf16_padded() -> None:
     assert sorted(runner.prefill_graphs.graphs) == [8, 16, 32]
     _compare(runner, kv, _chunk(5, 0, [3, 8]), atol=3e-2)
     _compare(runner, kv, _chunk(20, 6, [5, 9, 11, 12, 13, 14, 15]), atol=3e-2)
+
+
+def test_worker_refuses_max_model_len_past_the_model_by_name() -> None:
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "pdserve.cli", "worker", "--role", "both",
+                        "--model", "tiny", "--device", "cpu", "--port", "0",
+                        "--max-model-len", "4096"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "pdserve worker: error: max_model_len 4096 exceeds" in r.stderr
+    assert "Traceback" not in r.stderr
