@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from .pack import Rect, ids_to_bytes, next_rect
 from .schema import SENDER_READY
 from .sender_direct import DirectCopy
 from .sender_state import TxMsg, TxReq
-from .trace import gpu_begin, gpu_end, mark
+from .trace import mark
 
 log = logging.getLogger("pdserve.kvtransfer")
 
@@ -321,25 +321,6 @@ class KVSender(DirectCopy, Endpoint):
         ctas = None if self._msgs else self.layout.full_ctas
         return self._launch(req, rect.l0, rect.l1, "gather",
                             lambda: self.layout.gather(req.index, rect, view, ctas))
-
-    def _launch(self, req: TxReq, l0: int, l1: int, name: str,
-                copy: Callable[[], None]) -> torch.cuda.Event | None:
-        """copy() once layers [l0, l1) of req are written: on the GPU queued on the copy
-        stream (the progress thread's current stream, see Endpoint._run) behind their
-        events; returns the event of its end (None on CPU, where it is done)."""
-        if self._copy_stream is None:
-            copy()
-            return None
-        for ev in {id(e): e for e in (req.events.get(x) for x in range(l0, l1)) if e}.values():
-            self._copy_stream.wait_event(ev)
-        mark("tx", name + "_waited", req.req_id)
-        g0 = gpu_begin()
-        copy()
-        gpu_end("tx", name, req.req_id, g0)
-        mark("tx", name + "_launched", req.req_id)
-        done = torch.cuda.Event()
-        done.record(self._copy_stream)
-        return done
 
     def _advance(self, m: TxMsg) -> bool:
         if m.buf < 0:  # a peer copy: nothing to release, nothing can fail after the launch

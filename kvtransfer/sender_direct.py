@@ -1,10 +1,12 @@
 """The sender's peer copy (one host): map the receiver's pool, copy ready layers straight
 into its reserved blocks, `end` once every copy landed. The rest of KVSender (the staged
-backend path, requests, results) is in sender.py; this is its half for peer copies."""
+backend path, requests, results) is in sender.py; this is its half for peer copies, and
+the launch of a copy behind its layers' events, which gathers for the backend use too."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,7 +15,7 @@ from . import peer_pool
 from .control import decode_address
 from .endpoint import Peer
 from .sender_state import TxMsg, TxReq
-from .trace import mark
+from .trace import gpu_begin, gpu_end, mark
 
 log = logging.getLogger("pdserve.kvtransfer")
 
@@ -26,6 +28,7 @@ class DirectCopy:
     device: Any
     options: Any
     _msgs: list[TxMsg]
+    _copy_stream: torch.cuda.Stream | None
 
     def _open_peer_pool(self, peer: Peer, offer: dict) -> None:
         try:
@@ -84,3 +87,22 @@ class DirectCopy:
         ctas = self.layout.copy_ctas if l1 < self.layout.num_layers else None
         return self._launch(req, l0, l1, "peer_copy", lambda: self.layout.peer_copy(
             req.index, req.dindex, req.peer.pool, req.peer.pool_blocks, l0, l1, ctas))
+
+    def _launch(self, req: TxReq, l0: int, l1: int, name: str,
+                copy: Callable[[], None]) -> torch.cuda.Event | None:
+        """copy() once layers [l0, l1) of req are written: on the GPU queued on the copy
+        stream (the progress thread's current stream, see Endpoint._run) behind their
+        events; returns the event of its end (None on CPU, where it is done)."""
+        if self._copy_stream is None:
+            copy()
+            return None
+        for ev in {id(e): e for e in (req.events.get(x) for x in range(l0, l1)) if e}.values():
+            self._copy_stream.wait_event(ev)
+        mark("tx", name + "_waited", req.req_id)
+        g0 = gpu_begin()
+        copy()
+        gpu_end("tx", name, req.req_id, g0)
+        mark("tx", name + "_launched", req.req_id)
+        done = torch.cuda.Event()
+        done.record(self._copy_stream)
+        return done
