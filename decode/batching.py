@@ -38,6 +38,11 @@ def reserve(scheduler: Scheduler, seq: Sequence) -> list[int] | None:
     return scheduler.reserve_remote(seq)
 
 
+def transfer_blocks(scheduler: Scheduler, seq: Sequence) -> list[int]:
+    """The blocks of a reserved sequence that its transfer writes (`reserve`'s result)."""
+    return seq.block_ids[:-(-seq.num_prompt_tokens // scheduler.block_size)]
+
+
 def admit(scheduler: Scheduler, seq_id: str, first_token: int) -> Sequence:
     """Engine thread: every layer arrived; the sequence decodes from the next step on."""
     return scheduler.admit_remote(seq_id, first_token)

@@ -1,7 +1,10 @@
 """Paged KV block allocator with reference counts and prefix caching. Pure Python, O(1).
 
 Every block is in exactly one of three states:
-- used: refcount > 0, listed in the block table of `refcount` sequences;
+- used: refcount > 0, listed in the block table of `refcount` sequences, or *fenced*: a
+  reference kept by a finished sequence under its id, for a block something outside the
+  engine may still write (a decode worker's block that a hung peer copy may still land
+  in); out of the pool until `unfence` drops it;
 - free, plain: refcount 0, no hash; kept in a stack, handed out first;
 - free, cached: refcount 0, holds the hash of its (computed) tokens; kept in an
   OrderedDict in LRU order. A prefix hit revives it in O(1); allocation evicts the
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import xxhash
 
@@ -47,6 +50,8 @@ class BlockManager:
         self._hash_to_block: dict[int, int] = {}
         self._free_plain: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives 0 first
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self._fenced: dict[str, set[int]] = {}  # owner id -> its fenced blocks (one ref each)
+        self.num_fenced_blocks = 0
         self.num_hit_tokens = 0  # stats: prefix-cache hits, in tokens
         self.num_queried_tokens = 0
 
@@ -148,23 +153,53 @@ class BlockManager:
                 self._hash_to_block[h] = b
         seq.num_committed_blocks = max(seq.num_committed_blocks, n_full)
 
-    def free(self, seq: Sequence) -> None:
-        """Drop seq's references, tail first: its tail blocks become the LRU-oldest."""
+    def free(self, seq: Sequence, fence: Collection[int] = ()) -> None:
+        """Drop seq's references, tail first: its tail blocks become the LRU-oldest. Its
+        blocks in `fence` keep their reference, fenced under seq.seq_id: out of the pool
+        (not free, never handed out) until unfence(seq.seq_id, ...)."""
+        kept = [b for b in seq.block_ids if b in fence] if fence else []
+        if kept:
+            self._fenced.setdefault(seq.seq_id, set()).update(kept)
+            self.num_fenced_blocks += len(kept)
         for b in reversed(seq.block_ids):
-            self._ref[b] -= 1
-            assert self._ref[b] >= 0, f"block {b} freed more often than referenced"
-            if self._ref[b] == 0:
-                if self._hash_of[b] is None:
-                    self._free_plain.append(b)
-                else:
-                    self._free_cached[b] = None
+            if not (fence and b in fence):
+                self._drop_ref(b)
         seq.set_block_table([])
         seq.num_committed_blocks = 0
+
+    def unfence(self, owner: str, block_ids: Iterable[int]) -> int:
+        """Free those of block_ids that are fenced under `owner` (others are ignored: a
+        late or repeated release frees nothing twice); returns how many were freed."""
+        fenced = self._fenced.get(owner)
+        n = 0
+        for b in block_ids if fenced else ():
+            if b in fenced:
+                fenced.discard(b)
+                self._drop_ref(b)
+                n += 1
+        if fenced is not None and not fenced:
+            del self._fenced[owner]
+        self.num_fenced_blocks -= n
+        return n
+
+    def fenced(self) -> dict[str, list[int]]:
+        """Fenced blocks by owner id (a copy)."""
+        return {k: sorted(v) for k, v in self._fenced.items()}
+
+    def _drop_ref(self, b: int) -> None:
+        self._ref[b] -= 1
+        assert self._ref[b] >= 0, f"block {b} freed more often than referenced"
+        if self._ref[b] == 0:
+            if self._hash_of[b] is None:
+                self._free_plain.append(b)
+            else:
+                self._free_cached[b] = None
 
     # ---- checking -----------------------------------------------------------------------
     def check_invariants(self, owners: Iterable[Sequence] | None = None) -> None:
         """Raise AssertionError if the pool is inconsistent. With `owners` (every sequence
-        holding blocks), refcounts must equal the number of block tables listing a block."""
+        holding blocks), refcounts must equal the number of block tables listing a block
+        plus its fences."""
         n = self._num_blocks
         plain, cached = set(self._free_plain), set(self._free_cached)
         assert len(plain) == len(self._free_plain), "duplicate block in the plain free list"
@@ -185,8 +220,16 @@ class BlockManager:
         n_hashed = sum(h is not None for h in self._hash_of)
         assert n_hashed == len(self._hash_to_block), (
             f"{n_hashed} blocks hold a hash but the hash map has {len(self._hash_to_block)}")
+        fenced = [b for bs in self._fenced.values() for b in bs]
+        assert len(fenced) == self.num_fenced_blocks, (
+            f"{len(fenced)} fenced blocks but num_fenced_blocks is {self.num_fenced_blocks}")
+        assert all(bs for bs in self._fenced.values()), "an empty fence entry"
+        for b in fenced:
+            assert 0 <= b < n and self._ref[b] > 0, f"fenced block {b} is free or out of range"
         if owners is not None:
             count = [0] * n
+            for b in fenced:
+                count[b] += 1
             for seq in owners:
                 assert len(set(seq.block_ids)) == len(seq.block_ids), f"{seq.seq_id} lists a block twice"
                 for b in seq.block_ids:

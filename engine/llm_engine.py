@@ -161,4 +161,5 @@ class LLMEngine:
     def kv_stats(self) -> dict[str, int]:
         bm = self.scheduler.block_manager
         return {"free_blocks": bm.num_free_blocks, "total_blocks": bm.num_total_blocks,
-                "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting}
+                "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+                "fenced_blocks": bm.num_fenced_blocks}  # neither free nor any request's

@@ -26,6 +26,7 @@ The model runner only sees `SchedulerOutput`. Pure Python; no torch.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from pdserve.engine.block_manager import BlockManager
@@ -130,12 +131,14 @@ class Scheduler:
         seq.status = S.WAITING
         self.waiting[seq.seq_id] = seq
 
-    def abort(self, seq_id: str) -> bool:
-        """Finish seq_id as aborted and free its blocks wherever it is; False if unknown."""
+    def abort(self, seq_id: str, fence: Collection[int] = ()) -> bool:
+        """Finish seq_id as aborted and free its blocks wherever it is; False if unknown.
+        Its blocks in `fence` stay out of the pool, fenced under seq_id (a transfer may
+        still write them), until unfence(seq_id, blocks)."""
         for queue in (self.running, self.landed, self.waiting, self.remote, self.held):
             seq = queue.pop(seq_id, None)
             if seq is not None:
-                self.block_manager.free(seq)
+                self.block_manager.free(seq, fence)
                 if not seq.is_finished:
                     seq.finish(S.FINISHED_ABORTED)
                 return True
@@ -182,6 +185,10 @@ class Scheduler:
             return False
         self.block_manager.free(seq)
         return True
+
+    def unfence(self, seq_id: str, block_ids: Iterable[int]) -> int:
+        """Free blocks that abort(seq_id, fence=...) kept; returns how many."""
+        return self.block_manager.unfence(seq_id, block_ids)
 
     # ---- one step -----------------------------------------------------------------------
     def _chunk_len(self, seq: Sequence, budget: int) -> int:

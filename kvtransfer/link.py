@@ -91,16 +91,30 @@ class SenderLink:
 
 
 class ReceiverLink:
-    """Decode side."""
+    """Decode side.
+
+    A request's blocks are the owner's again at its on_done, except for a failed request
+    that held_blocks() lists at that moment (a peer copy into them may still run): those
+    only once on_release(req_id, blocks) runs (progress thread, like on_done; see
+    KVReceiver). After abort() an on_done still follows, within the transfer's deadline
+    or drain timeout, or at close()."""
 
     def __init__(self, cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str,
                  advertise_host: str | None = None,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None,
+                 on_release: Callable[[str, list[int]], None] | None = None) -> None:
         self._cbs = _Callbacks()
         self.receiver = KVReceiver(
             kv_caches, cfg.backend, _options(cfg, kv_caches, host, advertise_host),
-            on_result=self._cbs.fire, on_fatal=on_fatal)
+            on_result=self._cbs.fire, on_fatal=on_fatal,
+            on_release=None if on_release is None else
+            lambda rid, blocks: on_release(str(rid), list(blocks)))
         self.address: bytes = self.receiver.address
+
+    def held_blocks(self) -> dict[str, list[int]]:
+        """Blocks of failed requests a peer copy may still write, by request id: not the
+        owner's until on_release gives them back. From a failed on_done it lists that one."""
+        return {str(k): v for k, v in self.receiver.held_blocks().items()}
 
     def expect(self, req_id: str, block_ids: list[int], deadline_s: float,
                on_done: Callable[[str, dict | None, str | None], None]) -> None:

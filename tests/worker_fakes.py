@@ -96,6 +96,10 @@ class FakeWire:
         self.layers_ready: dict[str, set[int]] = {}
         self.calls: list[tuple] = []  # the sender calls in order: ("start"|"layer"|"finish", ...)
         self.fail_next: str | None = None  # error of the next finished transfer
+        # receiver side: blocks of failed requests a copy may still write (KVReceiver's
+        # held_blocks), given back through on_release (the test wires it to the role's)
+        self.held: dict[str, list[int]] = {}
+        self.on_release: Callable[[str, list[int]], None] | None = None
 
     # -- sender link surface (prefill role) ---------------------------------------------
     def connect(self, address: bytes) -> None:
@@ -134,15 +138,29 @@ class FakeWire:
     def expect(self, req_id, block_ids, deadline_s, on_done) -> None:
         self.expected[req_id] = (list(block_ids), on_done)
 
-    def fail(self, req_id: str, error: str) -> None:
-        """Receiver side: the transfer of req_id failed."""
-        _, on_done = self.expected.pop(req_id)
+    def fail(self, req_id: str, error: str, hold: bool = False) -> None:
+        """Receiver side: the transfer of req_id failed (hold: while a copy into its blocks
+        may still run; they are held until release())."""
+        blocks, on_done = self.expected.pop(req_id)
+        if hold:
+            self.held[req_id] = blocks
         on_done(req_id, None, error)
 
+    def held_blocks(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in self.held.items()}
+
+    def release(self, req_id: str) -> None:
+        """Receiver side: the held blocks of req_id are safe again (on_release)."""
+        blocks = self.held.pop(req_id)
+        if self.on_release is not None:
+            self.on_release(req_id, blocks)
+
     def abort(self, req_id: str) -> None:
+        """As a link does: an expected request's failed result follows (here, at once)."""
         self.aborted.append(req_id)
-        self.expected.pop(req_id, None)
         self.sending.pop(req_id, None)
+        if req_id in self.expected:
+            self.fail(req_id, "aborted by the receiver")
 
     def close(self) -> None:
         pass
