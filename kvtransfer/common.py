@@ -181,6 +181,7 @@ class TransferConfig:
     staging_bytes: int = 64 << 20  # per staging buffer
     peer_copy: bool = True  # same host: copy into the receiver's pool (TransferOptions)
     peer_copy_during_forward: bool = False  # TransferOptions.peer_copy_during_forward
+    landing_timeout_s: float = 10.0  # TransferOptions.landing_timeout_s (decode side)
     secret: bytes | str | None = field(default=None, repr=False)  # cluster secret (None: none)
 
     def __post_init__(self) -> None:
@@ -188,3 +189,5 @@ class TransferConfig:
             raise ValueError(f"transfer backend must be 'ucx' or 'nccl', got {self.backend!r}")
         if self.timeout_s <= 0:
             raise ValueError("transfer timeout_s must be positive")
+        if self.landing_timeout_s <= 0:
+            raise ValueError("transfer landing_timeout_s must be positive")

@@ -26,6 +26,7 @@ def _options(cfg: TransferConfig, kv_caches: Sequence[torch.Tensor], host: str,
                            deadline_s=cfg.timeout_s, host=host, secret=cfg.secret,
                            peer_copy=cfg.peer_copy,
                            peer_copy_during_forward=cfg.peer_copy_during_forward,
+                           landing_timeout_s=cfg.landing_timeout_s,
                            advertise_host=advertise_host)
 
 

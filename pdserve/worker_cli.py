@@ -74,7 +74,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
                                 layerwise_min_tokens=args.layerwise_min_tokens,
                                 peer_copy=not args.no_peer_copy,
                                 peer_copy_during_forward=args.peer_copy_during_forward,
-                                secret=secret),
+                                landing_timeout_s=args.landing_timeout, secret=secret),
         host=args.host, advertise_host=net.advertise_host(args.host, args.advertise_host),
         port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
         heartbeat_s=args.heartbeat, auth_token=args.auth_token, cluster_secret=secret,
@@ -118,6 +118,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let peer copies (one host) run layer by layer while the prompt "
                         "computes, as staged transfers do (default: after the forward, on "
                         "every SM; on NVLink that is faster than sharing SMs with the model)")
+    p.add_argument("--landing-timeout", type=_positive, default=10.0,
+                   help="decode side: seconds after a peer copy's `end` before a copy that has "
+                        "not landed fails the request (its blocks stay fenced until the copy "
+                        "lands or the prefill worker is gone)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     p.add_argument("--auth-token", default=None,
                    help="the coordinator's API key, for a coordinator without a cluster secret")
@@ -165,3 +169,13 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.proto.grpc_util import install_uvloop
     install_uvloop()
     return asyncio.run(serve(args))
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v

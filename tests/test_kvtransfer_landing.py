@@ -178,3 +178,23 @@ def test_a_pair_the_receiver_drops_itself_does_not_release_held_blocks():
     finally:
         tx.close()
         rx.close()
+
+
+def test_worker_flag_sets_the_receivers_landing_timeout():
+    """--landing-timeout reaches the decode side's TransferOptions; 0 is refused by name."""
+    import argparse
+
+    import torch
+
+    from pdserve import worker_cli
+    from pdserve.kvtransfer.link import _options
+
+    p = argparse.ArgumentParser()
+    worker_cli.add_arguments(p)
+    cfg = worker_cli.config_from_args(p.parse_args(["--role", "decode", "--landing-timeout", "3.5"]))
+    assert cfg.transfer.landing_timeout_s == 3.5
+    opts = _options(cfg.transfer, [torch.zeros(4, 2, 16, 2, 8)], "127.0.0.1", None)
+    assert opts.landing_timeout_s == 3.5
+    assert worker_cli.config_from_args(p.parse_args(["--role", "decode"])).transfer.landing_timeout_s == 10.0
+    with pytest.raises(SystemExit):
+        p.parse_args(["--role", "decode", "--landing-timeout", "0"])
