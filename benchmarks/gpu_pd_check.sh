@@ -6,7 +6,8 @@
 #             SKIP_TTFT=1): peer copy (clock from finish(), and from start()), staged NCCL,
 #             8 x 2k, UCX, at 512/2k/8k/32k against one raw NCCL send (~4 min)
 #   tests     every GPU test (pytest -m "gpu or gpu2"): P/D parity, migration, transfer,
-#             kernels, graphs (~3 min)
+#             kernels, graphs (about 6 min since every CUDA engine captures prefill graphs:
+#             give it a call of its own)
 #   ttft      bench ttft --interleave at 512/2k/8k/32k (P/D and colocated over the same
 #             seconds, ABBA), TTFT_ITERS requests per length (default 24)
 #   decode    bench decode, batch 1 and 8 at 512 and 2k context, on the second GPU (the HBM
@@ -31,7 +32,7 @@ export PDSERVE_COMMIT=${PDSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null
 REPO=$(pwd)
 if [[ $PARTS == *" tests "* ]]; then
   echo "=== gpu tests (${SECONDS}s in)"
-  (cd /tmp && PYTHONPATH=$PP:/tmp/ucxsite timeout 300 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
+  (cd /tmp && PYTHONPATH=$PP:/tmp/ucxsite timeout 540 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
     -m "gpu or gpu2" -rs "$REPO/tests" >"$OUT/gpu_tests.log" 2>&1)
   echo "--- gpu tests rc=$?"; grep -aE "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head; tail -3 "$OUT/gpu_tests.log"
 fi
