@@ -56,7 +56,6 @@ class DecodeRole(Role):
         # engine thread: sequences aborted while their transfer was pending, their blocks
         # fenced until its result (by id(): a later request may reuse the request id)
         self._orphans: dict[int, Sequence] = {}
-        core.engine_abort = self._abort_on_engine
 
     @classmethod
     def engine_config(cls, cfg: EngineConfig) -> EngineConfig:
@@ -152,9 +151,9 @@ class DecodeRole(Role):
         log.info("decode: %d KV blocks of request %r back in the pool (%d still fenced)", n,
                  req_id, self.core.engine.scheduler.block_manager.num_fenced_blocks)
 
-    def _abort_on_engine(self, req_id: str) -> bool:
-        """WorkerCore.engine_abort: a request still waiting for its KV keeps the blocks its
-        transfer may write fenced until the transfer's result (_settle)."""
+    def engine_abort(self, req_id: str) -> bool:
+        """A request still waiting for its KV keeps the blocks its transfer may write
+        fenced until the transfer's result (_settle)."""
         sch = self.core.engine.scheduler
         seq = sch.remote.get(req_id)
         if seq is None:

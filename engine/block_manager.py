@@ -157,12 +157,13 @@ class BlockManager:
         """Drop seq's references, tail first: its tail blocks become the LRU-oldest. Its
         blocks in `fence` keep their reference, fenced under seq.seq_id: out of the pool
         (not free, never handed out) until unfence(seq.seq_id, ...)."""
-        kept = [b for b in seq.block_ids if b in fence] if fence else []
+        fence = set(fence) if fence else ()
+        kept = [b for b in seq.block_ids if b in fence]
         if kept:
             self._fenced.setdefault(seq.seq_id, set()).update(kept)
             self.num_fenced_blocks += len(kept)
         for b in reversed(seq.block_ids):
-            if not (fence and b in fence):
+            if b not in fence:
                 self._drop_ref(b)
         seq.set_block_table([])
         seq.num_committed_blocks = 0

@@ -15,6 +15,7 @@ host lists, so it always runs eagerly.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,33 @@ def bucket_for(n: int, sizes: list[int]) -> int | None:
     """Smallest captured size >= n, or None when n exceeds them all."""
     i = bisect.bisect_left(sizes, n)
     return sizes[i] if i < len(sizes) else None
+
+
+def capture_ladder(sizes: list[int], forward: Callable[[int], torch.Tensor],
+                   device: torch.device, what: str, progress: bool = True
+                   ) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+    """One graph of forward(size) per size, largest first, all sharing one memory pool,
+    each after an eager warm-up (compiles kernels, creates cuBLAS workspaces); returns the
+    graphs and their static outputs by size.
+
+    The capture stream is made on `device`: torch.cuda.graph's default stream is created
+    once per process on whatever device was current then, and Triton launches on the
+    capture stream's device."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    pool = None
+    stream = torch.cuda.Stream(device)
+    for size in tqdm(sorted(sizes, reverse=True), desc=f"capturing {what} CUDA graphs",
+                     disable=not progress, leave=False):
+        forward(size)  # warm-up
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            outputs[size] = forward(size)
+        pool = graph.pool()
+        graphs[size] = graph
+    torch.cuda.synchronize(device)
+    return graphs, outputs
 
 
 def graphs_unsupported(device: torch.device, attn: AttentionBackend) -> str | None:
@@ -175,25 +203,10 @@ class DecodeGraphs:
     # ---- start-up -------------------------------------------------------------------------
     @torch.inference_mode()
     def capture(self, progress: bool = True) -> None:
-        """Capture one graph per size, largest first, all sharing one memory pool.
-
-        The capture stream is made on this engine's device: torch.cuda.graph's default
-        stream is created once per process on whatever device was current then, and Triton
-        launches on the capture stream's device."""
-        if not self.use_cuda_graph:
-            return
-        pool = None
-        stream = torch.cuda.Stream(self.device)
-        for bs in tqdm(list(reversed(self.sizes)), desc="capturing decode CUDA graphs",
-                       disable=not progress, leave=False):
-            self._forward(bs)  # warm-up: compiles kernels, creates cuBLAS workspaces
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                out = self._forward(bs)
-            pool = graph.pool()
-            self.graphs[bs], self.outputs[bs] = graph, out
-        torch.cuda.synchronize(self.device)
+        """Capture one graph per size (capture_ladder)."""
+        if self.use_cuda_graph:
+            self.graphs, self.outputs = capture_ladder(self.sizes, self._forward, self.device,
+                                                       "decode", progress)
 
     # ---- steps ----------------------------------------------------------------------------
     def can_run(self, chunks: list[ScheduledChunk]) -> bool:

@@ -25,8 +25,8 @@ import bisect
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from pdserve.engine.cuda_graphs import capture_ladder
 from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.kernels.attention import AttentionBackend, AttentionMetadata
 
@@ -79,23 +79,13 @@ class PrefillGraphs:
 
     @torch.inference_mode()
     def capture(self, progress: bool = True) -> None:
-        """One graph per size, largest first, sharing one memory pool; warmed up over a
-        zero-length prompt (nothing stored: every slot is -1)."""
+        """One graph per size (cuda_graphs.capture_ladder), warmed up and captured over a
+        one-token prompt that stores nothing (every slot is -1)."""
         if not self.use_cuda_graph:
             return
-        pool = None
-        stream = torch.cuda.Stream(self.device)
         self._i32.copy_(torch.tensor([1, 0, 1], dtype=torch.int32))
-        for t in tqdm(list(reversed(self.sizes)), desc="capturing prefill CUDA graphs",
-                      disable=not progress, leave=False):
-            self._forward(t)  # warm-up: compiles kernels, creates cuBLAS workspaces
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                out = self._forward(t)
-            pool = graph.pool()
-            self.graphs[t], self.outputs[t] = graph, out
-        torch.cuda.synchronize(self.device)
+        self.graphs, self.outputs = capture_ladder(self.sizes, self._forward, self.device,
+                                                   "prefill", progress)
 
     def can_run(self, chunks: list[ScheduledChunk]) -> bool:
         if len(chunks) != 1:

@@ -44,9 +44,6 @@ class WorkerCore:
         self.failure: str | None = None  # why this worker can no longer serve (see fail())
         self._failure_listeners: list[Callable[[str], Any]] = []
         self.role: Role | None = None  # set by attach()
-        # engine thread: what an abort does to the engine; a role whose transfers may still
-        # write a request's blocks replaces it (decode/role.py keeps them out of the pool)
-        self.engine_abort: Callable[[str], bool] = lambda req_id: self.engine.abort(req_id)
         self.engine_loop = engine_loop_cls(engine, on_result=self._on_result,
                                            before_run=self._before_run)
 
@@ -137,14 +134,16 @@ class WorkerCore:
     async def abort_request(self, req_id: str, code=grpc.StatusCode.CANCELLED,
                             message: str = "aborted", trailing_metadata: tuple = ()) -> bool:
         """Free everything of req_id (engine blocks, transfers; blocks a transfer may still
-        write once it is safe, see `engine_abort`) and end its RPCs (with this status;
+        write once it is safe, see `Role.engine_abort`) and end its RPCs (with this status;
         `trailing_metadata` goes with it, e.g. proto.faults.PEER)."""
         st = self.table.get(req_id)
         if st is not None:  # first: the failed result an abort causes must not end it
             self.table.deliver([(st, StreamEnd("abort", (code, message)))])
         if self.role is not None:
             self.role.abort(req_id)
-        found = await self.on_engine(lambda: self.engine_abort(req_id))
+        role = self.role
+        found = await self.on_engine(lambda: role.engine_abort(req_id) if role is not None
+                                     else self.engine.abort(req_id))
         if st is not None:
             self.table.resolve(st, error=RequestAborted(code, message, trailing_metadata))
             self.table.discard(st)

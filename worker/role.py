@@ -59,6 +59,11 @@ class Role:
         when the role consumed it; otherwise the worker streams it to the request's client."""
         return False
 
+    def engine_abort(self, req_id: str) -> bool:
+        """What an abort does to the engine (False: it did not know req_id). A role whose
+        transfers may still write a request's blocks keeps them out of the pool."""
+        return self.core.engine.abort(req_id)
+
     # -- any thread -----------------------------------------------------------------------
     def abort(self, req_id: str) -> None:
         """Stop whatever the role runs for req_id beside the engine (transfers)."""
