@@ -32,7 +32,7 @@ export PDSERVE_COMMIT=${PDSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null
 REPO=$(pwd)
 if [[ $PARTS == *" tests "* ]]; then
   echo "=== gpu tests (${SECONDS}s in)"
-  (cd /tmp && PYTHONPATH=$PP:/tmp/ucxsite timeout 540 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
+  (cd /tmp && PYTHONPATH=$PP:/tmp/ucxsite timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
     -m "gpu or gpu2" -rs "$REPO/tests" >"$OUT/gpu_tests.log" 2>&1)
   echo "--- gpu tests rc=$?"; grep -aE "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head; tail -3 "$OUT/gpu_tests.log"
 fi
