@@ -131,10 +131,11 @@ def gpu_lines(setups: Sequence[SetupResult]) -> list[str]:
 
 def findings(setups: Sequence[SetupResult], ctx: Context) -> list[str]:
     names = list(dict.fromkeys(w for s in setups for w in s.by_workload))
+    from pdserve.benchmarks.capstone_throughput import throughput_lines
     from pdserve.benchmarks.capstone_transfer import transfer_lines
 
     out = ["### Transfer", *transfer_lines(setups, ctx), "", "### GPU utilization per pool",
-           *gpu_lines(setups), ""]
+           *gpu_lines(setups), "", "### Output token throughput", *throughput_lines(setups), ""]
     for wname in names:
         lines = pd_vs_colocated_lines(setups, wname, ctx) + conditional_lines(setups, wname, ctx)
         if lines:

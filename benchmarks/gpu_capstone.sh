@@ -23,9 +23,10 @@
 # ladder, CUDA graphs, the coordinator's P/D warm-up) ~12-26 s and the harness's warm-up
 # (--warmup-burst: 4 shaped prompts, then 16 requests of each workload at once) ~3-6 s,
 # so 3 setups ~60-100 s; the report (plots, planner validation with its +-5% band,
-# simulated) ~15-30 s (REPORT_RESERVE_S 30 s kept). That leaves ~200-280 s (375-395 s of
-# budget less all that) for 3 setups x 3 workloads = 9 searches of ~22-31 s: 3 runs of
-# ~7-10 s, 4-8 s of arrivals each (decode-heavy runs drain ~4 s after the last send). 4
+# simulated) ~15-40 s (capstone.py keeps 20 s + 1 s per planned run: 47 s on 2 GPUs, 50 s
+# on 4; a sweep that still ends without report.md gets one from --report-from, below).
+# That leaves ~180-260 s (the budget less all that) for 3 setups x 3 workloads = 9
+# searches of ~20-29 s: 3 runs of ~6-9 s, 4-8 s of arrivals each (decode-heavy runs drain ~4 s after the last send). 4
 # GPUs at 560 s: the transfer step ~15-40 s, 5 setups ~150 s of starts, 2 workloads: 10
 # searches of ~29-33 s, 3 runs each.
 # Measured on CPU with the tiny model (SMOKE=1 WALL_S=240, 3 setups x 2 workloads, 2
@@ -55,8 +56,8 @@
 # Knobs (environment): WALL_S, MODEL (llama-3.1-8b), COND (512), WORKLOADS (space-separated
 # specs), GOODPUT ("ttft:750 tpot:20"), START_RATE (16 on 2 GPUs, 16 on 4), START_FROM (a
 # calibration.json or run directory; "none": plain doubling), WARMUP_BURST (16), MAX_RUNS
-# (3), RUN_DURATION (20 s, the longest run), TRANSFER_LENS (the transfer step's prompt
-# lengths; default auto: 512,2048,8192,32768 on GPUs, 64,256,1024 on CPU; none: skip it),
+# (3), RUN_DURATION (20 s, the longest run), CALL_S (595: the call's limit, for the
+# report fallback), TRANSFER_LENS (the transfer step's prompt lengths; default auto: 512,2048,8192,32768 on GPUs, 64,256,1024 on CPU; none: skip it),
 # PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script).
 set -u
 T0=$(date +%s)
@@ -140,6 +141,13 @@ timeout $(( WALL_S - ($(date +%s) - T0) - 5 )) $PYTHON -m pdserve.cli bench caps
   --out "$OUT" \
   >>"$LOG" 2>&1
 RC=$?
+if [[ ! -f $OUT/report.md && -f $OUT/results.json ]]; then  # the sweep ran out of time
+  LEFT=$(( ${CALL_S:-595} - ($(date +%s) - T0) ))
+  echo "no report.md: --report-from with ${LEFT} s left of the call" | tee -a "$LOG"
+  (( LEFT > 10 )) && timeout $LEFT $PYTHON -m pdserve.cli bench capstone --report-from "$OUT" \
+    --meta "run=gpu_capstone.sh on $N GPUs ($DEVICES), budget $BUDGET s (report re-rendered)" \
+    >>"$LOG" 2>&1
+fi
 cd "$REPO" || true
 echo "capstone rc=$RC after $(( $(date +%s) - T0 )) s"
 grep -E "^(starting|error|wrote|predicted max rates|transfer step)|ready after|req/s holds|no measured rate|cut by" "$LOG" | grep -v "it/s]" | tail -n 30

@@ -1,0 +1,74 @@
+"""Output token throughput per setup, from the clients' token arrivals: the highest rate
+delivered over any 1-second window of any run, and whether it grew with the GPUs that
+decode. Where it does not, the limit is shared by every setup and sits outside the GPUs
+(every token travels as its own message through one coordinator process to one load
+generator), which the report says with the numbers it rests on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pdserve.benchmarks.capstone_report import SetupResult
+
+SCALES = 0.75  # "grew with the decode GPUs": the peak ratio is at least this x the GPU ratio
+
+
+@dataclass(frozen=True, slots=True)
+class Peak:
+    setup: str
+    decode_gpus: int  # GPUs that run decode steps (the decode pool, or every colocated GPU)
+    tokens_per_s: float  # highest output tokens delivered in one 1-s window
+    where: str  # "workload at R req/s"
+    req_per_s: float  # requests sent per second in that run
+
+
+def decode_gpus(s: SetupResult) -> int:
+    return sum(len(g) for role, g in s.pools.items() if role in ("decode", "both"))
+
+
+def peak_tokens(s: SetupResult) -> Peak | None:
+    """The highest 1-s window of delivered output tokens over the setup's runs (runs with
+    per-request data only)."""
+    best: Peak | None = None
+    for wname, w in s.by_workload.items():
+        for r in w.runs:
+            if not r.results:
+                continue
+            per_s: Counter[int] = Counter()
+            for q in r.results:
+                for t, n in q.chunks:
+                    per_s[math.floor(t)] += n
+            if per_s and (best is None or max(per_s.values()) > best.tokens_per_s):
+                sends = [q.t_send for q in r.results]
+                span = max(sends) - min(sends)
+                best = Peak(s.setup, decode_gpus(s), float(max(per_s.values())),
+                            f"{wname} at {r.rate:.3g} req/s",
+                            (len(sends) - 1) / span if span > 0 else math.nan)
+    return best
+
+
+def throughput_lines(setups: Sequence[SetupResult]) -> list[str]:
+    peaks = [p for p in map(peak_tokens, setups) if p is not None and p.decode_gpus > 0]
+    if not peaks:
+        return ["- not known (needs per-request data, which this run did not record)"]
+    out = ["- highest output tokens/s delivered to the clients in any 1-s window (all runs): "
+           + "; ".join(f"{p.setup} {p.tokens_per_s:,.0f} ({p.decode_gpus} decode GPU"
+                       f"{'s' if p.decode_gpus > 1 else ''}, "
+                       f"{p.tokens_per_s / p.decode_gpus:,.0f} per GPU; {p.where})"
+                       for p in peaks)]
+    lo, hi = min(peaks, key=lambda p: p.decode_gpus), max(peaks, key=lambda p: p.decode_gpus)
+    if hi.decode_gpus >= 2 * lo.decode_gpus:
+        ratio, gpus = hi.tokens_per_s / lo.tokens_per_s, hi.decode_gpus / lo.decode_gpus
+        out.append(
+            f"- with {gpus:.3g}x the decode GPUs ({hi.setup} against {lo.setup}) the peak is "
+            f"{ratio:.2g}x: " + (
+                "it grew with the GPUs." if ratio >= SCALES * gpus else
+                "it grew less than the GPUs, so a limit every setup shares, outside the GPUs, "
+                "sets it: the one coordinator process, through which each token travels as "
+                "its own message (`pdserve bench coordinator` measures its cost per token), "
+                "and the one load-generator process that receives them."))
+    return out

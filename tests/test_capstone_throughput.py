@@ -1,0 +1,44 @@
+"""The report's output-token throughput section: the peak 1-s window per setup, and the
+sentence on whether it grew with the decode GPUs, computed from token arrivals."""
+
+from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_report import Run, SetupResult, WorkloadRuns
+from pdserve.benchmarks.capstone_throughput import decode_gpus, peak_tokens, throughput_lines
+
+
+def _setup(name: str, pools: dict, tokens_per_s: int, seconds: int = 3) -> SetupResult:
+    """Requests whose chunks deliver `tokens_per_s` tokens in every second, one per chunk."""
+    results = []
+    for i in range(tokens_per_s // 10):  # 10 tokens a second per request
+        r = RequestResult(t_send=i * 0.001, prompt_tokens=16)
+        r.chunks = [(s + k / 10 + 0.01, 1) for s in range(seconds) for k in range(10)]
+        results.append(r)
+    w = WorkloadRuns("decode-heavy", "", runs=[Run(40.0, 0, results, {})])
+    return SetupResult(name, "", pools=pools, by_workload={"decode-heavy": w})
+
+
+def test_peak_counts_tokens_per_window_and_decode_gpus():
+    s = _setup("1P3D", {"prefill": [0], "decode": [1, 2, 3]}, 500)
+    p = peak_tokens(s)
+    assert p is not None and p.tokens_per_s == 500 and p.decode_gpus == 3
+    assert "decode-heavy at 40 req/s" in p.where
+    assert decode_gpus(_setup("4both", {"both": [0, 1, 2, 3]}, 10)) == 4
+
+
+def test_says_the_peak_did_not_grow_with_the_gpus():
+    lines = throughput_lines([_setup("3P1D", {"prefill": [0, 1, 2], "decode": [3]}, 1000),
+                              _setup("4both", {"both": [0, 1, 2, 3]}, 1200)])
+    assert "4x the decode GPUs (4both against 3P1D) the peak is 1.2x" in lines[1]
+    assert "grew less than the GPUs" in lines[1]
+
+
+def test_says_the_peak_grew_with_the_gpus():
+    lines = throughput_lines([_setup("1P1D", {"prefill": [0], "decode": [1]}, 1000),
+                              _setup("2both", {"both": [0, 1]}, 1900)])
+    assert lines[1].endswith("it grew with the GPUs.")
+
+
+def test_without_records_it_says_so():
+    s = SetupResult("1P1D", "", pools={"prefill": [0], "decode": [1]},
+                    by_workload={"w": WorkloadRuns("w", "", runs=[Run(4.0, 0, [], {})])})
+    assert "not known" in throughput_lines([s])[0]
