@@ -194,20 +194,17 @@ def _run_cell(address: str, pids: dict[str, list[int]], mode: str, n: int, k: in
 
 
 def _wait_tokenizer(address: str) -> None:
-    """One text request before any window: the coordinator loads the model's tokenizer in a
-    thread once the first worker registers, and that load (it imports torch) takes seconds
-    of CPU that would otherwise fall in the first cells' windows."""
+    """One text request before any window: the coordinator's tokenizer load (a thread that
+    imports torch, seconds of CPU) must not fall in a cell's window."""
     import grpc
 
     from pdserve.proto import pdserve_pb2 as pb
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
+    req = pb.GenerateRequest(text="warm", sampling=pb.SamplingParams(max_tokens=2))
     with grpc.insecure_channel(address) as channel:
-        req = pb.GenerateRequest(text="warm", sampling=pb.SamplingParams(max_tokens=2,
-                                                                         ignore_eos=True))
         try:
-            for _ in pb_grpc.CoordinatorStub(channel).Generate(req, timeout=120):
-                pass
+            list(pb_grpc.CoordinatorStub(channel).Generate(req, timeout=120))
         except grpc.RpcError as e:
             raise RuntimeError(f"warm-up request: {e.code().name}: {e.details()}") from None
 
@@ -268,7 +265,6 @@ COLUMNS = ["mode", "streams", "tokens_per_msg", "tokens_per_s", "client_msgs_per
 
 def write_results(out_dir: str, rows: list[dict], meta: dict[str, str],
                   args: argparse.Namespace) -> list[str]:
-
     best = best_row(rows)
     notes = [f"Target (docs/architecture.md, 'Performance targets'): >= {TARGET_TOKENS_PER_S:,} tokens/s on 2 CPU cores.",
              f"Best: {best['tokens_per_s']:,.0f} tokens/s ({best['mode']}, {best['streams']} "
