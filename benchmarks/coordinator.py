@@ -13,6 +13,8 @@ in that window (from /proc). Columns:
   coord_cpu            CPU cores the coordinator process used (1.0 = one core busy)
   tok_per_coord_cpu_s  tokens per coordinator CPU-second: the cost, independent of what else
                        runs on the machine
+  req_per_coord_cpu_s  requests finished per coordinator CPU-second (the per-request cost
+                       shows with a short --output-len, e.g. 8)
   workers_cpu, clients_cpu, other_cpu   the rest of the machine (other_cpu: processes that
                        are not part of this benchmark, i.e. the background load)
 Target (docs/architecture.md, "Performance targets"): at least 100k tokens/s on 2 CPU cores. All processes of the benchmark
@@ -106,6 +108,8 @@ def summarize(mode: str, streams: int, k: int, client_results: Sequence[dict], w
             "requests_per_s": done / window_s if window_s > 0 else 0.0, "errors": errors,
             "coord_cpu": coord,
             "tok_per_coord_cpu_s": tps / coord if coord > 0 else float("nan"),
+            "req_per_coord_cpu_s": done / window_s / coord if coord > 0 and window_s > 0
+            else float("nan"),
             "workers_cpu": cpu.get("workers", 0.0), "clients_cpu": cpu.get("clients", 0.0),
             "other_cpu": cpu.get("other", 0.0), "meets_target": tps >= target}
 
@@ -189,6 +193,22 @@ def _run_cell(address: str, pids: dict[str, list[int]], mode: str, n: int, k: in
     return row
 
 
+def _wait_tokenizer(address: str) -> None:
+    """One text request before any window: the coordinator's tokenizer load (a thread that
+    imports torch, seconds of CPU) must not fall in a cell's window."""
+    import grpc
+
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+    req = pb.GenerateRequest(text="warm", sampling=pb.SamplingParams(max_tokens=2))
+    with grpc.insecure_channel(address) as channel:
+        try:
+            list(pb_grpc.CoordinatorStub(channel).Generate(req, timeout=120))
+        except grpc.RpcError as e:
+            raise RuntimeError(f"warm-up request: {e.code().name}: {e.details()}") from None
+
+
 def _run_mode(mode: str, args: argparse.Namespace, log, bar) -> list[dict]:
     coord = _spawn([sys.executable, "-m", "pdserve.cli", "coordinator", "--port", "0",
                     "--log-level", "WARNING"], log)
@@ -202,6 +222,7 @@ def _run_mode(mode: str, args: argparse.Namespace, log, bar) -> list[dict]:
                           "--chunk-tokens", str(args.tokens_per_msg[0])], log)
         procs.append(workers)
         _read_line(workers, "fake workers ready", 60, "fake workers")
+        _wait_tokenizer(address)
         pids = {"coordinator": [coord.pid], "workers": [workers.pid]}
         rows = []
         for k in args.tokens_per_msg:
@@ -238,12 +259,12 @@ def run_meta() -> dict[str, str]:
 # -- main -----------------------------------------------------------------------------------
 COLUMNS = ["mode", "streams", "tokens_per_msg", "tokens_per_s", "client_msgs_per_s",
            "tok_per_client_msg", "requests_per_s", "errors", "coord_cpu", "tok_per_coord_cpu_s",
+           "req_per_coord_cpu_s",
            "workers_cpu", "clients_cpu", "other_cpu", "meets_target"]
 
 
 def write_results(out_dir: str, rows: list[dict], meta: dict[str, str],
                   args: argparse.Namespace) -> list[str]:
-
     best = best_row(rows)
     notes = [f"Target (docs/architecture.md, 'Performance targets'): >= {TARGET_TOKENS_PER_S:,} tokens/s on 2 CPU cores.",
              f"Best: {best['tokens_per_s']:,.0f} tokens/s ({best['mode']}, {best['streams']} "

@@ -195,13 +195,17 @@ class Dispatcher:
         """Emit a worker's token stream; True once it finished. The stall watch cancels a
         stream silent for stall_timeout_s (then: WorkerFailure, the request migrates)."""
         watched = self.watch.watch(call, w.worker_id)
+        read, emit, eof = call.read, st.emit, grpc.aio.EOF
         try:
             while True:
-                chunk = await self.attr.guarded(w, role, call.read())
-                if chunk is grpc.aio.EOF:
+                try:  # Attribution.guarded, inlined: this runs once per token message
+                    chunk = await read()
+                except asyncio.CancelledError:
+                    self.attr.cancelled(w, role)
+                if chunk is eof:
                     break
                 watched.touch()
-                st.emit(list(chunk.token_ids), chunk.finished, chunk.finish_reason, chunk.logprobs)
+                emit(list(chunk.token_ids), chunk.finished, chunk.finish_reason, chunk.logprobs)
                 if chunk.finished:
                     st.transfer_ms = max(st.transfer_ms, chunk.timings.transfer_ms)
                     if st.prefill_worker == st.decode_worker:  # it prefilled too

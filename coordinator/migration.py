@@ -111,13 +111,18 @@ class Attribution:
         try:
             return await aw
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            why = f"was dropped ({w.drop_reason})" if not w.alive else "stopped answering"
-            msg = f"{role} worker {w.worker_id} {why}"
-            self.charge(w, msg)
-            raise WorkerFailure([w], msg) from None
+            self.cancelled(w, role)
+
+    def cancelled(self, w: WorkerHandle, role: str) -> None:
+        """Called in `except CancelledError` around a worker call (as `guarded` does):
+        re-raises this task's own cancel, else raises the worker's WorkerFailure."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        why = f"was dropped ({w.drop_reason})" if not w.alive else "stopped answering"
+        msg = f"{role} worker {w.worker_id} {why}"
+        self.charge(w, msg)
+        raise WorkerFailure([w], msg) from None
 
     def charge(self, w: WorkerHandle, reason: str) -> None:
         self.registry.health.charge(w.worker_id, reason)

@@ -171,22 +171,19 @@ class Orchestrator:
         outcome, code, reason = "cancelled", "CANCELLED", ""
         try:
             while True:
-                item = await st.out.get()
                 ids: list[int] = []
                 lps: list[pb.TokenLogprobs] = []
                 finished, error = False, None
-                while True:  # merge everything already queued into one message
+                for item in await st.out.take():  # merge everything queued into one message
                     if isinstance(item, RequestError):
                         error = item
                         break
                     ids += item[0]
-                    lps += item[3]
+                    if item[3]:
+                        lps += item[3]
                     if item[1]:
                         finished, reason = True, item[2]
                         break
-                    if st.out.empty():
-                        break
-                    item = st.out.get_nowait()
                 if finished:  # before the yield: a consumer may close after the last message
                     outcome, code = "success", "OK"
                 if ids or finished:
@@ -261,8 +258,11 @@ class Orchestrator:
 
     def _response(self, st: RequestState, ids: list[int], finished: bool,
                   reason: str, logprobs: list[pb.TokenLogprobs]) -> pb.GenerateResponse:
-        r = pb.GenerateResponse(request_id=st.rid, token_ids=ids, finished=finished,
-                                finish_reason=reason, logprobs=logprobs)
+        r = pb.GenerateResponse(request_id=st.rid, token_ids=ids)
+        if finished:
+            r.finished, r.finish_reason = True, reason
+        if logprobs:
+            r.logprobs.extend(logprobs)
         if ids:
             now = time.monotonic()
             if st.sent == 0:
