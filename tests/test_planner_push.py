@@ -179,7 +179,7 @@ def test_a_new_plan_uses_the_installed_defaults(monkeypatch, capsys) -> None:
     assert KVPush.current().describe() in capsys.readouterr().out
 
 
-def test_every_committed_capstone_run_reads_as_the_old_behaviour() -> None:
+def test_every_committed_capstone_run_reads_as_it_recorded_or_the_old_behaviour() -> None:
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -187,4 +187,9 @@ def test_every_committed_capstone_run_reads_as_the_old_behaviour() -> None:
     assert dirs
     for d in dirs:
         res = json.loads((d / "results.json").read_text())
-        assert plan.run_push(str(d), res) == OLD, d
+        meta = plan._run_meta(str(d), res, "peer_copy_during_forward")
+        want = KVPush.from_meta(meta) if "peer_copy_during_forward" in meta else OLD
+        assert plan.run_push(str(d), res) == want, d
+    # the runs of 530b4d8 recorded the push after the forward
+    new = root / "capstone-2gpu-530b4d8"
+    assert plan.run_push(str(new), json.loads((new / "results.json").read_text())) != OLD
