@@ -22,6 +22,9 @@ File format (`calibration.json`, "format": "pdserve-calibration/1"); times in ms
                               before (its batch changed; capstone_decode.py; older files
                               have no c_sync, c_sync_seq: 0)
     transfer_ms(bytes)      = c0 + ms_per_byte * bytes
+    relay                   t_tok (ms a token message), t_req_pd, t_req_local (ms a request
+                              set up): the host path's cost, coordinator to client
+                              (capstone_relay.py; {} in older files: no relay simulated)
     kv_bytes_per_token      bytes of KV one prompt token carries (all layers, K and V)
     max_batch               most sequences one decode worker runs at once
     prefill_token_budget    most prompt tokens one prefill step takes
@@ -57,6 +60,7 @@ import numpy as np
 from pdserve.benchmarks.capstone_decode import DECODE_FIT, decode_points, fit_decode, pd_runs
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_mixed import fit_mixed, steady_colocated_runs
+from pdserve.benchmarks.capstone_relay import fit_relay
 from pdserve.benchmarks.capstone_steps import fit_prefill_steps, nonneg_lstsq, prefill_steps
 
 FORMAT = "pdserve-calibration/1"
@@ -77,6 +81,7 @@ class Calibration:
                                                             "transfer": "default"})
     meta: dict[str, str] = field(default_factory=dict)
     mixed: dict[str, float] = field(default_factory=dict)  # colocated steps (capstone_mixed)
+    relay: dict[str, float] = field(default_factory=dict)  # the host path (capstone_relay)
 
     def prefill_ms(self, tokens: int, sum_sq: float) -> float:
         p = self.prefill
@@ -123,7 +128,8 @@ class Calibration:
                            for k, v in self.prefill.items()},
             decode={k: v * factor for k, v in self.decode.items()},
             transfer={k: v * factor for k, v in self.transfer.items()},
-            mixed={k: v if k == "knee_tokens" else v * factor for k, v in self.mixed.items()})
+            mixed={k: v if k == "knee_tokens" else v * factor for k, v in self.mixed.items()},
+            relay={k: v * factor for k, v in self.relay.items()})
 
     @property
     def decode_max_batch(self) -> float:
@@ -324,10 +330,13 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
     runs alone stopped at about 30 per worker while the runs went to 120 and more). A file
     without the mixed profile (fitted before it existed) gets one from the run's steady
     colocated runs when the directory holds their per-request data
-    (`capstone_mixed.steady_colocated_runs`)."""
+    (`capstone_mixed.steady_colocated_runs`), and one without the relay profile gets it
+    from the runs' records when they hold heartbeats (`capstone_relay.fit_relay`)."""
     import os
 
     cal = Calibration.load(os.path.join(run_dir, "calibration.json"))
+    if not cal.relay and fit_relay(cal, run_dir):
+        cal.source["relay"] += "; fitted from requests.json.gz, the file has none"
     had_mixed, refit = bool(cal.mixed), False
     if cal.meta.get("decode_fit") != DECODE_FIT:
         refit = _fit_decode(cal, pd_runs(run_dir, res))

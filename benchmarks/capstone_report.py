@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pdserve.benchmarks import capstone_calibration as calib
 from pdserve.benchmarks import plotting
 from pdserve.benchmarks.capstone_metrics import RequestResult, Window, meets
+from pdserve.benchmarks.capstone_relay import fit_relay
 from pdserve.benchmarks.capstone_search import SearchResult
 from pdserve.benchmarks.capstone_steps import warm_counts
 
@@ -264,6 +265,7 @@ def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context)
     warm = warm_counts(keyed)
     cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs, warm=warm,
                     mixed_runs=[(runs[i], warm[i]) for i in colocated])
+    fit_relay(cal, out_dir)  # from the records written (requests.json.gz: heartbeats)
     return cal.save(os.path.join(out_dir, "calibration.json"))
 
 

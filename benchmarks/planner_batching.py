@@ -8,12 +8,12 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pdserve.benchmarks.planner_sim import SimReq
+    from pdserve.benchmarks.planner_sim import _Decoder, _Prefiller
 
 
 class Loop:
@@ -31,6 +31,35 @@ class Loop:
         while self._q and self._q[0][0] <= horizon_s:
             self.now, _, fn = heapq.heappop(self._q)
             fn()
+
+
+@dataclass(slots=True, eq=False)  # identity: two requests may carry equal fields
+class SimReq:
+    arrival: float  # seconds
+    prompt: int
+    output: int
+    first: float = math.nan  # when token 0 reached the client (made then, without a relay)
+    end: float = math.nan  # ... and its last token
+    generated: int = 0
+    last: float = math.nan  # when its latest token reached the client
+    made: float = math.nan  # when a worker made token 0
+    landed: float = math.nan  # when its KV reached the decode worker (xPyD)
+    local: bool = False  # prefilled on its decode worker (conditional disaggregation)
+    dec: _Decoder | None = None  # decode worker reserved at arrival (xPyD)
+    pre: _Prefiller | None = None  # prefill worker it was routed to (xPyD)
+    computed: int = 0  # prompt tokens prefilled so far (a chunked prompt spans steps)
+    scheduled: float = math.nan  # when the step with its first chunk started (xPyD)
+    key: Hashable | None = None  # the prompt's identity for prefix caching (None: unique)
+    worker: str = ""  # the decode (or colocated) worker the coordinator routed it to
+
+    def ttft_ms(self) -> float:
+        return (self.first - self.arrival) * 1e3
+
+    def tpot_ms(self) -> float:
+        return (self.end - self.first) / (self.output - 1) * 1e3 if self.output > 1 else math.nan
+
+    def e2el_ms(self) -> float:
+        return (self.end - self.arrival) * 1e3
 
 
 @dataclass(slots=True)

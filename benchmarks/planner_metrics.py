@@ -43,7 +43,7 @@ def sim_summary(reqs: Sequence[SimReq], slos: dict[str, float], warmup: float = 
 
 def sim_means(reqs: Sequence[SimReq], warmup: float = 0.1,
               cooldown: float = 0.1) -> dict[str, float]:
-    """Mean TTFT, TPOT, KV transfer (token 0 to the KV landing) and prefill time in ms of the
+    """Mean TTFT, TPOT, KV transfer (token 0 made to the KV landing) and prefill time in ms of the
     windowed requests that finished, as capstone_metrics.summarize computes them: a
     prefill time is the prefill worker's, from the start of the step with the prompt's
     first chunk to the end of the step with its last (worker/core.py `timings`); a request
@@ -56,8 +56,8 @@ def sim_means(reqs: Sequence[SimReq], warmup: float = 0.1,
         xs = [x for x in xs if not math.isnan(x)]
         return sum(xs) / len(xs) if xs else math.nan
     return {"ttft": mean([r.ttft_ms() for r in done]), "tpot": mean([r.tpot_ms() for r in done]),
-            "transfer": mean([(r.landed - r.first) * 1e3 for r in done]),
-            "prefill": mean([0.0 if r.local else (r.first - r.scheduled) * 1e3 for r in done
+            "transfer": mean([(r.landed - r.made) * 1e3 for r in done]),
+            "prefill": mean([0.0 if r.local else (r.made - r.scheduled) * 1e3 for r in done
                              if r.local or r.dec is not None])}
 
 

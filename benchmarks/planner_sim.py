@@ -54,49 +54,32 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   prefilled before (in this run or, as the capstone resends a search's prompts, in an
   earlier one) computes only what the cache does not hold; without `caches` (or keys)
   every prompt is computed whole.
-The simulator ignores the coordinator's own latency (its RPCs: about 10-15 ms of TTFT on
-the GPU runs) and preemption.
+- the relay (planner_relay.py, when the calibration has a `relay` profile): requests are
+  routed once the host path has set them up, one at a time in arrival order, and tokens
+  reach the client (`first`, `last`, `end`) when it has carried them; without the profile
+  both happen at once. `made`: when a worker made token 0.
+The simulator ignores the coordinator's latency (its RPCs: about 10-15 ms of TTFT on the
+GPU runs) past the relay's queue, and preemption.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
 
 from pdserve.benchmarks.capstone_calibration import Calibration
-from pdserve.benchmarks.planner_batching import Chunk, Loop, SimRun, fill_budget, join_landed
+from pdserve.benchmarks.planner_batching import (
+    Chunk,
+    Loop,
+    SimReq,
+    SimRun,
+    fill_budget,
+    join_landed,
+)
 from pdserve.benchmarks.planner_cache import PrefixCaches
+from pdserve.benchmarks.planner_relay import Relay
 from pdserve.benchmarks.planner_setups import KVPush, Setup
-
-
-@dataclass(slots=True, eq=False)  # identity: two requests may carry equal fields
-class SimReq:
-    arrival: float  # seconds
-    prompt: int
-    output: int
-    first: float = math.nan
-    end: float = math.nan
-    generated: int = 0
-    last: float = math.nan  # when its latest token was made
-    landed: float = math.nan  # when its KV reached the decode worker (xPyD)
-    local: bool = False  # prefilled on its decode worker (conditional disaggregation)
-    dec: _Decoder | None = None  # decode worker reserved at arrival (xPyD)
-    pre: _Prefiller | None = None  # prefill worker it was routed to (xPyD)
-    computed: int = 0  # prompt tokens prefilled so far (a chunked prompt spans steps)
-    scheduled: float = math.nan  # when the step with its first chunk started (xPyD)
-    key: Hashable | None = None  # the prompt's identity for prefix caching (None: unique)
-    worker: str = ""  # the decode (or colocated) worker the coordinator routed it to
-
-    def ttft_ms(self) -> float:
-        return (self.first - self.arrival) * 1e3
-
-    def tpot_ms(self) -> float:
-        return (self.end - self.first) / (self.output - 1) * 1e3 if self.output > 1 else math.nan
-
-    def e2el_ms(self) -> float:
-        return (self.end - self.arrival) * 1e3
 
 
 class _Decoder:
@@ -104,8 +87,9 @@ class _Decoder:
     are prefilled here too, in the same steps (the engine's mixed batches)."""
 
     def __init__(self, loop: Loop, cal: Calibration, colocated: bool, name: str = "",
-                 caches: PrefixCaches | None = None, landed_fifo: bool = False) -> None:
-        self.loop, self.cal, self.colocated = loop, cal, colocated
+                 caches: PrefixCaches | None = None, landed_fifo: bool = False,
+                 relay: Relay | None = None) -> None:
+        self.loop, self.cal, self.colocated, self.relay = loop, cal, colocated, relay
         self.name, self.caches, self.landed_fifo = name, caches, landed_fifo
         self.running: list[SimReq] = []  # decoding, one token per step
         self.prefilling: list[SimReq] = []  # admitted prompts with chunks left (running too)
@@ -187,6 +171,9 @@ class _Decoder:
         self.loop.at(end, lambda: self._done(chunks, end))
 
     def _done(self, chunks: list[Chunk], t: float) -> None:
+        made = t
+        if self.relay is not None:  # every token made in the step, token 0s included
+            t = self.relay.deliver(len(self.running) + sum(c.completes for c in chunks))
         still = []
         for r in self.running:
             r.generated += 1
@@ -207,7 +194,7 @@ class _Decoder:
             self.prefilling.remove(r)
             if self.caches is not None:
                 self.caches.add(self.name, r.key, r.prompt)
-            r.first, r.last, r.generated = t, t, 1  # this step made token 0
+            r.first, r.last, r.generated, r.made = t, t, 1, made  # this step made token 0
             if r.output <= 1:
                 r.end = t
                 self.inflight -= 1
@@ -224,8 +211,10 @@ class _Prefiller:
     budget, the last one chunked to fill it."""
 
     def __init__(self, loop: Loop, cal: Calibration, name: str = "",
-                 caches: PrefixCaches | None = None, push: KVPush = KVPush()) -> None:
+                 caches: PrefixCaches | None = None, push: KVPush = KVPush(),
+                 relay: Relay | None = None) -> None:
         self.loop, self.cal, self.name, self.caches, self.push = loop, cal, name, caches, push
+        self.relay = relay
         self.queue: deque[SimReq] = deque()
         self.partial: list[SimReq] = []  # a chunked prompt, continued first
         self.inflight_tokens = 0  # the coordinator's count: prompts routed, KV not landed
@@ -284,12 +273,13 @@ class _Prefiller:
         forward (`transfer_ms`). The sender is not a queue: its sends to
         different receivers overlap."""
         now = self.loop.now
+        seen = now if self.relay is None or not finished else self.relay.deliver(len(finished))
         for r, share_ms in finished:
-            r.first, r.last, r.generated = now, now, 1  # token 0 leaves with the prefill reply
+            r.first, r.last, r.generated, r.made = seen, seen, 1, now  # with the prefill reply
             dec = r.dec
             assert dec is not None
             if r.output <= 1:
-                r.end = now
+                r.end = seen
                 dec.inflight -= 1
                 dec.reserved.remove(r)
                 self.inflight_tokens -= r.prompt
@@ -331,12 +321,13 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
     if not both and (prefill < 1 or decode < 1):
         raise ValueError("xPyD needs at least one prefill and one decode worker")
     loop = Loop()
+    relay = Relay(loop, cal.relay) if cal.relay else None
     reqs = [SimReq(t, max(1, i), max(1, o)) for t, (i, o) in zip(arrivals, lengths)]
     for r, k in zip(reqs, keys or ()):
         r.key = k
     pres: list[_Prefiller] = []
     if both:
-        decs = [_Decoder(loop, cal, True, f"both-{j}", caches, landed_fifo)
+        decs = [_Decoder(loop, cal, True, f"both-{j}", caches, landed_fifo, relay)
                 for j in range(both)]
 
         def place(r: SimReq) -> None:
@@ -344,11 +335,12 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
             dec.route(r, reserve=False)
             dec.add(r)
         for r in reqs:
-            loop.at(r.arrival, lambda r=r: place(r))
+            loop.at(r.arrival, _admit(relay, r, place, True))
     else:
-        decs = [_Decoder(loop, cal, False, f"decode-{j}", caches, landed_fifo)
+        decs = [_Decoder(loop, cal, False, f"decode-{j}", caches, landed_fifo, relay)
                 for j in range(decode)]
-        pres = [_Prefiller(loop, cal, f"prefill-{j}", caches, push) for j in range(prefill)]
+        pres = [_Prefiller(loop, cal, f"prefill-{j}", caches, push, relay)
+                for j in range(prefill)]
 
         def arrive(r: SimReq) -> None:
             dec = min(decs, key=_Decoder.route_key)
@@ -362,7 +354,7 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
             r.pre.add(r)
         for r in reqs:
             r.local = r.prompt < cond_tokens
-            loop.at(r.arrival, lambda r=r: arrive(r))
+            loop.at(r.arrival, _admit(relay, r, arrive, r.local))
     last = max((r.arrival for r in reqs), default=0.0)
     if heartbeats is not None and len(heartbeats) != len(decs):
         raise ValueError(f"heartbeats for {len(heartbeats)} workers, the setup has {len(decs)}")
@@ -379,7 +371,19 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
         info.mean_decode_batch = max((d.batch_time[0] / d.batch_time[1] for d in decs
                                       if d.batch_time[1] > 0), default=0.0)
         info.prefill_steps = [s for p in pres for s in p.steps]
+    for r in reqs:  # what reached the client after the time limit was not seen
+        if r.first > horizon_s:
+            r.first = r.last = math.nan
+        r.end, r.last = (math.nan if r.end > horizon_s else r.end), min(r.last, horizon_s)
     return reqs
+
+
+def _admit(relay: Relay | None, r: SimReq, route: Callable[[SimReq], None], local: bool
+           ) -> Callable[[], None]:
+    """`r`'s arrival: routed now, or once the relay has set it up (planner_relay.py)."""
+    if relay is None:
+        return lambda: route(r)
+    return lambda: relay.admit(local, lambda: route(r))
 
 def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
                    lengths: Sequence[tuple[int, int]], horizon_s: float = math.inf,

@@ -1,0 +1,154 @@
+"""The relay profile (capstone_relay.py: the host path's cost per token message and per
+request set up, measured on a run's records) and the simulator's relay
+(planner_relay.py: requests set up one at a time in arrival order with what the token
+messages leave). Simulated and synthetic times only: nothing here is timed."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+
+import pytest
+from test_planner_push import CAL
+
+from pdserve.benchmarks import capstone_calibration as calib
+from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_relay import (
+    fit_relay,
+    fit_relay_points,
+    relay_windows,
+    token_peak,
+)
+from pdserve.benchmarks.planner_batching import Loop
+from pdserve.benchmarks.planner_relay import Relay
+from pdserve.benchmarks.planner_setups import parse_setup
+from pdserve.benchmarks.planner_sim import simulate
+
+PROFILE = {"t_tok": 0.1, "t_req_pd": 5.0, "t_req_local": 2.0}  # ms
+
+
+def _beats(running: int, waiting: int = 0, queued: int = 0, until: float = 12.0) -> dict:
+    rows = [[t - 0.5, 0.001, 1000, running, waiting, queued] for t in range(int(until) + 1)]
+    return {"poll_s": 0.1, "workers": {"decode-0": {"role": "decode", "beats": rows}}}
+
+
+def _saturated_run() -> list[RequestResult]:
+    """Sent at 100/s for 10 s; token 0 comes at 20/s in send order (a backlog that grows)
+    until 10 s, every admitted request then streams 150 one-token messages 10 ms apart."""
+    out = []
+    for i in range(1000):
+        t0 = 0.05 * i + 0.01
+        out.append(RequestResult(0.01 * i, 32, [(t0 + 0.01 * k, 1) for k in range(150)]
+                                 if t0 < 10 else [], target_tokens=150))
+    return out
+
+
+def test_saturated_windows_need_a_backlog_and_free_engines() -> None:
+    run, setup = _saturated_run(), parse_setup("1P1D")
+    windows = relay_windows(run, setup, _beats(running=20), max_batch=256)
+    assert len(windows) >= 8  # from the first backlog of 0.5 s on
+    assert all(w[0] >= 0.5 for w in windows) and all(w[3] == 0 for w in windows)
+    assert all(18 <= w[2] <= 22 for w in windows if w[0] < 9)  # P/D set-ups: 20 a second
+    # engines with a queue (or a full batch) are what the requests wait for: no window
+    assert relay_windows(run, setup, _beats(running=20, waiting=30), 256) == []
+    assert relay_windows(run, setup, _beats(running=256), 256) == []
+    assert relay_windows(run, setup, _beats(running=20, queued=50_000), 256) == []
+    assert relay_windows(run, setup, None, 256) == []  # no heartbeats: cannot tell
+    # colocated: the same requests are local set-ups
+    assert all(w[2] == 0 and w[3] > 0 for w in
+               relay_windows(run, parse_setup("2both"), _beats(running=20), 256) if w[0] < 9)
+
+
+def test_fit_splits_tokens_from_set_ups() -> None:
+    """Windows made from a known profile give it back (t_tok from the token peak)."""
+    t_tok, pd, local = 0.08, 6.0, 2.0
+    pts = [(int((1000 - pd * n) / t_tok), n, 0) for n in (40, 50, 60)]
+    pts += [(int((1000 - local * n) / t_tok), 0, n) for n in (50, 70)]
+    fit = fit_relay_points(pts, peak_msgs=int(1000 / t_tok))
+    assert fit["t_tok"] == pytest.approx(t_tok)
+    assert fit["t_req_pd"] == pytest.approx(pd, rel=1e-3)
+    assert fit["t_req_local"] == pytest.approx(local, rel=1e-3)
+    # one kind measured: the other gets its cost
+    only = fit_relay_points(pts[:3], peak_msgs=int(1000 / t_tok))
+    assert only["t_req_local"] == only["t_req_pd"] == pytest.approx(pd, rel=1e-3)
+
+
+def test_token_peak_counts_only_windows_without_token_0() -> None:
+    run = [RequestResult(0.0, 8, [(0.5, 1)] + [(1.0 + k / 300, 1) for k in range(300)]),
+           RequestResult(1.5, 8, [(3.2, 1)] + [(3.3, 1)] * 5)]
+    assert token_peak(run) == 300  # window 1; window 3 holds a token 0
+
+
+def test_fit_relay_reads_a_run_directory(tmp_path) -> None:
+    rows = [r.to_json() for r in _saturated_run()]
+    key = "1P1D|decode-heavy|100.0|0"
+    doc = {"runs": {key: rows}, "heartbeats": {key: _beats(running=20)}}
+    with gzip.open(tmp_path / "requests.json.gz", "wt") as f:
+        json.dump(doc, f)
+    cal = calib.Calibration()
+    assert fit_relay(cal, str(tmp_path))
+    assert set(cal.relay) == {"t_tok", "t_req_pd", "t_req_local"}
+    assert cal.relay["t_tok"] == pytest.approx(1000 / token_peak(_saturated_run()))
+    assert "measured" in cal.source["relay"]
+    cal.save(str(tmp_path / "calibration.json"))  # stored and read back
+    assert calib.Calibration.load(str(tmp_path / "calibration.json")).relay == cal.relay
+    doc["heartbeats"] = {}  # a run without heartbeat records: no profile
+    with gzip.open(tmp_path / "requests.json.gz", "wt") as f:
+        json.dump(doc, f)
+    assert not fit_relay(calib.Calibration(), str(tmp_path))
+
+
+def test_an_older_calibration_has_no_relay(tmp_path) -> None:
+    path = tmp_path / "calibration.json"
+    d = CAL.to_json()
+    del d["relay"]
+    path.write_text(json.dumps(d))
+    old = calib.Calibration.load(str(path))
+    assert old.relay == {} and old.scaled(1.05).relay == {}
+    arrivals = [0.01 * i for i in range(200)]
+    lengths = [(64, 20)] * 200
+    a = simulate(old, 1, 1, 0, arrivals, lengths)
+    b = simulate(CAL, 1, 1, 0, arrivals, lengths)
+    assert [(r.first, r.end) for r in a] == [(r.first, r.end) for r in b]
+
+
+def test_relay_sets_requests_up_in_order_after_the_tokens() -> None:
+    loop = Loop()
+    relay = Relay(loop, PROFILE)
+    done: list[tuple[str, float]] = []
+    for name in "abc":
+        relay.admit(name == "c", lambda n=name: done.append((n, loop.now)))
+    loop.at(0.001, lambda: done.append(("tok", relay.deliver(100))))  # 10 ms of tokens
+    loop.run()
+    # a starts at 0, is paused at 1 ms by the tokens (to 11 ms), ends at 15 ms; then b
+    # (5 ms, P/D) and c (2 ms, local)
+    assert [n for n, _ in done] == ["tok", "a", "b", "c"]
+    assert done[0][1] == pytest.approx(0.011)
+    assert [t for _, t in done[1:]] == pytest.approx([0.015, 0.020, 0.022])
+
+
+def test_relay_backlog_delays_token_0_not_the_running_streams() -> None:
+    """Past the relay's capacity requests wait for set-up, in arrival order, and the wait
+    grows; the requests admitted keep a TPOT near the decode step."""
+    cal = dataclasses.replace(CAL, relay={"t_tok": 0.05, "t_req_pd": 20.0, "t_req_local": 20.0})
+    arrivals = [0.01 * i for i in range(300)]  # 100 req/s against 50 set-ups a second
+    reqs = simulate(cal, 1, 1, 0, arrivals, [(32, 20)] * 300)
+    ttft = [r.ttft_ms() for r in reqs]
+    assert ttft[-1] > 2000 > ttft[0]  # about 3 s behind at the end
+    firsts = [r.first for r in reqs]
+    assert firsts == sorted(firsts)  # set up in arrival order
+    free = simulate(CAL, 1, 1, 0, arrivals, [(32, 20)] * 300)
+    assert max(r.ttft_ms() for r in free) < 500
+    tpot = [r.tpot_ms() for r in reqs if not math.isnan(r.end)]
+    assert sum(tpot) / len(tpot) < 2 * max(r.tpot_ms() for r in free)
+
+
+def test_relay_cuts_what_the_client_saw_after_the_limit() -> None:
+    cal = dataclasses.replace(CAL, relay={"t_tok": 0.05, "t_req_pd": 20.0, "t_req_local": 20.0})
+    reqs = simulate(cal, 1, 1, 0, [0.01 * i for i in range(300)], [(32, 20)] * 300,
+                    horizon_s=2.0)
+    assert all(math.isnan(r.first) or r.first <= 2.0 for r in reqs)
+    assert all(math.isnan(r.end) or r.end <= 2.0 for r in reqs)
+    assert any(math.isnan(r.first) for r in reqs)
