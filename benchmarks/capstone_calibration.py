@@ -60,7 +60,7 @@ import numpy as np
 from pdserve.benchmarks.capstone_decode import DECODE_FIT, decode_points, fit_decode, pd_runs
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_mixed import fit_mixed, steady_colocated_runs
-from pdserve.benchmarks.capstone_relay import fit_relay
+from pdserve.benchmarks.capstone_relay import fit_relay, saturated_runs
 from pdserve.benchmarks.capstone_steps import fit_prefill_steps, nonneg_lstsq, prefill_steps
 
 FORMAT = "pdserve-calibration/1"
@@ -271,9 +271,18 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
     return cal
 
 
-def _fit_decode(cal: Calibration, runs: Sequence[Sequence[RequestResult]]) -> bool:
-    """cal.decode fitted on the P/D requests of `runs` (capstone_decode.py); False (cal
-    unchanged) with fewer than 3 points."""
+def fit_decode_unsaturated(cal: Calibration, run_dir: str, always: bool = True) -> bool:
+    """cal.decode fitted on `run_dir`'s P/D runs but those with the relay saturated (their
+    token times are the relay's: capstone_relay.saturated_runs); `always` False: only then."""
+    sat = saturated_runs(run_dir, cal.max_batch, cal.prefill_token_budget, "P/D") if cal.relay else ()
+    return bool(always or sat) and _fit_decode(cal, pd_runs(run_dir, skip=sat), len(sat))
+
+
+def _fit_decode(cal: Calibration, runs: Sequence[Sequence[RequestResult]],
+                left_out: int = 0) -> bool:
+    """cal.decode fitted on the P/D requests of `runs` (capstone_decode.py; `left_out`: how
+    many P/D runs were left out as relay-saturated); False (cal unchanged) with fewer than
+    3 points."""
     dec = [p for run in runs for p in decode_points(run) if not math.isnan(p[3])]
     if len(dec) < 3:
         return False
@@ -284,7 +293,10 @@ def _fit_decode(cal: Calibration, runs: Sequence[Sequence[RequestResult]]) -> bo
     cal.source["decode"] = (f"measured ({len(dec)} requests; batches up to "
                             f"{cal.meta['decode_max_batch']} per decode worker; a step whose "
                             f"batch changed adds {fitted['c_sync']:.3g} ms + "
-                            f"{fitted['c_sync_seq']:.3g} ms a sequence)")
+                            f"{fitted['c_sync_seq']:.3g} ms a sequence"
+                            + (f"; {left_out} P/D run(s) left out: the relay was saturated, "
+                               "so their token times are the relay's" if left_out else "") + ")")
+    cal.meta["decode_left_out"] = str(left_out)
     return True
 
 
@@ -337,12 +349,14 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
     cal = Calibration.load(os.path.join(run_dir, "calibration.json"))
     if not cal.relay and fit_relay(cal, run_dir):
         cal.source["relay"] += "; fitted from requests.json.gz, the file has none"
-    had_mixed, refit = bool(cal.mixed), False
-    if cal.meta.get("decode_fit") != DECODE_FIT:
-        refit = _fit_decode(cal, pd_runs(run_dir, res))
+    had_mixed, refit, old = bool(cal.mixed), False, cal.meta.get("decode_fit") != DECODE_FIT
+    if old or not cal.meta.get("decode_left_out"):
+        refit = fit_decode_unsaturated(cal, run_dir, old)
         if refit:
-            cal.source["decode"] += "; refitted from requests.json.gz (the file's has no sync part)"
-        elif not (cal.meta.get("decode_fit") == "token1" or cal.source.get("decode") == "default"):
+            cal.source["decode"] += "; refitted from requests.json.gz" + (
+                " (the file's has no sync part)" if old else "")
+        elif old and not (cal.meta.get("decode_fit") == "token1"
+                          or cal.source.get("decode") == "default"):
             _refit_decode(cal, res)
     # the mixed profile is a step's time less the decode step: refitted with a new one
     if (refit or not had_mixed) and fit_mixed(cal, steady_colocated_runs(run_dir, res)):

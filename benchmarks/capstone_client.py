@@ -20,8 +20,11 @@ from pdserve.benchmarks.capstone_workloads import Request
 # reserve_wait_ms (since plan7): how long token 0 waited at the coordinator for the decode
 # worker's Reserve, the host-side wait in front of token 0 that the planner does not model
 # (docs/capstone.md, "What branch plan7 found"); absent from the runs recorded before it
+# ttft_ms (since branch hostsim's follow-up): the coordinator's own, from its receipt of the
+# request to its send of token 0: against the client's TTFT it tells a wait inside the
+# coordinator's path from one in the client's end of the stream (docs/capstone.md, "relay")
 SERVER_KEYS = ("queue_ms", "prefill_ms", "transfer_ms", "kv_bytes", "prefill_worker",
-               "decode_worker", "reserve_wait_ms")
+               "decode_worker", "reserve_wait_ms", "ttft_ms")
 
 
 class Target(Protocol):

@@ -34,7 +34,7 @@ import gzip
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -92,9 +92,11 @@ def fit_decode(points: Sequence[tuple[float, float, float, float]]) -> dict[str,
             "c_sync_seq": c[4], "max_batch": max(p[0] for p in points)}
 
 
-def pd_runs(run_dir: str, res: dict) -> list[list[RequestResult]]:
+def pd_runs(run_dir: str, res: dict | None = None,
+            skip: Collection[str] = ()) -> list[list[RequestResult]]:
     """The P/D runs (xPyD setups, not conditional ones: their decode workers prefill too)
-    of a run directory's requests.json.gz, every rate; [] without per-request data."""
+    of a run directory's requests.json.gz, every rate, but the runs keyed in `skip`; []
+    without per-request data."""
     from pdserve.benchmarks.planner_setups import parse_setup
 
     path = os.path.join(run_dir, "requests.json.gz")
@@ -108,6 +110,6 @@ def pd_runs(run_dir: str, res: dict) -> list[list[RequestResult]]:
             kind = parse_setup(key.split("|")[0]).kind
         except ValueError:
             continue
-        if kind == "P/D":
+        if kind == "P/D" and key not in skip:
             out.append([RequestResult.from_json(x) for x in rows])
     return out

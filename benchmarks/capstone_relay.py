@@ -136,33 +136,48 @@ def fit_relay_points(points: Sequence[tuple[int, int, int]], peak_msgs: int,
     return {"t_tok": t_tok, "t_req_pd": pd, "t_req_local": local}
 
 
+def _run_windows(run_dir: str, max_batch: int, budget: int = 8192):
+    """(run key, its setup, its requests, its saturated windows) of every run in
+    `run_dir`'s requests.json.gz: no windows for a run without heartbeats or of an unknown
+    setup (None)."""
+    path = os.path.join(run_dir, "requests.json.gz")
+    if not os.path.exists(path):
+        return
+    with gzip.open(path, "rt") as f:
+        doc = json.load(f)
+    beats = doc.get("heartbeats") or {}
+    for key, rows in doc.get("runs", {}).items():
+        results = [RequestResult.from_json(x) for x in rows]
+        try:
+            setup = parse_setup(key.split("|")[0])
+        except ValueError:
+            setup = None
+        w = (relay_windows(results, setup, beats[key], max_batch, budget)
+             if setup is not None and key in beats else [])
+        yield key, setup, results, w
+
+
 def relay_points(run_dir: str, max_batch: int, budget: int = 8192
                  ) -> tuple[list[tuple[int, int, int]], list[str], int]:
     """The saturated windows of every run of a run directory that recorded heartbeats, the
     runs they came from, and the token peak over every run (`token_peak`)."""
-    path = os.path.join(run_dir, "requests.json.gz")
-    if not os.path.exists(path):
-        return [], [], 0
-    with gzip.open(path, "rt") as f:
-        doc = json.load(f)
-    beats = doc.get("heartbeats") or {}
     pts, runs, peak = [], [], 0
-    for key, rows in doc.get("runs", {}).items():
-        results = [RequestResult.from_json(x) for x in rows]
+    for key, _, results, w in _run_windows(run_dir, max_batch, budget):
         peak = max(peak, token_peak(results))
-        if key not in beats:
-            continue
-        setup_name = key.split("|")[0]
-        try:
-            setup = parse_setup(setup_name)
-        except ValueError:
-            continue
-        w = relay_windows(results, setup, beats[key], max_batch, budget)
         if w:
             pts += [(m, p, lo) for _, m, p, lo in w]
             runs.append(f"{key.split('|')[0]} {key.split('|')[1].split(':')[0]} @ "
                         f"{float(key.split('|')[2]):.3g} ({len(w)})")
     return pts, runs, peak
+
+
+def saturated_runs(run_dir: str, max_batch: int, budget: int = 8192,
+                   kind: str | None = None) -> set[str]:
+    """The keys (requests.json.gz "runs") of the runs (of setups of `kind`, None: any) with
+    a saturated window. Their token times measure the relay, not the decode step: the
+    decode profile leaves the P/D ones out (capstone_calibration.fit_decode_unsaturated)."""
+    return {key for key, setup, _, w in _run_windows(run_dir, max_batch, budget)
+            if w and (kind is None or setup.kind == kind)}
 
 
 def fit_relay(cal, run_dir: str) -> bool:

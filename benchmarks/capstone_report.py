@@ -265,7 +265,11 @@ def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context)
     warm = warm_counts(keyed)
     cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs, warm=warm,
                     mixed_runs=[(runs[i], warm[i]) for i in colocated])
-    fit_relay(cal, out_dir)  # from the records written (requests.json.gz: heartbeats)
+    # from the records written (requests.json.gz: heartbeats); then the decode step without
+    # the P/D runs in which the relay was saturated, and the mixed step on it
+    if fit_relay(cal, out_dir) and calib.fit_decode_unsaturated(cal, out_dir, always=False):
+        calib.fit_mixed(cal, [(runs[i], warm[i]) for i in colocated])
+    cal.meta.setdefault("decode_left_out", "0")
     return cal.save(os.path.join(out_dir, "calibration.json"))
 
 

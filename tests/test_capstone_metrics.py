@@ -134,14 +134,16 @@ def test_a_guess_brackets_the_max_rate_where_doubling_runs_out() -> None:
 
 def test_grpc_target_keeps_the_reserve_wait() -> None:
     """The capstone records how long token 0 waited for the decode worker's Reserve
-    (reserve_wait_ms), beside the other server timings, from the final chunk's metrics."""
+    (reserve_wait_ms) and the coordinator's own TTFT (ttft_ms), beside the other server
+    timings, from the final chunk's metrics; other metrics are not kept."""
     import asyncio
     from types import SimpleNamespace
 
     from pdserve.benchmarks.capstone_client import SERVER_KEYS, GrpcTarget
 
     assert "reserve_wait_ms" in SERVER_KEYS
-    metrics = {"queue_ms": 0.0, "prefill_ms": 20.0, "reserve_wait_ms": 310.5, "ttft_ms": 1.0}
+    metrics = {"queue_ms": 0.0, "prefill_ms": 20.0, "reserve_wait_ms": 310.5, "ttft_ms": 1.0,
+               "tpot_ms": 7.0}
 
     class Client:
         async def stream(self, **_kw):
@@ -156,4 +158,5 @@ def test_grpc_target_keeps_the_reserve_wait() -> None:
         return [x async for x in target.stream(req, 1.0)]
     got = asyncio.run(run())
     assert got[0] == (1, None)
-    assert got[1] == (2, {"queue_ms": 0.0, "prefill_ms": 20.0, "reserve_wait_ms": 310.5})
+    assert got[1] == (2, {"queue_ms": 0.0, "prefill_ms": 20.0, "reserve_wait_ms": 310.5,
+                          "ttft_ms": 1.0})

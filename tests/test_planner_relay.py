@@ -19,6 +19,7 @@ from pdserve.benchmarks.capstone_relay import (
     fit_relay,
     fit_relay_points,
     relay_windows,
+    saturated_runs,
     token_peak,
 )
 from pdserve.benchmarks.planner_batching import Loop
@@ -152,3 +153,31 @@ def test_relay_cuts_what_the_client_saw_after_the_limit() -> None:
     assert all(math.isnan(r.first) or r.first <= 2.0 for r in reqs)
     assert all(math.isnan(r.end) or r.end <= 2.0 for r in reqs)
     assert any(math.isnan(r.first) for r in reqs)
+
+
+def _steady_run() -> list[RequestResult]:
+    """Sent at 10/s, nothing waits: 50 tokens 8 ms apart each (the decode step)."""
+    return [RequestResult(0.1 * i, 32, [(0.1 * i + 0.02 + 0.008 * k, 1) for k in range(50)],
+                          target_tokens=50) for i in range(20)]
+
+
+def test_the_decode_fit_leaves_out_the_runs_that_saturated_the_relay(tmp_path) -> None:
+    sat, steady = "1P1D|decode-heavy|100.0|0", "1P1D|decode-heavy|10.0|0"
+    doc = {"runs": {sat: [r.to_json() for r in _saturated_run()],
+                    steady: [r.to_json() for r in _steady_run()]},
+           "heartbeats": {sat: _beats(running=20), steady: _beats(running=20)}}
+    with gzip.open(tmp_path / "requests.json.gz", "wt") as f:
+        json.dump(doc, f)
+    assert saturated_runs(str(tmp_path), 256, kind="P/D") == {sat}
+    assert saturated_runs(str(tmp_path), 256, kind="colocated") == set()
+    cal = calib.Calibration()
+    cal.relay = dict(PROFILE)
+    assert calib.fit_decode_unsaturated(cal, str(tmp_path), always=False)
+    assert cal.meta["decode_left_out"] == "1" and "1 P/D run(s) left out" in cal.source["decode"]
+    for sync in (False, True):  # the steady run's step
+        assert cal.decode_step_ms(28, 3000, sync) == pytest.approx(8.0, abs=0.5)
+    every = calib.Calibration()  # no relay profile: nothing is left out, the 10 ms steps count
+    assert not calib.fit_decode_unsaturated(every, str(tmp_path), always=False)
+    assert calib.fit_decode_unsaturated(every, str(tmp_path))
+    assert every.meta["decode_left_out"] == "0"
+    assert every.decode_step_ms(28, 3000) > 9.5  # the saturated run: 10 ms at its batch
