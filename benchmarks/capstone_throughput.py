@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pdserve.benchmarks.capstone_report import SetupResult
 
+OUTSIDE_MS = 50.0  # a median wait outside the coordinator's handler longer than this is one
 SCALES = 0.75  # "grew with the decode GPUs": the peak ratio is at least this x the GPU ratio
 
 
@@ -24,6 +25,7 @@ class Peak:
     tokens_per_s: float  # highest output tokens delivered in one 1-s window
     where: str  # "workload at R req/s"
     req_per_s: float  # requests sent per second in that run
+    outside_ms: float = math.nan  # median client TTFT less the coordinator's own (ttft_ms)
 
 
 def decode_gpus(s: SetupResult) -> int:
@@ -47,8 +49,18 @@ def peak_tokens(s: SetupResult) -> Peak | None:
                 span = max(sends) - min(sends)
                 best = Peak(s.setup, decode_gpus(s), float(max(per_s.values())),
                             f"{wname} at {r.rate:.3g} req/s",
-                            (len(sends) - 1) / span if span > 0 else math.nan)
+                            (len(sends) - 1) / span if span > 0 else math.nan,
+                            outside_ms(r.results))
     return best
+
+
+def outside_ms(results) -> float:
+    """Median over a run's requests of the client's TTFT less the coordinator's own
+    (`ttft_ms`: its receipt of the request to its send of token 0; recorded since 6889ada):
+    the time token 0 spent outside the coordinator's handler (NaN: not recorded)."""
+    gaps = sorted((q.chunks[0][0] - q.t_send) * 1e3 - q.server["ttft_ms"] for q in results
+                  if q.chunks and q.server.get("ttft_ms"))
+    return gaps[len(gaps) // 2] if gaps else math.nan
 
 
 def throughput_lines(setups: Sequence[SetupResult]) -> list[str]:
@@ -71,4 +83,12 @@ def throughput_lines(setups: Sequence[SetupResult]) -> list[str]:
                 "sets it: the one coordinator process, through which each token travels as "
                 "its own message (`pdserve bench coordinator` measures its cost per token), "
                 "and the one load-generator process that receives them."))
+    for p in peaks:
+        if p.outside_ms == p.outside_ms:
+            out.append(f"- {p.setup}, {p.where}: the client's TTFT exceeded the "
+                       "coordinator's own (`ttft_ms`: its start of the call to its send of "
+                       f"token 0) by a median {p.outside_ms:.3g} ms: "
+                       + ("the wait was outside the coordinator's handler (in the load "
+                          "generator, or before the coordinator's server started the call)"
+                          if p.outside_ms > OUTSIDE_MS else "no wait outside it"))
     return out

@@ -187,9 +187,23 @@ def transfer_lines(setups: Sequence[SetupResult], ctx: Context) -> list[str]:
     out, rx = dedicated_lines(ctx.transfer_step)
     return out + ["", "**Serving: the part of the transfer not hidden behind the forward** "
                   "(what prefill workers report as `transfer_ms`: from the end of the "
-                  "forward to the last layer landing; with layer-wise push most bytes move "
-                  "during the forward, so this is a tail, not the transfer time)", "",
+                  f"forward to the last layer landing; this run's workers pushed KV "
+                  f"{_push(ctx).describe()}"
+                  + ("; with layer-wise push most bytes move during the forward, so this is "
+                     "a tail, not the transfer time)" if _layerwise(ctx) else
+                     ": the whole copy starts after the forward, so this is the transfer "
+                     "with the messages around it)"), "",
                   *serving_lines(setups, ctx, rx)]
+
+
+def _push(ctx: Context):
+    from pdserve.benchmarks.planner_setups import KVPush
+
+    return KVPush.from_meta(ctx.meta)
+
+
+def _layerwise(ctx: Context) -> bool:
+    return _push(ctx).layerwise(1 << 62)
 
 
 def serving_lines(setups: Sequence[SetupResult], ctx: Context,
@@ -226,9 +240,13 @@ def serving_lines(setups: Sequence[SetupResult], ctx: Context,
         f"- What sets this tail: at {big / 1e6:.3g} MB the fixed part is "
         f"{fixed / at_big:.0%} of {at_big:.3g} ms ({eff:.3g} GB/s effective), so "
         + ("the fixed per-request part sets it, not the link: the reported time starts at "
-           "the end of the prefill forward, and with layer-wise push most bytes have moved "
-           "during the forward; what is left is the last layers, the final message and the "
-           "decode worker's acknowledgement." if fixed > 0.5 * at_big else
+           "the end of the prefill forward, "
+           + ("and with layer-wise push most bytes have moved during the forward; what is "
+              "left is the last layers, the final message and the decode worker's "
+              "acknowledgement." if _layerwise(ctx) else
+              "the copy itself is short against it (see the dedicated step), and the rest is "
+              "the messages around it and the decode worker's acknowledgement.")
+           if fixed > 0.5 * at_big else
            f"the per-byte rate ({bw}) sets it.")
         + " Under load the same field also holds the wait for a busy sender or receiver: "
         f"the same fit over the means of all {len(every)} P/D runs has R^2 {r2_all:.2f}.",

@@ -42,3 +42,15 @@ def test_without_records_it_says_so():
     s = SetupResult("1P1D", "", pools={"prefill": [0], "decode": [1]},
                     by_workload={"w": WorkloadRuns("w", "", runs=[Run(4.0, 0, [], {})])})
     assert "not known" in throughput_lines([s])[0]
+
+
+def test_the_wait_outside_the_coordinator_is_told_from_ttft_ms():
+    s = _setup("2both", {"both": [0, 1]}, 100)
+    for q in s.by_workload["decode-heavy"].runs[0].results:
+        q.server = {"ttft_ms": (q.chunks[0][0] - q.t_send) * 1e3 - 900.0}  # 900 ms outside
+    lines = throughput_lines([s])
+    assert any("by a median 900 ms" in ln and "outside the coordinator's handler" in ln
+               for ln in lines)
+    for q in s.by_workload["decode-heavy"].runs[0].results:
+        q.server = {"ttft_ms": (q.chunks[0][0] - q.t_send) * 1e3 - 2.0}
+    assert any(ln.endswith("no wait outside it") for ln in throughput_lines([s]))

@@ -191,5 +191,5 @@ def test_every_committed_capstone_run_reads_as_it_recorded_or_the_old_behaviour(
         want = KVPush.from_meta(meta) if "peer_copy_during_forward" in meta else OLD
         assert plan.run_push(str(d), res) == want, d
     # the runs of 530b4d8 recorded the push after the forward
-    new = root / "capstone-2gpu-530b4d8"
+    new = root / "capstone-4gpu-530b4d8"
     assert plan.run_push(str(new), json.loads((new / "results.json").read_text())) != OLD
