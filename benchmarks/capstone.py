@@ -308,9 +308,9 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
         plan_lines = ["", "### Planner validation", "", plan.simulated_with(out, cal), "",
                       *plan_report.validation_lines(per_run, per_search)]
         if args.extrapolate:
-            plan_lines += ["", "### Extrapolation", "",
-                           *plan_report.extrapolation_lines(per_search, args.extrapolate,
-                                                            plan.ASSUMPTIONS)]
+            plan_lines += ["", "### Extrapolation", "", *plan_report.extrapolation_lines(
+                per_search, args.extrapolate, plan.ASSUMPTIONS, cal.relay,
+                plan_report.mean_out_tokens(setups))]
     answers = findings(setups, ctx) if setups[0].setup != "external" else []
     paths.append(report.write_markdown(out, setups, ctx, workloads, pngs, map_text, plan_lines,
                                        answers))

@@ -14,7 +14,8 @@ one GPU running the calibrated model (no tensor parallelism); profiles measured 
 pair of GPUs hold for every pair (same GPU model, same interconnect: NVLink inside a node
 versus RDMA across nodes is not modelled); KV moves as the installed engine's defaults
 move it between workers of one host (a peer copy after the forward); KV transfers do not
-contend for links; the coordinator and the client keep up; routing balances load as in the simulator (least
+contend for links; each replica has its own coordinator and client (the relay profile, where
+the run measured one, says how many it needs); routing balances load as in the simulator (least
 queued tokens / fewest sequences); no preemption, no prefix caching.
 """
 

@@ -78,11 +78,33 @@ def within_lines(per_run: Sequence[dict], tol: float = 0.15) -> list[str]:
     return out
 
 
+def mean_out_tokens(setups) -> dict[str, float]:
+    """Mean output length asked for, per workload, over the requests a capstone run's
+    setups (capstone_report.SetupResult) recorded; none for a run without them."""
+    lens: dict[str, list[int]] = {}
+    for s in setups:
+        for w, wr in s.by_workload.items():
+            lens.setdefault(w, []).extend(q.target_tokens for r in wr.runs for q in r.results)
+    return {w: sum(v) / len(v) for w, v in lens.items() if v}
+
+
+def relays_needed(rate: float, out_tokens: float, setup: str, relay: dict) -> int:
+    """How many relays (a coordinator with its clients, each at `relay`'s profile: t_tok ms
+    a token message, t_req_pd / t_req_local ms a request set up) carry `rate` req/s of
+    requests of `out_tokens` output tokens (one message each), busy at most 100%."""
+    local = parse_setup(setup).kind == "colocated"
+    ms = out_tokens * relay["t_tok"] + relay["t_req_local" if local else "t_req_pd"]
+    return max(1, math.ceil(rate * ms / 1e3 - 1e-9))
+
+
 def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int],
-                        assumptions: str) -> list[str]:
+                        assumptions: str, relay: dict | None = None,
+                        out_tokens: dict[str, float] | None = None) -> list[str]:
     """Goodput on N GPUs as N / g replicas of each validated g-GPU setup (its predicted and
-    its measured max rate times the replicas), best first per workload and N; then the
-    assumptions. Replicas need no new simulation, so this costs nothing at 64 GPUs."""
+    its measured max rate times the replicas), best first per workload and N; with the
+    run's relay profile and the workloads' mean output lengths, how many coordinators that
+    rate needs (`relays_needed`); then the assumptions. Replicas need no new simulation,
+    so this costs nothing at 64 GPUs."""
 
     rows = []
     for wname in dict.fromkeys(r["workload"] for r in per_search):
@@ -92,15 +114,28 @@ def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int],
                 g = parse_setup(r["setup"]).gpus
                 if r["workload"] == wname and n % g == 0:
                     k = n // g
-                    cands.append({"workload": wname, "gpus": n, "setup": f"{k} x {r['setup']}",
-                                  "predicted_goodput_rps": k * r["predicted_max_rate"],
-                                  "from_measured_rps": k * r["measured_max_rate"]})
+                    row = {"workload": wname, "gpus": n, "setup": f"{k} x {r['setup']}",
+                           "predicted_goodput_rps": k * r["predicted_max_rate"],
+                           "from_measured_rps": k * r["measured_max_rate"]}
+                    if relay and out_tokens and wname in out_tokens:
+                        row["coordinators"] = relays_needed(row["predicted_goodput_rps"],
+                                                            out_tokens[wname], r["setup"], relay)
+                    cands.append(row)
             rows += sorted(cands, key=lambda c: -c["predicted_goodput_rps"])
     if not rows:
         return ["No setup of this run divides the GPU counts asked for."]
+    need = [] if not any("coordinators" in r for r in rows) else [
+        f"coordinators: how many coordinator processes (each with its own clients) the "
+        f"predicted rate needs at this run's relay profile ({relay['t_tok'] * 1e3:.3g} us a "
+        f"token message, {relay['t_req_pd']:.3g} ms a P/D request set up, "
+        f"{relay['t_req_local']:.3g} ms a local one; one message a token, the workload's mean "
+        "output length): the simulator gives every replica its own relay, a single "
+        "coordinator in front of all of them would cap the rate at what one relay carries.",
+        ""]
     return ["Goodput on N GPUs as N / g independent replicas of each g-GPU setup measured "
             "here (the planner's predicted max rate x replicas, and the measured one x "
             "replicas), best first:", "", plotting.markdown_table(rows, floatfmt=".3g"), "",
+            *need,
             assumptions.strip() + " Replicas share no load: one larger pool would multiplex "
             "requests better, so these are lower bounds in that respect; splits that no "
             "measured setup replicates (e.g. 5P3D) need `pdserve plan --gpus N`.", ""]
