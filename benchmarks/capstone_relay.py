@@ -33,6 +33,7 @@ so older runs get no relay profile (the simulator then has no relay, as before).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import math
@@ -136,16 +137,23 @@ def fit_relay_points(points: Sequence[tuple[int, int, int]], peak_msgs: int,
     return {"t_tok": t_tok, "t_req_pd": pd, "t_req_local": local}
 
 
-def _run_windows(run_dir: str, max_batch: int, budget: int = 8192):
+def _run_windows(run_dir: str, max_batch: int, budget: int = 8192) -> tuple:
     """(run key, its setup, its requests, its saturated windows) of every run in
     `run_dir`'s requests.json.gz: no windows for a run without heartbeats or of an unknown
-    setup (None)."""
+    setup (None). Read once per file version: the relay fit and the decode fit's
+    `saturated_runs` both ask."""
     path = os.path.join(run_dir, "requests.json.gz")
     if not os.path.exists(path):
-        return
+        return ()
+    return _windows_of(path, os.stat(path).st_mtime_ns, max_batch, budget)
+
+
+@functools.lru_cache(maxsize=4)
+def _windows_of(path: str, _mtime_ns: int, max_batch: int, budget: int) -> tuple:
     with gzip.open(path, "rt") as f:
         doc = json.load(f)
     beats = doc.get("heartbeats") or {}
+    out = []
     for key, rows in doc.get("runs", {}).items():
         results = [RequestResult.from_json(x) for x in rows]
         try:
@@ -154,7 +162,8 @@ def _run_windows(run_dir: str, max_batch: int, budget: int = 8192):
             setup = None
         w = (relay_windows(results, setup, beats[key], max_batch, budget)
              if setup is not None and key in beats else [])
-        yield key, setup, results, w
+        out.append((key, setup, results, w))
+    return tuple(out)
 
 
 def relay_points(run_dir: str, max_batch: int, budget: int = 8192

@@ -24,7 +24,6 @@ class Peak:
     decode_gpus: int  # GPUs that run decode steps (the decode pool, or every colocated GPU)
     tokens_per_s: float  # highest output tokens delivered in one 1-s window
     where: str  # "workload at R req/s"
-    req_per_s: float  # requests sent per second in that run
     outside_ms: float = math.nan  # median client TTFT less the coordinator's own (ttft_ms)
 
 
@@ -45,12 +44,8 @@ def peak_tokens(s: SetupResult) -> Peak | None:
                 for t, n in q.chunks:
                     per_s[math.floor(t)] += n
             if per_s and (best is None or max(per_s.values()) > best.tokens_per_s):
-                sends = [q.t_send for q in r.results]
-                span = max(sends) - min(sends)
                 best = Peak(s.setup, decode_gpus(s), float(max(per_s.values())),
-                            f"{wname} at {r.rate:.3g} req/s",
-                            (len(sends) - 1) / span if span > 0 else math.nan,
-                            outside_ms(r.results))
+                            f"{wname} at {r.rate:.3g} req/s", outside_ms(r.results))
     return best
 
 

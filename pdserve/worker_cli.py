@@ -140,10 +140,10 @@ async def serve(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda"):
         from pdserve.engine.cpu_affinity import pin_to_gpu
         pin_to_gpu(args.device)  # before the engine's and the transfer's threads start
-    server = WorkerServer(config_from_args(args))
     try:
+        server = WorkerServer(config_from_args(args))
         port = await server.start()
-    except ValueError as exc:  # settings the model cannot take (e.g. --max-model-len)
+    except ValueError as exc:  # a setting the config (--transfer-timeout 0) or model refuses
         print(f"pdserve worker: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except (RegistrationFailed, RegistrationRefused) as exc:

@@ -198,3 +198,15 @@ def test_worker_flag_sets_the_receivers_landing_timeout():
     assert worker_cli.config_from_args(p.parse_args(["--role", "decode"])).transfer.landing_timeout_s == 10.0
     with pytest.raises(SystemExit):
         p.parse_args(["--role", "decode", "--landing-timeout", "0"])
+
+
+def test_worker_refuses_a_transfer_setting_by_name_without_a_traceback():
+    """A value the transfer config refuses ends the worker with status 2 and its reason."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "pdserve.cli", "worker", "--role", "decode",
+                        "--model", "tiny", "--device", "cpu", "--port", "0",
+                        "--transfer-timeout", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "pdserve worker: error: transfer timeout_s must be positive" in r.stderr
+    assert "Traceback" not in r.stderr
