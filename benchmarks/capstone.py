@@ -20,23 +20,23 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
+from pdserve.benchmarks import capstone_check as plan_check
 from pdserve.benchmarks import capstone_plots as plots
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks import capstone_transfer_step as transfer_step
 from pdserve.benchmarks import plotting
 from pdserve.benchmarks.capstone_budget import Budget
-from pdserve.benchmarks.capstone_client import GpuSampler, GrpcTarget, OpenAITarget
+from pdserve.benchmarks.capstone_client import GpuSampler
 from pdserve.benchmarks.capstone_findings import findings
 from pdserve.benchmarks.capstone_guess import kv_push_meta, start_guesses
 from pdserve.benchmarks.capstone_heartbeats import HeartbeatRecorder
 from pdserve.benchmarks.capstone_metrics import Window, parse_goodput
 from pdserve.benchmarks.capstone_rerender import write_records
+from pdserve.benchmarks.capstone_setup import open_setup
 from pdserve.benchmarks.capstone_sweep import measure_setup
 from pdserve.benchmarks.capstone_workloads import Workload, load_sharegpt, parse_workload
-from pdserve.benchmarks.planner_setups import parse_setup, setup_name
+from pdserve.benchmarks.planner_setups import parse_setup
 
 NAME = "capstone"
 # kept of a --budget-s for the report (plots; the validation simulates each run: 30 took 36 s)
@@ -116,6 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on the same model and GPUs: the planner predicts each setup and "
                         "workload's max rate from it, and each search's second run goes just "
                         "past (or under) that prediction, so three runs can bracket it")
+    plan_check.add_argument(s)
     s.add_argument("--max-runs", type=int, default=6, help="runs per search (6)")
     s.add_argument("--rel-tol", type=float, default=0.15, help="stop when hi/lo <= 1 + this")
     s.add_argument("--window-warmup", type=float, default=0.1, help="fraction excluded at start")
@@ -152,6 +153,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--window-warmup and --window-cooldown must be fractions summing to < 1"
     if getattr(args, "start_rate_from", None) and not os.path.exists(args.start_rate_from):
         return f"--start-rate-from {args.start_rate_from}: no such file or directory"
+    if err := plan_check.check_args(args):
+        return err
     if getattr(args, "warmup_burst", 0) < 0:
         return "--warmup-burst must be >= 0"
     if err := transfer_step.check(args):
@@ -180,63 +183,6 @@ def setups_of(args: argparse.Namespace) -> list[str]:
     if args.coordinator or args.base_url:
         return ["external"]
     return list(dict.fromkeys(s for group in (args.configs or [["1P1D", "2both"]]) for s in group))
-
-
-@contextmanager
-def open_setup(name: str, args: argparse.Namespace,
-               start_timeout_s: float | None = None) -> Iterator[tuple[object, dict]]:
-    """(target, info) for one setup; info: label, workers, vocab, max_len, pools.
-    `start_timeout_s`: at most this long for the workers (default --start-timeout)."""
-    if args.base_url:
-        target = OpenAITarget(args.base_url, args.served_model_name)
-        yield target, {"label": args.label or "external", "workers": target.name,
-                       "vocab": args.vocab, "max_len": 0, "pools": {}}
-        return
-    if args.coordinator:
-        yield from _pdserve_setup(args.coordinator, "", args)
-        return
-    from pdserve.cluster import LocalCluster
-
-    s = parse_setup(name)
-    print(f"starting {name} on {args.devices} ({args.model})", flush=True)
-    t0 = time.monotonic()
-    coordinator_args = ["--pd-threshold-tokens", str(s.cond_tokens)] if s.cond_tokens else []
-    with LocalCluster(args.model, prefill=s.prefill, decode=s.decode, both=s.both,
-                      devices=args.devices, transfer=args.transfer, worker_args=args.worker_arg,
-                      coordinator_args=coordinator_args,
-                      start_timeout_s=start_timeout_s or args.start_timeout) as c:
-        c.wait_ready(start_timeout_s or args.start_timeout)
-        print(f"{name} ready after {time.monotonic() - t0:.1f} s", flush=True)
-        yield from _pdserve_setup(c.address, name, args)
-
-
-@contextmanager
-def _infos(address: str) -> Iterator[list[dict]]:
-    from pdserve.coordinator.client import Client
-
-    with Client(address, timeout_s=30) as c:
-        yield [w["info"] for w in c.list_workers()]
-
-
-def _pdserve_setup(address: str, name: str, args: argparse.Namespace):
-    with _infos(address) as infos:
-        info = _describe(infos, name)
-    info["coordinator"] = address  # for the heartbeat records
-    yield GrpcTarget(address), info
-
-
-def _describe(infos: list[dict], name: str) -> dict:
-    pools: dict[str, list[int]] = {}
-    for i in infos:
-        if i["device"].startswith("cuda:"):
-            pools.setdefault(i["role"], []).append(int(i["device"].split(":")[1]))
-    roles = [i["role"] for i in infos]
-    label = name or setup_name(roles.count("prefill"), roles.count("decode"), roles.count("both"))
-    return {
-        "label": label, "workers": ", ".join(f"{i['role']}@{i['device']}" for i in infos),
-        "vocab": min((i["vocab_size"] for i in infos if i["vocab_size"]), default=256),
-        "max_len": min((i["max_model_len"] for i in infos if i["max_model_len"]), default=0),
-        "pools": pools}
 
 
 def load_workloads(args: argparse.Namespace) -> list[tuple[Workload, list | None]]:
@@ -298,14 +244,16 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
         for key, rel in olds.items():
             if key not in pngs and os.path.exists(os.path.join(out, rel)):
                 pngs[key + " (as the run drew it)"] = os.path.join(out, rel)
-    plan_lines: list[str] = []
+    plan_lines: list[str] = plan_check.report_lines(
+        [(s.setup, w.workload, w.search) for s in setups for w in s.by_workload.values()
+         if w.search and w.search.check_tol], ctx.meta.get("plan check from", "?"))
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
         from pdserve.benchmarks import plan, plan_report
 
         with open(os.path.join(out, "results.json")) as f:
             cal = plan.run_calibration(out, json.load(f))  # refitted once, used twice
         per_run, per_search = plan.validate(out, cal)
-        plan_lines = ["", "### Planner validation", "", plan.simulated_with(out, cal), "",
+        plan_lines += ["", "### Planner validation", "", plan.simulated_with(out, cal), "",
                       *plan_report.validation_lines(per_run, per_search)]
         if args.extrapolate:
             plan_lines += ["", "### Extrapolation", "", *plan_report.extrapolation_lines(
@@ -345,6 +293,9 @@ def run(args: argparse.Namespace) -> int:
             **kv_push_meta(args)}  # how its workers push KV, for the planner (KVPush)
     if args.label:
         meta = {"run": args.label, **meta}
+    if args.plan_check_from:  # two runs per setup and workload (capstone_check.py)
+        args.max_runs = 2
+        meta["plan check from"] = plan_check.source(args.plan_check_from)
     ctx = report.Context(slos, args.target, window, args.burstiness, args.seed,
                          args.start_rate, args.num_requests, meta, args.max_runs, args.rel_tol,
                          args.run_duration, args.budget_s)

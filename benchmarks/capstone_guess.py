@@ -31,9 +31,13 @@ def kv_push_meta(args: argparse.Namespace) -> dict[str, str]:
 
 def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
                   slos: dict[str, float]) -> dict[str, dict[str, float]]:
-    """{setup: {workload: predicted max rate}} from `--start-rate-from` (none without it),
-    printed; the simulated runs are as long as the measured ones will be at most."""
-    if not getattr(args, "start_rate_from", None):
+    """{setup: {workload: predicted max rate}} from `--plan-check-from` (to 2%: the
+    predictions the run checks, capstone_check.py) or else `--start-rate-from` (to 10%:
+    where each search steps to), none without either, printed; the simulated runs are as
+    long as the measured ones will be at most."""
+    check = getattr(args, "plan_check_from", None)
+    path = check or getattr(args, "start_rate_from", None)
+    if not path:
         return {}
     import json
 
@@ -41,7 +45,6 @@ def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
     from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
     from pdserve.benchmarks.capstone_workloads import length_pairs
 
-    path = args.start_rate_from
     if os.path.isfile(os.path.join(path, "results.json")):  # a run: as its validation does
         with open(os.path.join(path, "results.json")) as f:
             cal = run_calibration(path, json.load(f))
@@ -54,9 +57,10 @@ def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
     t0 = time.monotonic()
     out = plan.guess_max_rates(cal, names, workloads, slos, args.target, args.burstiness,
                                args.seed, duration_s=min(args.run_duration or 15.0, 15.0),
+                               rel_tol=0.02 if check else 0.1,
                                min_requests=args.num_requests, push=kv_push(args) or KVPush(),
                                landed_fifo=landed_fifo(kv_push_meta(args)))
-    print(f"predicted max rates from {path} (steering the searches; "
+    print(f"predicted max rates from {path} ({'to check' if check else 'steering the searches'}; "
           f"{time.monotonic() - t0:.1f} s): " + "; ".join(
               f"{s} {w} {r:.3g}" for s, ws in out.items() for w, r in ws.items()), flush=True)
     return out

@@ -232,6 +232,7 @@ def write_json(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
                 "bracketed": bool(w.search and w.search.bracketed),
                 "cut": bool(w.search and w.search.cut),
                 "search_guess": w.search.guess if w.search else 0.0,
+                "check_tol": w.search.check_tol if w.search else 0.0,
                 "send_durations_s": [r.summary.get("send_duration_s") for r in w.runs],
                 # the same for every run of this workload (one seed): only arrivals change
                 "lengths": [[r.prompt_tokens, r.target_tokens or r.output_tokens]

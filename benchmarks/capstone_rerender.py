@@ -114,11 +114,12 @@ def load(run_dir: str) -> tuple[list[report.SetupResult], report.Context, dict, 
                 reqs = [RequestResult.from_json(x) for x in
                         per_req["runs"].get(run_key(e["setup"], wname, rate, conc), [])]
                 wr.runs.append(report.Run(rate, conc, reqs, summ))
-            if w.get("search_runs"):
+            if w.get("search_runs") or w.get("check_tol"):
                 wr.search = SearchResult(w["max_rate"], res["target"],
                                          [tuple(x) for x in w["search_runs"]],
                                          bool(w.get("bracketed")), bool(w.get("cut")),
-                                         float(w.get("search_guess") or 0.0))
+                                         float(w.get("search_guess") or 0.0),
+                                         float(w.get("check_tol") or 0.0))
             s.by_workload[wname] = wr
         setups.append(s)
     return setups, ctx, res.get("workloads", {}), bool(per_req["runs"])

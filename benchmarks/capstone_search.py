@@ -31,8 +31,11 @@ class SearchResult:
     bracketed: bool = False  # a failing rate above max_rate was measured
     cut: bool = False  # stopped early by the time budget (can_run said no)
     guess: float = 0.0  # the predicted max rate that steered it (0: none)
+    check_tol: float = 0.0  # > 0: a plan check at guess / (1 -+ this), not a search (capstone_check)
 
     def describe(self) -> str:
+        if self.check_tol:
+            return self._describe_check()
         if not self.runs:
             return "no run (cut by the time budget)"
         if self.max_rate == 0:
@@ -49,6 +52,31 @@ class SearchResult:
                 f"{len(self.runs)} runs{bound}{cut}{guided}")
 
 
+    def verdict(self) -> str:
+        """A plan check's (capstone_check): WITHIN; HIGH (the lower rate failed: the max
+        rate m < guess/(1+tol)); LOW (the higher held: m >= guess/(1-tol)); NOISE (the lower
+        failed, the higher held); NOT_RUN (a run missing)."""
+        if len(self.runs) < 2 or any(math.isnan(a) for _, a in self.runs):
+            return NOT_RUN
+        (_, lo), (_, hi) = sorted(self.runs)[:2]
+        held_lo, held_hi = lo >= self.target, hi >= self.target
+        if held_lo != held_hi:
+            return WITHIN if held_lo else NOISE
+        return LOW if held_lo else HIGH
+
+    def _describe_check(self) -> str:
+        runs = ", ".join(f"{a:.0%} at {r:.3g}" for r, a in sorted(self.runs)) or "no run"
+        tol = f"{self.check_tol:.0%}"
+        what = {WITHIN: f"within {tol} of the measured max rate",
+                HIGH: f"too high by more than {tol} (the lower rate failed)",
+                LOW: f"too low by more than {tol} (the higher rate held)",
+                NOISE: "not monotone: the lower rate failed, the higher held",
+                NOT_RUN: "not decided (a run is missing)"}[self.verdict()]
+        return f"plan check: predicted {self.guess:.3g} req/s; attainment {runs}: {what}"
+
+
+WITHIN, HIGH, LOW, NOISE, NOT_RUN = ("within", "predicted too high", "predicted too low",
+                                     "not monotone", "not measured")
 GUESS_MARGIN = 1.25  # a guided step lands this far past (or short of) the guess
 GUESS_MAX_STEP = 16.0  # ... and at most this factor from the rate before it
 

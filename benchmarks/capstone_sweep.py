@@ -12,9 +12,10 @@ import time
 
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks.capstone_budget import RunSizer, run_size
+from pdserve.benchmarks.capstone_check import CHECK_TOL, run_check
 from pdserve.benchmarks.capstone_client import run_load
 from pdserve.benchmarks.capstone_metrics import Window, summarize
-from pdserve.benchmarks.capstone_search import find_max_rate
+from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import Request, Workload, length_pairs, make_requests
 
 
@@ -61,7 +62,8 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
                   deadline_s: float = math.inf,
                   guesses: dict[str, float] | None = None) -> report.SetupResult:
     """Every workload on one setup, by `deadline_s` (monotonic; inf: no budget);
-    `guesses`: {workload: predicted max rate} steering each search (capstone_search)."""
+    `guesses`: {workload: predicted max rate} steering each search (capstone_search), or
+    checked at two rates (--plan-check-from: capstone_check)."""
     from pdserve.benchmarks.capstone import concurrency_levels
 
     res = report.SetupResult(info["label"], info["workers"], info["pools"])
@@ -111,9 +113,17 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
                     break
                 one(math.inf, c)
             continue
-        wr.search = find_max_rate(one, args.start_rate, args.target, args.max_runs,
-                                  args.rel_tol, can_run=sizer.can_run,
-                                  guess=(guesses or {}).get(wl.name, 0.0))
+        guess = (guesses or {}).get(wl.name, 0.0)
+        if getattr(args, "plan_check_from", None):  # out of sample (capstone_check.py)
+            if not guess > 0:
+                print(f"{res.setup} {wl.name}: no prediction to check (the planner found no "
+                      "rate holding the target)", flush=True)
+                wr.search = SearchResult(0.0, args.target, check_tol=CHECK_TOL)
+                continue
+            wr.search = run_check(one, guess, args.target, can_run=sizer.can_run)
+        else:
+            wr.search = find_max_rate(one, args.start_rate, args.target, args.max_runs,
+                                      args.rel_tol, can_run=sizer.can_run, guess=guess)
         if wr.search.cut:
             budget.cut(f"{res.setup} / {wl.name}: search stopped after {len(wr.search.runs)} "
                        f"of {args.max_runs} runs")

@@ -58,7 +58,11 @@
 # calibration.json or run directory; "none": plain doubling), WARMUP_BURST (16), MAX_RUNS
 # (3), RUN_DURATION (20 s, the longest run), CALL_S (595: the call's limit, for the
 # report fallback), TRANSFER_LENS (the transfer step's prompt lengths; default auto: 512,2048,8192,32768 on GPUs, 64,256,1024 on CPU; none: skip it),
-# PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script).
+# PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script), CHECK_FROM (a
+# capstone run directory or calibration.json: instead of searching, check the planner out
+# of sample, `--plan-check-from`: it predicts each setup and workload's max rate p from that
+# calibration and measures p/1.15 and p/0.85 only; the transfer step is skipped unless
+# TRANSFER_LENS is set; the report's "Planner check" section gives the verdicts).
 set -u
 T0=$(date +%s)
 OUT=$(realpath -m "${1:?usage: gpu_capstone.sh OUT DEVICES}"); DEVICES=${2:?usage: gpu_capstone.sh OUT DEVICES}
@@ -101,6 +105,10 @@ esac
 START_FROM=${START_FROM:-$REPO/benchmarks/results/capstone-${N}gpu}
 [[ ${SMOKE:-0} == 1 && $START_FROM == "$REPO/benchmarks/results/capstone-${N}gpu" ]] && START_FROM=none
 GUIDE=(); if [[ $START_FROM != none && -e $START_FROM ]]; then GUIDE=(--start-rate-from "$(realpath "$START_FROM")"); fi
+if [[ -n ${CHECK_FROM:-} ]]; then  # the planner checked out of sample: 2 runs per search
+  [[ -e $CHECK_FROM ]] || { echo "CHECK_FROM=$CHECK_FROM: no such file or directory" >&2; exit 2; }
+  GUIDE=(--plan-check-from "$(realpath "$CHECK_FROM")"); TRANSFER_LENS=${TRANSFER_LENS:-none}
+fi
 GOODPUT=${GOODPUT:-"ttft:750 tpot:20"}
 
 {
@@ -150,10 +158,11 @@ if [[ ! -f $OUT/report.md && -f $OUT/results.json ]]; then  # the sweep ran out 
 fi
 cd "$REPO" || true
 echo "capstone rc=$RC after $(( $(date +%s) - T0 )) s"
-grep -E "^(starting|error|wrote|predicted max rates|transfer step)|ready after|req/s holds|no measured rate|cut by" "$LOG" | grep -v "it/s]" | tail -n 30
+grep -E "^(starting|error|wrote|predicted max rates|transfer step)|ready after|req/s holds|no measured rate|plan check:|cut by" "$LOG" | grep -v "it/s]" | tail -n 30
 if [[ -f $OUT/report.md ]]; then
   echo "=== report.md (summary)"
   sed -n '/^## Where P\/D wins and loses/,/^## Plots/p' "$OUT/report.md" | head -n 100
+  sed -n '/^### Planner check/,/^### Planner validation/p' "$OUT/report.md" | head -n 30
   sed -n '/^### Planner validation/,/^### Extrapolation/p' "$OUT/report.md" \
     | grep -E "Mean \|error\||within" | head -n 12
   grep -E "^- (time budget|cut by the time budget)" "$OUT/report.md"

@@ -92,7 +92,7 @@ def guess_max_rates(cal: Calibration, setups: Sequence[str],
                     slos: dict[str, float], target: float = 0.9, burstiness: float = 1.0,
                     seed: int = 0, duration_s: float = 10.0, min_requests: int = 16,
                     grace_s: float = 0.0, push: KVPush = KVPush(),
-                    landed_fifo: bool = False) -> dict[str, dict[str, float]]:
+                    landed_fifo: bool = False, rel_tol: float = 0.1) -> dict[str, dict[str, float]]:
     """{setup: {workload: predicted max rate}}: what `pdserve bench capstone
     --start-rate-from` steers each search with (a finer search than the measured one, on
     runs of `duration_s` seconds of arrivals; `push`, `landed_fifo`: the run's workers)."""
@@ -103,8 +103,8 @@ def guess_max_rates(cal: Calibration, setups: Sequence[str],
         except ValueError:
             continue
         for wname, lengths in workloads:
-            res = predict(cal, setup, lengths, slos, target, burstiness, seed, max_runs=10,
-                          min_duration_s=duration_s, rel_tol=0.1, min_requests=min_requests,
+            res = predict(cal, setup, lengths, slos, target, burstiness, seed, max_runs=16,
+                          min_duration_s=duration_s, rel_tol=rel_tol, min_requests=min_requests,
                           grace_s=grace_s, push=push, landed_fifo=landed_fifo)
             out.setdefault(name, {})[wname] = res.max_rate
     return out
@@ -259,6 +259,8 @@ def validate(run_dir: str, cal: Calibration | None = None,
                                 "note": "; ".join(x for x in notes if x),
                                 "heartbeats": "recorded" if hb else "staggered",
                                 "band": g_band})
+            if w.get("check_tol"):  # a plan check, not a search: capstone_check's section
+                continue
             durs = [d for d in w.get("send_durations_s", []) if d]
             sized = bool(search.get("run_duration_s") or search.get("budget_s"))
             pred = predict(cal, setup, lengths, slos, res["target"], burst, seed,

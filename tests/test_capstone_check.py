@@ -1,0 +1,97 @@
+"""The planner's out-of-sample check (capstone_check.py): the two rates around a
+prediction, the verdict they give, the report's section, and the capstone running it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fake_worker import Cluster, LoopThread
+from test_capstone_smoke import FAST, check_report, parse
+
+from pdserve.benchmarks import capstone
+from pdserve.benchmarks import capstone_check as check
+from pdserve.benchmarks.capstone_search import HIGH, LOW, NOISE, NOT_RUN, WITHIN, SearchResult
+
+
+def knee(m: float):
+    """Attainment of a server whose true max rate is m: every request meets its SLOs up to
+    m, half of them past it."""
+    return lambda rate: 1.0 if rate <= m else 0.5
+
+
+@pytest.mark.parametrize("predicted, verdict", [(10.0, WITHIN), (11.4, WITHIN), (8.6, WITHIN),
+                                                (12.0, HIGH), (8.0, LOW)])
+def test_verdict_says_whether_the_max_rate_is_within_15_percent(predicted, verdict) -> None:
+    s = check.run_check(knee(10.0), predicted, 0.9)
+    lo, hi = check.check_rates(predicted)
+    assert [r for r, _ in s.runs] == pytest.approx([lo, hi])
+    assert s.verdict() == verdict
+    # the verdict is what |p - m| <= 15% of m says, m = 10
+    assert (verdict == WITHIN) == (abs(predicted - 10.0) <= 0.15 * 10.0)
+    assert s.guess == predicted and s.check_tol == check.CHECK_TOL
+    assert s.max_rate == max((r for r, a in s.runs if a >= 0.9), default=0.0)
+    assert "plan check: predicted" in s.describe()
+
+
+def test_not_monotone_cut_and_bad_input() -> None:
+    flip = iter([0.5, 1.0])
+    s = check.run_check(lambda rate: next(flip), 10.0, 0.9)
+    assert s.verdict() == NOISE and "not monotone" in s.describe()
+    s = check.run_check(knee(10.0), 10.0, 0.9, can_run=lambda: False)
+    assert s.cut and len(s.runs) == 1 and s.verdict() == NOT_RUN
+    assert SearchResult(0.0, 0.9, check_tol=0.15).verdict() == NOT_RUN
+    with pytest.raises(ValueError):
+        check.check_rates(0.0)
+    with pytest.raises(ValueError):
+        check.check_rates(10.0, 1.0)
+
+
+def test_report_lines_count_the_predictions_within() -> None:
+    good = check.run_check(knee(10.0), 10.0, 0.9)
+    bad = check.run_check(knee(10.0), 14.0, 0.9)
+    text = "\n".join(check.report_lines([("1P1D", "w", good), ("2both", "w", bad)], "X"))
+    assert "Planner check (out of sample)" in text and "Predicted from X" in text
+    assert "1 of 2 predictions within 15%" in text and "2both w (predicted too high)" in text
+    assert check.report_lines([], "X") == []
+
+
+def test_args_and_source(tmp_path) -> None:
+    from pdserve.benchmarks.capstone_calibration import Calibration
+
+    assert "no such file" in capstone.check_args(parse("--plan-check-from", "/no/such"))
+    Calibration(meta={"device": "2 x GPU", "commit": "abc"}).save(str(tmp_path / "calibration.json"))
+    assert "--base-url" in capstone.check_args(parse("--plan-check-from", str(tmp_path),
+                                                     "--base-url", "http://x:1"))
+    assert check.source(str(tmp_path)) == f"the calibration of {tmp_path.name} (device 2 x GPU, commit abc)"
+
+
+def test_capstone_plan_check_against_fake_coordinator(tmp_path) -> None:
+    from pdserve.benchmarks.capstone_calibration import Calibration
+
+    Calibration(prefill={"c0": 5.0, "c_token": 0.5, "c_token2": 0.0}).save(str(tmp_path / "cal.json"))
+    out = tmp_path / "out"
+    lt = LoopThread()
+    cluster = Cluster(lt)
+    cluster.add("prefill")
+    cluster.add("decode")
+    try:
+        rc = capstone.run(parse("--coordinator", cluster.address, *FAST, "--out", str(out),
+                                "--plan-check-from", str(tmp_path / "cal.json")))
+    finally:
+        cluster.stop()
+        lt.close()
+    assert rc == 0
+    res = check_report(out, ["1P1D"])
+    (w,) = res["setups"][0]["by_workload"].values()
+    p = w["search_guess"]
+    assert p > 0 and w["check_tol"] == check.CHECK_TOL
+    assert [r for r, _ in w["search_runs"]] == pytest.approx(list(check.check_rates(p)))
+    assert len(res["runs"]) == 2 and "plan check from" in res["meta"]
+    md = (out / "report.md").read_text()
+    assert "### Planner check (out of sample)" in md and "predictions within 15%" in md
+    again = tmp_path / "again"
+    assert capstone.run(parse("--report-from", str(out), "--out", str(again))) == 0
+    assert "### Planner check (out of sample)" in (again / "report.md").read_text()
+    (w2,) = json.loads((again / "results.json").read_text())["setups"][0]["by_workload"].values()
+    assert w2["check_tol"] == check.CHECK_TOL and w2["search_runs"] == w["search_runs"]
