@@ -74,3 +74,11 @@ class Relay:
         self.head_from = self.loop.now
         self._schedule()
         then()
+
+
+def on_arrival(relay: Relay | None, local: bool, route: Callable[[], None]
+               ) -> Callable[[], None]:
+    """A request's arrival event: `route` now, or once `relay` has set it up."""
+    if relay is None:
+        return route
+    return lambda: relay.admit(local, route)

@@ -27,23 +27,24 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   every running sequence one token, sync when the batch changed since the step before (a
   sequence joined or ended, or a prompt ran: engine/step_pipeline.py overlaps the host's
   work with the GPU's only for an unchanged batch; capstone_decode.py); a landed request
-  joins at the next step boundary; beyond `max_batch` it waits for a slot
+  joins at the next step boundary (a prompt to prefill there too, or, when it came during
+  a step after which the engine launched the next one ahead, at the one after:
+  `launches_ahead`); beyond `max_batch` it waits for a slot
   (engine/scheduler.py admit_remote): in landing order (`landed_fifo`, since branch fifo),
   else newest first as before (the oldest may wait for seconds; every committed capstone
   run). So a request's TPOT includes its transfer and the wait for a step.
   decode_step_ms is linear in B and context: past the batch sizes it was profiled on
   (`SimRun.mean_decode_batch` against the calibration's range) it is an extrapolation.
 - colocated (`Nboth`): a step runs prompt chunks and every running sequence together; it
-  lasts decode_step_ms + what its prompt tokens add to a decode step
-  (`Calibration.mixed_ms`: the mixed profile, fitted on colocated steps,
-  capstone_mixed.py), a step without decodes prefill_ms; prefill stalls decode: the
-  interference that disaggregation removes. Requests go
-  to the worker with the most free KV blocks, as for decode; nothing is reserved on a
-  colocated worker, so between two heartbeats its view does not change and every request
-  goes to the same worker (on 2 x H200, runs of 30-50 requests at 41 req/s), which the
-  colocated runs' TTFT and TPOT show. Heartbeats come every HEARTBEAT_S, the workers'
-  phases evenly spread, or at the times given (`heartbeats`: a run's recorded ones,
-  benchmarks/capstone_heartbeats.py), then every HEARTBEAT_S after the last given one.
+  lasts decode_step_ms + what its prompt tokens add to a decode step (`mixed_ms`: the
+  mixed profile, capstone_mixed.py), a step without decodes prefill_ms; prefill stalls
+  decode: the interference that disaggregation removes. Requests go to the worker with the most
+  free KV blocks, as for decode; nothing is reserved on a colocated worker, so between
+  two heartbeats its view does not change and every request goes to the same worker
+  (on 2 x H200, runs of 30-50 requests at 41 req/s), which the colocated runs' TTFT and
+  TPOT show. Heartbeats come every HEARTBEAT_S, the workers' phases evenly spread, or at
+  the times given (`heartbeats`: a run's recorded ones, benchmarks/capstone_heartbeats.py),
+  then every HEARTBEAT_S after the last given one.
 - conditional (`xPyD-condT`, the coordinator's --pd-threshold-tokens T): a prompt under T
   tokens goes straight to the decode worker the coordinator picks, which prefills it in
   its own steps as a colocated worker does (no prefill worker, no transfer); the rest
@@ -58,15 +59,15 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   routed once the host path has set them up, one at a time in arrival order, and tokens
   reach the client (`first`, `last`, `end`) when it has carried them; without the profile
   both happen at once. `made`: when a worker made token 0.
-The simulator ignores the coordinator's latency (its RPCs: about 10-15 ms of TTFT on the
-GPU runs) past the relay's queue, and preemption.
+The simulator ignores the coordinator's latency (its RPCs: about 2.5 ms of TTFT, worker
+idle, 2 x H100) past the relay's queue, and preemption.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 from pdserve.benchmarks.capstone_calibration import Calibration
 from pdserve.benchmarks.planner_batching import (
@@ -76,9 +77,10 @@ from pdserve.benchmarks.planner_batching import (
     SimRun,
     fill_budget,
     join_landed,
+    launches_ahead,
 )
 from pdserve.benchmarks.planner_cache import PrefixCaches
-from pdserve.benchmarks.planner_relay import Relay
+from pdserve.benchmarks.planner_relay import Relay, on_arrival
 from pdserve.benchmarks.planner_setups import KVPush, Setup
 
 
@@ -138,25 +140,32 @@ class _Decoder:
         if not self.busy:
             self._step()
 
-    def _step(self) -> None:
+    def _step(self, admit: bool = True) -> None:
+        """The next step; `admit` False: the decode step launched ahead of what arrived
+        during the step before (`launches_ahead`), which admits nothing."""
         cal = self.cal
         joined = len(self.running)  # admit_remote: the landed join while there is room
-        join_landed(self.landed, self.held, self.running, cal.max_batch - len(self.prefilling),
-                    self.landed_fifo)
-        sync = self.changed or len(self.running) > joined
-        budget = cal.prefill_token_budget - len(self.running)  # decodes take 1 token each
-        seqs = [len(self.running) + len(self.prefilling)]  # max_num_seqs caps admissions
+        chunks: list[Chunk] = []
+        if admit:
+            join_landed(self.landed, self.held, self.running,
+                        cal.max_batch - len(self.prefilling), self.landed_fifo)
+            budget = cal.prefill_token_budget - len(self.running)  # decodes: 1 token each
+            seqs = [len(self.running) + len(self.prefilling)]  # max_num_seqs caps admissions
 
-        def may_take(r: SimReq) -> bool:
-            seqs[0] += 1
-            return seqs[0] <= cal.max_batch
-        chunks = fill_budget(budget, self.prefilling, self.waiting, may_take)
+            def may_take(r: SimReq) -> bool:
+                seqs[0] += 1
+                return seqs[0] <= cal.max_batch
+            chunks = fill_budget(budget, self.prefilling, self.waiting, may_take)
+        sync = self.changed or len(self.running) > joined
         for c in chunks:
             if c.req not in self.prefilling:
                 self.prefilling.append(c.req)
         if not self.running and not chunks:
             self.busy = False
             return
+        full = len(self.running) + len(self.prefilling) >= cal.max_batch
+        ahead = admit and launches_ahead(self.running, bool(chunks),
+                                         bool(self.waiting or self.held), full)
         ms = 0.0
         if chunks:  # beside decodes, one forward: the prompts add the mixed profile's part
             tokens, sq = sum(c.tokens for c in chunks), sum(c.sq for c in chunks)
@@ -168,9 +177,9 @@ class _Decoder:
             self.batch_time[1] += ms
         self.busy = True
         end = self.loop.now + ms / 1e3
-        self.loop.at(end, lambda: self._done(chunks, end))
+        self.loop.at(end, lambda: self._done(chunks, end, ahead))
 
-    def _done(self, chunks: list[Chunk], t: float) -> None:
+    def _done(self, chunks: list[Chunk], t: float, ahead: bool = False) -> None:
         made = t
         if self.relay is not None:  # every token made in the step, token 0s included
             t = self.relay.deliver(len(self.running) + sum(c.completes for c in chunks))
@@ -200,7 +209,7 @@ class _Decoder:
                 self.inflight -= 1
             else:
                 self.running.append(r)
-        self._step()
+        self._step(admit=not (ahead and self.waiting))  # a prompt came: launches_ahead
 
 
 HEARTBEAT_S = 1.0  # worker/config.py heartbeat_s (default): how often a worker reports its load
@@ -335,7 +344,7 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
             dec.route(r, reserve=False)
             dec.add(r)
         for r in reqs:
-            loop.at(r.arrival, _admit(relay, r, place, True))
+            loop.at(r.arrival, on_arrival(relay, True, lambda r=r: place(r)))
     else:
         decs = [_Decoder(loop, cal, False, f"decode-{j}", caches, landed_fifo, relay)
                 for j in range(decode)]
@@ -354,7 +363,7 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
             r.pre.add(r)
         for r in reqs:
             r.local = r.prompt < cond_tokens
-            loop.at(r.arrival, _admit(relay, r, arrive, r.local))
+            loop.at(r.arrival, on_arrival(relay, r.local, lambda r=r: arrive(r)))
     last = max((r.arrival for r in reqs), default=0.0)
     if heartbeats is not None and len(heartbeats) != len(decs):
         raise ValueError(f"heartbeats for {len(heartbeats)} workers, the setup has {len(decs)}")
@@ -378,12 +387,6 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
     return reqs
 
 
-def _admit(relay: Relay | None, r: SimReq, route: Callable[[SimReq], None], local: bool
-           ) -> Callable[[], None]:
-    """`r`'s arrival: routed now, or once the relay has set it up (planner_relay.py)."""
-    if relay is None:
-        return lambda: route(r)
-    return lambda: relay.admit(local, lambda: route(r))
 
 def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],
                    lengths: Sequence[tuple[int, int]], horizon_s: float = math.inf,
