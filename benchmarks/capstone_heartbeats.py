@@ -135,3 +135,12 @@ def routed_times(record: dict | None, role: str, n: int) -> list[list[float]] | 
     if len(times) != n or not all(times):
         return None
     return times
+
+
+def pool_blocks(records: list[dict | None]) -> int:
+    """The most free KV blocks any worker reported in these runs' heartbeats: a worker's
+    whole pool, as reported while it was idle (0 when nothing was recorded). Its prefix
+    cache can hold no more (planner_cache.PrefixCaches.capacity_tokens)."""
+    return max((int(b[2]) for rec in records if rec for w in rec.get("workers", {}).values()
+                for b in w.get("beats", []) if len(b) > 2), default=0)
+

@@ -30,13 +30,13 @@ import sys
 from collections.abc import Sequence
 
 from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
-from pdserve.benchmarks.capstone_heartbeats import load_records, routed_times
+from pdserve.benchmarks.capstone_heartbeats import load_records, pool_blocks, routed_times
 from pdserve.benchmarks.capstone_metrics import parse_goodput
 from pdserve.benchmarks.capstone_rerender import run_key
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
 from pdserve.benchmarks.plan_report import SENSITIVITY, validation_lines
-from pdserve.benchmarks.planner_cache import PrefixCaches
+from pdserve.benchmarks.planner_cache import BLOCK_SIZE, PrefixCaches
 from pdserve.benchmarks.planner_metrics import sim_means, sim_summary
 from pdserve.benchmarks.planner_setups import LANDED_ORDER, KVPush, Setup, landed_fifo, parse_setup
 from pdserve.benchmarks.planner_sim import SimRun, simulate_setup
@@ -206,7 +206,11 @@ def validate(run_dir: str, cal: Calibration | None = None,
             continue
         # the setup's workers keep their prefix caches from run to run; modelled only when
         # the prefill profile is a cold one (an older calibration was fitted with the hits)
-        caches = PrefixCaches() if cal.meta.get("prefill_cold") == "1" else None
+        # (at most the KV pool each worker reported: a run's prompts that outgrow it leave
+        # the next run, sending them in the same order, nothing to hit)
+        pool = pool_blocks([beats.get(k) for k in beats if k.startswith(s["setup"] + "|")])
+        caches = (PrefixCaches(pool * BLOCK_SIZE) if cal.meta.get("prefill_cold") == "1"
+                  else None)
         for wname, w in s["by_workload"].items():
             lengths = [tuple(x) for x in w["lengths"]]
             if not lengths:

@@ -82,11 +82,14 @@ class Chunk:
 
 
 def fill_budget(budget: int, partial: Sequence[SimReq], waiting: deque[SimReq],
-                may_take: Callable[[SimReq], bool] = lambda r: True) -> list[Chunk]:
+                may_take: Callable[[SimReq], bool] = lambda r: True,
+                on_take: Callable[[SimReq], None] | None = None) -> list[Chunk]:
     """The prompt chunks of one step (engine/scheduler.py `schedule`): the budget goes first
     to prompts already started (a chunked one continues), then to waiting prompts in FCFS
     order; a prompt longer than what is left is chunked to fit (long_prefill_threshold 0).
-    Taken prompts leave `waiting`; `may_take(r)` False stops the admission (a running cap)."""
+    Taken prompts leave `waiting`; `may_take(r)` False stops the admission (a running cap);
+    `on_take(r)` runs as a prompt is taken, before its chunk is sized (the prefix-cache
+    lookup: the engine matches a prompt's blocks when it admits it, `_admit`)."""
     out = []
     for r in partial:
         if budget <= 0:
@@ -96,6 +99,8 @@ def fill_budget(budget: int, partial: Sequence[SimReq], waiting: deque[SimReq],
         budget -= n
     while waiting and budget > 0 and may_take(waiting[0]):
         r = waiting.popleft()
+        if on_take is not None:
+            on_take(r)
         n = min(r.prompt - r.computed, budget)
         out.append(Chunk(r, n))
         budget -= n

@@ -9,8 +9,11 @@ replay that ignores this overestimates the prefill load of every run after the f
 
 The engine's rule: full blocks of `block_size` tokens are hits, up to one token short of
 the prompt's end (the step computes >= 1 token for the logits), as long as the blocks are
-still cached; a worker's cache holds at most `capacity_tokens` (0: unbounded), the least
-recently used prompt evicted first.
+still cached; a worker's cache holds at most `capacity_tokens` (0: unbounded; `pdserve plan
+--validate` bounds it by the KV pool the workers reported), the least recently freed prompt
+evicted first. The lookup and the allocation happen when the scheduler admits the prompt
+into a step (`admit`), not when it arrives: prompts queued behind a backlog find only what
+the prompts admitted before them left in the cache.
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ class PrefixCaches:
         while self.capacity_tokens and total > self.capacity_tokens and len(mine) > 1:
             total -= mine.popitem(last=False)[1]
         self.tokens[worker] = total
+
+    def admit(self, worker: str):
+        """What the worker's scheduler does as it admits a prompt (engine/scheduler.py
+        `_admit`): look its blocks up, then allocate the rest, evicting the least recently
+        freed prompts (`add`; its completion frees them, `add` again). A callable for
+        planner_batching.fill_budget's `on_take`."""
+        def on_take(r) -> None:
+            r.computed = self.hit_tokens(worker, r.key, r.prompt)
+            self.add(worker, r.key, r.prompt)
+        return on_take
 
     def copy(self) -> PrefixCaches:
         return PrefixCaches(self.capacity_tokens, self.block_size,

@@ -134,8 +134,6 @@ class _Decoder:
 
     def add(self, r: SimReq) -> None:
         prefills = self.colocated or r.local
-        if prefills and self.caches is not None:
-            r.computed = self.caches.hit_tokens(self.name, r.key, r.prompt)
         (self.waiting if prefills else self.landed).append(r)
         if not self.busy:
             self._step()
@@ -155,7 +153,8 @@ class _Decoder:
             def may_take(r: SimReq) -> bool:
                 seqs[0] += 1
                 return seqs[0] <= cal.max_batch
-            chunks = fill_budget(budget, self.prefilling, self.waiting, may_take)
+            chunks = fill_budget(budget, self.prefilling, self.waiting, may_take,
+                                 self.caches and self.caches.admit(self.name))
         sync = self.changed or len(self.running) > joined
         for c in chunks:
             if c.req not in self.prefilling:
@@ -236,15 +235,14 @@ class _Prefiller:
         return self.inflight_tokens
 
     def add(self, r: SimReq) -> None:
-        if self.caches is not None:
-            r.computed = self.caches.hit_tokens(self.name, r.key, r.prompt)
         self.queue.append(r)
         self.inflight_tokens += r.prompt
         if not self.busy:
             self._step()
 
     def _step(self) -> None:
-        chunks = fill_budget(self.cal.prefill_token_budget, self.partial, self.queue)
+        chunks = fill_budget(self.cal.prefill_token_budget, self.partial, self.queue,
+                             on_take=self.caches and self.caches.admit(self.name))
         if not chunks:
             self.busy = False
             return

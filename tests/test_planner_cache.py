@@ -109,3 +109,32 @@ def test_landed_requests_past_max_num_seqs_wait_newest_first() -> None:
     assert all(r.landed < out[0].end for r in out[2:])  # all three landed while full
     assert third.end < first.end and second.end < first.end  # newest two ran first
     assert first.end > max(out[0].end, out[1].end) + 4 * cal.decode_step_ms(1, 100) / 1e3
+
+
+def test_lookup_happens_when_the_scheduler_admits_the_prompt() -> None:
+    """A prompt queued behind another finds only what that one's allocation left: with room
+    for two 100-token prompts holding keys 1 and 2, admitting key 3 first evicts key 1 (the
+    least recently freed), so key 1 then misses; admitted first, it hits."""
+    from collections import deque
+
+    from pdserve.benchmarks.planner_batching import SimReq, fill_budget
+
+    def run(order: list[int]) -> dict[int, int]:
+        caches = PrefixCaches(capacity_tokens=200, block_size=16)
+        caches.add("w", 1, 100)
+        caches.add("w", 2, 100)
+        reqs = {k: SimReq(0.0, 100, 4, key=k) for k in order}
+        fill_budget(1000, [], deque(reqs[k] for k in order), on_take=caches.admit("w"))
+        return {k: r.computed for k, r in reqs.items()}
+
+    assert run([3, 1]) == {3: 0, 1: 0}
+    assert run([1, 3]) == {1: 96, 3: 0}
+
+
+def test_pool_blocks_is_the_most_free_blocks_reported() -> None:
+    from pdserve.benchmarks.capstone_heartbeats import pool_blocks
+
+    rec = {"workers": {"p": {"beats": [[0.0, 0.1, 500, 0, 0, 0], [1.0, 0.1, 900, 0, 0, 0]]},
+                       "d": {"beats": [[0.5, 0.1, 700, 2, 0, 0]]}}}
+    assert pool_blocks([rec, None, {}]) == 900
+    assert pool_blocks([None]) == 0
