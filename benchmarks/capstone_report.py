@@ -160,7 +160,7 @@ def _pd_vs_colocated(setups: Sequence[SetupResult], wname: str, ctx: Context) ->
     lines.append(verdict)
     rp_run, rc_run = bp.by_workload[wname].at_rate(ctx.start_rate), \
         bc.by_workload[wname].at_rate(ctx.start_rate)
-    if rp_run and rc_run:
+    if rp_run and rc_run and rp_run.rate == rc_run.rate:  # a plan check has no common rate
         a, b = rp_run.summary, rc_run.summary
         lines.append(
             f"- why, at the common rate {rp_run.rate:g} req/s: TTFT p90 {a['p90_ttft_ms']:.4g} ms "
