@@ -125,6 +125,9 @@ def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int],
                                                             out_tokens[wname], r["setup"], relay)
                     cands.append(row)
             rows += sorted(cands, key=lambda c: -c["predicted_goodput_rps"])
+    if not per_search:
+        return ["No max-rate search in this run (a plan check measures two rates per setup): "
+                "nothing to extrapolate from."]
     if not rows:
         return ["No setup of this run divides the GPU counts asked for."]
     need = [] if not any("coordinators" in r for r in rows) else [

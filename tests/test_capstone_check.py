@@ -90,6 +90,7 @@ def test_capstone_plan_check_against_fake_coordinator(tmp_path) -> None:
     assert len(res["runs"]) == 2 and "plan check from" in res["meta"]
     md = (out / "report.md").read_text()
     assert "### Planner check (out of sample)" in md and "predictions within 15%" in md
+    assert "nothing to extrapolate from" in md and "No max-rate search to compare" in md
     again = tmp_path / "again"
     assert capstone.run(parse("--report-from", str(out), "--out", str(again))) == 0
     assert "### Planner check (out of sample)" in (again / "report.md").read_text()
