@@ -328,7 +328,7 @@ def simulated_with(run_dir: str, cal: Calibration | None = None) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calibration", help="calibration.json (or a capstone run directory)")
+    p.add_argument("--calibration", help="calibration.json, or a capstone run directory (its profiles refitted from its records as --validate refits them)")
     p.add_argument("--gpus", default="4", help="GPU counts, comma-separated (default 4)")
     p.add_argument("--workload", default="sharegpt-synth",
                    help="workload spec as in `pdserve bench capstone` (default sharegpt-synth)")
@@ -351,9 +351,10 @@ def _calibration(path: str | None) -> Calibration:
     if not path:
         print("note: no --calibration: using default profiles (not measured)", file=sys.stderr)
         return Calibration()
-    if os.path.isdir(path):
-        path = os.path.join(path, "calibration.json")
-    return Calibration.load(path)
+    if os.path.isfile(os.path.join(path, "results.json")):  # a run: refitted as validate()
+        with open(os.path.join(path, "results.json")) as f:  # and --plan-check-from do
+            return run_calibration(path, json.load(f))
+    return Calibration.load(os.path.join(path, "calibration.json") if os.path.isdir(path) else path)
 
 
 def run(args: argparse.Namespace) -> int:

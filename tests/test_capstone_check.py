@@ -4,6 +4,7 @@ prediction, the verdict they give, the report's section, and the capstone runnin
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from fake_worker import Cluster, LoopThread
@@ -96,3 +97,22 @@ def test_capstone_plan_check_against_fake_coordinator(tmp_path) -> None:
     assert "### Planner check (out of sample)" in (again / "report.md").read_text()
     (w2,) = json.loads((again / "results.json").read_text())["setups"][0]["by_workload"].values()
     assert w2["check_tol"] == check.CHECK_TOL and w2["search_runs"] == w["search_runs"]
+
+
+RUN_530 = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                       "capstone-4gpu-530b4d8")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(RUN_530, "requests.json.gz")),
+                    reason="the 4 x H100 run directory is not in this checkout")
+def test_plan_calibration_of_a_run_is_refitted_as_the_check_fits_it() -> None:
+    """`pdserve plan --calibration RUN_DIR` (e.g. with --validate of another run) uses the
+    profiles --plan-check-from predicted with: refitted from RUN_DIR's records (this run's
+    file predates the relay profile, which the refit adds)."""
+    from pdserve.benchmarks import plan
+    from pdserve.benchmarks.capstone_calibration import Calibration
+
+    saved = Calibration.load(os.path.join(RUN_530, "calibration.json"))
+    got = plan._calibration(RUN_530)
+    assert not saved.relay and got.relay["t_tok"] > 0
+    assert plan._calibration(os.path.join(RUN_530, "calibration.json")).relay == saved.relay
