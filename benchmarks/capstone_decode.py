@@ -30,15 +30,13 @@ step count once). Fitted by least squares with non-negative coefficients on ever
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
-import os
 from collections.abc import Collection, Sequence
 
 import numpy as np
 
 from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_records import read_records
 from pdserve.benchmarks.capstone_steps import nonneg_lstsq
 
 DECODE_FIT = "token1-sync"  # meta["decode_fit"] of a profile with the synchronous-step part
@@ -99,11 +97,10 @@ def pd_runs(run_dir: str, res: dict | None = None,
     without per-request data."""
     from pdserve.benchmarks.planner_setups import parse_setup
 
-    path = os.path.join(run_dir, "requests.json.gz")
-    if not os.path.exists(path):
+    doc = read_records(run_dir)
+    if doc is None:
         return []
-    with gzip.open(path, "rt") as f:
-        per_run = json.load(f).get("runs", {})
+    per_run = doc.get("runs", {})
     out = []
     for key, rows in per_run.items():
         try:

@@ -106,15 +106,9 @@ def run_record(beats: dict[str, list[list[float]]], roles: dict[str, str], poll_
 def load_records(run_dir: str) -> dict[str, dict]:
     """{run key (capstone_rerender.run_key): run_record} from a run directory's
     requests.json.gz; {} for runs that did not record heartbeats."""
-    import gzip
-    import json
-    import os
+    from pdserve.benchmarks.capstone_records import read_records
 
-    path = os.path.join(run_dir, "requests.json.gz")
-    if not os.path.exists(path):
-        return {}
-    with gzip.open(path, "rt") as f:
-        return json.load(f).get("heartbeats") or {}
+    return (read_records(run_dir) or {}).get("heartbeats") or {}
 
 
 def _natural(wid: str) -> list:

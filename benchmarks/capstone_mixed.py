@@ -28,16 +28,14 @@ hit the prefix cache: `capstone_steps.warm_counts`)."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_records import read_records
 from pdserve.benchmarks.capstone_steps import (
     KNEE_QUANTILES,
     nonneg_lstsq,
@@ -143,11 +141,10 @@ def steady_colocated_runs(run_dir: str, res: dict) -> list[tuple[list[RequestRes
     target, each with its warm count; [] without per-request data."""
     from pdserve.benchmarks.planner_setups import parse_setup
 
-    path = os.path.join(run_dir, "requests.json.gz")
-    if not os.path.exists(path):
+    doc = read_records(run_dir)
+    if doc is None:
         return []
-    with gzip.open(path, "rt") as f:
-        per_run = json.load(f).get("runs", {})
+    per_run = doc.get("runs", {})
     att = {(r["setup"], r["workload"], float(r["request_rate"])): r.get("slo_attainment", 0.0)
            for r in res["runs"] if r["request_rate"] != "inf"}
     runs = []  # (setup|workload, results, held the target, colocated), in the order they ran

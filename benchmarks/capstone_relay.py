@@ -34,7 +34,6 @@ so older runs get no relay profile (the simulator then has no relay, as before).
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_records import open_records, records_path
 from pdserve.benchmarks.capstone_steps import nonneg_lstsq
 from pdserve.benchmarks.planner_setups import Setup, parse_setup
 
@@ -142,15 +142,15 @@ def _run_windows(run_dir: str, max_batch: int, budget: int = 8192) -> tuple:
     `run_dir`'s requests.json.gz: no windows for a run without heartbeats or of an unknown
     setup (None). Read once per file version: the relay fit and the decode fit's
     `saturated_runs` both ask."""
-    path = os.path.join(run_dir, "requests.json.gz")
-    if not os.path.exists(path):
+    path = records_path(run_dir)
+    if path is None:
         return ()
     return _windows_of(path, os.stat(path).st_mtime_ns, max_batch, budget)
 
 
 @functools.lru_cache(maxsize=4)
 def _windows_of(path: str, _mtime_ns: int, max_batch: int, budget: int) -> tuple:
-    with gzip.open(path, "rt") as f:
+    with open_records(path) as f:
         doc = json.load(f)
     beats = doc.get("heartbeats") or {}
     out = []

@@ -25,6 +25,8 @@ import sys
 
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks.capstone_metrics import RequestResult, Window
+from pdserve.benchmarks.capstone_records import NAMES as RECORD_NAMES
+from pdserve.benchmarks.capstone_records import read_records, records_path
 from pdserve.benchmarks.capstone_search import SearchResult
 
 REQUESTS_FILE = "requests.json.gz"
@@ -83,10 +85,7 @@ def load(run_dir: str) -> tuple[list[report.SetupResult], report.Context, dict, 
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     per_req: dict = {"runs": {}, "gpu": {}}
-    path = os.path.join(run_dir, REQUESTS_FILE)
-    if os.path.exists(path):
-        with gzip.open(path, "rt") as f:
-            per_req = json.load(f)
+    per_req = read_records(run_dir) or per_req
     win, search = res.get("window", {}), res.get("search", {})
     ctx = report.Context(res["slos"], res["target"],
                          Window(win.get("warmup", 0.1), win.get("cooldown", 0.1)),
@@ -139,7 +138,7 @@ def rerender(args: argparse.Namespace) -> int:
     out = args.out if args.out_given else src
     os.makedirs(out, exist_ok=True)
     if os.path.abspath(out) != os.path.abspath(src):
-        names = ["results.json", "calibration.json", REQUESTS_FILE]
+        names = ["results.json", "calibration.json", *RECORD_NAMES]
         if not have_requests:  # PNGs that need per-request data: the run's own
             names += ["transfer.png", "gpu.png"] + [
                 os.path.join(f"w{i}", f) for i in range(len(workloads))
@@ -160,7 +159,8 @@ def rerender(args: argparse.Namespace) -> int:
         wls.append((wl or argparse.Namespace(name=name, describe=w.get("describe", ""),
                                              params=w.get("params", {})), None))
     args.out = out
-    note = (f"from results.json and {REQUESTS_FILE}" if have_requests else
+    note = (f"from results.json and {os.path.basename(records_path(src) or REQUESTS_FILE)}"
+            if have_requests else
             f"from results.json alone: the run did not record {REQUESTS_FILE}, so sections "
             "that need per-request data say so, and those PNGs are the run's own")
     for path in write_report(args, setups, ctx, wls, rerendered=note):

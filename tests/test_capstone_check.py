@@ -12,6 +12,7 @@ from test_capstone_smoke import FAST, check_report, parse
 
 from pdserve.benchmarks import capstone
 from pdserve.benchmarks import capstone_check as check
+from pdserve.benchmarks.capstone_records import records_path
 from pdserve.benchmarks.capstone_search import HIGH, LOW, NOISE, NOT_RUN, WITHIN, SearchResult
 
 
@@ -103,7 +104,7 @@ RUN_530 = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
                        "capstone-4gpu-530b4d8")
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(RUN_530, "requests.json.gz")),
+@pytest.mark.skipif(records_path(RUN_530) is None,
                     reason="the 4 x H100 run directory is not in this checkout")
 def test_plan_calibration_of_a_run_is_refitted_as_the_check_fits_it() -> None:
     """`pdserve plan --calibration RUN_DIR` (e.g. with --validate of another run) uses the

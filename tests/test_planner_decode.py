@@ -14,6 +14,7 @@ import pytest
 from pdserve.benchmarks import capstone_calibration as calib
 from pdserve.benchmarks import capstone_decode as dec
 from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_records import records_path
 from pdserve.benchmarks.planner_sim import simulate
 
 DECODE = {"c0": 6.0, "c_seq": 0.02, "c_ctx_token": 0.0, "c_sync": 2.5, "c_sync_seq": 0.04}
@@ -100,12 +101,12 @@ def _old_format(run_dir: str, tmp, **fields) -> str:
             cal[k] = v
     with open(os.path.join(tmp, "calibration.json"), "w") as f:
         json.dump(cal, f)
-    for name in ("results.json", "requests.json.gz"):
+    for name in ("results.json", os.path.basename(records_path(run_dir))):
         os.symlink(os.path.abspath(os.path.join(run_dir, name)), os.path.join(tmp, name))
     return str(tmp)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(RUN, "requests.json.gz")),
+@pytest.mark.skipif(records_path(RUN) is None,
                     reason="the 2 x H100 run directory is not in this checkout")
 def test_the_validation_refits_a_decode_profile_without_the_sync_part(tmp_path) -> None:
     with open(os.path.join(RUN, "results.json")) as f:

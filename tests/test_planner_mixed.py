@@ -12,6 +12,7 @@ import pytest
 from pdserve.benchmarks import capstone_calibration as calib
 from pdserve.benchmarks import capstone_mixed as mixed
 from pdserve.benchmarks.capstone_metrics import RequestResult
+from pdserve.benchmarks.capstone_records import records_path
 from pdserve.benchmarks.planner_sim import simulate
 
 MIXED = {"c0": 8.0, "c_token": 0.02, "c_token2": 0.0, "knee_tokens": 400.0}
@@ -108,7 +109,7 @@ H200 = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
                     "capstone-2gpu-h200")
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(H200, "requests.json.gz")),
+@pytest.mark.skipif(records_path(H200) is None,
                     reason="the 2 x H200 run directory is not in this checkout")
 def test_the_validation_refits_the_mixed_profile_of_an_older_file(tmp_path) -> None:
     from test_planner_decode import _old_format
