@@ -5,7 +5,6 @@ recorded in the run's meta for the planner."""
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from pdserve.benchmarks.planner_setups import LANDED_ORDER, KVPush, landed_fifo
@@ -39,18 +38,10 @@ def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
     path = check or getattr(args, "start_rate_from", None)
     if not path:
         return {}
-    import json
-
     from pdserve.benchmarks import plan
-    from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
     from pdserve.benchmarks.capstone_workloads import length_pairs
 
-    if os.path.isfile(os.path.join(path, "results.json")):  # a run: as its validation does
-        with open(os.path.join(path, "results.json")) as f:
-            cal = run_calibration(path, json.load(f))
-    else:
-        cal = Calibration.load(os.path.join(path, "calibration.json") if os.path.isdir(path)
-                               else path)
+    cal = plan.load_calibration(path)
     n = max(args.num_requests, 200)
     workloads = [(wl.name, [(len(ids), o) for ids, o in pool][:n] if pool
                   else length_pairs(wl, n, args.seed)) for wl, pool in wls]

@@ -137,4 +137,3 @@ def pool_blocks(records: list[dict | None]) -> int:
     cache can hold no more (planner_cache.PrefixCaches.capacity_tokens)."""
     return max((int(b[2]) for rec in records if rec for w in rec.get("workers", {}).values()
                 for b in w.get("beats", []) if len(b) > 2), default=0)
-

@@ -8,6 +8,7 @@ machines with the runtime wheels, 64 MiB in all). Readers take either:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import lzma
@@ -29,10 +30,17 @@ def open_records(path: str, mode: str = "rt") -> IO:
 
 
 def read_records(run_dir: str) -> dict | None:
-    """The parsed records of a run directory; None without a records file."""
+    """The parsed records of a run directory; None without a records file. Parsed once per
+    file version (a validation's fits and its heartbeat replay all read them): the dict is
+    shared, read it only."""
     path = records_path(run_dir)
     if path is None:
         return None
+    return _parsed(path, os.stat(path).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _parsed(path: str, _mtime_ns: int) -> dict:
     with open_records(path) as f:
         return json.load(f)
 

@@ -34,7 +34,6 @@ so older runs get no relay profile (the simulator then has no relay, as before).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -42,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pdserve.benchmarks.capstone_metrics import RequestResult
-from pdserve.benchmarks.capstone_records import open_records, records_path
+from pdserve.benchmarks.capstone_records import read_records, records_path
 from pdserve.benchmarks.capstone_steps import nonneg_lstsq
 from pdserve.benchmarks.planner_setups import Setup, parse_setup
 
@@ -150,8 +149,7 @@ def _run_windows(run_dir: str, max_batch: int, budget: int = 8192) -> tuple:
 
 @functools.lru_cache(maxsize=4)
 def _windows_of(path: str, _mtime_ns: int, max_batch: int, budget: int) -> tuple:
-    with open_records(path) as f:
-        doc = json.load(f)
+    doc = read_records(os.path.dirname(path)) or {}
     beats = doc.get("heartbeats") or {}
     out = []
     for key, rows in doc.get("runs", {}).items():

@@ -51,7 +51,6 @@ class SearchResult:
         return (f"{self.max_rate:.3g} req/s holds >= {self.target:.0%}{tail}; "
                 f"{len(self.runs)} runs{bound}{cut}{guided}")
 
-
     def verdict(self) -> str:
         """A plan check's (capstone_check): WITHIN; HIGH (the lower rate failed: the max
         rate m < guess/(1+tol)); LOW (the higher held: m >= guess/(1-tol)); NOISE (the lower

@@ -347,12 +347,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print rows as JSON lines")
 
 
-def _calibration(path: str | None) -> Calibration:
+def load_calibration(path: str | None) -> Calibration:
+    """calibration.json, or a run directory's profiles refitted as validate() refits them."""
     if not path:
         print("note: no --calibration: using default profiles (not measured)", file=sys.stderr)
         return Calibration()
-    if os.path.isfile(os.path.join(path, "results.json")):  # a run: refitted as validate()
-        with open(os.path.join(path, "results.json")) as f:  # and --plan-check-from do
+    if os.path.isfile(os.path.join(path, "results.json")):
+        with open(os.path.join(path, "results.json")) as f:
             return run_calibration(path, json.load(f))
     return Calibration.load(os.path.join(path, "calibration.json") if os.path.isdir(path) else path)
 
@@ -362,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.validate:
-            cal = _calibration(args.calibration) if args.calibration else None
+            cal = load_calibration(args.calibration) if args.calibration else None
             with open(os.path.join(args.validate, "results.json")) as f:
                 res = json.load(f)
             push, fifo = run_push(args.validate, res), run_landed_fifo(args.validate, res)
@@ -372,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
             for line in validation_lines(*validate(args.validate, cal)):
                 print(line)
             return 0
-        cal = _calibration(args.calibration)
+        cal = load_calibration(args.calibration)
         slos = parse_goodput(args.goodput)
         wl = parse_workload(args.workload)
         gpu_counts = [int(x) for x in str(args.gpus).split(",") if x.strip()]

@@ -19,10 +19,14 @@ the prompts admitted before them left in the cache.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pdserve.engine.config import CacheConfig
+
+if TYPE_CHECKING:
+    from pdserve.benchmarks.planner_batching import SimReq
 
 BLOCK_SIZE = CacheConfig().block_size  # the engine's default
 
@@ -57,12 +61,12 @@ class PrefixCaches:
             total -= mine.popitem(last=False)[1]
         self.tokens[worker] = total
 
-    def admit(self, worker: str):
+    def admit(self, worker: str) -> Callable[[SimReq], None]:
         """What the worker's scheduler does as it admits a prompt (engine/scheduler.py
         `_admit`): look its blocks up, then allocate the rest, evicting the least recently
         freed prompts (`add`; its completion frees them, `add` again). A callable for
         planner_batching.fill_budget's `on_take`."""
-        def on_take(r) -> None:
+        def on_take(r: SimReq) -> None:
             r.computed = self.hit_tokens(worker, r.key, r.prompt)
             self.add(worker, r.key, r.prompt)
         return on_take

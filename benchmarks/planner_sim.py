@@ -93,6 +93,7 @@ class _Decoder:
                  relay: Relay | None = None) -> None:
         self.loop, self.cal, self.colocated, self.relay = loop, cal, colocated, relay
         self.name, self.caches, self.landed_fifo = name, caches, landed_fifo
+        self.on_take = caches.admit(name) if caches is not None else None  # prefix lookups
         self.running: list[SimReq] = []  # decoding, one token per step
         self.prefilling: list[SimReq] = []  # admitted prompts with chunks left (running too)
         self.waiting: deque[SimReq] = deque()  # prompts to prefill here, FCFS
@@ -153,8 +154,7 @@ class _Decoder:
             def may_take(r: SimReq) -> bool:
                 seqs[0] += 1
                 return seqs[0] <= cal.max_batch
-            chunks = fill_budget(budget, self.prefilling, self.waiting, may_take,
-                                 self.caches and self.caches.admit(self.name))
+            chunks = fill_budget(budget, self.prefilling, self.waiting, may_take, self.on_take)
         sync = self.changed or len(self.running) > joined
         for c in chunks:
             if c.req not in self.prefilling:
@@ -223,6 +223,7 @@ class _Prefiller:
                  relay: Relay | None = None) -> None:
         self.loop, self.cal, self.name, self.caches, self.push = loop, cal, name, caches, push
         self.relay = relay
+        self.on_take = caches.admit(name) if caches is not None else None  # prefix lookups
         self.queue: deque[SimReq] = deque()
         self.partial: list[SimReq] = []  # a chunked prompt, continued first
         self.inflight_tokens = 0  # the coordinator's count: prompts routed, KV not landed
@@ -242,7 +243,7 @@ class _Prefiller:
 
     def _step(self) -> None:
         chunks = fill_budget(self.cal.prefill_token_budget, self.partial, self.queue,
-                             on_take=self.caches and self.caches.admit(self.name))
+                             on_take=self.on_take)
         if not chunks:
             self.busy = False
             return
@@ -383,7 +384,6 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
             r.first = r.last = math.nan
         r.end, r.last = (math.nan if r.end > horizon_s else r.end), min(r.last, horizon_s)
     return reqs
-
 
 
 def simulate_setup(cal: Calibration, setup: Setup, arrivals: Sequence[float],

@@ -114,6 +114,6 @@ def test_plan_calibration_of_a_run_is_refitted_as_the_check_fits_it() -> None:
     from pdserve.benchmarks.capstone_calibration import Calibration
 
     saved = Calibration.load(os.path.join(RUN_530, "calibration.json"))
-    got = plan._calibration(RUN_530)
+    got = plan.load_calibration(RUN_530)
     assert not saved.relay and got.relay["t_tok"] > 0
-    assert plan._calibration(os.path.join(RUN_530, "calibration.json")).relay == saved.relay
+    assert plan.load_calibration(os.path.join(RUN_530, "calibration.json")).relay == saved.relay
