@@ -23,6 +23,7 @@ import time
 
 from pdserve.benchmarks import capstone_check as plan_check
 from pdserve.benchmarks import capstone_plots as plots
+from pdserve.benchmarks import capstone_relay_probe as relay_probe
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks import capstone_transfer_step as transfer_step
 from pdserve.benchmarks import plotting
@@ -76,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--base-url: random prompt ids are drawn from [1, VOCAB) (default 1000, "
                         "valid for any real tokenizer)")
     transfer_step.add_arguments(p.add_argument_group("dedicated transfer step"))
+    relay_probe.add_arguments(p.add_argument_group("relay probe"))
     w = p.add_argument_group("workload")
     w.add_argument("--workload", action="append", metavar="SPEC",
                    help="fixed:in=N,out=N | uniform:in=LO-HI,out=LO-HI | sharegpt-synth | "
@@ -157,7 +159,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         return err
     if getattr(args, "warmup_burst", 0) < 0:
         return "--warmup-burst must be >= 0"
-    if err := transfer_step.check(args):
+    if err := transfer_step.check(args) or relay_probe.check(args):
         return err
     for kind, _ in args.dataset or []:
         if kind != "sharegpt":
@@ -257,7 +259,7 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
                       *plan_report.validation_lines(per_run, per_search)]
         if args.extrapolate:
             plan_lines += ["", "### Extrapolation", "", *plan_report.extrapolation_lines(
-                per_search, args.extrapolate, plan.ASSUMPTIONS, cal.relay,
+                per_search, args.extrapolate, plan.ASSUMPTIONS, cal.relay_host or cal.relay,
                 plan_report.mean_out_tokens(setups))]
     answers = findings(setups, ctx) if setups[0].setup != "external" else []
     paths.append(report.write_markdown(out, setups, ctx, workloads, pngs, map_text, plan_lines,
@@ -305,6 +307,11 @@ def run(args: argparse.Namespace) -> int:
     names = setups_of(args)
     # before any worker starts: bench transfer on the first P/D setup's GPUs (its share)
     ctx.transfer_step = transfer_step.run_step(args, names, budget)
+    # then the host path below its knee (its costs steer or are checked: start_guesses)
+    ctx.relay_probe = relay_probe.run_step(args, budget)
+    args.relay_host = (ctx.relay_probe or {}).get("fit") or {}
+    if ctx.relay_probe is not None:
+        meta["relay probe"] = relay_probe.describe(ctx.relay_probe)
     for i, name in enumerate(names):
         # each setup not yet run: an equal share of what is left (start-up included)
         deadline = budget.deadline(len(names) - i, reserve_s=REPORT_RESERVE_S + REPORT_S_PER_RUN

@@ -23,14 +23,13 @@ File format (`calibration.json`, "format": "pdserve-calibration/1"); times in ms
                               have no c_sync, c_sync_seq: 0)
     transfer_ms(bytes)      = c0 + ms_per_byte * bytes
     relay                   t_tok (ms a token message), t_req_pd, t_req_local (ms a request
-                              set up): the host path's cost, coordinator to client
-                              (capstone_relay.py; {} in older files: no relay simulated)
+                              set up): the host path's cost, coordinator to client, in
+                              overload (capstone_relay.py; {} in older files: no relay)
+    relay_host              the same below its knee, probed on the host (capstone_relay_probe.py)
     kv_bytes_per_token      bytes of KV one prompt token carries (all layers, K and V)
-    max_batch               most sequences one decode worker runs at once
-    prefill_token_budget    most prompt tokens one prefill step takes
-    source                  "measured" per profile, or "default" when the run had no data
-    meta                    the run's header, and the ranges fitted on: decode_max_batch
-                            (mean batch per decode worker), prefill_max_tokens (a step's)
+    max_batch, prefill_token_budget: a decode worker's most sequences, a prefill step's tokens
+    source                  "measured" per profile, "default" when the run had no data
+    meta                    the run's header, ranges fitted: decode_max_batch, prefill_max_tokens
 
 Where the points come from (every run of the sweep, so the profiles span the loads the
 runs reached): prefill from the prefill workers' steps, rebuilt from each request's
@@ -41,10 +40,10 @@ simulator queues transfers itself); the decode step from each P/D request's time
 after its second token (token 0 comes from the prefill worker, before the KV transfer: its
 gap is the transfer, not a decode step) against the mean number of requests decoding on the
 same worker during its decode, their mean context and the share of its steps whose batch
-changed (capstone_decode.py). Fits are least squares, with negative
-coefficients clamped to 0. A run recorded without per-request data (results.json before
-requests.json.gz existed) refits the decode step from the summaries of its P/D runs that
-held the target (`decode_from_summaries`, `run_calibration`).
+changed (capstone_decode.py). Fits are least squares, negative coefficients clamped to 0.
+A run recorded without per-request data (results.json before requests.json.gz existed)
+refits the decode step from its P/D runs' summaries that held the target
+(`decode_from_summaries`, `run_calibration`).
 """
 
 from __future__ import annotations
@@ -82,6 +81,8 @@ class Calibration:
     meta: dict[str, str] = field(default_factory=dict)
     mixed: dict[str, float] = field(default_factory=dict)  # colocated steps (capstone_mixed)
     relay: dict[str, float] = field(default_factory=dict)  # the host path (capstone_relay)
+    # the same path below its knee, measured on the host (capstone_relay_probe)
+    relay_host: dict[str, float] = field(default_factory=dict)
 
     def prefill_ms(self, tokens: int, sum_sq: float) -> float:
         p = self.prefill
@@ -129,7 +130,8 @@ class Calibration:
             decode={k: v * factor for k, v in self.decode.items()},
             transfer={k: v * factor for k, v in self.transfer.items()},
             mixed={k: v if k == "knee_tokens" else v * factor for k, v in self.mixed.items()},
-            relay={k: v * factor for k, v in self.relay.items()})
+            relay={k: v * factor for k, v in self.relay.items()},
+            relay_host={k: v * factor for k, v in self.relay_host.items()})
 
     @property
     def decode_max_batch(self) -> float:

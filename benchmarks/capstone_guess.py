@@ -42,6 +42,9 @@ def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
     from pdserve.benchmarks.capstone_workloads import length_pairs
 
     cal = plan.load_calibration(path)
+    if getattr(args, "relay_host", None):  # probed on this host now (capstone_relay_probe)
+        cal.relay_host = dict(args.relay_host)
+        cal.source["relay_host"] = "probed on this host before the setups started"
     n = max(args.num_requests, 200)
     workloads = [(wl.name, [(len(ids), o) for ids, o in pool][:n] if pool
                   else length_pairs(wl, n, args.seed)) for wl, pool in wls]

@@ -15,6 +15,7 @@ from pdserve.benchmarks import capstone_calibration as calib
 from pdserve.benchmarks import plotting
 from pdserve.benchmarks.capstone_metrics import RequestResult, Window, meets
 from pdserve.benchmarks.capstone_relay import fit_relay
+from pdserve.benchmarks.capstone_relay_probe import probed_relay
 from pdserve.benchmarks.capstone_search import SearchResult
 from pdserve.benchmarks.capstone_steps import warm_counts
 
@@ -77,6 +78,7 @@ class Context:
     run_duration_s: float = 0.0  # --run-duration (0: a fixed request count)
     budget_s: float = 0.0  # --budget-s (0: none)
     transfer_step: dict | None = None  # the dedicated transfer step (capstone_transfer_step)
+    relay_probe: dict | None = None  # the host path below its knee (capstone_relay_probe)
 
     def run_sizes(self) -> str:
         if self.budget_s:
@@ -218,6 +220,8 @@ def write_json(out_dir: str, setups: Sequence[SetupResult], ctx: Context,
            "workloads": workloads, "runs": [], "setups": []}
     if ctx.transfer_step is not None:
         doc["transfer_step"] = ctx.transfer_step
+    if ctx.relay_probe is not None:
+        doc["relay_probe"] = ctx.relay_probe
     for s in setups:
         entry = {"setup": s.setup, "workers": s.workers, "pools": s.pools,
                  "gpu": gpu_summary(s), "gpu_note": s.gpu_note, "by_workload": {}}
@@ -271,6 +275,7 @@ def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context)
     if fit_relay(cal, out_dir) and calib.fit_decode_unsaturated(cal, out_dir, always=False):
         calib.fit_mixed(cal, [(runs[i], warm[i]) for i in colocated])
     cal.meta.setdefault("decode_left_out", "0")
+    probed_relay(cal, ctx.relay_probe)
     return cal.save(os.path.join(out_dir, "calibration.json"))
 
 

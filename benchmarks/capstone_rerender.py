@@ -93,7 +93,8 @@ def load(run_dir: str) -> tuple[list[report.SetupResult], report.Context, dict, 
                          res["num_prompts"], dict(res.get("meta", {})),
                          search.get("max_runs", 6), search.get("rel_tol", 0.15),
                          search.get("run_duration_s", 0.0), search.get("budget_s", 0.0),
-                         res.get("transfer_step"))  # None: a run from before the step
+                         res.get("transfer_step"),  # None: a run from before the step
+                         res.get("relay_probe"))
     summaries: dict[tuple[str, str], list[dict]] = {}
     for r in res["runs"]:
         summaries.setdefault((r["setup"], r["workload"]), []).append(r)

@@ -1,25 +1,19 @@
 """`pdserve bench coordinator`: the coordinator's streaming throughput with fast fake workers.
 
-Runs three kinds of processes on this machine: the coordinator (`pdserve coordinator`), one
-process of fake workers (pdserve.benchmarks.fake_workers: no model, every token is ready at
-once, so workers never pace the stream), and client processes holding N concurrent Generate
-streams in a closed loop (a finished request is replaced at once). For each tokens-per-decode-
-message value K (the fake decode worker's TokenChunk size) and each N, it counts the tokens
-the clients receive during a fixed window after a warm-up, and the CPU time each process used
-in that window (from /proc). Columns:
-  tokens_per_s         output tokens delivered to clients per second (a target in docs/architecture.md, "Performance targets")
-  client_msgs_per_s    GenerateResponse messages per second; tok_per_client_msg is their mean
-                       size (> K when the coordinator merged queued batches)
+Processes on this machine: the coordinator, one process of fake workers (fake_workers.py:
+no model, every token ready at once) and clients holding N Generate streams in a closed loop
+(a finished request is replaced at once). For each tokens-per-decode-message K (the fake
+decode worker's TokenChunk size) and each N, it counts the tokens the clients receive in a
+window after a warm-up, and each process's CPU time in it (/proc). Columns:
+  tokens_per_s         output tokens delivered to clients per second
+  client_msgs_per_s    messages per second; tok_per_client_msg their mean size (> K: merged)
   coord_cpu            CPU cores the coordinator process used (1.0 = one core busy)
-  tok_per_coord_cpu_s  tokens per coordinator CPU-second: the cost, independent of what else
-                       runs on the machine
-  req_per_coord_cpu_s  requests finished per coordinator CPU-second (the per-request cost
-                       shows with a short --output-len, e.g. 8)
-  workers_cpu, clients_cpu, other_cpu   the rest of the machine (other_cpu: processes that
-                       are not part of this benchmark, i.e. the background load)
-Target (docs/architecture.md, "Performance targets"): at least 100k tokens/s on 2 CPU cores. All processes of the benchmark
-share this machine's cores, so on a 2-core machine the load generators compete with the
-coordinator.
+  tok_per_coord_cpu_s  tokens per coordinator CPU-second: the cost, whatever else runs
+  req_per_coord_cpu_s  requests finished per coordinator CPU-second (with a short --output-len)
+  workers_cpu, clients_cpu, other_cpu   the rest of the machine (other_cpu: the background load)
+Target (docs/architecture.md, "Performance targets"): at least 100k tokens/s on 2 CPU cores.
+All processes share this machine's cores: on 2 cores the load generators compete with the
+coordinator. The capstone's relay probe (capstone_relay_probe.py) runs cells of this bench.
 """
 
 from __future__ import annotations
@@ -119,7 +113,7 @@ def best_row(rows: Sequence[dict]) -> dict | None:
 
 
 # -- child processes -------------------------------------------------------------------------
-def _read_line(proc: subprocess.Popen, prefix: str, timeout_s: float, what: str) -> str:
+def read_line(proc: subprocess.Popen, prefix: str, timeout_s: float, what: str) -> str:
     """The first stdout line of `proc` starting with `prefix` (other lines are skipped)."""
     end = time.monotonic() + timeout_s
     sel = selectors.DefaultSelector()
@@ -139,12 +133,12 @@ def _read_line(proc: subprocess.Popen, prefix: str, timeout_s: float, what: str)
         sel.close()
 
 
-def _spawn(cmd: list[str], log) -> subprocess.Popen:
+def spawn(cmd: list[str], log) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                             text=True, bufsize=1)
 
 
-def _stop(procs: Sequence[subprocess.Popen]) -> None:
+def stop(procs: Sequence[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
             p.terminate()
@@ -166,13 +160,13 @@ def _split(n: int, parts: int) -> list[int]:
     return [n // parts + (i < n % parts) for i in range(parts)]
 
 
-def _run_cell(address: str, pids: dict[str, list[int]], mode: str, n: int, k: int,
+def run_cell(address: str, pids: dict[str, list[int]], mode: str, n: int, k: int,
               args: argparse.Namespace, log) -> dict:
-    clients = [_spawn(_client_cmd(address, s, args, seed=i), log)
+    clients = [spawn(_client_cmd(address, s, args, seed=i), log)
                for i, s in enumerate(_split(n, args.client_procs))]
     try:
         for c in clients:
-            _read_line(c, "ready", 60, "client")
+            read_line(c, "ready", 60, "client")
         t_start = time.time() + args.warmup
         t_end = t_start + args.duration
         for c in clients:
@@ -183,9 +177,9 @@ def _run_cell(address: str, pids: dict[str, list[int]], mode: str, n: int, k: in
         a = CpuSample.take(groups)
         time.sleep(max(0.0, t_end - time.time()))
         b = CpuSample.take(groups)
-        results = [json.loads(_read_line(c, "{", 60, "client")) for c in clients]
+        results = [json.loads(read_line(c, "{", 60, "client")) for c in clients]
     finally:
-        _stop(clients)
+        stop(clients)
     row = summarize(mode, n, k, results, args.duration, cpu_usage(a, b))
     first_error = next((r["first_error"] for r in results if r.get("first_error")), "")
     if first_error:
@@ -193,7 +187,7 @@ def _run_cell(address: str, pids: dict[str, list[int]], mode: str, n: int, k: in
     return row
 
 
-def _wait_tokenizer(address: str) -> None:
+def wait_tokenizer(address: str) -> None:
     """One text request before any window: the coordinator's tokenizer load (a thread that
     imports torch, seconds of CPU) must not fall in a cell's window."""
     import grpc
@@ -209,30 +203,37 @@ def _wait_tokenizer(address: str) -> None:
             raise RuntimeError(f"warm-up request: {e.code().name}: {e.details()}") from None
 
 
+def coordinator_cmd() -> list[str]:
+    return [sys.executable, "-m", "pdserve.cli", "coordinator", "--port", "0", "--log-level",
+            "WARNING"]
+
+
+def fake_workers_cmd(address: str, roles: list[str], chunk_tokens: int) -> list[str]:
+    return [sys.executable, "-m", "pdserve.benchmarks.fake_workers", "--coordinator", address,
+            *roles, "--model", "tiny", "--chunk-tokens", str(chunk_tokens)]
+
+
 def _run_mode(mode: str, args: argparse.Namespace, log, bar) -> list[dict]:
-    coord = _spawn([sys.executable, "-m", "pdserve.cli", "coordinator", "--port", "0",
-                    "--log-level", "WARNING"], log)
+    coord = spawn(coordinator_cmd(), log)
     procs = [coord]
     try:
-        address = _read_line(coord, "coordinator listening on", 60, "coordinator").split()[-1]
+        address = read_line(coord, "coordinator listening on", 60, "coordinator").split()[-1]
         roles = ["--prefill", "1", "--decode", "1"] if mode == "pd" else \
             ["--prefill", "0", "--decode", "0", "--both", "1"]
-        workers = _spawn([sys.executable, "-m", "pdserve.benchmarks.fake_workers",
-                          "--coordinator", address, *roles, "--model", "tiny",
-                          "--chunk-tokens", str(args.tokens_per_msg[0])], log)
+        workers = spawn(fake_workers_cmd(address, roles, args.tokens_per_msg[0]), log)
         procs.append(workers)
-        _read_line(workers, "fake workers ready", 60, "fake workers")
-        _wait_tokenizer(address)
+        read_line(workers, "fake workers ready", 60, "fake workers")
+        wait_tokenizer(address)
         pids = {"coordinator": [coord.pid], "workers": [workers.pid]}
         rows = []
         for k in args.tokens_per_msg:
             workers.stdin.write(f"chunk_tokens {k}\n")
             workers.stdin.flush()
-            reply = _read_line(workers, "", 10, "fake workers")
+            reply = read_line(workers, "", 10, "fake workers")
             if reply != "ok":
                 raise RuntimeError(f"fake workers: {reply}")
             for n in args.streams:
-                rows.append(_run_cell(address, pids, mode, n, k, args, log))
+                rows.append(run_cell(address, pids, mode, n, k, args, log))
                 bar.update()
                 r = rows[-1]
                 bar.write(f"{mode:>4} streams={n:<4} tok/msg={k:<3} {r['tokens_per_s']:>10,.0f} "
@@ -243,7 +244,7 @@ def _run_mode(mode: str, args: argparse.Namespace, log, bar) -> list[dict]:
         for p in procs:
             if p.stdin:
                 p.stdin.close()
-        _stop(list(reversed(procs)))
+        stop(list(reversed(procs)))
 
 
 # -- run metadata ---------------------------------------------------------------------------
@@ -259,8 +260,7 @@ def run_meta() -> dict[str, str]:
 # -- main -----------------------------------------------------------------------------------
 COLUMNS = ["mode", "streams", "tokens_per_msg", "tokens_per_s", "client_msgs_per_s",
            "tok_per_client_msg", "requests_per_s", "errors", "coord_cpu", "tok_per_coord_cpu_s",
-           "req_per_coord_cpu_s",
-           "workers_cpu", "clients_cpu", "other_cpu", "meets_target"]
+           "req_per_coord_cpu_s", "workers_cpu", "clients_cpu", "other_cpu", "meets_target"]
 
 
 def write_results(out_dir: str, rows: list[dict], meta: dict[str, str],

@@ -1,21 +1,19 @@
 """Fake workers (prefill / decode / both) that speak the Worker protocol with no model.
 
 The fake "model": output token 0 = (last prompt token + 1) % vocab, then each next token is
-(previous + 1) % vocab; `fake_outputs()` gives the expected ids. KV "transfer" between a fake
-prefill and a fake decode worker is a direct call looked up by kv_address (given in the
-Prefill, or later by SetKvTarget, as the engine's prefill role takes it), so a prefill and
-the decode worker it pushes to must live in the same process. Block counts are real enough
-for leak checks (Stats: free == total when idle). Knobs inject refusal, slowness and death.
-
-Used by the coordinator tests (tests/fake_worker.py) and by `pdserve bench coordinator`, which
-runs them as a separate process:
+(previous + 1) % vocab; `fake_outputs()` gives the expected ids. KV "transfer" from a fake
+prefill to a fake decode worker is a direct call looked up by kv_address (given in the
+Prefill, or later by SetKvTarget, as the engine's prefill role takes it): both in one
+process, or with --kv-elsewhere in any (the KV then counts as sent). Block counts are real
+enough for leak checks (Stats: free == total when idle). Knobs inject refusal, slowness
+and death. Used by the coordinator tests (tests/fake_worker.py) and by `pdserve bench
+coordinator`, which runs them as a separate process:
 
     python -m pdserve.benchmarks.fake_workers --coordinator HOST:PORT --prefill 1 --decode 1
 
 That process prints `fake workers ready` once every worker is registered, then reads
-commands on stdin, one per line, answering `ok` (or `error: ...`):
-    chunk_tokens K       tokens per streamed TokenChunk
-    chunk_delay_s S      pause before each chunk
+commands on stdin, one per line, answering `ok` (or `error: ...`): `chunk_tokens K` (tokens
+per streamed TokenChunk), `chunk_delay_s S` (pause before each chunk).
 """
 
 from __future__ import annotations
@@ -62,6 +60,7 @@ class Knobs:
     fail_reserve: bool = False  # decode: Reserve fails (INTERNAL)
     target_timeout_s: float = 5.0  # prefill: a KV target that does not come ends the Prefill
     extra_queued_tokens: int = 0  # reported in heartbeats (steers least_loaded)
+    kv_elsewhere: bool = False  # KV counts as sent and landed: P and D in separate processes
 
 
 class _Req:
@@ -167,6 +166,8 @@ class FakeWorker(pb_grpc.WorkerServicer):
         r = self._alloc(request.request_id, list(request.prompt_token_ids), request.sampling, n, k)
         if r is None:
             return pb.ReserveReply(accepted=False, reason=f"no free blocks (free {self.free})")
+        if self.knobs.kv_elsewhere:
+            r.kv_ready.set()
         address = b"fake://nowhere" if self.knobs.bad_kv_address else self.kv_address
         return pb.ReserveReply(accepted=True, kv_address=address,
                                block_ids=list(range(r.blocks)))
@@ -192,7 +193,7 @@ class FakeWorker(pb_grpc.WorkerServicer):
         address = request.kv_address
         if not address:  # the target comes later, in a SetKvTarget
             r.kv_target = asyncio.get_running_loop().create_future()
-        elif address not in _ENDPOINTS:  # as the engine's prefill role answers
+        elif address not in _ENDPOINTS and not self.knobs.kv_elsewhere:  # as the engine's
             self._release(rid)
             await context.abort(grpc.StatusCode.UNAVAILABLE, _unreachable(address),
                                 trailing_metadata=PEER)
@@ -212,7 +213,7 @@ class FakeWorker(pb_grpc.WorkerServicer):
             if r.kv_target is not None:
                 address = await self._kv_target(rid, r, context)
             dst = _ENDPOINTS.get(address)
-            if dst is None or not dst.deliver_kv(rid, r.outputs[0]):
+            if not (dst.deliver_kv(rid, r.outputs[0]) if dst else self.knobs.kv_elsewhere):
                 await context.abort(grpc.StatusCode.ABORTED, "fake transfer: destination gone")
             reply.kv_done, reply.kv_bytes = True, len(prompt) * 64
             reply.timings.CopyFrom(pb.Timings(prefill_ms=1.0, transfer_ms=0.5))
@@ -252,7 +253,7 @@ class FakeWorker(pb_grpc.WorkerServicer):
         if r.kv_target.done():
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"request {rid!r} already has a KV target")
-        reachable = request.kv_address in _ENDPOINTS  # as the engine's role connects here
+        reachable = request.kv_address in _ENDPOINTS or self.knobs.kv_elsewhere
         r.kv_target.set_result((request.kv_address, reachable))
         if not reachable:  # the Prefill ends the same way
             await context.abort(grpc.StatusCode.UNAVAILABLE, _unreachable(request.kv_address),
@@ -335,6 +336,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, default=1)
     p.add_argument("--both", type=int, default=0)
     p.add_argument("--chunk-tokens", type=int, default=4, help="tokens per TokenChunk")
+    p.add_argument("--kv-elsewhere", action="store_true", help="KV counts as sent (Knobs)")
     p.add_argument("--num-blocks", type=int, default=1 << 20)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=1 << 16)
@@ -369,7 +371,8 @@ async def serve(args: argparse.Namespace) -> None:
             w = FakeWorker(role, args.coordinator, num_blocks=args.num_blocks,
                            block_size=args.block_size, max_model_len=args.max_model_len,
                            model=args.model, auth_token=args.auth_token,
-                           knobs=Knobs(chunk_tokens=args.chunk_tokens),
+                           knobs=Knobs(chunk_tokens=args.chunk_tokens,
+                                       kv_elsewhere=args.kv_elsewhere),
                            cluster_secret=cluster_secret.from_args(args))
             workers.append(await w.start())
     print("fake workers ready", " ".join(f"{w.role}={w.address}" for w in workers), flush=True)

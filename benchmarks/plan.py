@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
 from pdserve.benchmarks.capstone_heartbeats import load_records, pool_blocks, routed_times
 from pdserve.benchmarks.capstone_metrics import parse_goodput
+from pdserve.benchmarks.capstone_relay_probe import probed_relay
 from pdserve.benchmarks.capstone_rerender import run_key
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import arrival_times, length_pairs, parse_workload
@@ -297,17 +298,15 @@ def _run_meta(run_dir: str, res: dict, key: str) -> dict[str, str]:
 
 
 def run_push(run_dir: str, res: dict) -> KVPush:
-    """How a capstone run's workers pushed KV: as its results.json "meta" records it (the
-    capstone records it since branch plan6), else its own calibration.json's "meta"; a run
-    that recorded it in neither was made before 9df90d7: one host, peer copies during the
-    forward (KVPush's defaults)."""
+    """How a capstone run's workers pushed KV: as its results.json "meta" records it (since
+    branch plan6), else its calibration.json's "meta"; a run that recorded it in neither was
+    made before 9df90d7: one host, peer copies during the forward (KVPush's defaults)."""
     return KVPush.from_meta(_run_meta(run_dir, res, "peer_copy_during_forward"))
 
 
 def run_landed_fifo(run_dir: str, res: dict) -> bool:
-    """Whether a capstone run's decode workers admitted landed requests in landing order:
-    its "landed_order" (recorded since branch fifo), found as `run_push` finds the push; a
-    run that recorded none (every committed run) admitted them newest first."""
+    """Whether a capstone run's decode workers admitted landed requests in landing order
+    ("landed_order", found as `run_push` finds the push); a run without it: newest first."""
     return landed_fifo(_run_meta(run_dir, res, "landed_order"))
 
 
@@ -321,8 +320,7 @@ def simulated_with(run_dir: str, cal: Calibration | None = None) -> str:
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     used = cal or run_calibration(run_dir, res)
-    return ("Profiles the simulator used: " + "; ".join(f"{k}: {v}" for k, v in
-                                                        used.source.items())
+    return ("Profiles the simulator used: " + "; ".join(f"{k}: {v}" for k, v in used.source.items())
             + f"; KV push: {run_push(run_dir, res).describe()}; landed requests waiting "
             f"for a slot: {landed_describe(run_landed_fifo(run_dir, res))}.")
 
@@ -366,6 +364,8 @@ def run(args: argparse.Namespace) -> int:
             cal = load_calibration(args.calibration) if args.calibration else None
             with open(os.path.join(args.validate, "results.json")) as f:
                 res = json.load(f)
+            if cal is not None and not cal.relay_host:  # the validated run's host, probed
+                probed_relay(cal, res.get("relay_probe"))
             push, fifo = run_push(args.validate, res), run_landed_fifo(args.validate, res)
             print(f"KV push simulated (recorded by the run, else the old one): {push.describe()}")
             print("landed requests waiting for a slot (recorded by the run, else newest first): "

@@ -55,7 +55,7 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   prefilled before (in this run or, as the capstone resends a search's prompts, in an
   earlier one) computes only what the cache does not hold; without `caches` (or keys)
   every prompt is computed whole.
-- the relay (planner_relay.py, when the calibration has a `relay` profile): requests are
+- the relay (planner_relay.py, with a `relay` or `relay_host` profile): requests are
   routed once the host path has set them up, one at a time in arrival order, and tokens
   reach the client (`first`, `last`, `end`) when it has carried them; without the profile
   both happen at once. `made`: when a worker made token 0.
@@ -329,7 +329,7 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
     if not both and (prefill < 1 or decode < 1):
         raise ValueError("xPyD needs at least one prefill and one decode worker")
     loop = Loop()
-    relay = Relay(loop, cal.relay) if cal.relay else None
+    relay = Relay(loop, cal.relay, cal.relay_host) if cal.relay or cal.relay_host else None
     reqs = [SimReq(t, max(1, i), max(1, o)) for t, (i, o) in zip(arrivals, lengths)]
     for r, k in zip(reqs, keys or ()):
         r.key = k

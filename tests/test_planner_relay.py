@@ -181,3 +181,51 @@ def test_the_decode_fit_leaves_out_the_runs_that_saturated_the_relay(tmp_path) -
     assert calib.fit_decode_unsaturated(every, str(tmp_path))
     assert every.meta["decode_left_out"] == "0"
     assert every.decode_step_ms(28, 3000) > 9.5  # the saturated run: 10 ms at its batch
+
+
+def test_relay_works_at_the_host_costs_until_a_backlog_builds() -> None:
+    """Below its knee the relay costs what the host probe measured; once a request has
+    waited over BACKLOG_S to be set up, what the saturated windows measured (the collapse
+    the records show), and the host's again once the backlog is gone."""
+    from pdserve.benchmarks.planner_relay import BACKLOG_S
+
+    host = {"t_tok": 0.05, "t_req_pd": 2.0, "t_req_local": 1.0}
+    loop = Loop()
+    relay = Relay(loop, PROFILE, host)
+    done: list[float] = []
+    relay.admit(False, lambda: done.append(loop.now))
+    loop.run()
+    assert done == pytest.approx([0.002])  # the host's 2 ms, not the profile's 5
+    # 400 P/D requests at once: 0.8 s of set-ups at the host's cost; past BACKLOG_S the
+    # queue's head has waited too long and the rest costs the profile's 5 ms each
+    t0 = loop.now
+    for _ in range(400):
+        relay.admit(False, lambda: done.append(loop.now))
+    loop.at(t0 + BACKLOG_S + 0.1, lambda: done.append(-relay.deliver(10)))
+    loop.run()
+    after = [t for t in done[1:] if t > 0]
+    steps = [b - a for a, b in zip(after, after[1:])]
+    assert steps[0] == pytest.approx(0.002)
+    assert steps[-1] == pytest.approx(0.005)
+    assert -min(done) == pytest.approx(t0 + BACKLOG_S + 0.1 + 10 * 0.1e-3, abs=0.006)
+    # drained: the host's costs again
+    relay.admit(True, lambda: done.append(loop.now))
+    start = loop.now
+    loop.run()
+    assert done[-1] - start == pytest.approx(0.001)
+
+
+def test_a_relay_with_one_profile_keeps_its_costs() -> None:
+    for profile, host in ((PROFILE, None), (None, PROFILE)):
+        loop = Loop()
+        relay = Relay(loop, profile, host)
+        done: list[float] = []
+        for _ in range(300):  # 1.5 s of set-ups: a backlog past BACKLOG_S
+            relay.admit(False, lambda d=done, lp=loop: d.append(lp.now))
+        loop.run()
+        assert done[-1] == pytest.approx(300 * 0.005)
+    with pytest.raises(ValueError):
+        Relay(Loop(), None, None)
+    cal = dataclasses.replace(CAL, relay_host=dict(PROFILE))
+    reqs = simulate(cal, 1, 1, 0, [0.01 * i for i in range(50)], [(32, 20)] * 50)
+    assert all(r.first > r.arrival + 0.005 for r in reqs)  # set up by the host's relay
