@@ -84,3 +84,24 @@ def test_the_probe_measures_this_host() -> None:
     assert all(r["errors"] == 0 and r["client_msgs_per_s"] > 0 for r in rec["rows"])
     f = rec["fit"]
     assert f["t_tok"] > 0 and f["t_req_pd"] + f["t_req_local"] > 0
+
+
+def test_fake_workers_kv_elsewhere_serve_pd_across_processes(make_cluster) -> None:
+    """The probe's fake P/D workers live in separate processes, where a prefill cannot hand
+    KV to its decode worker: with `kv_elsewhere` an endpoint no worker of this process holds
+    counts as reached and the KV as landed at Reserve, so P/D requests stream their tokens
+    and free every block."""
+    from fake_worker import Knobs, assert_no_leaks, fake_outputs
+
+    from pdserve.coordinator.client import Client
+
+    c = make_cluster()
+    c.add("prefill", knobs=Knobs(kv_elsewhere=True))
+    # an endpoint nobody in this process holds, as a decode worker of another process
+    c.add("decode", knobs=Knobs(kv_elsewhere=True, bad_kv_address=True))
+    with Client(c.address, timeout_s=10) as cl:
+        for i in range(4):
+            r = cl.generate(prompt_token_ids=[i + 1], max_tokens=5)
+            assert r.token_ids == fake_outputs([i + 1], 5)[0]
+        assert cl.stats()["requests_failed"] == 0
+    assert_no_leaks(c)
