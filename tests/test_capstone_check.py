@@ -54,7 +54,14 @@ def test_report_lines_count_the_predictions_within() -> None:
     bad = check.run_check(knee(10.0), 14.0, 0.9)
     text = "\n".join(check.report_lines([("1P1D", "w", good), ("2both", "w", bad)], "X"))
     assert "Planner check (out of sample)" in text and "Predicted from X" in text
-    assert "1 of 2 predictions within 15%" in text and "2both w (predicted too high)" in text
+    assert "1 of 2 predictions within 15%" in text
+    lo_rate, lo_att = sorted(bad.runs)[0]
+    assert f"2both w (predicted too high: {lo_att:.3g} at {lo_rate:.3g} req/s)" in text
+    assert "knife edge" not in text  # knee(10) fails far from the target
+    # a miss decided by an attainment near the target says so
+    edge = SearchResult(0.0, 0.9, runs=[(8.0, 0.95), (12.0, 0.92)], guess=10.2, check_tol=0.15)
+    text = "\n".join(check.report_lines([("4both", "w", edge)], "X"))
+    assert "predicted too low: 0.92 at 12 req/s" in text and "1 of these 1 rest on" in text
     assert check.report_lines([], "X") == []
 
 
