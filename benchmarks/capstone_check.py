@@ -113,7 +113,8 @@ def report_lines(rows: Sequence[tuple[str, str, SearchResult]], source: str) -> 
             f"**{n_in} of {len(table)} predictions within {tol:.0%}** of the measured max "
             "rate." + ("" if n_in == len(table) else " Outside: " + "; ".join(
                 f"{r['setup']} {r['workload']} ({r['verdict']}"
-                + "".join(f": {a:.3g} at {rate:.3g} req/s" for rate, a in runs) + ")"
+                + "".join(f"{', ' if i else ': '}{a:.3g} at {rate:.3g} req/s"
+                          for i, (rate, a) in enumerate(runs)) + ")"
                 for r, runs in missed) + "."
                 + (f" {edges} of these {len(missed)} rest on an attainment within {EDGE:g} of "
                    f"the {target:.0%} target: a knife edge that one run per rate cannot "
