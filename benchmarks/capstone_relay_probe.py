@@ -109,11 +109,15 @@ def run_step(args: argparse.Namespace, budget: Any) -> dict | None:
     rec: dict[str, Any] = {"rows": [], "fit": {}, "note": "", "streams": STREAMS,
                            "lens": list(LENS), "decode_workers": DECODE_WORKERS,
                            "both_workers": BOTH_WORKERS}
-    if getattr(args, "coordinator", None) or getattr(args, "base_url", None):
-        return {**rec, "note": "the run measured a server it did not launch: no probe"}
     need = 4 * (args.relay_probe_s + 1.0) + 2 * MIN_S
-    if budget.limited and budget.total_s * 0.15 < need:
-        return {**rec, "note": f"skipped: the budget leaves it under {need:.0f} s"}
+    if getattr(args, "coordinator", None) or getattr(args, "base_url", None):
+        rec["note"] = "the run measured a server it did not launch: no probe"
+    elif budget.limited and budget.total_s * 0.15 < need:
+        rec["note"] = (f"skipped: 15% of the budget is {budget.total_s * 0.15:.0f} s, under "
+                       f"the {need:.0f} s it needs")
+    if rec["note"]:
+        print(f"relay probe: {rec['note']}", flush=True)
+        return rec
     print(f"relay probe: {STREAMS} closed-loop streams, pd and both, {LENS} output tokens",
           flush=True)
     t0 = time.monotonic()
