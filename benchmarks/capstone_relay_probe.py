@@ -73,20 +73,11 @@ def fit(rows: list[dict]) -> dict[str, float]:
 
 def _cells(mode: str, seconds: float, log) -> list[dict]:
     """The probe's cells of one mode: a coordinator, its fake workers, one client."""
-    coord = bench.spawn([*bench.coordinator_cmd()], log)
-    procs = [coord]
-    try:
-        address = bench.read_line(coord, "coordinator listening on", 60, "coordinator").split()[-1]
-        roles = ([["--prefill", "1", "--decode", "0", "--kv-elsewhere"]]
-                 + [["--prefill", "0", "--decode", "1", "--kv-elsewhere"]] * DECODE_WORKERS
-                 if mode == "pd" else [["--prefill", "0", "--decode", "0", "--both", "1"]]
-                 * BOTH_WORKERS)
-        workers = [bench.spawn(bench.fake_workers_cmd(address, r, 1), log) for r in roles]
-        procs += workers
-        for w in workers:
-            bench.read_line(w, "fake workers ready", 60, "fake workers")
-        bench.wait_tokenizer(address)
-        pids = {"coordinator": [coord.pid], "workers": [w.pid for w in workers]}
+    roles = ([["--prefill", "1", "--decode", "0", "--kv-elsewhere"]]
+             + [["--prefill", "0", "--decode", "1", "--kv-elsewhere"]] * DECODE_WORKERS
+             if mode == "pd" else [["--prefill", "0", "--decode", "0", "--both", "1"]]
+             * BOTH_WORKERS)
+    with bench.fake_cluster(roles, 1, log) as (address, pids, _):
         rows = []
         for n in LENS:
             ns = argparse.Namespace(prompt_len=32, output_len=n, text=False, client_procs=1,
@@ -94,11 +85,6 @@ def _cells(mode: str, seconds: float, log) -> list[dict]:
             rows.append({**bench.run_cell(address, pids, mode, STREAMS, 1, ns, log),
                          "output_len": n})
         return rows
-    finally:
-        for p in procs:
-            if p.stdin:
-                p.stdin.close()
-        bench.stop(list(reversed(procs)))
 
 
 def run_step(args: argparse.Namespace, budget: Any) -> dict | None:

@@ -8,18 +8,18 @@ window after a warm-up, and each process's CPU time in it (/proc). Columns:
   tokens_per_s         output tokens delivered to clients per second
   client_msgs_per_s    messages per second; tok_per_client_msg their mean size (> K: merged)
   coord_cpu            CPU cores the coordinator process used (1.0 = one core busy)
-  tok_per_coord_cpu_s  tokens per coordinator CPU-second: the cost, whatever else runs
-  req_per_coord_cpu_s  requests finished per coordinator CPU-second (with a short --output-len)
+  tok_per_coord_cpu_s, req_per_coord_cpu_s   tokens, requests finished per coordinator CPU-s
   workers_cpu, clients_cpu, other_cpu   the rest of the machine (other_cpu: the background load)
 Target (docs/architecture.md, "Performance targets"): at least 100k tokens/s on 2 CPU cores.
-All processes share this machine's cores: on 2 cores the load generators compete with the
-coordinator. The capstone's relay probe (capstone_relay_probe.py) runs cells of this bench.
+All processes share the cores (on 2 the load generators compete with the coordinator).
+The capstone's relay probe runs cells of this bench (`fake_cluster`, `run_cell`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import selectors
@@ -113,7 +113,7 @@ def best_row(rows: Sequence[dict]) -> dict | None:
 
 
 # -- child processes -------------------------------------------------------------------------
-def read_line(proc: subprocess.Popen, prefix: str, timeout_s: float, what: str) -> str:
+def _read_line(proc: subprocess.Popen, prefix: str, timeout_s: float, what: str) -> str:
     """The first stdout line of `proc` starting with `prefix` (other lines are skipped)."""
     end = time.monotonic() + timeout_s
     sel = selectors.DefaultSelector()
@@ -133,12 +133,12 @@ def read_line(proc: subprocess.Popen, prefix: str, timeout_s: float, what: str) 
         sel.close()
 
 
-def spawn(cmd: list[str], log) -> subprocess.Popen:
+def _spawn(cmd: list[str], log) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                             text=True, bufsize=1)
 
 
-def stop(procs: Sequence[subprocess.Popen]) -> None:
+def _stop(procs: Sequence[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
             p.terminate()
@@ -162,11 +162,11 @@ def _split(n: int, parts: int) -> list[int]:
 
 def run_cell(address: str, pids: dict[str, list[int]], mode: str, n: int, k: int,
               args: argparse.Namespace, log) -> dict:
-    clients = [spawn(_client_cmd(address, s, args, seed=i), log)
+    clients = [_spawn(_client_cmd(address, s, args, seed=i), log)
                for i, s in enumerate(_split(n, args.client_procs))]
     try:
         for c in clients:
-            read_line(c, "ready", 60, "client")
+            _read_line(c, "ready", 60, "client")
         t_start = time.time() + args.warmup
         t_end = t_start + args.duration
         for c in clients:
@@ -177,9 +177,9 @@ def run_cell(address: str, pids: dict[str, list[int]], mode: str, n: int, k: int
         a = CpuSample.take(groups)
         time.sleep(max(0.0, t_end - time.time()))
         b = CpuSample.take(groups)
-        results = [json.loads(read_line(c, "{", 60, "client")) for c in clients]
+        results = [json.loads(_read_line(c, "{", 60, "client")) for c in clients]
     finally:
-        stop(clients)
+        _stop(clients)
     row = summarize(mode, n, k, results, args.duration, cpu_usage(a, b))
     first_error = next((r["first_error"] for r in results if r.get("first_error")), "")
     if first_error:
@@ -187,7 +187,7 @@ def run_cell(address: str, pids: dict[str, list[int]], mode: str, n: int, k: int
     return row
 
 
-def wait_tokenizer(address: str) -> None:
+def _wait_tokenizer(address: str) -> None:
     """One text request before any window: the coordinator's tokenizer load (a thread that
     imports torch, seconds of CPU) must not fall in a cell's window."""
     import grpc
@@ -203,33 +203,38 @@ def wait_tokenizer(address: str) -> None:
             raise RuntimeError(f"warm-up request: {e.code().name}: {e.details()}") from None
 
 
-def coordinator_cmd() -> list[str]:
-    return [sys.executable, "-m", "pdserve.cli", "coordinator", "--port", "0", "--log-level",
-            "WARNING"]
-
-
-def fake_workers_cmd(address: str, roles: list[str], chunk_tokens: int) -> list[str]:
-    return [sys.executable, "-m", "pdserve.benchmarks.fake_workers", "--coordinator", address,
-            *roles, "--model", "tiny", "--chunk-tokens", str(chunk_tokens)]
+@contextlib.contextmanager
+def fake_cluster(roles: list[list[str]], chunk_tokens: int, log):
+    """A coordinator and fake workers (one process per entry of `roles`, its role flags),
+    registered, tokenizer loaded: (address, pids by CpuSample group, worker processes)."""
+    procs = [_spawn([sys.executable, "-m", "pdserve.cli", "coordinator", "--port", "0",
+                    "--log-level", "WARNING"], log)]
+    try:
+        address = _read_line(procs[0], "coordinator listening on", 60, "coordinator").split()[-1]
+        workers = [_spawn([sys.executable, "-m", "pdserve.benchmarks.fake_workers", "--model",
+                           "tiny", "--coordinator", address, "--chunk-tokens", str(chunk_tokens),
+                           *r], log) for r in roles]
+        procs += workers
+        for w in workers:
+            _read_line(w, "fake workers ready", 60, "fake workers")
+        _wait_tokenizer(address)
+        yield address, {"coordinator": [procs[0].pid], "workers": [w.pid for w in workers]}, workers
+    finally:
+        for p in procs:
+            if p.stdin:
+                p.stdin.close()
+        _stop(list(reversed(procs)))
 
 
 def _run_mode(mode: str, args: argparse.Namespace, log, bar) -> list[dict]:
-    coord = spawn(coordinator_cmd(), log)
-    procs = [coord]
-    try:
-        address = read_line(coord, "coordinator listening on", 60, "coordinator").split()[-1]
-        roles = ["--prefill", "1", "--decode", "1"] if mode == "pd" else \
-            ["--prefill", "0", "--decode", "0", "--both", "1"]
-        workers = spawn(fake_workers_cmd(address, roles, args.tokens_per_msg[0]), log)
-        procs.append(workers)
-        read_line(workers, "fake workers ready", 60, "fake workers")
-        wait_tokenizer(address)
-        pids = {"coordinator": [coord.pid], "workers": [workers.pid]}
+    roles = ["--prefill", "1", "--decode", "1"] if mode == "pd" else \
+        ["--prefill", "0", "--decode", "0", "--both", "1"]
+    with fake_cluster([roles], args.tokens_per_msg[0], log) as (address, pids, (workers,)):
         rows = []
         for k in args.tokens_per_msg:
             workers.stdin.write(f"chunk_tokens {k}\n")
             workers.stdin.flush()
-            reply = read_line(workers, "", 10, "fake workers")
+            reply = _read_line(workers, "", 10, "fake workers")
             if reply != "ok":
                 raise RuntimeError(f"fake workers: {reply}")
             for n in args.streams:
@@ -240,11 +245,6 @@ def _run_mode(mode: str, args: argparse.Namespace, log, bar) -> list[dict]:
                           f"tok/s  coordinator {r['coord_cpu']:.2f} cores  "
                           f"other load {r['other_cpu']:.2f} cores")
         return rows
-    finally:
-        for p in procs:
-            if p.stdin:
-                p.stdin.close()
-        stop(list(reversed(procs)))
 
 
 # -- run metadata ---------------------------------------------------------------------------
