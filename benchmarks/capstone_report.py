@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pdserve.benchmarks import capstone_calibration as calib
 from pdserve.benchmarks import plotting
 from pdserve.benchmarks.capstone_metrics import RequestResult, Window, meets
+from pdserve.benchmarks.capstone_mixed import steady
 from pdserve.benchmarks.capstone_relay import fit_relay
 from pdserve.benchmarks.capstone_relay_probe import probed_relay
 from pdserve.benchmarks.capstone_search import SearchResult
-from pdserve.benchmarks.capstone_steps import warm_counts
+from pdserve.benchmarks.capstone_steps import prompt_key, warm_counts
 
 
 @dataclass(slots=True)
@@ -260,12 +261,12 @@ def write_calibration(out_dir: str, setups: Sequence[SetupResult], ctx: Context)
         for w in s.by_workload.values():
             for r in w.runs:
                 runs.append(r.results)
-                keyed.append((f"{s.setup}|{w.workload}", r.results))
+                keyed.append((prompt_key(s.setup, w.workload, r.summary), r.results))
                 if s.kind == "P/D":
                     pd_runs.append(r.results)
-                # steady colocated runs only: past saturation the client's token times
+                # colocated runs that kept up only: past saturation the client's token times
                 # lag the steps (a step rebuilt from them is not the worker's)
-                if s.kind == "colocated" and r.summary.get("slo_attainment", 0.0) >= ctx.target:
+                if s.kind == "colocated" and steady(r.summary, ctx.slos, ctx.target):
                     colocated.append(len(runs) - 1)
     warm = warm_counts(keyed)
     cal = calib.fit(runs, meta=ctx.meta, decode_runs=pd_runs or runs, warm=warm,

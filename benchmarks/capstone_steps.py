@@ -131,11 +131,19 @@ def fit_prefill_steps(steps: Sequence[tuple[int, float, float]], outlier: float 
             int((~keep).sum()))
 
 
+def prompt_key(setup: str, workload: str, summary: dict) -> str:
+    """What shares prompts between runs: the setup (its workers' caches), the workload
+    (one seed gives request i the same token ids at every rate) and the run's prompt salt
+    (capstone_workloads.make_requests; runs recorded without one have salt 0: every run
+    of a setup and workload resent the same prompts)."""
+    salt = int(summary.get("prompt_salt") or 0)
+    return f"{setup}|{workload}" + (f"|salt {salt}" if salt else "")
+
+
 def warm_counts(runs: Sequence[tuple[str, Sequence[RequestResult]]]) -> list[int]:
-    """Per run, in the order the runs ran, keyed by what shares prompts (setup and
-    workload: one seed gives request i the same token ids at every rate): how many of its
-    first requests an earlier run with the same key already sent (the most any earlier
-    one sent), i.e. the requests that may hit a worker's prefix cache."""
+    """Per run, in the order the runs ran, keyed by what shares prompts (`prompt_key`):
+    how many of its first requests an earlier run with the same key already sent (the most
+    any earlier one sent), i.e. the requests that may hit a worker's prefix cache."""
     sent: dict[str, int] = {}
     out = []
     for key, results in runs:

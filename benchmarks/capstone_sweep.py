@@ -1,6 +1,11 @@
 """One setup's measurements in `pdserve bench capstone`: every workload's rate search (or
 its fixed-concurrency levels) against one running setup, each run sized by the time
-budget (benchmarks/capstone_budget.py) when there is one.
+budget (benchmarks/capstone_budget.py) when there is one. Every run sends prompts of its
+own (`make_requests`' salt: the lengths and arrivals of one seed, another first token), so
+it starts with none of its prompts in the workers' prefix caches, whatever ran before: the
+planner predicts cold runs (earlier runs resent request i's prompt at every rate, and how
+much of it the next run found cached depended on whether the earlier run's prompts fitted
+in the KV pool).
 """
 
 from __future__ import annotations
@@ -85,8 +90,9 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
                 wr: report.WorkloadRuns = wr, sizer: RunSizer = sizer) -> float:
             duration = sizer.duration_s() if not conc else 0.0
             n = run_size(rate, args.num_requests, duration)
+            salt = len(wr.runs) + 1  # every run cold: no prompt an earlier run sent
             reqs = make_requests(wl, n, rate, args.seed, info["vocab"], args.burstiness,
-                                 info["max_len"], pool)
+                                 info["max_len"], pool, salt)
             desc = f"{res.setup} {wl.name} @ " + (f"c={conc}" if conc else f"{rate:.3g} req/s")
             t0 = time.monotonic()
             limit = sizer.stop_at(reqs[-1].at_s) - t0
@@ -95,6 +101,7 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
             sizer.ran(time.monotonic() - t0, reqs[-1].at_s)
             summary = summarize(results, slos, window)
             summary["send_duration_s"] = reqs[-1].at_s
+            summary["prompt_salt"] = salt  # its prompts' first token (capstone_steps.warm_counts)
             if not math.isinf(limit):  # the planner's validation cuts its runs there too
                 summary["time_limit_s"] = limit
             wr.runs.append(report.Run(rate, conc, results, summary))

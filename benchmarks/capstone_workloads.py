@@ -213,13 +213,27 @@ def clip_lengths(pair: LengthPair, max_model_len: int) -> LengthPair:
     return i, o
 
 
+def salt_token(seed: int, salt: int, vocab: int) -> int:
+    """The first token of every prompt of a run with this salt: distinct salts (less than
+    vocab - 1 apart) give distinct tokens, in [1, vocab)."""
+    hi = max(2, vocab)
+    return 1 + (seed * 7919 + salt) % (hi - 1)
+
+
 def make_requests(workload: Workload, n: int, rate: float, seed: int, vocab: int,
                   burstiness: float = 1.0, max_model_len: int = 0,
-                  pool: Sequence[tuple[list[int], int]] | None = None) -> list[Request]:
+                  pool: Sequence[tuple[list[int], int]] | None = None,
+                  salt: int = 0) -> list[Request]:
     """n requests; the same arguments always give the same requests (lengths, token ids,
     arrival times), whatever the setup they are sent to. Token ids are random in [1, vocab)
     (no accidental prefix-cache hits) apart from a shared prefix; `pool` (a tokenized
-    dataset) replaces the sampler."""
+    dataset) replaces the sampler.
+
+    `salt` (non-zero): every prompt's first token is `salt_token(seed, salt, vocab)`, the
+    rest unchanged. The prefix cache hashes blocks in a chain from the first token, so a
+    run with its own salt finds nothing an earlier run left in a worker's cache (which
+    holds request i's prompt when that run sent the same seed), while its own prompts
+    share what they share (the shared prefix, a dataset prompt drawn twice)."""
     rng = random.Random(seed)
     times = arrival_times(n, rate, burstiness, random.Random(seed + 7919))
     hi = max(2, vocab)
@@ -234,6 +248,10 @@ def make_requests(workload: Workload, n: int, rate: float, seed: int, vocab: int
         i, o = clip_lengths(workload.sample(rng), max_model_len)
         p = min(len(prefix), i)
         out.append(Request(t, prefix[:p] + [rng.randrange(1, hi) for _ in range(i - p)], o))
+    if salt:
+        first = salt_token(seed, salt, vocab)
+        out = [Request(r.at_s, [first] + r.prompt[1:], r.output_len) if r.prompt else r
+               for r in out]
     return out
 
 

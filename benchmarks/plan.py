@@ -226,7 +226,7 @@ def validate(run_dir: str, cal: Calibration | None = None,
                 horizon = run_time_limit_s(m, ls, slos, bool(search.get("budget_s")))
                 wu, cd = win.get("warmup", 0.1), win.get("cooldown", 0.1)
                 info = SimRun()
-                keys = [(wname, i) for i in range(n)]  # request i: the same prompt every run
+                keys = [(wname, m.get("prompt_salt") or 0, i) for i in range(n)]  # salt 0: resent
                 before = caches.copy() if caches else None
                 # the routed workers' heartbeats as the coordinator received them (else
                 # evenly spread phases), as the prefix caches replay what the run left

@@ -1,11 +1,13 @@
 """The simulated workers' prefix caches (engine/block_manager.py), kept from one simulated
 run to the next as a setup's workers keep theirs between the capstone's runs.
 
-Why the planner needs them: the capstone sends the same prompts at every rate of a search
-(one seed: request i has the same token ids in every run of a workload), so a worker that
-prefilled prompt i in an earlier run finds its blocks in its prefix cache and computes only
-the rest: on 2 x H200 a 1985-token prompt took 51 ms cold and 17 ms the second time. A
-replay that ignores this overestimates the prefill load of every run after the first.
+Why the planner needs them: runs recorded before the prompt salt (capstone_sweep.py) sent
+the same prompts at every rate of a search (one seed: request i had the same token ids in
+every run of a workload), so a worker that prefilled prompt i in an earlier run found its
+blocks in its prefix cache and computed only the rest: on 2 x H200 a 1985-token prompt
+took 51 ms cold and 17 ms the second time. A replay that ignores this overestimates the
+prefill load of every run after the first. Runs with a salt share nothing with each other
+(their keys differ), only within themselves (a shared prefix).
 
 The engine's rule: full blocks of `block_size` tokens are hits, up to one token short of
 the prompt's end (the step computes >= 1 token for the logits), as long as the blocks are

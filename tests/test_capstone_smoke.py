@@ -100,6 +100,7 @@ def test_capstone_against_fake_coordinator(tmp_path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "Planner validation" in md and "band_5%" in md
     assert len(res["runs"]) == 2
+    assert [r["prompt_salt"] for r in res["runs"]] == [1, 2]  # each run cold: its own prompts
     (w,) = res["setups"][0]["by_workload"].values()
     assert w["search_guess"] > 0 and "steered by a predicted" in w["search"]
     assert "--start-rate-from" in capstone.check_args(parse("--start-rate-from", "/no/such"))

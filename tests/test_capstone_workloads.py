@@ -69,6 +69,42 @@ def test_requests_are_deterministic_per_seed_and_clipped() -> None:
     assert all(len(r.prompt) + r.output_len <= 40 for r in short)
 
 
+def _block_hashes(prompt: list[int], block: int = 16) -> set[int]:
+    """The prefix cache's keys of the prompt's full blocks (engine/block_manager.py)."""
+    from pdserve.engine.block_manager import hash_block
+
+    out, h = set(), 0
+    for i in range(len(prompt) // block):
+        h = hash_block(h, prompt[i * block:(i + 1) * block])
+        out.add(h)
+    return out
+
+
+@pytest.mark.parametrize("spec", ["uniform:in=40-200,out=4-16",
+                                  "shared-prefix:prefix=64,suffix=8-40,out=3"])
+def test_salted_runs_share_no_cached_block_with_each_other(spec: str) -> None:
+    """A run's salt changes only the first token of each prompt, and with it every block
+    hash: the next run of a search finds nothing the last one left in the prefix cache,
+    while a shared prefix is still shared inside a run."""
+    w = cw.parse_workload(spec)
+    plain = cw.make_requests(w, 30, 4.0, seed=5, vocab=1000)
+    runs = {salt: cw.make_requests(w, 30, 4.0, seed=5, vocab=1000, salt=salt)
+            for salt in (1, 2, 3)}
+    for reqs in runs.values():
+        assert [(r.at_s, len(r.prompt), r.output_len, r.prompt[1:]) for r in reqs] == \
+            [(r.at_s, len(r.prompt), r.output_len, r.prompt[1:]) for r in plain]
+        assert len({r.prompt[0] for r in reqs}) == 1  # one first token per run
+    cached = {salt: set().union(*(_block_hashes(r.prompt) for r in reqs))
+              for salt, reqs in runs.items()}
+    assert cached[1] and not (cached[1] & cached[2]) and not (cached[2] & cached[3])
+    assert not cached[1] & set().union(*(_block_hashes(r.prompt) for r in plain))
+    if w.prefix_len:  # inside a run, every prompt's first 4 blocks are the same ones
+        first4 = [_block_hashes(r.prompt[:64]) for r in runs[2]]
+        assert all(h == first4[0] and len(h) == 4 for h in first4)
+    assert cw.salt_token(5, 1, 1000) != cw.salt_token(5, 2, 1000)
+    assert all(1 <= cw.salt_token(s, k, 7) < 7 for s in range(4) for k in range(1, 7))
+
+
 def test_gamma_arrivals_mean_and_burstiness() -> None:
     for burst in (0.25, 1.0, 4.0):
         gaps = np.diff(cw.arrival_times(40000, 10.0, burst, random.Random(5)))

@@ -58,6 +58,15 @@ def test_warm_counts_follow_each_setup_and_workload_in_run_order() -> None:
     assert warm_counts(runs) == [0, 5, 0, 6, 0]
 
 
+def test_salted_runs_are_cold_and_older_runs_keep_their_warm_counts() -> None:
+    from pdserve.benchmarks.capstone_steps import prompt_key, warm_counts
+
+    old = [prompt_key("1P1D", "w", {}), prompt_key("1P1D", "w", {"prompt_salt": 0})]
+    assert warm_counts([(k, [0] * 6) for k in old]) == [0, 6]
+    salted = [prompt_key("1P1D", "w", {"prompt_salt": k}) for k in (1, 2, 3)]
+    assert warm_counts([(k, [0] * 6) for k in salted]) == [0, 0, 0]
+
+
 def test_prefill_fit_finds_the_knee_between_fixed_and_compute_bound_steps() -> None:
     steps = [(t, 0.0, max(15.0, 15.0 + 0.025 * (t - 600))) for t in range(50, 8200, 50)]
     prof, dropped = calib.fit_prefill_steps(steps)

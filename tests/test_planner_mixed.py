@@ -129,3 +129,15 @@ def test_the_validation_refits_the_mixed_profile_of_an_older_file(tmp_path) -> N
     assert 6.0 < m["c0"] < 11.0 and 0.015 < m["c_token"] < 0.03
     assert cal.mixed_ms(1000, 0.0) > cal.prefill_ms(1000, 0.0) - cal.prefill["c0"] + \
         cal.mixed_fixed_ms  # the old model's 1000-token step was too short
+
+
+def test_runs_that_kept_up_include_those_missing_only_tpot() -> None:
+    """The mixed profile's runs: those that held the target, and those whose misses were
+    not a queue (TTFT p90 within its SLO): prompt interference with decodes, what the
+    profile measures. A saturated run (TTFT p90 past the SLO) stays out."""
+    slos = {"ttft": 750.0, "tpot": 20.0}
+    assert mixed.steady({"slo_attainment": 0.95, "p90_ttft_ms": 2000.0}, slos, 0.9)
+    assert mixed.steady({"slo_attainment": 0.82, "p90_ttft_ms": 120.0}, slos, 0.9)
+    assert not mixed.steady({"slo_attainment": 0.82, "p90_ttft_ms": 900.0}, slos, 0.9)
+    assert not mixed.steady({"slo_attainment": 0.82, "p90_ttft_ms": 120.0}, {"tpot": 20.0}, 0.9)
+    assert not mixed.steady({}, slos, 0.9)
