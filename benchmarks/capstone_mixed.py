@@ -126,9 +126,8 @@ def steady(summary: dict, slos: dict[str, float], target: float) -> bool:
     """A run whose workers kept up with its arrivals: it held the attainment target, or
     its TTFT p90 stayed within the TTFT SLO (no queue built; what it missed was TPOT or
     E2E, the interference of prompts with decodes that the mixed profile measures: 2both
-    prefill-heavy on 2 x H100 missed the target in every run, at 0.78-0.95 with TTFT p90
-    85-143 ms, so a profile from held runs alone had no step with a prompt over 1024
-    tokens)."""
+    prefill-heavy on 2 GPUs sits at 0.78-0.97 attainment with TTFT p90 85-143 ms, so a
+    profile from held runs alone had no step with a prompt over 1024 tokens)."""
     if summary.get("slo_attainment", 0.0) >= target:
         return True
     ttft = slos.get("ttft")
