@@ -24,7 +24,12 @@ def nonneg_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:
         keep = [k for k, v in zip(keep, c) if v >= 0] if (c >= 0).any() else []
     return [float(v) for v in coef]
 
-STEP_TOL_MS = 0.5  # prompts of one prefill step report the same prefill_ms within this
+# Prompts of one prefill step report the same prefill_ms within this; a prompt chunked
+# over two steps reports at least the next step more (>= its fixed part, 7-12 ms). In the
+# committed 4 x H100 runs the excess over a group's shortest splits at 2-3 ms: 0.5-2 ms for
+# 1.1-1.4k prompts a run (the worker's per-prompt timestamps), >= 8 ms for most of the rest.
+# At 0.5 ms those prompts counted as chunked and made 8192-token "steps" of 60-130 ms.
+STEP_TOL_MS = 3.0
 START_TOL_S = 0.010  # ... and token 0 less prefill_ms (the step's start) within this
 
 
@@ -41,6 +46,9 @@ def prefill_steps(results: Sequence[RequestResult], budget: int = 8192, warm: in
     a longer time: the earlier step was full (`budget` tokens) and its rest ran first in
     the step that ended at its token 0. Steps that only continued a chunked prompt are
     left out (their length is known only with the next step's start).
+
+    A group whose tokens come to more than `budget` is not one step (two steps that
+    started within START_TOL_S, or a chunked prompt taken for a whole one): left out.
 
     `warm`: the first `warm` requests (in send order) resend prompts that an earlier run of
     the same setup sent (`warm_counts`), so their worker may have found them in its prefix
@@ -83,7 +91,7 @@ def prefill_steps(results: Sequence[RequestResult], budget: int = 8192, warm: in
                 tokens, sq = tokens + first, sq + first * first
                 carry, carry_sq = rest, float(rest * (2 * first + rest))
                 carry_end = max(start + q[2] / 1e3 for q in chunked)
-            if not any(q[4] for q in g):
+            if not any(q[4] for q in g) and tokens <= budget:  # over it: not one step
                 out.append((tokens, sq, dur))
     return out
 

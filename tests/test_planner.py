@@ -286,6 +286,27 @@ def test_prefill_steps_are_rebuilt_from_per_request_timings_and_fitted() -> None
     assert fitted.meta["prefill_fit"] == "steps" and fitted.meta["prefill_max_tokens"] == "4096"
 
 
+def test_per_prompt_timing_jitter_makes_no_fake_full_steps() -> None:
+    """The prompts of one step report prefill_ms a few tenths of a ms to 2 ms apart (the
+    worker stamps each one); taking those for chunked prompts made steps of the whole
+    budget that lasted half a full step, which pulled the fitted per-token cost down."""
+    cal = calib.Calibration(prefill={"c0": 8.0, "c_token": 0.024, "c_token2": 0.0},
+                            decode=CAL.decode, transfer=CAL.transfer, kv_bytes_per_token=1000.0,
+                            max_batch=256, prefill_token_budget=8192)
+    rng = random.Random(5)
+    ls = [(rng.randint(256, 2048), 4) for _ in range(700)]
+    times = arrival_times(len(ls), 60.0, 1.0, random.Random(6))
+    results, _ = sim_as_run(cal, Setup(2, 2, 0), times, ls)
+    for r in results:
+        r.server["prefill_ms"] += rng.uniform(0.0, 2.0)
+    steps = calib.prefill_steps(results, budget=8192)
+    assert steps and max(t for t, _, _ in steps) <= 8192
+    for t, _, ms in steps:  # every rebuilt step lasts what its tokens take, within the jitter
+        assert ms == pytest.approx(cal.prefill_ms(t, 0.0), abs=2.5)
+    prof, _ = calib.fit_prefill_steps(steps)
+    assert prof["c_token"] == pytest.approx(0.024, rel=0.03)
+
+
 def test_a_stalled_step_is_left_out_of_the_prefill_fit() -> None:
     steps = [(t, float(t * t), 10 + 0.01 * t + 1e-6 * t * t) for t in range(100, 4000, 50)]
     steps.append((1024, 1024.0 ** 2, 1500.0))  # a kernel compiled on first use
