@@ -29,9 +29,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from pdserve.benchmarks.capstone_relay import BACKLOG_S  # a request waiting this long: backlog
 from pdserve.benchmarks.planner_batching import Loop
-
-BACKLOG_S = 0.5  # as capstone_relay.BACKLOG_S: a request waiting this long is a backlog
 
 
 def _costs(profile: dict[str, float]) -> tuple[float, dict[bool, float]]:
