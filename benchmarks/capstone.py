@@ -247,8 +247,10 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
             if key not in pngs and os.path.exists(os.path.join(out, rel)):
                 pngs[key + " (as the run drew it)"] = os.path.join(out, rel)
     plan_lines: list[str] = plan_check.report_lines(
-        [(s.setup, w.workload, w.search) for s in setups for w in s.by_workload.values()
-         if w.search and w.search.check_tol], ctx.meta.get("plan check from", "?"))
+        [(s.setup, w.workload, w.search, {r.rate: r.summary.get("send_duration_s", math.inf)
+                                           for r in w.runs})
+         for s in setups for w in s.by_workload.values() if w.search and w.search.check_tol],
+        ctx.meta.get("plan check from", "?"))
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
         from pdserve.benchmarks import plan, plan_report
 
@@ -312,6 +314,10 @@ def run(args: argparse.Namespace) -> int:
     args.relay_host = (ctx.relay_probe or {}).get("fit") or {}
     if ctx.relay_probe is not None:
         meta["relay probe"] = relay_probe.describe(ctx.relay_probe)
+    # one event loop for every setup: grpc.aio's poller stays bound to each loop that made
+    # an aio object and calls into it; with a loop per setup, a closed one raised "Event
+    # loop is closed" on later events (846 tracebacks in the log of a 4-GPU calibration)
+    loop = asyncio.new_event_loop()
     for i, name in enumerate(names):
         # each setup not yet run: an equal share of what is left (start-up included)
         deadline = budget.deadline(len(names) - i, reserve_s=REPORT_RESERVE_S + REPORT_S_PER_RUN
@@ -319,7 +325,6 @@ def run(args: argparse.Namespace) -> int:
         if budget.limited and deadline - time.monotonic() < 2 * budget.min_run_s:
             budget.cut(f"{name}: not started (the budget was spent)")
             continue
-        loop = asyncio.new_event_loop()
         try:
             # a start that would take the setup's whole share fails instead (TimeoutError)
             start_s = min(args.start_timeout, max(1.0, deadline - time.monotonic()))
@@ -342,8 +347,7 @@ def run(args: argparse.Namespace) -> int:
             # keep what the other setups measured: report them, exit non-zero at the end
             print(f"error: {name}: {type(e).__name__}: {e}", file=sys.stderr)
             failed.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        finally:
-            loop.close()
+    loop.close()
     if budget.limited:
         meta["time budget"] = (f"{args.budget_s:g} s; used {time.monotonic() - budget.start_s:.0f} s"
                                " before the report")

@@ -16,8 +16,8 @@ import math
 import time
 
 from pdserve.benchmarks import capstone_report as report
-from pdserve.benchmarks.capstone_budget import RunSizer, run_size
-from pdserve.benchmarks.capstone_check import CHECK_TOL, run_check
+from pdserve.benchmarks.capstone_budget import MIN_RUN_S, RunSizer, run_size
+from pdserve.benchmarks.capstone_check import CHECK_TOL, PREDICTED_RUN_S, SHORT_S, run_check
 from pdserve.benchmarks.capstone_client import run_load
 from pdserve.benchmarks.capstone_metrics import Window, summarize
 from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
@@ -62,6 +62,17 @@ def warmup_requests(args: argparse.Namespace, info: dict, wls: list) -> list[lis
     return warm
 
 
+def run_bounds(run_duration_s: float, check: bool) -> tuple[float, float]:
+    """(longest, shortest) seconds of sending for a budgeted run. A plan check's runs are
+    as long as the simulated runs of its predictions (PREDICTED_RUN_S at most) and none
+    shorter than SHORT_S, which could not decide (capstone_check.judged): a workload whose
+    share cannot pay for that is not run, and its budget goes to the others."""
+    if check and run_duration_s:
+        longest = min(run_duration_s, PREDICTED_RUN_S)
+        return longest, max(MIN_RUN_S, min(SHORT_S, longest))
+    return run_duration_s, MIN_RUN_S
+
+
 def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos: dict,
                   window: Window, loop: asyncio.AbstractEventLoop, budget,
                   deadline_s: float = math.inf,
@@ -72,6 +83,7 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
     from pdserve.benchmarks.capstone import concurrency_levels
 
     res = report.SetupResult(info["label"], info["workers"], info["pools"])
+    check = bool(getattr(args, "plan_check_from", None))  # out of sample (capstone_check.py)
     for load in warmup_requests(args, info, wls):
         loop.run_until_complete(run_load(target, load, args.timeout))
     levels = concurrency_levels(args)
@@ -81,7 +93,8 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
         share_end = (deadline_s if math.isinf(deadline_s) else
                      time.monotonic() + (deadline_s - time.monotonic()) / (len(wls) - k))
         sizer = RunSizer(share_end, len(levels) or args.max_runs,
-                         drain_estimate_s(wl, pool, slos, args.seed), args.run_duration)
+                         drain_estimate_s(wl, pool, slos, args.seed),
+                         *run_bounds(args.run_duration, check))
         if not sizer.can_run():
             budget.cut(f"{res.setup} / {wl.name}: not run (its share of the budget was spent)")
             continue
@@ -121,7 +134,7 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
                 one(math.inf, c)
             continue
         guess = (guesses or {}).get(wl.name, 0.0)
-        if getattr(args, "plan_check_from", None):  # out of sample (capstone_check.py)
+        if check:
             if not guess > 0:
                 print(f"{res.setup} {wl.name}: no prediction to check (the planner found no "
                       "rate holding the target)", flush=True)

@@ -62,8 +62,10 @@
 # start, ~30 s; 0: none), PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script), CHECK_FROM (a
 # capstone run directory or calibration.json: instead of searching, check the planner out
 # of sample, `--plan-check-from`: it predicts each setup and workload's max rate p from that
-# calibration and measures p/1.15 and p/0.85 only; the transfer step is skipped unless
-# TRANSFER_LENS is set; the report's "Planner check" section gives the verdicts).
+# calibration and measures p/1.15 and p/0.85 only, each run sending for at most 15 s (as
+# the predictions simulate) and at least 10 s (a shorter held run decides nothing: a
+# workload whose share cannot pay for that is not run); the transfer step is skipped
+# unless TRANSFER_LENS is set; the report's "Planner check" section gives the verdicts).
 set -u
 T0=$(date +%s)
 OUT=$(realpath -m "${1:?usage: gpu_capstone.sh OUT DEVICES}"); DEVICES=${2:?usage: gpu_capstone.sh OUT DEVICES}

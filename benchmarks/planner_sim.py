@@ -39,10 +39,10 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   lasts decode_step_ms + what its prompt tokens add to a decode step (`mixed_ms`: the
   mixed profile, capstone_mixed.py), a step without decodes prefill_ms; prefill stalls
   decode: the interference that disaggregation removes. Requests go to the worker with the most
-  free KV blocks, as for decode; nothing is reserved on a colocated worker, so between
-  two heartbeats its view does not change and every request goes to the same worker
-  (on 2 x H200, runs of 30-50 requests at 41 req/s), which the colocated runs' TTFT and
-  TPOT show. Heartbeats come every HEARTBEAT_S, the workers' phases evenly spread, or at
+  free KV blocks, as for decode, a routed prompt counted until the next heartbeat with
+  `push.counts_generate` (the coordinator since session 12); without (every run before)
+  its view does not change between two heartbeats and every request goes to one worker
+  (on 2 x H200, runs of 30-50 at 41 req/s; a local prefill alike). Heartbeats come every HEARTBEAT_S, the workers' phases evenly spread, or at
   the times given (`heartbeats`: a run's recorded ones, benchmarks/capstone_heartbeats.py),
   then every HEARTBEAT_S after the last given one.
 - conditional (`xPyD-condT`, the coordinator's --pd-threshold-tokens T): a prompt under T
@@ -121,12 +121,13 @@ class _Decoder:
     def route_key(self) -> tuple[int, int, int]:
         """The coordinator's order (coordinator/router.py `_decode_key`, registry.py): most
         free KV blocks as of the last heartbeat less those reserved since (a Reserve counts
-        them, a colocated Generate does not), then the most of the reported and the
+        them, a Generate with `counts_generate`), then the most of the reported and the
         in-flight sequences, then the fewest routed."""
         return self.hb_held + self.since_hb, max(self.hb_seqs, self.inflight), self.routed
 
     def route(self, r: SimReq, reserve: bool) -> None:
-        """The coordinator picked this worker for `r` (`reserve`: a P/D Reserve)."""
+        """The coordinator picked this worker for `r` (`reserve`: its blocks are counted
+        until the next heartbeat: a P/D Reserve, or a Generate with `counts_generate`)."""
         self.routed += 1
         self.inflight += 1
         r.worker = self.name
@@ -340,7 +341,7 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
 
         def place(r: SimReq) -> None:
             dec = min(decs, key=_Decoder.route_key)
-            dec.route(r, reserve=False)
+            dec.route(r, reserve=push.counts_generate)
             dec.add(r)
         for r in reqs:
             loop.at(r.arrival, on_arrival(relay, True, lambda r=r: place(r)))
@@ -352,7 +353,7 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
 
         def arrive(r: SimReq) -> None:
             dec = min(decs, key=_Decoder.route_key)
-            dec.route(r, reserve=not r.local)
+            dec.route(r, reserve=not r.local or push.counts_generate)
             if r.local:
                 dec.add(r)
                 return

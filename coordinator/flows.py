@@ -243,6 +243,15 @@ class Dispatcher:
     async def _colocated(self, st: RequestState, wid: str, excluded: set[str]) -> None:
         await self._generate_on(st, wid, excluded, pb.ROLE_BOTH)
 
+    def pick_generate(self, ws: list[WorkerHandle], prompt: list[int],
+                      local: bool) -> WorkerHandle:
+        """The worker a Generate goes to (a decode worker for a local prefill, else a
+        `both` one), with the request and its prompt's blocks counted against it."""
+        w = (self.policy.order_decode if local else self.policy.order_both)(ws, prompt)[0]
+        w.routed += 1
+        w.count_generate(len(prompt))
+        return w
+
     async def _generate_on(self, st: RequestState, wid: str, excluded: set[str],
                            role: int) -> None:
         """Worker.Generate on one worker that prefills and decodes the request: a `both`
@@ -254,9 +263,7 @@ class Dispatcher:
                                else "no 'both' worker available")
         if local:
             self.check_fits(st, ws)
-        order = self.policy.order_decode if local else self.policy.order_both
-        w = order(ws, st.attempt_prompt())[0]
-        w.routed += 1
+        w = self.pick_generate(ws, st.attempt_prompt(), local)
         st.prefill_worker = st.decode_worker = w.worker_id
         req = st.worker_request(pb.GenerateWorkerRequest, wid)
         done = False

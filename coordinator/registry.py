@@ -45,7 +45,7 @@ class WorkerHandle:
     last_seen: float = field(default_factory=time.monotonic)
     inflight: int = 0  # requests routed here and not done
     inflight_prefill_tokens: int = 0  # prompt tokens sent to Prefill, not yet answered
-    reserved_since_hb: int = 0  # blocks reserved here since the last heartbeat
+    reserved_since_hb: int = 0  # blocks reserved or taken by a Generate here since the last heartbeat
     routed: int = 0  # requests ever routed here (last tie-breaker: spreads equal workers)
     alive: bool = True
     drop_reason: str = ""  # why it was dropped (when not alive)
@@ -62,6 +62,14 @@ class WorkerHandle:
     # Estimates used by the routing policies (heartbeats lag behind routing decisions).
     def est_free_blocks(self) -> int:
         return self.load.free_blocks - self.reserved_since_hb
+
+    def count_generate(self, prompt_tokens: int) -> None:
+        """Count the KV blocks of a prompt routed here with Generate (colocated, or a
+        local prefill on a decode worker) until the next heartbeat reports them, as a
+        Reserve's blocks are counted. Without it the most-free-blocks order does not move
+        between two heartbeats and every request in between goes to one worker."""
+        bs = self.info.kv.block_size
+        self.reserved_since_hb += -(-prompt_tokens // bs) if bs else 1
 
     def est_running(self) -> int:
         return max(self.load.running + self.load.waiting, self.inflight)

@@ -52,7 +52,8 @@ def test_not_monotone_cut_and_bad_input() -> None:
 def test_report_lines_count_the_predictions_within() -> None:
     good = check.run_check(knee(10.0), 10.0, 0.9)
     bad = check.run_check(knee(10.0), 14.0, 0.9)
-    text = "\n".join(check.report_lines([("1P1D", "w", good), ("2both", "w", bad)], "X"))
+    text = "\n".join(check.report_lines([("1P1D", "w", good, {}), ("2both", "w", bad, {})],
+                                         "X"))
     assert "Planner check (out of sample)" in text and "Predicted from X" in text
     assert "1 of 2 predictions within 15%" in text
     lo_rate, lo_att = sorted(bad.runs)[0]
@@ -60,9 +61,37 @@ def test_report_lines_count_the_predictions_within() -> None:
     assert "knife edge" not in text  # knee(10) fails far from the target
     # a miss decided by an attainment near the target says so
     edge = SearchResult(0.0, 0.9, runs=[(8.0, 0.95), (12.0, 0.92)], guess=10.2, check_tol=0.15)
-    text = "\n".join(check.report_lines([("4both", "w", edge)], "X"))
+    text = "\n".join(check.report_lines([("4both", "w", edge, {})], "X"))
     assert "predicted too low: 0.92 at 12 req/s" in text and "1 of these 1 rest on" in text
     assert check.report_lines([], "X") == []
+
+
+def test_a_verdict_resting_on_a_short_held_run_is_not_decided() -> None:
+    """A run the budget cut to a few seconds can hold at a rate the GPUs cannot sustain:
+    a verdict that rests on it (the lower run of `within`, the higher one of `too low`)
+    is not decided; a failed run decides whatever its length."""
+    low = SearchResult(0.0, 0.9, runs=[(8.7, 1.0), (11.8, 1.0)], guess=10.0, check_tol=0.15)
+    within = SearchResult(0.0, 0.9, runs=[(8.7, 1.0), (11.8, 0.2)], guess=10.0, check_tol=0.15)
+    high = SearchResult(0.0, 0.9, runs=[(8.7, 0.5), (11.8, 0.1)], guess=10.0, check_tol=0.15)
+    short, long_ = check.SHORT_S - 1, check.SHORT_S + 1
+    assert check.judged(low, {8.7: long_, 11.8: short}) == check.SHORT
+    assert check.judged(low, {8.7: short, 11.8: long_}) == LOW  # the higher one decides
+    assert check.judged(within, {8.7: short, 11.8: long_}) == check.SHORT
+    assert check.judged(within, {8.7: long_, 11.8: short}) == WITHIN  # it failed: decides
+    assert check.judged(high, {8.7: short, 11.8: short}) == HIGH
+    assert check.judged(within, {}) == WITHIN  # lengths not recorded
+    text = "\n".join(check.report_lines([("1P1D", "w", low, {8.7: 12.0, 11.8: 4.1})], "X"))
+    assert "0 of 1 predictions within" in text and check.SHORT in text and "| 4.1 |" in text
+
+
+def test_a_checks_runs_are_as_long_as_the_predicted_ones() -> None:
+    from pdserve.benchmarks.capstone_budget import MIN_RUN_S
+    from pdserve.benchmarks.capstone_sweep import run_bounds
+
+    assert run_bounds(20.0, True) == (check.PREDICTED_RUN_S, check.SHORT_S)
+    assert run_bounds(6.0, True) == (6.0, 6.0)  # shorter runs asked for: as asked
+    assert run_bounds(20.0, False) == (20.0, MIN_RUN_S)  # a search: as before
+    assert run_bounds(0.0, True) == (0.0, MIN_RUN_S)  # no --run-duration: a request count
 
 
 def test_args_and_source(tmp_path) -> None:
