@@ -247,10 +247,8 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
             if key not in pngs and os.path.exists(os.path.join(out, rel)):
                 pngs[key + " (as the run drew it)"] = os.path.join(out, rel)
     plan_lines: list[str] = plan_check.report_lines(
-        [(s.setup, w.workload, w.search, {r.rate: r.summary.get("send_duration_s", math.inf)
-                                           for r in w.runs})
-         for s in setups for w in s.by_workload.values() if w.search and w.search.check_tol],
-        ctx.meta.get("plan check from", "?"))
+        [(s.setup, w.workload, w.search) for s in setups for w in s.by_workload.values()
+         if w.search and w.search.check_tol], ctx.meta.get("plan check from", "?"))
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
         from pdserve.benchmarks import plan, plan_report
 
@@ -270,7 +268,6 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
 
 def run(args: argparse.Namespace) -> int:
     from pdserve.benchmarks.serve import device_description
-    from pdserve.cluster import ClusterError
     from pdserve.proto.grpc_util import install_uvloop
 
     if args.report_from:
@@ -318,6 +315,31 @@ def run(args: argparse.Namespace) -> int:
     # an aio object and calls into it; with a loop per setup, a closed one raised "Event
     # loop is closed" on later events (846 tracebacks in the log of a 4-GPU calibration)
     loop = asyncio.new_event_loop()
+    try:
+        measure_all(args, names, wls, slos, window, ctx, budget, loop, results, failed)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    if budget.limited:
+        meta["time budget"] = (f"{args.budget_s:g} s; used {time.monotonic() - budget.start_s:.0f} s"
+                               " before the report")
+        meta["cut by the time budget"] = "; ".join(budget.cuts) or "nothing"
+    meta["load average at end"] = plotting.load_average()
+    if failed:
+        meta["setups that failed"] = "; ".join(failed)
+    if results:
+        for path in write_report(args, results, ctx, wls):
+            print("wrote", path)
+    return 1 if failed else 0
+
+
+def measure_all(args: argparse.Namespace, names: list[str], wls: list, slos: dict, window,
+                ctx, budget: Budget, loop: asyncio.AbstractEventLoop,
+                results: list, failed: list[str]) -> None:
+    """Start, measure and stop each setup in turn on `loop`, appending to `results` (and
+    to `failed` a setup that could not run); the records are written after every setup."""
+    from pdserve.cluster import ClusterError
+
     for i, name in enumerate(names):
         # each setup not yet run: an equal share of what is left (start-up included)
         deadline = budget.deadline(len(names) - i, reserve_s=REPORT_RESERVE_S + REPORT_S_PER_RUN
@@ -335,27 +357,17 @@ def run(args: argparse.Namespace) -> int:
                 with GpuSampler(gpus) as sampler, \
                         HeartbeatRecorder(info.get("coordinator")) as beats:
                     guesses = start_guesses(args, [info["label"]], wls, slos)
-                    res = measure_setup(target, info, args, wls, slos, window, loop, budget,
-                                        deadline, guesses.get(info["label"], {}))
+                    try:
+                        res = measure_setup(target, info, args, wls, slos, window, loop,
+                                            budget, deadline, guesses.get(info["label"], {}))
+                    finally:  # its channels closed on the loop the next setups use
+                        loop.run_until_complete(target.close())
                 res.gpu, res.gpu_note = sampler.samples, sampler.note or \
                     f"sampled with {sampler.source} every {sampler.period_s:g} s"
                 res.heartbeats = beats
-                loop.run_until_complete(target.close())
                 results.append(res)
                 write_records(args.out, results, ctx, wls)
         except (ClusterError, TimeoutError, RuntimeError, OSError, ValueError) as e:
             # keep what the other setups measured: report them, exit non-zero at the end
             print(f"error: {name}: {type(e).__name__}: {e}", file=sys.stderr)
             failed.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    loop.close()
-    if budget.limited:
-        meta["time budget"] = (f"{args.budget_s:g} s; used {time.monotonic() - budget.start_s:.0f} s"
-                               " before the report")
-        meta["cut by the time budget"] = "; ".join(budget.cuts) or "nothing"
-    meta["load average at end"] = plotting.load_average()
-    if failed:
-        meta["setups that failed"] = "; ".join(failed)
-    if results:
-        for path in write_report(args, results, ctx, wls):
-            print("wrote", path)
-    return 1 if failed else 0

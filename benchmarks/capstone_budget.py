@@ -57,10 +57,11 @@ class RunSizer:
     max_duration_s: float = 0.0  # --run-duration (0: none)
     min_run_s: float = MIN_RUN_S
 
-    def can_run(self) -> bool:
-        return self.runs_left > 0 and (math.isinf(self.deadline_s) or
-                                       self.deadline_s - time.monotonic()
-                                       >= self.min_run_s + self.drain_s)
+    def can_run(self, runs: int = 1) -> bool:
+        """Whether `runs` more runs of at least min_run_s (and their drain) fit."""
+        return self.runs_left >= runs and (math.isinf(self.deadline_s) or
+                                           self.deadline_s - time.monotonic()
+                                           >= runs * (self.min_run_s + self.drain_s))
 
     def duration_s(self) -> float:
         """Seconds of sending for the next run (0: a fixed request count, no duration)."""

@@ -13,10 +13,11 @@ GPUs the calibration never saw, not fitted on the same runs. Either run on the w
 says in which direction it is off by more (`verdict`).
 
 A run that held the target tells something only if it sent long enough for a queue to
-grow: the prediction simulates runs of PREDICTED_RUN_S of arrivals, and a run the time
-budget cut to a few seconds can hold at a rate its GPUs cannot sustain. A verdict that
-rests on a held run that sent for less than SHORT_S is `SHORT` (`judged`); a failed run
-decides whatever its length.
+grow: the prediction simulates runs of `check_run_s` seconds of arrivals (PREDICTED_RUN_S
+at most), and a run the time budget cut to a few seconds can hold at a rate its GPUs
+cannot sustain. A verdict that rests on a held run sized for less than 2/3 of that is
+`SHORT` (SearchResult.verdict); a failed run decides whatever its length. The capstone
+sizes a check's runs to `check_run_s` and no less than those 2/3 (capstone_sweep).
 """
 
 from __future__ import annotations
@@ -24,16 +25,27 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from pdserve.benchmarks import plotting
-from pdserve.benchmarks.capstone_search import HIGH, LOW, NOISE, WITHIN, SearchResult
+from pdserve.benchmarks.capstone_search import HIGH, LOW, NOISE, SHORT_FRAC, WITHIN, SearchResult
 
 CHECK_TOL = 0.15  # the planner's goodput is to be within 15% of the measured one
 EDGE = 0.03  # a miss decided by an attainment this close to the target is a knife edge
-PREDICTED_RUN_S = 15.0  # seconds of arrivals each simulated run has (capstone_guess)
-SHORT_S = 10.0  # a held run that sent for less decides nothing (2/3 of PREDICTED_RUN_S)
-SHORT = "not decided (the run that held was short)"
+PREDICTED_RUN_S = 15.0  # seconds of arrivals each simulated run has at most (capstone_guess)
+
+
+def check_run_s(run_duration_s: float) -> float:
+    """Seconds of arrivals a check's predictions simulate, and its runs are sized for, with
+    --run-duration `run_duration_s`; 0 without one (runs of --num-requests requests)."""
+    return min(run_duration_s, PREDICTED_RUN_S) if run_duration_s else 0.0
+
+
+def spans(runs: Sequence) -> dict[float, float]:
+    """{rate: seconds of arrivals its run was sized for (requests / rate)} of capstone runs
+    (capstone_report.Run); the last arrival is random and comes about one gap earlier."""
+    return {r.rate: r.summary.get("num_prompts", 0) / r.rate for r in runs
+            if r.rate > 0 and not math.isinf(r.rate)}
 
 
 def add_argument(group) -> None:
@@ -97,46 +109,34 @@ def source(path: str) -> str:
     return f"the calibration of {name}" + (f" ({', '.join(said)})" if said else "")
 
 
-def judged(s: SearchResult, sent_s: Mapping[float, float]) -> str:
-    """s.verdict(), or SHORT when it rests on a run that held after sending for less than
-    SHORT_S (`sent_s`: seconds of arrivals by rate; a rate missing from it is not short):
-    the lower run of WITHIN, the higher one of LOW."""
-    v = s.verdict()
-    if v in (WITHIN, LOW):
-        rate = sorted(s.runs)[0 if v == WITHIN else 1][0]
-        if sent_s.get(rate, math.inf) < SHORT_S:
-            return SHORT
-    return v
-
-
-def report_lines(rows: Sequence[tuple[str, str, SearchResult, Mapping[float, float]]],
-                 source: str) -> list[str]:
-    """The report's section: one row per (setup, workload, check, seconds each rate's run
-    sent for) and the count within."""
+def report_lines(rows: Sequence[tuple[str, str, SearchResult]], source: str) -> list[str]:
+    """The report's section: one row per (setup, workload, check) and the count within."""
     if not rows:
         return []
     table = []
-    for setup, wname, s, sent in rows:
+    for setup, wname, s in rows:
         runs = sorted(s.runs) + [(math.nan, math.nan)] * (2 - len(s.runs))
         table.append({"setup": setup, "workload": wname, "predicted_max_rate": s.guess,
                       "rate_low": runs[0][0], "attainment_low": runs[0][1],
-                      "sent_low_s": sent.get(runs[0][0], math.nan),
+                      "span_low_s": s.spans.get(runs[0][0], math.nan),
                       "rate_high": runs[1][0], "attainment_high": runs[1][1],
-                      "sent_high_s": sent.get(runs[1][0], math.nan),
-                      "verdict": judged(s, sent)})
+                      "span_high_s": s.spans.get(runs[1][0], math.nan),
+                      "verdict": s.verdict()})
     n_in = sum(r["verdict"] == WITHIN for r in table)
     tol, target = rows[0][2].check_tol, rows[0][2].target
-    missed = [(r, deciding(s)) for r, (_, _, s, _) in zip(table, rows) if r["verdict"] != WITHIN]
+    run_s = max(s.run_s for _, _, s in rows)
+    missed = [(r, deciding(s)) for r, (_, _, s) in zip(table, rows) if r["verdict"] != WITHIN]
     edges = sum(1 for _, runs in missed if runs and all(abs(a - target) < EDGE for _, a in runs))
     return ["### Planner check (out of sample)", "",
             f"Predicted from {source}, before this run measured anything. For each "
             f"prediction p the run measured attainment at p/{1 + tol:g} and p/{1 - tol:g}: "
             f"when the first holds the target and the second does not, the measured max "
             f"rate m lies in [p/{1 + tol:g}, p/{1 - tol:g}), so |p - m| <= {tol:.0%} of m "
-            "(attainment taken as monotone in the rate). sent_*_s: the seconds over which "
-            f"each run sent its requests; a verdict resting on a run that held after under "
-            f"{SHORT_S:g} s is not decided (the prediction simulated {PREDICTED_RUN_S:g} s "
-            "of arrivals: a shorter run can hold at a rate the GPUs cannot sustain).", "",
+            "(attainment taken as monotone in the rate)."
+            + (f" span_*_s: the seconds of arrivals each run was sized for (requests / "
+               f"rate); a verdict resting on a run that held with under {SHORT_FRAC * run_s:.3g}"
+               f" s is not decided (the predictions simulated {run_s:.3g} s: a shorter run "
+               "can hold at a rate the GPUs cannot sustain)." if run_s else ""), "",
             plotting.markdown_table(table, floatfmt=".3g"), "",
             f"**{n_in} of {len(table)} predictions within {tol:.0%}** of the measured max "
             "rate." + ("" if n_in == len(table) else " Outside: " + "; ".join(

@@ -39,7 +39,7 @@ def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
     if not path:
         return {}
     from pdserve.benchmarks import plan
-    from pdserve.benchmarks.capstone_check import PREDICTED_RUN_S
+    from pdserve.benchmarks.capstone_check import PREDICTED_RUN_S, check_run_s
     from pdserve.benchmarks.capstone_workloads import length_pairs
 
     cal = plan.load_calibration(path)
@@ -51,8 +51,8 @@ def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
                   else length_pairs(wl, n, args.seed)) for wl, pool in wls]
     t0 = time.monotonic()
     out = plan.guess_max_rates(cal, names, workloads, slos, args.target, args.burstiness,
-                               args.seed, duration_s=min(args.run_duration or PREDICTED_RUN_S,
-                                                         PREDICTED_RUN_S),
+                               args.seed, duration_s=check_run_s(args.run_duration) if check
+                               else min(args.run_duration or PREDICTED_RUN_S, PREDICTED_RUN_S),
                                rel_tol=0.02 if check else 0.1,
                                min_requests=args.num_requests, push=kv_push(args) or KVPush(),
                                landed_fifo=landed_fifo(kv_push_meta(args)))

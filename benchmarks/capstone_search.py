@@ -32,6 +32,11 @@ class SearchResult:
     cut: bool = False  # stopped early by the time budget (can_run said no)
     guess: float = 0.0  # the predicted max rate that steered it (0: none)
     check_tol: float = 0.0  # > 0: a plan check at guess / (1 -+ this), not a search (capstone_check)
+    # a plan check's runs: the seconds of arrivals the prediction simulated (0: runs sized by
+    # a request count, as simulated), and per rate the seconds its run was sized for
+    # (requests / rate); a held run under SHORT_FRAC of run_s decides nothing (`verdict`)
+    run_s: float = 0.0
+    spans: dict[float, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         if self.check_tol:
@@ -54,14 +59,22 @@ class SearchResult:
     def verdict(self) -> str:
         """A plan check's (capstone_check): WITHIN; HIGH (the lower rate failed: the max
         rate m < guess/(1+tol)); LOW (the higher held: m >= guess/(1-tol)); NOISE (the lower
-        failed, the higher held); NOT_RUN (a run missing)."""
+        failed, the higher held); NOT_RUN (a run missing); SHORT when WITHIN or LOW rests
+        on a run that held after arrivals shorter than SHORT_FRAC x run_s (the lower run
+        of WITHIN, the higher of LOW): a short run can hold at a rate the GPUs cannot
+        sustain; a failed run decides whatever its length."""
         if len(self.runs) < 2 or any(math.isnan(a) for _, a in self.runs):
             return NOT_RUN
-        (_, lo), (_, hi) = sorted(self.runs)[:2]
+        (r_lo, lo), (r_hi, hi) = sorted(self.runs)[:2]
         held_lo, held_hi = lo >= self.target, hi >= self.target
         if held_lo != held_hi:
-            return WITHIN if held_lo else NOISE
-        return LOW if held_lo else HIGH
+            v = WITHIN if held_lo else NOISE
+        else:
+            v = LOW if held_lo else HIGH
+        deciding = {WITHIN: r_lo, LOW: r_hi}.get(v)
+        if deciding is not None and self.spans.get(deciding, math.inf) < SHORT_FRAC * self.run_s:
+            return SHORT
+        return v
 
     def _describe_check(self) -> str:
         runs = ", ".join(f"{a:.0%} at {r:.3g}" for r, a in sorted(self.runs)) or "no run"
@@ -70,12 +83,16 @@ class SearchResult:
                 HIGH: f"too high by more than {tol} (the lower rate failed)",
                 LOW: f"too low by more than {tol} (the higher rate held)",
                 NOISE: "not monotone: the lower rate failed, the higher held",
-                NOT_RUN: "not decided (a run is missing)"}[self.verdict()]
+                NOT_RUN: "not decided (a run is missing)",
+                SHORT: f"not decided (the run that held had under {SHORT_FRAC * self.run_s:.3g} s "
+                       "of arrivals)"}[self.verdict()]
         return f"plan check: predicted {self.guess:.3g} req/s; attainment {runs}: {what}"
 
 
 WITHIN, HIGH, LOW, NOISE, NOT_RUN = ("within", "predicted too high", "predicted too low",
                                      "not monotone", "not measured")
+SHORT = "not decided (the run that held was short)"
+SHORT_FRAC = 2 / 3  # a plan check's held run with fewer seconds of arrivals decides nothing
 GUESS_MARGIN = 1.25  # a guided step lands this far past (or short of) the guess
 GUESS_MAX_STEP = 16.0  # ... and at most this factor from the rate before it
 

@@ -17,10 +17,10 @@ import time
 
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks.capstone_budget import MIN_RUN_S, RunSizer, run_size
-from pdserve.benchmarks.capstone_check import CHECK_TOL, PREDICTED_RUN_S, SHORT_S, run_check
+from pdserve.benchmarks.capstone_check import CHECK_TOL, check_run_s, run_check, spans
 from pdserve.benchmarks.capstone_client import run_load
 from pdserve.benchmarks.capstone_metrics import Window, summarize
-from pdserve.benchmarks.capstone_search import SearchResult, find_max_rate
+from pdserve.benchmarks.capstone_search import SHORT_FRAC, SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import Request, Workload, length_pairs, make_requests
 
 
@@ -63,13 +63,12 @@ def warmup_requests(args: argparse.Namespace, info: dict, wls: list) -> list[lis
 
 
 def run_bounds(run_duration_s: float, check: bool) -> tuple[float, float]:
-    """(longest, shortest) seconds of sending for a budgeted run. A plan check's runs are
-    as long as the simulated runs of its predictions (PREDICTED_RUN_S at most) and none
-    shorter than SHORT_S, which could not decide (capstone_check.judged): a workload whose
-    share cannot pay for that is not run, and its budget goes to the others."""
-    if check and run_duration_s:
-        longest = min(run_duration_s, PREDICTED_RUN_S)
-        return longest, max(MIN_RUN_S, min(SHORT_S, longest))
+    """(longest, shortest) seconds of arrivals for a budgeted run. A plan check's runs are
+    as long as the simulated runs of its predictions (capstone_check.check_run_s) and none
+    shorter than SHORT_FRAC of that, which could not decide (SearchResult.verdict)."""
+    run_s = check_run_s(run_duration_s) if check else 0.0
+    if run_s:
+        return run_s, max(MIN_RUN_S, SHORT_FRAC * run_s)
     return run_duration_s, MIN_RUN_S
 
 
@@ -95,7 +94,7 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
         sizer = RunSizer(share_end, len(levels) or args.max_runs,
                          drain_estimate_s(wl, pool, slos, args.seed),
                          *run_bounds(args.run_duration, check))
-        if not sizer.can_run():
+        if not sizer.can_run(2 if check else 1):  # a check decides with two runs
             budget.cut(f"{res.setup} / {wl.name}: not run (its share of the budget was spent)")
             continue
 
@@ -141,6 +140,7 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
                 wr.search = SearchResult(0.0, args.target, check_tol=CHECK_TOL)
                 continue
             wr.search = run_check(one, guess, args.target, can_run=sizer.can_run)
+            wr.search.run_s, wr.search.spans = check_run_s(args.run_duration), spans(wr.runs)
         else:
             wr.search = find_max_rate(one, args.start_rate, args.target, args.max_runs,
                                       args.rel_tol, can_run=sizer.can_run, guess=guess)

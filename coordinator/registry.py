@@ -65,9 +65,10 @@ class WorkerHandle:
 
     def count_generate(self, prompt_tokens: int) -> None:
         """Count the KV blocks of a prompt routed here with Generate (colocated, or a
-        local prefill on a decode worker) until the next heartbeat reports them, as a
-        Reserve's blocks are counted. Without it the most-free-blocks order does not move
-        between two heartbeats and every request in between goes to one worker."""
+        local prefill on a decode worker) until the next heartbeat, as a Reserve's blocks
+        are counted. Without it the most-free-blocks order does not move between two
+        heartbeats and every request in between goes to one worker. (The heartbeat resets
+        the count; a prompt the worker has not admitted by then is not in its report.)"""
         bs = self.info.kv.block_size
         self.reserved_since_hb += -(-prompt_tokens // bs) if bs else 1
 

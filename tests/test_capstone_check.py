@@ -3,6 +3,7 @@ prediction, the verdict they give, the report's section, and the capstone runnin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -52,8 +53,7 @@ def test_not_monotone_cut_and_bad_input() -> None:
 def test_report_lines_count_the_predictions_within() -> None:
     good = check.run_check(knee(10.0), 10.0, 0.9)
     bad = check.run_check(knee(10.0), 14.0, 0.9)
-    text = "\n".join(check.report_lines([("1P1D", "w", good, {}), ("2both", "w", bad, {})],
-                                         "X"))
+    text = "\n".join(check.report_lines([("1P1D", "w", good), ("2both", "w", bad)], "X"))
     assert "Planner check (out of sample)" in text and "Predicted from X" in text
     assert "1 of 2 predictions within 15%" in text
     lo_rate, lo_att = sorted(bad.runs)[0]
@@ -61,7 +61,7 @@ def test_report_lines_count_the_predictions_within() -> None:
     assert "knife edge" not in text  # knee(10) fails far from the target
     # a miss decided by an attainment near the target says so
     edge = SearchResult(0.0, 0.9, runs=[(8.0, 0.95), (12.0, 0.92)], guess=10.2, check_tol=0.15)
-    text = "\n".join(check.report_lines([("4both", "w", edge, {})], "X"))
+    text = "\n".join(check.report_lines([("4both", "w", edge)], "X"))
     assert "predicted too low: 0.92 at 12 req/s" in text and "1 of these 1 rest on" in text
     assert check.report_lines([], "X") == []
 
@@ -70,28 +70,42 @@ def test_a_verdict_resting_on_a_short_held_run_is_not_decided() -> None:
     """A run the budget cut to a few seconds can hold at a rate the GPUs cannot sustain:
     a verdict that rests on it (the lower run of `within`, the higher one of `too low`)
     is not decided; a failed run decides whatever its length."""
-    low = SearchResult(0.0, 0.9, runs=[(8.7, 1.0), (11.8, 1.0)], guess=10.0, check_tol=0.15)
-    within = SearchResult(0.0, 0.9, runs=[(8.7, 1.0), (11.8, 0.2)], guess=10.0, check_tol=0.15)
-    high = SearchResult(0.0, 0.9, runs=[(8.7, 0.5), (11.8, 0.1)], guess=10.0, check_tol=0.15)
-    short, long_ = check.SHORT_S - 1, check.SHORT_S + 1
-    assert check.judged(low, {8.7: long_, 11.8: short}) == check.SHORT
-    assert check.judged(low, {8.7: short, 11.8: long_}) == LOW  # the higher one decides
-    assert check.judged(within, {8.7: short, 11.8: long_}) == check.SHORT
-    assert check.judged(within, {8.7: long_, 11.8: short}) == WITHIN  # it failed: decides
-    assert check.judged(high, {8.7: short, 11.8: short}) == HIGH
-    assert check.judged(within, {}) == WITHIN  # lengths not recorded
-    text = "\n".join(check.report_lines([("1P1D", "w", low, {8.7: 12.0, 11.8: 4.1})], "X"))
-    assert "0 of 1 predictions within" in text and check.SHORT in text and "| 4.1 |" in text
+    from pdserve.benchmarks.capstone_report import Run
+    from pdserve.benchmarks.capstone_search import SHORT, SHORT_FRAC
+
+    def res(lo: float, hi: float, span_lo: float, span_hi: float) -> SearchResult:
+        return SearchResult(0.0, 0.9, runs=[(8.7, lo), (11.8, hi)], guess=10.0, check_tol=0.15,
+                            run_s=15.0, spans={8.7: span_lo, 11.8: span_hi})
+
+    short, long_ = SHORT_FRAC * 15.0 - 0.1, SHORT_FRAC * 15.0 + 0.1
+    assert res(1.0, 1.0, long_, short).verdict() == SHORT
+    assert res(1.0, 1.0, short, long_).verdict() == LOW  # the higher run decides
+    assert res(1.0, 0.2, short, long_).verdict() == SHORT
+    assert res(1.0, 0.2, long_, short).verdict() == WITHIN  # the short one failed: decides
+    assert res(0.5, 0.1, short, short).verdict() == HIGH
+    assert dataclasses.replace(res(1.0, 0.2, short, long_), run_s=0.0).verdict() == WITHIN
+    assert "not decided" in res(1.0, 1.0, long_, short).describe()  # the run's own line too
+    # spans come from the runs' request counts: requests / rate
+    runs = [Run(8.7, 0, [], {"num_prompts": 87}), Run(11.8, 0, [], {"num_prompts": 59})]
+    assert check.spans(runs) == pytest.approx({8.7: 10.0, 11.8: 5.0})
+    text = "\n".join(check.report_lines([("1P1D", "w", res(1.0, 1.0, 10.0, 5.0))], "X"))
+    assert "0 of 1 predictions within" in text and SHORT in text and "| 5 |" in text
 
 
 def test_a_checks_runs_are_as_long_as_the_predicted_ones() -> None:
-    from pdserve.benchmarks.capstone_budget import MIN_RUN_S
+    import time
+
+    from pdserve.benchmarks.capstone_budget import MIN_RUN_S, RunSizer
+    from pdserve.benchmarks.capstone_search import SHORT_FRAC
     from pdserve.benchmarks.capstone_sweep import run_bounds
 
-    assert run_bounds(20.0, True) == (check.PREDICTED_RUN_S, check.SHORT_S)
-    assert run_bounds(6.0, True) == (6.0, 6.0)  # shorter runs asked for: as asked
+    assert run_bounds(20.0, True) == (check.PREDICTED_RUN_S, SHORT_FRAC * check.PREDICTED_RUN_S)
+    assert run_bounds(6.0, True) == (6.0, MIN_RUN_S)  # shorter runs asked for: as asked
     assert run_bounds(20.0, False) == (20.0, MIN_RUN_S)  # a search: as before
     assert run_bounds(0.0, True) == (0.0, MIN_RUN_S)  # no --run-duration: a request count
+    # a check starts a workload only when both its runs fit
+    sizer = RunSizer(time.monotonic() + 20.0, 2, 2.0, *run_bounds(20.0, True))
+    assert sizer.can_run(1) and not sizer.can_run(2)
 
 
 def test_args_and_source(tmp_path) -> None:

@@ -96,6 +96,22 @@ def test_colocated_only_both_workers(make_cluster):
     assert_no_leaks(c)
 
 
+def test_colocated_requests_between_heartbeats_spread(make_cluster):
+    """Between two heartbeats the coordinator's view of a worker's free blocks is the last
+    one reported less what it routed there since: a Generate's prompt blocks count, so
+    requests spread instead of all going to the worker that looked freest (64 blocks
+    against 60 here, both idle: every request went to the first)."""
+    c = make_cluster(heartbeat_s=5.0)  # no heartbeat after registration during the test
+    big, small = c.add("both", num_blocks=64), c.add("both", num_blocks=60)
+    with Client(c.address, timeout_s=10) as cl:
+        for i in range(8):
+            r = cl.generate(prompt_token_ids=[7] * 40 + [i], max_tokens=2)  # 3 blocks each
+            assert r.token_ids == fake_outputs([7] * 40 + [i], 2)[0]
+    served = [sum(rpc == "Generate" for rpc, _ in w.calls) for w in (big, small)]
+    assert sum(served) == 8 and min(served) >= 3, served
+    assert_no_leaks(c)
+
+
 def test_fifty_concurrent_streams(make_cluster):
     c = make_cluster()
     for role in ("prefill", "prefill", "decode", "decode"):
