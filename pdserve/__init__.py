@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
+# pdserve forks only to exec (its worker and coordinator processes: subprocess with a
+# preexec_fn). With gRPC's fork support on, a child forked while the parent's gRPC is busy
+# restarts gRPC's poller, which fails on a descriptor close_fds has closed and aborts the
+# child before it execs ("epoll_wait error: Bad file descriptor", SIGABRT: 10-14 of 300
+# forks with gRPC 1.85 and an active channel; none without). Read when grpc is imported,
+# so it is set here, before any pdserve module imports grpc; a value already set wins.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "SamplingParams", "Client", "AsyncClient", "EngineConfig", "__version__"]

@@ -6,6 +6,8 @@ import kernels_env  # noqa: F401  (TRITON_INTERPRET=1 without CUDA, before anyth
 import pytest
 import torch
 
+import pdserve  # noqa: F401  (GRPC_ENABLE_FORK_SUPPORT=false before any test module imports grpc)
+
 
 def pytest_collection_modifyitems(config, items):
     have_cuda = torch.cuda.is_available()
