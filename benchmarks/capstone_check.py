@@ -48,6 +48,12 @@ def spans(runs: Sequence) -> dict[float, float]:
             if r.rate > 0 and not math.isinf(r.rate)}
 
 
+def add_run_lengths(search: SearchResult, runs: Sequence, run_duration_s: float) -> None:
+    """Give a check's SearchResult what its verdict weighs held runs by: the length its
+    predictions simulated (`check_run_s`) and each run's `spans`."""
+    search.run_s, search.spans = check_run_s(run_duration_s), spans(runs)
+
+
 def add_argument(group) -> None:
     group.add_argument("--plan-check-from", metavar="RUN",
                        help="check the planner out of sample instead of searching: from "

@@ -24,8 +24,7 @@ import shutil
 import sys
 
 from pdserve.benchmarks import capstone_report as report
-from pdserve.benchmarks.capstone_check import check_run_s
-from pdserve.benchmarks.capstone_check import spans as check_spans
+from pdserve.benchmarks.capstone_check import add_run_lengths
 from pdserve.benchmarks.capstone_metrics import RequestResult, Window
 from pdserve.benchmarks.capstone_records import NAMES as RECORD_NAMES
 from pdserve.benchmarks.capstone_records import read_records, records_path
@@ -123,8 +122,7 @@ def load(run_dir: str) -> tuple[list[report.SetupResult], report.Context, dict, 
                                          float(w.get("search_guess") or 0.0),
                                          float(w.get("check_tol") or 0.0))
                 if wr.search.check_tol:  # the check's run lengths (SearchResult.verdict)
-                    wr.search.run_s = check_run_s(float(search.get("run_duration_s") or 0.0))
-                    wr.search.spans = check_spans(wr.runs)
+                    add_run_lengths(wr.search, wr.runs, float(search.get("run_duration_s") or 0.0))
             s.by_workload[wname] = wr
         setups.append(s)
     return setups, ctx, res.get("workloads", {}), bool(per_req["runs"])

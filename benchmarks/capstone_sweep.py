@@ -17,7 +17,7 @@ import time
 
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks.capstone_budget import MIN_RUN_S, RunSizer, run_size
-from pdserve.benchmarks.capstone_check import CHECK_TOL, check_run_s, run_check, spans
+from pdserve.benchmarks.capstone_check import CHECK_TOL, add_run_lengths, check_run_s, run_check
 from pdserve.benchmarks.capstone_client import run_load
 from pdserve.benchmarks.capstone_metrics import Window, summarize
 from pdserve.benchmarks.capstone_search import SHORT_FRAC, SearchResult, find_max_rate
@@ -140,7 +140,7 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
                 wr.search = SearchResult(0.0, args.target, check_tol=CHECK_TOL)
                 continue
             wr.search = run_check(one, guess, args.target, can_run=sizer.can_run)
-            wr.search.run_s, wr.search.spans = check_run_s(args.run_duration), spans(wr.runs)
+            add_run_lengths(wr.search, wr.runs, args.run_duration)
         else:
             wr.search = find_max_rate(one, args.start_rate, args.target, args.max_runs,
                                       args.rel_tol, can_run=sizer.can_run, guess=guess)

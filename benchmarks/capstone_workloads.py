@@ -238,20 +238,20 @@ def make_requests(workload: Workload, n: int, rate: float, seed: int, vocab: int
     times = arrival_times(n, rate, burstiness, random.Random(seed + 7919))
     hi = max(2, vocab)
     prefix = [rng.randrange(1, hi) for _ in range(workload.prefix_len)]
+    first = salt_token(seed, salt, vocab) if salt else 0
     out = []
     for t in times:
         if pool:
             ids, o = pool[rng.randrange(len(pool))]
             i, o = clip_lengths((len(ids), o), max_model_len)
-            out.append(Request(t, [x % hi for x in ids[:i]], o))
-            continue
-        i, o = clip_lengths(workload.sample(rng), max_model_len)
-        p = min(len(prefix), i)
-        out.append(Request(t, prefix[:p] + [rng.randrange(1, hi) for _ in range(i - p)], o))
-    if salt:
-        first = salt_token(seed, salt, vocab)
-        out = [Request(r.at_s, [first] + r.prompt[1:], r.output_len) if r.prompt else r
-               for r in out]
+            prompt = [x % hi for x in ids[:i]]
+        else:
+            i, o = clip_lengths(workload.sample(rng), max_model_len)
+            p = min(len(prefix), i)
+            prompt = prefix[:p] + [rng.randrange(1, hi) for _ in range(i - p)]
+        if first and prompt:
+            prompt[0] = first
+        out.append(Request(t, prompt, o))
     return out
 
 
