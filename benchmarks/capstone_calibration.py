@@ -56,10 +56,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pdserve.benchmarks.capstone_decode import DECODE_FIT, decode_points, fit_decode, pd_runs
+from pdserve.benchmarks.capstone_decode import (DECODE_FIT, SYNC_FITS, decode_points, fit_decode,
+                                                pd_runs, token1_s)
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_mixed import fit_mixed, steady_colocated_runs
-from pdserve.benchmarks.capstone_relay import fit_relay, saturated_runs
+from pdserve.benchmarks.capstone_relay import fit_relay, saturated_windows
 from pdserve.benchmarks.capstone_steps import fit_prefill_steps, nonneg_lstsq, prefill_steps
 
 FORMAT = "pdserve-calibration/1"
@@ -274,30 +275,44 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
 
 
 def fit_decode_unsaturated(cal: Calibration, run_dir: str, always: bool = True) -> bool:
-    """cal.decode fitted on `run_dir`'s P/D runs but those with the relay saturated (their
-    token times are the relay's: capstone_relay.saturated_runs); `always` False: only then."""
-    sat = saturated_runs(run_dir, cal.max_batch, cal.prefill_token_budget, "P/D") if cal.relay else ()
-    return bool(always or sat) and _fit_decode(cal, pd_runs(run_dir, skip=sat), len(sat))
+    """cal.decode fitted on `run_dir`'s P/D runs but their requests that decoded while the
+    relay was saturated (their token times are the relay's: capstone_relay.saturated_windows);
+    `always` False: only when there are such requests."""
+    sat = (saturated_windows(run_dir, cal.max_batch, cal.prefill_token_budget, "P/D")
+           if cal.relay else {})
+    if not (always or sat):
+        return False
+    runs = pd_runs(run_dir)
+    return _fit_decode(cal, list(runs.values()), [sat.get(k, []) for k in runs])
 
 
 def _fit_decode(cal: Calibration, runs: Sequence[Sequence[RequestResult]],
-                left_out: int = 0) -> bool:
-    """cal.decode fitted on the P/D requests of `runs` (capstone_decode.py; `left_out`: how
-    many P/D runs were left out as relay-saturated); False (cal unchanged) with fewer than
-    3 points."""
-    dec = [p for run in runs for p in decode_points(run) if not math.isnan(p[3])]
+                skips: Sequence[Sequence[tuple[float, float]]] | None = None) -> bool:
+    """cal.decode fitted on the P/D requests of `runs`, the runs weighing the same, but those
+    decoding during one of their run's `skips` intervals (start, end: s; relay-saturated
+    windows; capstone_decode.py); False (cal unchanged) with fewer than 3 points."""
+    skips = skips or [()] * len(runs)
+    dec, ids = [], []
+    for k, (run, skip) in enumerate(zip(runs, skips)):
+        pts = [p for p in decode_points(run, skip) if not math.isnan(p[3])]
+        dec += pts
+        ids += [k] * len(pts)
     if len(dec) < 3:
         return False
-    fitted = fit_decode(dec)
+    left_out = sum(1 for run, skip in zip(runs, skips) if skip for r in run
+                   if r.ok and any(token1_s(r) < hi and r.t_end > lo for lo, hi in skip))
+    fitted = fit_decode(dec, ids)
     cal.meta["decode_max_batch"] = f"{fitted.pop('max_batch'):.1f}"
     cal.meta["decode_fit"] = DECODE_FIT
     cal.decode = fitted
-    cal.source["decode"] = (f"measured ({len(dec)} requests; batches up to "
+    cal.source["decode"] = (f"measured ({len(dec)} requests of {len(set(ids))} runs, each run "
+                            f"weighing the same; batches up to "
                             f"{cal.meta['decode_max_batch']} per decode worker; a step whose "
                             f"batch changed adds {fitted['c_sync']:.3g} ms + "
                             f"{fitted['c_sync_seq']:.3g} ms a sequence"
-                            + (f"; {left_out} P/D run(s) left out: the relay was saturated, "
-                               "so their token times are the relay's" if left_out else "") + ")")
+                            + (f"; {left_out} requests left out: they decoded while the relay "
+                               "was saturated, so their token times are the relay's"
+                               if left_out else "") + ")")
     cal.meta["decode_left_out"] = str(left_out)
     return True
 
@@ -357,7 +372,7 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
         if refit:
             cal.source["decode"] += "; refitted from requests.json.gz" + (
                 " (the file's has no sync part)" if old else "")
-        elif old and not (cal.meta.get("decode_fit") == "token1"
+        elif old and not (cal.meta.get("decode_fit") in ("token1", *SYNC_FITS)
                           or cal.source.get("decode") == "default"):
             _refit_decode(cal, res)
     # the mixed profile is a step's time less the decode step: refitted with a new one

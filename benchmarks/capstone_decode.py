@@ -24,14 +24,28 @@ requests decoding on the same worker (`decode_worker`) over that span and their 
 context, and the share of its steps that were synchronous, estimated from the other
 requests that joined (second token) or left (last token) the worker's batch during the span:
 with n such events over s steps, 1 - exp(-n / s) of the steps (events falling on the same
-step count once). Fitted by least squares with non-negative coefficients on every P/D run
-(the saturated ones identify the per-sequence synchronous part; the steady ones the rest).
+step count once). Fitted by least squares with non-negative coefficients on every P/D run,
+each run weighing the same whatever its number of requests (`fit_decode`'s `runs`).
+
+Why each run weighs the same (session 13): weighted by request, the one overloaded run with
+the most requests (3P1D prefill-heavy at 139 req/s on 4 x H100: 1,750 requests, 36
+sequences of ~1,170 tokens, 17.4 ms a step, nearly every step changed) set the synchronous
+part per sequence to 0.161 ms, and with it the step of a decode-heavy batch of 150 at 30 ms
+(measured: 16 ms). Fitted on one calibration run and checked on the P/D runs of the other
+runs of the same code and host (benchmarks/results, capstone-*-0e81fab and *-f5dfaa6): mean
+|error| of a run's mean step 5.8% and largest 33%, against 16% and 95% by request.
+
+Requests decoding while the relay was saturated (capstone_relay.saturated_windows) are
+left out: the client saw their tokens at the relay's pace, not the worker's. They still
+count in the batch of the others. Until session 13 whole runs were left out, and with them
+the largest batches the run reached before its relay backed up: the fit then extrapolated
+from batches of 55 to 150.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -39,7 +53,8 @@ from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_records import read_records
 from pdserve.benchmarks.capstone_steps import nonneg_lstsq
 
-DECODE_FIT = "token1-sync"  # meta["decode_fit"] of a profile with the synchronous-step part
+DECODE_FIT = "token1-sync-run"  # meta["decode_fit"]: the synchronous part, runs weighed alike
+SYNC_FITS = ("token1-sync", DECODE_FIT)  # fits with the synchronous part (older: by request)
 
 
 def token1_s(r: RequestResult) -> float:
@@ -52,16 +67,18 @@ def token1_s(r: RequestResult) -> float:
     return math.nan
 
 
-def decode_points(results: Sequence[RequestResult]) -> list[tuple[float, float, float, float]]:
+def decode_points(results: Sequence[RequestResult], skip: Sequence[tuple[float, float]] = ()
+                  ) -> list[tuple[float, float, float, float]]:
     """(mean batch, mean total context, share of synchronous steps, ms per decode step) per
     request, from its second token to its last, with the batch counted over requests
-    decoding on the same worker (`decode_worker`) during that span (module docstring)."""
+    decoding on the same worker (`decode_worker`) during that span (module docstring);
+    none for a request whose span overlaps one of the `skip` intervals (start, end: s)."""
     spans = [(token1_s(r), r.t_end, r.prompt_tokens, r.output_tokens,
               r.server.get("decode_worker", "")) for r in results if r.ok and r.output_tokens > 3]
     spans = [s for s in spans if not math.isnan(s[0])]
     out = []
     for a0, a1, _pin, nout, w in spans:
-        if a1 <= a0:
+        if a1 <= a0 or any(a0 < hi and a1 > lo for lo, hi in skip):
             continue
         batch = ctx = 0.0
         events = 0
@@ -79,34 +96,41 @@ def decode_points(results: Sequence[RequestResult]) -> list[tuple[float, float, 
     return out
 
 
-def fit_decode(points: Sequence[tuple[float, float, float, float]]) -> dict[str, float]:
+def fit_decode(points: Sequence[tuple[float, float, float, float]],
+               runs: Sequence[int] | None = None) -> dict[str, float]:
     """The profile's coefficients (c0, c_seq, c_ctx_token, c_sync, c_sync_seq) fitted on
-    `decode_points`; "max_batch": the largest mean batch among them (the profiled range)."""
+    `decode_points`; `runs`: each point's run (an id), the runs weighing the same (None:
+    every point weighs the same); "max_batch": the largest mean batch among them (the
+    profiled range)."""
     if len(points) < 3:
         raise ValueError("need at least 3 decode points")
     x = np.array([[1.0, b, c, f, f * b] for b, c, f, _ in points])
-    c = nonneg_lstsq(x, np.array([p[3] for p in points]))
+    y = np.array([p[3] for p in points])
+    if runs is not None:
+        ids, inverse, counts = np.unique(np.asarray(runs), return_inverse=True,
+                                         return_counts=True)
+        w = 1.0 / np.sqrt(counts[inverse])  # squared: 1 / the run's points, per point
+        x, y = x * w[:, None], y * w
+    c = nonneg_lstsq(x, y)
     return {"c0": c[0], "c_seq": c[1], "c_ctx_token": c[2], "c_sync": c[3],
             "c_sync_seq": c[4], "max_batch": max(p[0] for p in points)}
 
 
-def pd_runs(run_dir: str, res: dict | None = None,
-            skip: Collection[str] = ()) -> list[list[RequestResult]]:
+def pd_runs(run_dir: str) -> dict[str, list[RequestResult]]:
     """The P/D runs (xPyD setups, not conditional ones: their decode workers prefill too)
-    of a run directory's requests.json.gz, every rate, but the runs keyed in `skip`; []
-    without per-request data."""
+    of a run directory's requests.json.gz, every rate, by run key; {} without per-request
+    data."""
     from pdserve.benchmarks.planner_setups import parse_setup
 
     doc = read_records(run_dir)
     if doc is None:
-        return []
-    per_run = doc.get("runs", {})
-    out = []
-    for key, rows in per_run.items():
+        return {}
+    out = {}
+    for key, rows in doc.get("runs", {}).items():
         try:
             kind = parse_setup(key.split("|")[0]).kind
         except ValueError:
             continue
-        if kind == "P/D" and key not in skip:
-            out.append([RequestResult.from_json(x) for x in rows])
+        if kind == "P/D":
+            out[key] = [RequestResult.from_json(x) for x in rows]
     return out

@@ -140,7 +140,7 @@ def _run_windows(run_dir: str, max_batch: int, budget: int = 8192) -> tuple:
     """(run key, its setup, its requests, its saturated windows) of every run in
     `run_dir`'s requests.json.gz: no windows for a run without heartbeats or of an unknown
     setup (None). Read once per file version: the relay fit and the decode fit's
-    `saturated_runs` both ask."""
+    `saturated_windows` both ask."""
     path = records_path(run_dir)
     if path is None:
         return ()
@@ -178,13 +178,15 @@ def relay_points(run_dir: str, max_batch: int, budget: int = 8192
     return pts, runs, peak
 
 
-def saturated_runs(run_dir: str, max_batch: int, budget: int = 8192,
-                   kind: str | None = None) -> set[str]:
-    """The keys (requests.json.gz "runs") of the runs (of setups of `kind`, None: any) with
-    a saturated window. Their token times measure the relay, not the decode step: the
-    decode profile leaves the P/D ones out (capstone_calibration.fit_decode_unsaturated)."""
-    return {key for key, setup, _, w in _run_windows(run_dir, max_batch, budget)
-            if w and (kind is None or setup.kind == kind)}
+def saturated_windows(run_dir: str, max_batch: int, budget: int = 8192,
+                      kind: str | None = None) -> dict[str, list[tuple[float, float]]]:
+    """(start, end) in s of each saturated window, by run key (requests.json.gz "runs"), of
+    the runs (of setups of `kind`, None: any) that have one. The token times of requests
+    decoding then measure the relay, not the decode step: the decode profile leaves them
+    out (capstone_calibration.fit_decode_unsaturated)."""
+    return {key: [(w[0], w[0] + WINDOW_S) for w in wins]
+            for key, setup, _, wins in _run_windows(run_dir, max_batch, budget)
+            if wins and (kind is None or setup.kind == kind)}
 
 
 def fit_relay(cal, run_dir: str) -> bool:

@@ -71,6 +71,19 @@ def test_fit_decode_separates_the_sync_part_from_the_batch() -> None:
     assert line[0] + line[1] * 60 > 6.0 + 0.02 * 60 + 0.1 * (2.5 + 0.04 * 60)
 
 
+def test_fit_decode_weighs_each_run_the_same() -> None:
+    # two runs at the same batch disagree (10 ms and 20 ms a step); the run with 100x the
+    # requests must not outweigh the other
+    pts = [(10.0, 1000.0, 0.5, 10.0)] * 1000 + [(10.0, 1000.0, 0.5, 20.0)] * 10
+    ids = [0] * 1000 + [1] * 10
+
+    def step(fit: dict) -> float:
+        return (fit["c0"] + fit["c_seq"] * 10 + fit["c_ctx_token"] * 1000
+                + 0.5 * (fit["c_sync"] + fit["c_sync_seq"] * 10))
+    assert step(dec.fit_decode(pts)) == pytest.approx(10.1, abs=0.01)
+    assert step(dec.fit_decode(pts, ids)) == pytest.approx(15.0, abs=0.01)
+
+
 def test_the_simulator_charges_the_sync_part_only_when_the_batch_changed() -> None:
     c, base = cal(DECODE), cal({k: v for k, v in DECODE.items() if "sync" not in k})
     r = simulate(c, 1, 1, 0, [0.0], [(16, 11)])[0]

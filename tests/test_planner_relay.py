@@ -19,7 +19,7 @@ from pdserve.benchmarks.capstone_relay import (
     fit_relay,
     fit_relay_points,
     relay_windows,
-    saturated_runs,
+    saturated_windows,
     token_peak,
 )
 from pdserve.benchmarks.planner_batching import Loop
@@ -161,19 +161,23 @@ def _steady_run() -> list[RequestResult]:
                           target_tokens=50) for i in range(20)]
 
 
-def test_the_decode_fit_leaves_out_the_runs_that_saturated_the_relay(tmp_path) -> None:
+def test_the_decode_fit_leaves_out_the_requests_that_decoded_in_saturated_windows(tmp_path
+                                                                                  ) -> None:
     sat, steady = "1P1D|decode-heavy|100.0|0", "1P1D|decode-heavy|10.0|0"
     doc = {"runs": {sat: [r.to_json() for r in _saturated_run()],
                     steady: [r.to_json() for r in _steady_run()]},
            "heartbeats": {sat: _beats(running=20), steady: _beats(running=20)}}
     with gzip.open(tmp_path / "requests.json.gz", "wt") as f:
         json.dump(doc, f)
-    assert saturated_runs(str(tmp_path), 256, kind="P/D") == {sat}
-    assert saturated_runs(str(tmp_path), 256, kind="colocated") == set()
+    windows = saturated_windows(str(tmp_path), 256, kind="P/D")
+    assert set(windows) == {sat} and all(hi - lo == 1.0 for lo, hi in windows[sat])
+    assert saturated_windows(str(tmp_path), 256, kind="colocated") == {}
     cal = calib.Calibration()
     cal.relay = dict(PROFILE)
     assert calib.fit_decode_unsaturated(cal, str(tmp_path), always=False)
-    assert cal.meta["decode_left_out"] == "1" and "1 P/D run(s) left out" in cal.source["decode"]
+    # every admitted request of the saturated run (token 0 before 10 s: 200) decoded in a
+    # saturated window
+    assert cal.meta["decode_left_out"] == "200" and "200 requests left out" in cal.source["decode"]
     for sync in (False, True):  # the steady run's step
         assert cal.decode_step_ms(28, 3000, sync) == pytest.approx(8.0, abs=0.5)
     every = calib.Calibration()  # no relay profile: nothing is left out, the 10 ms steps count
@@ -181,6 +185,25 @@ def test_the_decode_fit_leaves_out_the_runs_that_saturated_the_relay(tmp_path) -
     assert calib.fit_decode_unsaturated(every, str(tmp_path))
     assert every.meta["decode_left_out"] == "0"
     assert every.decode_step_ms(28, 3000) > 9.5  # the saturated run: 10 ms at its batch
+
+
+def test_the_decode_fit_keeps_a_run_s_requests_outside_its_saturated_windows() -> None:
+    """A run whose relay backs up late: its requests before the window (8 ms a step) count,
+    those decoding in it (their tokens 20 ms apart at the client) do not."""
+    def req(t0: float, step_ms: float) -> RequestResult:
+        return RequestResult(t0, 32, [(t0 + 0.01 + step_ms / 1e3 * k, 1) for k in range(40)],
+                             target_tokens=40)
+    early = [req(0.05 * i, 8.0) for i in range(40)]  # done by 2.3 s
+    late = [req(3.0 + 0.05 * i, 20.0) for i in range(40)]
+    cal = calib.Calibration()
+    assert calib._fit_decode(cal, [early + late], [[(3.0, 4.0), (4.0, 5.0)]])
+    assert cal.meta["decode_left_out"] == "40"
+    assert cal.decode_step_ms(4, 300) == pytest.approx(8.0, abs=0.5)
+    kept_all = calib.Calibration()
+    assert calib._fit_decode(kept_all, [early + late])
+    late_batch = float(kept_all.meta["decode_max_batch"])  # the late requests' batch
+    assert late_batch > 12 > float(cal.meta["decode_max_batch"])
+    assert kept_all.decode_step_ms(late_batch, late_batch * 52) > 15.0
 
 
 def test_relay_works_at_the_host_costs_until_a_backlog_builds() -> None:
