@@ -56,8 +56,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pdserve.benchmarks.capstone_decode import (DECODE_FIT, SYNC_FITS, decode_points, fit_decode,
-                                                pd_runs, token1_s)
+from pdserve.benchmarks.capstone_decode import (
+    DECODE_FIT,
+    SYNC_FITS,
+    decode_points,
+    fit_decode,
+    pd_runs,
+    token1_s,
+)
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_mixed import fit_mixed, steady_colocated_runs
 from pdserve.benchmarks.capstone_relay import fit_relay, saturated_windows
