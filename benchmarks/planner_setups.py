@@ -79,16 +79,19 @@ class KVPush:
     the workers did before 9df90d7 (every committed capstone run: one host, copies during
     the forward); `current()` is what the installed engine does by default.
 
-    `counts_generate` is the coordinator's, not the push's, recorded and replayed with it:
-    whether a Generate (a colocated request, or a local prefill) counts its prompt's blocks
-    against its worker until the next heartbeat, as a Reserve does (coordinator/registry.py
-    `count_generate`, since session 12); before, every request between two heartbeats
-    went to the worker that looked freest at the last one."""
+    `counts_generate` and `counts_release` are the coordinator's, not the push's, recorded
+    and replayed with it: whether a Generate (a colocated request, or a local prefill)
+    counts its prompt's blocks against its worker until the next heartbeat, as a Reserve
+    does (coordinator/registry.py `count_generate`, since session 12; before, every request
+    between two heartbeats went to the worker that looked freest at the last one), and
+    whether a request that ended gives its blocks back to its worker's count until then
+    (`release`, since session 13; before, the routing depended on the heartbeats' phases)."""
 
     layerwise_min_tokens: int = LAYERWISE_MIN_TOKENS
     peer_copy: bool = True
     during_forward: bool = True
     counts_generate: bool = False
+    counts_release: bool = False
 
     def layerwise(self, tokens: int) -> bool:
         """Whether a step of `tokens` prompt tokens starts its push with the forward."""
@@ -108,18 +111,20 @@ class KVPush:
         return {"layerwise_min_tokens": str(self.layerwise_min_tokens),
                 "peer_copy": str(int(self.peer_copy)),
                 "peer_copy_during_forward": str(int(self.during_forward)),
-                "counts_generate": str(int(self.counts_generate))}
+                "counts_generate": str(int(self.counts_generate)),
+                "counts_release": str(int(self.counts_release))}
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, str]) -> KVPush:
         """What a run recorded; a field it lacks (every run before branch plan6, or before
-        session 12 for counts_generate) is the old behaviour: one host, peer copies during
-        the forward, Generates not counted."""
+        session 12 for counts_generate, 13 for counts_release) is the old behaviour: one
+        host, peer copies during the forward, Generates and ends not counted."""
         old = cls()
         return cls(int(meta.get("layerwise_min_tokens", old.layerwise_min_tokens)),
                    str(meta.get("peer_copy", "1")) == "1",
                    str(meta.get("peer_copy_during_forward", "1")) == "1",
-                   str(meta.get("counts_generate", "0")) == "1")
+                   str(meta.get("counts_generate", "0")) == "1",
+                   str(meta.get("counts_release", "0")) == "1")
 
     @classmethod
     def current(cls, worker_args: Sequence[str] = (), one_host: bool = True) -> KVPush:
@@ -139,4 +144,4 @@ class KVPush:
         layerwise = d.layerwise and not a.no_layerwise
         return cls(a.layerwise_min_tokens if layerwise else 0,
                    one_host and d.peer_copy and not a.no_peer_copy,
-                   d.peer_copy_during_forward or a.peer_copy_during_forward, True)
+                   d.peer_copy_during_forward or a.peer_copy_during_forward, True, True)

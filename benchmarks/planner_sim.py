@@ -40,11 +40,11 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
   mixed profile, capstone_mixed.py), a step without decodes prefill_ms; prefill stalls
   decode: the interference that disaggregation removes. Requests go to the worker with the most
   free KV blocks, as for decode, a routed prompt counted until the next heartbeat with
-  `push.counts_generate` (the coordinator since session 12); without (every run before)
-  its view does not change between two heartbeats and every request goes to one worker
-  (on 2 x H200, runs of 30-50 at 41 req/s; a local prefill alike). Heartbeats come every HEARTBEAT_S, the workers' phases evenly spread, or at
-  the times given (`heartbeats`: a run's recorded ones, benchmarks/capstone_heartbeats.py),
-  then every HEARTBEAT_S after the last given one.
+  `push.counts_generate` (the coordinator since session 12; before, every request between
+  two heartbeats went to one worker), an ended request's blocks given back until then with
+  `push.counts_release` (since session 13). Heartbeats come every HEARTBEAT_S, the
+  workers' phases evenly spread, or at the times given (`heartbeats`: a run's recorded
+  ones, benchmarks/capstone_heartbeats.py), then every HEARTBEAT_S after the last one.
 - conditional (`xPyD-condT`, the coordinator's --pd-threshold-tokens T): a prompt under T
   tokens goes straight to the decode worker the coordinator picks, which prefills it in
   its own steps as a colocated worker does (no prefill worker, no transfer); the rest
@@ -90,8 +90,9 @@ class _Decoder:
 
     def __init__(self, loop: Loop, cal: Calibration, colocated: bool, name: str = "",
                  caches: PrefixCaches | None = None, landed_fifo: bool = False,
-                 relay: Relay | None = None) -> None:
+                 relay: Relay | None = None, releases: bool = False) -> None:
         self.loop, self.cal, self.colocated, self.relay = loop, cal, colocated, relay
+        self.releases = releases  # an ended request's tokens leave since_hb (counts_release)
         self.name, self.caches, self.landed_fifo = name, caches, landed_fifo
         self.on_take = caches.admit(name) if caches is not None else None  # prefix lookups
         self.running: list[SimReq] = []  # decoding, one token per step
@@ -105,7 +106,7 @@ class _Decoder:
         self.recv_free_s = 0.0  # when its receiver is free for the next transfer
         self.batch_time = [0.0, 0.0]  # sum of decode batch x step time, sum of step time
         self.hb_held = self.hb_seqs = 0  # KV tokens held and sequences at the last heartbeat
-        self.since_hb = 0  # KV tokens reserved here since that heartbeat
+        self.since_hb = 0  # KV tokens reserved here since that heartbeat, less those released
         self.inflight = self.routed = 0  # requests routed here not finished / ever
 
     def heartbeat(self) -> None:
@@ -133,6 +134,12 @@ class _Decoder:
         r.worker = self.name
         if reserve:
             self.since_hb += r.prompt + 1
+
+    def finish(self, r: SimReq, t: float) -> None:
+        """`r` ended here at `t` (with `releases`, the coordinator counts its tokens free)."""
+        r.end = t
+        self.inflight -= 1
+        self.since_hb -= (r.prompt + r.generated) if self.releases else 0
 
     def add(self, r: SimReq) -> None:
         prefills = self.colocated or r.local
@@ -188,8 +195,7 @@ class _Decoder:
             r.generated += 1
             r.last = t
             if r.generated >= r.output:
-                r.end = t
-                self.inflight -= 1
+                self.finish(r, t)
             else:
                 still.append(r)
         self.changed = len(still) < len(self.running) or bool(chunks)
@@ -205,8 +211,7 @@ class _Decoder:
                 self.caches.add(self.name, r.key, r.prompt)
             r.first, r.last, r.generated, r.made = t, t, 1, made  # this step made token 0
             if r.output <= 1:
-                r.end = t
-                self.inflight -= 1
+                self.finish(r, t)
             else:
                 self.running.append(r)
         self._step(admit=not (ahead and self.waiting))  # a prompt came: launches_ahead
@@ -288,8 +293,7 @@ class _Prefiller:
             dec = r.dec
             assert dec is not None
             if r.output <= 1:
-                r.end = seen
-                dec.inflight -= 1
+                dec.finish(r, seen)
                 dec.reserved.remove(r)
                 self.inflight_tokens -= r.prompt
                 continue
@@ -335,10 +339,9 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
     for r, k in zip(reqs, keys or ()):
         r.key = k
     pres: list[_Prefiller] = []
+    decs = [_Decoder(loop, cal, bool(both), f"{'both' if both else 'decode'}-{j}", caches,
+                     landed_fifo, relay, push.counts_release) for j in range(both or decode)]
     if both:
-        decs = [_Decoder(loop, cal, True, f"both-{j}", caches, landed_fifo, relay)
-                for j in range(both)]
-
         def place(r: SimReq) -> None:
             dec = min(decs, key=_Decoder.route_key)
             dec.route(r, reserve=push.counts_generate)
@@ -346,8 +349,6 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
         for r in reqs:
             loop.at(r.arrival, on_arrival(relay, True, lambda r=r: place(r)))
     else:
-        decs = [_Decoder(loop, cal, False, f"decode-{j}", caches, landed_fifo, relay)
-                for j in range(decode)]
         pres = [_Prefiller(loop, cal, f"prefill-{j}", caches, push, relay)
                 for j in range(prefill)]
 

@@ -273,6 +273,7 @@ class Dispatcher:
             done = await self.stream(st, w, "decode" if local else "colocated", call)
         finally:
             w.inflight -= 1
+            w.release(len(st.prompt) + len(st.output))
             if not done:
                 call.cancel()
                 self.abort_later([(w, wid)])

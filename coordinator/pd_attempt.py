@@ -73,6 +73,7 @@ class PdAttempt:
                 self._prefill_over(p)
             if self.decoding is not None:
                 self.decoding.inflight -= 1
+                self.decoding.release(len(self.st.prompt) + len(self.st.output))
             for task in self.tasks:
                 if not task.done():
                     task.cancel()

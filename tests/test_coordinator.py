@@ -102,13 +102,36 @@ def test_colocated_requests_between_heartbeats_spread(make_cluster):
     requests spread instead of all going to the worker that looked freest (64 blocks
     against 60 here, both idle: every request went to the first)."""
     c = make_cluster(heartbeat_s=5.0)  # no heartbeat after registration during the test
+    slow = Knobs(chunk_tokens=1, chunk_delay_s=0.05)  # every stream open while all route
+    big, small = c.add("both", num_blocks=64, knobs=slow), c.add("both", num_blocks=60, knobs=slow)
+    prompts = [[7] * 40 + [i] for i in range(8)]  # 3 blocks each
+
+    async def main():
+        async with AsyncClient(c.address, timeout_s=20) as cl:
+            async def one(p):
+                return [t async for ch in cl.stream(prompt_token_ids=p, max_tokens=8)
+                        for t in ch.token_ids]
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+    assert asyncio.run(main()) == [fake_outputs(p, 8)[0] for p in prompts]
+    served = [sum(rpc == "Generate" for rpc, _ in w.calls) for w in (big, small)]
+    assert sum(served) == 8 and min(served) >= 3, served
+    assert_no_leaks(c)
+
+
+def test_requests_that_ended_between_heartbeats_free_their_worker(make_cluster):
+    """A request that ended gives its blocks back to the coordinator's count until the
+    next heartbeat: one after another, every request finds the larger worker (64 blocks
+    against 60) as free as at its heartbeat. Before, the ended requests' blocks stayed
+    counted, and from the third request on the two workers took turns."""
+    c = make_cluster(heartbeat_s=5.0)  # no heartbeat after registration during the test
     big, small = c.add("both", num_blocks=64), c.add("both", num_blocks=60)
     with Client(c.address, timeout_s=10) as cl:
         for i in range(8):
             r = cl.generate(prompt_token_ids=[7] * 40 + [i], max_tokens=2)  # 3 blocks each
             assert r.token_ids == fake_outputs([7] * 40 + [i], 2)[0]
     served = [sum(rpc == "Generate" for rpc, _ in w.calls) for w in (big, small)]
-    assert sum(served) == 8 and min(served) >= 3, served
+    assert served == [8, 0], served
     assert_no_leaks(c)
 
 

@@ -219,6 +219,26 @@ def test_generates_between_heartbeats_spread_over_workers():
         assert [w.routed for w in ws] == [picks.count("w1"), picks.count("w2")]
 
 
+def test_a_request_that_ended_gives_its_blocks_back_until_the_next_heartbeat():
+    """`release` takes an ended request's blocks (prompt and output) off the count since
+    the heartbeat: the worker it ended on is the freest again for the next pick."""
+    from pdserve.coordinator.flows import Dispatcher
+    from pdserve.coordinator.registry import Registry
+
+    disp = Dispatcher(Registry(), make_policy("least_loaded"), max_queue=8)
+    ws = [_handle("w1", pb.ROLE_BOTH, free=1000), _handle("w2", pb.ROLE_BOTH, free=1000)]
+    for w in ws:
+        w.info.kv.block_size = 16
+    picks = [disp.pick_generate(ws, [7] * 65, local=False) for _ in range(4)]  # 5 blocks each
+    assert [w.reserved_since_hb for w in ws] == [10, 10]
+    for w in picks:
+        if w.worker_id == "w1":
+            w.release(65 + 30)  # ended after 30 tokens: 6 blocks
+    assert [w.reserved_since_hb for w in ws] == [-2, 10]
+    assert [disp.pick_generate(ws, [7] * 65, local=False).worker_id for _ in range(3)] == \
+        ["w1"] * 3
+
+
 class _Bytes:
     def encode(self, text):
         return list(text.encode())
