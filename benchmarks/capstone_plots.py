@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from pdserve.benchmarks.capstone_metrics import Window, cdf, meets
 from pdserve.benchmarks.capstone_report import SetupResult, WorkloadRuns
+from pdserve.benchmarks.plotting import save_png
 
 
 def _plt():
@@ -23,7 +24,7 @@ def _plt():
 def _save(fig, path: str) -> str:
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
+    save_png(fig, path)
     _plt().close(fig)
     return path
 

@@ -246,7 +246,7 @@ def _plot(path: str, bars: dict[str, tuple[dict[str, float], float]], meta: dict
     handles = {h.get_label(): h for ax in axes[:, 0] for h in ax.get_legend_handles_labels()[0]}
     fig.legend(handles.values(), handles.keys(), fontsize=8, loc="center right")
     fig.tight_layout(rect=(0, 0, 0.84, 1))
-    fig.savefig(path)
+    plotting.save_png(fig, path)
     plt.close(fig)
     return path
 

@@ -323,7 +323,7 @@ def plot(path: str, rows: list[dict], title: str) -> str | None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
+    plotting.save_png(fig, path)
     plt.close(fig)
     return path
 

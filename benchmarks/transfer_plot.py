@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from pdserve.benchmarks.plotting import save_png
 from pdserve.benchmarks.transfer_fit import LineFit
 
 TARGETS = (0.9, 0.8)  # the ratio raw / pdserve a whole-request transfer should reach
@@ -58,6 +59,6 @@ def plot_transfer(path: str, rows: Sequence[dict[str, Any]], fit: LineFit, raw_f
     bot.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
+    save_png(fig, path)
     plt.close(fig)
     return path
