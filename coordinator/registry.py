@@ -80,7 +80,10 @@ class WorkerHandle:
         after its last heartbeat looks as full as then, and the routing depends on when the
         workers' heartbeats come: in the simulator, 2both prefill-heavy at 25.5 req/s
         (2 x H100 profiles) held 0.99 of its SLOs with the heartbeats in phase and 0.79
-        with them half a period apart; with the release, 0.98 and 0.99."""
+        with them half a period apart; with the release, 0.98 and 0.99. (The blocks a
+        request grows into while it decodes are not counted as it grows: until the next
+        heartbeat, a worker looks freer by the output blocks of the requests that ended
+        there, as the simulator models it.)"""
         bs = self.info.kv.block_size
         self.reserved_since_hb -= -(-tokens // bs) if bs else 1
 
