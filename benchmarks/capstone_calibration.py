@@ -59,14 +59,12 @@ import numpy as np
 from pdserve.benchmarks.capstone_decode import (
     DECODE_FIT,
     SYNC_FITS,
-    decode_points,
-    fit_decode,
-    pd_runs,
-    token1_s,
+    fit_decode_unsaturated,
+    fit_runs,
 )
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_mixed import fit_mixed, steady_colocated_runs
-from pdserve.benchmarks.capstone_relay import fit_relay, saturated_windows
+from pdserve.benchmarks.capstone_relay import fit_relay
 from pdserve.benchmarks.capstone_steps import fit_prefill_steps, nonneg_lstsq, prefill_steps
 
 FORMAT = "pdserve-calibration/1"
@@ -275,52 +273,9 @@ def fit(runs: Sequence[Sequence[RequestResult]], meta: dict[str, str] | None = N
         cal.source["transfer"] = (f"measured ({len(xfer)} requests"
                                   + (", queueing included)" if queued else
                                      " whose transfer overlapped no other)"))
-    _fit_decode(cal, runs if decode_runs is None else decode_runs)
+    fit_runs(cal, runs if decode_runs is None else decode_runs)
     fit_mixed(cal, mixed_runs)
     return cal
-
-
-def fit_decode_unsaturated(cal: Calibration, run_dir: str, always: bool = True) -> bool:
-    """cal.decode fitted on `run_dir`'s P/D runs but their requests that decoded while the
-    relay was saturated (their token times are the relay's: capstone_relay.saturated_windows);
-    `always` False: only when there are such requests."""
-    sat = (saturated_windows(run_dir, cal.max_batch, cal.prefill_token_budget, "P/D")
-           if cal.relay else {})
-    if not (always or sat):
-        return False
-    runs = pd_runs(run_dir)
-    return _fit_decode(cal, list(runs.values()), [sat.get(k, []) for k in runs])
-
-
-def _fit_decode(cal: Calibration, runs: Sequence[Sequence[RequestResult]],
-                skips: Sequence[Sequence[tuple[float, float]]] | None = None) -> bool:
-    """cal.decode fitted on the P/D requests of `runs`, the runs weighing the same, but those
-    decoding during one of their run's `skips` intervals (start, end: s; relay-saturated
-    windows; capstone_decode.py); False (cal unchanged) with fewer than 3 points."""
-    skips = skips or [()] * len(runs)
-    dec, ids = [], []
-    for k, (run, skip) in enumerate(zip(runs, skips)):
-        pts = [p for p in decode_points(run, skip) if not math.isnan(p[3])]
-        dec += pts
-        ids += [k] * len(pts)
-    if len(dec) < 3:
-        return False
-    left_out = sum(1 for run, skip in zip(runs, skips) if skip for r in run
-                   if r.ok and any(token1_s(r) < hi and r.t_end > lo for lo, hi in skip))
-    fitted = fit_decode(dec, ids)
-    cal.meta["decode_max_batch"] = f"{fitted.pop('max_batch'):.1f}"
-    cal.meta["decode_fit"] = DECODE_FIT
-    cal.decode = fitted
-    cal.source["decode"] = (f"measured ({len(dec)} requests of {len(set(ids))} runs, each run "
-                            f"weighing the same; batches up to "
-                            f"{cal.meta['decode_max_batch']} per decode worker; a step whose "
-                            f"batch changed adds {fitted['c_sync']:.3g} ms + "
-                            f"{fitted['c_sync_seq']:.3g} ms a sequence"
-                            + (f"; {left_out} requests left out: they decoded while the relay "
-                               "was saturated, so their token times are the relay's"
-                               if left_out else "") + ")")
-    cal.meta["decode_left_out"] = str(left_out)
-    return True
 
 
 def samples(runs: Sequence[Sequence[RequestResult]]) -> dict[str, list[list[float]]]:

@@ -51,6 +51,7 @@ import numpy as np
 
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_records import read_records
+from pdserve.benchmarks.capstone_relay import saturated_windows
 from pdserve.benchmarks.capstone_steps import nonneg_lstsq
 
 DECODE_FIT = "token1-sync-run"  # meta["decode_fit"]: the synchronous part, runs weighed alike
@@ -134,3 +135,47 @@ def pd_runs(run_dir: str) -> dict[str, list[RequestResult]]:
         if kind == "P/D":
             out[key] = [RequestResult.from_json(x) for x in rows]
     return out
+
+
+def fit_decode_unsaturated(cal, run_dir: str, always: bool = True) -> bool:
+    """cal.decode fitted on `run_dir`'s P/D runs but their requests that decoded while the
+    relay was saturated (their token times are the relay's: capstone_relay.saturated_windows);
+    `always` False: only when there are such requests."""
+    sat = (saturated_windows(run_dir, cal.max_batch, cal.prefill_token_budget, "P/D")
+           if cal.relay else {})
+    if not (always or sat):
+        return False
+    runs = pd_runs(run_dir)
+    return fit_runs(cal, list(runs.values()), [sat.get(k, []) for k in runs])
+
+
+def fit_runs(cal, runs: Sequence[Sequence[RequestResult]],
+                skips: Sequence[Sequence[tuple[float, float]]] | None = None) -> bool:
+    """cal.decode (a capstone_calibration.Calibration) fitted on the P/D requests of `runs`,
+    the runs weighing the same, but those
+    decoding during one of their run's `skips` intervals (start, end: s; relay-saturated
+    windows; capstone_decode.py); False (cal unchanged) with fewer than 3 points."""
+    skips = skips or [()] * len(runs)
+    dec, ids = [], []
+    for k, (run, skip) in enumerate(zip(runs, skips)):
+        pts = [p for p in decode_points(run, skip) if not math.isnan(p[3])]
+        dec += pts
+        ids += [k] * len(pts)
+    if len(dec) < 3:
+        return False
+    left_out = sum(1 for run, skip in zip(runs, skips) if skip for r in run
+                   if r.ok and any(token1_s(r) < hi and r.t_end > lo for lo, hi in skip))
+    fitted = fit_decode(dec, ids)
+    cal.meta["decode_max_batch"] = f"{fitted.pop('max_batch'):.1f}"
+    cal.meta["decode_fit"] = DECODE_FIT
+    cal.decode = fitted
+    cal.source["decode"] = (f"measured ({len(dec)} requests of {len(set(ids))} runs, each run "
+                            f"weighing the same; batches up to "
+                            f"{cal.meta['decode_max_batch']} per decode worker; a step whose "
+                            f"batch changed adds {fitted['c_sync']:.3g} ms + "
+                            f"{fitted['c_sync_seq']:.3g} ms a sequence"
+                            + (f"; {left_out} requests left out: they decoded while the relay "
+                               "was saturated, so their token times are the relay's"
+                               if left_out else "") + ")")
+    cal.meta["decode_left_out"] = str(left_out)
+    return True

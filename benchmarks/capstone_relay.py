@@ -183,7 +183,7 @@ def saturated_windows(run_dir: str, max_batch: int, budget: int = 8192,
     """(start, end) in s of each saturated window, by run key (requests.json.gz "runs"), of
     the runs (of setups of `kind`, None: any) that have one. The token times of requests
     decoding then measure the relay, not the decode step: the decode profile leaves them
-    out (capstone_calibration.fit_decode_unsaturated)."""
+    out (capstone_decode.fit_decode_unsaturated)."""
     return {key: [(w[0], w[0] + WINDOW_S) for w in wins]
             for key, setup, _, wins in _run_windows(run_dir, max_batch, budget)
             if wins and (kind is None or setup.kind == kind)}

@@ -14,6 +14,7 @@ import pytest
 from test_planner_push import CAL
 
 from pdserve.benchmarks import capstone_calibration as calib
+from pdserve.benchmarks import capstone_decode as dec
 from pdserve.benchmarks.capstone_metrics import RequestResult
 from pdserve.benchmarks.capstone_relay import (
     fit_relay,
@@ -196,11 +197,11 @@ def test_the_decode_fit_keeps_a_run_s_requests_outside_its_saturated_windows() -
     early = [req(0.05 * i, 8.0) for i in range(40)]  # done by 2.3 s
     late = [req(3.0 + 0.05 * i, 20.0) for i in range(40)]
     cal = calib.Calibration()
-    assert calib._fit_decode(cal, [early + late], [[(3.0, 4.0), (4.0, 5.0)]])
+    assert dec.fit_runs(cal, [early + late], [[(3.0, 4.0), (4.0, 5.0)]])
     assert cal.meta["decode_left_out"] == "40"
     assert cal.decode_step_ms(4, 300) == pytest.approx(8.0, abs=0.5)
     kept_all = calib.Calibration()
-    assert calib._fit_decode(kept_all, [early + late])
+    assert dec.fit_runs(kept_all, [early + late])
     late_batch = float(kept_all.meta["decode_max_batch"])  # the late requests' batch
     assert late_batch > 12 > float(cal.meta["decode_max_batch"])
     assert kept_all.decode_step_ms(late_batch, late_batch * 52) > 15.0
