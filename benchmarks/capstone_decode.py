@@ -79,7 +79,7 @@ def decode_points(results: Sequence[RequestResult], skip: Sequence[tuple[float, 
     spans = [s for s in spans if not math.isnan(s[0])]
     out = []
     for a0, a1, _pin, nout, w in spans:
-        if a1 <= a0 or any(a0 < hi and a1 > lo for lo, hi in skip):
+        if a1 <= a0 or overlaps(a0, a1, skip):
             continue
         batch = ctx = 0.0
         events = 0
@@ -97,6 +97,11 @@ def decode_points(results: Sequence[RequestResult], skip: Sequence[tuple[float, 
     return out
 
 
+def overlaps(a0: float, a1: float, intervals: Sequence[tuple[float, float]]) -> bool:
+    """Whether [a0, a1] overlaps one of `intervals` ((start, end), s)."""
+    return any(a0 < hi and a1 > lo for lo, hi in intervals)
+
+
 def fit_decode(points: Sequence[tuple[float, float, float, float]],
                runs: Sequence[int] | None = None) -> dict[str, float]:
     """The profile's coefficients (c0, c_seq, c_ctx_token, c_sync, c_sync_seq) fitted on
@@ -108,7 +113,7 @@ def fit_decode(points: Sequence[tuple[float, float, float, float]],
     x = np.array([[1.0, b, c, f, f * b] for b, c, f, _ in points])
     y = np.array([p[3] for p in points])
     if runs is not None:
-        ids, inverse, counts = np.unique(np.asarray(runs), return_inverse=True,
+        _, inverse, counts = np.unique(np.asarray(runs), return_inverse=True,
                                          return_counts=True)
         w = 1.0 / np.sqrt(counts[inverse])  # squared: 1 / the run's points, per point
         x, y = x * w[:, None], y * w
@@ -150,11 +155,11 @@ def fit_decode_unsaturated(cal, run_dir: str, always: bool = True) -> bool:
 
 
 def fit_runs(cal, runs: Sequence[Sequence[RequestResult]],
-                skips: Sequence[Sequence[tuple[float, float]]] | None = None) -> bool:
+             skips: Sequence[Sequence[tuple[float, float]]] | None = None) -> bool:
     """cal.decode (a capstone_calibration.Calibration) fitted on the P/D requests of `runs`,
-    the runs weighing the same, but those
-    decoding during one of their run's `skips` intervals (start, end: s; relay-saturated
-    windows; capstone_decode.py); False (cal unchanged) with fewer than 3 points."""
+    the runs weighing the same, but those decoding during one of their run's `skips`
+    intervals (start, end: s; relay-saturated windows); False (cal unchanged) with fewer
+    than 3 points."""
     skips = skips or [()] * len(runs)
     dec, ids = [], []
     for k, (run, skip) in enumerate(zip(runs, skips)):
@@ -164,7 +169,7 @@ def fit_runs(cal, runs: Sequence[Sequence[RequestResult]],
     if len(dec) < 3:
         return False
     left_out = sum(1 for run, skip in zip(runs, skips) if skip for r in run
-                   if r.ok and any(token1_s(r) < hi and r.t_end > lo for lo, hi in skip))
+                   if r.ok and overlaps(token1_s(r), r.t_end, skip))
     fitted = fit_decode(dec, ids)
     cal.meta["decode_max_batch"] = f"{fitted.pop('max_batch'):.1f}"
     cal.meta["decode_fit"] = DECODE_FIT

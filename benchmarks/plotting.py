@@ -109,12 +109,16 @@ def save_png(fig, path: str) -> None:
     """`fig` as a PNG of at most 256 colours (Pillow, which matplotlib requires): line
     plots look the same at a third of the size (the 4-GPU capstone's gpu.png: 767 KB, 346
     KB), which keeps committed results under the device's carry limit."""
-    fig.savefig(path)
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as im:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    with Image.open(buf) as im:
         small = im.convert("RGB").quantize(256)
-    small.save(path, optimize=True)
+    small.save(path, format="PNG", optimize=True)
 
 
 def json_line(row: Row) -> str:

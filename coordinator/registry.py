@@ -71,8 +71,7 @@ class WorkerHandle:
         are counted. Without it the most-free-blocks order does not move between two
         heartbeats and every request in between goes to one worker. (The heartbeat resets
         the count; a prompt the worker has not admitted by then is not in its report.)"""
-        bs = self.info.kv.block_size
-        self.reserved_since_hb += -(-prompt_tokens // bs) if bs else 1
+        self.reserved_since_hb += self._blocks(prompt_tokens)
 
     def release(self, tokens: int) -> None:
         """Count the KV blocks of a request that ended here (`tokens`: its prompt and
@@ -84,8 +83,12 @@ class WorkerHandle:
         request grows into while it decodes are not counted as it grows: until the next
         heartbeat, a worker looks freer by the output blocks of the requests that ended
         there, as the simulator models it.)"""
+        self.reserved_since_hb -= self._blocks(tokens)
+
+    def _blocks(self, tokens: int) -> int:
+        """KV blocks `tokens` tokens take on this worker (1 when it reported no block size)."""
         bs = self.info.kv.block_size
-        self.reserved_since_hb -= -(-tokens // bs) if bs else 1
+        return -(-tokens // bs) if bs else 1
 
     def est_running(self) -> int:
         return max(self.load.running + self.load.waiting, self.inflight)
