@@ -16,7 +16,8 @@ from pdserve.benchmarks.planner_setups import parse_setup, setup_name
 @contextmanager
 def open_setup(name: str, args: argparse.Namespace,
                start_timeout_s: float | None = None) -> Iterator[tuple[object, dict]]:
-    """(target, info) for one setup; info: label, workers, vocab, max_len, pools.
+    """(target, info) for one setup; info: label, workers, vocab, max_len, pools, and for a
+    setup launched here coordinator (its address) and coordinator_pid.
     `start_timeout_s`: at most this long for the workers (default --start-timeout)."""
     if args.base_url:
         target = OpenAITarget(args.base_url, args.served_model_name)
@@ -38,7 +39,8 @@ def open_setup(name: str, args: argparse.Namespace,
                       start_timeout_s=start_timeout_s or args.start_timeout) as c:
         c.wait_ready(start_timeout_s or args.start_timeout)
         print(f"{name} ready after {time.monotonic() - t0:.1f} s", flush=True)
-        yield from _pdserve_setup(c.address, name, args)
+        coordinator = c.coordinator.pid if c.coordinator else 0
+        yield from _pdserve_setup(c.address, name, args, coordinator)
 
 
 @contextmanager
@@ -49,10 +51,11 @@ def _infos(address: str) -> Iterator[list[dict]]:
         yield [w["info"] for w in c.list_workers()]
 
 
-def _pdserve_setup(address: str, name: str, args: argparse.Namespace):
+def _pdserve_setup(address: str, name: str, args: argparse.Namespace, pid: int = 0):
     with _infos(address) as infos:
         info = _describe(infos, name)
     info["coordinator"] = address  # for the heartbeat records
+    info["coordinator_pid"] = pid  # launched here: its CPU per run (0: not ours)
     yield GrpcTarget(address), info
 
 

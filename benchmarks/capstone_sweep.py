@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import time
 
 from pdserve.benchmarks import capstone_report as report
@@ -22,6 +23,7 @@ from pdserve.benchmarks.capstone_client import run_load
 from pdserve.benchmarks.capstone_metrics import Window, summarize
 from pdserve.benchmarks.capstone_search import SHORT_FRAC, SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import Request, Workload, length_pairs, make_requests
+from pdserve.benchmarks.cpu_sample import CpuSample, cpu_usage
 
 
 def drain_estimate_s(wl: Workload, pool: list | None, slos: dict[str, float], seed: int) -> float:
@@ -86,6 +88,10 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
     for load in warmup_requests(args, info, wls):
         loop.run_until_complete(run_load(target, load, args.timeout))
     levels = concurrency_levels(args)
+    # CPU per run (results.json "cpu_cores"): whether the host path, not the GPUs, was full
+    cpu_groups = {"harness": [os.getpid()]}  # the load generator, GPU and heartbeat pollers
+    if info.get("coordinator_pid"):
+        cpu_groups["coordinator"] = [info["coordinator_pid"]]
     for k, (wl, pool) in enumerate(wls):
         wr = report.WorkloadRuns(wl.name, wl.describe)
         res.by_workload[wl.name] = wr
@@ -108,12 +114,15 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
             desc = f"{res.setup} {wl.name} @ " + (f"c={conc}" if conc else f"{rate:.3g} req/s")
             t0 = time.monotonic()
             limit = sizer.stop_at(reqs[-1].at_s) - t0
+            cpu0 = CpuSample.take(cpu_groups)
             results = loop.run_until_complete(run_load(target, reqs, args.timeout, conc, desc,
                                                        time_limit_s=limit))
+            cores = cpu_usage(cpu0, CpuSample.take(cpu_groups))
             sizer.ran(time.monotonic() - t0, reqs[-1].at_s)
             summary = summarize(results, slos, window)
             summary["send_duration_s"] = reqs[-1].at_s
             summary["prompt_salt"] = salt  # its prompts' first token (capstone_steps.warm_counts)
+            summary["cpu_cores"] = {g: round(c, 3) for g, c in cores.items()}
             if not math.isinf(limit):  # the planner's validation cuts its runs there too
                 summary["time_limit_s"] = limit
             wr.runs.append(report.Run(rate, conc, results, summary))
@@ -121,7 +130,8 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
             print(f"{desc}: {n} requests over {reqs[-1].at_s:.3g} s; "
                   f"{summary['steady_throughput']:.3g} req/s achieved, attainment "
                   f"{summary['slo_attainment']:.0%}, TTFT p90 {summary['p90_ttft_ms']:.4g} ms, "
-                  f"ITL p99 {summary['p99_itl_ms']:.4g} ms"
+                  f"ITL p99 {summary['p99_itl_ms']:.4g} ms; CPU cores: " + ", ".join(
+                      f"{g} {c:.2f}" for g, c in cores.items())
                   + (f"; {len(errors)} failed, first: {errors[0]}" if errors else ""), flush=True)
             return summary["slo_attainment"]
 

@@ -148,6 +148,8 @@ def test_capstone_cpu_smoke_tiny_model(tmp_path) -> None:
     assert run["mean_transfer_ms"] is not None  # the long prompts were disaggregated
     assert 0 < run["local_prefill_fraction"] < 1  # and the short ones prefilled on D
     assert run["num_prompts"] >= 8 and run["steady_throughput"] is not None
+    # the coordinator launched here and this process (the load generator) did work in it
+    assert run["cpu_cores"]["coordinator"] > 0 and run["cpu_cores"]["harness"] > 0
     md = (tmp_path / "report.md").read_text()
     assert "no GPU" in md and "## The questions, answered from the measurements" in md
     assert "### Transfer" in md and "prefilled on their decode worker" in md
