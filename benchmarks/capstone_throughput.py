@@ -25,6 +25,7 @@ class Peak:
     tokens_per_s: float  # highest output tokens delivered in one 1-s window
     where: str  # "workload at R req/s"
     outside_ms: float = math.nan  # median client TTFT less the coordinator's own (ttft_ms)
+    cpu_cores: tuple[tuple[str, float], ...] = ()  # the run's CPU cores by process (since 277402d)
 
 
 def decode_gpus(s: SetupResult) -> int:
@@ -45,7 +46,8 @@ def peak_tokens(s: SetupResult) -> Peak | None:
                     per_s[math.floor(t)] += n
             if per_s and (best is None or max(per_s.values()) > best.tokens_per_s):
                 best = Peak(s.setup, decode_gpus(s), float(max(per_s.values())),
-                            f"{wname} at {r.rate:.3g} req/s", outside_ms(r.results))
+                            f"{wname} at {r.rate:.3g} req/s", outside_ms(r.results),
+                            tuple((r.summary.get("cpu_cores") or {}).items()))
     return best
 
 
@@ -85,5 +87,18 @@ def throughput_lines(setups: Sequence[SetupResult]) -> list[str]:
                        f"token 0) by a median {p.outside_ms:.3g} ms: "
                        + ("the wait was outside the coordinator's handler (in the load "
                           "generator, or before the coordinator's server started the call)"
-                          if p.outside_ms > OUTSIDE_MS else "no wait outside it"))
+                          if p.outside_ms > OUTSIDE_MS else "no wait outside it")
+                       + cpu_note(dict(p.cpu_cores)))
     return out
+
+
+def cpu_note(cores: dict[str, float]) -> str:
+    """The run's CPU use by process, as the report says it ('' when not recorded): a
+    Python process's one event loop runs on one core at a time, and what it uses beyond
+    one is gRPC's own threads."""
+    if not cores:
+        return ""
+    names = {"coordinator": "the coordinator", "harness": "the load generator",
+             "other": "the rest of the host (workers included)"}
+    return ("; CPU cores used over that run: " + ", ".join(
+        f"{names.get(g, g)} {c:.2f}" for g, c in cores.items()))

@@ -54,3 +54,15 @@ def test_the_wait_outside_the_coordinator_is_told_from_ttft_ms():
     for q in s.by_workload["decode-heavy"].runs[0].results:
         q.server = {"ttft_ms": (q.chunks[0][0] - q.t_send) * 1e3 - 2.0}
     assert any(ln.endswith("no wait outside it") for ln in throughput_lines([s]))
+
+
+def test_the_peak_run_says_how_busy_the_host_processes_were():
+    s = _setup("1P3D", {"prefill": [0], "decode": [1, 2, 3]}, 100)
+    run = s.by_workload["decode-heavy"].runs[0]
+    for q in run.results:
+        q.server = {"ttft_ms": 5.0}
+    assert not any("CPU cores" in ln for ln in throughput_lines([s]))  # not recorded
+    run.summary["cpu_cores"] = {"harness": 1.24, "coordinator": 1.62, "other": 4.49}
+    (line,) = [ln for ln in throughput_lines([s]) if "CPU cores" in ln]
+    assert line.endswith("the load generator 1.24, the coordinator 1.62, the rest of the "
+                         "host (workers included) 4.49")
