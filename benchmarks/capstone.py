@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from pdserve.benchmarks import capstone_check as plan_check
 from pdserve.benchmarks import capstone_plots as plots
@@ -248,7 +249,8 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
                 pngs[key + " (as the run drew it)"] = os.path.join(out, rel)
     plan_lines: list[str] = plan_check.report_lines(
         [(s.setup, w.workload, w.search) for s in setups for w in s.by_workload.values()
-         if w.search and w.search.check_tol], ctx.meta.get("plan check from", "?"))
+         if w.search and w.search.check_tol], ctx.meta.get("plan check from", "?"),
+        host_path_busy(out, setups))
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
         from pdserve.benchmarks import plan, plan_report
 
@@ -265,6 +267,23 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
     paths.append(report.write_markdown(out, setups, ctx, workloads, pngs, map_text, plan_lines,
                                        answers))
     return paths + list(pngs.values())
+
+def host_path_busy(out: str, setups) -> Callable[[str, str, float], float] | None:
+    """(setup, workload, rate) -> the share of the host path's time that rate takes at the
+    run's relay probe (results.json "relay_probe"); None without a probe or lengths."""
+    from pdserve.benchmarks import plan_report
+
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            fit = (json.load(f).get("relay_probe") or {}).get("fit")
+    except (OSError, ValueError):
+        return None
+    outs = plan_report.mean_out_tokens(setups)
+    if not fit or not outs:
+        return None
+    return lambda setup, wname, rate: (plan_report.host_path_busy(rate, outs[wname], setup, fit)
+                                       if wname in outs else math.nan)
+
 
 def run(args: argparse.Namespace) -> int:
     from pdserve.benchmarks.serve import device_description

@@ -115,8 +115,11 @@ def source(path: str) -> str:
     return f"the calibration of {name}" + (f" ({', '.join(said)})" if said else "")
 
 
-def report_lines(rows: Sequence[tuple[str, str, SearchResult]], source: str) -> list[str]:
-    """The report's section: one row per (setup, workload, check) and the count within."""
+def report_lines(rows: Sequence[tuple[str, str, SearchResult]], source: str,
+                 busy: Callable[[str, str, float], float] | None = None) -> list[str]:
+    """The report's section: one row per (setup, workload, check) and the count within;
+    with `busy` (setup, workload, rate -> the share of the host path's time that rate
+    takes at the run's relay probe), a column host_path_busy at the predicted rate."""
     if not rows:
         return []
     table = []
@@ -127,6 +130,7 @@ def report_lines(rows: Sequence[tuple[str, str, SearchResult]], source: str) -> 
                       "span_low_s": s.spans.get(runs[0][0], math.nan),
                       "rate_high": runs[1][0], "attainment_high": runs[1][1],
                       "span_high_s": s.spans.get(runs[1][0], math.nan),
+                      **({"host_path_busy": busy(setup, wname, s.guess)} if busy else {}),
                       "verdict": s.verdict()})
     n_in = sum(r["verdict"] == WITHIN for r in table)
     tol, target = rows[0][2].check_tol, rows[0][2].target
@@ -142,7 +146,12 @@ def report_lines(rows: Sequence[tuple[str, str, SearchResult]], source: str) -> 
             + (f" span_*_s: the seconds of arrivals each run was sized for (requests / "
                f"rate); a verdict resting on a run that held with under {SHORT_FRAC * run_s:.3g}"
                f" s is not decided (the predictions simulated {run_s:.3g} s: a shorter run "
-               "can hold at a rate the GPUs cannot sustain)." if run_s else ""), "",
+               "can hold at a rate the GPUs cannot sustain)." if run_s else "")
+            + (" host_path_busy: the share of the host path's time (one coordinator and its "
+               "load generator, a message per token) the predicted rate takes at this run's "
+               "relay probe; near 1 the host path, not the GPUs, sets the prediction, and the "
+               "probe repeated only to about 15% between calls on one host "
+               "(docs/capstone.md, Session 14)." if busy else ""), "",
             plotting.markdown_table(table, floatfmt=".3g"), "",
             f"**{n_in} of {len(table)} predictions within {tol:.0%}** of the measured max "
             "rate." + ("" if n_in == len(table) else " Outside: " + "; ".join(

@@ -91,13 +91,18 @@ def mean_out_tokens(setups) -> dict[str, float]:
     return {w: sum(v) / len(v) for w, v in lens.items() if v}
 
 
-def relays_needed(rate: float, out_tokens: float, setup: str, relay: dict) -> int:
-    """How many relays (a coordinator with its clients, each at `relay`'s profile: t_tok ms
-    a token message, t_req_pd / t_req_local ms a request set up) carry `rate` req/s of
-    requests of `out_tokens` output tokens (one message each), busy at most 100%."""
+def host_path_busy(rate: float, out_tokens: float, setup: str, relay: dict) -> float:
+    """The share of one relay's time (a coordinator with its clients, at `relay`'s profile:
+    t_tok ms a token message, t_req_pd / t_req_local ms a request set up) that `rate` req/s
+    of requests of `out_tokens` output tokens (one message each) take; a conditional setup
+    counts as P/D."""
     local = parse_setup(setup).kind == "colocated"
-    ms = out_tokens * relay["t_tok"] + relay["t_req_local" if local else "t_req_pd"]
-    return max(1, math.ceil(rate * ms / 1e3 - 1e-9))
+    return rate * (out_tokens * relay["t_tok"] + relay["t_req_local" if local else "t_req_pd"]) / 1e3
+
+
+def relays_needed(rate: float, out_tokens: float, setup: str, relay: dict) -> int:
+    """How many relays carry `rate` req/s (`host_path_busy`), each busy at most 100%."""
+    return max(1, math.ceil(host_path_busy(rate, out_tokens, setup, relay) - 1e-9))
 
 
 def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int],

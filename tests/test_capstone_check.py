@@ -66,6 +66,23 @@ def test_report_lines_count_the_predictions_within() -> None:
     assert check.report_lines([], "X") == []
 
 
+def test_report_lines_give_the_host_path_busy_at_each_prediction() -> None:
+    good = check.run_check(knee(10.0), 10.0, 0.9)
+    plain = "\n".join(check.report_lines([("1P1D", "w", good)], "X"))
+    assert "host_path_busy" not in plain  # no relay probe: no column
+    seen = []
+
+    def busy(setup: str, wname: str, rate: float) -> float:
+        seen.append((setup, wname, rate))
+        return 0.987
+
+    text = "\n".join(check.report_lines([("1P1D", "w", good)], "X", busy))
+    assert seen == [("1P1D", "w", 10.0)]  # asked at the predicted rate
+    header = next(ln for ln in text.splitlines() if ln.startswith("| setup"))
+    assert "| host_path_busy | verdict |" in header
+    assert "| 0.987 | within |" in text and "the host path, not the GPUs" in text
+
+
 def test_a_verdict_resting_on_a_short_held_run_is_not_decided() -> None:
     """A run the budget cut to a few seconds can hold at a rate the GPUs cannot sustain:
     a verdict that rests on it (the lower run of `within`, the higher one of `too low`)

@@ -3,7 +3,12 @@ how many coordinators the predicted rate needs."""
 
 from types import SimpleNamespace
 
-from pdserve.benchmarks.plan_report import extrapolation_lines, mean_out_tokens, relays_needed
+from pdserve.benchmarks.plan_report import (
+    extrapolation_lines,
+    host_path_busy,
+    mean_out_tokens,
+    relays_needed,
+)
 
 RELAY = {"t_tok": 0.05, "t_req_pd": 5.0, "t_req_local": 1.0}  # ms
 SEARCH = [{"setup": "1P1D", "workload": "w", "predicted_max_rate": 40.0,
@@ -18,6 +23,13 @@ def test_relays_needed_counts_tokens_and_set_ups_by_kind():
     assert relays_needed(100.0, 200.0, "2both", RELAY) == 2  # 1.1 s a second
     assert relays_needed(80.0, 200.0, "2both", RELAY) == 1  # 0.88 s a second
     assert relays_needed(0.5, 10.0, "1P1D", RELAY) == 1  # at least one
+
+
+def test_host_path_busy_is_the_share_of_one_relay():
+    assert host_path_busy(100.0, 200.0, "1P1D", RELAY) == 1.5  # tokens 1.0 s + set-ups 0.5 s
+    assert host_path_busy(80.0, 200.0, "2both", RELAY) == 0.88  # local set-ups, 1 ms each
+    # a conditional setup is costed as P/D (its long prompts are)
+    assert host_path_busy(100.0, 200.0, "1P1D-cond512", RELAY) == 1.5
 
 
 def test_extrapolation_adds_coordinators_only_with_a_relay_profile():
