@@ -250,7 +250,7 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
     plan_lines: list[str] = plan_check.report_lines(
         [(s.setup, w.workload, w.search) for s in setups for w in s.by_workload.values()
          if w.search and w.search.check_tol], ctx.meta.get("plan check from", "?"),
-        host_path_busy(out, setups))
+        host_path_busy(ctx, setups))
     if not args.no_plan and not concurrency_levels(args) and setups[0].setup != "external":
         from pdserve.benchmarks import plan, plan_report
 
@@ -268,16 +268,12 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
                                        answers))
     return paths + list(pngs.values())
 
-def host_path_busy(out: str, setups) -> Callable[[str, str, float], float] | None:
+def host_path_busy(ctx: report.Context, setups) -> Callable[[str, str, float], float] | None:
     """(setup, workload, rate) -> the share of the host path's time that rate takes at the
-    run's relay probe (results.json "relay_probe"); None without a probe or lengths."""
+    run's relay probe (`ctx.relay_probe`); None without a probe or lengths."""
     from pdserve.benchmarks import plan_report
 
-    try:
-        with open(os.path.join(out, "results.json")) as f:
-            fit = (json.load(f).get("relay_probe") or {}).get("fit")
-    except (OSError, ValueError):
-        return None
+    fit = (ctx.relay_probe or {}).get("fit")
     outs = plan_report.mean_out_tokens(setups)
     if not fit or not outs:
         return None

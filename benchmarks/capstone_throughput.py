@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdserve.benchmarks.capstone_report import SetupResult
 
@@ -25,7 +25,7 @@ class Peak:
     tokens_per_s: float  # highest output tokens delivered in one 1-s window
     where: str  # "workload at R req/s"
     outside_ms: float = math.nan  # median client TTFT less the coordinator's own (ttft_ms)
-    cpu_cores: tuple[tuple[str, float], ...] = ()  # the run's CPU cores by process (since 277402d)
+    cpu_cores: dict[str, float] = field(default_factory=dict)  # by process (since 277402d)
 
 
 def decode_gpus(s: SetupResult) -> int:
@@ -47,7 +47,7 @@ def peak_tokens(s: SetupResult) -> Peak | None:
             if per_s and (best is None or max(per_s.values()) > best.tokens_per_s):
                 best = Peak(s.setup, decode_gpus(s), float(max(per_s.values())),
                             f"{wname} at {r.rate:.3g} req/s", outside_ms(r.results),
-                            tuple((r.summary.get("cpu_cores") or {}).items()))
+                            dict(r.summary.get("cpu_cores") or {}))
     return best
 
 
@@ -88,7 +88,7 @@ def throughput_lines(setups: Sequence[SetupResult]) -> list[str]:
                        + ("the wait was outside the coordinator's handler (in the load "
                           "generator, or before the coordinator's server started the call)"
                           if p.outside_ms > OUTSIDE_MS else "no wait outside it")
-                       + cpu_note(dict(p.cpu_cores)))
+                       + cpu_note(p.cpu_cores))
     return out
 
 
