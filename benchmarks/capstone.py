@@ -33,6 +33,7 @@ from pdserve.benchmarks.capstone_client import GpuSampler
 from pdserve.benchmarks.capstone_findings import findings
 from pdserve.benchmarks.capstone_guess import kv_push_meta, start_guesses
 from pdserve.benchmarks.capstone_heartbeats import HeartbeatRecorder
+from pdserve.benchmarks.capstone_load import LoadProcs, parse_procs
 from pdserve.benchmarks.capstone_metrics import Window, parse_goodput
 from pdserve.benchmarks.capstone_rerender import write_records
 from pdserve.benchmarks.capstone_setup import open_setup
@@ -109,6 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(kernels that only batched steps use compile here, not in the "
                         "first measured run; default 0: none)")
     w.add_argument("--timeout", type=float, default=300.0, help="per-request deadline (s)")
+    w.add_argument("--load-procs", type=parse_procs, default="auto", metavar="N|auto",
+                   help="processes that send the load and receive the streams, so the client "
+                        "is not what limits a run (default auto: one per 16 host cores, 1 to 4)")
     s = p.add_argument_group("SLOs and search")
     s.add_argument("--goodput", nargs="+", default=["ttft:1000", "tpot:100"], metavar="KEY:MS",
                    help="SLOs as vLLM's --goodput: ttft:MS tpot:MS e2el:MS")
@@ -330,8 +334,11 @@ def run(args: argparse.Namespace) -> int:
     # an aio object and calls into it; with a loop per setup, a closed one raised "Event
     # loop is closed" on later events (846 tracebacks in the log of a 4-GPU calibration)
     loop = asyncio.new_event_loop()
+    procs = getattr(args, "load_procs", 1)
+    meta["load processes"] = str(procs)
     try:
-        measure_all(args, names, wls, slos, window, ctx, budget, loop, results, failed)
+        with LoadProcs(procs) as load:
+            measure_all(args, names, wls, slos, window, ctx, budget, loop, results, failed, load)
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
@@ -350,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
 
 def measure_all(args: argparse.Namespace, names: list[str], wls: list, slos: dict, window,
                 ctx, budget: Budget, loop: asyncio.AbstractEventLoop,
-                results: list, failed: list[str]) -> None:
+                results: list, failed: list[str], load: LoadProcs | None = None) -> None:
     """Start, measure and stop each setup in turn on `loop`, appending to `results` (and
     to `failed` a setup that could not run); the records are written after every setup."""
     from pdserve.cluster import ClusterError
@@ -374,7 +381,8 @@ def measure_all(args: argparse.Namespace, names: list[str], wls: list, slos: dic
                     guesses = start_guesses(args, [info["label"]], wls, slos)
                     try:
                         res = measure_setup(target, info, args, wls, slos, window, loop,
-                                            budget, deadline, guesses.get(info["label"], {}))
+                                            budget, deadline, guesses.get(info["label"], {}),
+                                            load)
                     finally:  # its channels closed on the loop the next setups use
                         loop.run_until_complete(target.close())
                 res.gpu, res.gpu_note = sampler.samples, sampler.note or \

@@ -11,7 +11,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from pdserve.benchmarks.capstone_metrics import CUT, RequestResult
@@ -44,6 +44,7 @@ class GrpcTarget:
         from pdserve.coordinator.client import AsyncClient
 
         self.name = f"pdserve coordinator {address}"
+        self.spec = ("grpc", address)  # what another process makes it from (make_target)
         self._client = AsyncClient(address)
 
     async def stream(self, req: Request, timeout_s: float):
@@ -59,6 +60,11 @@ class GrpcTarget:
         await self._client.close()
 
 
+def make_target(spec: tuple) -> Target:
+    """The target a `spec` attribute names (GrpcTarget, OpenAITarget), made in this process."""
+    return GrpcTarget(spec[1]) if spec[0] == "grpc" else OpenAITarget(spec[1], spec[2])
+
+
 class OpenAITarget:
     """Any OpenAI-compatible server: POST {base_url}/v1/completions with "stream": true and
     the prompt as token ids. Tokens per SSE event: len(choices[0].token_ids) when the server
@@ -69,6 +75,7 @@ class OpenAITarget:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.name = f"OpenAI-compatible {self.base_url}"
+        self.spec = ("openai", self.base_url, model)
         self._httpx = self._aiohttp = self._aiohttp_mod = None
         try:
             import httpx
@@ -185,13 +192,18 @@ async def _one(target: Target, req: Request, res: RequestResult, timeout_s: floa
 
 async def run_load(target: Target, requests: Sequence[Request], timeout_s: float,
                    concurrency: int = 0, desc: str = "",
-                   time_limit_s: float = math.inf) -> list[RequestResult]:
+                   time_limit_s: float = math.inf, start_at: float | None = None,
+                   on_done: Callable[[], None] | None = None) -> list[RequestResult]:
     """Send every request at its `at_s` (or, with `concurrency` > 0, keep that many in
     flight, ignoring `at_s`); results in send order. Requests still running (or not sent)
-    `time_limit_s` after the start are cancelled and end with the error CUT."""
+    `time_limit_s` after the start are cancelled and end with the error CUT. The start is
+    now, or `start_at` (time.perf_counter(): one clock for the processes of one host, so
+    the load processes of capstone_load.py share it); `on_done` is called as each request
+    ends (no progress bar then)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(requests), desc=desc, unit="req", leave=False)
+    bar = tqdm(total=len(requests), desc=desc, unit="req", leave=False,
+               disable=on_done is not None)
     sem = asyncio.Semaphore(concurrency) if concurrency > 0 else None
     results: list[RequestResult] = []
     tasks = []
@@ -205,8 +217,10 @@ async def run_load(target: Target, requests: Sequence[Request], timeout_s: float
             if sem is not None:
                 sem.release()
             bar.update()
+            if on_done is not None:
+                on_done()
 
-    start = time.perf_counter()
+    start = time.perf_counter() if start_at is None else start_at
     end = start + time_limit_s
 
     async def send_all() -> None:

@@ -10,8 +10,12 @@ builds a backlog, so it measures that regime.
 
 How: `pdserve bench coordinator`'s machinery (benchmarks/coordinator.py) with the
 capstone's coordinator command, fake workers (no model: every token ready at once) in one
-process per worker as the capstone's workers are, and one client process holding
-`STREAMS` Generate streams in a closed loop, one token a message. Cells: mode pd (one
+process per worker as the capstone's workers are, and as many client processes as the
+capstone has load processes (`--load-procs`, capstone_load.py) holding `STREAMS` Generate
+streams between them in a closed loop, one token a message. Since session 15 both sides
+spread the client over processes: the path measured and the path the runs load is then the
+coordinator's, not a client's (in session 14 the capstone's one load process was about as
+busy in the runs that fell over as the probe's one client at its saturation). Cells: mode pd (one
 prefill and `DECODE_WORKERS` decode workers) and both (`BOTH_WORKERS` colocated), each at
 the output lengths `LENS` (8 tokens: mostly set-ups; 256: mostly token messages). The
 path is busy all through each cell's window, so
@@ -51,8 +55,8 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
                         "coordinator`, 4 cells); the planner simulates the relay at these "
                         "costs until a backlog builds (calibration.json 'relay_host'; with "
                         "--plan-check-from they replace the calibration's)")
-    g.add_argument("--relay-probe-s", type=float, default=3.0, metavar="S",
-                   help="measured seconds per probe cell (default 3, after 1 s of warm-up)")
+    g.add_argument("--relay-probe-s", type=float, default=5.0, metavar="S",
+                   help="measured seconds per probe cell (default 5, after 1 s of warm-up)")
 
 
 def check(args: argparse.Namespace) -> str | None:
@@ -71,8 +75,9 @@ def fit(rows: list[dict]) -> dict[str, float]:
     return {"t_tok": float(c[0]), "t_req_pd": float(c[1]), "t_req_local": float(c[2])}
 
 
-def _cells(mode: str, seconds: float, log) -> list[dict]:
-    """The probe's cells of one mode: a coordinator, its fake workers, one client."""
+def _cells(mode: str, seconds: float, client_procs: int, log) -> list[dict]:
+    """The probe's cells of one mode: a coordinator, its fake workers, `client_procs`
+    client processes (as many as the capstone's load processes)."""
     roles = ([["--prefill", "1", "--decode", "0", "--kv-elsewhere"]]
              + [["--prefill", "0", "--decode", "1", "--kv-elsewhere"]] * DECODE_WORKERS
              if mode == "pd" else [["--prefill", "0", "--decode", "0", "--both", "1"]]
@@ -80,8 +85,8 @@ def _cells(mode: str, seconds: float, log) -> list[dict]:
     with bench.fake_cluster(roles, 1, log) as (address, pids, _):
         rows = []
         for n in LENS:
-            ns = argparse.Namespace(prompt_len=32, output_len=n, text=False, client_procs=1,
-                                    warmup=1.0, duration=seconds)
+            ns = argparse.Namespace(prompt_len=32, output_len=n, text=False,
+                                    client_procs=client_procs, warmup=1.0, duration=seconds)
             rows.append({**bench.run_cell(address, pids, mode, STREAMS, 1, ns, log),
                          "output_len": n})
         return rows
@@ -94,7 +99,8 @@ def run_step(args: argparse.Namespace, budget: Any) -> dict | None:
         return None
     rec: dict[str, Any] = {"rows": [], "fit": {}, "note": "", "streams": STREAMS,
                            "lens": list(LENS), "decode_workers": DECODE_WORKERS,
-                           "both_workers": BOTH_WORKERS}
+                           "both_workers": BOTH_WORKERS,
+                           "client_procs": getattr(args, "load_procs", 1)}
     need = 4 * (args.relay_probe_s + 1.0) + 2 * MIN_S
     if getattr(args, "coordinator", None) or getattr(args, "base_url", None):
         rec["note"] = "the run measured a server it did not launch: no probe"
@@ -110,7 +116,7 @@ def run_step(args: argparse.Namespace, budget: Any) -> dict | None:
     with tempfile.NamedTemporaryFile("w+", prefix="pdserve-relay-probe-", suffix=".log") as log:
         try:
             for mode in ("pd", "both"):
-                rec["rows"] += _cells(mode, args.relay_probe_s, log)
+                rec["rows"] += _cells(mode, args.relay_probe_s, rec["client_procs"], log)
             rec["fit"] = fit(rec["rows"])
         except (RuntimeError, OSError, ValueError) as e:
             log.seek(0)

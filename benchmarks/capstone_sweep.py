@@ -19,7 +19,7 @@ import time
 from pdserve.benchmarks import capstone_report as report
 from pdserve.benchmarks.capstone_budget import MIN_RUN_S, RunSizer, run_size
 from pdserve.benchmarks.capstone_check import CHECK_TOL, add_run_lengths, check_run_s, run_check
-from pdserve.benchmarks.capstone_client import run_load
+from pdserve.benchmarks.capstone_load import LoadProcs
 from pdserve.benchmarks.capstone_metrics import Window, summarize
 from pdserve.benchmarks.capstone_search import SHORT_FRAC, SearchResult, find_max_rate
 from pdserve.benchmarks.capstone_workloads import Request, Workload, length_pairs, make_requests
@@ -77,19 +77,24 @@ def run_bounds(run_duration_s: float, check: bool) -> tuple[float, float]:
 def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos: dict,
                   window: Window, loop: asyncio.AbstractEventLoop, budget,
                   deadline_s: float = math.inf,
-                  guesses: dict[str, float] | None = None) -> report.SetupResult:
+                  guesses: dict[str, float] | None = None,
+                  load: LoadProcs | None = None) -> report.SetupResult:
     """Every workload on one setup, by `deadline_s` (monotonic; inf: no budget);
     `guesses`: {workload: predicted max rate} steering each search (capstone_search), or
-    checked at two rates (--plan-check-from: capstone_check)."""
+    checked at two rates (--plan-check-from: capstone_check); `load`: the load processes
+    (capstone_load.py; none: this process sends)."""
     from pdserve.benchmarks.capstone import concurrency_levels
 
     res = report.SetupResult(info["label"], info["workers"], info["pools"])
     check = bool(getattr(args, "plan_check_from", None))  # out of sample (capstone_check.py)
-    for load in warmup_requests(args, info, wls):
-        loop.run_until_complete(run_load(target, load, args.timeout))
+    load = load or LoadProcs(1)
+    for batch in warmup_requests(args, info, wls):  # every load process connects too
+        loop.run_until_complete(load.warm(target, batch, args.timeout) if len(batch) == 1
+                                else load.run(target, batch, args.timeout))
     levels = concurrency_levels(args)
-    # CPU per run (results.json "cpu_cores"): whether the host path, not the GPUs, was full
-    cpu_groups = {"harness": [os.getpid()]}  # the load generator, GPU and heartbeat pollers
+    # CPU per run (results.json "cpu_cores"): whether the host path, not the GPUs, was full;
+    # the load generator is this process (GPU and heartbeat pollers) and the load processes
+    cpu_groups = {"harness": [os.getpid(), *load.pids()]}
     if info.get("coordinator_pid"):
         cpu_groups["coordinator"] = [info["coordinator_pid"]]
     for k, (wl, pool) in enumerate(wls):
@@ -115,7 +120,7 @@ def measure_setup(target, info: dict, args: argparse.Namespace, wls: list, slos:
             t0 = time.monotonic()
             limit = sizer.stop_at(reqs[-1].at_s) - t0
             cpu0 = CpuSample.take(cpu_groups)
-            results = loop.run_until_complete(run_load(target, reqs, args.timeout, conc, desc,
+            results = loop.run_until_complete(load.run(target, reqs, args.timeout, conc, desc,
                                                        time_limit_s=limit))
             cores = cpu_usage(cpu0, CpuSample.take(cpu_groups))
             sizer.ran(time.monotonic() - t0, reqs[-1].at_s)

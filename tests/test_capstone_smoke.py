@@ -90,7 +90,7 @@ def test_capstone_against_fake_coordinator(tmp_path) -> None:
         # the searches steered by a planner prediction, and the warm-up burst before them
         rc = capstone.run(parse("--coordinator", cluster.address, *FAST, "--out", str(out),
                                 "--start-rate-from", str(tmp_path / "guide.json"),
-                                "--warmup-burst", "2"))
+                                "--warmup-burst", "2", "--load-procs", "2"))
     finally:
         cluster.stop()
         lt.close()
@@ -100,6 +100,7 @@ def test_capstone_against_fake_coordinator(tmp_path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert "Planner validation" in md and "band_5%" in md
     assert len(res["runs"]) == 2
+    assert res["meta"]["load processes"] == "2"
     assert [r["prompt_salt"] for r in res["runs"]] == [1, 2]  # each run cold: its own prompts
     (w,) = res["setups"][0]["by_workload"].values()
     assert w["search_guess"] > 0 and "steered by a predicted" in w["search"]
@@ -119,7 +120,7 @@ def test_capstone_base_url_fixed_concurrency(tmp_path) -> None:
     try:
         url = "http://" + cluster.coord.http_address
         rc = capstone.run(parse("--base-url", url, *FAST, "--concurrency", "1,4",
-                                "--out", str(tmp_path)))
+                                "--load-procs", "2", "--out", str(tmp_path)))
     finally:
         cluster.stop()
         lt.close()
