@@ -79,7 +79,8 @@ def throughput_lines(setups: Sequence[SetupResult]) -> list[str]:
                 "it grew less than the GPUs, so a limit every setup shares, outside the GPUs, "
                 "sets it: the one coordinator process, through which each token travels as "
                 "its own message (`pdserve bench coordinator` measures its cost per token), "
-                "and the one load-generator process that receives them."))
+                "and the load generator that receives them (its processes: results.json "
+                "meta 'load processes')."))
     for p in peaks:
         if p.outside_ms == p.outside_ms:
             out.append(f"- {p.setup}, {p.where}: the client's TTFT exceeded the "

@@ -7,7 +7,10 @@
 # /tmp and runs it from /tmp (the repository's ./pdserve would shadow the installed tree).
 # OUT gets report.md, results.json, requests.json.gz, calibration.json, the PNGs (w0/, w1/,
 # ...: one folder per workload) and capstone.log (the GPUs, nvidia-smi's view, first):
-# at most 8 files per folder, 2 levels deep.
+# at most 8 files per folder, 2 levels deep. Through the device tool, which returns a
+# limited number of files per call, pack several runs' outputs into one file under $OUT
+# (tar czf $OUT/runs.tgz -C DIR ...): in session 15 a call's second OUT came back without
+# its results.json.
 #
 # Time (WALL_S, default 420 s on 2 GPUs, 560 s on 4: the call's 9.5 min less a margin):
 # the harness gets --budget-s = WALL_S - (seconds already spent installing) - 20 s, and
@@ -59,7 +62,7 @@
 # (3), RUN_DURATION (20 s, the longest run), CALL_S (595: the call's limit, for the
 # report fallback), TRANSFER_LENS (the transfer step's prompt lengths; default auto: 512,2048,8192,32768 on GPUs, 64,256,1024 on CPU; none: skip it),
 # RELAY_PROBE (1: --relay-probe, the host path measured below its knee before the setups
-# start, ~30 s; 0: none), PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script), CHECK_FROM (a
+# start, ~40 s; 0: none), PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script), CHECK_FROM (a
 # capstone run directory or calibration.json: instead of searching, check the planner out
 # of sample, `--plan-check-from`: it predicts each setup and workload's max rate p from that
 # calibration and measures p/1.15 and p/0.85 only, each run sending for at most 15 s (as
