@@ -23,8 +23,11 @@ from pdserve.benchmarks.capstone_workloads import Request
 # ttft_ms (since branch hostsim's follow-up): the coordinator's own, from its receipt of the
 # request to its send of token 0: against the client's TTFT it tells a wait inside the
 # coordinator's path from one in the client's end of the stream (docs/capstone.md, "relay")
+# accept_ms (since session 15): the client's send to the coordinator's handler start, from
+# the handler's wall clock (`received_unix_s`) on the client's clocks: the wait in front of
+# the handler, the gRPC server's accept path (docs/capstone.md, "Session 15")
 SERVER_KEYS = ("queue_ms", "prefill_ms", "transfer_ms", "kv_bytes", "prefill_worker",
-               "decode_worker", "reserve_wait_ms", "ttft_ms")
+               "decode_worker", "reserve_wait_ms", "ttft_ms", "received_unix_s")
 
 
 class Target(Protocol):
@@ -179,13 +182,22 @@ async def _plain_sse(url: str, body: dict[str, Any]) -> AsyncIterator[str]:
         writer.close()
 
 
+def with_accept_ms(server: dict, t_send: float) -> dict:
+    """`server` with the coordinator's `received_unix_s` (wall clock) replaced by accept_ms:
+    how long after `t_send` (time.perf_counter()) its handler started the call."""
+    received = server.pop("received_unix_s", 0.0)
+    if received > 0:
+        server["accept_ms"] = (received - time.time() + time.perf_counter() - t_send) * 1e3
+    return server
+
+
 async def _one(target: Target, req: Request, res: RequestResult, timeout_s: float) -> None:
     try:
         async for n, server in target.stream(req, timeout_s):
             if n:
                 res.chunks.append((time.perf_counter(), n))
             if server:
-                res.server = server
+                res.server = with_accept_ms(server, res.t_send)
     except Exception as e:  # noqa: BLE001 - a failed request is a result, the run goes on
         res.error = f"{type(e).__name__}: {e}"[:300]
 

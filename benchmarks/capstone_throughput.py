@@ -26,6 +26,7 @@ class Peak:
     where: str  # "workload at R req/s"
     outside_ms: float = math.nan  # median client TTFT less the coordinator's own (ttft_ms)
     cpu_cores: dict[str, float] = field(default_factory=dict)  # by process (since 277402d)
+    accept_ms: float = math.nan  # median client send -> coordinator handler start (session 15)
 
 
 def decode_gpus(s: SetupResult) -> int:
@@ -47,7 +48,7 @@ def peak_tokens(s: SetupResult) -> Peak | None:
             if per_s and (best is None or max(per_s.values()) > best.tokens_per_s):
                 best = Peak(s.setup, decode_gpus(s), float(max(per_s.values())),
                             f"{wname} at {r.rate:.3g} req/s", outside_ms(r.results),
-                            dict(r.summary.get("cpu_cores") or {}))
+                            dict(r.summary.get("cpu_cores") or {}), accept_ms(r.results))
     return best
 
 
@@ -58,6 +59,29 @@ def outside_ms(results) -> float:
     gaps = sorted((q.chunks[0][0] - q.t_send) * 1e3 - q.server["ttft_ms"] for q in results
                   if q.chunks and q.server.get("ttft_ms"))
     return gaps[len(gaps) // 2] if gaps else math.nan
+
+
+def accept_ms(results) -> float:
+    """Median over a run's requests of `accept_ms` (capstone_client.with_accept_ms: the
+    client's send to the coordinator's handler start), NaN where not recorded."""
+    ms = sorted(q.server["accept_ms"] for q in results if "accept_ms" in q.server)
+    return ms[len(ms) // 2] if ms else math.nan
+
+
+def where_waited(p: Peak) -> str:
+    """Where token 0 waited outside the coordinator's handler, as far as the run says."""
+    if not p.outside_ms > OUTSIDE_MS:
+        return "no wait outside it"
+    if p.accept_ms == p.accept_ms:
+        if p.accept_ms > p.outside_ms / 2:
+            return (f"the wait was in front of the coordinator's handler (a median "
+                    f"{p.accept_ms:.3g} ms from the client's send to the handler's start, "
+                    "`accept_ms`: the gRPC server's accept path on the coordinator's event "
+                    "loop)")
+        return (f"the wait was after the coordinator's send of token 0 (only {p.accept_ms:.3g} "
+                "ms before its handler started: `accept_ms`), on the way to the load generator")
+    return ("the wait was outside the coordinator's handler (in the load generator, or "
+            "before the coordinator's server started the call)")
 
 
 def throughput_lines(setups: Sequence[SetupResult]) -> list[str]:
@@ -85,10 +109,7 @@ def throughput_lines(setups: Sequence[SetupResult]) -> list[str]:
         if p.outside_ms == p.outside_ms:
             out.append(f"- {p.setup}, {p.where}: the client's TTFT exceeded the "
                        "coordinator's own (`ttft_ms`: its start of the call to its send of "
-                       f"token 0) by a median {p.outside_ms:.3g} ms: "
-                       + ("the wait was outside the coordinator's handler (in the load "
-                          "generator, or before the coordinator's server started the call)"
-                          if p.outside_ms > OUTSIDE_MS else "no wait outside it")
+                       f"token 0) by a median {p.outside_ms:.3g} ms: " + where_waited(p)
                        + cpu_note(p.cpu_cores))
     return out
 

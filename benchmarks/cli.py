@@ -23,6 +23,7 @@ KNOWN: dict[str, str] = {
     "ttft": "TTFT breakdown of P/D against a colocated prefill",
     "baseline": "engine baseline: torch attention, eager, same model",
     "coordinator": "the coordinator's streaming throughput with fake workers (CPU)",
+    "host_knee": "where token 0 waits under an open loop: the host path's knee (CPU, fake workers)",
     "chaos": "faults under load on a CPU cluster: every request ends, recovery, leaks",
     "kernels": "Triton kernels against their baselines, one GPU",
     "skinny": "skinny GEMM against cuBLAS for decode shapes, one GPU",

@@ -87,6 +87,7 @@ class RequestState:
     deadline: float | None  # time.monotonic() seconds; None: no deadline
     detok: IncrementalDetokenizer | None = None
     t0: float = field(default_factory=time.monotonic)
+    t0_unix: float = field(default_factory=time.time)  # the same instant, wall clock
     out: Outbox = field(default_factory=Outbox)
     producer: asyncio.Task | None = None
     aborted: bool = False  # by Coordinator.Abort
@@ -165,7 +166,8 @@ class RequestState:
             queue_ms=self.queue_ms, prefill_ms=self.prefill_ms, transfer_ms=self.transfer_ms,
             kv_bytes=self.kv_bytes, prefill_worker=self.prefill_worker,
             decode_worker=self.decode_worker, prompt_tokens=len(self.prompt),
-            completion_tokens=self.sent, reserve_wait_ms=self.reserve_wait_ms)
+            completion_tokens=self.sent, reserve_wait_ms=self.reserve_wait_ms,
+            received_unix_s=self.t0_unix)
 
 
 def worker_request_id(base: str, suffix: str) -> str:

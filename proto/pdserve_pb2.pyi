@@ -87,7 +87,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., skip_text: _Optional[bool] = ...) -> None: ...
 
 class RequestMetrics(_message.Message):
-    __slots__ = ("ttft_ms", "tpot_ms", "queue_ms", "prefill_ms", "transfer_ms", "kv_bytes", "prefill_worker", "decode_worker", "prompt_tokens", "completion_tokens", "reserve_wait_ms")
+    __slots__ = ("ttft_ms", "tpot_ms", "queue_ms", "prefill_ms", "transfer_ms", "kv_bytes", "prefill_worker", "decode_worker", "prompt_tokens", "completion_tokens", "reserve_wait_ms", "received_unix_s")
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class RequestMetrics(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESERVE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     ttft_ms: float
     tpot_ms: float
     queue_ms: float
@@ -110,7 +111,8 @@ class RequestMetrics(_message.Message):
     prompt_tokens: int
     completion_tokens: int
     reserve_wait_ms: float
-    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., reserve_wait_ms: _Optional[float] = ...) -> None: ...
+    received_unix_s: float
+    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., reserve_wait_ms: _Optional[float] = ..., received_unix_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finished", "finish_reason", "metrics", "logprobs")

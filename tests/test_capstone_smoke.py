@@ -198,6 +198,8 @@ def check_heartbeats(out, roles: set[str]) -> None:
         assert {w["role"] for w in rec["workers"].values()} == roles
         # the workers the requests went to are the ones recorded
         assert {r["server"]["decode_worker"] for r in reqs if r["server"]} <= set(rec["workers"])
+        # the wait in front of the coordinator's handler, on one host's clocks
+        assert all(-5 <= r["server"]["accept_ms"] < 60e3 for r in reqs if r["server"])
         for wid, w in rec["workers"].items():
             ts = [b[0] for b in w["beats"]]
             assert len(ts) >= 2 and ts == sorted(ts), (wid, ts)

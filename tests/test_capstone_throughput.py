@@ -56,6 +56,30 @@ def test_the_wait_outside_the_coordinator_is_told_from_ttft_ms():
     assert any(ln.endswith("no wait outside it") for ln in throughput_lines([s]))
 
 
+def test_accept_ms_tells_a_wait_in_front_of_the_handler_from_one_after_it():
+    s = _setup("1P3D", {"prefill": [0], "decode": [1, 2, 3]}, 100)
+    results = s.by_workload["decode-heavy"].runs[0].results
+    for q in results:
+        q.server = {"ttft_ms": (q.chunks[0][0] - q.t_send) * 1e3 - 900.0, "accept_ms": 850.0}
+    (line,) = [ln for ln in throughput_lines([s]) if "by a median 900 ms" in ln]
+    assert "in front of the coordinator's handler (a median 850 ms" in line
+    for q in results:
+        q.server["accept_ms"] = 3.0
+    (line,) = [ln for ln in throughput_lines([s]) if "by a median 900 ms" in ln]
+    assert "after the coordinator's send of token 0 (only 3 ms" in line
+
+
+def test_accept_ms_from_the_coordinators_wall_clock():
+    import time
+
+    from pdserve.benchmarks.capstone_client import with_accept_ms
+
+    t_send = time.perf_counter()
+    out = with_accept_ms({"ttft_ms": 4.0, "received_unix_s": time.time() + 0.25}, t_send)
+    assert "received_unix_s" not in out and 240 < out["accept_ms"] < 300
+    assert with_accept_ms({"ttft_ms": 4.0}, t_send) == {"ttft_ms": 4.0}  # an older server
+
+
 def test_the_peak_run_says_how_busy_the_host_processes_were():
     s = _setup("1P3D", {"prefill": [0], "decode": [1, 2, 3]}, 100)
     run = s.by_workload["decode-heavy"].runs[0]

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -37,9 +38,12 @@ def test_sync_client(cluster):
     with Client(cluster.address, timeout_s=10) as cl:
         workers = cl.wait_ready(n_prefill=1, n_decode=1, timeout_s=5)
         assert {w["info"]["role"] for w in workers} == {"prefill", "decode"}
+        before = time.time()
         r = cl.generate(prompt_token_ids=[1, 2], sampling=SamplingParams(max_tokens=5, temperature=0))
         assert r.token_ids == [3, 4, 5, 6, 7] and r.finish_reason == "length" and r.request_id
         assert r.metrics["ttft_ms"] > 0 and r.metrics["completion_tokens"] == 5
+        # when the coordinator's handler started the call, on the wall clock
+        assert before <= r.metrics["received_unix_s"] <= time.time()
         r2 = cl.generate([1, 2], sampling={"max_tokens": 3}, max_tokens=4)  # kw overrides dict
         assert r2.token_ids == [3, 4, 5, 6]
         chunks = list(cl.stream("ab", max_tokens=5, request_id="mine"))
