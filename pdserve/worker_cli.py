@@ -79,7 +79,17 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         port=args.port, worker_id=args.worker_id, coordinator=args.coordinator,
         heartbeat_s=args.heartbeat, auth_token=args.auth_token, cluster_secret=secret,
         etcd=args.etcd, etcd_prefix=args.etcd_prefix, lease_ttl_s=args.lease_ttl,
-        tls=tls.from_args(args))
+        tls=tls.from_args(args), stream_interval=args.stream_interval)
+
+
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,6 +113,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-id", default="", help="name in the registry (default: assigned)")
     p.add_argument("--transfer", default="ucx", choices=["ucx", "nccl"],
                    help="KV transfer backend between prefill and decode workers")
+    p.add_argument("--stream-interval", type=positive_int, default=1, metavar="K",
+                   help="tokens per streamed message after a request's first (default 1: "
+                        "each token as it is sampled); K > 1 sends K times fewer messages "
+                        "through the coordinator, each token up to K - 1 steps later")
     p.add_argument("--transfer-timeout", type=float, default=30.0,
                    help="seconds a request's KV transfer may take before both ends abort it")
     p.add_argument("--layerwise-min-tokens", type=int, default=1024,

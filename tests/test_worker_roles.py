@@ -227,3 +227,45 @@ def test_phase_sized_engine_settings() -> None:
     dec = get_role("decode").engine_config(base)
     assert dec.capture_decode_graphs and not dec.enforce_eager
     assert get_role("both").engine_config(base) == base
+
+
+@aio
+async def test_stream_interval_sends_fewer_messages_with_the_same_tokens(engines) -> None:
+    sampling = {**GREEDY, "max_tokens": 11}
+
+    async def chunks(every: int) -> list[list[int]]:
+        cfg = WorkerConfig(role="both", stream_interval=every)
+        core = WorkerCore(cfg, engines["both"], asyncio.get_running_loop(),
+                          engine_loop_cls=ManualEngineLoop)
+        role = BothRole(core)
+        core.attach(role)
+        pump = asyncio.create_task(pump_forever(core.engine_loop))
+        try:
+            out = [list(c.token_ids) async for c in role.generate(
+                generate_request(f"si{every}", **sampling), FakeContext())]
+        finally:
+            pump.cancel()
+        assert all_free(engines["both"]) and not core.table.states
+        return out
+
+    one, three = await chunks(1), await chunks(3)
+    assert sum(one, []) == sum(three, []) and len(sum(three, [])) == 11
+    # after the first message, at least 3 tokens a message but the last (the end goes at once)
+    assert all(len(c) >= 3 for c in three[1:-1]) and len(three) <= 1 + -(-10 // 3)
+    assert len(three) < len(one)
+    with pytest.raises(ValueError, match="stream_interval"):
+        WorkerConfig(role="both", stream_interval=0)
+
+
+def test_stream_interval_flag() -> None:
+    import argparse
+
+    from pdserve import worker_cli
+
+    p = argparse.ArgumentParser()
+    worker_cli.add_arguments(p)
+    assert worker_cli.config_from_args(p.parse_args(["--role", "decode"])).stream_interval == 1
+    args = p.parse_args(["--role", "decode", "--stream-interval", "4"])
+    assert worker_cli.config_from_args(args).stream_interval == 4
+    with pytest.raises(SystemExit):
+        p.parse_args(["--role", "decode", "--stream-interval", "0"])

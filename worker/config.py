@@ -30,6 +30,10 @@ class WorkerConfig:
     etcd_prefix: str = "/pdserve"
     lease_ttl_s: int = 3  # a dead worker leaves the etcd registry after this long
     tls: TLSConfig | None = None  # TLS of the Worker server and the coordinator link
+    # tokens per streamed message after a stream's first (1: each token as it comes; K: fewer
+    # messages on the host path, each token up to K - 1 steps later: docs/capstone.md,
+    # "Session 15")
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.host in WILDCARD_HOSTS and not self.advertise_host:
@@ -38,6 +42,8 @@ class WorkerConfig:
         if self.advertise_host in WILDCARD_HOSTS:
             raise ValueError(f"advertise_host {self.advertise_host!r} is not reachable: name "
                              "one address of this host")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
         if self.etcd and self.heartbeat_s >= self.lease_ttl_s:

@@ -150,17 +150,28 @@ class WorkerCore:
         return bool(found or st is not None)
 
     async def stream_tokens(self, st: ReqState, context) -> AsyncIterator[pb.TokenChunk]:
-        """TokenChunks from st.queue, several tokens per message; aborts on cancel."""
+        """TokenChunks from st.queue: every token queued when a message goes out, at least
+        `stream_interval` of them after the stream's first message (the end goes at once);
+        aborts on cancel."""
         ok = False
+        every = self.cfg.stream_interval
+        items: list = []
+        first = True
         try:
             while True:
-                items = [await st.queue.get()]
+                items.append(await st.queue.get())
                 while not st.queue.empty():
                     items.append(st.queue.get_nowait())
-                toks = [t if isinstance(t, int) else t.token for t in items
+                if every > 1 and not first and sum(
+                        isinstance(t, (int, Sampled)) for t in items) < every and not any(
+                        isinstance(t, StreamEnd) for t in items):
+                    continue  # fewer than stream_interval tokens and no end: wait for more
+                first = False
+                items, queued = [], items
+                toks = [t if isinstance(t, int) else t.token for t in queued
                         if isinstance(t, (int, Sampled))]
-                lps = [logprobs_proto(t.logprobs) for t in items if isinstance(t, Sampled)]
-                end = next((t for t in items if isinstance(t, StreamEnd)), None)
+                lps = [logprobs_proto(t.logprobs) for t in queued if isinstance(t, Sampled)]
+                end = next((t for t in queued if isinstance(t, StreamEnd)), None)
                 if end is not None and end.error is not None:
                     if toks:
                         yield pb.TokenChunk(token_ids=toks, logprobs=lps)
