@@ -20,7 +20,6 @@ times on that one clock. With `procs` = 1 the run stays in this process (`run_lo
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
 import multiprocessing as mp
@@ -46,15 +45,9 @@ def auto_procs(cores: int | None = None) -> int:
 
 def parse_procs(value: str) -> int:
     """--load-procs: an integer >= 1, or auto (`auto_procs`)."""
-    if value == "auto":
-        return auto_procs()
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {value!r}")
-    return n
+    from pdserve.worker_cli import positive_int
+
+    return auto_procs() if value == "auto" else positive_int(value)
 
 
 def split(n: int, parts: int) -> list[int]:

@@ -26,8 +26,8 @@ CUT = "not finished within the run's time limit (cut by the time budget)"
 class RequestResult:
     """Client-side timeline of one request (seconds on one monotonic clock) plus what the
     server reported on the final chunk (`server`: queue_ms, prefill_ms, transfer_ms,
-    kv_bytes, prefill_worker, decode_worker, and reserve_wait_ms in runs since branch plan7;
-    empty for other engines)."""
+    kv_bytes, prefill_worker, decode_worker, and reserve_wait_ms in runs since branch plan7,
+    accept_ms since 27204e0: capstone_client.SERVER_KEYS; empty for other engines)."""
 
     t_send: float
     prompt_tokens: int
