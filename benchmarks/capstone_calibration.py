@@ -50,7 +50,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -322,8 +324,6 @@ def run_calibration(run_dir: str, res: dict) -> Calibration:
     colocated runs when the directory holds their per-request data
     (`capstone_mixed.steady_colocated_runs`), and one without the relay profile gets it
     from the runs' records when they hold heartbeats (`capstone_relay.fit_relay`)."""
-    import os
-
     cal = Calibration.load(os.path.join(run_dir, "calibration.json"))
     if not cal.relay and fit_relay(cal, run_dir):
         cal.source["relay"] += "; fitted from requests.json.gz, the file has none"
@@ -374,3 +374,14 @@ def _refit_decode(cal: Calibration, res: dict) -> None:
         cal.transfer = {"c0": c[0], "ms_per_byte": c[1]}
         cal.source["transfer"] = (f"refitted from {len(xfer)} run summaries whose transfers "
                                   "rarely queued (the simulator queues them itself)")
+
+
+def load_calibration(path: str | None) -> Calibration:
+    """calibration.json, or a run directory's profiles refitted as validate() refits them."""
+    if not path:
+        print("note: no --calibration: using default profiles (not measured)", file=sys.stderr)
+        return Calibration()
+    if os.path.isfile(os.path.join(path, "results.json")):
+        with open(os.path.join(path, "results.json")) as f:
+            return run_calibration(path, json.load(f))
+    return Calibration.load(os.path.join(path, "calibration.json") if os.path.isdir(path) else path)

@@ -1,6 +1,6 @@
 """Start rates of the capstone's max-rate searches, from the planner's prediction; how the
-workers a run starts push KV (`kv_push`) and order landed requests (`kv_push_meta`),
-recorded in the run's meta for the planner."""
+workers a run starts push KV (`kv_push`), order landed requests and stream tokens
+(`kv_push_meta`), recorded in the run's meta for the planner."""
 
 from __future__ import annotations
 
@@ -25,7 +25,18 @@ def kv_push_meta(args: argparse.Namespace) -> dict[str, str]:
     run did not start): the planner then assumes the old behaviour (KVPush's defaults,
     newest first)."""
     push = kv_push(args)
-    return {**push.meta(), "landed_order": LANDED_ORDER} if push else {}
+    if not push:
+        return {}
+    return {**push.meta(), "landed_order": LANDED_ORDER,
+            "stream interval": str(stream_interval(args.worker_arg or []))}
+
+
+def stream_interval(worker_args) -> int:
+    """The tokens a message after a stream's first (`pdserve worker --stream-interval`) of
+    workers started with `worker_args`: what the planner's relay counts messages by."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--stream-interval", type=int, default=1)
+    return max(1, p.parse_known_args(list(worker_args))[0].stream_interval)
 
 
 def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
@@ -43,6 +54,8 @@ def start_guesses(args: argparse.Namespace, names: list[str], wls: list,
     from pdserve.benchmarks.capstone_workloads import length_pairs
 
     cal = plan.load_calibration(path)
+    # the message count is this run's workers', the profiles the calibration's
+    cal.meta["stream interval"] = str(stream_interval(getattr(args, "worker_arg", None) or []))
     if getattr(args, "relay_host", None):  # probed on this host now (capstone_relay_probe)
         cal.relay_host = dict(args.relay_host)
         cal.source["relay_host"] = "probed on this host before the setups started"

@@ -137,7 +137,12 @@ def steady(summary: dict, slos: dict[str, float], target: float) -> bool:
 def fit_mixed(cal: Calibration, runs: Sequence[tuple[Sequence[RequestResult], int]]) -> bool:
     """Fit `cal.mixed` on the steps of colocated runs (results, warm count), once
     `cal.decode` is fitted; False (cal unchanged) with fewer than MIN_MIXED_STEPS points or
-    fewer than 3 distinct prompt sizes."""
+    fewer than 3 distinct prompt sizes, or for workers that streamed several tokens a
+    message (`cal.meta["stream interval"]`): a step's tokens then do not reach the client
+    together, so no step can be rebuilt from their arrivals."""
+    if int(cal.meta.get("stream interval", 1)) > 1:
+        cal.source["mixed"] = "not fitted: the workers streamed several tokens a message"
+        return False
     pts = [p for run, warm in runs for p in mixed_steps(run, cal.decode_step_ms, warm)]
     if len(pts) < MIN_MIXED_STEPS or len({t for t, _, _ in pts}) < 3:
         return False

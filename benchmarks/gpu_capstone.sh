@@ -62,7 +62,9 @@
 # (3), RUN_DURATION (20 s, the longest run), CALL_S (595: the call's limit, for the
 # report fallback), TRANSFER_LENS (the transfer step's prompt lengths; default auto: 512,2048,8192,32768 on GPUs, 64,256,1024 on CPU; none: skip it),
 # RELAY_PROBE (1: --relay-probe, the host path measured below its knee before the setups
-# start, ~40 s; 0: none), PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script), CHECK_FROM (a
+# start, ~40 s; 0: none), STREAM_INTERVAL (1: the workers' --stream-interval, tokens a
+# message after a stream's first; the planner counts messages by it, and a run with more
+# than 1 fits no mixed profile: calibrate at 1, check at K), PYTHON (python3), SMOKE=1 (tiny model on CPU, a check of this script), CHECK_FROM (a
 # capstone run directory or calibration.json: instead of searching, check the planner out
 # of sample, `--plan-check-from`: it predicts each setup and workload's max rate p from that
 # calibration and measures p/1.15 and p/0.85 only, each run sending for at most 15 s (as
@@ -117,6 +119,7 @@ if [[ -n ${CHECK_FROM:-} ]]; then  # the planner checked out of sample: 2 runs p
 fi
 GOODPUT=${GOODPUT:-"ttft:750 tpot:20"}
 PROBE=(); [[ ${RELAY_PROBE:-1} == 1 ]] && PROBE=(--relay-probe)  # the host path, below its knee
+SI=(); [[ ${STREAM_INTERVAL:-1} != 1 ]] && SI=(--worker-arg="--stream-interval=$STREAM_INTERVAL")
 
 {
   echo "gpu_capstone.sh $OUT $DEVICES: $(date -u +%FT%TZ)"
@@ -148,7 +151,7 @@ WL_ARGS=(); for w in $WORKLOADS; do WL_ARGS+=(--workload "$w"); done
 # shellcheck disable=SC2086
 timeout $(( WALL_S - ($(date +%s) - T0) - 5 )) $PYTHON -m pdserve.cli bench capstone --model "$MODEL" \
   --devices "$DEVICES" --configs "$CONFIGS" "${WL_ARGS[@]}" --goodput $GOODPUT \
-  --start-rate "$START_RATE" "${GUIDE[@]}" "${PROBE[@]}" --max-runs "${MAX_RUNS:-3}" --rel-tol 0.25 \
+  --start-rate "$START_RATE" "${GUIDE[@]}" "${PROBE[@]}" "${SI[@]}" --max-runs "${MAX_RUNS:-3}" --rel-tol 0.25 \
   --warmup-burst "${WARMUP_BURST:-16}" --transfer-lens "${TRANSFER_LENS:-auto}" \
   --budget-s "$BUDGET" --run-duration "${RUN_DURATION:-20}" --num-requests 16 \
   --warmup-requests 2 --timeout 60 --start-timeout 240 \

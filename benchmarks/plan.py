@@ -29,7 +29,7 @@ import random
 import sys
 from collections.abc import Sequence
 
-from pdserve.benchmarks.capstone_calibration import Calibration, run_calibration
+from pdserve.benchmarks.capstone_calibration import Calibration, load_calibration, run_calibration
 from pdserve.benchmarks.capstone_heartbeats import load_records, pool_blocks, routed_times
 from pdserve.benchmarks.capstone_metrics import parse_goodput
 from pdserve.benchmarks.capstone_relay_probe import probed_relay
@@ -193,6 +193,7 @@ def validate(run_dir: str, cal: Calibration | None = None,
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     cal = cal or run_calibration(run_dir, res)
+    cal.meta["stream interval"] = res.get("meta", {}).get("stream interval", "1")  # the run's
     push, fifo = run_push(run_dir, res), run_landed_fifo(run_dir, res)
     slos, seed, burst = res["slos"], res["seed"], res["burstiness"]
     win = res.get("window", {})
@@ -340,20 +341,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="simulated seconds of load at least, per run (default 30)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-colocated", action="store_true", help="only xPyD candidates")
+    p.add_argument("--stream-interval", type=int, default=1, metavar="K",
+                   help="the workers' --stream-interval: tokens a message through the "
+                        "coordinator after a stream's first (default 1)")
     p.add_argument("--validate", metavar="RUN_DIR",
                    help="compare predictions with the measured goodput of a capstone run")
     p.add_argument("--json", action="store_true", help="print rows as JSON lines")
-
-
-def load_calibration(path: str | None) -> Calibration:
-    """calibration.json, or a run directory's profiles refitted as validate() refits them."""
-    if not path:
-        print("note: no --calibration: using default profiles (not measured)", file=sys.stderr)
-        return Calibration()
-    if os.path.isfile(os.path.join(path, "results.json")):
-        with open(os.path.join(path, "results.json")) as f:
-            return run_calibration(path, json.load(f))
-    return Calibration.load(os.path.join(path, "calibration.json") if os.path.isdir(path) else path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -374,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
                 print(line)
             return 0
         cal = load_calibration(args.calibration)
+        cal.meta["stream interval"] = str(max(1, args.stream_interval))
         slos = parse_goodput(args.goodput)
         wl = parse_workload(args.workload)
         gpu_counts = [int(x) for x in str(args.gpus).split(",") if x.strip()]

@@ -55,6 +55,15 @@ class SimReq:
     def ttft_ms(self) -> float:
         return (self.first - self.arrival) * 1e3
 
+    def sends(self, every: int, local: bool) -> bool:
+        """Whether the token a decode step makes now goes out in a message, with the worker
+        streaming `every` tokens a message after a stream's first (`--stream-interval`):
+        the stream's first token (token 0 on a worker that prefilled it, `local`; else
+        token 1, token 0 having come with the prefill reply), each `every`-th after it,
+        and the last."""
+        first = 0 if local else 1
+        return (self.generated - first) % every == 0 or self.generated + 1 >= self.output
+
     def tpot_ms(self) -> float:
         return (self.end - self.first) / (self.output - 1) * 1e3 if self.output > 1 else math.nan
 
@@ -154,3 +163,19 @@ class SimRun:
 
     mean_decode_batch: float = 0.0
     prefill_steps: list[tuple[int, float]] = field(default_factory=list)
+
+
+def schedule_heartbeats(loop: Loop, beats: Sequence[Callable[[], None]],
+                        given: Sequence[Sequence[float]] | None, last: float,
+                        period_s: float) -> None:
+    """Each worker's heartbeat (`beats[j]`) while requests still arrive (until `last`): at
+    its `given[j]` times (a run's recorded ones), then every `period_s` after the last of
+    them; without any, every `period_s` with the workers' phases evenly spread."""
+    for j, beat in enumerate(beats):
+        times = sorted(t for t in (given[j] if given else ()) if 0 <= t <= last)
+        for t in times:
+            loop.at(t, beat)
+        t = times[-1] + period_s if times else period_s * j / len(beats)
+        while t <= last:
+            loop.at(t, beat)
+            t += period_s

@@ -11,54 +11,55 @@ Model (each worker is one GPU; times from the calibrated profiles), as pdserve r
 - xPyD: the coordinator (coordinator/router.py, least_loaded) reserves KV blocks on the
   decode worker with the most free blocks as the coordinator sees them (`route_key`: the
   worker's load at its last heartbeat, every HEARTBEAT_S, plus what was reserved on it
-  since; then the fewest sequences) when the request arrives, then sends
-  the prompt to the prefill worker with the fewest prompt tokens in flight (counted until
-  the KV landed, as the coordinator counts them). A prefill worker runs steps of queued
-  prompts (prefill/batching.py). Token 0 reaches the client when its step ends (pdserve
-  emits it while the KV moves); the KV push starts with the step when the step has >= 1024
-  tokens (layer-wise: layers go out as computed), else after it, and holds the decode
-  worker's receiver, one transfer at a time, for the prompt's share of the forward (its
-  tokens' part of the step past the fixed cost, when layer-wise) plus
-  transfer_ms(prompt * kv_bytes_per_token), the time after the forward. `push` (KVPush,
-  planner_setups.py) says which steps are layer-wise: on one host with peer copies after
-  the forward (the engine's default since 9df90d7) none is; its default is the old
-  behaviour, with which every committed capstone run was made. Decode workers
-  run continuous batching: each step lasts decode_step_ms(B, context, sync) and gives
-  every running sequence one token, sync when the batch changed since the step before (a
-  sequence joined or ended, or a prompt ran: engine/step_pipeline.py overlaps the host's
-  work with the GPU's only for an unchanged batch; capstone_decode.py); a landed request
-  joins at the next step boundary (a prompt to prefill there too, or, when it came during
-  a step after which the engine launched the next one ahead, at the one after:
-  `launches_ahead`); beyond `max_batch` it waits for a slot
+  since; then the fewest sequences) when the request arrives, then sends the prompt to the
+  prefill worker with the fewest prompt tokens in flight (counted until the KV landed, as
+  the coordinator counts them). A prefill worker runs steps of queued prompts
+  (prefill/batching.py). Token 0 reaches the client when its step ends (pdserve emits it
+  while the KV moves); the KV push starts with the step when the step has >= 1024 tokens
+  (layer-wise: layers go out as computed), else after it, and holds the decode worker's
+  receiver, one transfer at a time, for the prompt's share of the forward (its tokens' part
+  of the step past the fixed cost, when layer-wise) plus transfer_ms(prompt *
+  kv_bytes_per_token), the time after the forward. `push` (KVPush, planner_setups.py) says
+  which steps are layer-wise: on one host with peer copies after the forward (the engine's
+  default since 9df90d7) none is; its default is the old behaviour, with which every
+  committed capstone run was made. Decode workers run continuous batching: each step lasts
+  decode_step_ms(B, context, sync) and gives every running sequence one token, sync when the
+  batch changed since the step before (a sequence joined or ended, or a prompt ran:
+  engine/step_pipeline.py overlaps the host's work with the GPU's only for an unchanged
+  batch; capstone_decode.py); a landed request joins at the next step boundary (a prompt to
+  prefill there too, or, when it came during a step after which the engine launched the next
+  one ahead, at the one after: `launches_ahead`); beyond `max_batch` it waits for a slot
   (engine/scheduler.py admit_remote): in landing order (`landed_fifo`, since branch fifo),
   else newest first as before (the oldest may wait for seconds; every committed capstone
-  run). So a request's TPOT includes its transfer and the wait for a step.
-  decode_step_ms is linear in B and context: past the batch sizes it was profiled on
+  run). So a request's TPOT includes its transfer and the wait for a step. decode_step_ms is
+  linear in B and context: past the batch sizes it was profiled on
   (`SimRun.mean_decode_batch` against the calibration's range) it is an extrapolation.
 - colocated (`Nboth`): a step runs prompt chunks and every running sequence together; it
-  lasts decode_step_ms + what its prompt tokens add to a decode step (`mixed_ms`: the
-  mixed profile, capstone_mixed.py), a step without decodes prefill_ms; prefill stalls
-  decode: the interference that disaggregation removes. Requests go to the worker with the most
-  free KV blocks, as for decode, a routed prompt counted until the next heartbeat with
+  lasts decode_step_ms + what its prompt tokens add to a decode step (`mixed_ms`: the mixed
+  profile, capstone_mixed.py), a step without decodes prefill_ms; prefill stalls decode: the
+  interference that disaggregation removes. Requests go to the worker with the most free KV
+  blocks, as for decode, a routed prompt counted until the next heartbeat with
   `push.counts_generate` (the coordinator since session 12; before, every request between
   two heartbeats went to one worker), an ended request's blocks given back until then with
-  `push.counts_release` (since session 13). Heartbeats come every HEARTBEAT_S, the
-  workers' phases evenly spread, or at the times given (`heartbeats`: a run's recorded
-  ones, benchmarks/capstone_heartbeats.py), then every HEARTBEAT_S after the last one.
+  `push.counts_release` (since session 13). Heartbeats come every HEARTBEAT_S, the workers'
+  phases evenly spread, or at the times given (`heartbeats`: a run's recorded ones,
+  benchmarks/capstone_heartbeats.py), then every HEARTBEAT_S after the last one.
 - conditional (`xPyD-condT`, the coordinator's --pd-threshold-tokens T): a prompt under T
-  tokens goes straight to the decode worker the coordinator picks, which prefills it in
-  its own steps as a colocated worker does (no prefill worker, no transfer); the rest
-  take the xPyD path.
-- a finite run (`horizon_s`): requests not finished by then are cut, as the capstone's
-  time limit cuts them (judged on what was seen, see `planner_metrics.sim_summary`).
+  tokens goes straight to the decode worker the coordinator picks, which prefills it in its
+  own steps as a colocated worker does (no prefill worker, no transfer); the rest take the
+  xPyD path.
+- a finite run (`horizon_s`): requests not finished by then are cut, as the capstone's time
+  limit cuts them (judged on what was seen, see `planner_metrics.sim_summary`).
 - prefix caching (`caches`, planner_cache.py): a request with a `key` that its worker
   prefilled before (in this run or, as the capstone resends a search's prompts, in an
-  earlier one) computes only what the cache does not hold; without `caches` (or keys)
-  every prompt is computed whole.
-- the relay (planner_relay.py, with a `relay` or `relay_host` profile): requests are
-  routed once the host path has set them up, one at a time in arrival order, and tokens
-  reach the client (`first`, `last`, `end`) when it has carried them; without the profile
-  both happen at once. `made`: when a worker made token 0.
+  earlier one) computes only what the cache does not hold; without `caches` (or keys) every
+  prompt is computed whole.
+- the relay (planner_relay.py, with a `relay` or `relay_host` profile): requests are routed
+  once the host path has set them up, one at a time in arrival order, and tokens reach the
+  client (`first`, `last`, `end`) when it has carried them; without the profile both happen
+  at once. `made`: when a worker made token 0. A decode step makes a message per running
+  sequence or, with the run's workers streaming several tokens a message (`cal.meta["stream
+  interval"]`, `pdserve worker --stream-interval`), one per sequence whose token goes out.
 The simulator ignores the coordinator's latency (its RPCs: about 2.5 ms of TTFT, worker
 idle, 2 x H100) past the relay's queue, and preemption.
 """
@@ -78,6 +79,7 @@ from pdserve.benchmarks.planner_batching import (
     fill_budget,
     join_landed,
     launches_ahead,
+    schedule_heartbeats,
 )
 from pdserve.benchmarks.planner_cache import PrefixCaches
 from pdserve.benchmarks.planner_relay import Relay, on_arrival
@@ -94,6 +96,7 @@ class _Decoder:
         self.loop, self.cal, self.colocated, self.relay = loop, cal, colocated, relay
         self.releases = releases  # an ended request's tokens leave since_hb (counts_release)
         self.name, self.caches, self.landed_fifo = name, caches, landed_fifo
+        self.every = int(cal.meta.get("stream interval", 1))  # worker --stream-interval
         self.on_take = caches.admit(name) if caches is not None else None  # prefix lookups
         self.running: list[SimReq] = []  # decoding, one token per step
         self.prefilling: list[SimReq] = []  # admitted prompts with chunks left (running too)
@@ -187,9 +190,11 @@ class _Decoder:
         self.loop.at(end, lambda: self._done(chunks, end, ahead))
 
     def _done(self, chunks: list[Chunk], t: float, ahead: bool = False) -> None:
-        made = t
-        if self.relay is not None:  # every token made in the step, token 0s included
-            t = self.relay.deliver(len(self.running) + sum(c.completes for c in chunks))
+        made, every, colo = t, self.every, self.colocated
+        n = len(self.running) if every == 1 else sum(r.sends(every, colo or r.local)
+                                                     for r in self.running)
+        if self.relay is not None and n + sum(c.completes for c in chunks):  # messages
+            t = self.relay.deliver(n + sum(c.completes for c in chunks))  # token 0s too
         still = []
         for r in self.running:
             r.generated += 1
@@ -368,14 +373,7 @@ def simulate(cal: Calibration, prefill: int, decode: int, both: int,
     last = max((r.arrival for r in reqs), default=0.0)
     if heartbeats is not None and len(heartbeats) != len(decs):
         raise ValueError(f"heartbeats for {len(heartbeats)} workers, the setup has {len(decs)}")
-    for j, d in enumerate(decs):  # heartbeats while requests still arrive
-        given = sorted(t for t in (heartbeats[j] if heartbeats else ()) if 0 <= t <= last)
-        for t in given:
-            loop.at(t, d.heartbeat)
-        t = given[-1] + HEARTBEAT_S if given else HEARTBEAT_S * j / len(decs)
-        while t <= last:
-            loop.at(t, d.heartbeat)
-            t += HEARTBEAT_S
+    schedule_heartbeats(loop, [d.heartbeat for d in decs], heartbeats, last, HEARTBEAT_S)
     loop.run(horizon_s)
     if info is not None:
         info.mean_decode_batch = max((d.batch_time[0] / d.batch_time[1] for d in decs

@@ -253,3 +253,50 @@ def test_a_relay_with_one_profile_keeps_its_costs() -> None:
     cal = dataclasses.replace(CAL, relay_host=dict(PROFILE))
     reqs = simulate(cal, 1, 1, 0, [0.01 * i for i in range(50)], [(32, 20)] * 50)
     assert all(r.first > r.arrival + 0.005 for r in reqs)  # set up by the host's relay
+
+
+def test_a_stream_interval_sends_fewer_token_messages() -> None:
+    """Workers streaming 4 tokens a message after a stream's first (`stream interval`) load
+    the relay with about a quarter of the token messages: a token-bound relay that makes
+    token 0 wait seconds with one token a message keeps up with four."""
+    from pdserve.benchmarks.planner_batching import SimReq
+
+    # which tokens go out: P/D (token 0 came with the prefill reply) and local streams
+    r = SimReq(0.0, 8, 10)
+    sent = []
+    for g in range(1, 10):
+        r.generated = g
+        sent.append(r.sends(4, local=False))
+    assert [g for g, s in zip(range(1, 10), sent) if s] == [1, 5, 9]  # first, +4, the last
+    r = SimReq(0.0, 8, 7)
+    sent = [g for g in range(1, 7) if (setattr(r, "generated", g) or r.sends(3, local=True))]
+    assert sent == [3, 6]  # token 0 went with the prompt's step; then every 3rd, the last
+
+    relay = {"t_tok": 0.7, "t_req_pd": 0.1, "t_req_local": 0.1}  # 1,430 messages a second
+    arrivals = [0.01 * i for i in range(300)]  # 100 req/s x 20 tokens: 2,000 tokens a second
+    one = dataclasses.replace(CAL, relay=relay, meta={})
+    four = dataclasses.replace(CAL, relay=relay, meta={"stream interval": "4"})
+    slow = simulate(one, 1, 1, 0, arrivals, [(32, 20)] * 300)
+    fast = simulate(four, 1, 1, 0, arrivals, [(32, 20)] * 300)
+    assert max(r.ttft_ms() for r in slow) > 1000 > 100 > max(r.ttft_ms() for r in fast)
+    assert all(not math.isnan(r.end) for r in fast)
+    # without a relay the interval changes nothing the client sees
+    plain = [dataclasses.replace(CAL, meta=m) for m in ({}, {"stream interval": "4"})]
+    a, b = (simulate(c, 1, 1, 0, arrivals[:50], [(32, 20)] * 50) for c in plain)
+    assert [(x.first, x.end) for x in a] == [(x.first, x.end) for x in b]
+
+
+def test_the_mixed_fit_and_the_message_count_follow_the_workers_stream_interval() -> None:
+    from pdserve.benchmarks.capstone_guess import kv_push_meta, stream_interval
+    from pdserve.benchmarks.capstone_mixed import fit_mixed
+
+    assert stream_interval([]) == 1
+    assert stream_interval(["--no-layerwise", "--stream-interval", "4"]) == 4
+    assert stream_interval(["--stream-interval=2"]) == 2
+    import argparse
+
+    ns = argparse.Namespace(coordinator=None, base_url=None,
+                            worker_arg=["--stream-interval=4"])
+    assert kv_push_meta(ns)["stream interval"] == "4"
+    cal = calib.Calibration(meta={"stream interval": "4"})
+    assert not fit_mixed(cal, []) and "several tokens a message" in cal.source["mixed"]
