@@ -266,7 +266,7 @@ def write_report(args: argparse.Namespace, setups: list[report.SetupResult],
         if args.extrapolate:
             plan_lines += ["", "### Extrapolation", "", *plan_report.extrapolation_lines(
                 per_search, args.extrapolate, plan.ASSUMPTIONS, cal.relay_host or cal.relay,
-                plan_report.mean_out_tokens(setups))]
+                plan_report.mean_out_tokens(setups), int(cal.meta.get("stream interval", 1)))]
     answers = findings(setups, ctx) if setups[0].setup != "external" else []
     paths.append(report.write_markdown(out, setups, ctx, workloads, pngs, map_text, plan_lines,
                                        answers))
@@ -281,8 +281,9 @@ def host_path_busy(ctx: report.Context, setups) -> Callable[[str, str, float], f
     outs = plan_report.mean_out_tokens(setups)
     if not fit or not outs:
         return None
-    return lambda setup, wname, rate: (plan_report.host_path_busy(rate, outs[wname], setup, fit)
-                                       if wname in outs else math.nan)
+    every = int(ctx.meta.get("stream interval", 1))  # the workers' tokens a message
+    return lambda setup, wname, rate: (plan_report.host_path_busy(
+        rate, outs[wname], setup, fit, every) if wname in outs else math.nan)
 
 
 def run(args: argparse.Namespace) -> int:

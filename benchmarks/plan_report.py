@@ -91,27 +91,33 @@ def mean_out_tokens(setups) -> dict[str, float]:
     return {w: sum(v) / len(v) for w, v in lens.items() if v}
 
 
-def host_path_busy(rate: float, out_tokens: float, setup: str, relay: dict) -> float:
+def host_path_busy(rate: float, out_tokens: float, setup: str, relay: dict,
+                   every: int = 1) -> float:
     """The share of one relay's time (a coordinator with its clients, at `relay`'s profile:
     t_tok ms a token message, t_req_pd / t_req_local ms a request set up) that `rate` req/s
-    of requests of `out_tokens` output tokens (one message each) take; a conditional setup
-    counts as P/D."""
+    of requests of `out_tokens` output tokens take: one message each, or with the workers
+    streaming `every` tokens a message after a stream's first, about 2 + (out - 2) / every;
+    a conditional setup counts as P/D."""
     local = parse_setup(setup).kind == "colocated"
-    return rate * (out_tokens * relay["t_tok"] + relay["t_req_local" if local else "t_req_pd"]) / 1e3
+    msgs = out_tokens if every <= 1 else 2 + max(0.0, out_tokens - 2) / every
+    return rate * (msgs * relay["t_tok"] + relay["t_req_local" if local else "t_req_pd"]) / 1e3
 
 
-def relays_needed(rate: float, out_tokens: float, setup: str, relay: dict) -> int:
+def relays_needed(rate: float, out_tokens: float, setup: str, relay: dict,
+                  every: int = 1) -> int:
     """How many relays carry `rate` req/s (`host_path_busy`), each busy at most 100%."""
-    return max(1, math.ceil(host_path_busy(rate, out_tokens, setup, relay) - 1e-9))
+    return max(1, math.ceil(host_path_busy(rate, out_tokens, setup, relay, every) - 1e-9))
 
 
 def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int],
                         assumptions: str, relay: dict | None = None,
-                        out_tokens: dict[str, float] | None = None) -> list[str]:
+                        out_tokens: dict[str, float] | None = None,
+                        every: int = 1) -> list[str]:
     """Goodput on N GPUs as N / g replicas of each validated g-GPU setup (its predicted and
     its measured max rate times the replicas), best first per workload and N; with the
     run's relay profile and the workloads' mean output lengths, how many coordinators that
-    rate needs (`relays_needed`); then the assumptions. Replicas need no new simulation,
+    rate needs (`relays_needed`, with the workers' `every` tokens a message); then the
+    assumptions. Replicas need no new simulation,
     so this costs nothing at 64 GPUs."""
 
     rows = []
@@ -127,7 +133,8 @@ def extrapolation_lines(per_search: Sequence[dict], gpu_counts: Sequence[int],
                            "from_measured_rps": k * r["measured_max_rate"]}
                     if relay and out_tokens and wname in out_tokens:
                         row["coordinators"] = relays_needed(row["predicted_goodput_rps"],
-                                                            out_tokens[wname], r["setup"], relay)
+                                                            out_tokens[wname], r["setup"], relay,
+                                                            every)
                     cands.append(row)
             rows += sorted(cands, key=lambda c: -c["predicted_goodput_rps"])
     if not per_search:

@@ -3,6 +3,8 @@ how many coordinators the predicted rate needs."""
 
 from types import SimpleNamespace
 
+import pytest
+
 from pdserve.benchmarks.plan_report import (
     extrapolation_lines,
     host_path_busy,
@@ -30,6 +32,9 @@ def test_host_path_busy_is_the_share_of_one_relay():
     assert host_path_busy(80.0, 200.0, "2both", RELAY) == 0.88  # local set-ups, 1 ms each
     # a conditional setup is costed as P/D (its long prompts are)
     assert host_path_busy(100.0, 200.0, "1P1D-cond512", RELAY) == 1.5
+    # workers streaming 4 tokens a message after the first: 2 + 198 / 4 = 51.5 messages
+    assert host_path_busy(100.0, 200.0, "1P1D", RELAY, every=4) == pytest.approx(
+        100 * (51.5 * RELAY["t_tok"] + RELAY["t_req_pd"]) / 1e3)
 
 
 def test_extrapolation_adds_coordinators_only_with_a_relay_profile():
