@@ -88,6 +88,13 @@ def _serve(conn: Connection, done) -> None:
         loop.close()
 
 
+def _results(reply: object) -> list[RequestResult]:
+    """A load process's reply: its results, or the exception it raised (raised here)."""
+    if isinstance(reply, BaseException):
+        raise RuntimeError(f"a load process failed: {type(reply).__name__}: {reply}")
+    return reply  # type: ignore[return-value]
+
+
 class LoadProcs:
     """`procs` load processes (module docstring); a context manager."""
 
@@ -147,10 +154,7 @@ class LoadProcs:
     @staticmethod
     def _one(c: Connection, job: tuple) -> list[RequestResult]:
         c.send(job)
-        res = c.recv()
-        if isinstance(res, BaseException):
-            raise RuntimeError(f"a load process failed: {type(res).__name__}: {res}")
-        return res
+        return _results(c.recv())
 
     async def run(self, target, requests: Sequence[Request], timeout_s: float,
                   concurrency: int = 0, desc: str = "",
@@ -184,9 +188,6 @@ class LoadProcs:
                     got[c] = c.recv()
                 bar.update(self._done.value - bar.n)
         merged: list[tuple[int, RequestResult]] = []
-        for c, idx in zip(conns, parts):
-            res = got[c]
-            if isinstance(res, BaseException):
-                raise RuntimeError(f"a load process failed: {type(res).__name__}: {res}")
-            merged += zip(idx, res)  # a process's results: its requests sent, in order
+        for c, idx in zip(conns, parts):  # a process's results: its requests sent, in order
+            merged += zip(idx, _results(got[c]))
         return [r for _, r in sorted(merged, key=lambda m: m[0])]

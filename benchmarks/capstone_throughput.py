@@ -56,16 +56,19 @@ def outside_ms(results) -> float:
     """Median over a run's requests of the client's TTFT less the coordinator's own
     (`ttft_ms`: its receipt of the request to its send of token 0; recorded since 6889ada):
     the time token 0 spent outside the coordinator's handler (NaN: not recorded)."""
-    gaps = sorted((q.chunks[0][0] - q.t_send) * 1e3 - q.server["ttft_ms"] for q in results
-                  if q.chunks and q.server.get("ttft_ms"))
-    return gaps[len(gaps) // 2] if gaps else math.nan
+    return _median([(q.chunks[0][0] - q.t_send) * 1e3 - q.server["ttft_ms"] for q in results
+                    if q.chunks and q.server.get("ttft_ms")])
 
 
 def accept_ms(results) -> float:
     """Median over a run's requests of `accept_ms` (capstone_client.with_accept_ms: the
     client's send to the coordinator's handler start), NaN where not recorded."""
-    ms = sorted(q.server["accept_ms"] for q in results if "accept_ms" in q.server)
-    return ms[len(ms) // 2] if ms else math.nan
+    return _median([q.server["accept_ms"] for q in results if "accept_ms" in q.server])
+
+
+def _median(values: list[float]) -> float:
+    """The upper middle value (NaN for none)."""
+    return sorted(values)[len(values) // 2] if values else math.nan
 
 
 def where_waited(p: Peak) -> str:

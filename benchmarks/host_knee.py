@@ -30,6 +30,7 @@ import statistics
 import tempfile
 
 from pdserve.benchmarks import coordinator as bench
+from pdserve.benchmarks import plotting
 
 COLUMNS = ["tokens_per_msg", "rate", "requests", "tokens_per_s", "messages_per_s",
            "ttft_ms_p50", "ttft_ms_p90", "accept_ms_p50", "accept_ms_p90", "handler_ms_p50",
@@ -118,25 +119,15 @@ def measure(k: int, args: argparse.Namespace, log) -> list[dict]:
 
 
 def write(out_dir: str, rows: list[dict], args: argparse.Namespace) -> list[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    meta = bench.run_meta()
-    lines = ["# Host path knee (CPU, fake workers)", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items()]
-    lines += [f"- workload {args.workload}; {args.decode} decode worker(s); a token every "
-              f"{args.step_ms:g} ms per stream; {args.seconds:g} s of Poisson arrivals per "
-              f"rate; {args.load_procs} load process(es)", "",
-              "TTFT split (ms): accept = the client's send to the coordinator handler's start; "
-              "handler = its start to its send of token 0; delivery = the rest.", "",
-              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
-                                for c in COLUMNS) + " |" for r in rows]
-    md, csv = os.path.join(out_dir, "host_knee.md"), os.path.join(out_dir, "host_knee.csv")
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(csv, "w") as f:
-        f.write(",".join(COLUMNS) + "\n")
-        f.writelines(",".join(str(r[c]) for c in COLUMNS) + "\n" for r in rows)
-    return [md, csv]
+    notes = [f"Workload {args.workload}; {args.decode} decode worker(s); a token every "
+             f"{args.step_ms:g} ms per stream; {args.seconds:g} s of Poisson arrivals per rate; "
+             f"{args.load_procs} load process(es).",
+             "TTFT split (ms): accept = the client's send to the coordinator handler's start; "
+             "handler = its start to its send of token 0; delivery = the rest."]
+    return [plotting.write_markdown(os.path.join(out_dir, "host_knee.md"), rows, COLUMNS,
+                                    "Host path knee (CPU, fake workers)", notes,
+                                    bench.run_meta(), floatfmt=".4g"),
+            plotting.write_csv(os.path.join(out_dir, "host_knee.csv"), rows, COLUMNS)]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -191,10 +191,11 @@ class _Decoder:
 
     def _done(self, chunks: list[Chunk], t: float, ahead: bool = False) -> None:
         made, every, colo = t, self.every, self.colocated
-        n = len(self.running) if every == 1 else sum(r.sends(every, colo or r.local)
-                                                     for r in self.running)
-        if self.relay is not None and n + sum(c.completes for c in chunks):  # messages
-            t = self.relay.deliver(n + sum(c.completes for c in chunks))  # token 0s too
+        n = sum(c.completes for c in chunks) + (  # messages: token 0s, then the decodes'
+            len(self.running) if every == 1 else
+            sum(r.sends(every, colo or r.local) for r in self.running))
+        if self.relay is not None and n:
+            t = self.relay.deliver(n)
         still = []
         for r in self.running:
             r.generated += 1
